@@ -1,0 +1,471 @@
+//! The Qwen3.5 text decoder as one ONNX graph (specs/qwen35.md §1–§4): the one place where the
+//! architecture is written down for the runtime.
+//!
+//! Interface (batch is symbolic, the generator uses 1):
+//! - inputs: `input_ids [B,S] i64`, `position_ids [3,B,S] i64` (T/H/W rows; equal for text),
+//!   `logits_index [N] i64` (positions of this call whose logits are wanted), and per layer i
+//!   either `past.i.key`/`past.i.value [B,nkv,P,hd]` (attention) or `past.i.conv [B,conv_dim,K−1]`
+//!   and `past.i.recurrent [B,Hv,Dk,Dv]` (DeltaNet), all f32;
+//! - outputs: `logits [B,N,V]` and `present.i.*` with the same layouts (keys grow by S).
+
+use anyhow::{Result, bail};
+
+use super::config::{LayerKind, TextConfig};
+use super::quant::{self, Precision};
+use crate::onnx::proto::data_type;
+use crate::onnx::{Attr, Dim, GraphBuilder};
+use crate::ops;
+
+/// Where the DeltaNet layers' conv and rule run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinearAttn {
+    /// deltadoc's own `ai.deltadoc` operators (chunked prefill kernel).
+    Deltadoc,
+    /// ONNX Runtime's built-in `com.microsoft` LinearAttention / CausalConvWithState.
+    Builtin,
+}
+
+/// Supplies weights by checkpoint name (without the `model.language_model.` prefix) and checks
+/// their shape; the importer reads safetensors, `model synth` draws random numbers.
+pub trait WeightSource {
+    /// The tensor as f32, row-major, of exactly `shape`.
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+}
+
+/// Graph options beyond the model configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct GraphOptions {
+    pub precision: Precision,
+    pub linear_attn: LinearAttn,
+}
+
+struct Ctx<'a> {
+    b: GraphBuilder,
+    cfg: &'a TextConfig,
+    opts: GraphOptions,
+    cos: String,
+    sin: String,
+    mask: String,
+}
+
+/// Names of the per-layer state inputs/outputs.
+pub fn state_names(cfg: &TextConfig, i: usize) -> [String; 2] {
+    match cfg.layer_kind(i) {
+        LayerKind::Full => [format!("past.{i}.key"), format!("past.{i}.value")],
+        LayerKind::Linear => [format!("past.{i}.conv"), format!("past.{i}.recurrent")],
+    }
+}
+
+/// The output that carries the state input `past_name` to the next call.
+pub fn present_name(past_name: &str) -> String {
+    past_name.replacen("past.", "present.", 1)
+}
+
+/// Writes the decoder graph into `builder`; progress is reported per layer through `on_layer`.
+pub fn build(
+    mut b: GraphBuilder,
+    cfg: &TextConfig,
+    w: &mut dyn WeightSource,
+    opts: GraphOptions,
+    on_layer: &mut dyn FnMut(usize),
+) -> Result<GraphBuilder> {
+    cfg.validate()?;
+    if opts.linear_attn == LinearAttn::Builtin {
+        bail!("--linear-attn builtin is not implemented yet: ONNX Runtime's com.microsoft LinearAttention export is still missing");
+    }
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+    let (nkv, hd) = (cfg.num_key_value_heads as i64, cfg.head_dim as i64);
+    let kconv = (cfg.linear_conv_kernel_dim - 1) as i64;
+    let batch = Dim::Named("batch");
+    b.input("input_ids", data_type::INT64, &[batch.clone(), Dim::Named("seq")]);
+    b.input("position_ids", data_type::INT64, &[Dim::Fixed(3), batch.clone(), Dim::Named("seq")]);
+    b.input("logits_index", data_type::INT64, &[Dim::Named("n_logits")]);
+    for i in 0..cfg.num_hidden_layers {
+        let [a, s] = state_names(cfg, i);
+        let (da, ds): (Vec<Dim>, Vec<Dim>) = match cfg.layer_kind(i) {
+            LayerKind::Full => (
+                vec![batch.clone(), Dim::Fixed(nkv), Dim::Named("past"), Dim::Fixed(hd)],
+                vec![batch.clone(), Dim::Fixed(nkv), Dim::Named("past"), Dim::Fixed(hd)],
+            ),
+            LayerKind::Linear => (
+                vec![batch.clone(), Dim::Fixed(cfg.conv_dim() as i64), Dim::Fixed(kconv)],
+                vec![
+                    batch.clone(),
+                    Dim::Fixed(cfg.linear_num_value_heads as i64),
+                    Dim::Fixed(cfg.linear_key_head_dim as i64),
+                    Dim::Fixed(cfg.linear_value_head_dim as i64),
+                ],
+            ),
+        };
+        b.input(&a, data_type::FLOAT, &da);
+        b.input(&s, data_type::FLOAT, &ds);
+        let (pa, ps) = (present_name(&a), present_name(&s));
+        let grow = |d: &[Dim]| -> Vec<Dim> {
+            d.iter().map(|x| if matches!(x, Dim::Named("past")) { Dim::Named("total") } else { x.clone() }).collect()
+        };
+        b.output(&pa, data_type::FLOAT, &grow(&da));
+        b.output(&ps, data_type::FLOAT, &grow(&ds));
+    }
+    b.output("logits", data_type::FLOAT, &[batch, Dim::Named("n_logits"), Dim::Fixed(v as i64)]);
+
+    let mut c = Ctx { b, cfg, opts, cos: String::new(), sin: String::new(), mask: String::new() };
+    c.rope_tables()?;
+    c.causal_mask()?;
+
+    // Embedding: kept unquantised (fp16 at most) because every row is read as-is.
+    let embed = w.get("embed_tokens.weight", &[v, h])?;
+    let embed_name = c.store_embedding(&embed)?;
+    let mut x = c.gather_embedding(&embed_name)?;
+
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("layers.{i}.");
+        let normed = c.rms_norm(&x, &w.get(&format!("{p}input_layernorm.weight"), &[h])?, true)?;
+        let mixed = match cfg.layer_kind(i) {
+            LayerKind::Full => c.attention(i, &normed, w)?,
+            LayerKind::Linear => c.delta_net(i, &normed, w)?,
+        };
+        x = c.b.op("Add", &[&x, &mixed], vec![]);
+        let normed = c.rms_norm(&x, &w.get(&format!("{p}post_attention_layernorm.weight"), &[h])?, true)?;
+        let mlp = c.mlp(&p, &normed, w)?;
+        x = c.b.op("Add", &[&x, &mlp], vec![]);
+        on_layer(i);
+    }
+    let x = c.rms_norm(&x, &w.get("norm.weight", &[h])?, true)?;
+    let picked = c.b.op("Gather", &[&x, "logits_index"], vec![("axis", Attr::Int(1))]);
+    let logits = if cfg.tie_word_embeddings {
+        c.lm_head(&picked, &embed_name, embed)?
+    } else {
+        drop(embed);
+        let head = w.get("lm_head.weight", &[v, h])?;
+        let name = c.store_embedding(&head)?;
+        c.lm_head(&picked, &name, head)?
+    };
+    c.b.node_named("Identity", "", &[&logits], &["logits"], vec![]);
+    Ok(c.b)
+}
+
+impl Ctx<'_> {
+    /// cos/sin tables `[B,S,1,rot]` for the interleaved multi-axis RoPE: rotary frequency i takes
+    /// its position from axis i mod 3 (T, H, W), exactly as the reference's interleaved MRoPE.
+    fn rope_tables(&mut self) -> Result<()> {
+        let cfg = self.cfg;
+        let half = cfg.rotary_dim() / 2;
+        // Selection matrix [3, half]: row a holds inv_freq[i] where axis(i) == a, else 0. Adding
+        // exact zeros leaves pos·inv_freq bit-identical to the reference's product.
+        let mut sel = vec![0f32; 3 * half];
+        let axis_of = mrope_axes(&cfg.mrope_section);
+        for i in 0..half {
+            let inv = (1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.rotary_dim() as f64)) as f32;
+            sel[axis_of[i] * half + i] = inv;
+        }
+        let sel = self.b.f32s("rope.inv_freq_by_axis", &[3, half as i64], &sel)?;
+        let pos = self.b.op("Cast", &["position_ids"], vec![("to", Attr::Int(data_type::FLOAT as i64))]);
+        let pos = self.b.op("Transpose", &[&pos], vec![("perm", Attr::Ints(vec![1, 2, 0]))]);
+        let freqs = self.b.op("MatMul", &[&pos, &sel], vec![]);
+        let emb = self.b.op("Concat", &[&freqs, &freqs], vec![("axis", Attr::Int(-1))]);
+        let axes = self.b.ints(&[2])?;
+        let emb = self.b.op("Unsqueeze", &[&emb, &axes], vec![]);
+        self.cos = self.b.op("Cos", &[&emb], vec![]);
+        self.sin = self.b.op("Sin", &[&emb], vec![]);
+        Ok(())
+    }
+
+    /// Additive causal mask `[S, P+S]` for this call (P = past length of the attention caches).
+    fn causal_mask(&mut self) -> Result<()> {
+        let Some(&first) = self.cfg.layers_of(LayerKind::Full).first() else {
+            return Ok(());
+        };
+        let past_key = format!("past.{first}.key");
+        let shape = self.b.op("Shape", &[&past_key], vec![("start", Attr::Int(2)), ("end", Attr::Int(3))]);
+        let ids_shape = self.b.op("Shape", &["input_ids"], vec![("start", Attr::Int(1)), ("end", Attr::Int(2))]);
+        let zero = self.b.i64s("zero", &[], &[0])?;
+        let one = self.b.i64s("one", &[], &[1])?;
+        let past = self.b.op("Squeeze", &[&shape], vec![]);
+        let seq = self.b.op("Squeeze", &[&ids_shape], vec![]);
+        let total = self.b.op("Add", &[&past, &seq], vec![]);
+        let q_pos = self.b.op("Range", &[&past, &total, &one], vec![]);
+        let k_pos = self.b.op("Range", &[&zero, &total, &one], vec![]);
+        let ax1 = self.b.ints(&[1])?;
+        let ax0 = self.b.ints(&[0])?;
+        let q_col = self.b.op("Unsqueeze", &[&q_pos, &ax1], vec![]);
+        let k_row = self.b.op("Unsqueeze", &[&k_pos, &ax0], vec![]);
+        let future = self.b.op("Greater", &[&k_row, &q_col], vec![]);
+        let neg = self.b.scalar(f32::NEG_INFINITY)?;
+        let zero_f = self.b.scalar(0.0)?;
+        self.mask = self.b.op("Where", &[&future, &neg, &zero_f], vec![]);
+        Ok(())
+    }
+
+    fn store_embedding(&mut self, table: &[f32]) -> Result<String> {
+        let (v, h) = (self.cfg.vocab_size as i64, self.cfg.hidden_size as i64);
+        let name = self.b.fresh("embed");
+        match self.opts.precision {
+            Precision::Fp32 => self.b.f32s(&name, &[v, h], table),
+            _ => self.b.initializer(&name, data_type::FLOAT16, &[v, h], &quant::to_f16_bytes(table)),
+        }
+    }
+
+    fn gather_embedding(&mut self, table: &str) -> Result<String> {
+        let x = self.b.op("Gather", &[table, "input_ids"], vec![("axis", Attr::Int(0))]);
+        Ok(self.to_f32_if_half(x))
+    }
+
+    fn to_f32_if_half(&mut self, x: String) -> String {
+        if self.opts.precision == Precision::Fp32 {
+            x
+        } else {
+            self.b.op("Cast", &[&x], vec![("to", Attr::Int(data_type::FLOAT as i64))])
+        }
+    }
+
+    /// `logits = x · tableᵀ`; quantised precisions get their own block-quantised copy.
+    fn lm_head(&mut self, x: &str, table_name: &str, table: Vec<f32>) -> Result<String> {
+        let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        match self.opts.precision {
+            Precision::Int8 | Precision::Int4 => self.linear(x, "lm_head", &table, v, h),
+            _ => {
+                let t = self.to_f32_if_half(table_name.to_string());
+                let hs = self.b.ints(&[-1, h as i64])?;
+                let flat = self.b.op("Reshape", &[x, &hs], vec![]);
+                let y = self.b.op("Gemm", &[&flat, &t], vec![("transB", Attr::Int(1))]);
+                let out_shape = self.b.op("Shape", &[x], vec![("start", Attr::Int(0)), ("end", Attr::Int(2))]);
+                let vs = self.b.ints(&[v as i64])?;
+                let full = self.b.op("Concat", &[&out_shape, &vs], vec![("axis", Attr::Int(0))]);
+                Ok(self.b.op("Reshape", &[&y, &full], vec![]))
+            }
+        }
+    }
+
+    /// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision.
+    fn linear(&mut self, x: &str, name: &str, w: &[f32], out: usize, inp: usize) -> Result<String> {
+        match self.opts.precision {
+            Precision::Fp32 | Precision::Fp16 => {
+                let wt = quant::transpose(w, out, inp);
+                let wname = self.b.fresh(name);
+                let init = if self.opts.precision == Precision::Fp32 {
+                    self.b.f32s(&wname, &[inp as i64, out as i64], &wt)?
+                } else {
+                    let half = self.b.initializer(&wname, data_type::FLOAT16, &[inp as i64, out as i64], &quant::to_f16_bytes(&wt))?;
+                    self.b.op("Cast", &[&half], vec![("to", Attr::Int(data_type::FLOAT as i64))])
+                };
+                Ok(self.b.op("MatMul", &[x, &init], vec![]))
+            }
+            Precision::Int8 | Precision::Int4 => {
+                let bits = if self.opts.precision == Precision::Int8 { 8 } else { 4 };
+                let q = quant::block_quantize(w, out, inp, bits, quant::BLOCK);
+                let qn = self.b.fresh(&format!("{name}.q"));
+                let qn = self.b.initializer(&qn, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
+                let sn = self.b.fresh(&format!("{name}.scales"));
+                let sn = self.b.f32s(&sn, &[(out * q.blocks) as i64], &q.scales)?;
+                Ok(self.b.node_in(
+                    "MatMulNBits",
+                    "com.microsoft",
+                    &[x, &qn, &sn],
+                    1,
+                    vec![
+                        ("K", Attr::Int(inp as i64)),
+                        ("N", Attr::Int(out as i64)),
+                        ("bits", Attr::Int(bits as i64)),
+                        ("block_size", Attr::Int(quant::BLOCK as i64)),
+                        ("accuracy_level", Attr::Int(4)),
+                    ],
+                )
+                .remove(0))
+            }
+        }
+    }
+
+    /// RMSNorm over the last axis; `one_plus` selects Qwen3.5's zero-centred `(1 + w)` weight.
+    fn rms_norm(&mut self, x: &str, w: &[f32], one_plus: bool) -> Result<String> {
+        let scale: Vec<f32> = if one_plus { w.iter().map(|&v| 1.0 + v).collect() } else { w.to_vec() };
+        let name = self.b.fresh("norm");
+        let s = self.b.f32s(&name, &[scale.len() as i64], &scale)?;
+        Ok(self.b.op(
+            "RMSNormalization",
+            &[x, &s],
+            vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(self.cfg.rms_norm_eps as f32))],
+        ))
+    }
+
+    fn reshape(&mut self, x: &str, shape: &[i64]) -> Result<String> {
+        let s = self.b.ints(shape)?;
+        Ok(self.b.op("Reshape", &[x, &s], vec![]))
+    }
+
+    fn split(&mut self, x: &str, sizes: &[i64], axis: i64) -> Result<Vec<String>> {
+        let s = self.b.ints(sizes)?;
+        Ok(self.b.node("Split", &[x, &s], sizes.len(), vec![("axis", Attr::Int(axis))]))
+    }
+
+    fn silu(&mut self, x: &str) -> String {
+        let s = self.b.op("Sigmoid", &[x], vec![]);
+        self.b.op("Mul", &[x, &s], vec![])
+    }
+
+    /// NeoX rotary on the first `rot` dims of each head of `x [B,S,heads,hd]`.
+    fn rope(&mut self, x: &str) -> Result<String> {
+        let (hd, rot) = (self.cfg.head_dim as i64, self.cfg.rotary_dim() as i64);
+        let parts = if rot < hd { self.split(x, &[rot, hd - rot], -1)? } else { vec![x.to_string()] };
+        let halves = self.split(&parts[0], &[rot / 2, rot / 2], -1)?;
+        let neg = self.b.op("Neg", &[&halves[1]], vec![]);
+        let rotated = self.b.op("Concat", &[&neg, &halves[0]], vec![("axis", Attr::Int(-1))]);
+        let (cos, sin) = (self.cos.clone(), self.sin.clone());
+        let a = self.b.op("Mul", &[&parts[0], &cos], vec![]);
+        let bb = self.b.op("Mul", &[&rotated, &sin], vec![]);
+        let r = self.b.op("Add", &[&a, &bb], vec![]);
+        if rot < hd { Ok(self.b.op("Concat", &[&r, &parts[1]], vec![("axis", Attr::Int(-1))])) } else { Ok(r) }
+    }
+
+    fn attention(&mut self, i: usize, x: &str, w: &mut dyn WeightSource) -> Result<String> {
+        let cfg = self.cfg;
+        let (h, nq, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let group = (nq / nkv) as i64;
+        let p = format!("layers.{i}.self_attn.");
+        let qg = self.linear(x, &format!("{p}q_proj"), &w.get(&format!("{p}q_proj.weight"), &[2 * nq * hd, h])?, 2 * nq * hd, h)?;
+        let qg = self.reshape(&qg, &[0, 0, nq as i64, 2 * hd as i64])?;
+        let qs = self.split(&qg, &[hd as i64, hd as i64], -1)?;
+        let q = self.rms_norm(&qs[0], &w.get(&format!("{p}q_norm.weight"), &[hd])?, true)?;
+        let k = self.linear(x, &format!("{p}k_proj"), &w.get(&format!("{p}k_proj.weight"), &[nkv * hd, h])?, nkv * hd, h)?;
+        let k = self.reshape(&k, &[0, 0, nkv as i64, hd as i64])?;
+        let k = self.rms_norm(&k, &w.get(&format!("{p}k_norm.weight"), &[hd])?, true)?;
+        let v = self.linear(x, &format!("{p}v_proj"), &w.get(&format!("{p}v_proj.weight"), &[nkv * hd, h])?, nkv * hd, h)?;
+        let v = self.reshape(&v, &[0, 0, nkv as i64, hd as i64])?;
+        let q = self.rope(&q)?;
+        let k = self.rope(&k)?;
+        let perm = || vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))];
+        let q = self.b.op("Transpose", &[&q], perm());
+        let k = self.b.op("Transpose", &[&k], perm());
+        let v = self.b.op("Transpose", &[&v], perm());
+        let [past_k, past_v] = state_names(cfg, i);
+        let (pk, pv) = (present_name(&past_k), present_name(&past_v));
+        self.b.node_named("Concat", "", &[&past_k, &k], &[&pk], vec![("axis", Attr::Int(2))]);
+        self.b.node_named("Concat", "", &[&past_v, &v], &[&pv], vec![("axis", Attr::Int(2))]);
+        // Grouped-query attention without repeating K/V: q heads are grouped per kv head,
+        // [B, nkv, group, S, hd] against K/V broadcast over the group axis.
+        let q5 = self.reshape(&q, &[0, nkv as i64, group, -1, hd as i64])?;
+        let ax2 = self.b.ints(&[2])?;
+        let k5 = self.b.op("Unsqueeze", &[&pk, &ax2], vec![]);
+        let v5 = self.b.op("Unsqueeze", &[&pv, &ax2], vec![]);
+        let kt = self.b.op("Transpose", &[&k5], vec![("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))]);
+        let scores = self.b.op("MatMul", &[&q5, &kt], vec![]);
+        let scale = self.b.scalar((hd as f32).powf(-0.5))?;
+        let scores = self.b.op("Mul", &[&scores, &scale], vec![]);
+        let mask = self.mask.clone();
+        let scores = self.b.op("Add", &[&scores, &mask], vec![]);
+        let probs = self.b.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
+        let ctx = self.b.op("MatMul", &[&probs, &v5], vec![]);
+        let ctx = self.reshape(&ctx, &[0, nq as i64, -1, hd as i64])?;
+        let ctx = self.b.op("Transpose", &[&ctx], perm());
+        let ctx = self.reshape(&ctx, &[0, 0, (nq * hd) as i64])?;
+        let gate = self.reshape(&qs[1], &[0, 0, (nq * hd) as i64])?;
+        let gate = self.b.op("Sigmoid", &[&gate], vec![]);
+        let gated = self.b.op("Mul", &[&ctx, &gate], vec![]);
+        self.linear(&gated, &format!("{p}o_proj"), &w.get(&format!("{p}o_proj.weight"), &[h, nq * hd])?, h, nq * hd)
+    }
+
+    fn delta_net(&mut self, i: usize, x: &str, w: &mut dyn WeightSource) -> Result<String> {
+        let cfg = self.cfg;
+        let h = cfg.hidden_size;
+        let (hk, hv, dk, dv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+        let (key_dim, value_dim, conv_dim, kw) = (cfg.key_dim(), cfg.value_dim(), cfg.conv_dim(), cfg.linear_conv_kernel_dim);
+        let p = format!("layers.{i}.linear_attn.");
+        let qkv = self.linear(x, &format!("{p}in_proj_qkv"), &w.get(&format!("{p}in_proj_qkv.weight"), &[conv_dim, h])?, conv_dim, h)?;
+        let z = self.linear(x, &format!("{p}in_proj_z"), &w.get(&format!("{p}in_proj_z.weight"), &[value_dim, h])?, value_dim, h)?;
+        let bl = self.linear(x, &format!("{p}in_proj_b"), &w.get(&format!("{p}in_proj_b.weight"), &[hv, h])?, hv, h)?;
+        let al = self.linear(x, &format!("{p}in_proj_a"), &w.get(&format!("{p}in_proj_a.weight"), &[hv, h])?, hv, h)?;
+        let conv_w = w.get(&format!("{p}conv1d.weight"), &[conv_dim, 1, kw])?;
+        let conv_w = self.b.f32s(&format!("{p}conv1d.weight"), &[conv_dim as i64, kw as i64], &conv_w)?;
+        let [past_conv, past_rec] = state_names(cfg, i);
+        let (pc, pr) = (present_name(&past_conv), present_name(&past_rec));
+        let mixed = self.b.fresh("conv_out");
+        self.b.node_named(
+            "CausalConv1dWithState",
+            ops::DOMAIN,
+            &[&qkv, &conv_w, &past_conv],
+            &[&mixed, &pc],
+            vec![("activation", Attr::Str("silu".into()))],
+        );
+        let parts = self.split(&mixed, &[key_dim as i64, key_dim as i64, value_dim as i64], -1)?;
+        // beta = sigmoid(b); g = −exp(A_log) · softplus(a + dt_bias), in f32 as the reference.
+        let beta = self.b.op("Sigmoid", &[&bl], vec![]);
+        let a_log = w.get(&format!("{p}A_log"), &[hv])?;
+        let neg_a: Vec<f32> = a_log.iter().map(|&a| -((a as f64).exp()) as f32).collect();
+        let neg_a = self.b.f32s(&format!("{p}neg_exp_A"), &[hv as i64], &neg_a)?;
+        let dt_bias = w.get(&format!("{p}dt_bias"), &[hv])?;
+        let dt_bias = self.b.f32s(&format!("{p}dt_bias"), &[hv as i64], &dt_bias)?;
+        let a = self.b.op("Add", &[&al, &dt_bias], vec![]);
+        let sp = self.b.op("Softplus", &[&a], vec![]);
+        let g = self.b.op("Mul", &[&sp, &neg_a], vec![]);
+        let o = self.b.fresh("rule_out");
+        self.b.node_named(
+            "GatedDeltaRule",
+            ops::DOMAIN,
+            &[&parts[0], &parts[1], &parts[2], &g, &beta, &past_rec],
+            &[&o, &pr],
+            vec![
+                ("num_k_heads", Attr::Int(hk as i64)),
+                ("num_v_heads", Attr::Int(hv as i64)),
+                ("scale", Attr::Float((dk as f32).powf(-0.5))),
+                ("use_qk_l2norm", Attr::Int(1)),
+            ],
+        );
+        // Gated RMSNorm per value head (plain weight, not 1 + w), then the silu(z) gate.
+        let o4 = self.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
+        let n = self.rms_norm(&o4, &w.get(&format!("{p}norm.weight"), &[dv])?, false)?;
+        let z4 = self.reshape(&z, &[0, 0, hv as i64, dv as i64])?;
+        let gate = self.silu(&z4);
+        let y = self.b.op("Mul", &[&n, &gate], vec![]);
+        let y = self.reshape(&y, &[0, 0, value_dim as i64])?;
+        self.linear(&y, &format!("{p}out_proj"), &w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?, h, value_dim)
+    }
+
+    fn mlp(&mut self, p: &str, x: &str, w: &mut dyn WeightSource) -> Result<String> {
+        let (h, im) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        let gate = self.linear(x, &format!("{p}mlp.gate_proj"), &w.get(&format!("{p}mlp.gate_proj.weight"), &[im, h])?, im, h)?;
+        let up = self.linear(x, &format!("{p}mlp.up_proj"), &w.get(&format!("{p}mlp.up_proj.weight"), &[im, h])?, im, h)?;
+        let act = self.silu(&gate);
+        let y = self.b.op("Mul", &[&act, &up], vec![]);
+        self.linear(&y, &format!("{p}mlp.down_proj"), &w.get(&format!("{p}mlp.down_proj.weight"), &[h, im])?, h, im)
+    }
+}
+
+/// Axis (0 = T, 1 = H, 2 = W) of each rotary frequency under interleaved MRoPE: frequency i uses
+/// axis i mod 3 while that axis still has budget in `mrope_section`, as in the reference's
+/// `apply_interleaved_mrope` (H takes slots 1, 4, …, W slots 2, 5, …, the rest stay T).
+pub fn mrope_axes(section: &[usize]) -> Vec<usize> {
+    let half: usize = section.iter().sum();
+    let mut axis = vec![0usize; half];
+    for (a, &len) in section.iter().enumerate().skip(1) {
+        for slot in (a..len * 3).step_by(3) {
+            if slot < half {
+                axis[slot] = a;
+            }
+        }
+    }
+    axis
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaved_mrope_matches_the_reference_slices() {
+        // specs/qwen35.md §3: slices 1:33:3 go to H and 2:30:3 to W for mrope_section [11, 11, 10].
+        let ax = mrope_axes(&[11, 11, 10]);
+        assert_eq!(ax.len(), 32);
+        for (i, &a) in ax.iter().enumerate() {
+            let want = if (1..33).step_by(3).any(|s| s == i) {
+                1
+            } else if (2..30).step_by(3).any(|s| s == i) {
+                2
+            } else {
+                0
+            };
+            assert_eq!(a, want, "frequency {i}");
+        }
+        assert_eq!(ax.iter().filter(|&&a| a == 0).count(), 11);
+        assert_eq!(ax.iter().filter(|&&a| a == 2).count(), 10);
+    }
+}

@@ -1,0 +1,165 @@
+//! Qwen3.5 models: configuration, checkpoint import, random-weight synthesis, and the model folder
+//! that the runtime opens.
+//!
+//! A model folder holds `model.onnx` (+ `model.onnx.data`), `tokenizer.json` and
+//! `manifest.json` ([`Manifest`]: configuration, precision, op sets and file hashes).
+
+pub mod checkpoint;
+pub mod config;
+pub mod graph;
+pub mod quant;
+pub mod synth;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use self::config::TextConfig;
+use self::graph::{GraphOptions, LinearAttn, WeightSource};
+use self::quant::Precision;
+use crate::onnx::GraphBuilder;
+use crate::progress::Progress;
+
+/// Version of the model-folder layout; bumped when a runtime could misread an older folder.
+pub const FORMAT_VERSION: u32 = 1;
+/// Default ONNX opset of exported graphs (RMSNormalization needs 23).
+pub const ONNX_OPSET: i64 = 23;
+
+/// `manifest.json` of a model folder.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub architecture: String,
+    pub deltadoc_version: String,
+    /// Where the weights came from: `import:<dir>` or `synth:<shape>:seed=<n>`.
+    pub source: String,
+    pub config: TextConfig,
+    pub precision: Precision,
+    pub linear_attn: LinearAttn,
+    /// Operator sets the graph imports, e.g. `{"": 23, "ai.deltadoc": 1}`.
+    pub opsets: std::collections::BTreeMap<String, i64>,
+    /// Whether a vision graph is present (the vision tower is a later addition).
+    pub vision: bool,
+    /// SHA-256 of every file of the folder that the runtime reads.
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+/// Options of `model import` / `model synth`.
+#[derive(Clone, Copy, Debug)]
+pub struct ExportOptions {
+    pub precision: Precision,
+    pub linear_attn: LinearAttn,
+}
+
+/// Writes a model folder from any weight source.
+pub fn export(cfg: &TextConfig, weights: &mut dyn WeightSource, opts: ExportOptions, out: &Path, source: String) -> Result<Manifest> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the model folder", out.display()))?;
+    let model_path = out.join("model.onnx");
+    let builder = GraphBuilder::new("qwen3_5_text", &model_path)?;
+    let mut progress = Progress::new(cfg.num_hidden_layers as u64, "export layers");
+    let b = graph::build(
+        builder,
+        cfg,
+        weights,
+        GraphOptions { precision: opts.precision, linear_attn: opts.linear_attn },
+        &mut |_| progress.inc(1),
+    )?;
+    progress.finish();
+    let mut opsets = std::collections::BTreeMap::new();
+    opsets.insert(String::new(), ONNX_OPSET);
+    opsets.insert(crate::ops::DOMAIN.to_string(), crate::ops::DOMAIN_VERSION);
+    opsets.insert("com.microsoft".to_string(), 1);
+    let opset_list: Vec<(&str, i64)> = opsets.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    b.finish(&model_path, &opset_list, &[("deltadoc.source", source.clone()), ("deltadoc.precision", opts.precision.name().into())])?;
+    tracing::info!("writing tokenizer.json");
+    crate::tokenizer::write_qwen35_tokenizer(out)?;
+    let mut files = std::collections::BTreeMap::new();
+    for f in ["model.onnx", "model.onnx.data", "tokenizer.json"] {
+        files.insert(f.to_string(), crate::fetch::sha256_file(&out.join(f))?);
+    }
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        architecture: "qwen3_5".into(),
+        deltadoc_version: env!("CARGO_PKG_VERSION").into(),
+        source,
+        config: cfg.clone(),
+        precision: opts.precision,
+        linear_attn: opts.linear_attn,
+        opsets,
+        vision: false,
+        files,
+    };
+    let path = out.join("manifest.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest)?).with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(manifest)
+}
+
+/// Imports a Hugging Face checkpoint folder.
+pub fn import(hf_dir: &Path, out: &Path, opts: ExportOptions) -> Result<Manifest> {
+    let (cfg, model_type) = TextConfig::from_hf_json(&hf_dir.join("config.json"))?;
+    let mut ckpt = checkpoint::Checkpoint::open(hf_dir)?;
+    tracing::info!(
+        "importing {} ({model_type}, {} layers, hidden {}, {}{})",
+        hf_dir.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        opts.precision.name(),
+        if ckpt.has_vision() { ", vision weights present but not exported yet" } else { ", text only" }
+    );
+    let manifest = export(&cfg, &mut ckpt, opts, out, format!("import:{}", hf_dir.display()))
+        .with_context(|| format!("{}: import failed", hf_dir.display()))?;
+    let unused = ckpt.unused_text_tensors();
+    if !unused.is_empty() {
+        bail!(
+            "{}: checkpoint has {} tensor(s) this Qwen3.5 config does not use, e.g. {}; it is not a Qwen3.5 checkpoint of this config",
+            hf_dir.display(),
+            unused.len(),
+            unused.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(manifest)
+}
+
+/// An opened model folder (manifest checked).
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl ModelDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: not a deltadoc model folder (no manifest.json); create one with `deltadoc model import` or `deltadoc model synth`", dir.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
+        if manifest.format != FORMAT_VERSION {
+            bail!("{}: model folder format {} is not supported by this deltadoc (expects {FORMAT_VERSION}); re-import the model", dir.display(), manifest.format);
+        }
+        for f in manifest.files.keys() {
+            if !dir.join(f).is_file() {
+                bail!("{}: file {f} listed in manifest.json is missing", dir.display());
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// Checks every file against the manifest's SHA-256 (slow for large models: hashes all weights).
+    pub fn verify(&self) -> Result<()> {
+        for (f, want) in &self.manifest.files {
+            let got = crate::fetch::sha256_file(&self.dir.join(f))?;
+            if &got != want {
+                bail!("{}: {f} has sha256 {got}, manifest says {want}: the folder is corrupt or was modified", self.dir.display());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn graph_path(&self) -> PathBuf {
+        self.dir.join("model.onnx")
+    }
+
+    pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
+        crate::tokenizer::Tokenizer::from_file(&self.dir.join("tokenizer.json"))
+    }
+}

@@ -1,0 +1,374 @@
+//! The gated delta rule of Qwen3.5's Gated DeltaNet layers, for one (batch, value-head) pair.
+//!
+//! Two kernels compute the same recurrence (specs/qwen35.md §2.4–§2.5):
+//! - [`chunked`] splits the sequence into chunks of [`CHUNK`] tokens and turns each chunk into small
+//!   dense matrix products (the WY form of the delta rule), which is what makes prefill fast;
+//! - [`recurrent`] walks token by token and streams the state once per token; it is the decode path.
+//!
+//! Both take the recurrent state `S` as `[Dk, Dv]` row-major (HF's layout), update it in place and
+//! write the outputs `o_t = Sᵀ q_t`. Queries and keys must already be L2-normalised, and queries
+//! scaled: [`prepare_qk`] does that so the two kernels see bit-identical inputs.
+
+/// Chunk length of the chunked kernel; the reference implementation uses 64.
+pub const CHUNK: usize = 64;
+
+/// Per-head inputs of the rule. Rows are tokens; all slices are row-major and contiguous.
+pub struct HeadInputs<'a> {
+    /// `[T, Dk]`, already L2-normalised and scaled.
+    pub q: &'a [f32],
+    /// `[T, Dk]`, already L2-normalised.
+    pub k: &'a [f32],
+    /// `[T, Dv]`
+    pub v: &'a [f32],
+    /// `[T]` log-decay (≤ 0).
+    pub g: &'a [f32],
+    /// `[T]` write strength in (0, 1).
+    pub beta: &'a [f32],
+    pub dk: usize,
+    pub dv: usize,
+}
+
+impl HeadInputs<'_> {
+    fn len(&self) -> usize {
+        self.g.len()
+    }
+}
+
+/// L2-normalise each `d`-row of `x` in place as `x · rsqrt(Σx² + 1e-6)` and multiply by `scale`.
+///
+/// The epsilon sits inside the square root, as in the reference `l2norm`.
+pub fn prepare_qk(x: &mut [f32], d: usize, scale: f32) {
+    for row in x.chunks_exact_mut(d) {
+        let ss: f32 = row.iter().map(|v| v * v).sum();
+        let inv = 1.0 / (ss + 1e-6).sqrt() * scale;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+/// Token-by-token rule; `out` is `[T, Dv]`.
+pub fn recurrent(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) {
+    let (dk, dv) = (inp.dk, inp.dv);
+    let mut delta = vec![0f32; dv];
+    for t in 0..inp.len() {
+        let q = &inp.q[t * dk..(t + 1) * dk];
+        let k = &inp.k[t * dk..(t + 1) * dk];
+        let v = &inp.v[t * dv..(t + 1) * dv];
+        let decay = inp.g[t].exp();
+        // Pass 1: decay the state and read it with k (kv = Sᵀk).
+        delta.iter_mut().for_each(|d| *d = 0.0);
+        for (i, row) in state.chunks_exact_mut(dv).enumerate() {
+            let ki = k[i];
+            for (s, d) in row.iter_mut().zip(delta.iter_mut()) {
+                *s *= decay;
+                *d += *s * ki;
+            }
+        }
+        let beta = inp.beta[t];
+        for (d, &vj) in delta.iter_mut().zip(v) {
+            *d = beta * (vj - *d);
+        }
+        // Pass 2: rank-1 write (S += k δᵀ) and read-out with q (o = Sᵀq).
+        let o = &mut out[t * dv..(t + 1) * dv];
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (i, row) in state.chunks_exact_mut(dv).enumerate() {
+            let (ki, qi) = (k[i], q[i]);
+            for ((s, &d), oj) in row.iter_mut().zip(delta.iter()).zip(o.iter_mut()) {
+                *s += ki * d;
+                *oj += *s * qi;
+            }
+        }
+    }
+}
+
+/// `c[m×n] = alpha · a[m×k] · b[k×n] + beta · c`, all row-major with the given row strides.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    beta: f32,
+    c: &mut [f32],
+    c_rs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    debug_assert!(a.len() >= (m - 1) * a_rs + (k.max(1) - 1) * a_cs + 1 || k == 0);
+    debug_assert!(c.len() >= (m - 1) * c_rs + n);
+    // SAFETY: the strides and extents above describe memory inside the given slices; `c` does not
+    // alias `a` or `b` because it is borrowed mutably.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            a_rs as isize,
+            a_cs as isize,
+            b.as_ptr(),
+            b_rs as isize,
+            b_cs as isize,
+            beta,
+            c.as_mut_ptr(),
+            c_rs as isize,
+            1,
+        );
+    }
+}
+
+/// Scratch buffers of the chunked kernel, reused across chunks and heads of one call.
+#[derive(Default)]
+pub struct ChunkScratch {
+    kk: Vec<f32>,
+    qk: Vec<f32>,
+    rhs: Vec<f32>,
+    w_s: Vec<f32>,
+    qe: Vec<f32>,
+    kd: Vec<f32>,
+    cum: Vec<f32>,
+}
+
+/// Chunked (WY) rule; `out` is `[T, Dv]`. Equal to [`recurrent`] up to f32 summation order.
+///
+/// Per chunk of length L with in-chunk cumulative log-decay c:
+/// `A = strict_lower((kβ kᵀ) ⊙ P)`, `P[i,j] = exp(c_i − c_j)`; solve `(I + A) [u | w] = [vβ | kβ ⊙ e^c]`;
+/// `v' = u − w S`; `o = (q ⊙ e^c) S + ((q kᵀ) ⊙ P, lower incl. diagonal) v'`;
+/// `S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'`.
+pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mut ChunkScratch) {
+    let (dk, dv) = (inp.dk, inp.dv);
+    let t_total = inp.len();
+    let width = dv + dk;
+    sc.kk.resize(CHUNK * CHUNK, 0.0);
+    sc.qk.resize(CHUNK * CHUNK, 0.0);
+    sc.rhs.resize(CHUNK * width, 0.0);
+    sc.w_s.resize(CHUNK * dv, 0.0);
+    sc.qe.resize(CHUNK * dk, 0.0);
+    sc.kd.resize(CHUNK * dk, 0.0);
+    sc.cum.resize(CHUNK, 0.0);
+
+    let mut start = 0;
+    while start < t_total {
+        let l = CHUNK.min(t_total - start);
+        let q = &inp.q[start * dk..(start + l) * dk];
+        let k = &inp.k[start * dk..(start + l) * dk];
+        let v = &inp.v[start * dv..(start + l) * dv];
+        let beta = &inp.beta[start..start + l];
+        let cum = &mut sc.cum[..l];
+        let mut acc = 0f32;
+        for (c, &g) in cum.iter_mut().zip(&inp.g[start..start + l]) {
+            acc += g;
+            *c = acc;
+        }
+        let c_last = cum[l - 1];
+
+        // kk = k kᵀ and qk = q kᵀ (L×L).
+        gemm(l, dk, l, 1.0, k, dk, 1, k, 1, dk, 0.0, &mut sc.kk, l);
+        gemm(l, dk, l, 1.0, q, dk, 1, k, 1, dk, 0.0, &mut sc.qk, l);
+        for i in 0..l {
+            for j in 0..l {
+                let idx = i * l + j;
+                if j < i {
+                    let p = (cum[i] - cum[j]).exp();
+                    sc.kk[idx] *= beta[i] * p;
+                    sc.qk[idx] *= p;
+                } else {
+                    sc.kk[idx] = 0.0;
+                    if j > i {
+                        sc.qk[idx] = 0.0;
+                    }
+                }
+            }
+        }
+        // Right-hand sides [vβ | kβ ⊙ e^c], then forward substitution with the unit lower matrix I + A.
+        let rhs = &mut sc.rhs[..l * width];
+        for i in 0..l {
+            let row = &mut rhs[i * width..(i + 1) * width];
+            let b = beta[i];
+            for (r, &x) in row[..dv].iter_mut().zip(&v[i * dv..(i + 1) * dv]) {
+                *r = x * b;
+            }
+            let e = b * cum[i].exp();
+            for (r, &x) in row[dv..].iter_mut().zip(&k[i * dk..(i + 1) * dk]) {
+                *r = x * e;
+            }
+        }
+        for i in 1..l {
+            let (done, rest) = rhs.split_at_mut(i * width);
+            let row = &mut rest[..width];
+            for j in 0..i {
+                let a = sc.kk[i * l + j];
+                if a != 0.0 {
+                    for (r, &x) in row.iter_mut().zip(&done[j * width..(j + 1) * width]) {
+                        *r -= a * x;
+                    }
+                }
+            }
+        }
+        // v' = u − w S, written into the u columns of rhs.
+        gemm(l, dk, dv, 1.0, &rhs[dv..], width, 1, state, dv, 1, 0.0, &mut sc.w_s, dv);
+        for i in 0..l {
+            for (u, &ws) in rhs[i * width..i * width + dv].iter_mut().zip(&sc.w_s[i * dv..(i + 1) * dv]) {
+                *u -= ws;
+            }
+        }
+        // o = (q ⊙ e^c) S + qk v'.
+        let qe = &mut sc.qe[..l * dk];
+        for i in 0..l {
+            let e = cum[i].exp();
+            for (d, &x) in qe[i * dk..(i + 1) * dk].iter_mut().zip(&q[i * dk..(i + 1) * dk]) {
+                *d = x * e;
+            }
+        }
+        let o = &mut out[start * dv..(start + l) * dv];
+        gemm(l, dk, dv, 1.0, qe, dk, 1, state, dv, 1, 0.0, o, dv);
+        gemm(l, l, dv, 1.0, &sc.qk, l, 1, rhs, width, 1, 1.0, o, dv);
+        // S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'.
+        let kd = &mut sc.kd[..l * dk];
+        for i in 0..l {
+            let e = (c_last - cum[i]).exp();
+            for (d, &x) in kd[i * dk..(i + 1) * dk].iter_mut().zip(&k[i * dk..(i + 1) * dk]) {
+                *d = x * e;
+            }
+        }
+        gemm(dk, l, dv, 1.0, kd, 1, dk, rhs, width, 1, c_last.exp(), state, dv);
+        start += l;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+    /// The recurrence written out directly from the formulas in f64: the reference both kernels
+    /// are held to.
+    fn reference(inp: &HeadInputs<'_>, state: &mut [f64], out: &mut [f64]) {
+        let (dk, dv) = (inp.dk, inp.dv);
+        for t in 0..inp.len() {
+            let decay = (inp.g[t] as f64).exp();
+            state.iter_mut().for_each(|s| *s *= decay);
+            for j in 0..dv {
+                let kv: f64 = (0..dk).map(|i| state[i * dv + j] * inp.k[t * dk + i] as f64).sum();
+                let delta = inp.beta[t] as f64 * (inp.v[t * dv + j] as f64 - kv);
+                for i in 0..dk {
+                    state[i * dv + j] += inp.k[t * dk + i] as f64 * delta;
+                }
+            }
+            for j in 0..dv {
+                out[t * dv + j] = (0..dk).map(|i| state[i * dv + j] * inp.q[t * dk + i] as f64).sum();
+            }
+        }
+    }
+
+    struct Case {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        g: Vec<f32>,
+        beta: Vec<f32>,
+        s0: Vec<f32>,
+        dk: usize,
+        dv: usize,
+    }
+
+    fn case(t: usize, dk: usize, dv: usize, seed: u64) -> Case {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut draw = |n: usize, lo: f32, hi: f32| (0..n).map(|_| rng.random_range(lo..hi)).collect::<Vec<f32>>();
+        let mut q = draw(t * dk, -1.0, 1.0);
+        let mut k = draw(t * dk, -1.0, 1.0);
+        let v = draw(t * dv, -1.0, 1.0);
+        let g = draw(t, -0.5, 0.0);
+        let beta = draw(t, 0.05, 0.95);
+        let s0 = draw(dk * dv, -0.3, 0.3);
+        prepare_qk(&mut q, dk, (dk as f32).powf(-0.5));
+        prepare_qk(&mut k, dk, 1.0);
+        Case { q, k, v, g, beta, s0, dk, dv }
+    }
+
+    impl Case {
+        fn inputs(&self, range: std::ops::Range<usize>) -> HeadInputs<'_> {
+            let (dk, dv) = (self.dk, self.dv);
+            HeadInputs {
+                q: &self.q[range.start * dk..range.end * dk],
+                k: &self.k[range.start * dk..range.end * dk],
+                v: &self.v[range.start * dv..range.end * dv],
+                g: &self.g[range.clone()],
+                beta: &self.beta[range],
+                dk,
+                dv,
+            }
+        }
+    }
+
+    fn max_abs(a: &[f32], b: &[f64]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
+    }
+
+    // f32 kernels against the f64 reference: outputs are O(1), so 1e-4 absolute leaves room for the
+    // different summation orders of the two kernels while still catching any wrong term.
+    const TOL: f64 = 1e-4;
+
+    #[test]
+    fn both_kernels_match_reference_across_chunk_boundaries() {
+        for &(t, dk, dv) in &[(1usize, 8usize, 8usize), (63, 16, 8), (64, 16, 16), (65, 8, 16), (150, 32, 32), (200, 128, 128)] {
+            let c = case(t, dk, dv, t as u64);
+            let mut s_ref: Vec<f64> = c.s0.iter().map(|&x| x as f64).collect();
+            let mut o_ref = vec![0f64; t * dv];
+            reference(&c.inputs(0..t), &mut s_ref, &mut o_ref);
+
+            let mut s = c.s0.clone();
+            let mut o = vec![0f32; t * dv];
+            recurrent(&c.inputs(0..t), &mut s, &mut o);
+            assert!(max_abs(&o, &o_ref) < TOL, "recurrent output T={t}: {}", max_abs(&o, &o_ref));
+            assert!(max_abs(&s, &s_ref) < TOL, "recurrent state T={t}");
+
+            let mut s = c.s0.clone();
+            let mut o = vec![0f32; t * dv];
+            chunked(&c.inputs(0..t), &mut s, &mut o, &mut ChunkScratch::default());
+            assert!(max_abs(&o, &o_ref) < TOL, "chunked output T={t}: {}", max_abs(&o, &o_ref));
+            assert!(max_abs(&s, &s_ref) < TOL, "chunked state T={t}: {}", max_abs(&s, &s_ref));
+        }
+    }
+
+    #[test]
+    fn state_hands_over_between_chunked_and_recurrent() {
+        let (t, split, dk, dv) = (150, 100, 32, 16);
+        let c = case(t, dk, dv, 7);
+        let mut s_ref: Vec<f64> = c.s0.iter().map(|&x| x as f64).collect();
+        let mut o_ref = vec![0f64; t * dv];
+        reference(&c.inputs(0..t), &mut s_ref, &mut o_ref);
+
+        // chunked prefill of 0..100, then token-by-token decode, then a chunked continuation.
+        let mut s = c.s0.clone();
+        let mut o = vec![0f32; t * dv];
+        let mut sc = ChunkScratch::default();
+        chunked(&c.inputs(0..split), &mut s, &mut o[..split * dv], &mut sc);
+        for step in split..130 {
+            recurrent(&c.inputs(step..step + 1), &mut s, &mut o[step * dv..(step + 1) * dv]);
+        }
+        chunked(&c.inputs(130..t), &mut s, &mut o[130 * dv..], &mut sc);
+        assert!(max_abs(&o, &o_ref) < TOL, "handover output: {}", max_abs(&o, &o_ref));
+        assert!(max_abs(&s, &s_ref) < TOL, "handover state");
+    }
+
+    #[test]
+    fn strong_decay_does_not_overflow() {
+        // Log-decays of −30 per token make e^{c} underflow inside a chunk; the kernel must stay finite.
+        let mut c = case(128, 16, 16, 3);
+        c.g.iter_mut().for_each(|g| *g = -30.0);
+        let mut s = c.s0.clone();
+        let mut o = vec![0f32; 128 * 16];
+        chunked(&c.inputs(0..128), &mut s, &mut o, &mut ChunkScratch::default());
+        assert!(o.iter().chain(s.iter()).all(|x| x.is_finite()));
+    }
+}

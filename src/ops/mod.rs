@@ -1,0 +1,346 @@
+//! deltadoc's own ONNX Runtime operators (domain [`DOMAIN`]), the DeltaNet half of Qwen3.5.
+//!
+//! - `CausalConv1dWithState(x, weight, past_state) -> (y, present_state)`
+//! - `GatedDeltaRule(q, k, v, g, beta, past_state) -> (o, present_state)`
+//!
+//! The op contract (shapes, attributes, state layout) is written down in onnx/README.md; the
+//! numerical kernels live in [`conv`] and [`gated_delta`] and know nothing of ONNX Runtime.
+
+pub mod conv;
+pub mod gated_delta;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use ort::operator::{
+    ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput, ShapeInferenceContext,
+};
+use ort::value::TensorElementType;
+
+use self::conv::Activation;
+use self::gated_delta::{ChunkScratch, HeadInputs};
+
+/// Custom-op domain of the exported graphs.
+pub const DOMAIN: &str = "ai.deltadoc";
+/// Version of [`DOMAIN`] the importer writes into `opset_import`.
+pub const DOMAIN_VERSION: i64 = 1;
+
+/// Builds the operator domain to register on every session that runs a deltadoc graph.
+pub fn domain() -> ort::Result<OperatorDomain> {
+    OperatorDomain::new(DOMAIN)?.add(CausalConv1dWithState)?.add(GatedDeltaRule)
+}
+
+fn err(msg: impl Into<String>) -> ort::Error {
+    ort::Error::new(msg.into())
+}
+
+/// Runs a kernel body and turns a panic into an ORT error: a panic unwinding through ORT's C
+/// frames would abort the whole daemon (specs/rust-stack.md §2, pitfall 1).
+fn guarded(name: &str, body: impl FnOnce() -> ort::Result<()>) -> ort::Result<()> {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(err(format!("{DOMAIN}::{name} panicked: {what}")))
+        }
+    }
+}
+
+/// A raw output pointer shared by the parallel workers; each worker writes a disjoint region.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: used only to write disjoint index ranges from `par_for` workers while the owning slice
+// outlives the parallel loop.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer; a method so closures capture the whole `Sync` wrapper, not the raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        // SAFETY: callers stay within the allocation the pointer came from.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+fn input<'a>(ctx: &'a ComputeContext, idx: usize, op: &str, what: &str) -> ort::Result<ort::value::ValueRef<'a>> {
+    ctx.input(idx)?.ok_or_else(|| err(format!("{DOMAIN}::{op}: missing input {idx} ({what})")))
+}
+
+fn dims(shape: &[i64]) -> Vec<usize> {
+    shape.iter().map(|&d| d.max(0) as usize).collect()
+}
+
+/// Causal depthwise conv over `x: [B, T, C]` with `weight: [C, K]` and `past_state: [B, C, K − 1]`.
+pub struct CausalConv1dWithState;
+
+pub struct ConvKernel {
+    act: Activation,
+}
+
+impl Operator for CausalConv1dWithState {
+    type Kernel<'a> = ConvKernel;
+
+    fn name(&self) -> &str {
+        "CausalConv1dWithState"
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        (0..3).map(|_| OperatorInput::required(TensorElementType::Float32))
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        (0..2).map(|_| OperatorOutput::required(TensorElementType::Float32))
+    }
+
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<ConvKernel> {
+        let name = kctx.get::<String>("activation").unwrap_or_else(|| "silu".into());
+        let act = Activation::parse(&name)
+            .ok_or_else(|| err(format!("{DOMAIN}::CausalConv1dWithState: unknown activation {name:?}")))?;
+        Ok(ConvKernel { act })
+    }
+
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        let inputs = ctx.inputs();
+        ctx.set_output(0, &inputs[0])?;
+        ctx.set_output(1, &inputs[2])
+    }
+}
+
+impl Kernel for ConvKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        guarded("CausalConv1dWithState", || {
+            const OP: &str = "CausalConv1dWithState";
+            let x = input(ctx, 0, OP, "x")?;
+            let w = input(ctx, 1, OP, "weight")?;
+            let s = input(ctx, 2, OP, "past_state")?;
+            let (xs, x) = x.try_extract_tensor::<f32>()?;
+            let (ws, w) = w.try_extract_tensor::<f32>()?;
+            let (ss, s) = s.try_extract_tensor::<f32>()?;
+            let (xd, wd, sd) = (dims(xs), dims(ws), dims(ss));
+            if xd.len() != 3 || wd.len() != 2 || sd.len() != 3 {
+                return Err(err(format!("{OP}: expected x [B,T,C], weight [C,K], state [B,C,K-1]; got {xd:?}, {wd:?}, {sd:?}")));
+            }
+            let (b, t, c) = (xd[0], xd[1], xd[2]);
+            let k = wd[1];
+            if wd[0] != c || sd != [b, c, k - 1] || k == 0 || k > conv::MAX_KERNEL {
+                return Err(err(format!("{OP}: inconsistent shapes x {xd:?}, weight {wd:?}, state {sd:?}")));
+            }
+            let mut y = ctx.output(0, xs.to_vec())?.ok_or_else(|| err(format!("{OP}: output 0 not requested")))?;
+            let mut ns = ctx.output(1, ss.to_vec())?.ok_or_else(|| err(format!("{OP}: output 1 not requested")))?;
+            let (_, y) = y.try_extract_tensor_mut::<f32>()?;
+            let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
+            ns.copy_from_slice(s);
+            let row = t * c;
+            let srow = c * (k - 1);
+            for bi in 0..b {
+                conv::causal_conv(
+                    &x[bi * row..(bi + 1) * row],
+                    w,
+                    &mut ns[bi * srow..(bi + 1) * srow],
+                    &mut y[bi * row..(bi + 1) * row],
+                    c,
+                    self.act,
+                );
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Which gated-delta kernel a call uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleKernel {
+    /// Recurrent for single-token calls, chunked otherwise (what the reference does).
+    Auto,
+    Chunked,
+    Recurrent,
+}
+
+/// Gated delta rule over packed heads: `q, k: [B, T, Hk·Dk]`, `v: [B, T, Hv·Dv]`,
+/// `g, beta: [B, T, Hv]`, `past_state: [B, Hv, Dk, Dv]` (f32).
+pub struct GatedDeltaRule;
+
+pub struct RuleKernelImpl {
+    num_k_heads: usize,
+    num_v_heads: usize,
+    scale: f32,
+    l2norm: bool,
+    kernel: RuleKernel,
+}
+
+impl Operator for GatedDeltaRule {
+    type Kernel<'a> = RuleKernelImpl;
+
+    fn name(&self) -> &str {
+        "GatedDeltaRule"
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        (0..6).map(|_| OperatorInput::required(TensorElementType::Float32))
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        (0..2).map(|_| OperatorOutput::required(TensorElementType::Float32))
+    }
+
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<RuleKernelImpl> {
+        const OP: &str = "GatedDeltaRule";
+        let heads = |name: &str| -> ort::Result<usize> {
+            match kctx.get::<i64>(name) {
+                Some(v) if v > 0 => Ok(v as usize),
+                other => Err(err(format!("{DOMAIN}::{OP}: attribute {name} must be a positive int, got {other:?}"))),
+            }
+        };
+        let num_k_heads = heads("num_k_heads")?;
+        let num_v_heads = heads("num_v_heads")?;
+        if num_v_heads % num_k_heads != 0 {
+            return Err(err(format!("{DOMAIN}::{OP}: num_v_heads {num_v_heads} is not a multiple of num_k_heads {num_k_heads}")));
+        }
+        let kernel = match kctx.get::<String>("kernel").as_deref().unwrap_or("auto") {
+            "auto" => RuleKernel::Auto,
+            "chunked" => RuleKernel::Chunked,
+            "recurrent" => RuleKernel::Recurrent,
+            other => return Err(err(format!("{DOMAIN}::{OP}: unknown kernel {other:?}"))),
+        };
+        Ok(RuleKernelImpl {
+            num_k_heads,
+            num_v_heads,
+            scale: kctx.get::<f32>("scale").unwrap_or(0.0),
+            l2norm: kctx.get::<i64>("use_qk_l2norm").unwrap_or(1) != 0,
+            kernel,
+        })
+    }
+
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        let inputs = ctx.inputs();
+        ctx.set_output(0, &inputs[2])?;
+        ctx.set_output(1, &inputs[5])
+    }
+}
+
+impl Kernel for RuleKernelImpl {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        guarded("GatedDeltaRule", || self.run(ctx))
+    }
+}
+
+impl RuleKernelImpl {
+    fn run(&self, ctx: &ComputeContext) -> ort::Result<()> {
+        const OP: &str = "GatedDeltaRule";
+        let q = input(ctx, 0, OP, "q")?;
+        let k = input(ctx, 1, OP, "k")?;
+        let v = input(ctx, 2, OP, "v")?;
+        let g = input(ctx, 3, OP, "g")?;
+        let beta = input(ctx, 4, OP, "beta")?;
+        let s = input(ctx, 5, OP, "past_state")?;
+        let (qs, q) = q.try_extract_tensor::<f32>()?;
+        let (ks, k) = k.try_extract_tensor::<f32>()?;
+        let (vs, v) = v.try_extract_tensor::<f32>()?;
+        let (gs, g) = g.try_extract_tensor::<f32>()?;
+        let (bs, beta) = beta.try_extract_tensor::<f32>()?;
+        let (ss, s) = s.try_extract_tensor::<f32>()?;
+        let (hk, hv) = (self.num_k_heads, self.num_v_heads);
+        let sd = dims(ss);
+        if sd.len() != 4 || sd[1] != hv {
+            return Err(err(format!("{OP}: past_state must be [B, {hv}, Dk, Dv], got {sd:?}")));
+        }
+        let (b, dk, dv) = (sd[0], sd[2], sd[3]);
+        let qd = dims(qs);
+        if qd.len() != 3 || qd[0] != b {
+            return Err(err(format!("{OP}: q must be [B, T, {hk}·Dk] with B = {b}, got {qd:?}")));
+        }
+        let t = qd[1];
+        let expect = [
+            ("q", dims(qs), [b, t, hk * dk]),
+            ("k", dims(ks), [b, t, hk * dk]),
+            ("v", dims(vs), [b, t, hv * dv]),
+            ("g", dims(gs), [b, t, hv]),
+            ("beta", dims(bs), [b, t, hv]),
+        ];
+        for (name, got, want) in &expect {
+            if got.as_slice() != want {
+                return Err(err(format!("{OP}: {name} has shape {got:?}, expected {want:?}")));
+            }
+        }
+        let mut o = ctx.output(0, vs.to_vec())?.ok_or_else(|| err(format!("{OP}: output 0 not requested")))?;
+        let mut ns = ctx.output(1, ss.to_vec())?.ok_or_else(|| err(format!("{OP}: output 1 not requested")))?;
+        let (_, o) = o.try_extract_tensor_mut::<f32>()?;
+        let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
+        ns.copy_from_slice(s);
+        let scale = if self.scale > 0.0 { self.scale } else { (dk as f32).powf(-0.5) };
+        let use_recurrent = match self.kernel {
+            RuleKernel::Auto => t == 1,
+            RuleKernel::Recurrent => true,
+            RuleKernel::Chunked => false,
+        };
+
+        // Normalised q/k per key head, contiguous [B, Hk, T, D], shared by the value heads of a group.
+        let mut qn = vec![0f32; b * hk * t * dk];
+        let mut kn = vec![0f32; b * hk * t * dk];
+        let (qp, kp) = (SharedMut(qn.as_mut_ptr()), SharedMut(kn.as_mut_ptr()));
+        let l2 = self.l2norm;
+        ctx.par_for(b * hk, b * hk, |i| {
+            let (bi, h) = (i / hk, i % hk);
+            // SAFETY: worker i writes only rows [i·T·Dk, (i+1)·T·Dk) of qn and kn.
+            let (qh, kh) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(qp.at(i * t * dk), t * dk),
+                    std::slice::from_raw_parts_mut(kp.at(i * t * dk), t * dk),
+                )
+            };
+            for ti in 0..t {
+                let src = (bi * t + ti) * hk * dk + h * dk;
+                qh[ti * dk..(ti + 1) * dk].copy_from_slice(&q[src..src + dk]);
+                kh[ti * dk..(ti + 1) * dk].copy_from_slice(&k[src..src + dk]);
+            }
+            if l2 {
+                gated_delta::prepare_qk(qh, dk, scale);
+                gated_delta::prepare_qk(kh, dk, 1.0);
+            } else {
+                qh.iter_mut().for_each(|x| *x *= scale);
+            }
+        })?;
+
+        let (op, sp) = (SharedMut(o.as_mut_ptr()), SharedMut(ns.as_mut_ptr()));
+        let group = hv / hk;
+        ctx.par_for(b * hv, b * hv, |i| {
+            let (bi, h) = (i / hv, i % hv);
+            let kh = bi * hk + h / group;
+            let mut vh = vec![0f32; t * dv];
+            let mut gh = vec![0f32; t];
+            let mut bh = vec![0f32; t];
+            for ti in 0..t {
+                let row = bi * t + ti;
+                vh[ti * dv..(ti + 1) * dv].copy_from_slice(&v[row * hv * dv + h * dv..row * hv * dv + (h + 1) * dv]);
+                gh[ti] = g[row * hv + h];
+                bh[ti] = beta[row * hv + h];
+            }
+            let inp = HeadInputs {
+                q: &qn[kh * t * dk..(kh + 1) * t * dk],
+                k: &kn[kh * t * dk..(kh + 1) * t * dk],
+                v: &vh,
+                g: &gh,
+                beta: &bh,
+                dk,
+                dv,
+            };
+            // SAFETY: worker i owns state block i ([Dk, Dv]) and the columns of head h in the rows
+            // of batch bi of `o`; no two workers share either.
+            let state = unsafe { std::slice::from_raw_parts_mut(sp.at(i * dk * dv), dk * dv) };
+            let mut out = vec![0f32; t * dv];
+            if use_recurrent {
+                gated_delta::recurrent(&inp, state, &mut out);
+            } else {
+                gated_delta::chunked(&inp, state, &mut out, &mut ChunkScratch::default());
+            }
+            for ti in 0..t {
+                let dst = (bi * t + ti) * hv * dv + h * dv;
+                unsafe { std::slice::from_raw_parts_mut(op.at(dst), dv) }.copy_from_slice(&out[ti * dv..(ti + 1) * dv]);
+            }
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,50 @@
+//! Progress of long operations: a bar on a terminal, log lines (every 10 %) otherwise.
+
+use std::io::IsTerminal;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A progress reporter for `len` units of work.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    label: &'static str,
+    len: u64,
+    done: u64,
+    next_log: u64,
+    start: Instant,
+}
+
+impl Progress {
+    pub fn new(len: u64, label: &'static str) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new(len);
+            b.set_style(
+                ProgressStyle::with_template("{msg:>16} [{bar:30}] {pos}/{len} {elapsed_precise} eta {eta}")
+                    .expect("static template")
+                    .progress_chars("=> "),
+            );
+            b.set_message(label);
+            b
+        });
+        Self { bar, label, len, done: 0, next_log: len.div_ceil(10).max(1), start: Instant::now() }
+    }
+
+    pub fn inc(&mut self, n: u64) {
+        self.done += n;
+        match &self.bar {
+            Some(b) => b.inc(n),
+            None if self.done >= self.next_log || self.done == self.len => {
+                tracing::info!("{}: {}/{} ({:.1}s)", self.label, self.done, self.len, self.start.elapsed().as_secs_f64());
+                self.next_log = self.done + self.len.div_ceil(10).max(1);
+            }
+            None => {}
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

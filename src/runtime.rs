@@ -1,0 +1,84 @@
+//! The ONNX Runtime environment of the process and the sessions that run deltadoc graphs.
+//!
+//! The shared library is located once per process: `DELTADOC_ORT_LIB`, then `ORT_DYLIB_PATH`,
+//! else the pinned PyPI wheel through [`crate::fetch`]. ort allows a single environment per
+//! process, so it lives in a `OnceLock`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{Context, Result, anyhow};
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+
+static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+/// ONNX Runtime races when several threads register the same custom domain for the first time
+/// (onnxruntime#22663); sessions with our domain are therefore committed one at a time.
+static COMMIT: Mutex<()> = Mutex::new(());
+
+/// Path of the ONNX Runtime shared library this process uses, fetching it if needed.
+pub fn library_path() -> Result<PathBuf> {
+    for var in ["DELTADOC_ORT_LIB", "ORT_DYLIB_PATH"] {
+        if let Some(p) = std::env::var_os(var) {
+            let p = PathBuf::from(p);
+            if !p.is_file() {
+                return Err(anyhow!("{var}={} does not name a file", p.display()));
+            }
+            return Ok(p);
+        }
+    }
+    crate::fetch::ensure(&crate::fetch::ONNXRUNTIME)
+}
+
+/// The process-wide ONNX Runtime environment.
+pub fn environment() -> Result<&'static Environment> {
+    let env = ENV.get_or_init(|| {
+        let init = || -> Result<Environment> {
+            let lib = library_path()?;
+            tracing::debug!("loading ONNX Runtime from {}", lib.display());
+            let builder = ort::init_from(&lib).map_err(|e| anyhow!("cannot load ONNX Runtime from {}: {e}", lib.display()))?;
+            builder.with_name("deltadoc").build().map_err(|e| anyhow!("cannot create the ONNX Runtime environment: {e}"))
+        };
+        init().map_err(|e| format!("{e:#}"))
+    });
+    env.as_ref().map_err(|e| anyhow!("{e}"))
+}
+
+/// How a session runs.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Intra-op threads; also the pool our custom kernels parallelise on. 0 = ORT's default.
+    pub threads: usize,
+    /// Spin-wait between ops: faster decode, but burns CPU while idle. Off for the daemon.
+    pub spin: bool,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self { threads: default_threads(), spin: false }
+    }
+}
+
+/// Number of cores available to this process.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Opens a graph written by the importer, with deltadoc's operators registered.
+pub fn open_session(model: &Path, opts: &SessionOptions) -> Result<Session> {
+    let env = environment()?;
+    let domain = crate::ops::domain().map_err(|e| anyhow!("cannot build the {} operator domain: {e}", crate::ops::DOMAIN))?;
+    let build = || -> std::result::Result<Session, ort::Error> {
+        let mut b = Session::builder(env)?
+            .with_operators(domain)?
+            .with_optimization_level(GraphOptimizationLevel::All)?
+            .with_intra_threads(opts.threads)?
+            .with_inter_threads(1)?
+            .with_intra_op_spinning(opts.spin)?
+            .with_memory_pattern(false)?;
+        let _guard = COMMIT.lock().unwrap_or_else(|p| p.into_inner());
+        b.commit_from_file(model)
+    };
+    build().map_err(|e| anyhow!("{e}")).with_context(|| format!("{}: cannot open the ONNX graph", model.display()))
+}

@@ -54,6 +54,14 @@ impl Decoder {
             .sum()
     }
 
+    /// Shape and values of one carried state (`past.<layer>.<key|value|conv|recurrent>`), as the
+    /// next call will read it.
+    pub fn state(&self, name: &str) -> Option<(Vec<usize>, &[f32])> {
+        let (_, v) = self.state.iter().find(|(n, _)| n == name)?;
+        let (shape, data) = v.try_extract_tensor::<f32>().ok()?;
+        Some((shape.iter().map(|&d| d as usize).collect(), data))
+    }
+
     /// Drops all state: the next call starts a new sequence.
     pub fn reset(&mut self) -> Result<()> {
         let c = &self.cfg;

@@ -1,0 +1,93 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use deltadoc::model::graph::LinearAttn;
+use deltadoc::model::quant::Precision;
+use deltadoc::model::{self, ExportOptions, ModelDir};
+use safetensors::SafeTensors;
+
+/// Repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The shared test corpus (`../shared/corpus` beside the checkout, or `$DELTADOC_CORPUS`).
+pub fn corpus() -> PathBuf {
+    let p = std::env::var_os("DELTADOC_CORPUS").map(PathBuf::from).unwrap_or_else(|| root().join("../shared/corpus"));
+    assert!(p.join("MANIFEST.tsv").is_file(), "test corpus not found at {} (set DELTADOC_CORPUS)", p.display());
+    p
+}
+
+/// Imports a committed fixture checkpoint once per (fixture, precision) and returns the folder.
+pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
+    static CACHE: OnceLock<Mutex<HashMap<(String, Precision), PathBuf>>> = OnceLock::new();
+    static TMP: OnceLock<tempfile::TempDir> = OnceLock::new();
+    let tmp = TMP.get_or_init(|| tempfile::tempdir().expect("tempdir"));
+    let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    cache
+        .entry((fixture.to_string(), precision))
+        .or_insert_with(|| {
+            let out = tmp.path().join(format!("{fixture}-{}", precision.name()));
+            let hf = root().join("onnx/fixtures").join(fixture).join("hf");
+            model::import(&hf, &out, ExportOptions { precision, linear_attn: LinearAttn::Deltadoc })
+                .unwrap_or_else(|e| panic!("import of {fixture} failed: {e:#}"));
+            out
+        })
+        .clone()
+}
+
+pub fn open(dir: &Path) -> ModelDir {
+    ModelDir::open(dir).unwrap()
+}
+
+/// Golden tensors written by onnx/make_goldens.py.
+pub struct Golden {
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    pub fn load(fixture: &str) -> Self {
+        let p = root().join("onnx/fixtures").join(fixture).join("golden.safetensors");
+        Self { bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) }
+    }
+
+    fn view(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden has no {name}"));
+        (t.shape().to_vec(), t.data().to_vec())
+    }
+
+    pub fn f32(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let (s, d) = self.view(name);
+        (s, d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        let (_, d) = self.view(name);
+        d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes).unwrap().tensor(name).is_ok()
+    }
+}
+
+/// Largest absolute difference.
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Fraction of rows (of width `v`) whose argmax agrees.
+pub fn top1_agreement(a: &[f32], b: &[f32], v: usize) -> f64 {
+    let rows = a.len() / v;
+    let same = (0..rows)
+        .filter(|&r| deltadoc::generate::argmax(&a[r * v..(r + 1) * v]) == deltadoc::generate::argmax(&b[r * v..(r + 1) * v]))
+        .count();
+    same as f64 / rows as f64
+}

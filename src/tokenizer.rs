@@ -4,7 +4,8 @@
 //! 248,044 byte-level BPE ranks) plus 33 special tokens from id 248,044. [`build_tokenizer_json`]
 //! turns the ranks into a Hugging Face `tokenizer.json` (byte-level BPE whose merges are every
 //! split of every token into two tokens, ordered by the merged token's rank: the same greedy
-//! lowest-rank-first merging tiktoken does), which the `tokenizers` crate then loads.
+//! lowest-rank-first merging tiktoken does), which the `tokenizers` crate then loads. Like
+//! tiktoken, a pre-tokenised piece that is itself a token is emitted whole (`ignore_merges`).
 //! The importer writes that file into every model folder.
 
 use std::collections::HashMap;
@@ -155,7 +156,7 @@ pub fn build_tokenizer_json(ranks: &[Vec<u8>]) -> Result<String> {
         "post_processor": null,
         "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": true,
                   "vocab": vocab, "merges": merges}
     });
     Ok(serde_json::to_string(&tok)?)

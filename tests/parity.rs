@@ -10,6 +10,7 @@ mod common;
 
 use common::*;
 use deltadoc::generate::{self, Decoder, GenerateOptions, Logits, Sampling};
+use deltadoc::model::graph::LinearAttn;
 use deltadoc::model::quant::Precision;
 use deltadoc::runtime::SessionOptions;
 
@@ -88,6 +89,32 @@ fn prefill_then_decode_matches_transformers_cache_path() {
         let err = max_abs(&got, &want);
         println!("{fx}: prefill {k} (chunks of 48) + decode {}: max |Δlogit| = {err:.2e}", ids.len() - k);
         assert!(err <= FP32_TOL, "{fx}: decode path max |Δlogit| {err:.3e}");
+    }
+}
+
+#[test]
+fn builtin_linear_attention_graph_matches_transformers_too() {
+    // The same weights exported with ONNX Runtime's com.microsoft LinearAttention and
+    // CausalConvWithState instead of deltadoc's operators (the comparison baseline).
+    for fx in FIXTURES {
+        let g = Golden::load(fx);
+        let dir = imported_with(fx, Precision::Fp32, LinearAttn::Builtin);
+        let mut dec = Decoder::open(&open(&dir), &SessionOptions { threads: 2, spin: false }).unwrap();
+        let ids = g.ids("ids.long");
+        let (_, want) = g.f32("logits.long");
+        let err = max_abs(&logits_in_chunks(&mut dec, &ids, ids.len()), &want);
+        println!("{fx}/builtin: fp32 max |Δlogit| = {err:.2e}");
+        assert!(err <= FP32_TOL, "{fx}/builtin prefill: max |Δlogit| {err:.3e}");
+        dec.reset().unwrap();
+        let ids = g.ids("decode.ids");
+        let k = g.ids("decode.k")[0] as usize;
+        let (_, want) = g.f32("decode.logits");
+        let mut got = logits_in_chunks(&mut dec, &ids[..k], 48);
+        for &t in &ids[k..] {
+            got.extend(dec.forward(&[t], Logits::All).unwrap().iter().copied());
+        }
+        let err = max_abs(&got, &want);
+        assert!(err <= FP32_TOL, "{fx}/builtin decode: max |Δlogit| {err:.3e}");
     }
 }
 

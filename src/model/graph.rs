@@ -8,7 +8,7 @@
 //!   and `past.i.recurrent [B,Hv,Dk,Dv]` (DeltaNet), all f32;
 //! - outputs: `logits [B,N,V]` and `present.i.*` with the same layouts (keys grow by S).
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
 use super::config::{LayerKind, TextConfig};
 use super::quant::{self, Precision};
@@ -17,7 +17,7 @@ use crate::onnx::{Attr, Dim, GraphBuilder};
 use crate::ops;
 
 /// Where the DeltaNet layers' conv and rule run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinearAttn {
     /// deltadoc's own `ai.deltadoc` operators (chunked prefill kernel).
@@ -71,9 +71,6 @@ pub fn build(
     on_layer: &mut dyn FnMut(usize),
 ) -> Result<GraphBuilder> {
     cfg.validate()?;
-    if opts.linear_attn == LinearAttn::Builtin {
-        bail!("--linear-attn builtin is not implemented yet: ONNX Runtime's com.microsoft LinearAttention export is still missing");
-    }
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let (nkv, hd) = (cfg.num_key_value_heads as i64, cfg.head_dim as i64);
     let kconv = (cfg.linear_conv_kernel_dim - 1) as i64;
@@ -379,13 +376,29 @@ impl Ctx<'_> {
         let [past_conv, past_rec] = state_names(cfg, i);
         let (pc, pr) = (present_name(&past_conv), present_name(&past_rec));
         let mixed = self.b.fresh("conv_out");
-        self.b.node_named(
-            "CausalConv1dWithState",
-            ops::DOMAIN,
-            &[&qkv, &conv_w, &past_conv],
-            &[&mixed, &pc],
-            vec![("activation", Attr::Str("silu".into()))],
-        );
+        match self.opts.linear_attn {
+            LinearAttn::Deltadoc => self.b.node_named(
+                "CausalConv1dWithState",
+                ops::DOMAIN,
+                &[&qkv, &conv_w, &past_conv],
+                &[&mixed, &pc],
+                vec![("activation", Attr::Str("silu".into()))],
+            ),
+            LinearAttn::Builtin => {
+                // ORT's op is channels-first: [B, C, T] with weight [C, 1, K].
+                let x = self.b.op("Transpose", &[&qkv], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+                let w3 = self.reshape(&conv_w, &[conv_dim as i64, 1, kw as i64])?;
+                let y = self.b.fresh("conv_cf");
+                self.b.node_named(
+                    "CausalConvWithState",
+                    "com.microsoft",
+                    &[&x, &w3, "", &past_conv],
+                    &[&y, &pc],
+                    vec![("activation", Attr::Str("silu".into()))],
+                );
+                self.b.node_named("Transpose", "", &[&y], &[&mixed], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+            }
+        }
         let parts = self.split(&mixed, &[key_dim as i64, key_dim as i64, value_dim as i64], -1)?;
         // beta = sigmoid(b); g = −exp(A_log) · softplus(a + dt_bias), in f32 as the reference.
         let beta = self.b.op("Sigmoid", &[&bl], vec![]);
@@ -398,18 +411,41 @@ impl Ctx<'_> {
         let sp = self.b.op("Softplus", &[&a], vec![]);
         let g = self.b.op("Mul", &[&sp, &neg_a], vec![]);
         let o = self.b.fresh("rule_out");
-        self.b.node_named(
-            "GatedDeltaRule",
-            ops::DOMAIN,
-            &[&parts[0], &parts[1], &parts[2], &g, &beta, &past_rec],
-            &[&o, &pr],
-            vec![
-                ("num_k_heads", Attr::Int(hk as i64)),
-                ("num_v_heads", Attr::Int(hv as i64)),
-                ("scale", Attr::Float((dk as f32).powf(-0.5))),
-                ("use_qk_l2norm", Attr::Int(1)),
-            ],
-        );
+        let scale = Attr::Float((dk as f32).powf(-0.5));
+        match self.opts.linear_attn {
+            LinearAttn::Deltadoc => self.b.node_named(
+                "GatedDeltaRule",
+                ops::DOMAIN,
+                &[&parts[0], &parts[1], &parts[2], &g, &beta, &past_rec],
+                &[&o, &pr],
+                vec![
+                    ("num_k_heads", Attr::Int(hk as i64)),
+                    ("num_v_heads", Attr::Int(hv as i64)),
+                    ("scale", scale),
+                    ("use_qk_l2norm", Attr::Int(1)),
+                ],
+            ),
+            LinearAttn::Builtin => {
+                // ORT's op expects L2-normalised q/k and applies `scale` itself; with fewer key
+                // heads than state heads it shares key head h·Hk/Hv, as the reference's
+                // repeat_interleave does.
+                let q = self.l2norm_heads(&parts[0], hk, dk)?;
+                let k = self.l2norm_heads(&parts[1], hk, dk)?;
+                self.b.node_named(
+                    "LinearAttention",
+                    "com.microsoft",
+                    &[&q, &k, &parts[2], &past_rec, &g, &beta],
+                    &[&o, &pr],
+                    vec![
+                        ("q_num_heads", Attr::Int(hk as i64)),
+                        ("kv_num_heads", Attr::Int(hv as i64)),
+                        ("update_rule", Attr::Str("gated_delta".into())),
+                        ("scale", scale),
+                        ("chunk_size", Attr::Int(ops::gated_delta::CHUNK as i64)),
+                    ],
+                );
+            }
+        }
         // Gated RMSNorm per value head (plain weight, not 1 + w), then the silu(z) gate.
         let o4 = self.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
         let n = self.rms_norm(&o4, &w.get(&format!("{p}norm.weight"), &[dv])?, false)?;
@@ -418,6 +454,18 @@ impl Ctx<'_> {
         let y = self.b.op("Mul", &[&n, &gate], vec![]);
         let y = self.reshape(&y, &[0, 0, value_dim as i64])?;
         self.linear(&y, &format!("{p}out_proj"), &w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?, h, value_dim)
+    }
+
+    /// `x · rsqrt(Σx² + 1e-6)` per head of a packed `[B, T, heads·d]` tensor (the reference's l2norm).
+    fn l2norm_heads(&mut self, x: &str, heads: usize, d: usize) -> Result<String> {
+        let x4 = self.reshape(x, &[0, 0, heads as i64, d as i64])?;
+        let axes = self.b.ints(&[-1])?;
+        let ss = self.b.op("ReduceSumSquare", &[&x4, &axes], vec![("keepdims", Attr::Int(1))]);
+        let eps = self.b.scalar(1e-6)?;
+        let ss = self.b.op("Add", &[&ss, &eps], vec![]);
+        let inv = self.b.op("Sqrt", &[&ss], vec![]);
+        let y = self.b.op("Div", &[&x4, &inv], vec![]);
+        self.reshape(&y, &[0, 0, (heads * d) as i64])
     }
 
     fn mlp(&mut self, p: &str, x: &str, w: &mut dyn WeightSource) -> Result<String> {

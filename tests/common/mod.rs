@@ -25,16 +25,21 @@ pub fn corpus() -> PathBuf {
 
 /// Imports a committed fixture checkpoint once per (fixture, precision) and returns the folder.
 pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
-    static CACHE: OnceLock<Mutex<HashMap<(String, Precision), PathBuf>>> = OnceLock::new();
+    imported_with(fixture, precision, LinearAttn::Deltadoc)
+}
+
+/// [`imported`] with a choice of DeltaNet operators.
+pub fn imported_with(fixture: &str, precision: Precision, linear_attn: LinearAttn) -> PathBuf {
+    static CACHE: OnceLock<Mutex<HashMap<(String, Precision, LinearAttn), PathBuf>>> = OnceLock::new();
     static TMP: OnceLock<tempfile::TempDir> = OnceLock::new();
     let tmp = TMP.get_or_init(|| tempfile::tempdir().expect("tempdir"));
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     cache
-        .entry((fixture.to_string(), precision))
+        .entry((fixture.to_string(), precision, linear_attn))
         .or_insert_with(|| {
-            let out = tmp.path().join(format!("{fixture}-{}", precision.name()));
+            let out = tmp.path().join(format!("{fixture}-{}-{linear_attn:?}", precision.name()));
             let hf = root().join("onnx/fixtures").join(fixture).join("hf");
-            model::import(&hf, &out, ExportOptions { precision, linear_attn: LinearAttn::Deltadoc })
+            model::import(&hf, &out, ExportOptions { precision, linear_attn })
                 .unwrap_or_else(|e| panic!("import of {fixture} failed: {e:#}"));
             out
         })

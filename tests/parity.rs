@@ -21,14 +21,6 @@ fn decoder(fixture: &str, precision: Precision) -> Decoder {
     Decoder::open(&open(&imported(fixture, precision)), &SessionOptions { threads: 2, spin: false }).unwrap()
 }
 
-fn logits_in_chunks(dec: &mut Decoder, ids: &[u32], chunk: usize) -> Vec<f32> {
-    let mut out = Vec::new();
-    for part in ids.chunks(chunk) {
-        out.extend(dec.forward(part, Logits::All).unwrap().iter().copied());
-    }
-    out
-}
-
 #[test]
 fn fp32_logits_match_transformers() {
     for fx in FIXTURES {
@@ -82,10 +74,7 @@ fn prefill_then_decode_matches_transformers_cache_path() {
         let (_, want) = g.f32("decode.logits");
         let mut dec = decoder(fx, Precision::Fp32);
         // Prefill in chunks of 48 (not a multiple of the 64-token kernel chunk), then decode.
-        let mut got = logits_in_chunks(&mut dec, &ids[..k], 48);
-        for &t in &ids[k..] {
-            got.extend(dec.forward(&[t], Logits::All).unwrap().iter().copied());
-        }
+        let got = prefill_then_decode(&mut dec, &ids, k, 48);
         let err = max_abs(&got, &want);
         println!("{fx}: prefill {k} (chunks of 48) + decode {}: max |Δlogit| = {err:.2e}", ids.len() - k);
         assert!(err <= FP32_TOL, "{fx}: decode path max |Δlogit| {err:.3e}");
@@ -109,10 +98,7 @@ fn builtin_linear_attention_graph_matches_transformers_too() {
         let ids = g.ids("decode.ids");
         let k = g.ids("decode.k")[0] as usize;
         let (_, want) = g.f32("decode.logits");
-        let mut got = logits_in_chunks(&mut dec, &ids[..k], 48);
-        for &t in &ids[k..] {
-            got.extend(dec.forward(&[t], Logits::All).unwrap().iter().copied());
-        }
+        let got = prefill_then_decode(&mut dec, &ids, k, 48);
         let err = max_abs(&got, &want);
         assert!(err <= FP32_TOL, "{fx}/builtin decode: max |Δlogit| {err:.3e}");
     }

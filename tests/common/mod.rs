@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+use deltadoc::generate::{Decoder, Logits};
 use deltadoc::model::graph::LinearAttn;
 use deltadoc::model::quant::Precision;
 use deltadoc::model::{self, ExportOptions, ModelDir};
@@ -23,6 +24,12 @@ pub fn corpus() -> PathBuf {
     p
 }
 
+/// Folder of a fixture: a name under onnx/fixtures, or an absolute path.
+pub fn fixture_dir(fixture: &str) -> PathBuf {
+    let p = Path::new(fixture);
+    if p.is_absolute() { p.to_path_buf() } else { root().join("onnx/fixtures").join(fixture) }
+}
+
 /// Imports a committed fixture checkpoint once per (fixture, precision) and returns the folder.
 pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
     imported_with(fixture, precision, LinearAttn::Deltadoc)
@@ -37,8 +44,8 @@ pub fn imported_with(fixture: &str, precision: Precision, linear_attn: LinearAtt
     cache
         .entry((fixture.to_string(), precision, linear_attn))
         .or_insert_with(|| {
-            let out = tmp.path().join(format!("{fixture}-{}-{linear_attn:?}", precision.name()));
-            let hf = root().join("onnx/fixtures").join(fixture).join("hf");
+            let out = tmp.path().join(format!("{}-{}-{linear_attn:?}", fixture.replace('/', "_"), precision.name()));
+            let hf = fixture_dir(fixture).join("hf");
             model::import(&hf, &out, ExportOptions { precision, linear_attn })
                 .unwrap_or_else(|e| panic!("import of {fixture} failed: {e:#}"));
             out
@@ -57,7 +64,7 @@ pub struct Golden {
 
 impl Golden {
     pub fn load(fixture: &str) -> Self {
-        let p = root().join("onnx/fixtures").join(fixture).join("golden.safetensors");
+        let p = fixture_dir(fixture).join("golden.safetensors");
         Self { bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) }
     }
 
@@ -95,4 +102,23 @@ pub fn top1_agreement(a: &[f32], b: &[f32], v: usize) -> f64 {
         .filter(|&r| deltadoc::generate::argmax(&a[r * v..(r + 1) * v]) == deltadoc::generate::argmax(&b[r * v..(r + 1) * v]))
         .count();
     same as f64 / rows as f64
+}
+
+/// Logits of every position, feeding `ids` in calls of `chunk` tokens.
+pub fn logits_in_chunks(dec: &mut Decoder, ids: &[u32], chunk: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for part in ids.chunks(chunk) {
+        out.extend(dec.forward(part, Logits::All).unwrap().iter().copied());
+    }
+    out
+}
+
+/// Logits of every position: the first `k` tokens prefilled in calls of `chunk`, the rest fed
+/// one at a time through the decode path.
+pub fn prefill_then_decode(dec: &mut Decoder, ids: &[u32], k: usize, chunk: usize) -> Vec<f32> {
+    let mut got = logits_in_chunks(dec, &ids[..k], chunk);
+    for &t in &ids[k..] {
+        got.extend(dec.forward(&[t], Logits::All).unwrap().iter().copied());
+    }
+    got
 }

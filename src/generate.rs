@@ -10,9 +10,9 @@ use ort::value::{DynValue, Tensor};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::model::ModelDir;
-use crate::progress::Progress;
 use crate::model::config::{LayerKind, TextConfig};
 use crate::model::graph::{present_name, state_names};
+use crate::progress::Progress;
 use crate::runtime::{self, SessionOptions};
 
 /// A decoder session with its carried state (one sequence).
@@ -34,6 +34,7 @@ pub enum Logits {
 }
 
 impl Decoder {
+    /// Opens the model folder's graph with deltadoc's operators and starts an empty sequence.
     pub fn open(model: &ModelDir, opts: &SessionOptions) -> Result<Self> {
         let session = runtime::open_session(&model.graph_path(), opts)?;
         let cfg = model.manifest.config.clone();
@@ -149,6 +150,7 @@ pub struct Sampling {
     pub top_k: usize,
     /// Keep the smallest set whose probability reaches p (1 = all).
     pub top_p: f32,
+    /// Seed of the sampler's random stream: the same seed and logits give the same tokens.
     pub seed: u64,
 }
 
@@ -165,6 +167,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler for `cfg`, seeded with `cfg.seed`.
     pub fn new(cfg: Sampling) -> Self {
         let rng = StdRng::seed_from_u64(cfg.seed);
         Self { cfg, rng }
@@ -223,20 +226,29 @@ pub fn argmax(x: &[f32]) -> u32 {
 /// Limits and choices of one generation.
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
+    /// Stop after this many generated tokens.
     pub max_new_tokens: usize,
+    /// Prompt tokens per prefill call (bounds activation memory, not the result).
     pub prefill_chunk: usize,
+    /// How tokens are chosen.
     pub sampling: Sampling,
+    /// Tokens that end generation (not emitted).
     pub stop_tokens: Vec<u32>,
 }
 
 /// What a generation did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct GenerationStats {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated (stop token excluded).
     pub generated_tokens: usize,
+    /// Why generation ended: `max_new_tokens` or `stop token <id>`.
     pub stopped_by: String,
+    /// Wall time of the prefill.
     #[serde(with = "secs")]
     pub prefill_time: Duration,
+    /// Wall time of the decode loop.
     #[serde(with = "secs")]
     pub decode_time: Duration,
 }
@@ -249,7 +261,12 @@ mod secs {
 
 /// Prefills `prompt` and decodes until a stop token or the token limit; `on_token` sees every
 /// generated token (stop tokens excluded) as it is produced.
-pub fn generate(dec: &mut Decoder, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> Result<()>) -> Result<(Vec<u32>, GenerationStats)> {
+pub fn generate(
+    dec: &mut Decoder,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, GenerationStats)> {
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let t0 = Instant::now();
     // Prompts of several chunks take seconds to minutes on a CPU: report progress.
@@ -296,8 +313,14 @@ mod tests {
         let mut g = Sampler::new(Sampling::default());
         assert_eq!(g.pick(&logits, 4), 1);
         let cfg = Sampling { temperature: 1.0, top_k: 3, top_p: 0.95, seed: 42 };
-        let a: Vec<u32> = { let mut s = Sampler::new(cfg.clone()); (0..32).map(|_| s.pick(&logits, 4)).collect() };
-        let b: Vec<u32> = { let mut s = Sampler::new(cfg.clone()); (0..32).map(|_| s.pick(&logits, 4)).collect() };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(cfg.clone());
+            (0..32).map(|_| s.pick(&logits, 4)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(cfg.clone());
+            (0..32).map(|_| s.pick(&logits, 4)).collect()
+        };
         assert_eq!(a, b);
         // top_k = 3 never yields the least likely token.
         assert!(a.iter().all(|&t| t != 3));

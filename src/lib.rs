@@ -4,6 +4,8 @@
 //! Data flows one way: model folders are written by [`model`] (import or synth) and executed by
 //! [`generate`] through [`runtime`] sessions with the [`ops`] domain registered.
 
+#![warn(missing_docs)]
+
 pub mod fetch;
 pub mod generate;
 pub mod model;

@@ -176,7 +176,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(g) => generate_cmd(g),
         Cmd::Tokenize { model, chat, think, text } => {
             let tok = ModelDir::open(&model)?.tokenizer()?;
-            let ids = if chat { tok.chat_prompt(&[Message { role: Role::User, content: text }], think)? } else { tok.encode(&text)? };
+            let ids =
+                if chat { tok.chat_prompt(&[Message { role: Role::User, content: text }], think)? } else { tok.encode(&text)? };
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
@@ -249,7 +250,8 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
         }
         ModelCmd::Logits { model, ids_file, out, prefill_chunk, decode_from, threads } => {
             let text = std::fs::read_to_string(&ids_file).with_context(|| format!("{}: cannot read", ids_file.display()))?;
-            let ids: Vec<u32> = serde_json::from_str(&text).with_context(|| format!("{}: expected a JSON array of token ids", ids_file.display()))?;
+            let ids: Vec<u32> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: expected a JSON array of token ids", ids_file.display()))?;
             if ids.is_empty() {
                 bail!("{}: no token ids", ids_file.display());
             }
@@ -334,7 +336,8 @@ fn write_npy(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?);
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?);
     f.write_all(b"\x93NUMPY\x01\x00")?;
     f.write_all(&(header.len() as u16).to_le_bytes())?;
     f.write_all(header.as_bytes())?;

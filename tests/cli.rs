@@ -11,12 +11,7 @@ const PROMPT: &str = "Summarise: the Supplier delivers 100 units by 1 March 2027
 
 fn deltadoc(args: &[&str]) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_deltadoc")).args(args).env("DELTADOC_LOG", "warn").output().unwrap();
-    assert!(
-        out.status.success(),
-        "deltadoc {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "deltadoc {args:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -48,7 +43,18 @@ fn import_then_generate_reproduces_the_reference_reply() {
     let ids_file = tmp.path().join("ids.json");
     std::fs::write(&ids_file, serde_json::to_string(&ids).unwrap()).unwrap();
     let npy = tmp.path().join("logits.npy");
-    deltadoc(&["model", "logits", "--model", m, "--ids-file", ids_file.to_str().unwrap(), "--out", npy.to_str().unwrap(), "--prefill-chunk", "16"]);
+    deltadoc(&[
+        "model",
+        "logits",
+        "--model",
+        m,
+        "--ids-file",
+        ids_file.to_str().unwrap(),
+        "--out",
+        npy.to_str().unwrap(),
+        "--prefill-chunk",
+        "16",
+    ]);
     let bytes = std::fs::read(&npy).unwrap();
     assert_eq!(&bytes[..6], b"\x93NUMPY");
     let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
@@ -66,7 +72,8 @@ fn import_then_generate_reproduces_the_reference_reply() {
 #[test]
 fn bad_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_deltadoc")).args(args).env("DELTADOC_LOG", "warn").output().unwrap();
+    let run =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_deltadoc")).args(args).env("DELTADOC_LOG", "warn").output().unwrap();
     // Not a model folder.
     let out = run(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt", "x"]);
     assert!(!out.status.success());
@@ -77,7 +84,8 @@ fn bad_input_gets_a_clear_error() {
     deltadoc(&["model", "import", fixture_dir("dense4").join("hf").to_str().unwrap(), "--out", model.to_str().unwrap()]);
     let ids = tmp.path().join("ids.json");
     std::fs::write(&ids, "[1, 2, 99999]").unwrap();
-    let out = run(&["model", "logits", "--model", model.to_str().unwrap(), "--ids-file", ids.to_str().unwrap(), "--out", "/dev/null"]);
+    let out =
+        run(&["model", "logits", "--model", model.to_str().unwrap(), "--ids-file", ids.to_str().unwrap(), "--out", "/dev/null"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("token id 99999 is outside the vocabulary"), "{err}");
 }

@@ -16,7 +16,11 @@ use safetensors::SafeTensors;
 const OPTS: ExportOptions = ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc };
 
 /// A copy of the dense4 checkpoint with its config and tensors edited.
-fn edited(dir: &Path, config: impl FnOnce(&mut serde_json::Value), tensors: impl FnOnce(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>)) {
+fn edited(
+    dir: &Path,
+    config: impl FnOnce(&mut serde_json::Value),
+    tensors: impl FnOnce(&mut BTreeMap<String, (Vec<usize>, Vec<f32>)>),
+) {
     let src = fixture_dir("dense4").join("hf");
     std::fs::create_dir_all(dir).unwrap();
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
@@ -49,9 +53,13 @@ fn shape_mismatch_names_tensor_and_expected_shape() {
 #[test]
 fn missing_tensor_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    edited(tmp.path(), |_| {}, |t| {
-        t.remove("model.layers.2.linear_attn.A_log");
-    });
+    edited(
+        tmp.path(),
+        |_| {},
+        |t| {
+            t.remove("model.layers.2.linear_attn.A_log");
+        },
+    );
     let e = import_err(tmp.path());
     assert!(e.contains("checkpoint has no tensor model.layers.2.linear_attn.A_log (expected shape [4])"), "{e}");
 }
@@ -59,9 +67,13 @@ fn missing_tensor_is_named() {
 #[test]
 fn unknown_tensor_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    edited(tmp.path(), |_| {}, |t| {
-        t.insert("model.layers.0.mlp.extra_proj.weight".into(), (vec![2, 2], vec![0.0; 4]));
-    });
+    edited(
+        tmp.path(),
+        |_| {},
+        |t| {
+            t.insert("model.layers.0.mlp.extra_proj.weight".into(), (vec![2, 2], vec![0.0; 4]));
+        },
+    );
     let e = import_err(tmp.path());
     assert!(e.contains("model.layers.0.mlp.extra_proj.weight") && e.contains("does not use"), "{e}");
 }

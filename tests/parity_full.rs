@@ -34,7 +34,12 @@ fn real_08b_shape_matches_transformers() {
         let v = want.len() / ids.len();
         let err = max_abs(&got, &want);
         let top1 = top1_agreement(&got, &want, v);
-        println!("0.8b/{}: import {import_s:.1}s; {} tokens in chunks of 64: max |Δlogit| = {err:.3e}, top-1 = {:.1}%", p.name(), ids.len(), top1 * 100.0);
+        println!(
+            "0.8b/{}: import {import_s:.1}s; {} tokens in chunks of 64: max |Δlogit| = {err:.3e}, top-1 = {:.1}%",
+            p.name(),
+            ids.len(),
+            top1 * 100.0
+        );
         if p != Precision::Fp32 {
             continue;
         }

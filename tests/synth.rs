@@ -15,7 +15,18 @@ fn deltadoc(args: &[&str]) {
 fn synth_hf_out_reimports_to_identical_weights() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, hf, b) = (tmp.path().join("synth"), tmp.path().join("hf"), tmp.path().join("reimported"));
-    deltadoc(&["model", "synth", "--shape", "tiny", "--seed", "7", "--out", a.to_str().unwrap(), "--hf-out", hf.to_str().unwrap()]);
+    deltadoc(&[
+        "model",
+        "synth",
+        "--shape",
+        "tiny",
+        "--seed",
+        "7",
+        "--out",
+        a.to_str().unwrap(),
+        "--hf-out",
+        hf.to_str().unwrap(),
+    ]);
     deltadoc(&["model", "import", hf.to_str().unwrap(), "--out", b.to_str().unwrap()]);
     let ma = deltadoc::model::ModelDir::open(&a).unwrap().manifest;
     let mb = deltadoc::model::ModelDir::open(&b).unwrap().manifest;

@@ -39,7 +39,8 @@ impl Checkpoint {
             let f = File::open(&p).with_context(|| format!("{}: cannot open", p.display()))?;
             // SAFETY: the checkpoint is opened read-only; deltadoc never writes to it while mapped.
             let map = unsafe { Mmap::map(&f) }.with_context(|| format!("{}: cannot map", p.display()))?;
-            let (header, meta) = SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a safetensors file", p.display()))?;
+            let (header, meta) =
+                SafeTensors::read_metadata(&map).with_context(|| format!("{}: not a safetensors file", p.display()))?;
             let base = 8 + header;
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
@@ -49,11 +50,8 @@ impl Checkpoint {
             }
             files.push((p, map));
         }
-        let prefix = if index.keys().any(|k| k.starts_with("model.language_model.")) {
-            "model.language_model."
-        } else {
-            "model."
-        };
+        let prefix =
+            if index.keys().any(|k| k.starts_with("model.language_model.")) { "model.language_model." } else { "model." };
         Ok(Self { files, index, prefix: prefix.into(), used: BTreeSet::new() })
     }
 

@@ -9,23 +9,41 @@ use serde::{Deserialize, Serialize};
 /// The text decoder's hyper-parameters, everything the graph depends on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TextConfig {
+    /// Rows of the embedding and lm_head (248,320 for Qwen3.5, padded beyond the 248,077 real tokens).
     pub vocab_size: usize,
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Decoder layers (DeltaNet and attention together).
     pub num_hidden_layers: usize,
+    /// Width of the MLP's hidden layer.
     pub intermediate_size: usize,
+    /// Query heads of the attention layers.
     pub num_attention_heads: usize,
+    /// Key/value heads of the attention layers (grouped-query attention).
     pub num_key_value_heads: usize,
+    /// Width of one attention head.
     pub head_dim: usize,
+    /// Query/key heads of the DeltaNet layers.
     pub linear_num_key_heads: usize,
+    /// Value heads (and recurrent states) of the DeltaNet layers.
     pub linear_num_value_heads: usize,
+    /// Width of a DeltaNet query/key head.
     pub linear_key_head_dim: usize,
+    /// Width of a DeltaNet value head.
     pub linear_value_head_dim: usize,
+    /// Taps of the causal depthwise conv before the DeltaNet rule.
     pub linear_conv_kernel_dim: usize,
+    /// Epsilon of every RMSNorm.
     pub rms_norm_eps: f64,
+    /// RoPE base.
     pub rope_theta: f64,
+    /// Fraction of each attention head that is rotated.
     pub partial_rotary_factor: f64,
+    /// Rotary frequencies per axis (T, H, W), interleaved.
     pub mrope_section: Vec<usize>,
+    /// Whether lm_head reuses the embedding table.
     pub tie_word_embeddings: bool,
+    /// Longest context the model supports, in tokens.
     pub max_position_embeddings: usize,
     /// `"linear_attention"` or `"full_attention"` per layer.
     pub layer_types: Vec<String>,
@@ -41,22 +59,27 @@ pub enum LayerKind {
 }
 
 impl TextConfig {
+    /// Kind of layer `i`.
     pub fn layer_kind(&self, i: usize) -> LayerKind {
         if self.layer_types[i] == "full_attention" { LayerKind::Full } else { LayerKind::Linear }
     }
 
+    /// Width of all DeltaNet query (or key) heads together.
     pub fn key_dim(&self) -> usize {
         self.linear_num_key_heads * self.linear_key_head_dim
     }
 
+    /// Width of all DeltaNet value heads together.
     pub fn value_dim(&self) -> usize {
         self.linear_num_value_heads * self.linear_value_head_dim
     }
 
+    /// Channels of the DeltaNet conv: queries, keys and values.
     pub fn conv_dim(&self) -> usize {
         2 * self.key_dim() + self.value_dim()
     }
 
+    /// Rotated dimensions per attention head.
     pub fn rotary_dim(&self) -> usize {
         (self.head_dim as f64 * self.partial_rotary_factor).round() as usize
     }
@@ -88,10 +111,14 @@ impl TextConfig {
         if let Some(t) = c.layer_types.iter().find(|t| *t != "full_attention" && *t != "linear_attention") {
             bail!("layer_types: unknown layer type {t:?} (expected full_attention or linear_attention)");
         }
-        if c.num_attention_heads % c.num_key_value_heads != 0 {
-            bail!("num_attention_heads {} is not a multiple of num_key_value_heads {}", c.num_attention_heads, c.num_key_value_heads);
+        if !c.num_attention_heads.is_multiple_of(c.num_key_value_heads) {
+            bail!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                c.num_attention_heads,
+                c.num_key_value_heads
+            );
         }
-        if c.linear_num_value_heads % c.linear_num_key_heads != 0 {
+        if !c.linear_num_value_heads.is_multiple_of(c.linear_num_key_heads) {
             bail!(
                 "linear_num_value_heads {} is not a multiple of linear_num_key_heads {}",
                 c.linear_num_value_heads,
@@ -99,8 +126,12 @@ impl TextConfig {
             );
         }
         let rot = c.rotary_dim();
-        if rot % 2 != 0 || rot > c.head_dim {
-            bail!("partial_rotary_factor {} gives an invalid rotary dim {rot} for head_dim {}", c.partial_rotary_factor, c.head_dim);
+        if !rot.is_multiple_of(2) || rot > c.head_dim {
+            bail!(
+                "partial_rotary_factor {} gives an invalid rotary dim {rot} for head_dim {}",
+                c.partial_rotary_factor,
+                c.head_dim
+            );
         }
         if c.mrope_section.iter().sum::<usize>() != rot / 2 {
             bail!("mrope_section {:?} must sum to rotary_dim/2 = {}", c.mrope_section, rot / 2);
@@ -117,7 +148,12 @@ impl TextConfig {
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
         let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("").to_string();
         let (tc, top) = match model_type.as_str() {
-            "qwen3_5" => (v.get("text_config").cloned().with_context(|| format!("{}: qwen3_5 config without text_config", path.display()))?, &v),
+            "qwen3_5" => (
+                v.get("text_config")
+                    .cloned()
+                    .with_context(|| format!("{}: qwen3_5 config without text_config", path.display()))?,
+                &v,
+            ),
             "qwen3_5_text" => (v.clone(), &v),
             other => bail!("{}: model_type {other:?} is not a Qwen3.5 model (expected qwen3_5 or qwen3_5_text)", path.display()),
         };
@@ -141,11 +177,8 @@ impl TextConfig {
                 .map(|i| if (i + 1) % interval == 0 { "full_attention" } else { "linear_attention" }.to_string())
                 .collect(),
         };
-        let tie = tc
-            .get("tie_word_embeddings")
-            .or_else(|| top.get("tie_word_embeddings"))
-            .and_then(|x| x.as_bool())
-            .unwrap_or(false);
+        let tie =
+            tc.get("tie_word_embeddings").or_else(|| top.get("tie_word_embeddings")).and_then(|x| x.as_bool()).unwrap_or(false);
         let cfg = TextConfig {
             vocab_size: num("vocab_size")?,
             hidden_size: num("hidden_size")?,
@@ -218,12 +251,16 @@ impl TextConfig {
 pub enum Shape {
     /// 4 layers (3 DeltaNet + 1 attention) with the full 248,320-token vocabulary, tiny widths.
     Tiny,
+    /// The 0.8B configuration.
     #[value(name = "0.8b")]
     B0_8,
+    /// The 2B configuration.
     #[value(name = "2b")]
     B2,
+    /// The 4B configuration.
     #[value(name = "4b")]
     B4,
+    /// The 9B configuration.
     #[value(name = "9b")]
     B9,
 }
@@ -260,10 +297,13 @@ impl Shape {
             mrope_section,
             tie_word_embeddings: tie,
             max_position_embeddings: 262_144,
-            layer_types: (0..l).map(|i| if (i + 1) % 4 == 0 { "full_attention" } else { "linear_attention" }.to_string()).collect(),
+            layer_types: (0..l)
+                .map(|i| if (i + 1) % 4 == 0 { "full_attention" } else { "linear_attention" }.to_string())
+                .collect(),
         }
     }
 
+    /// Name as the command line spells it.
     pub fn name(self) -> &'static str {
         match self {
             Shape::Tiny => "tiny",
@@ -303,7 +343,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("deltadoc-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("config.json");
-        let nested = serde_json::json!({"model_type": "qwen3_5", "text_config": c.to_hf_text_json(), "tie_word_embeddings": true});
+        let nested =
+            serde_json::json!({"model_type": "qwen3_5", "text_config": c.to_hf_text_json(), "tie_word_embeddings": true});
         std::fs::write(&p, nested.to_string()).unwrap();
         let (back, mt) = TextConfig::from_hf_json(&p).unwrap();
         assert_eq!(mt, "qwen3_5");

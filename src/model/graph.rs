@@ -36,7 +36,9 @@ pub trait WeightSource {
 /// Graph options beyond the model configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct GraphOptions {
+    /// Storage precision of the projection weights.
     pub precision: Precision,
+    /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
 }
 
@@ -205,10 +207,10 @@ impl Ctx<'_> {
 
     fn gather_embedding(&mut self, table: &str) -> Result<String> {
         let x = self.b.op("Gather", &[table, "input_ids"], vec![("axis", Attr::Int(0))]);
-        Ok(self.to_f32_if_half(x))
+        Ok(self.cast_half_to_f32(x))
     }
 
-    fn to_f32_if_half(&mut self, x: String) -> String {
+    fn cast_half_to_f32(&mut self, x: String) -> String {
         if self.opts.precision == Precision::Fp32 {
             x
         } else {
@@ -222,7 +224,7 @@ impl Ctx<'_> {
         match self.opts.precision {
             Precision::Int8 | Precision::Int4 => self.linear(x, "lm_head", &table, v, h),
             _ => {
-                let t = self.to_f32_if_half(table_name.to_string());
+                let t = self.cast_half_to_f32(table_name.to_string());
                 let hs = self.b.ints(&[-1, h as i64])?;
                 let flat = self.b.op("Reshape", &[x, &hs], vec![]);
                 let y = self.b.op("Gemm", &[&flat, &t], vec![("transB", Attr::Int(1))]);
@@ -243,7 +245,8 @@ impl Ctx<'_> {
                 let init = if self.opts.precision == Precision::Fp32 {
                     self.b.f32s(&wname, &[inp as i64, out as i64], &wt)?
                 } else {
-                    let half = self.b.initializer(&wname, data_type::FLOAT16, &[inp as i64, out as i64], &quant::to_f16_bytes(&wt))?;
+                    let half =
+                        self.b.initializer(&wname, data_type::FLOAT16, &[inp as i64, out as i64], &quant::to_f16_bytes(&wt))?;
                     self.b.op("Cast", &[&half], vec![("to", Attr::Int(data_type::FLOAT as i64))])
                 };
                 Ok(self.b.op("MatMul", &[x, &init], vec![]))
@@ -255,20 +258,22 @@ impl Ctx<'_> {
                 let qn = self.b.initializer(&qn, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
                 let sn = self.b.fresh(&format!("{name}.scales"));
                 let sn = self.b.f32s(&sn, &[(out * q.blocks) as i64], &q.scales)?;
-                Ok(self.b.node_in(
-                    "MatMulNBits",
-                    "com.microsoft",
-                    &[x, &qn, &sn],
-                    1,
-                    vec![
-                        ("K", Attr::Int(inp as i64)),
-                        ("N", Attr::Int(out as i64)),
-                        ("bits", Attr::Int(bits as i64)),
-                        ("block_size", Attr::Int(quant::BLOCK as i64)),
-                        ("accuracy_level", Attr::Int(4)),
-                    ],
-                )
-                .remove(0))
+                Ok(self
+                    .b
+                    .node_in(
+                        "MatMulNBits",
+                        "com.microsoft",
+                        &[x, &qn, &sn],
+                        1,
+                        vec![
+                            ("K", Attr::Int(inp as i64)),
+                            ("N", Attr::Int(out as i64)),
+                            ("bits", Attr::Int(bits as i64)),
+                            ("block_size", Attr::Int(quant::BLOCK as i64)),
+                            ("accuracy_level", Attr::Int(4)),
+                        ],
+                    )
+                    .remove(0))
             }
         }
     }
@@ -319,7 +324,8 @@ impl Ctx<'_> {
         let (h, nq, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let group = (nq / nkv) as i64;
         let p = format!("layers.{i}.self_attn.");
-        let qg = self.linear(x, &format!("{p}q_proj"), &w.get(&format!("{p}q_proj.weight"), &[2 * nq * hd, h])?, 2 * nq * hd, h)?;
+        let qg =
+            self.linear(x, &format!("{p}q_proj"), &w.get(&format!("{p}q_proj.weight"), &[2 * nq * hd, h])?, 2 * nq * hd, h)?;
         let qg = self.reshape(&qg, &[0, 0, nq as i64, 2 * hd as i64])?;
         let qs = self.split(&qg, &[hd as i64, hd as i64], -1)?;
         let q = self.rms_norm(&qs[0], &w.get(&format!("{p}q_norm.weight"), &[hd])?, true)?;
@@ -364,11 +370,14 @@ impl Ctx<'_> {
     fn delta_net(&mut self, i: usize, x: &str, w: &mut dyn WeightSource) -> Result<String> {
         let cfg = self.cfg;
         let h = cfg.hidden_size;
-        let (hk, hv, dk, dv) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+        let (hk, hv, dk, dv) =
+            (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim);
         let (key_dim, value_dim, conv_dim, kw) = (cfg.key_dim(), cfg.value_dim(), cfg.conv_dim(), cfg.linear_conv_kernel_dim);
         let p = format!("layers.{i}.linear_attn.");
-        let qkv = self.linear(x, &format!("{p}in_proj_qkv"), &w.get(&format!("{p}in_proj_qkv.weight"), &[conv_dim, h])?, conv_dim, h)?;
-        let z = self.linear(x, &format!("{p}in_proj_z"), &w.get(&format!("{p}in_proj_z.weight"), &[value_dim, h])?, value_dim, h)?;
+        let qkv =
+            self.linear(x, &format!("{p}in_proj_qkv"), &w.get(&format!("{p}in_proj_qkv.weight"), &[conv_dim, h])?, conv_dim, h)?;
+        let z =
+            self.linear(x, &format!("{p}in_proj_z"), &w.get(&format!("{p}in_proj_z.weight"), &[value_dim, h])?, value_dim, h)?;
         let bl = self.linear(x, &format!("{p}in_proj_b"), &w.get(&format!("{p}in_proj_b.weight"), &[hv, h])?, hv, h)?;
         let al = self.linear(x, &format!("{p}in_proj_a"), &w.get(&format!("{p}in_proj_a.weight"), &[hv, h])?, hv, h)?;
         let conv_w = w.get(&format!("{p}conv1d.weight"), &[conv_dim, 1, kw])?;

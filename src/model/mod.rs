@@ -29,13 +29,19 @@ pub const ONNX_OPSET: i64 = 23;
 /// `manifest.json` of a model folder.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
+    /// Model-folder layout version ([`FORMAT_VERSION`]).
     pub format: u32,
+    /// Model family (`qwen3_5`).
     pub architecture: String,
+    /// deltadoc version that wrote the folder.
     pub deltadoc_version: String,
     /// Where the weights came from: `import:<dir>` or `synth:<shape>:seed=<n>`.
     pub source: String,
+    /// Text decoder configuration.
     pub config: TextConfig,
+    /// Storage precision of the weights.
     pub precision: Precision,
+    /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
     /// Operator sets the graph imports, e.g. `{"": 23, "ai.deltadoc": 1}`.
     pub opsets: std::collections::BTreeMap<String, i64>,
@@ -48,12 +54,20 @@ pub struct Manifest {
 /// Options of `model import` / `model synth`.
 #[derive(Clone, Copy, Debug)]
 pub struct ExportOptions {
+    /// Storage precision of the projection weights.
     pub precision: Precision,
+    /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
 }
 
 /// Writes a model folder from any weight source.
-pub fn export(cfg: &TextConfig, weights: &mut dyn WeightSource, opts: ExportOptions, out: &Path, source: String) -> Result<Manifest> {
+pub fn export(
+    cfg: &TextConfig,
+    weights: &mut dyn WeightSource,
+    opts: ExportOptions,
+    out: &Path,
+    source: String,
+) -> Result<Manifest> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the model folder", out.display()))?;
     let model_path = out.join("model.onnx");
     let builder = GraphBuilder::new("qwen3_5_text", &model_path)?;
@@ -71,7 +85,11 @@ pub fn export(cfg: &TextConfig, weights: &mut dyn WeightSource, opts: ExportOpti
     opsets.insert(crate::ops::DOMAIN.to_string(), crate::ops::DOMAIN_VERSION);
     opsets.insert("com.microsoft".to_string(), 1);
     let opset_list: Vec<(&str, i64)> = opsets.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    b.finish(&model_path, &opset_list, &[("deltadoc.source", source.clone()), ("deltadoc.precision", opts.precision.name().into())])?;
+    b.finish(
+        &model_path,
+        &opset_list,
+        &[("deltadoc.source", source.clone()), ("deltadoc.precision", opts.precision.name().into())],
+    )?;
     tracing::info!("writing tokenizer.json");
     crate::tokenizer::write_qwen35_tokenizer(out)?;
     let mut files = std::collections::BTreeMap::new();
@@ -91,7 +109,8 @@ pub fn export(cfg: &TextConfig, weights: &mut dyn WeightSource, opts: ExportOpti
         files,
     };
     let path = out.join("manifest.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&manifest)?).with_context(|| format!("{}: cannot write", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&manifest)?)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(manifest)
 }
 
@@ -123,18 +142,25 @@ pub fn import(hf_dir: &Path, out: &Path, opts: ExportOptions) -> Result<Manifest
 
 /// An opened model folder (manifest checked).
 pub struct ModelDir {
+    /// The folder.
     pub dir: PathBuf,
+    /// Its manifest.
     pub manifest: Manifest,
 }
 
 impl ModelDir {
+    /// Opens a folder written by `model import`/`model synth`, checking the format version and that every listed file exists.
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{}: not a deltadoc model folder (no manifest.json); create one with `deltadoc model import` or `deltadoc model synth`", dir.display()))?;
         let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
         if manifest.format != FORMAT_VERSION {
-            bail!("{}: model folder format {} is not supported by this deltadoc (expects {FORMAT_VERSION}); re-import the model", dir.display(), manifest.format);
+            bail!(
+                "{}: model folder format {} is not supported by this deltadoc (expects {FORMAT_VERSION}); re-import the model",
+                dir.display(),
+                manifest.format
+            );
         }
         for f in manifest.files.keys() {
             if !dir.join(f).is_file() {
@@ -149,16 +175,21 @@ impl ModelDir {
         for (f, want) in &self.manifest.files {
             let got = crate::fetch::sha256_file(&self.dir.join(f))?;
             if &got != want {
-                bail!("{}: {f} has sha256 {got}, manifest says {want}: the folder is corrupt or was modified", self.dir.display());
+                bail!(
+                    "{}: {f} has sha256 {got}, manifest says {want}: the folder is corrupt or was modified",
+                    self.dir.display()
+                );
             }
         }
         Ok(())
     }
 
+    /// Path of the decoder graph.
     pub fn graph_path(&self) -> PathBuf {
         self.dir.join("model.onnx")
     }
 
+    /// Loads the folder's tokenizer.
     pub fn tokenizer(&self) -> Result<crate::tokenizer::Tokenizer> {
         crate::tokenizer::Tokenizer::from_file(&self.dir.join("tokenizer.json"))
     }

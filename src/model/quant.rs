@@ -7,6 +7,7 @@ use half::f16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
+    /// Plain float32.
     Fp32,
     /// Weights stored as IEEE half; ONNX Runtime's CPU path computes in f32.
     Fp16,
@@ -17,6 +18,7 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Name as the command line spells it.
     pub fn name(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
@@ -50,9 +52,13 @@ pub fn to_f16_bytes(w: &[f32]) -> Vec<u8> {
 /// A weight in `MatMulNBits` layout: `data [N, blocks, blob]`, `scales [N · blocks]`, no zero
 /// points (the op then uses the midpoint 2^(bits−1), making the code symmetric).
 pub struct Blocks {
+    /// Packed codes `[N, blocks, blob]`.
     pub data: Vec<u8>,
+    /// One scale per row and block.
     pub scales: Vec<f32>,
+    /// Blocks per row.
     pub blocks: usize,
+    /// Bytes per block.
     pub blob: usize,
 }
 

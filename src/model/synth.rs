@@ -23,6 +23,7 @@ pub struct Synth {
 }
 
 impl Synth {
+    /// Random weights drawn from `seed`.
     pub fn new(seed: u64) -> Self {
         Self { seed, requested: Vec::new() }
     }

@@ -20,15 +20,21 @@ const EXTERNAL_ALIGN: u64 = 4096;
 /// A symbolic or fixed dimension of a graph input or output.
 #[derive(Clone, Debug)]
 pub enum Dim {
+    /// A known size.
     Fixed(i64),
+    /// A symbolic size shared by name across inputs and outputs.
     Named(&'static str),
 }
 
 /// An attribute value.
 pub enum Attr {
+    /// `INT` attribute.
     Int(i64),
+    /// `FLOAT` attribute.
     Float(f32),
+    /// `STRING` attribute.
     Str(String),
+    /// `INTS` attribute.
     Ints(Vec<i64>),
 }
 
@@ -64,10 +70,12 @@ impl GraphBuilder {
         format!("{prefix}_{}", self.counter)
     }
 
+    /// Declares a graph input.
     pub fn input(&mut self, name: &str, elem: i32, dims: &[Dim]) {
         self.graph.input.push(value_info(name, elem, dims));
     }
 
+    /// Declares a graph output.
     pub fn output(&mut self, name: &str, elem: i32, dims: &[Dim]) {
         self.graph.output.push(value_info(name, elem, dims));
     }

@@ -9,7 +9,9 @@
 /// Activation applied after the convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// Identity.
     None,
+    /// `x · sigmoid(x)`.
     Silu,
 }
 

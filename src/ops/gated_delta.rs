@@ -24,7 +24,9 @@ pub struct HeadInputs<'a> {
     pub g: &'a [f32],
     /// `[T]` write strength in (0, 1).
     pub beta: &'a [f32],
+    /// Key head width.
     pub dk: usize,
+    /// Value head width.
     pub dv: usize,
 }
 
@@ -102,7 +104,7 @@ fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    debug_assert!(a.len() >= (m - 1) * a_rs + (k.max(1) - 1) * a_cs + 1 || k == 0);
+    debug_assert!(a.len() > (m - 1) * a_rs + (k.max(1) - 1) * a_cs || k == 0);
     debug_assert!(c.len() >= (m - 1) * c_rs + n);
     // SAFETY: the strides and extents above describe memory inside the given slices; `c` does not
     // alias `a` or `b` because it is borrowed mutably.

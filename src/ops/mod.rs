@@ -76,6 +76,7 @@ fn dims(shape: &[i64]) -> Vec<usize> {
 /// Causal depthwise conv over `x: [B, T, C]` with `weight: [C, K]` and `past_state: [B, C, K − 1]`.
 pub struct CausalConv1dWithState;
 
+/// Kernel of [`CausalConv1dWithState`] for one graph node.
 pub struct ConvKernel {
     act: Activation,
 }
@@ -155,7 +156,9 @@ impl Kernel for ConvKernel {
 pub enum RuleKernel {
     /// Recurrent for single-token calls, chunked otherwise (what the reference does).
     Auto,
+    /// Always the chunked kernel.
     Chunked,
+    /// Always the token-by-token kernel.
     Recurrent,
 }
 
@@ -163,6 +166,7 @@ pub enum RuleKernel {
 /// `g, beta: [B, T, Hv]`, `past_state: [B, Hv, Dk, Dv]` (f32).
 pub struct GatedDeltaRule;
 
+/// Kernel of [`GatedDeltaRule`] for one graph node (its attributes).
 pub struct RuleKernelImpl {
     num_k_heads: usize,
     num_v_heads: usize,
@@ -196,7 +200,7 @@ impl Operator for GatedDeltaRule {
         };
         let num_k_heads = heads("num_k_heads")?;
         let num_v_heads = heads("num_v_heads")?;
-        if num_v_heads % num_k_heads != 0 {
+        if !num_v_heads.is_multiple_of(num_k_heads) {
             return Err(err(format!("{DOMAIN}::{OP}: num_v_heads {num_v_heads} is not a multiple of num_k_heads {num_k_heads}")));
         }
         let kernel = match kctx.get::<String>("kernel").as_deref().unwrap_or("auto") {

@@ -37,7 +37,8 @@ pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
 
 /// [`imported`] with a choice of DeltaNet operators.
 pub fn imported_with(fixture: &str, precision: Precision, linear_attn: LinearAttn) -> PathBuf {
-    static CACHE: OnceLock<Mutex<HashMap<(String, Precision, LinearAttn), PathBuf>>> = OnceLock::new();
+    type Imports = HashMap<(String, Precision, LinearAttn), PathBuf>;
+    static CACHE: OnceLock<Mutex<Imports>> = OnceLock::new();
     static TMP: OnceLock<tempfile::TempDir> = OnceLock::new();
     let tmp = TMP.get_or_init(|| tempfile::tempdir().expect("tempdir"));
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());

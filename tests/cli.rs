@@ -3,17 +3,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 const PROMPT: &str = "Summarise: the Supplier delivers 100 units by 1 March 2027.";
-
-fn deltadoc(args: &[&str]) -> std::process::Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_deltadoc")).args(args).env("DELTADOC_LOG", "warn").output().unwrap();
-    assert!(out.status.success(), "deltadoc {args:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    out
-}
 
 #[test]
 fn import_then_generate_reproduces_the_reference_reply() {
@@ -72,8 +64,7 @@ fn import_then_generate_reproduces_the_reference_reply() {
 #[test]
 fn bad_input_gets_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let run =
-        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_deltadoc")).args(args).env("DELTADOC_LOG", "warn").output().unwrap();
+    let run = deltadoc_output;
     // Not a model folder.
     let out = run(&["generate", "--model", tmp.path().to_str().unwrap(), "--prompt", "x"]);
     assert!(!out.status.success());

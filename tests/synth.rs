@@ -4,12 +4,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn deltadoc(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_deltadoc")).args(args).env("DELTADOC_LOG", "warn").output().unwrap();
-    assert!(out.status.success(), "deltadoc {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
+use common::deltadoc;
 
 #[test]
 fn synth_hf_out_reimports_to_identical_weights() {

@@ -123,3 +123,15 @@ pub fn prefill_then_decode(dec: &mut Decoder, ids: &[u32], k: usize, chunk: usiz
     }
     got
 }
+
+/// Runs the `deltadoc` binary (logging at warn) and returns its output, whatever the status.
+pub fn deltadoc_output(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_deltadoc")).args(args).env("DELTADOC_LOG", "warn").output().unwrap()
+}
+
+/// Runs the `deltadoc` binary and fails the test, with its stderr, unless it succeeds.
+pub fn deltadoc(args: &[&str]) -> std::process::Output {
+    let out = deltadoc_output(args);
+    assert!(out.status.success(), "deltadoc {args:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    out
+}

@@ -113,3 +113,20 @@ fn vision_and_mtp_tensors_are_skipped_and_nested_keys_accepted() {
     assert_eq!(m.config.num_hidden_layers, 4);
     deltadoc::model::ModelDir::open(&out).unwrap().verify().unwrap();
 }
+
+#[test]
+fn every_initializer_is_used_at_every_precision() {
+    // An unused initialiser is dead weight on disk (and a sign the exporter lost track of a table).
+    use prost::Message;
+    for fx in ["dense4", "gqa8"] {
+        for p in [Precision::Fp32, Precision::Fp16, Precision::Int8, Precision::Int4] {
+            let dir = imported(fx, p);
+            let bytes = std::fs::read(dir.join("model.onnx")).unwrap();
+            let m = deltadoc::onnx::proto::ModelProto::decode(bytes.as_slice()).unwrap();
+            let g = m.graph.unwrap();
+            let used: std::collections::HashSet<&str> = g.node.iter().flat_map(|n| n.input.iter().map(String::as_str)).collect();
+            let unused: Vec<&str> = g.initializer.iter().map(|t| t.name.as_str()).filter(|n| !used.contains(n)).collect();
+            assert!(unused.is_empty(), "{fx}/{}: unused initialisers {unused:?}", p.name());
+        }
+    }
+}

@@ -133,12 +133,11 @@ pub fn build(
     let x = c.rms_norm(&x, &w.get("norm.weight", &[h])?, true)?;
     let picked = c.b.op("Gather", &[&x, "logits_index"], vec![("axis", Attr::Int(1))]);
     let logits = if cfg.tie_word_embeddings {
-        c.lm_head(&picked, &embed_name, embed)?
+        c.lm_head(&picked, Some(&embed_name), embed)?
     } else {
         drop(embed);
         let head = w.get("lm_head.weight", &[v, h])?;
-        let name = c.store_embedding(&head)?;
-        c.lm_head(&picked, &name, head)?
+        c.lm_head(&picked, None, head)?
     };
     c.b.node_named("Identity", "", &[&logits], &["logits"], vec![]);
     Ok(c.b)
@@ -218,13 +217,19 @@ impl Ctx<'_> {
         }
     }
 
-    /// `logits = x · tableᵀ`; quantised precisions get their own block-quantised copy.
-    fn lm_head(&mut self, x: &str, table_name: &str, table: Vec<f32>) -> Result<String> {
+    /// `logits = x · tableᵀ`. `stored` names the table when it is already an initialiser (the
+    /// tied embedding), so float precisions share it; quantised precisions get their own
+    /// block-quantised copy either way.
+    fn lm_head(&mut self, x: &str, stored: Option<&str>, table: Vec<f32>) -> Result<String> {
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         match self.opts.precision {
             Precision::Int8 | Precision::Int4 => self.linear(x, "lm_head", &table, v, h),
             _ => {
-                let t = self.cast_half_to_f32(table_name.to_string());
+                let name = match stored {
+                    Some(n) => n.to_string(),
+                    None => self.store_embedding(&table)?,
+                };
+                let t = self.cast_half_to_f32(name);
                 let hs = self.b.ints(&[-1, h as i64])?;
                 let flat = self.b.op("Reshape", &[x, &hs], vec![]);
                 let y = self.b.op("Gemm", &[&flat, &t], vec![("transB", Attr::Int(1))]);

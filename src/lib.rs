@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod fetch;
 pub mod generate;
 pub mod model;

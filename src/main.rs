@@ -41,6 +41,27 @@ enum Cmd {
         think: bool,
         text: String,
     },
+    /// Measure prefill/decode speed, time to first token, peak memory and state size.
+    Bench {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt length in tokens (random ordinary tokens, seeded).
+        #[arg(long)]
+        prompt_tokens: usize,
+        /// Tokens to generate greedily after the prompt.
+        #[arg(long, default_value_t = 32)]
+        gen_tokens: usize,
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
+        /// Intra-op threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Demo: build the bundled tiny random-weight model if needed and generate from a prompt.
     Demo {
         /// Where the demo model lives.
@@ -179,6 +200,28 @@ fn run(cli: Cli) -> Result<()> {
             let ids =
                 if chat { tok.chat_prompt(&[Message { role: Role::User, content: text }], think)? } else { tok.encode(&text)? };
             println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Cmd::Bench { model, prompt_tokens, gen_tokens, prefill_chunk, threads, seed, json } => {
+            let m = ModelDir::open(&model)?;
+            let opts = deltadoc::bench::BenchOptions { prompt_tokens, gen_tokens, prefill_chunk, seed };
+            let r = deltadoc::bench::run(&m, &session_options(threads), &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                println!("model          {} ({}, {} DeltaNet ops)", m.dir.display(), r.precision, r.linear_attn);
+                println!("threads        {}", r.threads);
+                println!("load           {:.2} s", r.load_s);
+                println!(
+                    "prefill        {} tokens, {:.1} tok/s (chunks of {})",
+                    r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_chunk
+                );
+                println!("first token    {:.3} s", r.ttft_s);
+                println!("decode         {} tokens, {:.2} tok/s", r.gen_tokens, r.decode_tokens_per_s);
+                println!("KV + state     {:.1} MiB", mib(r.kv_state_bytes));
+                println!("peak RSS       {:.1} MiB", mib(r.peak_rss_bytes));
+            }
             Ok(())
         }
         Cmd::Demo { model } => {

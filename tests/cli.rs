@@ -80,3 +80,30 @@ fn bad_input_gets_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("token id 99999 is outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn bench_reports_the_documented_json_keys() {
+    let model = imported("gqa8", deltadoc::model::quant::Precision::Fp32);
+    let out = deltadoc(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "130",
+        "--gen-tokens",
+        "5",
+        "--prefill-chunk",
+        "64",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_bytes", "kv_state_bytes"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} = {}", v[key]);
+    }
+    // KV for 135 tokens in two attention layers (1 kv head × 32) plus the DeltaNet states.
+    let cfg = open(&model).manifest.config;
+    let want = cfg.kv_bytes_per_token() * (130 + 4) + cfg.linear_state_bytes();
+    assert_eq!(v["kv_state_bytes"].as_u64().unwrap() as usize, want);
+}

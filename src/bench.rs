@@ -1,0 +1,126 @@
+//! `deltadoc bench`: prefill and decode speed, time to first token, peak memory and carried state
+//! of one model folder on random prompt tokens.
+
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use serde::Serialize;
+
+use crate::generate::{Decoder, Logits, argmax};
+use crate::model::ModelDir;
+use crate::progress::Progress;
+use crate::runtime::SessionOptions;
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Tokens to decode after the prompt (greedy).
+    pub gen_tokens: usize,
+    /// Prompt tokens per prefill call.
+    pub prefill_chunk: usize,
+    /// Seed of the random prompt.
+    pub seed: u64,
+}
+
+/// One measurement; the first five fields are the stable keys of `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Prompt tokens per second of prefill (all chunks, logits of the last token only).
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second after the first one.
+    pub decode_tokens_per_s: f64,
+    /// Seconds from the start of prefill to the first generated token.
+    pub ttft_s: f64,
+    /// Peak resident memory of the process (VmHWM), bytes.
+    pub peak_rss_bytes: u64,
+    /// KV cache of the attention layers + conv and recurrent state, bytes, at the end.
+    pub kv_state_bytes: u64,
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub gen_tokens: usize,
+    /// Prefill chunk.
+    pub prefill_chunk: usize,
+    /// Intra-op threads.
+    pub threads: usize,
+    /// Seconds to open the session (graph optimisation and weight loading).
+    pub load_s: f64,
+    /// Weight precision of the model folder.
+    pub precision: String,
+    /// Which operators ran the DeltaNet layers.
+    pub linear_attn: String,
+    /// Where the weights came from.
+    pub source: String,
+}
+
+/// Peak resident set size of this process, from /proc (0 where unavailable).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Runs the benchmark on `model`.
+pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> Result<BenchReport> {
+    let cfg = &model.manifest.config;
+    if opts.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    if opts.prompt_tokens + opts.gen_tokens > cfg.max_position_embeddings {
+        bail!(
+            "{} prompt + {} generated tokens exceed the model's context of {}",
+            opts.prompt_tokens,
+            opts.gen_tokens,
+            cfg.max_position_embeddings
+        );
+    }
+    // Ordinary tokens only (no specials), within the model's vocabulary.
+    let limit = cfg.vocab_size.min(crate::tokenizer::SPECIAL_START as usize) as u32;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let prompt: Vec<u32> = (0..opts.prompt_tokens).map(|_| rng.random_range(0..limit)).collect();
+
+    let t_load = Instant::now();
+    let mut dec = Decoder::open(model, session)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+
+    let mut progress = Progress::new(prompt.len() as u64, "prefill");
+    let t0 = Instant::now();
+    let last = dec.prefill(&prompt, opts.prefill_chunk, |n| progress.inc(n as u64))?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    progress.finish();
+    let mut tok = argmax(&last[..limit as usize]);
+    let ttft_s = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    for _ in 1..opts.gen_tokens {
+        let l = dec.forward(&[tok], Logits::Last)?;
+        tok = argmax(&l.row(0).as_slice().expect("contiguous logits")[..limit as usize]);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    let decoded = opts.gen_tokens.saturating_sub(1);
+
+    Ok(BenchReport {
+        prefill_tokens_per_s: opts.prompt_tokens as f64 / prefill_s,
+        decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },
+        ttft_s,
+        peak_rss_bytes: peak_rss_bytes(),
+        kv_state_bytes: dec.state_bytes() as u64,
+        prompt_tokens: opts.prompt_tokens,
+        gen_tokens: opts.gen_tokens,
+        prefill_chunk: opts.prefill_chunk,
+        threads: session.threads,
+        load_s,
+        precision: model.manifest.precision.name().into(),
+        linear_attn: format!("{:?}", model.manifest.linear_attn).to_lowercase(),
+        source: model.manifest.source.clone(),
+    })
+}

@@ -34,36 +34,82 @@ impl Activation {
     }
 }
 
-/// One batch row. `x` is `[T, C]` (channels last, as the projections produce it), `w` is `[C, K]`,
-/// `state` is `[C, K − 1]` and is replaced by the state after the last token; `out` is `[T, C]`.
-pub fn causal_conv(x: &[f32], w: &[f32], state: &mut [f32], out: &mut [f32], channels: usize, act: Activation) {
-    let k = w.len() / channels;
-    let hist = k - 1;
-    let t_len = x.len() / channels;
-    for c in 0..channels {
-        let wc = &w[c * k..(c + 1) * k];
-        let sc = &mut state[c * hist..(c + 1) * hist];
-        for t in 0..t_len {
-            let mut acc = 0f32;
-            for (j, &wj) in wc.iter().enumerate() {
-                // Position of tap j relative to the start of this call's input.
-                let p = t as isize + j as isize - hist as isize;
-                let xv = if p >= 0 { x[p as usize * channels + c] } else { sc[(hist as isize + p) as usize] };
-                acc += wj * xv;
+/// Taps transposed to `[K, C]` and the carried history as rows `[K − 1, C]`: the layout in which
+/// every inner loop runs over contiguous channels (the input is channels-last).
+pub struct Prepared {
+    taps: Vec<f32>,
+    history: Vec<f32>,
+    k: usize,
+    channels: usize,
+}
+
+impl Prepared {
+    /// From `w [C, K]` and one batch row's `state [C, K − 1]`.
+    pub fn new(w: &[f32], state: &[f32], channels: usize) -> Self {
+        let k = w.len() / channels;
+        let hist = k - 1;
+        let mut taps = vec![0f32; k * channels];
+        let mut history = vec![0f32; hist * channels];
+        for c in 0..channels {
+            for j in 0..k {
+                taps[j * channels + c] = w[c * k + j];
             }
-            out[t * channels + c] = act.apply(acc);
+            for i in 0..hist {
+                history[i * channels + c] = state[c * hist + i];
+            }
         }
-        // New state: the last K − 1 inputs of [old state ‖ x].
-        let mut new_state = [0f32; 16];
-        for (i, ns) in new_state[..hist].iter_mut().enumerate() {
-            let p = t_len as isize - hist as isize + i as isize;
-            *ns = if p >= 0 { x[p as usize * channels + c] } else { sc[(hist as isize + p) as usize] };
+        Self { taps, history, k, channels }
+    }
+
+    /// Input row `p` of `[history ‖ x]`, where p = 0 is the first token of `x`.
+    fn row<'a>(&'a self, x: &'a [f32], p: isize) -> &'a [f32] {
+        let c = self.channels;
+        if p >= 0 {
+            &x[p as usize * c..(p as usize + 1) * c]
+        } else {
+            let h = (self.k as isize - 1 + p) as usize;
+            &self.history[h * c..(h + 1) * c]
         }
-        sc.copy_from_slice(&new_state[..hist]);
+    }
+
+    /// Output rows `rows` (token indices of this call) into `out` (exactly those rows).
+    pub fn rows(&self, x: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], act: Activation) {
+        let (c, hist) = (self.channels, self.k as isize - 1);
+        for (t, o) in rows.zip(out.chunks_exact_mut(c)) {
+            o.iter_mut().for_each(|v| *v = 0.0);
+            for j in 0..self.k {
+                let src = self.row(x, t as isize + j as isize - hist);
+                for ((ov, &w), &xv) in o.iter_mut().zip(&self.taps[j * c..(j + 1) * c]).zip(src) {
+                    *ov += w * xv;
+                }
+            }
+            o.iter_mut().for_each(|v| *v = act.apply(*v));
+        }
+    }
+
+    /// The state after `x`: its last K − 1 input rows, channel-major `[C, K − 1]`.
+    pub fn next_state(&self, x: &[f32], state: &mut [f32]) {
+        let (c, hist) = (self.channels, self.k - 1);
+        let t_len = (x.len() / c) as isize;
+        for i in 0..hist {
+            let row = self.row(x, t_len - hist as isize + i as isize);
+            for (ch, &v) in row.iter().enumerate() {
+                state[ch * hist + i] = v;
+            }
+        }
     }
 }
 
-/// Largest kernel width the state hand-over supports without allocating (Qwen3.5 uses 4).
+/// One batch row, single-threaded. `x` is `[T, C]` (channels last, as the projections produce
+/// it), `w` is `[C, K]`, `state` is `[C, K − 1]` and is replaced by the state after the last
+/// token; `out` is `[T, C]`.
+pub fn causal_conv(x: &[f32], w: &[f32], state: &mut [f32], out: &mut [f32], channels: usize, act: Activation) {
+    let p = Prepared::new(w, state, channels);
+    p.rows(x, 0..x.len() / channels, out, act);
+    p.next_state(x, state);
+}
+
+/// Largest kernel width accepted (Qwen3.5 uses 4); a sanity bound on the attribute-free shape.
 pub const MAX_KERNEL: usize = 17;
 
 #[cfg(test)]

@@ -131,11 +131,17 @@ fn gemm(
 /// Scratch buffers of the chunked kernel, reused across chunks and heads of one call.
 #[derive(Default)]
 pub struct ChunkScratch {
-    kk: Vec<f32>,
-    qk: Vec<f32>,
+    /// `[k; q]` rows of the chunk (2L × Dk).
+    kq: Vec<f32>,
+    /// `[k; q] kᵀ` (2L × L): rows 0..L hold A, rows L..2L the masked `q kᵀ`.
+    scores: Vec<f32>,
+    /// `[vβ | kβ ⊙ e^c]` (L × (Dv + Dk)), solved in place into `[u | w]`, then `v'` in the u part.
     rhs: Vec<f32>,
-    w_s: Vec<f32>,
-    qe: Vec<f32>,
+    /// `[w; q ⊙ e^c]` (2L × Dk).
+    wq: Vec<f32>,
+    /// `[w; q ⊙ e^c] S` (2L × Dv).
+    ws: Vec<f32>,
+    /// `k ⊙ e^{c_L − c}` (L × Dk).
     kd: Vec<f32>,
     cum: Vec<f32>,
 }
@@ -145,16 +151,16 @@ pub struct ChunkScratch {
 /// Per chunk of length L with in-chunk cumulative log-decay c:
 /// `A = strict_lower((kβ kᵀ) ⊙ P)`, `P[i,j] = exp(c_i − c_j)`; solve `(I + A) [u | w] = [vβ | kβ ⊙ e^c]`;
 /// `v' = u − w S`; `o = (q ⊙ e^c) S + ((q kᵀ) ⊙ P, lower incl. diagonal) v'`;
-/// `S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'`.
+/// `S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'`. Products that share an operand run as one GEMM.
 pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mut ChunkScratch) {
     let (dk, dv) = (inp.dk, inp.dv);
     let t_total = inp.len();
     let width = dv + dk;
-    sc.kk.resize(CHUNK * CHUNK, 0.0);
-    sc.qk.resize(CHUNK * CHUNK, 0.0);
+    sc.kq.resize(2 * CHUNK * dk, 0.0);
+    sc.scores.resize(2 * CHUNK * CHUNK, 0.0);
     sc.rhs.resize(CHUNK * width, 0.0);
-    sc.w_s.resize(CHUNK * dv, 0.0);
-    sc.qe.resize(CHUNK * dk, 0.0);
+    sc.wq.resize(2 * CHUNK * dk, 0.0);
+    sc.ws.resize(2 * CHUNK * dv, 0.0);
     sc.kd.resize(CHUNK * dk, 0.0);
     sc.cum.resize(CHUNK, 0.0);
 
@@ -173,20 +179,22 @@ pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mu
         }
         let c_last = cum[l - 1];
 
-        // kk = k kᵀ and qk = q kᵀ (L×L).
-        gemm(l, dk, l, 1.0, k, dk, 1, k, 1, dk, 0.0, &mut sc.kk, l);
-        gemm(l, dk, l, 1.0, q, dk, 1, k, 1, dk, 0.0, &mut sc.qk, l);
+        // [k; q] kᵀ in one product: rows 0..L are k kᵀ, rows L..2L are q kᵀ.
+        sc.kq[..l * dk].copy_from_slice(k);
+        sc.kq[l * dk..2 * l * dk].copy_from_slice(q);
+        gemm(2 * l, dk, l, 1.0, &sc.kq, dk, 1, k, 1, dk, 0.0, &mut sc.scores, l);
+        let (kk, qk) = sc.scores[..2 * l * l].split_at_mut(l * l);
         for i in 0..l {
             for j in 0..l {
                 let idx = i * l + j;
                 if j < i {
                     let p = (cum[i] - cum[j]).exp();
-                    sc.kk[idx] *= beta[i] * p;
-                    sc.qk[idx] *= p;
+                    kk[idx] *= beta[i] * p;
+                    qk[idx] *= p;
                 } else {
-                    sc.kk[idx] = 0.0;
+                    kk[idx] = 0.0;
                     if j > i {
-                        sc.qk[idx] = 0.0;
+                        qk[idx] = 0.0;
                     }
                 }
             }
@@ -208,7 +216,7 @@ pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mu
             let (done, rest) = rhs.split_at_mut(i * width);
             let row = &mut rest[..width];
             for j in 0..i {
-                let a = sc.kk[i * l + j];
+                let a = kk[i * l + j];
                 if a != 0.0 {
                     for (r, &x) in row.iter_mut().zip(&done[j * width..(j + 1) * width]) {
                         *r -= a * x;
@@ -216,24 +224,25 @@ pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mu
                 }
             }
         }
-        // v' = u − w S, written into the u columns of rhs.
-        gemm(l, dk, dv, 1.0, &rhs[dv..], width, 1, state, dv, 1, 0.0, &mut sc.w_s, dv);
+        // [w; q ⊙ e^c] S in one product: rows 0..L are w S, rows L..2L the inter-chunk output.
         for i in 0..l {
-            for (u, &ws) in rhs[i * width..i * width + dv].iter_mut().zip(&sc.w_s[i * dv..(i + 1) * dv]) {
+            sc.wq[i * dk..(i + 1) * dk].copy_from_slice(&rhs[i * width + dv..(i + 1) * width]);
+            let e = cum[i].exp();
+            for (d, &x) in sc.wq[(l + i) * dk..(l + i + 1) * dk].iter_mut().zip(&q[i * dk..(i + 1) * dk]) {
+                *d = x * e;
+            }
+        }
+        gemm(2 * l, dk, dv, 1.0, &sc.wq, dk, 1, state, dv, 1, 0.0, &mut sc.ws, dv);
+        // v' = u − w S, written into the u columns of rhs.
+        for i in 0..l {
+            for (u, &ws) in rhs[i * width..i * width + dv].iter_mut().zip(&sc.ws[i * dv..(i + 1) * dv]) {
                 *u -= ws;
             }
         }
         // o = (q ⊙ e^c) S + qk v'.
-        let qe = &mut sc.qe[..l * dk];
-        for i in 0..l {
-            let e = cum[i].exp();
-            for (d, &x) in qe[i * dk..(i + 1) * dk].iter_mut().zip(&q[i * dk..(i + 1) * dk]) {
-                *d = x * e;
-            }
-        }
         let o = &mut out[start * dv..(start + l) * dv];
-        gemm(l, dk, dv, 1.0, qe, dk, 1, state, dv, 1, 0.0, o, dv);
-        gemm(l, l, dv, 1.0, &sc.qk, l, 1, rhs, width, 1, 1.0, o, dv);
+        o.copy_from_slice(&sc.ws[l * dv..2 * l * dv]);
+        gemm(l, l, dv, 1.0, qk, l, 1, rhs, width, 1, 1.0, o, dv);
         // S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'.
         let kd = &mut sc.kd[..l * dk];
         for i in 0..l {

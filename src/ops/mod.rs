@@ -134,17 +134,22 @@ impl Kernel for ConvKernel {
             let (_, y) = y.try_extract_tensor_mut::<f32>()?;
             let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
             ns.copy_from_slice(s);
-            let row = t * c;
-            let srow = c * (k - 1);
+            let (row, srow) = (t * c, c * (k - 1));
+            // Blocks of rows on ORT's pool: the conv and its activation are per-row independent.
+            const BLOCK_ROWS: usize = 32;
+            let blocks = t.div_ceil(BLOCK_ROWS);
+            let yp = SharedMut(y.as_mut_ptr());
             for bi in 0..b {
-                conv::causal_conv(
-                    &x[bi * row..(bi + 1) * row],
-                    w,
-                    &mut ns[bi * srow..(bi + 1) * srow],
-                    &mut y[bi * row..(bi + 1) * row],
-                    c,
-                    self.act,
-                );
+                let xb = &x[bi * row..(bi + 1) * row];
+                let prep = conv::Prepared::new(w, &s[bi * srow..(bi + 1) * srow], c);
+                let act = self.act;
+                ctx.par_for(blocks, blocks, |blk| {
+                    let rows = blk * BLOCK_ROWS..((blk + 1) * BLOCK_ROWS).min(t);
+                    // SAFETY: block `blk` writes only its own rows of batch row `bi`.
+                    let out = unsafe { std::slice::from_raw_parts_mut(yp.at(bi * row + rows.start * c), rows.len() * c) };
+                    prep.rows(xb, rows, out, act);
+                })?;
+                prep.next_state(xb, &mut ns[bi * srow..(bi + 1) * srow]);
             }
             Ok(())
         })

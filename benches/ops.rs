@@ -1,0 +1,200 @@
+//! DeltaNet operators alone, side by side in one run: deltadoc's `ai.deltadoc` ops against ONNX
+//! Runtime's built-in `com.microsoft` LinearAttention / CausalConvWithState, at one layer of the
+//! real 0.8B shape (16 heads, 128×128 state, conv over 6144 channels), 2 intra-op threads.
+//!
+//!   cargo bench --bench ops [-- TOKENS [CALL_TOKENS]]      (defaults 4096 and 512)
+//!
+//! Each op runs on TOKENS tokens in calls of CALL_TOKENS (state carried between calls), as the
+//! model's chunked prefill feeds it; plus single-token decode steps. Prints ms and the ratio.
+
+use std::time::Instant;
+
+use deltadoc::onnx::proto::data_type;
+use deltadoc::onnx::{Attr, Dim, GraphBuilder};
+use deltadoc::runtime::{self, SessionOptions};
+use ndarray::{ArrayD, IxDyn};
+use ort::session::Session;
+use ort::value::Tensor;
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+const HEADS: usize = 16;
+const D: usize = 128;
+const CONV_C: usize = 6144;
+const K: usize = 4;
+
+fn random(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+fn tensor(shape: &[usize], data: Vec<f32>) -> ort::value::DynValue {
+    Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), data).unwrap()).unwrap().into_dyn()
+}
+
+fn dims(d: &[i64]) -> Vec<Dim> {
+    d.iter().map(|&x| if x < 0 { Dim::Named("t") } else { Dim::Fixed(x) }).collect()
+}
+
+/// Graph with one rule op: inputs q, k, v [1,T,H·D] (q/k already L2-normalised), g, beta [1,T,H],
+/// state [1,H,D,D].
+fn rule_graph(dir: &std::path::Path, builtin: bool) -> Session {
+    let path = dir.join(if builtin { "rule_builtin.onnx" } else { "rule_deltadoc.onnx" });
+    let mut b = GraphBuilder::new("rule", &path).unwrap();
+    let hd = (HEADS * D) as i64;
+    for n in ["q", "k", "v"] {
+        b.input(n, data_type::FLOAT, &dims(&[1, -1, hd]));
+    }
+    for n in ["g", "beta"] {
+        b.input(n, data_type::FLOAT, &dims(&[1, -1, HEADS as i64]));
+    }
+    let sd = [1, HEADS as i64, D as i64, D as i64];
+    b.input("state", data_type::FLOAT, &dims(&sd));
+    b.output("o", data_type::FLOAT, &dims(&[1, -1, hd]));
+    b.output("state_out", data_type::FLOAT, &dims(&sd));
+    let scale = Attr::Float((D as f32).powf(-0.5));
+    if builtin {
+        b.node_named(
+            "LinearAttention",
+            "com.microsoft",
+            &["q", "k", "v", "state", "g", "beta"],
+            &["o", "state_out"],
+            vec![
+                ("q_num_heads", Attr::Int(HEADS as i64)),
+                ("kv_num_heads", Attr::Int(HEADS as i64)),
+                ("update_rule", Attr::Str("gated_delta".into())),
+                ("scale", scale),
+                ("chunk_size", Attr::Int(64)),
+            ],
+        );
+    } else {
+        // use_qk_l2norm=1 as in the model graph: our op normalises, ORT's expects normalised input.
+        b.node_named(
+            "GatedDeltaRule",
+            deltadoc::ops::DOMAIN,
+            &["q", "k", "v", "g", "beta", "state"],
+            &["o", "state_out"],
+            vec![("num_k_heads", Attr::Int(HEADS as i64)), ("num_v_heads", Attr::Int(HEADS as i64)), ("scale", scale)],
+        );
+    }
+    b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
+    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+}
+
+/// Graph with one conv op: x [1,T,C] channels last (the model's layout), state [1,C,K−1].
+fn conv_graph(dir: &std::path::Path, builtin: bool) -> Session {
+    let path = dir.join(if builtin { "conv_builtin.onnx" } else { "conv_deltadoc.onnx" });
+    let mut b = GraphBuilder::new("conv", &path).unwrap();
+    b.input("x", data_type::FLOAT, &dims(&[1, -1, CONV_C as i64]));
+    b.input("state", data_type::FLOAT, &dims(&[1, CONV_C as i64, K as i64 - 1]));
+    b.output("y", data_type::FLOAT, &dims(&[1, -1, CONV_C as i64]));
+    b.output("state_out", data_type::FLOAT, &dims(&[1, CONV_C as i64, K as i64 - 1]));
+    let w = random(CONV_C * K, -0.5, 0.5, 9);
+    let silu = || vec![("activation", Attr::Str("silu".into()))];
+    if builtin {
+        // As the exported model does: transpose to channels-first around ORT's op.
+        let w3 = b.f32s("w", &[CONV_C as i64, 1, K as i64], &w).unwrap();
+        let xt = b.op("Transpose", &["x"], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+        b.node_named("CausalConvWithState", "com.microsoft", &[&xt, &w3, "", "state"], &["y_cf", "state_out"], silu());
+        b.node_named("Transpose", "", &["y_cf"], &["y"], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+    } else {
+        let w2 = b.f32s("w", &[CONV_C as i64, K as i64], &w).unwrap();
+        b.node_named("CausalConv1dWithState", deltadoc::ops::DOMAIN, &["x", &w2, "state"], &["y", "state_out"], silu());
+    }
+    b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
+    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+}
+
+fn l2norm_rows(x: &mut [f32]) {
+    for row in x.chunks_exact_mut(D) {
+        let n = (row.iter().map(|v| v * v).sum::<f32>() + 1e-6).sqrt();
+        row.iter_mut().for_each(|v| *v /= n);
+    }
+}
+
+/// Seconds to run `tokens` through the rule op in calls of `call`, state carried; best of 3.
+fn time_rule(s: &mut Session, tokens: usize, call: usize) -> f64 {
+    let hd = HEADS * D;
+    let mut q = random(tokens * hd, -1.0, 1.0, 1);
+    let mut k = random(tokens * hd, -1.0, 1.0, 2);
+    l2norm_rows(&mut q);
+    l2norm_rows(&mut k);
+    let v = random(tokens * hd, -1.0, 1.0, 3);
+    let g = random(tokens * HEADS, -0.5, -0.01, 4);
+    let beta = random(tokens * HEADS, 0.05, 0.95, 5);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut state = tensor(&[1, HEADS, D, D], vec![0.0; HEADS * D * D]);
+        let t0 = Instant::now();
+        let mut start = 0;
+        while start < tokens {
+            let n = call.min(tokens - start);
+            let slice = |x: &[f32], w: usize| x[start * w..(start + n) * w].to_vec();
+            let inputs = vec![
+                ("q", tensor(&[1, n, hd], slice(&q, hd))),
+                ("k", tensor(&[1, n, hd], slice(&k, hd))),
+                ("v", tensor(&[1, n, hd], slice(&v, hd))),
+                ("g", tensor(&[1, n, HEADS], slice(&g, HEADS))),
+                ("beta", tensor(&[1, n, HEADS], slice(&beta, HEADS))),
+                ("state", state),
+            ];
+            let mut out = s.run(inputs).unwrap();
+            state = out.remove("state_out").unwrap();
+            start += n;
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Seconds to run `tokens` through the conv op in calls of `call`; best of 3.
+fn time_conv(s: &mut Session, tokens: usize, call: usize) -> f64 {
+    let x = random(tokens * CONV_C, -1.0, 1.0, 6);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut state = tensor(&[1, CONV_C, K - 1], vec![0.0; CONV_C * (K - 1)]);
+        let t0 = Instant::now();
+        let mut start = 0;
+        while start < tokens {
+            let n = call.min(tokens - start);
+            let xs = tensor(&[1, n, CONV_C], x[start * CONV_C..(start + n) * CONV_C].to_vec());
+            let mut out = s.run(vec![("x", xs), ("state", state)]).unwrap();
+            state = out.remove("state_out").unwrap();
+            start += n;
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let tokens = args.first().copied().unwrap_or(4096);
+    let call = args.get(1).copied().unwrap_or(512);
+    let dir = tempfile::tempdir().unwrap();
+    println!("one 0.8B DeltaNet layer (16 heads, 128x128 state, conv 6144 ch), 2 threads; {tokens} tokens in calls of {call}");
+    println!("{:<28} {:>12} {:>12} {:>8}", "op", "deltadoc ms", "ORT ms", "ratio");
+    let (mut ours, mut theirs) = (rule_graph(dir.path(), false), rule_graph(dir.path(), true));
+    let (a, b) = (time_rule(&mut ours, tokens, call), time_rule(&mut theirs, tokens, call));
+    println!("{:<28} {:>12.1} {:>12.1} {:>7.2}x", "gated delta rule, prefill", a * 1e3, b * 1e3, b / a);
+    let steps = 64;
+    let (a, b) = (time_rule(&mut ours, steps, 1), time_rule(&mut theirs, steps, 1));
+    println!(
+        "{:<28} {:>12.3} {:>12.3} {:>7.2}x",
+        "gated delta rule, decode/tok",
+        a * 1e3 / steps as f64,
+        b * 1e3 / steps as f64,
+        b / a
+    );
+    let (mut ours, mut theirs) = (conv_graph(dir.path(), false), conv_graph(dir.path(), true));
+    let (a, b) = (time_conv(&mut ours, tokens, call), time_conv(&mut theirs, tokens, call));
+    println!("{:<28} {:>12.1} {:>12.1} {:>7.2}x", "causal conv, prefill", a * 1e3, b * 1e3, b / a);
+    let (a, b) = (time_conv(&mut ours, steps, 1), time_conv(&mut theirs, steps, 1));
+    println!(
+        "{:<28} {:>12.3} {:>12.3} {:>7.2}x",
+        "causal conv, decode/tok",
+        a * 1e3 / steps as f64,
+        b * 1e3 / steps as f64,
+        b / a
+    );
+    println!("ratio = ORT time / deltadoc time (> 1: deltadoc faster)");
+}

@@ -49,17 +49,23 @@ fn guarded(name: &str, body: impl FnOnce() -> ort::Result<()>) -> ort::Result<()
     }
 }
 
-/// A raw output pointer shared by the parallel workers; each worker writes a disjoint region.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: used only to write disjoint index ranges from `par_for` workers while the owning slice
+/// A raw pointer shared by the parallel workers; each worker touches a disjoint region.
+struct SharedMut<T>(*mut T);
+// Manual impls: a derive would require `T: Copy`.
+impl<T> Clone for SharedMut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedMut<T> {}
+// SAFETY: used only to reach disjoint elements from `par_for` workers while the owning buffer
 // outlives the parallel loop.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
-impl SharedMut {
+impl<T> SharedMut<T> {
     /// The pointer; a method so closures capture the whole `Sync` wrapper, not the raw field.
-    fn at(self, offset: usize) -> *mut f32 {
+    fn at(self, offset: usize) -> *mut T {
         // SAFETY: callers stay within the allocation the pointer came from.
         unsafe { self.0.add(offset) }
     }
@@ -171,13 +177,29 @@ pub enum RuleKernel {
 /// `g, beta: [B, T, Hv]`, `past_state: [B, Hv, Dk, Dv]` (f32).
 pub struct GatedDeltaRule;
 
-/// Kernel of [`GatedDeltaRule`] for one graph node (its attributes).
+/// Kernel of [`GatedDeltaRule`] for one graph node: its attributes and the buffers it reuses
+/// from call to call (fresh multi-megabyte allocations every call cost page faults).
 pub struct RuleKernelImpl {
     num_k_heads: usize,
     num_v_heads: usize,
     scale: f32,
     l2norm: bool,
     kernel: RuleKernel,
+    /// Normalised q and k per key head, `[B, Hk, T, Dk]`.
+    qn: Vec<f32>,
+    kn: Vec<f32>,
+    /// One per (batch, value head).
+    heads: Vec<HeadScratch>,
+}
+
+/// Contiguous per-head inputs, output and chunk scratch of one value head.
+#[derive(Default)]
+struct HeadScratch {
+    v: Vec<f32>,
+    g: Vec<f32>,
+    beta: Vec<f32>,
+    out: Vec<f32>,
+    chunk: ChunkScratch,
 }
 
 impl Operator for GatedDeltaRule {
@@ -220,6 +242,9 @@ impl Operator for GatedDeltaRule {
             scale: kctx.get::<f32>("scale").unwrap_or(0.0),
             l2norm: kctx.get::<i64>("use_qk_l2norm").unwrap_or(1) != 0,
             kernel,
+            qn: Vec::new(),
+            kn: Vec::new(),
+            heads: Vec::new(),
         })
     }
 
@@ -237,7 +262,7 @@ impl Kernel for RuleKernelImpl {
 }
 
 impl RuleKernelImpl {
-    fn run(&self, ctx: &ComputeContext) -> ort::Result<()> {
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         const OP: &str = "GatedDeltaRule";
         let q = input(ctx, 0, OP, "q")?;
         let k = input(ctx, 1, OP, "k")?;
@@ -287,9 +312,11 @@ impl RuleKernelImpl {
         };
 
         // Normalised q/k per key head, contiguous [B, Hk, T, D], shared by the value heads of a group.
-        let mut qn = vec![0f32; b * hk * t * dk];
-        let mut kn = vec![0f32; b * hk * t * dk];
-        let (qp, kp) = (SharedMut(qn.as_mut_ptr()), SharedMut(kn.as_mut_ptr()));
+        // Every element is overwritten below, so resizing never needs to clear.
+        self.qn.resize(b * hk * t * dk, 0.0);
+        self.kn.resize(b * hk * t * dk, 0.0);
+        self.heads.resize_with(b * hv, HeadScratch::default);
+        let (qp, kp) = (SharedMut(self.qn.as_mut_ptr()), SharedMut(self.kn.as_mut_ptr()));
         let l2 = self.l2norm;
         ctx.par_for(b * hk, b * hk, |i| {
             let (bi, h) = (i / hk, i % hk);
@@ -314,40 +341,44 @@ impl RuleKernelImpl {
         })?;
 
         let (op, sp) = (SharedMut(o.as_mut_ptr()), SharedMut(ns.as_mut_ptr()));
+        let hp = SharedMut(self.heads.as_mut_ptr());
+        let (qn, kn) = (&self.qn, &self.kn);
         let group = hv / hk;
         ctx.par_for(b * hv, b * hv, |i| {
             let (bi, h) = (i / hv, i % hv);
             let kh = bi * hk + h / group;
-            let mut vh = vec![0f32; t * dv];
-            let mut gh = vec![0f32; t];
-            let mut bh = vec![0f32; t];
+            // SAFETY: worker i is the only one to touch head scratch i.
+            let hs = unsafe { &mut *hp.at(i) };
+            hs.v.resize(t * dv, 0.0);
+            hs.g.resize(t, 0.0);
+            hs.beta.resize(t, 0.0);
+            hs.out.resize(t * dv, 0.0);
             for ti in 0..t {
                 let row = bi * t + ti;
-                vh[ti * dv..(ti + 1) * dv].copy_from_slice(&v[row * hv * dv + h * dv..row * hv * dv + (h + 1) * dv]);
-                gh[ti] = g[row * hv + h];
-                bh[ti] = beta[row * hv + h];
+                hs.v[ti * dv..(ti + 1) * dv].copy_from_slice(&v[row * hv * dv + h * dv..row * hv * dv + (h + 1) * dv]);
+                hs.g[ti] = g[row * hv + h];
+                hs.beta[ti] = beta[row * hv + h];
             }
             let inp = HeadInputs {
                 q: &qn[kh * t * dk..(kh + 1) * t * dk],
                 k: &kn[kh * t * dk..(kh + 1) * t * dk],
-                v: &vh,
-                g: &gh,
-                beta: &bh,
+                v: &hs.v,
+                g: &hs.g,
+                beta: &hs.beta,
                 dk,
                 dv,
             };
             // SAFETY: worker i owns state block i ([Dk, Dv]) and the columns of head h in the rows
             // of batch bi of `o`; no two workers share either.
             let state = unsafe { std::slice::from_raw_parts_mut(sp.at(i * dk * dv), dk * dv) };
-            let mut out = vec![0f32; t * dv];
             if use_recurrent {
-                gated_delta::recurrent(&inp, state, &mut out);
+                gated_delta::recurrent(&inp, state, &mut hs.out);
             } else {
-                gated_delta::chunked(&inp, state, &mut out, &mut ChunkScratch::default());
+                gated_delta::chunked(&inp, state, &mut hs.out, &mut hs.chunk);
             }
             for ti in 0..t {
                 let dst = (bi * t + ti) * hv * dv + h * dv;
-                unsafe { std::slice::from_raw_parts_mut(op.at(dst), dv) }.copy_from_slice(&out[ti * dv..(ti + 1) * dv]);
+                unsafe { std::slice::from_raw_parts_mut(op.at(dst), dv) }.copy_from_slice(&hs.out[ti * dv..(ti + 1) * dv]);
             }
         })?;
         Ok(())

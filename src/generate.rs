@@ -14,6 +14,7 @@ use crate::model::config::{LayerKind, TextConfig};
 use crate::model::graph::{present_name, state_names};
 use crate::progress::Progress;
 use crate::runtime::{self, SessionOptions};
+use crate::snapshot::{Snapshot, StateTensor};
 
 /// A decoder session with its carried state (one sequence).
 pub struct Decoder {
@@ -22,6 +23,8 @@ pub struct Decoder {
     /// (input name, current value) for every per-layer state input.
     state: Vec<(String, DynValue)>,
     past_len: usize,
+    /// [`crate::model::Manifest::identity`] of the model, stamped on snapshots.
+    identity: String,
 }
 
 /// Which positions of a call produce logits.
@@ -38,7 +41,8 @@ impl Decoder {
     pub fn open(model: &ModelDir, opts: &SessionOptions) -> Result<Self> {
         let session = runtime::open_session(&model.graph_path(), opts)?;
         let cfg = model.manifest.config.clone();
-        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0 };
+        let identity = model.manifest.identity();
+        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, identity };
         d.reset()?;
         Ok(d)
     }
@@ -57,6 +61,55 @@ impl Decoder {
         let (_, v) = self.state.iter().find(|(n, _)| n == name)?;
         let (shape, data) = v.try_extract_tensor::<f32>().ok()?;
         Some((shape.iter().map(|&d| d as usize).collect(), data))
+    }
+
+    /// Tokens consumed so far in this sequence.
+    pub fn tokens(&self) -> usize {
+        self.past_len
+    }
+
+    /// Copy of the whole state at this token boundary.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut tensors = Vec::with_capacity(self.state.len());
+        for (name, v) in &self.state {
+            let (shape, data) = v.try_extract_tensor::<f32>()?;
+            tensors.push(StateTensor {
+                name: name.clone(),
+                shape: shape.iter().map(|&d| d as usize).collect(),
+                data: data.to_vec(),
+            });
+        }
+        Ok(Snapshot { model: self.identity.clone(), tokens: self.past_len, tensors })
+    }
+
+    /// Continues from `snap` as if the tokens it covers had just been fed; the next call's
+    /// logits are exactly those of an uninterrupted run with the same call boundaries.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        if snap.model != self.identity {
+            bail!("snapshot belongs to model {}, this decoder runs {}", snap.model, self.identity);
+        }
+        if snap.tensors.len() != self.state.len() {
+            bail!("snapshot has {} state tensors, the model has {}", snap.tensors.len(), self.state.len());
+        }
+        let mut state = Vec::with_capacity(snap.tensors.len());
+        for ((name, current), t) in self.state.iter().zip(&snap.tensors) {
+            let (shape, _) = current.try_extract_tensor::<f32>()?;
+            // Only the attention caches grow, along their time axis, which must hold `tokens` rows.
+            let grows = name.ends_with(".key") || name.ends_with(".value");
+            let fits = shape.len() == t.shape.len()
+                && shape
+                    .iter()
+                    .zip(&t.shape)
+                    .enumerate()
+                    .all(|(i, (&now, &saved))| if grows && i == 2 { saved == snap.tokens } else { now as usize == saved });
+            if &t.name != name || !fits {
+                bail!("snapshot tensor {} {:?} does not fit state {name} {:?}", t.name, t.shape, shape);
+            }
+            state.push((name.clone(), Tensor::from_array(ArrayD::from_shape_vec(IxDyn(&t.shape), t.data.clone())?)?.into_dyn()));
+        }
+        self.state = state;
+        self.past_len = snap.tokens;
+        Ok(())
     }
 
     /// Drops all state: the next call starts a new sequence.

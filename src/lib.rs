@@ -14,4 +14,5 @@ pub mod onnx;
 pub mod ops;
 pub mod progress;
 pub mod runtime;
+pub mod snapshot;
 pub mod tokenizer;

@@ -51,6 +51,15 @@ pub struct Manifest {
     pub files: std::collections::BTreeMap<String, String>,
 }
 
+impl Manifest {
+    /// Identity of the graph and weights (from their hashes): a saved decoder state only fits
+    /// the model it came from.
+    pub fn identity(&self) -> String {
+        let h = |f: &str| self.files.get(f).map(|s| s[..16.min(s.len())].to_string()).unwrap_or_default();
+        format!("{}:{}", h("model.onnx"), h("model.onnx.data"))
+    }
+}
+
 /// Options of `model import` / `model synth`.
 #[derive(Clone, Copy, Debug)]
 pub struct ExportOptions {

@@ -1,0 +1,177 @@
+//! Decoder state snapshots: the KV cache of the attention layers and the conv + recurrent state
+//! of the DeltaNet layers at a token boundary, in memory and on disk.
+//!
+//! A hybrid model cannot rewind its recurrent state, so prefix reuse (prefill a document once,
+//! continue every stage from it) and resumable prefill need the whole state saved, not a KV prefix.
+//!
+//! File format (little-endian): magic `DDSNAP\0\0`, u32 format version, u32 header length, the
+//! header as JSON ([`Header`]), the tensors' f32 data in header order, then the SHA-256 of
+//! everything before it. Files are written to a temporary name, fsynced and renamed, so a crash
+//! never leaves a half-written snapshot under the real name.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const MAGIC: &[u8; 8] = b"DDSNAP\0\0";
+/// Version of the on-disk layout.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One carried tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateTensor {
+    /// Graph input name (`past.<layer>.<key|value|conv|recurrent>`).
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// The decoder's state after `tokens` tokens of one sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Identity of the model the state belongs to ([`crate::model::Manifest::identity`]).
+    pub model: String,
+    /// Tokens consumed.
+    pub tokens: usize,
+    /// Every state tensor, in the decoder's order.
+    pub tensors: Vec<StateTensor>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    model: String,
+    tokens: usize,
+    tensors: Vec<(String, Vec<usize>)>,
+}
+
+impl Snapshot {
+    /// Bytes of state held.
+    pub fn bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len() * 4).sum()
+    }
+
+    /// Writes the snapshot to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("partial");
+        let header = serde_json::to_vec(&Header {
+            model: self.model.clone(),
+            tokens: self.tokens,
+            tensors: self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
+        })?;
+        {
+            let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+            let mut w = HashingWriter { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::new() };
+            w.write_all(MAGIC)?;
+            w.write_all(&FORMAT_VERSION.to_le_bytes())?;
+            w.write_all(&(header.len() as u32).to_le_bytes())?;
+            w.write_all(&header)?;
+            for t in &self.tensors {
+                w.write_all(bytemuck::cast_slice(&t.data))?;
+            }
+            let digest = w.hash.finalize();
+            let mut inner = w.inner;
+            inner.write_all(&digest)?;
+            let f = inner.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all().with_context(|| format!("{}: fsync failed", tmp.display()))?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        Ok(())
+    }
+
+    /// Reads a snapshot, checking magic, version, sizes and checksum.
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut bytes = Vec::new();
+        File::open(path)
+            .and_then(|mut f| f.read_to_end(&mut bytes))
+            .with_context(|| format!("{}: cannot read snapshot", path.display()))?;
+        let bad = |why: &str| anyhow::anyhow!("{}: not a valid deltadoc snapshot: {why}", path.display());
+        if bytes.len() < 16 + 32 || &bytes[..8] != MAGIC {
+            return Err(bad("wrong magic or truncated"));
+        }
+        let (body, digest) = bytes.split_at(bytes.len() - 32);
+        if Sha256::digest(body).as_slice() != digest {
+            return Err(bad("checksum mismatch (truncated or corrupted)"));
+        }
+        let version = u32::from_le_bytes(body[8..12].try_into().unwrap());
+        if version != FORMAT_VERSION {
+            bail!("{}: snapshot format {version} is not supported (expects {FORMAT_VERSION})", path.display());
+        }
+        let hlen = u32::from_le_bytes(body[12..16].try_into().unwrap()) as usize;
+        let header: Header = serde_json::from_slice(body.get(16..16 + hlen).ok_or_else(|| bad("header past the end"))?)
+            .map_err(|e| bad(&format!("header: {e}")))?;
+        let mut data = &body[16 + hlen..];
+        let mut tensors = Vec::with_capacity(header.tensors.len());
+        for (name, shape) in header.tensors {
+            let n: usize = shape.iter().product();
+            let raw = data.get(..n * 4).ok_or_else(|| bad(&format!("tensor {name} past the end")))?;
+            tensors.push(StateTensor {
+                name,
+                shape,
+                data: raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+            });
+            data = &data[n * 4..];
+        }
+        if !data.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Self { model: header.model, tokens: header.tokens, tensors })
+    }
+}
+
+/// Hashes everything written through it.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            model: "abc".into(),
+            tokens: 5,
+            tensors: vec![
+                StateTensor { name: "past.0.conv".into(), shape: vec![1, 2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() },
+                StateTensor { name: "past.3.key".into(), shape: vec![1, 1, 0, 4], data: vec![] },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.ddsnap");
+        let s = sample();
+        s.save(&p).unwrap();
+        assert_eq!(Snapshot::load(&p).unwrap(), s);
+        // Flip one data byte: the checksum catches it.
+        let mut bytes = std::fs::read(&p).unwrap();
+        let at = bytes.len() - 40;
+        bytes[at] ^= 1;
+        std::fs::write(&p, &bytes).unwrap();
+        assert!(format!("{:#}", Snapshot::load(&p).unwrap_err()).contains("checksum mismatch"));
+        // Truncation too.
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        assert!(Snapshot::load(&p).is_err());
+    }
+}

@@ -1,6 +1,7 @@
 //! Running the decoder graph: chunked prefill carrying KV cache and DeltaNet state between calls,
 //! token-by-token decode, and sampling.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -14,7 +15,7 @@ use crate::model::config::{LayerKind, TextConfig};
 use crate::model::graph::{present_name, state_names};
 use crate::progress::Progress;
 use crate::runtime::{self, SessionOptions};
-use crate::snapshot::{Snapshot, StateTensor};
+use crate::snapshot::{Snapshot, StateTensor, ids_digest};
 
 /// A decoder session with its carried state (one sequence).
 pub struct Decoder {
@@ -79,7 +80,7 @@ impl Decoder {
                 data: data.to_vec(),
             });
         }
-        Ok(Snapshot { model: self.identity.clone(), tokens: self.past_len, tensors })
+        Ok(Snapshot { model: self.identity.clone(), tokens: self.past_len, prefix_sha256: String::new(), tensors })
     }
 
     /// Continues from `snap` as if the tokens it covers had just been fed; the next call's
@@ -192,6 +193,86 @@ impl Decoder {
         }
         Ok(last)
     }
+
+    /// [`Self::prefill`] of a new sequence that survives a crash: every `every` tokens (rounded
+    /// up to whole chunks) the state is saved to `checkpoint`, and a later call with the same
+    /// model, ids and chunk size resumes from the saved point instead of token 0. The result is
+    /// bit-identical to an uninterrupted prefill; the checkpoint is removed when the prefill
+    /// completes. `on_chunk` may abort the prefill by returning an error.
+    pub fn prefill_resumable(
+        &mut self,
+        ids: &[u32],
+        chunk: usize,
+        checkpoint: &Path,
+        every: usize,
+        mut on_chunk: impl FnMut(usize) -> Result<()>,
+    ) -> Result<Resumed> {
+        let chunk = chunk.max(1);
+        self.reset()?;
+        let mut start = 0;
+        if checkpoint.is_file() {
+            match Snapshot::load(checkpoint) {
+                // Resume only at a chunk boundary strictly inside this prompt with the same prefix:
+                // the last chunk must still run to produce the logits.
+                Ok(s)
+                    if s.tokens > 0
+                        && s.tokens < ids.len()
+                        && s.tokens % chunk == 0
+                        && s.prefix_sha256 == ids_digest(&ids[..s.tokens]) =>
+                {
+                    match self.restore(&s) {
+                        Ok(()) => {
+                            tracing::info!(
+                                "resuming prefill at token {} of {} from {}",
+                                s.tokens,
+                                ids.len(),
+                                checkpoint.display()
+                            );
+                            start = s.tokens;
+                        }
+                        Err(e) => tracing::warn!("{}: not resuming: {e:#}", checkpoint.display()),
+                    }
+                }
+                Ok(_) => {
+                    tracing::warn!("{}: checkpoint is for another prompt or chunk size; starting over", checkpoint.display())
+                }
+                Err(e) => tracing::warn!("{}: unreadable checkpoint, starting over: {e:#}", checkpoint.display()),
+            }
+        }
+        let resumed_at = start;
+        let mut since_save = 0;
+        let mut saved_bytes = 0;
+        let mut last = Vec::new();
+        for part in ids[start..].chunks(chunk) {
+            last = self.forward(part, Logits::Last)?.row(0).to_vec();
+            start += part.len();
+            since_save += part.len();
+            if every > 0 && since_save >= every && start < ids.len() {
+                let mut snap = self.snapshot()?;
+                snap.prefix_sha256 = ids_digest(&ids[..start]);
+                snap.save(checkpoint)?;
+                saved_bytes = snap.bytes();
+                since_save = 0;
+            }
+            on_chunk(part.len())?;
+        }
+        if checkpoint.is_file() {
+            std::fs::remove_file(checkpoint)
+                .with_context(|| format!("{}: cannot remove finished checkpoint", checkpoint.display()))?;
+        }
+        Ok(Resumed { logits: last, resumed_at, checkpoint_bytes: saved_bytes })
+    }
+}
+
+/// Result of [`Decoder::prefill_resumable`].
+#[derive(Clone, Debug)]
+pub struct Resumed {
+    /// Logits of the last prompt token.
+    pub logits: Vec<f32>,
+    /// Token the prefill resumed from (0 = from the start).
+    pub resumed_at: usize,
+    /// Size of each checkpoint written (the disk cost of resumability), bytes; 0 if none.
+    pub checkpoint_bytes: usize,
 }
 
 /// How the next token is chosen.

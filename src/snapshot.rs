@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub model: String,
     /// Tokens consumed.
     pub tokens: usize,
+    /// [`ids_digest`] of the consumed tokens when known (resumable prefill checks it), else empty.
+    pub prefix_sha256: String,
     /// Every state tensor, in the decoder's order.
     pub tensors: Vec<StateTensor>,
 }
@@ -47,7 +49,17 @@ pub struct Snapshot {
 struct Header {
     model: String,
     tokens: usize,
+    prefix_sha256: String,
     tensors: Vec<(String, Vec<usize>)>,
+}
+
+/// SHA-256 (hex) of token ids as little-endian u32: names a prompt prefix.
+pub fn ids_digest(ids: &[u32]) -> String {
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.to_le_bytes());
+    }
+    crate::fetch::hex(&h.finalize())
 }
 
 impl Snapshot {
@@ -62,6 +74,7 @@ impl Snapshot {
         let header = serde_json::to_vec(&Header {
             model: self.model.clone(),
             tokens: self.tokens,
+            prefix_sha256: self.prefix_sha256.clone(),
             tensors: self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
         })?;
         {
@@ -120,7 +133,7 @@ impl Snapshot {
         if !data.is_empty() {
             return Err(bad("trailing bytes"));
         }
-        Ok(Self { model: header.model, tokens: header.tokens, tensors })
+        Ok(Self { model: header.model, tokens: header.tokens, prefix_sha256: header.prefix_sha256, tensors })
     }
 }
 
@@ -150,6 +163,7 @@ mod tests {
         Snapshot {
             model: "abc".into(),
             tokens: 5,
+            prefix_sha256: ids_digest(&[1, 2, 3, 4, 5]),
             tensors: vec![
                 StateTensor { name: "past.0.conv".into(), shape: vec![1, 2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() },
                 StateTensor { name: "past.3.key".into(), shape: vec![1, 1, 0, 4], data: vec![] },

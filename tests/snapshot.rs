@@ -74,3 +74,46 @@ fn a_snapshot_only_fits_its_own_model() {
     let e = format!("{:#}", dec.restore(&bad).unwrap_err());
     assert!(e.contains("does not fit"), "{e}");
 }
+
+#[test]
+fn an_interrupted_prefill_resumes_bit_exact() {
+    let g = Golden::load("gqa8");
+    let ids = g.ids("ids.long"); // 150 tokens
+    let (chunk, every) = (16, 40); // checkpoints after tokens 48, 96, 144
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("prefill.ddsnap");
+
+    let mut dec = decoder("gqa8");
+    let want = dec.prefill(&ids, chunk, |_| {}).unwrap();
+
+    // A "crash" after 7 chunks (112 tokens): the last checkpoint is at token 96.
+    let mut seen = 0;
+    let err = dec
+        .prefill_resumable(&ids, chunk, &ckpt, every, |n| {
+            seen += n;
+            if seen >= 112 { anyhow::bail!("simulated crash") } else { Ok(()) }
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("simulated crash"));
+    assert!(ckpt.is_file());
+
+    // A new process (new session) picks it up.
+    let mut fresh = decoder("gqa8");
+    let r = fresh.prefill_resumable(&ids, chunk, &ckpt, every, |_| Ok(())).unwrap();
+    assert_eq!(r.resumed_at, 96);
+    assert!(r.logits == want, "resumed prefill differs: max |Δ| {:e}", max_abs(&r.logits, &want));
+    assert!(r.checkpoint_bytes > 0);
+    assert!(!ckpt.is_file(), "checkpoint removed once the prefill completed");
+
+    // A checkpoint of another prompt is ignored, not applied.
+    let mut other = ids.clone();
+    other[5] ^= 1;
+    let mut seen = 0;
+    let _ = dec.prefill_resumable(&other, chunk, &ckpt, every, |n| {
+        seen += n;
+        if seen >= 64 { anyhow::bail!("stop") } else { Ok(()) }
+    });
+    let r = fresh.prefill_resumable(&ids, chunk, &ckpt, every, |_| Ok(())).unwrap();
+    assert_eq!(r.resumed_at, 0);
+    assert!(r.logits == want);
+}

@@ -374,6 +374,8 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Tokens that end generation (not emitted).
     pub stop_tokens: Vec<u32>,
+    /// Make the prefill resumable: checkpoint file and interval in tokens.
+    pub checkpoint: Option<(std::path::PathBuf, usize)>,
 }
 
 /// What a generation did.
@@ -411,11 +413,24 @@ pub fn generate(
     let t0 = Instant::now();
     // Prompts of several chunks take seconds to minutes on a CPU: report progress.
     let mut progress = (prompt.len() > opts.prefill_chunk).then(|| Progress::new(prompt.len() as u64, "prefill"));
-    let mut logits = dec.prefill(prompt, opts.prefill_chunk, |n| {
+    let mut tick = |n: usize| {
         if let Some(p) = progress.as_mut() {
             p.inc(n as u64);
         }
-    })?;
+    };
+    let mut logits = match &opts.checkpoint {
+        Some((path, every)) => {
+            let r = dec.prefill_resumable(prompt, opts.prefill_chunk, path, *every, |n| {
+                tick(n);
+                Ok(())
+            })?;
+            if r.checkpoint_bytes > 0 {
+                tracing::info!("prefill checkpoints: {} bytes each, every {every} tokens", r.checkpoint_bytes);
+            }
+            r.logits
+        }
+        None => dec.prefill(prompt, opts.prefill_chunk, tick)?,
+    };
     if let Some(p) = &progress {
         p.finish();
     }

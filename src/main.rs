@@ -169,6 +169,12 @@ struct GenerateArgs {
     /// Print timing statistics to stderr at the end.
     #[arg(long)]
     stats: bool,
+    /// Make a long prefill resumable: save the state to this file every --checkpoint-every
+    /// tokens; rerunning the same command after a crash resumes from it.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long, default_value_t = 8192)]
+    checkpoint_every: usize,
 }
 
 fn session_options(threads: usize) -> SessionOptions {
@@ -249,6 +255,8 @@ fn run(cli: Cli) -> Result<()> {
                 prefill_chunk: 512,
                 threads: 0,
                 stats: true,
+                checkpoint: None,
+                checkpoint_every: 8192,
             })
         }
     }
@@ -337,6 +345,7 @@ fn generate_cmd(g: GenerateArgs) -> Result<()> {
         prefill_chunk: g.prefill_chunk,
         sampling: Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed: g.seed },
         stop_tokens: STOP_TOKENS.to_vec(),
+        checkpoint: g.checkpoint.map(|p| (p, g.checkpoint_every)),
     };
     let mut stdout = std::io::stdout().lock();
     let mut pending: Vec<u8> = Vec::new();

@@ -127,7 +127,13 @@ fn greedy_continuation_is_identical_for_32_tokens() {
         let prompt = g.ids("greedy.prompt");
         let want = g.ids("greedy.tokens");
         let mut dec = decoder(fx, Precision::Fp32);
-        let opts = GenerateOptions { max_new_tokens: 32, prefill_chunk: 8, sampling: Sampling::default(), stop_tokens: vec![] };
+        let opts = GenerateOptions {
+            max_new_tokens: 32,
+            prefill_chunk: 8,
+            sampling: Sampling::default(),
+            stop_tokens: vec![],
+            checkpoint: None,
+        };
         let (got, stats) = generate::generate(&mut dec, &prompt, &opts, |_| Ok(())).unwrap();
         assert_eq!(stats.generated_tokens, 32);
         assert_eq!(got, want, "{fx}: greedy tokens differ from transformers");

@@ -55,7 +55,13 @@ fn real_08b_shape_matches_transformers() {
         assert!(err <= 1e-4, "decode path max |Δlogit| {err:.3e}");
         // Greedy.
         dec.reset().unwrap();
-        let o = GenerateOptions { max_new_tokens: 32, prefill_chunk: 64, sampling: Sampling::default(), stop_tokens: vec![] };
+        let o = GenerateOptions {
+            max_new_tokens: 32,
+            prefill_chunk: 64,
+            sampling: Sampling::default(),
+            stop_tokens: vec![],
+            checkpoint: None,
+        };
         let (got, _) = generate::generate(&mut dec, &g.ids("greedy.prompt"), &o, |_| Ok(())).unwrap();
         assert_eq!(got, g.ids("greedy.tokens"), "greedy tokens");
         println!("0.8b/fp32: greedy 32 tokens identical");

@@ -23,6 +23,10 @@ pub struct BenchOptions {
     pub prefill_chunk: usize,
     /// Seed of the random prompt.
     pub seed: u64,
+    /// Stages run on the same prompt through a snapshot (1 = no prefix reuse measured).
+    pub stages: usize,
+    /// Instruction tokens each stage prefills after the restored prompt.
+    pub stage_tokens: usize,
 }
 
 /// One measurement; the first five fields are the stable keys of `--json`.
@@ -54,6 +58,13 @@ pub struct BenchReport {
     pub linear_attn: String,
     /// Where the weights came from.
     pub source: String,
+    /// With `stages > 1`: seconds of each stage after the shared prefill (restore + instruction
+    /// prefill + decode).
+    pub stage_s: Vec<f64>,
+    /// With `stages > 1`: (prefill + all stages) / (prefill + one stage); 1.0 would be free reuse.
+    pub prefix_reuse_ratio: Option<f64>,
+    /// Bytes of the prompt's snapshot.
+    pub snapshot_bytes: usize,
 }
 
 /// Peak resident set size of this process, from /proc (0 where unavailable).
@@ -97,23 +108,43 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let last = dec.prefill(&prompt, opts.prefill_chunk, |n| progress.inc(n as u64))?;
     let prefill_s = t0.elapsed().as_secs_f64();
     progress.finish();
-    let mut tok = argmax(&last[..limit as usize]);
+    let tok = argmax(&last[..limit as usize]);
     let ttft_s = t0.elapsed().as_secs_f64();
 
+    let snap = if opts.stages > 1 { Some(dec.snapshot()?) } else { None };
+    let decode = |dec: &mut Decoder, mut tok: u32| -> Result<()> {
+        for _ in 1..opts.gen_tokens {
+            let l = dec.forward(&[tok], Logits::Last)?;
+            tok = argmax(&l.row(0).as_slice().expect("contiguous logits")[..limit as usize]);
+        }
+        Ok(())
+    };
     let t1 = Instant::now();
-    for _ in 1..opts.gen_tokens {
-        let l = dec.forward(&[tok], Logits::Last)?;
-        tok = argmax(&l.row(0).as_slice().expect("contiguous logits")[..limit as usize]);
-    }
+    decode(&mut dec, tok)?;
     let decode_s = t1.elapsed().as_secs_f64();
     let decoded = opts.gen_tokens.saturating_sub(1);
+    let kv_state_bytes = dec.state_bytes() as u64;
+
+    // Prefix reuse: every stage continues the prefilled prompt with its own instruction.
+    let mut stage_s = Vec::new();
+    if let Some(snap) = &snap {
+        for _ in 0..opts.stages {
+            let instruction: Vec<u32> = (0..opts.stage_tokens.max(1)).map(|_| rng.random_range(0..limit)).collect();
+            let t = Instant::now();
+            dec.restore(snap)?;
+            let l = dec.forward(&instruction, Logits::Last)?;
+            decode(&mut dec, argmax(&l.row(0).as_slice().expect("contiguous logits")[..limit as usize]))?;
+            stage_s.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let prefix_reuse_ratio = (!stage_s.is_empty()).then(|| (prefill_s + stage_s.iter().sum::<f64>()) / (prefill_s + stage_s[0]));
 
     Ok(BenchReport {
         prefill_tokens_per_s: opts.prompt_tokens as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },
         ttft_s,
         peak_rss_bytes: peak_rss_bytes(),
-        kv_state_bytes: dec.state_bytes() as u64,
+        kv_state_bytes,
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
         prefill_chunk: opts.prefill_chunk,
@@ -122,5 +153,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         precision: model.manifest.precision.name().into(),
         linear_attn: format!("{:?}", model.manifest.linear_attn).to_lowercase(),
         source: model.manifest.source.clone(),
+        stage_s,
+        prefix_reuse_ratio,
+        snapshot_bytes: snap.as_ref().map(|s| s.bytes()).unwrap_or(0),
     })
 }

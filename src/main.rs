@@ -61,6 +61,12 @@ enum Cmd {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Run this many stages on the prompt through a snapshot (prefix reuse).
+        #[arg(long, default_value_t = 1)]
+        stages: usize,
+        /// Instruction tokens per stage.
+        #[arg(long, default_value_t = 32)]
+        stage_tokens: usize,
     },
     /// Demo: build the bundled tiny random-weight model if needed and generate from a prompt.
     Demo {
@@ -208,9 +214,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        Cmd::Bench { model, prompt_tokens, gen_tokens, prefill_chunk, threads, seed, json } => {
+        Cmd::Bench { model, prompt_tokens, gen_tokens, prefill_chunk, threads, seed, json, stages, stage_tokens } => {
             let m = ModelDir::open(&model)?;
-            let opts = deltadoc::bench::BenchOptions { prompt_tokens, gen_tokens, prefill_chunk, seed };
+            let opts = deltadoc::bench::BenchOptions { prompt_tokens, gen_tokens, prefill_chunk, seed, stages, stage_tokens };
             let r = deltadoc::bench::run(&m, &session_options(threads), &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -227,6 +233,14 @@ fn run(cli: Cli) -> Result<()> {
                 println!("decode         {} tokens, {:.2} tok/s", r.gen_tokens, r.decode_tokens_per_s);
                 println!("KV + state     {:.1} MiB", mib(r.kv_state_bytes));
                 println!("peak RSS       {:.1} MiB", mib(r.peak_rss_bytes));
+                if let Some(ratio) = r.prefix_reuse_ratio {
+                    let stages: Vec<String> = r.stage_s.iter().map(|s| format!("{s:.2}")).collect();
+                    println!(
+                        "stages         {} s each after one shared prefill; total / one stage = {ratio:.2}",
+                        stages.join(", ")
+                    );
+                    println!("snapshot       {:.1} MiB", mib(r.snapshot_bytes as u64));
+                }
             }
             Ok(())
         }

@@ -106,4 +106,24 @@ fn bench_reports_the_documented_json_keys() {
     let cfg = open(&model).manifest.config;
     let want = cfg.kv_bytes_per_token() * (130 + 4) + cfg.linear_state_bytes();
     assert_eq!(v["kv_state_bytes"].as_u64().unwrap() as usize, want);
+    assert!(v["prefix_reuse_ratio"].is_null());
+    // Three stages on one prefilled prompt: each pays only its instruction and decode.
+    let out = deltadoc(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "130",
+        "--gen-tokens",
+        "3",
+        "--stages",
+        "3",
+        "--stage-tokens",
+        "8",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stage_s"].as_array().unwrap().len(), 3);
+    assert!(v["prefix_reuse_ratio"].as_f64().unwrap() >= 1.0);
+    assert!(v["snapshot_bytes"].as_u64().unwrap() > 0);
 }

@@ -166,6 +166,12 @@ fn time_conv(s: &mut Session, tokens: usize, call: usize) -> f64 {
     best
 }
 
+/// One result line: milliseconds per `per` repetitions for both, and ORT's time over ours.
+fn row(what: &str, ours: f64, ort: f64, per: usize) {
+    let ms = |s: f64| s * 1e3 / per as f64;
+    println!("{what:<28} {:>12.3} {:>12.3} {:>7.2}x", ms(ours), ms(ort), ort / ours);
+}
+
 fn main() {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let tokens = args.first().copied().unwrap_or(4096);
@@ -173,28 +179,12 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     println!("one 0.8B DeltaNet layer (16 heads, 128x128 state, conv 6144 ch), 2 threads; {tokens} tokens in calls of {call}");
     println!("{:<28} {:>12} {:>12} {:>8}", "op", "deltadoc ms", "ORT ms", "ratio");
-    let (mut ours, mut theirs) = (rule_graph(dir.path(), false), rule_graph(dir.path(), true));
-    let (a, b) = (time_rule(&mut ours, tokens, call), time_rule(&mut theirs, tokens, call));
-    println!("{:<28} {:>12.1} {:>12.1} {:>7.2}x", "gated delta rule, prefill", a * 1e3, b * 1e3, b / a);
     let steps = 64;
-    let (a, b) = (time_rule(&mut ours, steps, 1), time_rule(&mut theirs, steps, 1));
-    println!(
-        "{:<28} {:>12.3} {:>12.3} {:>7.2}x",
-        "gated delta rule, decode/tok",
-        a * 1e3 / steps as f64,
-        b * 1e3 / steps as f64,
-        b / a
-    );
+    let (mut ours, mut theirs) = (rule_graph(dir.path(), false), rule_graph(dir.path(), true));
+    row("gated delta rule, prefill", time_rule(&mut ours, tokens, call), time_rule(&mut theirs, tokens, call), 1);
+    row("gated delta rule, decode/tok", time_rule(&mut ours, steps, 1), time_rule(&mut theirs, steps, 1), steps);
     let (mut ours, mut theirs) = (conv_graph(dir.path(), false), conv_graph(dir.path(), true));
-    let (a, b) = (time_conv(&mut ours, tokens, call), time_conv(&mut theirs, tokens, call));
-    println!("{:<28} {:>12.1} {:>12.1} {:>7.2}x", "causal conv, prefill", a * 1e3, b * 1e3, b / a);
-    let (a, b) = (time_conv(&mut ours, steps, 1), time_conv(&mut theirs, steps, 1));
-    println!(
-        "{:<28} {:>12.3} {:>12.3} {:>7.2}x",
-        "causal conv, decode/tok",
-        a * 1e3 / steps as f64,
-        b * 1e3 / steps as f64,
-        b / a
-    );
+    row("causal conv, prefill", time_conv(&mut ours, tokens, call), time_conv(&mut theirs, tokens, call), 1);
+    row("causal conv, decode/tok", time_conv(&mut ours, steps, 1), time_conv(&mut theirs, steps, 1), steps);
     println!("ratio = ORT time / deltadoc time (> 1: deltadoc faster)");
 }

@@ -102,7 +102,8 @@ fn bench_reports_the_documented_json_keys() {
     for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_bytes", "kv_state_bytes"] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} = {}", v[key]);
     }
-    // KV for 135 tokens in two attention layers (1 kv head × 32) plus the DeltaNet states.
+    // KV for the 134 tokens fed (130 prompt + 4 decode steps) in the two attention layers, plus
+    // the DeltaNet states.
     let cfg = open(&model).manifest.config;
     let want = cfg.kv_bytes_per_token() * (130 + 4) + cfg.linear_state_bytes();
     assert_eq!(v["kv_state_bytes"].as_u64().unwrap() as usize, want);

@@ -13,8 +13,9 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use crate::model::ModelDir;
 use crate::model::config::{LayerKind, TextConfig};
 use crate::model::graph::{present_name, state_names};
+use crate::model::quant::Precision;
 use crate::progress::Progress;
-use crate::runtime::{self, SessionOptions};
+use crate::runtime::{self, Prepack, SessionOptions};
 use crate::snapshot::{Snapshot, StateTensor, ids_digest};
 
 /// A decoder session with its carried state (one sequence).
@@ -40,7 +41,11 @@ pub enum Logits {
 impl Decoder {
     /// Opens the model folder's graph with deltadoc's operators and starts an empty sequence.
     pub fn open(model: &ModelDir, opts: &SessionOptions) -> Result<Self> {
-        let session = runtime::open_session(&model.graph_path(), opts)?;
+        let prepack = match model.manifest.precision {
+            Precision::Int8 | Precision::Int4 => Prepack::Yes,
+            Precision::Fp32 | Precision::Fp16 => Prepack::No,
+        };
+        let session = runtime::open_session_with(&model.graph_path(), opts, prepack)?;
         let cfg = model.manifest.config.clone();
         let identity = model.manifest.identity();
         let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, identity };

@@ -65,8 +65,26 @@ pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// Whether ONNX Runtime may copy constant weights into its packed GEMM layout at load.
+///
+/// Measured on the 0.8B shape (benches/RESULTS.md): for f32 `MatMul` weights prepacking costs
+/// ~1 GiB of RAM and 4–6 s of load and made prefill and decode *slower*; `MatMulNBits` (int8/int4)
+/// needs it for its fast path (decode 0.3 tok/s without it against 7–14 with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prepack {
+    /// Let ORT prepack constant weights (its default).
+    Yes,
+    /// Keep weights where they are (mapped from the external data file).
+    No,
+}
+
 /// Opens a graph written by the importer, with deltadoc's operators registered.
 pub fn open_session(model: &Path, opts: &SessionOptions) -> Result<Session> {
+    open_session_with(model, opts, Prepack::Yes)
+}
+
+/// [`open_session`] with an explicit weight-prepacking choice.
+pub fn open_session_with(model: &Path, opts: &SessionOptions, prepack: Prepack) -> Result<Session> {
     let env = environment()?;
     let domain = crate::ops::domain().map_err(|e| anyhow!("cannot build the {} operator domain: {e}", crate::ops::DOMAIN))?;
     let build = || -> std::result::Result<Session, ort::Error> {
@@ -77,6 +95,9 @@ pub fn open_session(model: &Path, opts: &SessionOptions) -> Result<Session> {
             .with_inter_threads(1)?
             .with_intra_op_spinning(opts.spin)?
             .with_memory_pattern(false)?;
+        if prepack == Prepack::No {
+            b = b.with_config_entry("session.disable_prepacking", "1")?;
+        }
         let _guard = COMMIT.lock().unwrap_or_else(|p| p.into_inner());
         b.commit_from_file(model)
     };

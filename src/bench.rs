@@ -108,14 +108,16 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let last = dec.prefill(&prompt, opts.prefill_chunk, |n| progress.inc(n as u64))?;
     let prefill_s = t0.elapsed().as_secs_f64();
     progress.finish();
-    let tok = argmax(&last[..limit as usize]);
+    // Greedy over real tokens only (the padded vocabulary rows are never chosen).
+    let pick = |row: &[f32]| argmax(&row[..limit as usize]);
+    let tok = pick(&last);
     let ttft_s = t0.elapsed().as_secs_f64();
 
     let snap = if opts.stages > 1 { Some(dec.snapshot()?) } else { None };
     let decode = |dec: &mut Decoder, mut tok: u32| -> Result<()> {
         for _ in 1..opts.gen_tokens {
             let l = dec.forward(&[tok], Logits::Last)?;
-            tok = argmax(&l.row(0).as_slice().expect("contiguous logits")[..limit as usize]);
+            tok = pick(l.row(0).as_slice().expect("contiguous logits"));
         }
         Ok(())
     };
@@ -133,7 +135,7 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
             let t = Instant::now();
             dec.restore(snap)?;
             let l = dec.forward(&instruction, Logits::Last)?;
-            decode(&mut dec, argmax(&l.row(0).as_slice().expect("contiguous logits")[..limit as usize]))?;
+            decode(&mut dec, pick(l.row(0).as_slice().expect("contiguous logits")))?;
             stage_s.push(t.elapsed().as_secs_f64());
         }
     }

@@ -55,18 +55,14 @@ impl Decoder {
 
     /// Bytes of the carried state (KV cache of the attention layers + conv and recurrent state).
     pub fn state_bytes(&self) -> usize {
-        self.state
-            .iter()
-            .map(|(_, v)| v.try_extract_tensor::<f32>().map(|(s, _)| s.iter().product::<i64>() as usize * 4).unwrap_or(0))
-            .sum()
+        self.state.iter().filter_map(|(_, v)| view(v).ok()).map(|(_, data)| data.len() * 4).sum()
     }
 
     /// Shape and values of one carried state (`past.<layer>.<key|value|conv|recurrent>`), as the
     /// next call will read it.
     pub fn state(&self, name: &str) -> Option<(Vec<usize>, &[f32])> {
         let (_, v) = self.state.iter().find(|(n, _)| n == name)?;
-        let (shape, data) = v.try_extract_tensor::<f32>().ok()?;
-        Some((shape.iter().map(|&d| d as usize).collect(), data))
+        view(v).ok()
     }
 
     /// Tokens consumed so far in this sequence.
@@ -78,12 +74,8 @@ impl Decoder {
     pub fn snapshot(&self) -> Result<Snapshot> {
         let mut tensors = Vec::with_capacity(self.state.len());
         for (name, v) in &self.state {
-            let (shape, data) = v.try_extract_tensor::<f32>()?;
-            tensors.push(StateTensor {
-                name: name.clone(),
-                shape: shape.iter().map(|&d| d as usize).collect(),
-                data: data.to_vec(),
-            });
+            let (shape, data) = view(v)?;
+            tensors.push(StateTensor { name: name.clone(), shape, data: data.to_vec() });
         }
         Ok(Snapshot { model: self.identity.clone(), tokens: self.past_len, prefix_sha256: String::new(), tensors })
     }
@@ -99,7 +91,7 @@ impl Decoder {
         }
         let mut state = Vec::with_capacity(snap.tensors.len());
         for ((name, current), t) in self.state.iter().zip(&snap.tensors) {
-            let (shape, _) = current.try_extract_tensor::<f32>()?;
+            let (shape, _) = view(current)?;
             // Only the attention caches grow, along their time axis, which must hold `tokens` rows.
             let grows = name.ends_with(".key") || name.ends_with(".value");
             let fits = shape.len() == t.shape.len()
@@ -107,7 +99,7 @@ impl Decoder {
                     .iter()
                     .zip(&t.shape)
                     .enumerate()
-                    .all(|(i, (&now, &saved))| if grows && i == 2 { saved == snap.tokens } else { now as usize == saved });
+                    .all(|(i, (&now, &saved))| if grows && i == 2 { saved == snap.tokens } else { now == saved });
             if &t.name != name || !fits {
                 bail!("snapshot tensor {} {:?} does not fit state {name} {:?}", t.name, t.shape, shape);
             }
@@ -267,6 +259,12 @@ impl Decoder {
         }
         Ok(Resumed { logits: last, resumed_at, checkpoint_bytes: saved_bytes })
     }
+}
+
+/// Shape and values of an f32 state tensor.
+fn view(v: &DynValue) -> Result<(Vec<usize>, &[f32])> {
+    let (shape, data) = v.try_extract_tensor::<f32>()?;
+    Ok((shape.iter().map(|&d| d as usize).collect(), data))
 }
 
 /// Result of [`Decoder::prefill_resumable`].

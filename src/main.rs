@@ -221,7 +221,6 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 println!("model          {} ({}, {} DeltaNet ops)", m.dir.display(), r.precision, r.linear_attn);
                 println!("threads        {}", r.threads);
                 println!("load           {:.2} s", r.load_s);
@@ -388,10 +387,15 @@ fn generate_cmd(g: GenerateArgs) -> Result<()> {
             stats.prompt_tokens,
             stats.generated_tokens,
             stats.stopped_by,
-            dec.state_bytes() as f64 / (1 << 20) as f64
+            mib(dec.state_bytes() as u64)
         );
     }
     Ok(())
+}
+
+/// Bytes as mebibytes, for human-readable output.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
 
 /// Writes rows of equal length as a float32 little-endian `.npy` (format 1.0).

@@ -81,24 +81,17 @@ fn bad_input_gets_a_clear_error() {
     assert!(!out.status.success() && err.contains("token id 99999 is outside the vocabulary"), "{err}");
 }
 
+/// `deltadoc bench --json` on `model` with 130 random prompt tokens, plus `extra` flags.
+fn bench_json(model: &std::path::Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bench", "--model", model.to_str().unwrap(), "--prompt-tokens", "130", "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_slice(&deltadoc(&args).stdout).unwrap()
+}
+
 #[test]
 fn bench_reports_the_documented_json_keys() {
     let model = imported("gqa8", deltadoc::model::quant::Precision::Fp32);
-    let out = deltadoc(&[
-        "bench",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt-tokens",
-        "130",
-        "--gen-tokens",
-        "5",
-        "--prefill-chunk",
-        "64",
-        "--threads",
-        "2",
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = bench_json(&model, &["--gen-tokens", "5", "--prefill-chunk", "64", "--threads", "2"]);
     for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "ttft_s", "peak_rss_bytes", "kv_state_bytes"] {
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} = {}", v[key]);
     }
@@ -109,21 +102,7 @@ fn bench_reports_the_documented_json_keys() {
     assert_eq!(v["kv_state_bytes"].as_u64().unwrap() as usize, want);
     assert!(v["prefix_reuse_ratio"].is_null());
     // Three stages on one prefilled prompt: each pays only its instruction and decode.
-    let out = deltadoc(&[
-        "bench",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt-tokens",
-        "130",
-        "--gen-tokens",
-        "3",
-        "--stages",
-        "3",
-        "--stage-tokens",
-        "8",
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = bench_json(&model, &["--gen-tokens", "3", "--stages", "3", "--stage-tokens", "8"]);
     assert_eq!(v["stage_s"].as_array().unwrap().len(), 3);
     assert!(v["prefix_reuse_ratio"].as_f64().unwrap() >= 1.0);
     assert!(v["snapshot_bytes"].as_u64().unwrap() > 0);

@@ -100,21 +100,20 @@ impl Prepared {
     }
 }
 
-/// One batch row, single-threaded. `x` is `[T, C]` (channels last, as the projections produce
-/// it), `w` is `[C, K]`, `state` is `[C, K − 1]` and is replaced by the state after the last
-/// token; `out` is `[T, C]`.
-pub fn causal_conv(x: &[f32], w: &[f32], state: &mut [f32], out: &mut [f32], channels: usize, act: Activation) {
-    let p = Prepared::new(w, state, channels);
-    p.rows(x, 0..x.len() / channels, out, act);
-    p.next_state(x, state);
-}
-
 /// Largest kernel width accepted (Qwen3.5 uses 4); a sanity bound on the attribute-free shape.
 pub const MAX_KERNEL: usize = 17;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One batch row, single-threaded: `x [T, C]`, `w [C, K]`, `state [C, K − 1]` (replaced by the
+    /// state after the last token), `out [T, C]`.
+    fn causal_conv(x: &[f32], w: &[f32], state: &mut [f32], out: &mut [f32], channels: usize, act: Activation) {
+        let p = Prepared::new(w, state, channels);
+        p.rows(x, 0..x.len() / channels, out, act);
+        p.next_state(x, state);
+    }
 
     /// Plain definition over the full sequence with zero history.
     fn reference(x: &[f32], w: &[f32], channels: usize) -> Vec<f32> {

@@ -105,7 +105,10 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
 
     let mut progress = Progress::new(prompt.len() as u64, "prefill");
     let t0 = Instant::now();
-    let last = dec.prefill(&prompt, opts.prefill_chunk, |n| progress.inc(n as u64))?;
+    let last = dec.prefill(&prompt, opts.prefill_chunk, |n| {
+        progress.inc(n as u64);
+        Ok(())
+    })?;
     let prefill_s = t0.elapsed().as_secs_f64();
     progress.finish();
     // Greedy over real tokens only (the padded vocabulary rows are never chosen).

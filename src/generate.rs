@@ -180,13 +180,14 @@ impl Decoder {
     }
 
     /// Prefills `ids` in chunks of `chunk` tokens; returns the logits of the last token.
-    pub fn prefill(&mut self, ids: &[u32], chunk: usize, mut on_chunk: impl FnMut(usize)) -> Result<Vec<f32>> {
+    /// `on_chunk` sees each chunk's size and may abort the prefill by returning an error.
+    pub fn prefill(&mut self, ids: &[u32], chunk: usize, mut on_chunk: impl FnMut(usize) -> Result<()>) -> Result<Vec<f32>> {
         let chunk = chunk.max(1);
         let mut last = Vec::new();
         for part in ids.chunks(chunk) {
             let l = self.forward(part, Logits::Last)?;
             last = l.row(0).to_vec();
-            on_chunk(part.len());
+            on_chunk(part.len())?;
         }
         Ok(last)
     }
@@ -404,13 +405,40 @@ mod secs {
     }
 }
 
+/// Decodes from the logits of the last prompt token until a stop token or the token limit;
+/// `on_token` sees every generated token and may abort by returning an error. Returns the tokens
+/// and why generation ended.
+pub fn decode(
+    dec: &mut Decoder,
+    mut logits: Vec<f32>,
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, String)> {
+    let vocab_limit = crate::tokenizer::SPECIAL_START as usize + crate::tokenizer::SPECIALS.len();
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut out = Vec::new();
+    while out.len() < opts.max_new_tokens {
+        let tok = sampler.pick(&logits, vocab_limit);
+        if opts.stop_tokens.contains(&tok) {
+            return Ok((out, format!("stop token {tok}")));
+        }
+        out.push(tok);
+        on_token(tok)?;
+        if out.len() == opts.max_new_tokens {
+            break;
+        }
+        logits = dec.forward(&[tok], Logits::Last)?.row(0).to_vec();
+    }
+    Ok((out, "max_new_tokens".into()))
+}
+
 /// Prefills `prompt` and decodes until a stop token or the token limit; `on_token` sees every
 /// generated token (stop tokens excluded) as it is produced.
 pub fn generate(
     dec: &mut Decoder,
     prompt: &[u32],
     opts: &GenerateOptions,
-    mut on_token: impl FnMut(u32) -> Result<()>,
+    on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
     let t0 = Instant::now();
@@ -421,7 +449,7 @@ pub fn generate(
             p.inc(n as u64);
         }
     };
-    let mut logits = match &opts.checkpoint {
+    let logits = match &opts.checkpoint {
         Some((path, every)) => {
             let r = dec.prefill_resumable(prompt, opts.prefill_chunk, path, *every, |n| {
                 tick(n);
@@ -432,30 +460,18 @@ pub fn generate(
             }
             r.logits
         }
-        None => dec.prefill(prompt, opts.prefill_chunk, tick)?,
+        None => dec.prefill(prompt, opts.prefill_chunk, |n| {
+            tick(n);
+            Ok(())
+        })?,
     };
     if let Some(p) = &progress {
         p.finish();
     }
     stats.prefill_time = t0.elapsed();
-    let vocab_limit = crate::tokenizer::SPECIAL_START as usize + crate::tokenizer::SPECIALS.len();
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut out = Vec::new();
     let t1 = Instant::now();
-    stats.stopped_by = "max_new_tokens".into();
-    while out.len() < opts.max_new_tokens {
-        let tok = sampler.pick(&logits, vocab_limit);
-        if opts.stop_tokens.contains(&tok) {
-            stats.stopped_by = format!("stop token {tok}");
-            break;
-        }
-        out.push(tok);
-        on_token(tok)?;
-        if out.len() == opts.max_new_tokens {
-            break;
-        }
-        logits = dec.forward(&[tok], Logits::Last)?.row(0).to_vec();
-    }
+    let (out, stopped_by) = decode(dec, logits, opts, on_token)?;
+    stats.stopped_by = stopped_by;
     stats.decode_time = t1.elapsed();
     stats.generated_tokens = out.len();
     Ok((out, stats))

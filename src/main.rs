@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
+use deltadoc::daemon;
 use deltadoc::generate::{self, Decoder, GenerateOptions, Logits, Sampling};
 use deltadoc::model::config::Shape;
 use deltadoc::model::graph::LinearAttn;
@@ -13,6 +14,7 @@ use deltadoc::model::quant::Precision;
 use deltadoc::model::{self, ExportOptions, ModelDir};
 use deltadoc::progress::Progress;
 use deltadoc::runtime::SessionOptions;
+use deltadoc::store::{Ledger, SqliteLedger};
 use deltadoc::tokenizer::{Message, Role, STOP_TOKENS};
 
 #[derive(Parser)]
@@ -68,12 +70,76 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         stage_tokens: usize,
     },
-    /// Demo: build the bundled tiny random-weight model if needed and generate from a prompt.
-    Demo {
-        /// Where the demo model lives.
-        #[arg(long, default_value = ".cache/models/tiny")]
-        model: PathBuf,
+    /// Run the daemon: watch the inboxes, process documents, serve metrics (SIGTERM drains).
+    Serve(DaemonArgs),
+    /// Process what is in the inboxes now (schedules ignored), then exit.
+    Run {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Required: one pass (continuous running is `serve`).
+        #[arg(long)]
+        once: bool,
     },
+    /// Process one file through a pipeline and print its result JSON (no ledger).
+    Process {
+        file: PathBuf,
+        #[arg(long)]
+        pipeline: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Queue and recent jobs from the ledger.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+        /// Recent jobs to list.
+        #[arg(long, default_value_t = 20)]
+        recent: usize,
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue failed (quarantined or waiting) jobs again.
+    Retry {
+        /// Job id (see `status`).
+        job: Option<i64>,
+        /// Every failed job.
+        #[arg(long, conflicts_with = "job")]
+        failed: bool,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Configuration commands.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Extract the text of a file per page (what the pipeline's extract step sees).
+    Extract {
+        file: PathBuf,
+        /// Print the JSON the daemon reads instead of the text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 5000)]
+        max_pages: u32,
+    },
+}
+
+#[derive(Args, Clone)]
+struct DaemonArgs {
+    /// Daemon configuration (default: config/deltadoc.yaml if present, else built-in defaults).
+    #[arg(long, env = "DELTADOC_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+impl DaemonArgs {
+    fn load(&self) -> Result<deltadoc::config::Config> {
+        deltadoc::config::Config::load(self.config.as_deref())
+    }
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate the daemon configuration and every pipeline; print a summary.
+    Check(DaemonArgs),
 }
 
 #[derive(Args, Clone)]
@@ -192,27 +258,140 @@ fn session_options(threads: usize) -> SessionOptions {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DELTADOC_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-    if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    let cli = Cli::parse();
+    // Daemon commands log in the configured format; a broken configuration is reported below.
+    let json = match &cli.cmd {
+        Cmd::Serve(d) | Cmd::Run { daemon: d, .. } => {
+            d.load().map(|c| c.daemon.log_format == deltadoc::config::LogFormat::Json).unwrap_or(false)
+        }
+        _ => false,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DELTADOC_LOG").unwrap_or_else(|_| "info".into());
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    if json {
+        fmt.json().init();
+    } else {
+        fmt.init();
+    }
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Runs a command; the exit code is 0 unless the command reports a per-file failure.
+fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Model(m) => model_cmd(m),
-        Cmd::Generate(g) => generate_cmd(g),
+        Cmd::Serve(d) => daemon::run(d.load()?, daemon::Mode::Serve).map(|_| 0),
+        Cmd::Run { daemon: d, once } => {
+            if !once {
+                bail!("`run` needs --once (use `serve` to keep running)");
+            }
+            let cfg = d.load()?;
+            let outputs: Vec<String> = cfg
+                .pipelines
+                .iter()
+                .map(|p| format!("{}: {} (failed documents: {})", p.name(), p.output.display(), p.quarantine.display()))
+                .collect();
+            daemon::run(cfg, daemon::Mode::Once)?;
+            eprintln!("results (one JSON per document):\n  {}", outputs.join("\n  "));
+            Ok(0)
+        }
+        Cmd::Process { file, pipeline, daemon: d } => {
+            let cfg = d.load()?;
+            match daemon::process_one(&cfg, &pipeline, &file)? {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                    Ok(0)
+                }
+                Err(f) => {
+                    println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "error": f }))?);
+                    eprintln!("error: {} ({}, stage {})", f.message, f.reason.name(), f.stage);
+                    Ok(2)
+                }
+            }
+        }
+        Cmd::Status { daemon: d, recent, json } => status_cmd(&d.load()?, recent, json).map(|_| 0),
+        Cmd::Retry { job, failed, daemon: d } => {
+            if job.is_none() && !failed {
+                bail!("name a job id or give --failed");
+            }
+            let cfg = d.load()?;
+            let mut l = SqliteLedger::open(&cfg.daemon.state_dir)?;
+            let n = l.retry(job)?;
+            if let Some(id) = job
+                && n == 0
+            {
+                bail!("job {id} is not failed, quarantined or done (see `deltadoc status`)");
+            }
+            eprintln!("{n} job(s) queued again; a running daemon picks them up (or run `deltadoc run --once`)");
+            Ok(0)
+        }
+        Cmd::Config(ConfigCmd::Check(d)) => {
+            let cfg = d.load()?;
+            let src = cfg.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
+            println!("config {src}: ok (model {}, state {})", cfg.daemon.model.path.display(), cfg.daemon.state_dir.display());
+            for p in &cfg.pipelines {
+                let when = match &p.spec.schedule {
+                    Some(s) => format!("cron {:?} {} window {:?}", s.cron.text, s.timezone.name, s.window.0),
+                    None => "continuous".into(),
+                };
+                let stages: Vec<String> = p.spec.stages.iter().map(|s| format!("{} ({})", s.name.value, s.kind.name())).collect();
+                println!(
+                    "pipeline {} v{} ({}): {} inbox(es) -> {}; {when}; stages: {}",
+                    p.name(),
+                    p.spec.version,
+                    p.file.display(),
+                    p.inboxes.len(),
+                    p.output.display(),
+                    stages.join(", ")
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Extract { file, json, max_pages } => {
+            let r = deltadoc::extract::extract_file(&file, deltadoc::extract::ExtractLimits { max_pages });
+            if json {
+                let o = match r {
+                    Ok(e) => deltadoc::extract::isolated::Outcome::Ok(e),
+                    Err(f) => deltadoc::extract::isolated::Outcome::Error(f),
+                };
+                println!("{}", serde_json::to_string(&o)?);
+                return Ok(0);
+            }
+            match r {
+                Ok(e) => {
+                    for w in &e.warnings {
+                        eprintln!("warning: {w}");
+                    }
+                    for p in &e.pages {
+                        println!(
+                            "--- page {} ({:?}{}) ---",
+                            p.number,
+                            p.method,
+                            p.ocr_reason.as_ref().map(|r| format!(": {r}")).unwrap_or_default()
+                        );
+                        println!("{}", p.text);
+                    }
+                    Ok(0)
+                }
+                Err(f) => {
+                    eprintln!("error: {} ({})", f.message, f.reason.name());
+                    Ok(2)
+                }
+            }
+        }
+        Cmd::Model(m) => model_cmd(m).map(|_| 0),
+        Cmd::Generate(g) => generate_cmd(g).map(|_| 0),
         Cmd::Tokenize { model, chat, think, text } => {
             let tok = ModelDir::open(&model)?.tokenizer()?;
             let ids =
                 if chat { tok.chat_prompt(&[Message { role: Role::User, content: text }], think)? } else { tok.encode(&text)? };
             println!("{}", serde_json::to_string(&ids)?);
-            Ok(())
+            Ok(0)
         }
         Cmd::Bench { model, prompt_tokens, gen_tokens, prefill_chunk, threads, seed, json, stages, stage_tokens } => {
             let m = ModelDir::open(&model)?;
@@ -241,36 +420,7 @@ fn run(cli: Cli) -> Result<()> {
                     println!("snapshot       {:.1} MiB", mib(r.snapshot_bytes as u64));
                 }
             }
-            Ok(())
-        }
-        Cmd::Demo { model } => {
-            if !model.join("manifest.json").is_file() {
-                tracing::info!("building the demo model (tiny shape, random weights) in {}", model.display());
-                let mut synth = model::synth::Synth::new(0);
-                model::export(
-                    &Shape::Tiny.config(),
-                    &mut synth,
-                    ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc },
-                    &model,
-                    "synth:tiny:seed=0".into(),
-                )?;
-            }
-            generate_cmd(GenerateArgs {
-                model,
-                prompt: "Summarise this agreement in one sentence: the Supplier delivers 100 units by 1 March 2027.".into(),
-                system: None,
-                max_new_tokens: 32,
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                seed: 0,
-                think: false,
-                prefill_chunk: 512,
-                threads: 0,
-                stats: true,
-                checkpoint: None,
-                checkpoint_every: 8192,
-            })
+            Ok(0)
         }
     }
 }
@@ -415,5 +565,55 @@ fn write_npy(path: &Path, rows: &[Vec<f32>]) -> Result<()> {
         f.write_all(bytemuck::cast_slice(r))?;
     }
     f.flush()?;
+    Ok(())
+}
+
+/// `deltadoc status`: queue per pipeline and state, schedules, recent jobs.
+fn status_cmd(cfg: &deltadoc::config::Config, recent: usize, json: bool) -> Result<()> {
+    let mut l = SqliteLedger::open(&cfg.daemon.state_dir)?;
+    let counts = l.counts()?;
+    let jobs = l.recent(recent)?;
+    let now = jiff::Timestamp::now();
+    let mut schedules = Vec::new();
+    for p in &cfg.pipelines {
+        if let Some(s) = &p.spec.schedule {
+            let last = l.last_run(p.name())?;
+            let next = deltadoc::schedule::next_fire(s, now).map(|t| t.to_string());
+            schedules.push(serde_json::json!({ "pipeline": p.name(), "cron": s.cron.text, "timezone": s.timezone.name,
+                "next": next, "last_run": last }));
+        }
+    }
+    if json {
+        let c: Vec<_> = counts.iter().map(|(p, s, n)| serde_json::json!({"pipeline": p, "state": s, "jobs": n})).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "counts": c, "schedules": schedules, "recent": jobs }))?
+        );
+        return Ok(());
+    }
+    println!("ledger {}", l.path().display());
+    if counts.is_empty() {
+        println!("no jobs yet");
+    }
+    for p in &cfg.pipelines {
+        let line: Vec<String> = counts.iter().filter(|(q, _, _)| q == p.name()).map(|(_, s, n)| format!("{s} {n}")).collect();
+        if !line.is_empty() {
+            println!("{:<16} {}", p.name(), line.join(", "));
+        }
+    }
+    for s in &schedules {
+        println!("schedule {}", s);
+    }
+    if !jobs.is_empty() {
+        println!("\n{:>6}  {:<12} {:<12} {:>3}  document", "job", "pipeline", "state", "try");
+    }
+    for j in jobs {
+        let detail = match (&j.error, &j.stage) {
+            (Some(e), _) if j.state != "done" => format!("  [{}: {}]", e.reason.name(), e.message),
+            (_, Some(st)) if j.state == "running" => format!("  [{st}]"),
+            _ => j.duplicate_of.map(|d| format!("  [duplicate of job {d}]")).unwrap_or_default(),
+        };
+        println!("{:>6}  {:<12} {:<12} {:>3}  {}{detail}", j.id, j.pipeline, j.state, j.attempts, j.rel_path.display());
+    }
     Ok(())
 }

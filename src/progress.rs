@@ -51,3 +51,54 @@ impl Progress {
         }
     }
 }
+
+/// Progress of one document through its steps: a spinner line on a terminal showing the step
+/// and the prompt tokens prefilled so far, a log line per step otherwise.
+pub struct DocProgress {
+    bar: Option<ProgressBar>,
+    name: String,
+    step: std::cell::RefCell<String>,
+    tokens: std::cell::Cell<u64>,
+}
+
+impl DocProgress {
+    /// Starts showing `name` (e.g. `[3/10] contracts/lease.pdf`).
+    pub fn new(name: String) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(ProgressStyle::with_template("{spinner} {elapsed:>4} {msg}").expect("static template"));
+            b.enable_steady_tick(std::time::Duration::from_millis(200));
+            b.set_message(name.clone());
+            b
+        });
+        Self { bar, name, step: Default::default(), tokens: Default::default() }
+    }
+
+    /// A step started.
+    pub fn step(&self, step: &str) {
+        if *self.step.borrow() == step {
+            return;
+        }
+        *self.step.borrow_mut() = step.to_string();
+        match &self.bar {
+            Some(b) => b.set_message(format!("{}: {step}", self.name)),
+            None => tracing::info!("{}: {step}", self.name),
+        }
+    }
+
+    /// `n` more prompt tokens were prefilled.
+    pub fn prefilled(&self, n: usize) {
+        self.tokens.set(self.tokens.get() + n as u64);
+        if let Some(b) = &self.bar {
+            b.set_message(format!("{}: {} ({} tokens prefilled)", self.name, self.step.borrow(), self.tokens.get()));
+        }
+    }
+
+    /// Ends the line with an outcome.
+    pub fn finish(&self, outcome: &str) {
+        match &self.bar {
+            Some(b) => b.finish_with_message(format!("{}: {outcome}", self.name)),
+            None => tracing::info!("{}: {outcome}", self.name),
+        }
+    }
+}

@@ -242,7 +242,14 @@ impl Tokenizer {
             ids.push(IM_END);
             ids.extend(self.encode("\n")?);
         }
-        ids.push(IM_START);
+        ids.extend(self.assistant_header(thinking)?);
+        Ok(ids)
+    }
+
+    /// The opening of the assistant's turn that ends every prompt; with `thinking` off the empty
+    /// think block `<think>\n\n</think>\n\n` is included.
+    pub fn assistant_header(&self, thinking: bool) -> Result<Vec<u32>> {
+        let mut ids = vec![IM_START];
         ids.extend(self.encode("assistant\n")?);
         ids.push(THINK);
         if thinking {

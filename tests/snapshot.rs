@@ -84,7 +84,7 @@ fn an_interrupted_prefill_resumes_bit_exact() {
     let ckpt = dir.path().join("prefill.ddsnap");
 
     let mut dec = decoder("gqa8");
-    let want = dec.prefill(&ids, chunk, |_| {}).unwrap();
+    let want = dec.prefill(&ids, chunk, |_| Ok(())).unwrap();
 
     // A "crash" after 7 chunks (112 tokens): the last checkpoint is at token 96.
     let mut seen = 0;

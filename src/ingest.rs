@@ -1,0 +1,312 @@
+//! Finding documents: inotify events plus periodic full rescans of every inbox, filters
+//! (include/exclude globs, ignored temp and hidden names, no symlinks or special files), and the
+//! stability check that keeps half-written files out until their size and mtime settle and
+//! they open.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use globset::{GlobSet, GlobSetBuilder};
+use sha2::{Digest, Sha256};
+
+use crate::config::{GlobPattern, Pipeline};
+
+/// How a file was noticed (a metrics label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Seen {
+    /// A filesystem event.
+    Event,
+    /// A periodic or start-up scan.
+    Scan,
+}
+
+impl Seen {
+    /// Label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Seen::Event => "inotify",
+            Seen::Scan => "rescan",
+        }
+    }
+}
+
+/// One inbox of one pipeline, with its filters compiled.
+pub struct Inbox {
+    /// Index of the pipeline in the configuration.
+    pub pipeline: usize,
+    /// The folder (absolute).
+    pub root: PathBuf,
+    include: Option<GlobSet>,
+    exclude: GlobSet,
+    recursive: bool,
+}
+
+/// A file that passed the filters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    /// Index of the pipeline.
+    pub pipeline: usize,
+    /// Inbox folder.
+    pub inbox: PathBuf,
+    /// Path relative to the inbox.
+    pub rel: PathBuf,
+}
+
+impl Candidate {
+    /// Absolute path.
+    pub fn path(&self) -> PathBuf {
+        self.inbox.join(&self.rel)
+    }
+}
+
+fn globset(globs: &[GlobPattern]) -> Result<GlobSet> {
+    let mut b = GlobSetBuilder::new();
+    for g in globs {
+        b.add(g.glob.clone());
+    }
+    Ok(b.build()?)
+}
+
+/// The inboxes of all pipelines.
+pub fn inboxes(pipelines: &[Pipeline]) -> Result<Vec<Inbox>> {
+    let mut out = Vec::new();
+    for (i, p) in pipelines.iter().enumerate() {
+        for (spec, root) in p.spec.inboxes.iter().zip(&p.inboxes) {
+            out.push(Inbox {
+                pipeline: i,
+                root: root.clone(),
+                include: if spec.include.is_empty() { None } else { Some(globset(&spec.include)?) },
+                exclude: globset(&spec.exclude)?,
+                recursive: spec.recursive,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Filters shared by all inboxes: ignored names.
+pub struct Filters {
+    ignore: GlobSet,
+}
+
+impl Filters {
+    /// From the daemon's `ingest.ignore` list.
+    pub fn new(ignore: &[GlobPattern]) -> Result<Self> {
+        Ok(Self { ignore: globset(ignore)? })
+    }
+
+    fn ignored_name(&self, name: &std::ffi::OsStr) -> bool {
+        self.ignore.is_match(Path::new(name))
+    }
+
+    /// The candidate for `path` if it belongs to `inbox` and passes its filters; `Err` names a
+    /// refused file (symlink, special file) worth a warning.
+    pub fn admit(&self, inbox: &Inbox, path: &Path) -> Result<Option<Candidate>, String> {
+        let Ok(rel) = path.strip_prefix(&inbox.root) else { return Ok(None) };
+        if rel.as_os_str().is_empty() || (!inbox.recursive && rel.components().count() > 1) {
+            return Ok(None);
+        }
+        // Hidden or temporary names anywhere in the relative path (e.g. `.sync/` folders).
+        if rel.components().any(|c| self.ignored_name(c.as_os_str())) {
+            return Ok(None);
+        }
+        if inbox.include.as_ref().is_some_and(|g| !g.is_match(rel)) || inbox.exclude.is_match(rel) {
+            return Ok(None);
+        }
+        let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(None) };
+        let ft = meta.file_type();
+        if ft.is_symlink() {
+            return Err(format!("{}: symbolic link refused (documents must be regular files in the inbox)", path.display()));
+        }
+        if ft.is_dir() {
+            return Ok(None);
+        }
+        if !ft.is_file() {
+            return Err(format!("{}: not a regular file (device, socket or FIFO); refused", path.display()));
+        }
+        Ok(Some(Candidate { pipeline: inbox.pipeline, inbox: inbox.root.clone(), rel: rel.to_path_buf() }))
+    }
+
+    /// Every admissible file under `inbox`; refusals go to `refused`.
+    pub fn scan(&self, inbox: &Inbox, out: &mut Vec<Candidate>, refused: &mut Vec<String>) -> Result<()> {
+        let mut stack = vec![inbox.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let entries = std::fs::read_dir(&dir).with_context(|| format!("{}: cannot read inbox folder", dir.display()))?;
+            for e in entries.flatten() {
+                let path = e.path();
+                let Ok(ft) = e.file_type() else { continue };
+                if ft.is_dir() {
+                    let rel_ok =
+                        path.strip_prefix(&inbox.root).is_ok_and(|r| !r.components().any(|c| self.ignored_name(c.as_os_str())));
+                    if inbox.recursive && rel_ok {
+                        stack.push(path);
+                    }
+                    continue;
+                }
+                match self.admit(inbox, &path) {
+                    Ok(Some(c)) => out.push(c),
+                    Ok(None) => {}
+                    Err(why) => refused.push(why),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Size and modification time of a file, the stability signature.
+pub fn signature(path: &Path) -> Option<(u64, i64)> {
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.file_type().is_file().then(|| (m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()))
+}
+
+/// True when the file opens for reading and no writer holds an exclusive lock on it.
+pub fn opens(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(path) else { return false };
+    // SAFETY: flock on a descriptor we own; a shared non-blocking lock only probes.
+    let locked = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0;
+    !locked
+}
+
+struct Pending {
+    sig: (u64, i64),
+    since: Instant,
+    seen: Seen,
+}
+
+/// Files waiting for a stable size and mtime.
+pub struct Stability {
+    window: Duration,
+    pending: HashMap<Candidate, Pending>,
+    /// Files already handed on, with the signature they had: unchanged ones are not re-checked.
+    settled: HashMap<Candidate, (u64, i64)>,
+}
+
+impl Stability {
+    /// With the configured window.
+    pub fn new(window: Duration) -> Self {
+        Self { window, pending: HashMap::new(), settled: HashMap::new() }
+    }
+
+    /// Notes a sighting; returns true when the file is new to the tracker (not pending, and
+    /// not settled with the same signature).
+    pub fn observe(&mut self, c: Candidate, seen: Seen, now: Instant) -> bool {
+        let Some(sig) = signature(&c.path()) else {
+            self.pending.remove(&c);
+            return false;
+        };
+        if self.settled.get(&c) == Some(&sig) {
+            return false;
+        }
+        match self.pending.get_mut(&c) {
+            Some(p) => {
+                if p.sig != sig {
+                    p.sig = sig;
+                    p.since = now;
+                }
+                false
+            }
+            None => {
+                self.pending.insert(c, Pending { sig, since: now, seen });
+                true
+            }
+        }
+    }
+
+    /// Files whose signature held for the whole window and that open; they leave the pending set
+    /// (with how they were first seen).
+    pub fn take_ready(&mut self, now: Instant) -> Vec<(Candidate, (u64, i64), Seen)> {
+        let mut ready = Vec::new();
+        let mut gone = Vec::new();
+        for (c, p) in self.pending.iter_mut() {
+            match signature(&c.path()) {
+                None => gone.push(c.clone()),
+                Some(sig) if sig != p.sig => {
+                    p.sig = sig;
+                    p.since = now;
+                }
+                Some(sig) if now.duration_since(p.since) >= self.window && opens(&c.path()) => {
+                    ready.push((c.clone(), sig, p.seen))
+                }
+                Some(_) => {}
+            }
+        }
+        for c in gone {
+            self.pending.remove(&c);
+        }
+        for (c, sig, _) in &ready {
+            self.pending.remove(c);
+            self.settled.insert(c.clone(), *sig);
+        }
+        ready
+    }
+
+    /// Files still waiting, per pipeline index.
+    pub fn waiting(&self) -> HashMap<usize, usize> {
+        let mut m = HashMap::new();
+        for c in self.pending.keys() {
+            *m.entry(c.pipeline).or_default() += 1;
+        }
+        m
+    }
+
+    /// Forgets a settled file (it moved away or must be looked at again).
+    pub fn forget(&mut self, c: &Candidate) {
+        self.settled.remove(c);
+    }
+}
+
+/// The idempotency key of a job: content, pipeline, its version, and the model.
+pub fn job_key(sha256: &str, pipeline: &str, version: u32, model: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("{sha256}\n{pipeline}\n{version}\n{model}").as_bytes());
+    crate::fetch::hex(&h.finalize())
+}
+
+/// Starts an inotify watcher on every inbox; paths of created, modified and renamed-in files
+/// go to `tx`. Returns `None` (and the reason) when the platform refuses (e.g. the inotify
+/// watch limit): the periodic rescan then does all the work.
+pub fn watch(roots: &[(PathBuf, bool)], tx: Sender<PathBuf>) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_))
+        {
+            for p in ev.paths {
+                let _ = tx.send(p);
+            }
+        }
+    })
+    .map_err(|e| format!("cannot start the file watcher: {e}"))?;
+    for (root, recursive) in roots {
+        let mode = if *recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+        w.watch(root, mode).map_err(|e| format!("{}: cannot watch: {e}", root.display()))?;
+    }
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stability_waits_for_the_window_and_restarts_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Candidate { pipeline: 0, inbox: dir.path().into(), rel: "a.txt".into() };
+        std::fs::write(c.path(), "part").unwrap();
+        let mut s = Stability::new(Duration::from_millis(200));
+        let t0 = Instant::now();
+        assert!(s.observe(c.clone(), Seen::Scan, t0));
+        assert!(s.take_ready(t0 + Duration::from_millis(100)).is_empty());
+        std::fs::write(c.path(), "partial write").unwrap();
+        assert!(s.take_ready(t0 + Duration::from_millis(250)).is_empty(), "changed size restarts the window");
+        let ready = s.take_ready(t0 + Duration::from_millis(500));
+        assert_eq!(ready.len(), 1);
+        assert!(!s.observe(c, Seen::Scan, t0 + Duration::from_millis(600)), "settled and unchanged");
+    }
+}

@@ -1,0 +1,234 @@
+//! Results and quarantine: one JSON file per document written atomically (temp file, fsync,
+//! rename, fsync of the folder) into the output folder mirroring the inbox layout; failed
+//! documents moved or copied to the quarantine folder next to an error JSON.
+//!
+//! The result's shape is [`DocResult`], described for consumers by `config/result.schema.json`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::chunk::Chunk;
+use crate::extract::Method;
+use crate::failure::Failure;
+use crate::pipeline::llm::ModelInfo;
+
+/// The JSON Schema of [`DocResult`] (draft 2020-12).
+pub const RESULT_SCHEMA: &str = include_str!("../config/result.schema.json");
+
+/// One document's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct DocResult {
+    /// deltadoc version that wrote it.
+    pub deltadoc_version: String,
+    /// Pipeline name and version.
+    pub pipeline: PipelineRef,
+    /// The input file.
+    pub source: Source,
+    /// Pages with how their text was obtained.
+    pub pages: Vec<PageResult>,
+    /// Tokens of the whole document text.
+    pub document_tokens: usize,
+    /// How the document was cut for the model.
+    pub chunks: Vec<Chunk>,
+    /// Whether any text was left out of a model call (documents are chunked, never cut; only a
+    /// part answer longer than a whole context in the reduce step could be, and it is then
+    /// named in `warnings`).
+    pub truncated: bool,
+    /// Model stage outputs by stage name.
+    pub stages: BTreeMap<String, StageResult>,
+    /// The model that produced them.
+    pub model: ModelInfo,
+    /// Seconds per step (`detect`, `extract`, `ocr`, `chunk`, each stage, `total`).
+    pub timings: BTreeMap<String, f64>,
+    /// Token totals over all stages.
+    pub tokens: TokenTotals,
+    /// Things the reader should know.
+    pub warnings: Vec<String>,
+    /// RFC 3339 time the result was written.
+    pub processed_at: String,
+}
+
+/// Pipeline identity.
+#[derive(Clone, Debug, Serialize)]
+pub struct PipelineRef {
+    /// Name.
+    pub name: String,
+    /// Declared version.
+    pub version: u32,
+}
+
+/// The input file.
+#[derive(Clone, Debug, Serialize)]
+pub struct Source {
+    /// Where it was read.
+    pub path: PathBuf,
+    /// Path relative to its inbox.
+    pub relative_path: PathBuf,
+    /// sha256 of the bytes.
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
+    /// Detected media type.
+    pub mime: String,
+    /// Text encoding of a text file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoding: Option<String>,
+}
+
+/// One page.
+#[derive(Clone, Debug, Serialize)]
+pub struct PageResult {
+    /// 1-based number.
+    pub number: u32,
+    /// How the text was obtained.
+    pub method: Method,
+    /// Why OCR was needed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ocr_reason: Option<String>,
+    /// Tokens of the page's text.
+    pub tokens: usize,
+    /// The text.
+    pub text: String,
+}
+
+/// One model stage's output.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageResult {
+    /// `summarize`, `prompt` or `ocr`.
+    pub kind: String,
+    /// The answer (after map-reduce for long documents).
+    pub output: String,
+    /// Per-chunk answers when the document took several chunks (the map step).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<String>,
+    /// Prompt tokens over all calls of the stage.
+    pub prompt_tokens: usize,
+    /// Generated tokens over all calls.
+    pub generated_tokens: usize,
+    /// Model calls.
+    pub calls: usize,
+    /// Why the final call stopped.
+    pub stopped_by: String,
+    /// Wall seconds.
+    pub duration_s: f64,
+    /// Seconds to the first generated token of the stage's first call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_s: Option<f64>,
+}
+
+/// Token totals.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TokenTotals {
+    /// Prompt tokens of all calls (a shared prefix counts once per call).
+    pub prompt: usize,
+    /// Prompt tokens actually prefilled (prefix reuse makes this smaller).
+    pub prefilled: usize,
+    /// Generated tokens.
+    pub generated: usize,
+}
+
+/// The error JSON written next to a quarantined document.
+#[derive(Clone, Debug, Serialize)]
+pub struct ErrorReport<'a> {
+    /// What failed.
+    #[serde(flatten)]
+    pub failure: &'a Failure,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Pipeline.
+    pub pipeline: &'a str,
+    /// Where the file was found.
+    pub source: &'a Path,
+    /// sha256 of the bytes.
+    pub sha256: &'a str,
+    /// RFC 3339 time.
+    pub quarantined_at: String,
+    /// deltadoc version.
+    pub deltadoc_version: &'static str,
+}
+
+/// The result path of `rel` (relative to its inbox): `<output>/<rel>.json`, keeping the original
+/// extension so `a.pdf` and `a.txt` do not collide.
+pub fn result_path(output: &Path, rel: &Path) -> PathBuf {
+    let mut name = rel.as_os_str().to_owned();
+    name.push(".json");
+    output.join(name)
+}
+
+/// Writes `bytes` to `path` atomically: readers see the old file or the whole new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("result path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    let name = path.file_name().context("result path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        // The rename is durable only once the folder itself is synced.
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("{}: cannot write: {e}", path.display())
+    })
+}
+
+/// Writes a result as pretty JSON.
+pub fn write_result(path: &Path, r: &DocResult) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(r)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// Moves (or copies) a failed document into `quarantine` mirroring `rel`, and writes
+/// `<name>.error.json` beside it. Returns where the document now is.
+pub fn quarantine(src: &Path, quarantine: &Path, rel: &Path, move_it: bool, report: &ErrorReport) -> Result<PathBuf> {
+    let mut dest = quarantine.join(rel);
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create quarantine folder", dir.display()))?;
+    }
+    // Never overwrite an earlier quarantined file of the same name with other content.
+    let mut n = 1;
+    while dest.exists() && !same_file_content(&dest, src) {
+        let mut name = quarantine.join(rel).into_os_string();
+        name.push(format!(".{n}"));
+        dest = PathBuf::from(name);
+        n += 1;
+    }
+    if src.exists() && src != dest {
+        if move_it {
+            if std::fs::rename(src, &dest).is_err() {
+                // Another filesystem: copy, sync, then remove the original.
+                std::fs::copy(src, &dest).with_context(|| format!("{}: cannot copy to {}", src.display(), dest.display()))?;
+                std::fs::File::open(&dest)?.sync_all()?;
+                std::fs::remove_file(src).with_context(|| format!("{}: cannot remove after copy", src.display()))?;
+            }
+        } else {
+            std::fs::copy(src, &dest).with_context(|| format!("{}: cannot copy to {}", src.display(), dest.display()))?;
+        }
+    }
+    let mut err = dest.clone().into_os_string();
+    err.push(".error.json");
+    let mut bytes = serde_json::to_vec_pretty(report)?;
+    bytes.push(b'\n');
+    write_atomic(Path::new(&err), &bytes)?;
+    Ok(dest)
+}
+
+fn same_file_content(a: &Path, b: &Path) -> bool {
+    match (std::fs::read(a), std::fs::read(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// Current time in RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now().to_string()
+}

@@ -1,0 +1,241 @@
+//! The model as the pipeline sees it: a [`TextModel`] trait (so the daemon can be tested and
+//! extended without a model) and [`OrtModel`], the Qwen3.5 runtime behind it.
+//!
+//! Prompts are laid out document first, instruction second, so every stage of a document shares
+//! the document's prefill: the decoder state after the prefix is snapshotted once and restored
+//! for each further stage instead of prefilling the document again.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+use crate::generate::{self, Decoder, GenerateOptions, Sampling};
+use crate::model::ModelDir;
+use crate::runtime::SessionOptions;
+use crate::snapshot::{Snapshot, ids_digest};
+use crate::tokenizer::{IM_END, IM_START, STOP_TOKENS, Tokenizer};
+
+/// What results say about the model.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelInfo {
+    /// Model identity (source + precision + config digest).
+    pub name: String,
+    /// Where the weights came from (`import:…` or `synth:…`).
+    pub source: String,
+    /// Storage precision of the weights.
+    pub precision: String,
+    /// The weights are random (a synthesised demo model): outputs are meaningless.
+    pub random_weights: bool,
+    /// Longest context the model takes.
+    pub max_context: usize,
+    /// Whether the model can transcribe images.
+    pub vision: bool,
+}
+
+/// One generation request: a chat prompt split into a shareable prefix and a stage suffix.
+pub struct Request<'a> {
+    /// Prompt ids up to and including the document.
+    pub prefix: &'a [u32],
+    /// The rest of the prompt (instruction, end of turn, assistant header).
+    pub suffix: &'a [u32],
+    /// Keep the state after `prefix` for the next request with the same prefix.
+    pub keep_prefix: bool,
+    /// Limits and sampling.
+    pub options: &'a GenerateOptions,
+    /// Called between prefill chunks and decode steps: an error aborts (timeout, shutdown).
+    pub check: &'a dyn Fn() -> Result<()>,
+    /// Called with the number of prompt tokens each prefill chunk consumed (progress).
+    pub on_prefill: &'a dyn Fn(usize),
+}
+
+/// What one generation produced.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Completion {
+    /// Generated text (special tokens and the empty think block removed).
+    pub text: String,
+    /// Prompt tokens of the request.
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually prefilled (less when the prefix was reused).
+    pub prefilled_tokens: usize,
+    /// Generated tokens.
+    pub generated_tokens: usize,
+    /// Why generation stopped.
+    pub stopped_by: String,
+    /// Seconds from the request to the first generated token.
+    pub ttft_s: f64,
+    /// Seconds of prefill.
+    pub prefill_s: f64,
+    /// Seconds of decoding.
+    pub decode_s: f64,
+    /// Bytes of KV cache and DeltaNet state at the end.
+    pub state_bytes: usize,
+}
+
+/// A text model the pipeline can run.
+pub trait TextModel {
+    /// Identity for results.
+    fn info(&self) -> &ModelInfo;
+    /// Its tokenizer.
+    fn tokenizer(&self) -> &Tokenizer;
+    /// Generates a reply to `prefix ++ suffix`.
+    fn complete(&mut self, req: &Request) -> Result<Completion>;
+    /// Transcribes one page image.
+    fn transcribe(&mut self, image: &Path, page: u32) -> Result<String>;
+}
+
+/// The ONNX Runtime Qwen3.5 decoder with prefix reuse.
+pub struct OrtModel {
+    info: ModelInfo,
+    tokenizer: Tokenizer,
+    decoder: Decoder,
+    /// State after the last kept prefix, and that prefix's digest.
+    kept: Option<(String, Snapshot)>,
+    /// Prefill chunk (tokens per call).
+    pub prefill_chunk: usize,
+    /// Folder for crash-safe prefill checkpoints of long prefixes (`None` = none).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every this many prefix tokens.
+    pub checkpoint_every: usize,
+}
+
+impl OrtModel {
+    /// Loads a model folder.
+    pub fn open(dir: &ModelDir, opts: &SessionOptions) -> Result<Self> {
+        let m = &dir.manifest;
+        let info = ModelInfo {
+            name: m.identity(),
+            source: m.source.clone(),
+            precision: m.precision.name().into(),
+            random_weights: m.source.starts_with("synth:"),
+            max_context: m.config.max_position_embeddings,
+            vision: m.vision,
+        };
+        Ok(Self {
+            info,
+            tokenizer: dir.tokenizer()?,
+            decoder: Decoder::open(dir, opts)?,
+            kept: None,
+            prefill_chunk: 512,
+            checkpoint_dir: None,
+            checkpoint_every: 16_384,
+        })
+    }
+
+    fn prefill_prefix(&mut self, req: &Request) -> Result<(Vec<f32>, usize)> {
+        let digest = ids_digest(req.prefix);
+        if let Some((d, snap)) = &self.kept
+            && *d == digest
+        {
+            self.decoder.restore(snap)?;
+            return Ok((Vec::new(), 0));
+        }
+        self.kept = None;
+        let tick = |n: usize| {
+            (req.on_prefill)(n);
+            (req.check)()
+        };
+        // Long prefixes get a checkpoint so a crash or restart resumes instead of starting over.
+        let logits = match &self.checkpoint_dir {
+            Some(dir) if req.prefix.len() > self.checkpoint_every => {
+                std::fs::create_dir_all(dir)?;
+                let path = dir.join(format!("{}.ddsnap", &digest[..16]));
+                self.decoder.prefill_resumable(req.prefix, self.prefill_chunk, &path, self.checkpoint_every, tick)?.logits
+            }
+            _ => {
+                self.decoder.reset()?;
+                self.decoder.prefill(req.prefix, self.prefill_chunk, tick)?
+            }
+        };
+        if req.keep_prefix {
+            self.kept = Some((digest, self.decoder.snapshot()?));
+        }
+        Ok((logits, req.prefix.len()))
+    }
+}
+
+impl TextModel for OrtModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    fn complete(&mut self, req: &Request) -> Result<Completion> {
+        let total = req.prefix.len() + req.suffix.len();
+        if total >= self.info.max_context {
+            bail!("prompt of {total} tokens does not fit the model context of {}", self.info.max_context);
+        }
+        let t0 = Instant::now();
+        let (mut logits, mut prefilled) = self.prefill_prefix(req)?;
+        if !req.suffix.is_empty() {
+            logits = self.decoder.prefill(req.suffix, self.prefill_chunk, |n| {
+                (req.on_prefill)(n);
+                (req.check)()
+            })?;
+            prefilled += req.suffix.len();
+        }
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let mut ttft = None;
+        let t1 = Instant::now();
+        let (ids, stopped_by) = generate::decode(&mut self.decoder, logits, req.options, |_| {
+            ttft.get_or_insert_with(|| t0.elapsed());
+            (req.check)()
+        })?;
+        let text = clean_reply(&self.tokenizer.decode(&ids)?);
+        Ok(Completion {
+            text,
+            prompt_tokens: total,
+            prefilled_tokens: prefilled,
+            generated_tokens: ids.len(),
+            stopped_by,
+            ttft_s: ttft.unwrap_or(Duration::ZERO).as_secs_f64(),
+            prefill_s,
+            decode_s: t1.elapsed().as_secs_f64(),
+            state_bytes: self.decoder.state_bytes(),
+        })
+    }
+
+    fn transcribe(&mut self, _image: &Path, _page: u32) -> Result<String> {
+        bail!(
+            "this model folder has no vision graph; OCR of page images needs the Qwen3.5 vision tower, which deltadoc \
+             does not export yet"
+        )
+    }
+}
+
+/// Drops a leftover think block and surrounding whitespace from a reply.
+fn clean_reply(text: &str) -> String {
+    let t = match text.find("</think>") {
+        Some(at) => &text[at + "</think>".len()..],
+        None => text,
+    };
+    t.trim().to_string()
+}
+
+/// Prompt ids of a stage: the user turn holds the document and then the instruction; the
+/// returned split point ends the document so stages share it.
+pub fn stage_prompt(tok: &Tokenizer, document: &[u32], instruction: &str, thinking: bool) -> Result<(Vec<u32>, Vec<u32>)> {
+    let mut prefix = vec![IM_START];
+    prefix.extend(tok.encode("user\n")?);
+    prefix.extend_from_slice(document);
+    let mut suffix = tok.encode(&format!("\n\n{}", instruction.trim()))?;
+    suffix.push(IM_END);
+    suffix.extend(tok.encode("\n")?);
+    suffix.extend(tok.assistant_header(thinking)?);
+    Ok((prefix, suffix))
+}
+
+/// Generation options of a stage.
+pub fn stage_options(max_new_tokens: usize, sampling: Sampling) -> GenerateOptions {
+    GenerateOptions { max_new_tokens, prefill_chunk: 512, sampling, stop_tokens: STOP_TOKENS.to_vec(), checkpoint: None }
+}
+
+/// Prompt tokens a stage adds around the document (template + instruction), for budgeting.
+pub fn overhead_tokens(tok: &Tokenizer, instruction: &str) -> Result<usize> {
+    let (p, s) = stage_prompt(tok, &[], instruction, true)?;
+    Ok(p.len() + s.len() + 4)
+}

@@ -1,0 +1,449 @@
+//! Running one document through a pipeline: detect and extract (isolated), OCR of image pages,
+//! token-exact chunking, the model stages (map-reduce when the document needs several chunks),
+//! and the result.
+
+pub mod llm;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::chunk::{self, Chunked};
+use crate::config::{Pipeline, StageKind, StageSpec};
+use crate::extract::isolated::{self, Isolation};
+use crate::extract::{self, ExtractLimits, Extracted, Method};
+use crate::failure::{Failure, Reason};
+use crate::generate::Sampling;
+use crate::output::{DocResult, PageResult, PipelineRef, Source, StageResult, TokenTotals};
+use llm::{Completion, Request, TextModel};
+
+/// Built-in instruction of `summarize` stages.
+pub const SUMMARY_INSTRUCTION: &str = "Summarise the document above for a reader who has not seen it: what kind of document it is, \
+who is involved, and the key facts, dates, amounts and obligations. Answer in the document's language.";
+
+/// Built-in instruction of `ocr` stages.
+pub const OCR_INSTRUCTION: &str = "Transcribe all text on this page exactly, in reading order.";
+
+/// How an attempt ended other than with a result.
+#[derive(Debug)]
+pub enum Stop {
+    /// The document failed (counts as an attempt).
+    Failed(Failure),
+    /// Shutdown was requested: put the job back, it did not fail.
+    Interrupted,
+}
+
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Self {
+        Stop::Failed(f)
+    }
+}
+
+/// What a document run needs besides the document.
+pub struct Context<'a> {
+    /// The pipeline.
+    pub pipeline: &'a Pipeline,
+    /// The model.
+    pub model: &'a mut dyn TextModel,
+    /// Run extraction in a child process with these limits (`None`: in this process).
+    pub isolation: Option<&'a Isolation>,
+    /// Larger files are refused.
+    pub max_file_bytes: u64,
+    /// PDFs with more pages are refused.
+    pub max_pages: u32,
+    /// The attempt fails with `timeout` after this instant.
+    pub deadline: Instant,
+    /// Set on shutdown: the attempt stops at the next chunk or token.
+    pub shutdown: &'a AtomicBool,
+    /// Told when a step starts (ledger stage, progress display).
+    pub on_step: &'a mut dyn FnMut(&str),
+    /// Told how many prompt tokens each prefill chunk consumed.
+    pub on_prefill: &'a dyn Fn(usize),
+}
+
+/// sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(crate::fetch::hex(&h.finalize()))
+}
+
+/// Processes `source` (found at `rel` under its inbox) and returns its result.
+pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str>) -> Result<DocResult, Stop> {
+    let t_all = Instant::now();
+    let mut timings = BTreeMap::new();
+    let mut warnings = Vec::new();
+    let io = |e: std::io::Error| Failure::new(Reason::Io, "detect", format!("{}: {e}", source.display()));
+
+    (ctx.on_step)("detect");
+    let t = Instant::now();
+    let meta = std::fs::symlink_metadata(source).map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(Failure::new(Reason::Unsupported, "detect", format!("{}: not a regular file", source.display())).into());
+    }
+    if meta.len() > ctx.max_file_bytes {
+        let msg = format!("{}: {} bytes, over the limit of {}", source.display(), meta.len(), ctx.max_file_bytes);
+        return Err(Failure::new(Reason::TooLarge, "detect", msg).into());
+    }
+    let sha = match sha256 {
+        Some(s) => s.to_string(),
+        None => sha256_file(source).map_err(io)?,
+    };
+    timings.insert("detect".into(), t.elapsed().as_secs_f64());
+
+    (ctx.on_step)("extract");
+    let t = Instant::now();
+    let mut ex: Extracted = match ctx.isolation {
+        Some(iso) => isolated::extract(source, iso)?,
+        None => extract::extract_file(source, ExtractLimits { max_pages: ctx.max_pages })?,
+    };
+    timings.insert("extract".into(), t.elapsed().as_secs_f64());
+    warnings.append(&mut ex.warnings);
+    check(ctx, "extract")?;
+
+    let mut stages = BTreeMap::new();
+    let ocr_pages: Vec<u32> = ex.pages.iter().filter(|p| p.method == Method::Ocr).map(|p| p.number).collect();
+    if !ocr_pages.is_empty() {
+        match ctx.pipeline.spec.stages.iter().find(|s| s.kind == StageKind::Ocr) {
+            Some(stage) => {
+                (ctx.on_step)(&stage.name.value);
+                let t = Instant::now();
+                let mut transcript = Vec::new();
+                for &n in &ocr_pages {
+                    let text = ctx.model.transcribe(source, n).map_err(|e| {
+                        Failure::new(Reason::Ocr, stage.name.value.clone(), format!("{}: page {n}: {e:#}", source.display()))
+                    })?;
+                    transcript.push(text.clone());
+                    if let Some(p) = ex.pages.iter_mut().find(|p| p.number == n) {
+                        p.text = text;
+                    }
+                    check(ctx, &stage.name.value)?;
+                }
+                let duration_s = t.elapsed().as_secs_f64();
+                timings.insert(stage.name.value.clone(), duration_s);
+                stages.insert(
+                    stage.name.value.clone(),
+                    StageResult {
+                        kind: "ocr".into(),
+                        output: transcript.join("\n\n"),
+                        parts: Vec::new(),
+                        prompt_tokens: 0,
+                        generated_tokens: 0,
+                        calls: ocr_pages.len(),
+                        stopped_by: String::new(),
+                        duration_s,
+                        ttft_s: None,
+                    },
+                );
+            }
+            None => warnings.push(format!(
+                "page(s) {ocr_pages:?} are images without a text layer and pipeline {:?} has no ocr stage: their text is missing",
+                ctx.pipeline.name()
+            )),
+        }
+    }
+    if ex.pages.iter().all(|p| p.text.trim().is_empty()) {
+        let (reason, why) = if ocr_pages.is_empty() {
+            (Reason::Parse, "the document contains no text")
+        } else {
+            (Reason::Ocr, "the document has only image pages and no ocr stage to read them")
+        };
+        return Err(Failure::new(reason, "extract", format!("{}: {why}", source.display())).into());
+    }
+
+    (ctx.on_step)("chunk");
+    let t = Instant::now();
+    let tok = ctx.model.tokenizer();
+    let text_stages: Vec<&StageSpec> = ctx.pipeline.spec.stages.iter().filter(|s| s.kind != StageKind::Ocr).collect();
+    let budget = chunk_budget(ctx, &text_stages)?;
+    let page_texts: Vec<(u32, &str)> = ex.pages.iter().map(|p| (p.number, p.text.as_str())).collect();
+    let chunked = chunk::chunk(tok, &page_texts, budget, ctx.pipeline.spec.context.overlap)
+        .map_err(|e| Failure::new(Reason::Model, "chunk", format!("{}: tokenizer: {e:#}", source.display())))?;
+    let page_tokens: Vec<usize> = ex.pages.iter().map(|p| tok.encode(&p.text).map(|v| v.len()).unwrap_or(0)).collect::<Vec<_>>();
+    timings.insert("chunk".into(), t.elapsed().as_secs_f64());
+    if chunked.chunks.len() > 1 {
+        warnings.push(format!(
+            "{} tokens do not fit one context of {budget}: processed as {} chunks with map-reduce",
+            chunked.total_tokens,
+            chunked.chunks.len()
+        ));
+    }
+    if chunked.split_paragraphs > 0 {
+        warnings.push(format!("{} paragraph(s) longer than a chunk were cut between tokens", chunked.split_paragraphs));
+    }
+
+    let mut totals = TokenTotals::default();
+    let mut truncated = 0;
+    let results = run_text_stages(ctx, &text_stages, &chunked, budget, &mut totals, &mut truncated)?;
+    if truncated > 0 {
+        warnings.push(format!("{truncated} part answer(s) longer than a context were cut in the reduce step"));
+    }
+    for (name, r) in results {
+        timings.insert(name.clone(), r.duration_s);
+        stages.insert(name, r);
+    }
+    timings.insert("total".into(), t_all.elapsed().as_secs_f64());
+
+    let pages = ex
+        .pages
+        .into_iter()
+        .zip(page_tokens)
+        .map(|(p, tokens)| PageResult { number: p.number, method: p.method, ocr_reason: p.ocr_reason, tokens, text: p.text })
+        .collect();
+    Ok(DocResult {
+        deltadoc_version: env!("CARGO_PKG_VERSION").into(),
+        pipeline: PipelineRef { name: ctx.pipeline.name().into(), version: ctx.pipeline.spec.version },
+        source: Source {
+            path: source.to_path_buf(),
+            relative_path: rel.to_path_buf(),
+            sha256: sha,
+            size: meta.len(),
+            mime: ex.mime,
+            encoding: ex.encoding,
+        },
+        pages,
+        document_tokens: chunked.total_tokens,
+        chunks: chunked.chunks,
+        truncated: truncated > 0,
+        stages,
+        model: ctx.model.info().clone(),
+        timings,
+        tokens: totals,
+        warnings,
+        processed_at: crate::output::now_rfc3339(),
+    })
+}
+
+/// Stops the attempt on timeout or shutdown.
+fn check(ctx: &Context, stage: &str) -> Result<(), Stop> {
+    if ctx.shutdown.load(Ordering::Relaxed) {
+        return Err(Stop::Interrupted);
+    }
+    if Instant::now() > ctx.deadline {
+        return Err(Failure::new(Reason::Timeout, stage, "the document ran past its time limit (limits.document_timeout)").into());
+    }
+    Ok(())
+}
+
+/// Tokens of document text one model call can take: the context minus the largest stage
+/// template, instruction and output.
+fn chunk_budget(ctx: &Context, stages: &[&StageSpec]) -> Result<usize, Stop> {
+    let tok = ctx.model.tokenizer();
+    let context = ctx.pipeline.spec.context.max_tokens.min(ctx.model.info().max_context);
+    let mut reserve = 0;
+    for s in stages {
+        let instr = instruction(s);
+        // Map prompts add a part header; reserve for the longest form.
+        let over = llm::overhead_tokens(tok, &format!("{} {}", map_instruction(s.kind, instr, 999, 999), instr))
+            .map_err(|e| Failure::new(Reason::Model, "chunk", format!("tokenizer: {e:#}")))?;
+        reserve = reserve.max(over + s.max_new_tokens);
+    }
+    if reserve + 256 > context {
+        let msg = format!(
+            "pipeline {:?}: a context of {context} tokens leaves no room for document text after the instructions and \
+             max_new_tokens ({reserve} tokens)",
+            ctx.pipeline.name()
+        );
+        return Err(Failure::new(Reason::Truncated, "chunk", msg).into());
+    }
+    Ok(context - reserve)
+}
+
+fn instruction(s: &StageSpec) -> &str {
+    match (&s.instruction, s.kind) {
+        (Some(t), _) => t.value.trim(),
+        (None, StageKind::Summarize) => SUMMARY_INSTRUCTION,
+        (None, StageKind::Ocr) => OCR_INSTRUCTION,
+        (None, StageKind::Prompt) => "",
+    }
+}
+
+fn map_instruction(kind: StageKind, instr: &str, part: usize, parts: usize) -> String {
+    match kind {
+        StageKind::Summarize => format!(
+            "The text above is part {part} of {parts} of a longer document. Summarise this part: the key facts, dates, \
+             amounts and obligations it contains."
+        ),
+        _ => format!(
+            "The text above is part {part} of {parts} of a longer document. Using only this part, follow the instruction; \
+             answer \"not in this part\" if the part has nothing for it.\n\nInstruction: {instr}"
+        ),
+    }
+}
+
+fn reduce_instruction(kind: StageKind, instr: &str) -> String {
+    match kind {
+        StageKind::Summarize => "The text above holds summaries of the consecutive parts of one document. Write one summary of \
+                                 the whole document from them."
+            .to_string(),
+        _ => format!(
+            "The text above holds answers to one instruction from the consecutive parts of one document. Combine them into \
+             one answer to the instruction, leaving out parts that had nothing.\n\nInstruction: {instr}"
+        ),
+    }
+}
+
+fn sampling(s: &StageSpec) -> Sampling {
+    Sampling { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p, seed: s.seed }
+}
+
+/// Runs the text stages chunk by chunk (every stage of a chunk reuses the chunk's prefill),
+/// then reduces each stage's part answers.
+fn run_text_stages(
+    ctx: &mut Context,
+    stages: &[&StageSpec],
+    chunked: &Chunked,
+    budget: usize,
+    totals: &mut TokenTotals,
+    truncated: &mut usize,
+) -> Result<Vec<(String, StageResult)>, Stop> {
+    let n = chunked.chunks.len();
+    let mut acc: Vec<(Vec<String>, Vec<Completion>, f64)> = stages.iter().map(|_| (Vec::new(), Vec::new(), 0.0)).collect();
+    for c in &chunked.chunks {
+        for (si, s) in stages.iter().enumerate() {
+            let instr = if n == 1 { instruction(s).to_string() } else { map_instruction(s.kind, instruction(s), c.index + 1, n) };
+            let keep = si + 1 < stages.len();
+            let t = Instant::now();
+            let done = call(ctx, s, &c.ids, &instr, keep)?;
+            acc[si].2 += t.elapsed().as_secs_f64();
+            acc[si].0.push(done.text.clone());
+            acc[si].1.push(done);
+        }
+    }
+    let mut out = Vec::new();
+    for (si, s) in stages.iter().enumerate() {
+        let (parts, mut calls, mut secs) = std::mem::take(&mut acc[si]);
+        let output = if n == 1 {
+            parts[0].clone()
+        } else {
+            let t = Instant::now();
+            let (text, more) = reduce(ctx, s, &parts, chunked, budget, truncated)?;
+            calls.extend(more);
+            secs += t.elapsed().as_secs_f64();
+            text
+        };
+        for c in &calls {
+            totals.prompt += c.prompt_tokens;
+            totals.prefilled += c.prefilled_tokens;
+            totals.generated += c.generated_tokens;
+        }
+        let last = calls.last().cloned().unwrap_or_default();
+        out.push((
+            s.name.value.clone(),
+            StageResult {
+                kind: s.kind.name().into(),
+                output,
+                parts: if n > 1 { parts } else { Vec::new() },
+                prompt_tokens: calls.iter().map(|c| c.prompt_tokens).sum(),
+                generated_tokens: calls.iter().map(|c| c.generated_tokens).sum(),
+                calls: calls.len(),
+                stopped_by: last.stopped_by,
+                duration_s: secs,
+                ttft_s: calls.first().map(|c| c.ttft_s),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Combines part answers; when they do not fit one context they are reduced in groups first.
+fn reduce(
+    ctx: &mut Context,
+    s: &StageSpec,
+    parts: &[String],
+    chunked: &Chunked,
+    budget: usize,
+    truncated: &mut usize,
+) -> Result<(String, Vec<Completion>), Stop> {
+    let instr = reduce_instruction(s.kind, instruction(s));
+    let mut calls = Vec::new();
+    let mut level: Vec<String> = parts
+        .iter()
+        .zip(&chunked.chunks)
+        .map(|(p, c)| format!("Part {} (pages {}–{}):\n{}", c.index + 1, c.first_page, c.last_page, p.trim()))
+        .collect();
+    loop {
+        let tok = ctx.model.tokenizer();
+        let encoded: Vec<Vec<u32>> = level
+            .iter()
+            .map(|t| tok.encode(&format!("{t}\n\n")))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Failure::new(Reason::Model, s.name.value.clone(), format!("tokenizer: {e:#}")))?;
+        // Group consecutive answers into contexts of at most `budget` tokens.
+        let mut groups: Vec<Vec<u32>> = vec![Vec::new()];
+        for e in encoded {
+            let e = if e.len() > budget {
+                *truncated += 1;
+                e[..budget].to_vec()
+            } else {
+                e
+            };
+            if groups.last().is_some_and(|g| !g.is_empty() && g.len() + e.len() > budget) {
+                groups.push(Vec::new());
+            }
+            groups.last_mut().expect("one group").extend(e);
+        }
+        let mut next = Vec::new();
+        for g in &groups {
+            let done = call(ctx, s, g, &instr, false)?;
+            next.push(done.text.clone());
+            calls.push(done);
+        }
+        if next.len() == 1 {
+            return Ok((next.pop().unwrap_or_default(), calls));
+        }
+        level = next;
+    }
+}
+
+fn call(ctx: &mut Context, s: &StageSpec, doc: &[u32], instr: &str, keep: bool) -> Result<Completion, Stop> {
+    let stage = s.name.value.clone();
+    (ctx.on_step)(&stage);
+    let model_err = |e: anyhow::Error| Failure::new(Reason::Model, stage.clone(), format!("{e:#}"));
+    let (prefix, suffix) = llm::stage_prompt(ctx.model.tokenizer(), doc, instr, s.thinking).map_err(model_err)?;
+    let opts = llm::stage_options(s.max_new_tokens, sampling(s));
+    let shutdown = ctx.shutdown;
+    let deadline = ctx.deadline;
+    let interrupted = std::cell::Cell::new(false);
+    let timed_out = std::cell::Cell::new(false);
+    let check = || -> anyhow::Result<()> {
+        if shutdown.load(Ordering::Relaxed) {
+            interrupted.set(true);
+            anyhow::bail!("interrupted");
+        }
+        if Instant::now() > deadline {
+            timed_out.set(true);
+            anyhow::bail!("time limit");
+        }
+        Ok(())
+    };
+    let req = Request {
+        prefix: &prefix,
+        suffix: &suffix,
+        keep_prefix: keep,
+        options: &opts,
+        check: &check,
+        on_prefill: ctx.on_prefill,
+    };
+    match ctx.model.complete(&req) {
+        Ok(c) => Ok(c),
+        Err(_) if interrupted.get() => Err(Stop::Interrupted),
+        Err(_) if timed_out.get() => {
+            Err(Failure::new(Reason::Timeout, stage.clone(), "the document ran past its time limit (limits.document_timeout)")
+                .into())
+        }
+        Err(e) => Err(model_err(e).into()),
+    }
+}

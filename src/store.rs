@@ -1,0 +1,538 @@
+//! The job ledger: every document a pipeline has taken, its state, attempts, timings and errors,
+//! and the schedule runs. [`Ledger`] is the interface; [`SqliteLedger`] keeps it in one SQLite
+//! file in WAL mode, so that a daemon killed at any point restarts with nothing lost and nothing
+//! done twice.
+//!
+//! Files still being written (waiting for a stable size) have no content hash yet and are not in
+//! the ledger: the watcher tracks them in memory and the start-up scan finds them again.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::failure::Failure;
+
+/// Seconds since the Unix epoch, as stored in the ledger.
+pub fn now_s() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Job states.
+pub mod state {
+    /// Waiting for a worker (or for its schedule window).
+    pub const QUEUED: &str = "queued";
+    /// A worker holds it; `stage` says where it is.
+    pub const RUNNING: &str = "running";
+    /// Failed; tried again after `not_before`.
+    pub const RETRY_WAIT: &str = "retry_wait";
+    /// Result written.
+    pub const DONE: &str = "done";
+    /// Failed for good; in the quarantine folder with an error JSON.
+    pub const QUARANTINED: &str = "quarantined";
+    /// Content already processed under another name (duplicate policy `skip`).
+    pub const SKIPPED: &str = "skipped";
+    /// Every state, for reports.
+    pub const ALL: [&str; 6] = [QUEUED, RUNNING, RETRY_WAIT, DONE, QUARANTINED, SKIPPED];
+}
+
+/// One job as stored.
+#[derive(Clone, Debug, Serialize)]
+pub struct Job {
+    /// Ledger id.
+    pub id: i64,
+    /// Idempotency key: sha256 of content + pipeline + version + model.
+    pub key: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Inbox folder the file was found in.
+    pub inbox: PathBuf,
+    /// Path relative to the inbox (mirrored in the output folder).
+    pub rel_path: PathBuf,
+    /// Where the file is now (the inbox, or the quarantine folder after a move).
+    pub source: PathBuf,
+    /// sha256 of the bytes.
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
+    /// See [`state`].
+    pub state: String,
+    /// Stage being run, or the stage that failed.
+    pub stage: Option<String>,
+    /// Attempts started.
+    pub attempts: u32,
+    /// When it was queued (Unix seconds).
+    pub queued_at: f64,
+    /// When the last attempt started.
+    pub started_at: Option<f64>,
+    /// When it ended (done or quarantined).
+    pub finished_at: Option<f64>,
+    /// Result file.
+    pub output: Option<PathBuf>,
+    /// Last failure.
+    pub error: Option<Failure>,
+    /// For skipped duplicates: the job that processed the same content.
+    pub duplicate_of: Option<i64>,
+}
+
+/// A file that became stable in an inbox.
+#[derive(Clone, Debug)]
+pub struct NewJob<'a> {
+    /// Idempotency key.
+    pub key: &'a str,
+    /// Pipeline name.
+    pub pipeline: &'a str,
+    /// Pipeline priority (higher first).
+    pub priority: i32,
+    /// Inbox folder.
+    pub inbox: &'a Path,
+    /// Path relative to the inbox.
+    pub rel_path: &'a Path,
+    /// sha256 of the bytes.
+    pub sha256: &'a str,
+    /// Bytes.
+    pub size: u64,
+    /// Process content seen before again (`reprocess`) or record a duplicate (`skip`).
+    pub reprocess_duplicates: bool,
+}
+
+/// What [`Ledger::discover`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// A new job.
+    Queued(i64),
+    /// This file with this content is already known: nothing to do.
+    Known,
+    /// Same content as job `of` under another name: recorded as skipped.
+    Duplicate {
+        /// The job that has (or will have) the result.
+        of: i64,
+    },
+}
+
+/// A schedule run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    /// Ledger id.
+    pub id: i64,
+    /// Pipeline.
+    pub pipeline: String,
+    /// The cron fire time this run serves.
+    pub planned_at: f64,
+    /// When it started.
+    pub started_at: f64,
+    /// When it ended (`None` while running).
+    pub ended_at: Option<f64>,
+    /// Documents finished during the run.
+    pub documents: u64,
+    /// No document of the run was quarantined.
+    pub ok: Option<bool>,
+    /// It ran past its window.
+    pub overran: bool,
+}
+
+/// The job ledger (a Postgres implementation for several machines comes later).
+pub trait Ledger: Send {
+    /// At start-up: jobs left `running` by a crash go back to the queue (their attempt counts).
+    fn recover(&mut self) -> Result<usize>;
+    /// The content hash recorded for a file with this size and mtime, to avoid re-hashing.
+    fn cached_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64) -> Result<Option<String>>;
+    /// Remembers a file's hash for its size and mtime.
+    fn remember_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64, sha256: &str) -> Result<()>;
+    /// Records a stable file: a new job, a known one, or a duplicate.
+    fn discover(&mut self, job: &NewJob) -> Result<Discovery>;
+    /// Claims the next runnable job of one of `pipelines` (priority, then age); marks it running
+    /// and counts the attempt.
+    fn claim(&mut self, pipelines: &[&str], now: f64) -> Result<Option<Job>>;
+    /// Notes the stage a running job is in.
+    fn set_stage(&mut self, id: i64, stage: &str) -> Result<()>;
+    /// The result was written.
+    fn done(&mut self, id: i64, output: &Path, now: f64) -> Result<()>;
+    /// The attempt failed: wait until `retry_at`, or quarantined (`source` = where the file is now).
+    fn failed(&mut self, id: i64, failure: &Failure, retry_at: Option<f64>, source: Option<&Path>, now: f64) -> Result<()>;
+    /// Puts a running job back without counting the attempt (drain on shutdown).
+    fn release(&mut self, id: i64) -> Result<()>;
+    /// Queues quarantined/waiting jobs again with fresh attempts; `None` = every failed job.
+    fn retry(&mut self, id: Option<i64>) -> Result<usize>;
+    /// Job count per pipeline and state.
+    fn counts(&mut self) -> Result<Vec<(String, String, u64)>>;
+    /// When the oldest queued job was queued.
+    fn oldest_queued(&mut self) -> Result<Option<f64>>;
+    /// Whether a pipeline has queued or retry-due jobs.
+    fn has_work(&mut self, pipeline: &str, now: f64) -> Result<bool>;
+    /// The most recent jobs.
+    fn recent(&mut self, n: usize) -> Result<Vec<Job>>;
+    /// One job.
+    fn job(&mut self, id: i64) -> Result<Option<Job>>;
+    /// The last schedule run of a pipeline.
+    fn last_run(&mut self, pipeline: &str) -> Result<Option<Run>>;
+    /// Starts a schedule run.
+    fn start_run(&mut self, pipeline: &str, planned_at: f64, now: f64) -> Result<i64>;
+    /// Ends a schedule run.
+    fn end_run(&mut self, id: i64, now: f64, documents: u64, ok: bool, overran: bool) -> Result<()>;
+    /// When this pipeline was first seen by this ledger (schedules do not catch up before it).
+    fn first_seen(&mut self, pipeline: &str, now: f64) -> Result<f64>;
+}
+
+/// Schema version stored in the ledger; migrations run on open.
+const SCHEMA_VERSION: i64 = 1;
+
+/// The SQLite ledger.
+pub struct SqliteLedger {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SqliteLedger {
+    /// Opens (creating if needed) `dir/ledger.sqlite3` in WAL mode.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the state folder", dir.display()))?;
+        let path = dir.join("ledger.sqlite3");
+        let conn = Connection::open(&path).with_context(|| format!("{}: cannot open the ledger", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: a result reported done must still be done after a power cut.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let mut l = Self { conn, path };
+        l.migrate()?;
+        Ok(l)
+    }
+
+    /// The ledger file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let v: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if v > SCHEMA_VERSION {
+            bail!(
+                "{}: ledger schema version {v} is newer than this deltadoc understands ({SCHEMA_VERSION}); upgrade deltadoc",
+                self.path.display()
+            );
+        }
+        if v < 1 {
+            self.conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE jobs(
+                   id INTEGER PRIMARY KEY,
+                   key TEXT NOT NULL, pipeline TEXT NOT NULL, priority INTEGER NOT NULL,
+                   inbox TEXT NOT NULL, rel_path TEXT NOT NULL, source TEXT NOT NULL,
+                   sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+                   state TEXT NOT NULL, stage TEXT, attempts INTEGER NOT NULL DEFAULT 0,
+                   not_before REAL, queued_at REAL NOT NULL, started_at REAL, finished_at REAL,
+                   output TEXT, error TEXT, duplicate_of INTEGER);
+                 CREATE UNIQUE INDEX jobs_identity ON jobs(key, inbox, rel_path);
+                 CREATE INDEX jobs_runnable ON jobs(state, pipeline, priority, queued_at);
+                 CREATE TABLE hashes(pipeline TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+                   mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY(pipeline, path));
+                 CREATE TABLE runs(id INTEGER PRIMARY KEY, pipeline TEXT NOT NULL, planned_at REAL NOT NULL,
+                   started_at REAL NOT NULL, ended_at REAL, documents INTEGER NOT NULL DEFAULT 0,
+                   ok INTEGER, overran INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE pipelines(name TEXT PRIMARY KEY, first_seen REAL NOT NULL);
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn jobs_where(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Job>> {
+        let sql = format!(
+            "SELECT id, key, pipeline, inbox, rel_path, source, sha256, size, state, stage, attempts, queued_at,
+                    started_at, finished_at, output, error, duplicate_of FROM jobs {clause}"
+        );
+        let mut st = self.conn.prepare_cached(&sql)?;
+        let rows = st.query_map(args, |r| {
+            let error: Option<String> = r.get(15)?;
+            Ok(Job {
+                id: r.get(0)?,
+                key: r.get(1)?,
+                pipeline: r.get(2)?,
+                inbox: PathBuf::from(r.get::<_, String>(3)?),
+                rel_path: PathBuf::from(r.get::<_, String>(4)?),
+                source: PathBuf::from(r.get::<_, String>(5)?),
+                sha256: r.get(6)?,
+                size: r.get::<_, i64>(7)? as u64,
+                state: r.get(8)?,
+                stage: r.get(9)?,
+                attempts: r.get(10)?,
+                queued_at: r.get(11)?,
+                started_at: r.get(12)?,
+                finished_at: r.get(13)?,
+                output: r.get::<_, Option<String>>(14)?.map(PathBuf::from),
+                error: error.and_then(|e| serde_json::from_str(&e).ok()),
+                duplicate_of: r.get(16)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+fn text(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl Ledger for SqliteLedger {
+    fn recover(&mut self) -> Result<usize> {
+        Ok(self.conn.execute("UPDATE jobs SET state = 'queued', stage = NULL WHERE state = 'running'", [])?)
+    }
+
+    fn cached_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT sha256 FROM hashes WHERE pipeline = ?1 AND path = ?2 AND size = ?3 AND mtime_ns = ?4",
+                params![pipeline, text(path), size as i64, mtime_ns],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    fn remember_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64, sha256: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO hashes(pipeline, path, size, mtime_ns, sha256) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![pipeline, text(path), size as i64, mtime_ns, sha256],
+        )?;
+        Ok(())
+    }
+
+    fn discover(&mut self, j: &NewJob) -> Result<Discovery> {
+        let tx = self.conn.transaction()?;
+        let same: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM jobs WHERE key = ?1 AND inbox = ?2 AND rel_path = ?3",
+                params![j.key, text(j.inbox), text(j.rel_path)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if same.is_some() {
+            return Ok(Discovery::Known);
+        }
+        let earlier: Option<i64> = tx
+            .query_row("SELECT id FROM jobs WHERE key = ?1 AND state != 'skipped' ORDER BY id LIMIT 1", params![j.key], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let now = now_s();
+        let source = j.inbox.join(j.rel_path);
+        let (state, dup, finished) = match earlier {
+            Some(of) if !j.reprocess_duplicates => (state::SKIPPED, Some(of), Some(now)),
+            _ => (state::QUEUED, None, None),
+        };
+        tx.execute(
+            "INSERT INTO jobs(key, pipeline, priority, inbox, rel_path, source, sha256, size, state, queued_at, finished_at, duplicate_of)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                j.key,
+                j.pipeline,
+                j.priority,
+                text(j.inbox),
+                text(j.rel_path),
+                text(&source),
+                j.sha256,
+                j.size as i64,
+                state,
+                now,
+                finished,
+                dup
+            ],
+        )?;
+        let id = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(match dup {
+            Some(of) => Discovery::Duplicate { of },
+            None => Discovery::Queued(id),
+        })
+    }
+
+    fn claim(&mut self, pipelines: &[&str], now: f64) -> Result<Option<Job>> {
+        if pipelines.is_empty() {
+            return Ok(None);
+        }
+        let tx = self.conn.transaction()?;
+        let list = pipelines.iter().map(|p| format!("'{}'", p.replace('\'', "''"))).collect::<Vec<_>>().join(",");
+        let id: Option<i64> = tx
+            .query_row(
+                &format!(
+                    "SELECT id FROM jobs WHERE pipeline IN ({list}) AND
+                       (state = 'queued' OR (state = 'retry_wait' AND not_before <= ?1))
+                     ORDER BY priority DESC, queued_at, id LIMIT 1"
+                ),
+                params![now],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else { return Ok(None) };
+        tx.execute(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?2, stage = NULL WHERE id = ?1",
+            params![id, now],
+        )?;
+        tx.commit()?;
+        self.job(id)
+    }
+
+    fn set_stage(&mut self, id: i64, stage: &str) -> Result<()> {
+        self.conn.execute("UPDATE jobs SET stage = ?2 WHERE id = ?1", params![id, stage])?;
+        Ok(())
+    }
+
+    fn done(&mut self, id: i64, output: &Path, now: f64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE jobs SET state = 'done', stage = NULL, finished_at = ?2, output = ?3, error = NULL WHERE id = ?1",
+            params![id, now, text(output)],
+        )?;
+        Ok(())
+    }
+
+    fn failed(&mut self, id: i64, f: &Failure, retry_at: Option<f64>, source: Option<&Path>, now: f64) -> Result<()> {
+        let err = serde_json::to_string(f)?;
+        match retry_at {
+            Some(t) => self.conn.execute(
+                "UPDATE jobs SET state = 'retry_wait', not_before = ?2, stage = ?3, error = ?4 WHERE id = ?1",
+                params![id, t, f.stage, err],
+            )?,
+            None => self.conn.execute(
+                "UPDATE jobs SET state = 'quarantined', stage = ?2, error = ?3, finished_at = ?4, source = COALESCE(?5, source)
+                 WHERE id = ?1",
+                params![id, f.stage, err, now, source.map(text)],
+            )?,
+        };
+        Ok(())
+    }
+
+    fn release(&mut self, id: i64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE jobs SET state = 'queued', stage = NULL, attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND state = 'running'",
+            params![id],
+        )?;
+        Ok(())
+    }
+
+    fn retry(&mut self, id: Option<i64>) -> Result<usize> {
+        let n = match id {
+            Some(id) => self.conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, not_before = NULL, finished_at = NULL
+                 WHERE id = ?1 AND state IN ('quarantined', 'retry_wait', 'done')",
+                params![id],
+            )?,
+            None => self.conn.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, not_before = NULL, finished_at = NULL
+                 WHERE state IN ('quarantined', 'retry_wait')",
+                [],
+            )?,
+        };
+        Ok(n)
+    }
+
+    fn counts(&mut self) -> Result<Vec<(String, String, u64)>> {
+        let mut st = self.conn.prepare_cached("SELECT pipeline, state, COUNT(*) FROM jobs GROUP BY pipeline, state")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn oldest_queued(&mut self) -> Result<Option<f64>> {
+        Ok(self.conn.query_row("SELECT MIN(queued_at) FROM jobs WHERE state IN ('queued', 'retry_wait')", [], |r| r.get(0))?)
+    }
+
+    fn has_work(&mut self, pipeline: &str, now: f64) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM jobs WHERE pipeline = ?1 AND
+               (state IN ('queued', 'running') OR (state = 'retry_wait' AND not_before <= ?2)))",
+            params![pipeline, now],
+            |r| r.get(0),
+        )?)
+    }
+
+    fn recent(&mut self, n: usize) -> Result<Vec<Job>> {
+        self.jobs_where("ORDER BY COALESCE(finished_at, started_at, queued_at) DESC, id DESC LIMIT ?1", params![n as i64])
+    }
+
+    fn job(&mut self, id: i64) -> Result<Option<Job>> {
+        Ok(self.jobs_where("WHERE id = ?1", params![id])?.pop())
+    }
+
+    fn last_run(&mut self, pipeline: &str) -> Result<Option<Run>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT id, pipeline, planned_at, started_at, ended_at, documents, ok, overran FROM runs
+                 WHERE pipeline = ?1 ORDER BY planned_at DESC, id DESC LIMIT 1",
+                params![pipeline],
+                |r| {
+                    Ok(Run {
+                        id: r.get(0)?,
+                        pipeline: r.get(1)?,
+                        planned_at: r.get(2)?,
+                        started_at: r.get(3)?,
+                        ended_at: r.get(4)?,
+                        documents: r.get::<_, i64>(5)? as u64,
+                        ok: r.get(6)?,
+                        overran: r.get(7)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn start_run(&mut self, pipeline: &str, planned_at: f64, now: f64) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO runs(pipeline, planned_at, started_at) VALUES (?1, ?2, ?3)",
+            params![pipeline, planned_at, now],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn end_run(&mut self, id: i64, now: f64, documents: u64, ok: bool, overran: bool) -> Result<()> {
+        self.conn.execute(
+            "UPDATE runs SET ended_at = ?2, documents = ?3, ok = ?4, overran = ?5 WHERE id = ?1",
+            params![id, now, documents as i64, ok, overran],
+        )?;
+        Ok(())
+    }
+
+    fn first_seen(&mut self, pipeline: &str, now: f64) -> Result<f64> {
+        self.conn.execute("INSERT OR IGNORE INTO pipelines(name, first_seen) VALUES (?1, ?2)", params![pipeline, now])?;
+        Ok(self.conn.query_row("SELECT first_seen FROM pipelines WHERE name = ?1", params![pipeline], |r| r.get(0))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failure::Reason;
+
+    fn new_job<'a>(key: &'a str, rel: &'a Path, inbox: &'a Path) -> NewJob<'a> {
+        NewJob { key, pipeline: "p", priority: 0, inbox, rel_path: rel, sha256: "s", size: 1, reprocess_duplicates: false }
+    }
+
+    #[test]
+    fn lifecycle_duplicates_and_crash_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Path::new("/in");
+        let mut l = SqliteLedger::open(dir.path()).unwrap();
+        let a = Path::new("a.pdf");
+        let Discovery::Queued(id) = l.discover(&new_job("k1", a, inbox)).unwrap() else { panic!() };
+        assert_eq!(l.discover(&new_job("k1", a, inbox)).unwrap(), Discovery::Known);
+        assert_eq!(l.discover(&new_job("k1", Path::new("copy.pdf"), inbox)).unwrap(), Discovery::Duplicate { of: id });
+        let j = l.claim(&["p"], 1.0).unwrap().unwrap();
+        assert_eq!((j.id, j.attempts, j.state.as_str()), (id, 1, "running"));
+        assert!(l.claim(&["p"], 1.0).unwrap().is_none());
+        // A crash leaves it running; reopening the ledger and recovering queues it again.
+        drop(l);
+        let mut l = SqliteLedger::open(dir.path()).unwrap();
+        assert_eq!(l.recover().unwrap(), 1);
+        let j = l.claim(&["p"], 2.0).unwrap().unwrap();
+        assert_eq!(j.attempts, 2);
+        let f = Failure::new(Reason::Timeout, "extract", "slow");
+        l.failed(id, &f, Some(100.0), None, 3.0).unwrap();
+        assert!(l.claim(&["p"], 50.0).unwrap().is_none(), "backoff respected");
+        let j = l.claim(&["p"], 100.0).unwrap().unwrap();
+        assert_eq!(j.error.as_ref().unwrap().reason, Reason::Timeout);
+        l.done(id, Path::new("/out/a.pdf.json"), 101.0).unwrap();
+        assert_eq!(l.job(id).unwrap().unwrap().state, "done");
+        assert!(l.oldest_queued().unwrap().is_none());
+    }
+}

@@ -1,0 +1,214 @@
+//! The real daemon on temporary folders: partial writes, duplicates, files the watcher cannot
+//! see, kill -9 recovery, hostile files, metrics that match what happened, and results that
+//! match the published schema.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use common::sandbox::{Sandbox, assert_valid_result, metric, wait_for};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+fn corpus_file(rel: &str) -> Vec<u8> {
+    std::fs::read(common::corpus().join(rel)).unwrap()
+}
+
+fn count_state(status: &Value, state: &str) -> u64 {
+    status["counts"].as_array().unwrap().iter().filter(|c| c["state"] == state).map(|c| c["jobs"].as_u64().unwrap()).sum()
+}
+
+#[test]
+fn serve_takes_slow_copies_once_skips_duplicates_and_rescans_what_the_watcher_missed() {
+    let sb = Sandbox::new("", 8192);
+    let d = sb.serve();
+    let nda = corpus_file("contracts/commonpaper__Mutual-NDA.md");
+
+    // A scanner writing page by page: pauses shorter than the stability window.
+    {
+        let mut f = std::fs::File::create(sb.path("inbox/nda.md")).unwrap();
+        for part in nda.chunks(nda.len() / 6 + 1) {
+            f.write_all(part).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let (_, r) = wait_for("the NDA result", Duration::from_secs(120), || {
+        sb.results().into_iter().find(|(p, _)| p == Path::new("nda.md.json"))
+    });
+    assert_eq!(r["source"]["size"].as_u64().unwrap(), nda.len() as u64, "processed the whole file, not a prefix");
+    assert_eq!(r["source"]["sha256"], deltadoc::fetch::hex(&Sha256::digest(&nda)).as_str());
+    assert!(r["pages"][0]["text"].as_str().unwrap().contains("Mutual Non-Disclosure Agreement"));
+
+    // The same bytes under another name: recorded as a duplicate, no second result.
+    std::fs::write(sb.path("inbox/copy of nda.md"), &nda).unwrap();
+    wait_for("the duplicate to be recorded", Duration::from_secs(60), || {
+        (count_state(&sb.status(), "skipped") == 1).then_some(())
+    });
+
+    // A folder moved into the inbox: inotify reports the folder, not the files inside it, so
+    // only the periodic rescan can find them.
+    std::fs::create_dir_all(sb.path("staging/batch")).unwrap();
+    std::fs::write(sb.path("staging/batch/terms.html"), corpus_file("contracts/mozilla__en__firefox_cloud_services_tos.html"))
+        .unwrap();
+    std::fs::rename(sb.path("staging/batch"), sb.path("inbox/batch")).unwrap();
+    wait_for("the moved folder's file", Duration::from_secs(120), || {
+        sb.results().into_iter().find(|(p, _)| p == Path::new("batch/terms.html.json"))
+    });
+
+    let results = sb.results();
+    assert_eq!(results.len(), 2, "{:?}", results.iter().map(|r| &r.0).collect::<Vec<_>>());
+    for (p, v) in &results {
+        assert_valid_result(p, v);
+        assert_eq!(v["model"]["random_weights"], true);
+    }
+    let m = d.scrape();
+    assert_eq!(metric(&m, "deltadoc_documents_total", &["outcome=\"ok\"", "pipeline=\"p\""]), Some(2.0), "{m}");
+    assert_eq!(metric(&m, "deltadoc_documents_total", &["outcome=\"skipped_duplicate\""]), Some(1.0));
+    assert!(metric(&m, "deltadoc_rescan_found_total", &[]).unwrap() >= 1.0, "rescan finds counted:\n{m}");
+    assert!(metric(&m, "deltadoc_watch_events_total", &["source=\"inotify\""]).unwrap() >= 1.0);
+    assert_eq!(metric(&m, "deltadoc_queue_depth", &["state=\"done\""]), Some(2.0));
+    assert_eq!(metric(&m, "deltadoc_context_truncations_total", &[]), Some(0.0));
+    assert_eq!(metric(&m, "deltadoc_model_loaded", &[]), Some(1.0));
+    let generated = metric(&m, "deltadoc_generation_tokens_total", &[]).unwrap();
+    let in_results: u64 = results.iter().map(|(_, v)| v["tokens"]["generated"].as_u64().unwrap()).sum();
+    assert_eq!(generated, in_results as f64, "token counter matches the results");
+    assert!(metric(&m, "deltadoc_stage_duration_seconds_count", &["stage=\"summary\""]).unwrap() >= 2.0);
+    // Bounded labels only: no file names or paths in any series.
+    for l in m.lines().filter(|l| !l.starts_with('#')) {
+        assert!(!l.contains('/') && !l.contains(".md"), "path in a label: {l}");
+    }
+    for family in m.lines().filter_map(|l| l.strip_prefix("# TYPE ")).map(|l| l.split(' ').next().unwrap()) {
+        assert!(m.contains(&format!("# HELP {family} ")), "{family} has no HELP");
+    }
+    d.stop();
+}
+
+#[test]
+fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
+    // A long contract in small contexts: many model calls, time enough to kill mid-stage.
+    let sb = Sandbox::new("", 2048);
+    std::fs::write(
+        sb.path("inbox/ceres.txt"),
+        corpus_file("contracts/CERES,INC_01_25_2012-EX-10.20-Collaboration Agreement.txt"),
+    )
+    .unwrap();
+    let mut d = sb.serve();
+    wait_for("a model stage to run", Duration::from_secs(120), || {
+        let s = sb.status();
+        s["recent"].as_array().unwrap().iter().any(|j| j["state"] == "running" && j["stage"] == "summary").then_some(())
+    });
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    let s = sb.status();
+    assert_eq!(s["recent"][0]["state"], "running", "the ledger shows the interrupted job");
+    assert!(sb.results().is_empty());
+
+    let d = sb.serve();
+    d.wait_log("were running when deltadoc last stopped", Duration::from_secs(30));
+    let (_, r) = wait_for("the result after restart", Duration::from_secs(600), || sb.results().into_iter().next());
+    let s = sb.status();
+    let job = &s["recent"][0];
+    assert_eq!((job["state"].as_str(), job["attempts"].as_u64()), (Some("done"), Some(2)));
+    assert_eq!(sb.results().len(), 1);
+    assert_valid_result(Path::new("ceres.txt.json"), &r);
+    let chunks = r["chunks"].as_array().unwrap();
+    assert!(chunks.len() > 10, "a long document is chunked: {}", chunks.len());
+    // The chunks cover every token of the document in order.
+    assert_eq!(chunks[0]["token_start"], 0);
+    assert_eq!(chunks.last().unwrap()["token_end"], r["document_tokens"]);
+    for w in chunks.windows(2) {
+        assert!(w[1]["token_start"].as_u64() <= w[0]["token_end"].as_u64());
+        assert!(w[1]["token_start"].as_u64() > w[0]["token_start"].as_u64());
+    }
+    assert_eq!(r["truncated"], false);
+    assert!(!r["stages"]["summary"]["parts"].as_array().unwrap().is_empty(), "map-reduce parts kept");
+    let leftovers: Vec<_> = std::fs::read_dir(sb.path("out/p"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "no temp files left in the output folder");
+    d.stop();
+}
+
+#[test]
+fn every_malformed_file_ends_as_a_result_or_in_quarantine_with_a_reason() {
+    let sb = Sandbox::new("", 4096);
+    let dir = common::corpus().join("malformed");
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        std::fs::copy(e.path(), sb.path("inbox").join(e.file_name())).unwrap();
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    let t = std::time::Instant::now();
+    let out = sb.run(&["run", "--once"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let results = sb.results();
+    let quarantined = common::sandbox::json_files(&sb.path("quarantine/p"));
+    let mut report = Vec::new();
+    for n in &names {
+        let ok = results.iter().find(|(p, _)| p == Path::new(&format!("{n}.json")));
+        let err = quarantined.iter().find(|(p, _)| p == Path::new(&format!("{n}.error.json")));
+        match (ok, err) {
+            (Some((p, v)), None) => {
+                assert_valid_result(p, v);
+                report.push(format!("{n}: result ({} pages)", v["pages"].as_array().unwrap().len()));
+            }
+            (None, Some((_, e))) => {
+                let reason = e["reason"].as_str().unwrap();
+                assert!(!e["message"].as_str().unwrap().is_empty());
+                assert!(e["message"].as_str().unwrap().contains(n.as_str()), "the error names the file: {e}");
+                assert!(sb.path("quarantine/p").join(n).is_file(), "{n} copied to quarantine");
+                report.push(format!("{n}: quarantined ({reason})"));
+            }
+            other => panic!("{n}: expected exactly one of result or quarantine, got {other:?}"),
+        }
+    }
+    eprintln!("malformed corpus in {:.1}s:\n{}", t.elapsed().as_secs_f64(), report.join("\n"));
+}
+
+#[test]
+fn process_prints_the_result_or_the_error_json() {
+    let sb = Sandbox::new("", 8192);
+    let good = common::corpus().join("contracts/NELNETINC_04_08_2020-EX-1-JOINT FILING AGREEMENT.PDF");
+    let out = sb.run(&["process", good.to_str().unwrap(), "--pipeline", "p"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_valid_result(&good, &v);
+    assert!(v["pages"][0]["text"].as_str().unwrap().contains("jointly prepare and file"));
+
+    let bad = common::corpus().join("malformed/ocrmypdf__invalid.pdf");
+    let out = sb.run(&["process", bad.to_str().unwrap(), "--pipeline", "p"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["error"]["reason"].is_string() && v["error"]["message"].as_str().unwrap().contains("ocrmypdf__invalid.pdf"), "{v}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap();
+    assert!(last.starts_with("error: ") && last.contains("ocrmypdf__invalid.pdf"), "{stderr}");
+}
+
+#[test]
+fn config_check_names_file_line_and_field() {
+    let sb = Sandbox::new("schedule: {cron: \"0 2 * * *\", timezone: Europe/Berlin, window: 4h}\n", 8192);
+    let out = sb.run(&["config", "check"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cron \"0 2 * * *\" Europe/Berlin"));
+
+    sb.write("pipelines/p.yaml", "name: p\ninboxes: [{path: inbox}]\noutput: out/p\nschedule:\n  cron: \"0 2 * * *\"\n  timezone: Mars/Olympus\n  window: 1h\nstages: [{name: s, kind: summarize}]\n");
+    let err = String::from_utf8_lossy(&sb.run(&["config", "check"]).stderr).into_owned();
+    assert!(err.contains("p.yaml") && err.contains("line 6") && err.contains("Mars/Olympus"), "{err}");
+
+    sb.write(
+        "pipelines/p.yaml",
+        "name: p\ninboxes: [{path: inbox}]\noutput: inbox/results\nstages: [{name: s, kind: summarize}]\n",
+    );
+    let err = String::from_utf8_lossy(&sb.run(&["config", "check"]).stderr).into_owned();
+    assert!(err.contains("p.yaml:3") && err.contains("field `output`") && err.contains("overlaps inbox"), "{err}");
+
+    sb.write("pipelines/p.yaml", "name: p\ninboxes: [{path: inbox}]\noutput: out\nstages:\n  - {name: s, kind: prompt}\n");
+    let err = String::from_utf8_lossy(&sb.run(&["config", "check"]).stderr).into_owned();
+    assert!(err.contains("p.yaml:5") && err.contains("stages[0].instruction"), "{err}");
+}

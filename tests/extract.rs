@@ -1,0 +1,145 @@
+//! Text extraction against poppler's pdftotext on every text PDF of the corpus (references in
+//! tests/data/pdftotext, made by tests/data/make_pdftotext_refs.sh), plus text formats and
+//! encrypted files. The extractor runs isolated (`deltadoc extract --json`), as in the daemon.
+//!
+//! Similarity is the F1 of character-bigram multisets after dropping whitespace and case:
+//! insensitive to line breaks, column order and spacing (where extractors legitimately differ),
+//! sensitive to missing, extra or wrongly decoded text.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::Value;
+
+fn extract_json(path: &Path) -> Value {
+    let out = common::deltadoc_output(&["extract", "--json", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn bigrams(s: &str) -> HashMap<(char, char), usize> {
+    let chars: Vec<char> = s.chars().filter(|c| !c.is_whitespace()).flat_map(char::to_lowercase).collect();
+    let mut m = HashMap::new();
+    for w in chars.windows(2) {
+        *m.entry((w[0], w[1])).or_insert(0) += 1;
+    }
+    m
+}
+
+fn similarity(a: &str, b: &str) -> f64 {
+    let (x, y) = (bigrams(a), bigrams(b));
+    let (nx, ny): (usize, usize) = (x.values().sum(), y.values().sum());
+    if nx + ny == 0 {
+        return 1.0;
+    }
+    let common: usize = x.iter().map(|(k, &n)| n.min(*y.get(k).unwrap_or(&0))).sum();
+    2.0 * common as f64 / (nx + ny) as f64
+}
+
+/// Files where pdftotext and deltadoc legitimately disagree, with the reason (kept short).
+const KNOWN_LOW: &[(&str, &str)] = &[
+    ("pdfminer__issue-625-identity-cmap.pdf", "pdf-extract decodes no text from its Identity-H fonts: pages go to OCR"),
+    ("pdfa20__pdf20-utf8-test.pdf", "lopdf cannot parse its trailer (poppler reconstructs it)"),
+    ("pdfjs__issue11656.pdf", "Hebrew: poppler adds bidi embedding marks and mirrors brackets differently"),
+];
+
+#[test]
+fn pdf_text_matches_pdftotext() {
+    let refs = common::root().join("tests/data/pdftotext");
+    let corpus = common::corpus();
+    let mut rows = Vec::new();
+    let mut stack = vec![refs.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let rel = p.strip_prefix(&refs).unwrap().to_string_lossy().trim_end_matches(".txt").to_string();
+            let want = std::fs::read_to_string(&p).unwrap();
+            let got = extract_json(&corpus.join(&rel));
+            let text = match got.get("ok") {
+                Some(ok) => {
+                    ok["pages"].as_array().unwrap().iter().map(|p| p["text"].as_str().unwrap()).collect::<Vec<_>>().join("\n")
+                }
+                None => String::new(),
+            };
+            let ocr_pages = got["ok"]["pages"].as_array().map(|p| p.iter().filter(|p| p["method"] == "ocr").count()).unwrap_or(0);
+            rows.push((
+                rel,
+                similarity(&text, &want),
+                want.chars().filter(|c| !c.is_whitespace()).count(),
+                ocr_pages,
+                got.get("error").cloned(),
+            ));
+        }
+    }
+    rows.sort_by(|a, b| a.1.total_cmp(&b.1));
+    eprintln!("{:>6} {:>8} {:>4}  file", "sim", "chars", "ocr");
+    for (rel, sim, chars, ocr, err) in &rows {
+        eprintln!("{sim:>6.3} {chars:>8} {ocr:>4}  {rel}{}", err.as_ref().map(|e| format!("  ERROR {e}")).unwrap_or_default());
+    }
+    let mean = rows.iter().map(|r| r.1).sum::<f64>() / rows.len() as f64;
+    eprintln!("{} files, mean similarity {mean:.3}", rows.len());
+    assert!(rows.len() >= 40, "references missing: run tests/data/make_pdftotext_refs.sh");
+    for (rel, sim, chars, _, err) in &rows {
+        if let Some((_, why)) = KNOWN_LOW.iter().find(|(f, _)| rel.ends_with(f)) {
+            eprintln!("known: {rel}: {why}");
+            continue;
+        }
+        // Pages with almost no text (forms, scans) make the ratio meaningless.
+        if *chars < 50 {
+            continue;
+        }
+        assert!(err.is_none(), "{rel}: extraction failed: {err:?}");
+        assert!(*sim >= 0.80, "{rel}: similarity {sim:.3} with pdftotext");
+    }
+    assert!(mean >= 0.90, "mean similarity {mean:.3}");
+}
+
+#[test]
+fn encrypted_pdfs_open_with_the_empty_password_and_others_are_refused() {
+    let c = common::corpus();
+    for f in ["pdf/lopdf__encrypted.pdf", "pdf/pdfjs__issue7665.pdf", "pdf/pdfjs__bug1815476.pdf"] {
+        let v = extract_json(&c.join(f));
+        let ok = v.get("ok").unwrap_or_else(|| panic!("{f}: {v}"));
+        assert!(ok["warnings"].to_string().contains("empty user password"), "{f}: {ok}");
+    }
+    let v = extract_json(&c.join("pdf/pdfminer__aes-256.pdf"));
+    assert_eq!(v["error"]["reason"], "encrypted", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("pdfminer__aes-256.pdf"));
+}
+
+#[test]
+fn text_files_in_legacy_encodings_and_html_fragments() {
+    let c = common::corpus();
+    let mut seen = 0;
+    for e in std::fs::read_dir(c.join("text")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let v = extract_json(&e.path());
+        let ok = v.get("ok").unwrap_or_else(|| panic!("{name}: {v}"));
+        let text = ok["pages"][0]["text"].as_str().unwrap();
+        assert!(!text.contains('\u{fffd}'), "{name}: replacement characters, wrong encoding {}", ok["encoding"]);
+        if name.ends_with(".html") {
+            assert!(!text.contains("<p>") && !text.contains("</"), "{name}: tags left in text");
+        }
+        seen += 1;
+    }
+    assert!(seen >= 10);
+    // The Russian control file and its windows-1251 twin read the same.
+    let find = |needle: &str| -> String {
+        std::fs::read_dir(c.join("text"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains(needle))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let cp1251 = extract_json(Path::new(&find("1251")));
+    assert_eq!(cp1251["ok"]["encoding"], "windows-1251");
+}

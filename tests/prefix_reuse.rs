@@ -1,0 +1,35 @@
+//! The model stage's prefix reuse: a stage that restores the document's saved state must
+//! generate exactly what a fresh prefill of the same prompt generates.
+
+mod common;
+
+use deltadoc::generate::Sampling;
+use deltadoc::model::quant::Precision;
+use deltadoc::pipeline::llm::{OrtModel, Request, TextModel, stage_options, stage_prompt};
+use deltadoc::runtime::SessionOptions;
+
+#[test]
+fn restored_prefix_generates_what_a_fresh_prefill_does() {
+    let dir = common::open(&common::imported("fullvocab", Precision::Fp32));
+    let opts = SessionOptions { threads: 1, ..Default::default() };
+    let mut reused = OrtModel::open(&dir, &opts).unwrap();
+    let mut fresh = OrtModel::open(&dir, &opts).unwrap();
+    // Sampling makes the output depend on every logit, so any state difference shows.
+    let options = stage_options(24, Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 });
+    let doc =
+        reused.tokenizer().encode("This Supply Agreement is made between Acme GmbH and Beta Ltd. on 1 March 2027.").unwrap();
+    let (p, s1) = stage_prompt(reused.tokenizer(), &doc, "Summarise the agreement.", false).unwrap();
+    let (_, s2) = stage_prompt(reused.tokenizer(), &doc, "List the parties.", false).unwrap();
+    let run = |m: &mut OrtModel, suffix: &[u32], keep: bool| {
+        let req = Request { prefix: &p, suffix, keep_prefix: keep, options: &options, check: &|| Ok(()), on_prefill: &|_| {} };
+        m.complete(&req).unwrap()
+    };
+    let first = run(&mut reused, &s1, true);
+    let second = run(&mut reused, &s2, true);
+    assert_eq!(second.prefilled_tokens, s2.len(), "the document was not prefilled again");
+    assert_eq!(first.prefilled_tokens, p.len() + s1.len());
+    let want = run(&mut fresh, &s2, false);
+    assert_eq!(second.text, want.text, "reused prefix changed the output");
+    assert_eq!(second.generated_tokens, want.generated_tokens);
+    assert_ne!(first.text, second.text, "the instruction matters");
+}

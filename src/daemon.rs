@@ -139,6 +139,22 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     metrics.model_load_seconds.set(t.elapsed().as_secs_f64());
     metrics.model_loaded.with_label_values(&[&info.name]).set(1);
     metrics.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &info.name]).set(1);
+    let budget = cfg.daemon.memory_budget.0;
+    match model.max_context_within(budget, true) {
+        Some(t) if t >= info.max_context => tracing::info!(
+            "memory plan: a full {}-token context needs {} MiB of the {} MiB budget",
+            info.max_context,
+            model.plan(t, true).total_bytes >> 20,
+            budget >> 20
+        ),
+        Some(t) => {
+            tracing::warn!("memory_budget {} MiB caps model contexts at {t} tokens (documents are chunked to fit)", budget >> 20)
+        }
+        None => tracing::warn!(
+            "memory_budget {} MiB is below what the model needs for any context; every document will fail",
+            budget >> 20
+        ),
+    }
     if info.random_weights {
         tracing::warn!("model {} has random weights: results are placeholders (see README: real weights)", info.source);
     }
@@ -436,6 +452,7 @@ impl Worker<'_> {
                 isolation: Some(&self.iso),
                 max_file_bytes: cfg.daemon.limits.max_file_bytes.0,
                 max_pages: cfg.daemon.limits.max_pages,
+                memory_budget: cfg.daemon.memory_budget.0,
                 deadline: started + cfg.daemon.limits.document_timeout.0,
                 shutdown: &SHUTDOWN,
                 on_step: &mut on_step,
@@ -555,6 +572,7 @@ pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::res
         isolation: Some(&iso),
         max_file_bytes: cfg.daemon.limits.max_file_bytes.0,
         max_pages: cfg.daemon.limits.max_pages,
+        memory_budget: cfg.daemon.memory_budget.0,
         deadline: Instant::now() + cfg.daemon.limits.document_timeout.0,
         shutdown: &SHUTDOWN,
         on_step: &mut on_step,

@@ -189,6 +189,15 @@ enum ModelCmd {
         /// Also re-hash every file against the manifest.
         #[arg(long)]
         verify: bool,
+        /// Plan the memory of a context of this many tokens (default: the model's maximum).
+        #[arg(long)]
+        context: Option<usize>,
+        /// Memory budget to check the plan against (e.g. 20GiB).
+        #[arg(long, default_value = "20GiB")]
+        budget: deltadoc::config::ByteSize,
+        /// Tokens per prefill call in the plan.
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
     },
     /// Write float32 logits of every position of an id sequence as .npy [seq, vocab].
     Logits {
@@ -443,14 +452,29 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
             }
             Ok(())
         }
-        ModelCmd::Info { model, verify } => {
+        ModelCmd::Info { model, verify, context, budget, prefill_chunk } => {
             let m = ModelDir::open(&model)?;
             if verify {
                 m.verify()?;
             }
             let c = &m.manifest.config;
-            let weights = std::fs::metadata(m.dir.join("model.onnx.data")).map(|x| x.len()).unwrap_or(0);
+            let weights = m.weights_bytes();
+            let context = context.unwrap_or(c.max_position_embeddings);
+            let p = model::plan::plan(c, m.manifest.precision, weights, context, prefill_chunk, true);
+            let fit = model::plan::max_context_within(
+                c,
+                m.manifest.precision,
+                weights,
+                budget.0,
+                c.max_position_embeddings,
+                prefill_chunk,
+                true,
+            );
             let info = serde_json::json!({
+                "plan": p,
+                "budget_bytes": budget.0,
+                "fits_budget": p.total_bytes <= budget.0,
+                "max_context_within_budget": fit,
                 "manifest": m.manifest,
                 "memory": {
                     "weights_file_bytes": weights,

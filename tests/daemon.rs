@@ -212,3 +212,35 @@ fn config_check_names_file_line_and_field() {
     let err = String::from_utf8_lossy(&sb.run(&["config", "check"]).stderr).into_owned();
     assert!(err.contains("p.yaml:5") && err.contains("stages[0].instruction"), "{err}");
 }
+
+#[test]
+fn memory_budget_caps_the_context_or_refuses_naming_the_limit() {
+    let sb = Sandbox::new("", 262_144);
+    let ceres = common::corpus().join("contracts/CERES,INC_01_25_2012-EX-10.20-Collaboration Agreement.txt");
+    let run = |budget: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_deltadoc"));
+        c.args([
+            "process",
+            ceres.to_str().unwrap(),
+            "--pipeline",
+            "p",
+            "--config",
+            sb.path("config/deltadoc.yaml").to_str().unwrap(),
+        ]);
+        c.env("DELTADOC_LOG", "warn").env("DELTADOC_MEMORY_BUDGET", budget).output().unwrap()
+    };
+    // Far below the weights: refused before any model call, with the limit in the message.
+    let out = run("64MiB");
+    assert_eq!(out.status.code(), Some(2));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["reason"], "too_large", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("memory_budget 64 MiB"), "{v}");
+    // Enough for a few thousand tokens: the 262K context is capped and the document chunked.
+    let out = run("900MiB");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["chunks"].as_array().unwrap().len() > 1);
+    let warnings = v["warnings"].to_string();
+    assert!(warnings.contains("memory_budget 900 MiB caps the context"), "{warnings}");
+    assert_valid_result(&ceres, &v);
+}

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod graph;
+pub mod plan;
 pub mod quant;
 pub mod synth;
 
@@ -191,6 +192,11 @@ impl ModelDir {
             }
         }
         Ok(())
+    }
+
+    /// Bytes of the weights file (external data), 0 when absent.
+    pub fn weights_bytes(&self) -> u64 {
+        std::fs::metadata(self.dir.join("model.onnx.data")).map(|m| m.len()).unwrap_or(0)
     }
 
     /// Path of the decoder graph.

@@ -13,6 +13,9 @@ use serde::Serialize;
 
 use crate::generate::{self, Decoder, GenerateOptions, Sampling};
 use crate::model::ModelDir;
+use crate::model::config::TextConfig;
+use crate::model::plan::{self, MemoryPlan};
+use crate::model::quant::Precision;
 use crate::runtime::SessionOptions;
 use crate::snapshot::{Snapshot, ids_digest};
 use crate::tokenizer::{IM_END, IM_START, STOP_TOKENS, Tokenizer};
@@ -83,11 +86,18 @@ pub trait TextModel {
     fn complete(&mut self, req: &Request) -> Result<Completion>;
     /// Transcribes one page image.
     fn transcribe(&mut self, image: &Path, page: u32) -> Result<String>;
+    /// Memory a context of `context` tokens needs (`snapshot`: the prefix is kept for reuse).
+    fn plan(&self, context: usize, snapshot: bool) -> MemoryPlan;
+    /// The longest context within `budget` bytes, `None` when not even one prefill chunk fits.
+    fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize>;
 }
 
 /// The ONNX Runtime Qwen3.5 decoder with prefix reuse.
 pub struct OrtModel {
     info: ModelInfo,
+    cfg: TextConfig,
+    precision: Precision,
+    weights_file: u64,
     tokenizer: Tokenizer,
     decoder: Decoder,
     /// State after the last kept prefix, and that prefix's digest.
@@ -114,6 +124,9 @@ impl OrtModel {
         };
         Ok(Self {
             info,
+            cfg: m.config.clone(),
+            precision: m.precision,
+            weights_file: dir.weights_bytes(),
             tokenizer: dir.tokenizer()?,
             decoder: Decoder::open(dir, opts)?,
             kept: None,
@@ -197,6 +210,15 @@ impl TextModel for OrtModel {
             decode_s: t1.elapsed().as_secs_f64(),
             state_bytes: self.decoder.state_bytes(),
         })
+    }
+
+    fn plan(&self, context: usize, snapshot: bool) -> MemoryPlan {
+        plan::plan(&self.cfg, self.precision, self.weights_file, context, self.prefill_chunk, snapshot)
+    }
+
+    fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize> {
+        let max = self.info.max_context;
+        plan::max_context_within(&self.cfg, self.precision, self.weights_file, budget, max, self.prefill_chunk, snapshot)
     }
 
     fn transcribe(&mut self, _image: &Path, _page: u32) -> Result<String> {

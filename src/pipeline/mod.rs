@@ -55,6 +55,8 @@ pub struct Context<'a> {
     pub max_file_bytes: u64,
     /// PDFs with more pages are refused.
     pub max_pages: u32,
+    /// Bytes a model call may plan to use; the context is capped to fit (`too_large` if nothing fits).
+    pub memory_budget: u64,
     /// The attempt fails with `timeout` after this instant.
     pub deadline: Instant,
     /// Set on shutdown: the attempt stops at the next chunk or token.
@@ -167,7 +169,7 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     let t = Instant::now();
     let tok = ctx.model.tokenizer();
     let text_stages: Vec<&StageSpec> = ctx.pipeline.spec.stages.iter().filter(|s| s.kind != StageKind::Ocr).collect();
-    let budget = chunk_budget(ctx, &text_stages)?;
+    let budget = chunk_budget(ctx, &text_stages, &mut warnings)?;
     let page_texts: Vec<(u32, &str)> = ex.pages.iter().map(|p| (p.number, p.text.as_str())).collect();
     let chunked = chunk::chunk(tok, &page_texts, budget, ctx.pipeline.spec.context.overlap)
         .map_err(|e| Failure::new(Reason::Model, "chunk", format!("{}: tokenizer: {e:#}", source.display())))?;
@@ -239,9 +241,32 @@ fn check(ctx: &Context, stage: &str) -> Result<(), Stop> {
 
 /// Tokens of document text one model call can take: the context minus the largest stage
 /// template, instruction and output.
-fn chunk_budget(ctx: &Context, stages: &[&StageSpec]) -> Result<usize, Stop> {
+fn chunk_budget(ctx: &Context, stages: &[&StageSpec], warnings: &mut Vec<String>) -> Result<usize, Stop> {
     let tok = ctx.model.tokenizer();
-    let context = ctx.pipeline.spec.context.max_tokens.min(ctx.model.info().max_context);
+    let mut context = ctx.pipeline.spec.context.max_tokens.min(ctx.model.info().max_context);
+    let snapshot = stages.len() > 1;
+    let mib = |b: u64| b >> 20;
+    match ctx.model.max_context_within(ctx.memory_budget, snapshot) {
+        None => {
+            let p = ctx.model.plan(1, snapshot);
+            let msg = format!(
+                "the model needs {} MiB even for a minimal context, over memory_budget {} MiB",
+                mib(p.total_bytes),
+                mib(ctx.memory_budget)
+            );
+            return Err(Failure::new(Reason::TooLarge, "chunk", msg).into());
+        }
+        Some(fit) if fit < context => {
+            let p = ctx.model.plan(context, snapshot);
+            warnings.push(format!(
+                "memory_budget {} MiB caps the context at {fit} tokens ({context} tokens would need {} MiB)",
+                mib(ctx.memory_budget),
+                mib(p.total_bytes)
+            ));
+            context = fit;
+        }
+        Some(_) => {}
+    }
     let mut reserve = 0;
     for s in stages {
         let instr = instruction(s);

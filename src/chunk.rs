@@ -41,6 +41,9 @@ pub struct Chunked {
     pub chunks: Vec<Chunk>,
     /// Paragraphs longer than a whole chunk, cut between tokens rather than at a boundary.
     pub split_paragraphs: usize,
+    /// Tokens each page contributes to the document's token stream.
+    #[serde(skip)]
+    pub page_tokens: std::collections::BTreeMap<u32, usize>,
 }
 
 struct Unit {
@@ -65,6 +68,10 @@ pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usi
         }
     }
     let total_tokens = units.iter().map(|u| u.ids.len()).sum();
+    let mut page_tokens = std::collections::BTreeMap::new();
+    for u in &units {
+        *page_tokens.entry(u.page).or_insert(0) += u.ids.len();
+    }
     let mut split_paragraphs = 0;
     // Paragraphs longer than a chunk are cut into chunk-sized pieces (counted and reported).
     let mut pieces: Vec<Unit> = Vec::with_capacity(units.len());
@@ -133,7 +140,7 @@ pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usi
         carried = end - back;
         start = back;
     }
-    Ok(Chunked { total_tokens, chunks, split_paragraphs })
+    Ok(Chunked { total_tokens, chunks, split_paragraphs, page_tokens })
 }
 
 /// A short line that looks like a heading: Markdown `#`, a numbered clause, an article or

@@ -204,12 +204,9 @@ fn ingest_loop(cfg: &Config, model: &str, metrics: &Metrics, waiting: &Mutex<Has
     let filters = Filters::new(&d.ingest.ignore)?;
     let mut stability = Stability::new(d.ingest.stable_window.0);
     let (tx, rx) = mpsc::channel();
-    let _watcher = if mode == Mode::Serve && !d.ingest.poll_only {
-        let roots: Vec<(PathBuf, bool)> = inboxes
-            .iter()
-            .zip(cfg.pipelines.iter().flat_map(|p| &p.spec.inboxes))
-            .map(|(i, s)| (i.root.clone(), s.recursive))
-            .collect();
+    // Kept alive for the loop's lifetime: dropping it stops the events.
+    let watcher = if mode == Mode::Serve && !d.ingest.poll_only {
+        let roots: Vec<(PathBuf, bool)> = inboxes.iter().map(|i| (i.root.clone(), i.recursive)).collect();
         match ingest::watch(&roots, tx) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -220,7 +217,7 @@ fn ingest_loop(cfg: &Config, model: &str, metrics: &Metrics, waiting: &Mutex<Has
     } else {
         None
     };
-    let watching = _watcher.is_some();
+    let watching = watcher.is_some();
     let mut last_scan: Option<Instant> = None;
     let mut refused_seen: std::collections::HashSet<String> = Default::default();
     let mut missing_inbox: std::collections::HashSet<PathBuf> = Default::default();
@@ -232,7 +229,7 @@ fn ingest_loop(cfg: &Config, model: &str, metrics: &Metrics, waiting: &Mutex<Has
         while let Ok(path) = rx.recv_timeout(Duration::from_millis(if last_scan.is_some() { 200 } else { 0 })) {
             for inbox in &inboxes {
                 if let Ok(Some(c)) = filters.admit(inbox, &path)
-                    && stability.observe(c, Seen::Event, Instant::now())
+                    && stability.observe(c, Instant::now())
                 {
                     metrics.watch_events.with_label_values(&[Seen::Event.name()]).inc();
                 }
@@ -264,7 +261,7 @@ fn ingest_loop(cfg: &Config, model: &str, metrics: &Metrics, waiting: &Mutex<Has
                 }
             }
             for c in found {
-                if stability.observe(c, Seen::Scan, Instant::now()) {
+                if stability.observe(c, Instant::now()) {
                     metrics.watch_events.with_label_values(&[Seen::Scan.name()]).inc();
                     if watching && !initial {
                         metrics.rescan_found.inc();
@@ -272,7 +269,7 @@ fn ingest_loop(cfg: &Config, model: &str, metrics: &Metrics, waiting: &Mutex<Has
                 }
             }
         }
-        for (c, (size, mtime), _) in stability.take_ready(Instant::now()) {
+        for (c, (size, mtime)) in stability.take_ready(Instant::now()) {
             if let Err(e) = record(cfg, &mut ledger, model, metrics, &c, size, mtime) {
                 tracing::warn!("{}: {e:#}", c.path().display());
                 stability.forget(&c);
@@ -307,7 +304,7 @@ fn record(
     let sha = match ledger.cached_hash(p.name(), &path, size, mtime)? {
         Some(s) => s,
         None => {
-            let s = pipeline::sha256_file(&path).with_context(|| "cannot read".to_string())?;
+            let s = pipeline::sha256_file(&path).context("cannot read")?;
             ledger.remember_hash(p.name(), &path, size, mtime, &s)?;
             s
         }
@@ -446,18 +443,7 @@ impl Worker<'_> {
                 let _ = ledger.set_stage(job.id, s);
             };
             let on_prefill = |n: usize| show.prefilled(n);
-            let mut ctx = Context {
-                pipeline: p,
-                model,
-                isolation: Some(&self.iso),
-                max_file_bytes: cfg.daemon.limits.max_file_bytes.0,
-                max_pages: cfg.daemon.limits.max_pages,
-                memory_budget: cfg.daemon.memory_budget.0,
-                deadline: started + cfg.daemon.limits.document_timeout.0,
-                shutdown: &SHUTDOWN,
-                on_step: &mut on_step,
-                on_prefill: &on_prefill,
-            };
+            let mut ctx = context(cfg, p, model, &self.iso, &mut on_step, &on_prefill);
             pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
         };
         m.inflight.dec();
@@ -557,6 +543,31 @@ fn record_result_metrics(m: &Metrics, pipeline: &str, r: &DocResult) {
     }
 }
 
+/// The context of one document attempt under the configured limits, its deadline counted from
+/// now.
+fn context<'a>(
+    cfg: &Config,
+    pipeline: &'a Pipeline,
+    model: &'a mut dyn TextModel,
+    iso: &'a Isolation,
+    on_step: &'a mut dyn FnMut(&str),
+    on_prefill: &'a dyn Fn(usize),
+) -> Context<'a> {
+    let l = &cfg.daemon.limits;
+    Context {
+        pipeline,
+        model,
+        isolation: Some(iso),
+        max_file_bytes: l.max_file_bytes.0,
+        max_pages: l.max_pages,
+        memory_budget: cfg.daemon.memory_budget.0,
+        deadline: Instant::now() + l.document_timeout.0,
+        shutdown: &SHUTDOWN,
+        on_step,
+        on_prefill,
+    }
+}
+
 /// `deltadoc process FILE --pipeline NAME`: one file, no ledger; the result JSON or the error.
 pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::result::Result<DocResult, Failure>> {
     let p = cfg.pipeline(pipeline)?;
@@ -566,18 +577,7 @@ pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::res
     let mut on_step = |s: &str| show.step(s);
     let on_prefill = |n: usize| show.prefilled(n);
     install_signal_handlers();
-    let mut ctx = Context {
-        pipeline: p,
-        model: &mut model,
-        isolation: Some(&iso),
-        max_file_bytes: cfg.daemon.limits.max_file_bytes.0,
-        max_pages: cfg.daemon.limits.max_pages,
-        memory_budget: cfg.daemon.memory_budget.0,
-        deadline: Instant::now() + cfg.daemon.limits.document_timeout.0,
-        shutdown: &SHUTDOWN,
-        on_step: &mut on_step,
-        on_prefill: &on_prefill,
-    };
+    let mut ctx = context(cfg, p, &mut model, &iso, &mut on_step, &on_prefill);
     let rel = PathBuf::from(file.file_name().unwrap_or(file.as_os_str()));
     let r = match pipeline::process(&mut ctx, file, &rel, None) {
         Ok(r) => Ok(r),

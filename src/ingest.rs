@@ -42,7 +42,8 @@ pub struct Inbox {
     pub root: PathBuf,
     include: Option<GlobSet>,
     exclude: GlobSet,
-    recursive: bool,
+    /// Sub-folders are watched and scanned.
+    pub recursive: bool,
 }
 
 /// A file that passed the filters.
@@ -99,8 +100,9 @@ impl Filters {
         Ok(Self { ignore: globset(ignore)? })
     }
 
-    fn ignored_name(&self, name: &std::ffi::OsStr) -> bool {
-        self.ignore.is_match(Path::new(name))
+    /// True when any component of `rel` is an ignored name (e.g. inside a `.sync/` folder).
+    fn ignored(&self, rel: &Path) -> bool {
+        rel.components().any(|c| self.ignore.is_match(Path::new(c.as_os_str())))
     }
 
     /// The candidate for `path` if it belongs to `inbox` and passes its filters; `Err` names a
@@ -110,8 +112,7 @@ impl Filters {
         if rel.as_os_str().is_empty() || (!inbox.recursive && rel.components().count() > 1) {
             return Ok(None);
         }
-        // Hidden or temporary names anywhere in the relative path (e.g. `.sync/` folders).
-        if rel.components().any(|c| self.ignored_name(c.as_os_str())) {
+        if self.ignored(rel) {
             return Ok(None);
         }
         if inbox.include.as_ref().is_some_and(|g| !g.is_match(rel)) || inbox.exclude.is_match(rel) {
@@ -140,9 +141,7 @@ impl Filters {
                 let path = e.path();
                 let Ok(ft) = e.file_type() else { continue };
                 if ft.is_dir() {
-                    let rel_ok =
-                        path.strip_prefix(&inbox.root).is_ok_and(|r| !r.components().any(|c| self.ignored_name(c.as_os_str())));
-                    if inbox.recursive && rel_ok {
+                    if inbox.recursive && path.strip_prefix(&inbox.root).is_ok_and(|r| !self.ignored(r)) {
                         stack.push(path);
                     }
                     continue;
@@ -176,7 +175,6 @@ pub fn opens(path: &Path) -> bool {
 struct Pending {
     sig: (u64, i64),
     since: Instant,
-    seen: Seen,
 }
 
 /// Files waiting for a stable size and mtime.
@@ -195,7 +193,7 @@ impl Stability {
 
     /// Notes a sighting; returns true when the file is new to the tracker (not pending, and
     /// not settled with the same signature).
-    pub fn observe(&mut self, c: Candidate, seen: Seen, now: Instant) -> bool {
+    pub fn observe(&mut self, c: Candidate, now: Instant) -> bool {
         let Some(sig) = signature(&c.path()) else {
             self.pending.remove(&c);
             return false;
@@ -212,15 +210,14 @@ impl Stability {
                 false
             }
             None => {
-                self.pending.insert(c, Pending { sig, since: now, seen });
+                self.pending.insert(c, Pending { sig, since: now });
                 true
             }
         }
     }
 
-    /// Files whose signature held for the whole window and that open; they leave the pending set
-    /// (with how they were first seen).
-    pub fn take_ready(&mut self, now: Instant) -> Vec<(Candidate, (u64, i64), Seen)> {
+    /// Files whose signature held for the whole window and that open; they leave the pending set.
+    pub fn take_ready(&mut self, now: Instant) -> Vec<(Candidate, (u64, i64))> {
         let mut ready = Vec::new();
         let mut gone = Vec::new();
         for (c, p) in self.pending.iter_mut() {
@@ -230,16 +227,14 @@ impl Stability {
                     p.sig = sig;
                     p.since = now;
                 }
-                Some(sig) if now.duration_since(p.since) >= self.window && opens(&c.path()) => {
-                    ready.push((c.clone(), sig, p.seen))
-                }
+                Some(sig) if now.duration_since(p.since) >= self.window && opens(&c.path()) => ready.push((c.clone(), sig)),
                 Some(_) => {}
             }
         }
         for c in gone {
             self.pending.remove(&c);
         }
-        for (c, sig, _) in &ready {
+        for (c, sig) in &ready {
             self.pending.remove(c);
             self.settled.insert(c.clone(), *sig);
         }
@@ -301,12 +296,12 @@ mod tests {
         std::fs::write(c.path(), "part").unwrap();
         let mut s = Stability::new(Duration::from_millis(200));
         let t0 = Instant::now();
-        assert!(s.observe(c.clone(), Seen::Scan, t0));
+        assert!(s.observe(c.clone(), t0));
         assert!(s.take_ready(t0 + Duration::from_millis(100)).is_empty());
         std::fs::write(c.path(), "partial write").unwrap();
         assert!(s.take_ready(t0 + Duration::from_millis(250)).is_empty(), "changed size restarts the window");
         let ready = s.take_ready(t0 + Duration::from_millis(500));
         assert_eq!(ready.len(), 1);
-        assert!(!s.observe(c, Seen::Scan, t0 + Duration::from_millis(600)), "settled and unchanged");
+        assert!(!s.observe(c, t0 + Duration::from_millis(600)), "settled and unchanged");
     }
 }

@@ -113,10 +113,11 @@ impl Metrics {
             r.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let inflight = IntGauge::new("deltadoc_inflight_documents", "Documents being processed now.")?;
-        r.register(Box::new(inflight.clone()))?;
-        let kv = IntGauge::new("deltadoc_kv_state_bytes", "KV cache plus DeltaNet state bytes of the last model call.")?;
-        r.register(Box::new(kv.clone()))?;
+        let int_gauge = |name: &str, help: &str| -> Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            r.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
         Ok(Self {
             documents: counter(&r, "deltadoc_documents_total", "Documents by pipeline and outcome.", &["pipeline", "outcome"])?,
             failures: counter(
@@ -165,10 +166,10 @@ impl Metrics {
             )?,
             queue_depth: gauge_vec(&r, "deltadoc_queue_depth", "Documents per pipeline and state.", &["pipeline", "state"])?,
             oldest_queued_age: single_gauge("deltadoc_oldest_queued_age_seconds", "Age of the oldest document waiting to run.")?,
-            inflight,
+            inflight: int_gauge("deltadoc_inflight_documents", "Documents being processed now.")?,
             model_loaded: gauge_vec(&r, "deltadoc_model_loaded", "1 when the model is loaded.", &["model"])?,
             model_load_seconds: single_gauge("deltadoc_model_load_seconds", "Seconds the model took to load.")?,
-            kv_state_bytes: kv,
+            kv_state_bytes: int_gauge("deltadoc_kv_state_bytes", "KV cache plus DeltaNet state bytes of the last model call.")?,
             last_run_start: fgauge_vec(
                 &r,
                 "deltadoc_last_run_start_timestamp_seconds",

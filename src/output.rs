@@ -89,7 +89,7 @@ pub struct PageResult {
     /// Why OCR was needed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ocr_reason: Option<String>,
-    /// Tokens of the page's text.
+    /// Tokens the page contributes to the document's token stream (what the model is fed).
     pub tokens: usize,
     /// The text.
     pub text: String,

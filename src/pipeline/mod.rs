@@ -173,7 +173,6 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     let page_texts: Vec<(u32, &str)> = ex.pages.iter().map(|p| (p.number, p.text.as_str())).collect();
     let chunked = chunk::chunk(tok, &page_texts, budget, ctx.pipeline.spec.context.overlap)
         .map_err(|e| Failure::new(Reason::Model, "chunk", format!("{}: tokenizer: {e:#}", source.display())))?;
-    let page_tokens: Vec<usize> = ex.pages.iter().map(|p| tok.encode(&p.text).map(|v| v.len()).unwrap_or(0)).collect::<Vec<_>>();
     timings.insert("chunk".into(), t.elapsed().as_secs_f64());
     if chunked.chunks.len() > 1 {
         warnings.push(format!(
@@ -201,8 +200,13 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     let pages = ex
         .pages
         .into_iter()
-        .zip(page_tokens)
-        .map(|(p, tokens)| PageResult { number: p.number, method: p.method, ocr_reason: p.ocr_reason, tokens, text: p.text })
+        .map(|p| PageResult {
+            number: p.number,
+            method: p.method,
+            ocr_reason: p.ocr_reason,
+            tokens: chunked.page_tokens.get(&p.number).copied().unwrap_or(0),
+            text: p.text,
+        })
         .collect();
     Ok(DocResult {
         deltadoc_version: env!("CARGO_PKG_VERSION").into(),
@@ -228,15 +232,18 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     })
 }
 
+/// Why the attempt must stop now (shutdown or past the deadline), if it must.
+fn interruption(shutdown: &AtomicBool, deadline: Instant, stage: &str) -> Option<Stop> {
+    if shutdown.load(Ordering::Relaxed) {
+        return Some(Stop::Interrupted);
+    }
+    (Instant::now() > deadline)
+        .then(|| Failure::new(Reason::Timeout, stage, "the document ran past its time limit (limits.document_timeout)").into())
+}
+
 /// Stops the attempt on timeout or shutdown.
 fn check(ctx: &Context, stage: &str) -> Result<(), Stop> {
-    if ctx.shutdown.load(Ordering::Relaxed) {
-        return Err(Stop::Interrupted);
-    }
-    if Instant::now() > ctx.deadline {
-        return Err(Failure::new(Reason::Timeout, stage, "the document ran past its time limit (limits.document_timeout)").into());
-    }
-    Ok(())
+    interruption(ctx.shutdown, ctx.deadline, stage).map_or(Ok(()), Err)
 }
 
 /// Tokens of document text one model call can take: the context minus the largest stage
@@ -335,21 +342,21 @@ fn run_text_stages(
     truncated: &mut usize,
 ) -> Result<Vec<(String, StageResult)>, Stop> {
     let n = chunked.chunks.len();
-    let mut acc: Vec<(Vec<String>, Vec<Completion>, f64)> = stages.iter().map(|_| (Vec::new(), Vec::new(), 0.0)).collect();
+    let mut acc: Vec<(Vec<Completion>, f64)> = stages.iter().map(|_| (Vec::new(), 0.0)).collect();
     for c in &chunked.chunks {
         for (si, s) in stages.iter().enumerate() {
             let instr = if n == 1 { instruction(s).to_string() } else { map_instruction(s.kind, instruction(s), c.index + 1, n) };
             let keep = si + 1 < stages.len();
             let t = Instant::now();
             let done = call(ctx, s, &c.ids, &instr, keep)?;
-            acc[si].2 += t.elapsed().as_secs_f64();
-            acc[si].0.push(done.text.clone());
-            acc[si].1.push(done);
+            acc[si].1 += t.elapsed().as_secs_f64();
+            acc[si].0.push(done);
         }
     }
     let mut out = Vec::new();
     for (si, s) in stages.iter().enumerate() {
-        let (parts, mut calls, mut secs) = std::mem::take(&mut acc[si]);
+        let (mut calls, mut secs) = std::mem::take(&mut acc[si]);
+        let parts: Vec<String> = calls.iter().map(|c| c.text.clone()).collect();
         let output = if n == 1 {
             parts[0].clone()
         } else {
@@ -439,18 +446,13 @@ fn call(ctx: &mut Context, s: &StageSpec, doc: &[u32], instr: &str, keep: bool) 
     let model_err = |e: anyhow::Error| Failure::new(Reason::Model, stage.clone(), format!("{e:#}"));
     let (prefix, suffix) = llm::stage_prompt(ctx.model.tokenizer(), doc, instr, s.thinking).map_err(model_err)?;
     let opts = llm::stage_options(s.max_new_tokens, sampling(s));
-    let shutdown = ctx.shutdown;
-    let deadline = ctx.deadline;
-    let interrupted = std::cell::Cell::new(false);
-    let timed_out = std::cell::Cell::new(false);
+    let (shutdown, deadline) = (ctx.shutdown, ctx.deadline);
+    // The model sees an opaque error; the reason to stop is kept here to report it as such.
+    let stopped = std::cell::RefCell::new(None);
     let check = || -> anyhow::Result<()> {
-        if shutdown.load(Ordering::Relaxed) {
-            interrupted.set(true);
-            anyhow::bail!("interrupted");
-        }
-        if Instant::now() > deadline {
-            timed_out.set(true);
-            anyhow::bail!("time limit");
+        if let Some(stop) = interruption(shutdown, deadline, &stage) {
+            *stopped.borrow_mut() = Some(stop);
+            anyhow::bail!("stopped");
         }
         Ok(())
     };
@@ -462,13 +464,10 @@ fn call(ctx: &mut Context, s: &StageSpec, doc: &[u32], instr: &str, keep: bool) 
         check: &check,
         on_prefill: ctx.on_prefill,
     };
-    match ctx.model.complete(&req) {
-        Ok(c) => Ok(c),
-        Err(_) if interrupted.get() => Err(Stop::Interrupted),
-        Err(_) if timed_out.get() => {
-            Err(Failure::new(Reason::Timeout, stage.clone(), "the document ran past its time limit (limits.document_timeout)")
-                .into())
-        }
-        Err(e) => Err(model_err(e).into()),
+    let result = ctx.model.complete(&req);
+    match (result, stopped.take()) {
+        (Ok(c), _) => Ok(c),
+        (Err(_), Some(stop)) => Err(stop),
+        (Err(e), None) => Err(model_err(e).into()),
     }
 }

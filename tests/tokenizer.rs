@@ -10,11 +10,10 @@ use deltadoc::tokenizer::{Message, Role, Tokenizer};
 
 fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
     TOK.get_or_init(|| {
-        let dir = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-        deltadoc::tokenizer::write_qwen35_tokenizer(dir.path()).unwrap();
-        Tokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap()
+        let dir = scratch_dir();
+        deltadoc::tokenizer::write_qwen35_tokenizer(dir).unwrap();
+        Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
     })
 }
 

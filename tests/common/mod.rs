@@ -32,6 +32,25 @@ pub fn fixture_dir(fixture: &str) -> PathBuf {
     if p.is_absolute() { p.to_path_buf() } else { root().join("onnx/fixtures").join(fixture) }
 }
 
+/// A temporary folder for the whole test binary, removed when the binary exits.
+///
+/// Statics are never dropped, so a `static TempDir` would leak one folder (hundreds of MB of
+/// imported models) per run; libtest ends through `exit`, which runs `atexit` handlers.
+pub fn scratch_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    extern "C" fn remove() {
+        if let Some(dir) = DIR.get() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir").keep();
+        // SAFETY: `remove` is a plain function that only reads an initialised static.
+        unsafe { libc::atexit(remove) };
+        dir
+    })
+}
+
 /// Imports a committed fixture checkpoint once per (fixture, precision) and returns the folder.
 pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
     imported_with(fixture, precision, LinearAttn::Deltadoc)
@@ -41,13 +60,11 @@ pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
 pub fn imported_with(fixture: &str, precision: Precision, linear_attn: LinearAttn) -> PathBuf {
     type Imports = HashMap<(String, Precision, LinearAttn), PathBuf>;
     static CACHE: OnceLock<Mutex<Imports>> = OnceLock::new();
-    static TMP: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let tmp = TMP.get_or_init(|| tempfile::tempdir().expect("tempdir"));
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     cache
         .entry((fixture.to_string(), precision, linear_attn))
         .or_insert_with(|| {
-            let out = tmp.path().join(format!("{}-{}-{linear_attn:?}", fixture.replace('/', "_"), precision.name()));
+            let out = scratch_dir().join(format!("{}-{}-{linear_attn:?}", fixture.replace('/', "_"), precision.name()));
             let hf = fixture_dir(fixture).join("hf");
             model::import(&hf, &out, ExportOptions { precision, linear_attn })
                 .unwrap_or_else(|e| panic!("import of {fixture} failed: {e:#}"));

@@ -67,19 +67,6 @@ pub struct BenchReport {
     pub snapshot_bytes: usize,
 }
 
-/// Peak resident set size of this process, from /proc (0 where unavailable).
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
-}
-
 /// Runs the benchmark on `model`.
 pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> Result<BenchReport> {
     let cfg = &model.manifest.config;
@@ -148,7 +135,7 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         prefill_tokens_per_s: opts.prompt_tokens as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },
         ttft_s,
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes: crate::metrics::ProcessMemory::read().peak_bytes,
         kv_state_bytes,
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,

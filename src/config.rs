@@ -36,6 +36,11 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// Folder of pipeline definitions (`*.yaml`).
     pub pipelines: PathBuf,
+    /// Relative inbox, output and quarantine paths of pipelines are relative to this folder
+    /// (absent: the folder holding the pipelines folder). One pipeline file thus serves the demo
+    /// (`examples`) and an install (`/srv/deltadoc`).
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
     /// Prometheus endpoint.
     pub metrics: MetricsConfig,
     /// `human` or `json` log lines on stderr.
@@ -68,6 +73,13 @@ pub struct MetricsConfig {
     pub enabled: bool,
     /// Listen address; loopback by default because metrics are not for the open network.
     pub listen: String,
+    /// `/readyz` fails when documents are queued and the worker showed no progress this long.
+    #[serde(default = "default_stall_after")]
+    pub stall_after: Dur,
+}
+
+fn default_stall_after() -> Dur {
+    Dur(std::time::Duration::from_secs(900))
 }
 
 /// Log line format.
@@ -343,6 +355,14 @@ impl Config {
         let shown = file.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<embedded config/deltadoc.yaml>".into());
         let mut daemon: DaemonConfig = parse_yaml(&text, &shown)?;
         apply_env_overrides(&mut daemon, |k| std::env::var(k).ok())?;
+        if daemon.metrics.stall_after.0 <= daemon.limits.extract_timeout.0 {
+            bail!(
+                "{shown}: field `metrics.stall_after` ({:?}) must be longer than `limits.extract_timeout` ({:?}): \
+                 an extraction shows no progress until it ends, so /readyz would call it stalled",
+                daemon.metrics.stall_after.0,
+                daemon.limits.extract_timeout.0
+            );
+        }
         // Relative paths are relative to the repository-style layout: the folder holding `config/`.
         let base = match &file {
             Some(f) => absolute(f)?.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or(std::env::current_dir()?),
@@ -351,7 +371,10 @@ impl Config {
         for p in [&mut daemon.model.path, &mut daemon.state_dir, &mut daemon.pipelines] {
             *p = base.join(&*p);
         }
-        let pipelines = load_pipelines(&daemon.pipelines)?;
+        if let Some(d) = &mut daemon.data_dir {
+            *d = base.join(&*d);
+        }
+        let pipelines = load_pipelines(&daemon.pipelines, daemon.data_dir.as_deref())?;
         Ok(Self { daemon, file, pipelines })
     }
 
@@ -383,10 +406,12 @@ pub fn apply_env_overrides(d: &mut DaemonConfig, var: impl Fn(&str) -> Option<St
         Ok(())
     }
     set(&mut d.model.path, "DELTADOC_MODEL", &var)?;
+    set(&mut d.model.synth_if_missing, "DELTADOC_SYNTH_IF_MISSING", &var)?;
     set(&mut d.threads, "DELTADOC_THREADS", &var)?;
     set(&mut d.memory_budget, "DELTADOC_MEMORY_BUDGET", &var)?;
     set(&mut d.state_dir, "DELTADOC_STATE_DIR", &var)?;
     set(&mut d.pipelines, "DELTADOC_PIPELINES", &var)?;
+    set(&mut d.data_dir, "DELTADOC_DATA_DIR", &var)?;
     set(&mut d.metrics.listen, "DELTADOC_METRICS_LISTEN", &var)?;
     set(&mut d.metrics.enabled, "DELTADOC_METRICS_ENABLED", &var)?;
     set(&mut d.log_format, "DELTADOC_LOG_FORMAT", &var)?;
@@ -401,7 +426,7 @@ pub fn apply_env_overrides(d: &mut DaemonConfig, var: impl Fn(&str) -> Option<St
 
 /// Loads every `*.yaml` of `dir` and checks them together (unique names, no output folder
 /// inside an inbox).
-pub fn load_pipelines(dir: &Path) -> Result<Vec<Pipeline>> {
+pub fn load_pipelines(dir: &Path, data_dir: Option<&Path>) -> Result<Vec<Pipeline>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read the pipelines folder", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -413,7 +438,7 @@ pub fn load_pipelines(dir: &Path) -> Result<Vec<Pipeline>> {
     }
     let mut out: Vec<Pipeline> = Vec::new();
     for f in files {
-        let p = load_pipeline(&f)?;
+        let p = load_pipeline(&f, data_dir)?;
         if let Some(other) = out.iter().find(|o| o.name() == p.name()) {
             bail!("{}: field `name`: pipeline {:?} is also defined in {}", at(&f, &p.spec.name), p.name(), other.file.display());
         }
@@ -445,12 +470,15 @@ fn at<T>(file: &Path, s: &Spanned<T>) -> String {
     format!("{}:{}:{}", file.display(), s.referenced.line(), s.referenced.column())
 }
 
-/// Loads and checks one pipeline file; relative paths are relative to the folder holding the
-/// pipelines folder (the repository or install root).
-pub fn load_pipeline(file: &Path) -> Result<Pipeline> {
+/// Loads and checks one pipeline file; relative paths are relative to `data_dir`, else to the
+/// folder holding the pipelines folder (the repository or install root).
+pub fn load_pipeline(file: &Path, data_dir: Option<&Path>) -> Result<Pipeline> {
     let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
     let spec: PipelineSpec = parse_yaml(&text, &file.display().to_string())?;
-    let root = absolute(file)?.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
+    let root = match data_dir {
+        Some(d) => d.to_path_buf(),
+        None => absolute(file)?.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default(),
+    };
     let name = &spec.name.value;
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         bail!("{}: field `name`: {name:?} must be letters, digits, '-' or '_' (it is a metrics label)", at(file, &spec.name));
@@ -526,13 +554,14 @@ impl FromStr for ByteSize {
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
             "" | "b" => 1,
             "k" | "kb" => 1000,
-            "kib" => 1 << 10,
+            // Kubernetes spells the binary units Ki, Mi, Gi, Ti.
+            "kib" | "ki" => 1 << 10,
             "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
+            "mib" | "mi" => 1 << 20,
             "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
+            "gib" | "gi" => 1 << 30,
             "t" | "tb" => 1_000_000_000_000,
-            "tib" => 1 << 40,
+            "tib" | "ti" => 1 << 40,
             u => return Err(format!("{s:?}: unknown size unit {u:?} (B, KiB, MiB, GiB, TiB, kB, MB, GB, TB)")),
         };
         Ok(ByteSize((n * mult as f64) as u64))

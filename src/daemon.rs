@@ -1,6 +1,7 @@
 //! The daemon: an ingest thread (watcher, rescans, stability, hashing, ledger) feeding a worker
 //! that runs one document at a time through its pipeline (the model uses every core), the
-//! scheduler deciding which pipelines may run, and the metrics endpoint.
+//! scheduler deciding which pipelines may run, the metrics and health endpoint, and SIGHUP
+//! reloads of the pipelines between documents.
 //!
 //! Data flows one way: inbox → ledger → worker → result or quarantine. The ledger is the only
 //! hand-over, so a crash anywhere loses nothing: on restart running jobs are queued again and
@@ -9,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -17,6 +18,7 @@ use anyhow::{Context as _, Result};
 use crate::config::{Config, Pipeline, QuarantineMode};
 use crate::extract::isolated::Isolation;
 use crate::failure::{Failure, Reason};
+use crate::health::{Health, Readiness};
 use crate::ingest::{self, Candidate, Filters, Seen, Stability};
 use crate::metrics::Metrics;
 use crate::output::{self, DocResult, ErrorReport};
@@ -37,13 +39,22 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// Installs the SIGTERM/SIGINT handlers that request a drain.
+/// Set by SIGHUP: re-read the configuration and pipelines after the running document.
+pub static RELOAD: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_hangup(_: libc::c_int) {
+    RELOAD.store(true, Ordering::SeqCst);
+}
+
+/// Installs the SIGTERM/SIGINT handlers that request a drain, and the SIGHUP handler that
+/// requests a reload.
 pub fn install_signal_handlers() {
-    // SAFETY: the handler only touches an atomic and calls _exit.
+    // SAFETY: the handlers only touch atomics and call _exit.
     unsafe {
         let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
         libc::signal(libc::SIGTERM, handler);
         libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGHUP, on_hangup as extern "C" fn(libc::c_int) as libc::sighandler_t);
     }
 }
 
@@ -119,20 +130,32 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     if recovered > 0 {
         tracing::warn!("{recovered} document(s) were running when deltadoc last stopped; queued again");
     }
+    metrics.init_pipelines(&cfg.pipelines, &mut ledger)?;
     let waiting: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
-    if cfg.daemon.metrics.enabled {
-        let scrape_ledger = Mutex::new(SqliteLedger::open(&state_dir)?);
-        let m = metrics.clone();
-        let w = waiting.clone();
-        let names: Vec<String> = cfg.pipelines.iter().map(|p| p.name().to_string()).collect();
-        let refresh = Arc::new(move || {
-            if let Ok(mut l) = scrape_ledger.lock() {
-                refresh_queue_gauges(&m, &mut *l, &names, &w.lock().map(|w| w.clone()).unwrap_or_default());
-            }
+    let health = Arc::new(Health::new(cfg.daemon.metrics.stall_after.0));
+    let current = Arc::new(RwLock::new(Arc::new(cfg)));
+    if current_cfg(&current).daemon.metrics.enabled {
+        let probe_ledger = Mutex::new(SqliteLedger::open(&state_dir)?);
+        let (m, w, h, c) = (metrics.clone(), waiting.clone(), health.clone(), current.clone());
+        let check = Arc::new(move || -> Readiness {
+            let cfg = current_cfg(&c);
+            let mut l = probe_ledger.lock().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = cfg.pipelines.iter().map(|p| p.name().to_string()).collect();
+            refresh_queue_gauges(&m, &mut *l, &names, &w.lock().map(|w| w.clone()).unwrap_or_default());
+            let inboxes: Vec<(String, PathBuf)> =
+                cfg.pipelines.iter().flat_map(|p| p.inboxes.iter().map(|i| (p.name().to_string(), i.clone()))).collect();
+            let r = h.check(&mut *l, &inboxes);
+            m.ready.set(r.ready as i64);
+            m.worker_heartbeat_age.set(h.silent_for());
+            let mem = crate::metrics::ProcessMemory::read();
+            m.resident_memory.set(mem.resident_bytes as i64);
+            m.peak_resident_memory.set(mem.peak_bytes as i64);
+            r
         });
-        let addr = crate::metrics::serve(&cfg.daemon.metrics.listen, metrics.clone(), refresh)?;
-        tracing::info!("metrics at http://{addr}/metrics");
+        let addr = crate::metrics::serve(&current_cfg(&current).daemon.metrics.listen, metrics.clone(), check)?;
+        tracing::info!("metrics at http://{addr}/metrics, health at /livez and /readyz");
     }
+    let cfg = current_cfg(&current);
     let t = Instant::now();
     let mut model = load_model(&cfg)?;
     let info = model.info().clone();
@@ -158,24 +181,97 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     if info.random_weights {
         tracing::warn!("model {} has random weights: results are placeholders (see README: real weights)", info.source);
     }
+    health.model_loaded();
 
-    let cfg = Arc::new(cfg);
     let ingest_done = Arc::new(AtomicBool::new(false));
-    let ingest = {
-        let (cfg, metrics, waiting, done) = (cfg.clone(), metrics.clone(), waiting.clone(), ingest_done.clone());
+    let spawn_ingest = |cfg: Arc<Config>, stop: Arc<AtomicBool>| {
+        let (metrics, waiting, done) = (metrics.clone(), waiting.clone(), ingest_done.clone());
         let model_name = info.name.clone();
         std::thread::Builder::new().name("ingest".into()).spawn(move || {
-            let r = ingest_loop(&cfg, &model_name, &metrics, &waiting, mode);
+            let r = ingest_loop(&cfg, &model_name, &metrics, &waiting, mode, &stop);
             done.store(true, Ordering::SeqCst);
             r
-        })?
+        })
     };
-    let iso = isolation(&cfg)?;
-    let mut worker = Worker { cfg: &cfg, ledger, metrics: &metrics, iso, scheduler: Scheduler::default(), clock: &SystemClock };
-    let r = worker.run(&mut model, mode, &ingest_done);
+    let mut stop_ingest = Arc::new(AtomicBool::new(false));
+    let mut ingest = Some(spawn_ingest(cfg.clone(), stop_ingest.clone())?);
+    let mut worker = Worker {
+        iso: isolation(&cfg)?,
+        cfg,
+        ledger,
+        metrics: &metrics,
+        health: &health,
+        scheduler: Scheduler::default(),
+        clock: &SystemClock,
+    };
+    let r = loop {
+        match worker.run(&mut model, mode, &ingest_done) {
+            Ok(Exit::Reload) => {
+                let Some(new) = reload(&worker.cfg) else {
+                    metrics.config_reloads.with_label_values(&["failed"]).inc();
+                    continue;
+                };
+                // The old ingest thread stops at its next turn; files it saw but had not yet
+                // recorded are found again by the new one's start-up scan.
+                stop_ingest.store(true, Ordering::SeqCst);
+                if ingest.take().is_some_and(|t| t.join().is_err()) {
+                    break Err(anyhow::anyhow!("the ingest thread panicked"));
+                }
+                let new = Arc::new(new);
+                metrics.init_pipelines(&new.pipelines, &mut worker.ledger)?;
+                worker.iso = isolation(&new)?;
+                worker.cfg = new.clone();
+                *current.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+                stop_ingest = Arc::new(AtomicBool::new(false));
+                ingest = Some(spawn_ingest(new.clone(), stop_ingest.clone())?);
+                metrics.config_reloads.with_label_values(&["ok"]).inc();
+                let names: Vec<&str> = new.pipelines.iter().map(|p| p.name()).collect();
+                tracing::info!("configuration reloaded: pipelines {}", names.join(", "));
+            }
+            Ok(Exit::Done) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
     SHUTDOWN.store(true, Ordering::SeqCst);
-    let ing = ingest.join().map_err(|_| anyhow::anyhow!("the ingest thread panicked"))?;
+    let ing = match ingest {
+        Some(t) => t.join().map_err(|_| anyhow::anyhow!("the ingest thread panicked"))?,
+        None => Ok(()),
+    };
     r.and(ing)
+}
+
+fn current_cfg(c: &RwLock<Arc<Config>>) -> Arc<Config> {
+    c.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Re-reads the configuration file and the pipelines (SIGHUP). Settings that only take effect at
+/// start (the loaded model, the open ledger, the bound listener) keep their values, with a
+/// warning when the file changed them. `None` (logged) when the new files do not load.
+fn reload(old: &Config) -> Option<Config> {
+    let mut new = match Config::load(old.file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload refused, the running configuration stays: {e:#}");
+            return None;
+        }
+    };
+    let (o, n) = (&old.daemon, &mut new.daemon);
+    let fixed = [
+        ("model", o.model.path != n.model.path),
+        ("threads", o.threads != n.threads),
+        ("state_dir", o.state_dir != n.state_dir),
+        ("metrics", o.metrics.listen != n.metrics.listen || o.metrics.enabled != n.metrics.enabled),
+    ];
+    for (field, changed) in fixed {
+        if changed {
+            tracing::warn!("reload: `{field}` changed; it takes effect at the next restart");
+        }
+    }
+    n.model = o.model.clone();
+    n.threads = o.threads;
+    n.state_dir = o.state_dir.clone();
+    n.metrics = o.metrics.clone();
+    Some(new)
 }
 
 /// Sets the queue gauges from the ledger and the in-memory stability tracker.
@@ -185,19 +281,28 @@ fn refresh_queue_gauges(m: &Metrics, l: &mut dyn Ledger, pipelines: &[String], w
             m.queue_depth.with_label_values(&[p, s]).set(0);
         }
         m.queue_depth.with_label_values(&[p, "waiting_stable"]).set(*waiting.get(&i).unwrap_or(&0) as i64);
+        m.oldest_queued_age.with_label_values(&[p]).set(0.0);
     }
     if let Ok(counts) = l.counts() {
         for (p, s, n) in counts {
             m.queue_depth.with_label_values(&[&p, &s]).set(n as i64);
         }
     }
-    let age = l.oldest_queued().ok().flatten().map(|t| (now_s() - t).max(0.0)).unwrap_or(0.0);
-    m.oldest_queued_age.set(age);
+    for (p, t) in l.oldest_queued().unwrap_or_default() {
+        m.oldest_queued_age.with_label_values(&[&p]).set((now_s() - t).max(0.0));
+    }
 }
 
 /// Watches the inboxes and records stable files in the ledger until shutdown (or, once, until
-/// everything present at start is recorded).
-fn ingest_loop(cfg: &Config, model: &str, metrics: &Metrics, waiting: &Mutex<HashMap<usize, usize>>, mode: Mode) -> Result<()> {
+/// everything present at start is recorded, or until `stop` for a reload).
+fn ingest_loop(
+    cfg: &Config,
+    model: &str,
+    metrics: &Metrics,
+    waiting: &Mutex<HashMap<usize, usize>>,
+    mode: Mode,
+    stop: &AtomicBool,
+) -> Result<()> {
     let d = &cfg.daemon;
     let mut ledger = SqliteLedger::open(&d.state_dir)?;
     let inboxes = ingest::inboxes(&cfg.pipelines)?;
@@ -222,7 +327,7 @@ fn ingest_loop(cfg: &Config, model: &str, metrics: &Metrics, waiting: &Mutex<Has
     let mut refused_seen: std::collections::HashSet<String> = Default::default();
     let mut missing_inbox: std::collections::HashSet<PathBuf> = Default::default();
     loop {
-        if SHUTDOWN.load(Ordering::Relaxed) {
+        if SHUTDOWN.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
             return Ok(());
         }
         // Events first, so a file an event reported is not later counted as a rescan find.
@@ -331,30 +436,49 @@ fn record(
     Ok(())
 }
 
+/// Why [`Worker::run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    /// Shutdown, or (once) the inboxes are done.
+    Done,
+    /// SIGHUP: reload, then run again.
+    Reload,
+}
+
 /// Runs jobs one at a time.
-pub struct Worker<'a> {
-    /// Configuration.
-    pub cfg: &'a Config,
+struct Worker<'a> {
+    /// Configuration (replaced on reload, between documents).
+    cfg: Arc<Config>,
     /// Its own ledger connection.
-    pub ledger: SqliteLedger,
+    ledger: SqliteLedger,
     /// Metrics.
-    pub metrics: &'a Metrics,
+    metrics: &'a Metrics,
+    /// Heartbeat for readiness.
+    health: &'a Health,
     /// Extraction isolation.
-    pub iso: Isolation,
+    iso: Isolation,
     /// Schedule state.
-    pub scheduler: Scheduler,
+    scheduler: Scheduler,
     /// Time source of the scheduler.
-    pub clock: &'a dyn Clock,
+    clock: &'a dyn Clock,
 }
 
 impl Worker<'_> {
-    fn run(&mut self, model: &mut dyn TextModel, mode: Mode, ingest_done: &AtomicBool) -> Result<()> {
+    fn run(&mut self, model: &mut dyn TextModel, mode: Mode, ingest_done: &AtomicBool) -> Result<Exit> {
         let mut processed = 0usize;
         let mut idle_logged = false;
         loop {
+            self.health.beat();
             if SHUTDOWN.load(Ordering::Relaxed) {
-                tracing::info!("shutting down: {processed} document(s) processed in this session");
-                return Ok(());
+                tracing::info!("shutting down: {processed} document(s) processed since the last start or reload");
+                return Ok(Exit::Done);
+            }
+            if RELOAD.swap(false, Ordering::SeqCst) {
+                if mode == Mode::Serve {
+                    tracing::info!("SIGHUP: reloading the configuration and pipelines");
+                    return Ok(Exit::Reload);
+                }
+                tracing::warn!("SIGHUP ignored: `run --once` keeps the configuration it started with");
             }
             if mode == Mode::Serve {
                 for ev in self.scheduler.tick(self.clock.now(), &mut self.ledger, &self.cfg.pipelines)? {
@@ -381,7 +505,7 @@ impl Worker<'_> {
                         .sum();
                     if waiting == 0 {
                         tracing::info!("done: {processed} document(s) processed");
-                        return Ok(());
+                        return Ok(Exit::Done);
                     }
                     if !idle_logged {
                         tracing::info!("{waiting} document(s) wait for a retry (limits.retry_backoff)");
@@ -412,8 +536,13 @@ impl Worker<'_> {
             Event::Ended { pipeline, documents, ok, overran, started } => {
                 let m = &self.metrics;
                 m.last_run_end.with_label_values(&[&pipeline]).set(now_s());
+                m.schedule_run_duration.with_label_values(&[&pipeline]).observe((now_s() - started).max(0.0));
+                m.schedule_run_documents.with_label_values(&[&pipeline]).observe(documents as f64);
                 m.last_run_success.with_label_values(&[&pipeline]).set(ok as i64);
                 m.last_run_documents.with_label_values(&[&pipeline]).set(documents as i64);
+                if ok {
+                    m.last_success.with_label_values(&[&pipeline]).set(now_s());
+                }
                 tracing::info!(
                     "{pipeline}: scheduled run ended after {:.0} s: {documents} document(s), {}{}",
                     now_s() - started,
@@ -425,7 +554,7 @@ impl Worker<'_> {
     }
 
     fn run_job(&mut self, model: &mut dyn TextModel, job: Job) -> Result<()> {
-        let cfg = self.cfg;
+        let cfg = self.cfg.clone();
         let Ok(p) = cfg.pipeline(&job.pipeline) else {
             tracing::warn!("job {}: pipeline {:?} is no longer configured; left queued", job.id, job.pipeline);
             self.ledger.release(job.id)?;
@@ -443,7 +572,9 @@ impl Worker<'_> {
                 let _ = ledger.set_stage(job.id, s);
             };
             let on_prefill = |n: usize| show.prefilled(n);
-            let mut ctx = context(cfg, p, model, &self.iso, &mut on_step, &on_prefill);
+            let health = self.health;
+            let heartbeat = || health.beat();
+            let mut ctx = context(&cfg, p, model, &self.iso, &mut on_step, &on_prefill, &heartbeat);
             pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
         };
         m.inflight.dec();
@@ -471,7 +602,8 @@ impl Worker<'_> {
 
     fn fail(&mut self, p: &Pipeline, job: &Job, f: Failure, show: &DocProgress) -> Result<()> {
         let m = self.metrics;
-        let limits = &self.cfg.daemon.limits;
+        let cfg = self.cfg.clone();
+        let limits = &cfg.daemon.limits;
         m.failures.with_label_values(&[p.name(), f.reason.name(), &f.stage]).inc();
         if !f.reason.is_permanent() && job.attempts < limits.max_attempts {
             let wait = limits.retry_backoff.0.as_secs_f64() * 2f64.powi(job.attempts as i32 - 1);
@@ -533,6 +665,14 @@ fn record_result_metrics(m: &Metrics, pipeline: &str, r: &DocResult) {
     m.prompt_tokens.with_label_values(&[pipeline]).inc_by(r.tokens.prompt as u64);
     m.prefilled_tokens.with_label_values(&[pipeline]).inc_by(r.tokens.prefilled as u64);
     m.generation_tokens.with_label_values(&[pipeline]).inc_by(r.tokens.generated as u64);
+    m.document_pages.with_label_values(&[pipeline]).observe(r.pages.len() as f64);
+    m.document_prompt_tokens.with_label_values(&[pipeline]).observe(r.document_tokens as f64);
+    let stages = r.stages.values();
+    m.prefill_seconds.with_label_values(&[pipeline]).inc_by(stages.clone().map(|s| s.prefill_s).sum());
+    m.decode_seconds.with_label_values(&[pipeline]).inc_by(stages.clone().map(|s| s.decode_s).sum());
+    if let Some(b) = stages.map(|s| s.state_bytes).max().filter(|&b| b > 0) {
+        m.kv_state_bytes.set(b as i64);
+    }
     if r.truncated {
         m.context_truncations.inc();
     }
@@ -552,6 +692,7 @@ fn context<'a>(
     iso: &'a Isolation,
     on_step: &'a mut dyn FnMut(&str),
     on_prefill: &'a dyn Fn(usize),
+    heartbeat: &'a dyn Fn(),
 ) -> Context<'a> {
     let l = &cfg.daemon.limits;
     Context {
@@ -565,6 +706,7 @@ fn context<'a>(
         shutdown: &SHUTDOWN,
         on_step,
         on_prefill,
+        heartbeat,
     }
 }
 
@@ -577,7 +719,7 @@ pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::res
     let mut on_step = |s: &str| show.step(s);
     let on_prefill = |n: usize| show.prefilled(n);
     install_signal_handlers();
-    let mut ctx = context(cfg, p, &mut model, &iso, &mut on_step, &on_prefill);
+    let mut ctx = context(cfg, p, &mut model, &iso, &mut on_step, &on_prefill, &|| ());
     let rel = PathBuf::from(file.file_name().unwrap_or(file.as_os_str()));
     let r = match pipeline::process(&mut ctx, file, &rel, None) {
         Ok(r) => Ok(r),

@@ -17,6 +17,7 @@ pub mod extract;
 pub mod failure;
 pub mod fetch;
 pub mod generate;
+pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod model;

@@ -1,13 +1,16 @@
 //! Prometheus metrics (`deltadoc_` prefix, units in names, bounded labels only: pipeline, stage,
-//! outcome, reason, state; never paths) and the HTTP endpoint that serves them.
+//! outcome, reason, state; never paths) and the HTTP endpoint that serves them with the health
+//! probes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+
+use crate::health::Readiness;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets for durations from 10 ms to 4 h: a 262K-token prefill alone takes minutes to hours on
@@ -16,6 +19,36 @@ pub const DURATION_BUCKETS: [f64; 20] = [
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 10800.0,
     14400.0,
 ];
+
+/// Buckets for document sizes in prompt tokens: powers of two up to the 262,144-token context.
+const TOKEN_BUCKETS: [f64; 10] = [256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0, 262144.0];
+
+/// Buckets for counts (pages per document, documents per scheduled run).
+const COUNT_BUCKETS: [f64; 11] = [0.0, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 500.0, 1000.0, 5000.0];
+
+/// Resident memory of this process, from /proc (0 where unavailable).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessMemory {
+    /// Resident now (VmRSS).
+    pub resident_bytes: u64,
+    /// Peak resident since start (VmHWM).
+    pub peak_bytes: u64,
+}
+
+impl ProcessMemory {
+    /// Reads /proc/self/status.
+    pub fn read() -> Self {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let kib = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        Self { resident_bytes: kib("VmRSS:"), peak_bytes: kib("VmHWM:") }
+    }
+}
 
 /// Every series the daemon exports.
 pub struct Metrics {
@@ -51,8 +84,10 @@ pub struct Metrics {
     pub ttft: HistogramVec,
     /// Jobs per pipeline and state (`waiting_stable`, `queued`, `running`, `retry_wait`, …).
     pub queue_depth: IntGaugeVec,
-    /// Age of the oldest queued job.
-    pub oldest_queued_age: Gauge,
+    /// Age of the oldest queued job per pipeline.
+    pub oldest_queued_age: GaugeVec,
+    /// 1 for pipelines that run on a schedule (their backlog waits for the window by design).
+    pub pipeline_scheduled: IntGaugeVec,
     /// Documents being processed.
     pub inflight: IntGauge,
     /// 1 when the model is loaded.
@@ -69,8 +104,33 @@ pub struct Metrics {
     pub last_run_success: IntGaugeVec,
     /// Documents of the last schedule run.
     pub last_run_documents: IntGaugeVec,
+    /// End of the last schedule run that quarantined nothing (or when the schedule was first
+    /// seen, so a schedule that never succeeded still ages).
+    pub last_success: GaugeVec,
     /// Schedule runs that outlasted their window.
     pub schedule_overruns: IntCounterVec,
+    /// Seconds of a scheduled run, start to end.
+    pub schedule_run_duration: HistogramVec,
+    /// Documents per scheduled run.
+    pub schedule_run_documents: HistogramVec,
+    /// Pages per document.
+    pub document_pages: HistogramVec,
+    /// Prompt tokens per document.
+    pub document_prompt_tokens: HistogramVec,
+    /// Seconds spent prefilling.
+    pub prefill_seconds: CounterVec,
+    /// Seconds spent generating.
+    pub decode_seconds: CounterVec,
+    /// Resident memory now.
+    pub resident_memory: IntGauge,
+    /// Peak resident memory.
+    pub peak_resident_memory: IntGauge,
+    /// 1 when `/readyz` would answer 200.
+    pub ready: IntGauge,
+    /// Seconds since the worker last showed progress.
+    pub worker_heartbeat_age: Gauge,
+    /// SIGHUP reloads by outcome (`ok`, `failed`).
+    pub config_reloads: IntCounterVec,
     /// Constant 1 with version and model labels.
     pub build_info: IntGaugeVec,
 }
@@ -93,8 +153,18 @@ fn fgauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<G
     Ok(g)
 }
 
+fn fcounter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<CounterVec> {
+    let c = CounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<HistogramVec> {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()), labels)?;
+    histogram_with(r, name, help, labels, &DURATION_BUCKETS)
+}
+
+fn histogram_with(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
     r.register(Box::new(h.clone()))?;
     Ok(h)
 }
@@ -165,7 +235,18 @@ impl Metrics {
                 &["pipeline"],
             )?,
             queue_depth: gauge_vec(&r, "deltadoc_queue_depth", "Documents per pipeline and state.", &["pipeline", "state"])?,
-            oldest_queued_age: single_gauge("deltadoc_oldest_queued_age_seconds", "Age of the oldest document waiting to run.")?,
+            oldest_queued_age: fgauge_vec(
+                &r,
+                "deltadoc_oldest_queued_age_seconds",
+                "Age of the oldest document waiting to run (0 when none waits).",
+                &["pipeline"],
+            )?,
+            pipeline_scheduled: gauge_vec(
+                &r,
+                "deltadoc_pipeline_scheduled",
+                "1 when the pipeline runs in a schedule window (documents wait for it), 0 when it runs on arrival.",
+                &["pipeline"],
+            )?,
             inflight: int_gauge("deltadoc_inflight_documents", "Documents being processed now.")?,
             model_loaded: gauge_vec(&r, "deltadoc_model_loaded", "1 when the model is loaded.", &["model"])?,
             model_load_seconds: single_gauge("deltadoc_model_load_seconds", "Seconds the model took to load.")?,
@@ -194,11 +275,69 @@ impl Metrics {
                 "Documents of the last schedule run.",
                 &["pipeline"],
             )?,
+            last_success: fgauge_vec(
+                &r,
+                "deltadoc_last_success_timestamp_seconds",
+                "End of the last scheduled run that quarantined nothing; until the first one, when the schedule was first seen.",
+                &["pipeline"],
+            )?,
             schedule_overruns: counter(
                 &r,
                 "deltadoc_schedule_overruns_total",
                 "Schedule runs that outlasted their window.",
                 &["pipeline"],
+            )?,
+            schedule_run_duration: histogram(
+                &r,
+                "deltadoc_schedule_run_duration_seconds",
+                "Seconds from the start of a scheduled run to its end.",
+                &["pipeline"],
+            )?,
+            schedule_run_documents: histogram_with(
+                &r,
+                "deltadoc_schedule_run_documents",
+                "Documents per scheduled run.",
+                &["pipeline"],
+                &COUNT_BUCKETS,
+            )?,
+            document_pages: histogram_with(&r, "deltadoc_document_pages", "Pages per document.", &["pipeline"], &COUNT_BUCKETS)?,
+            document_prompt_tokens: histogram_with(
+                &r,
+                "deltadoc_document_prompt_tokens",
+                "Tokens of a document's text as the model sees it.",
+                &["pipeline"],
+                &TOKEN_BUCKETS,
+            )?,
+            prefill_seconds: fcounter(
+                &r,
+                "deltadoc_prefill_seconds_total",
+                "Seconds spent prefilling prompts (rate of deltadoc_prefilled_tokens_total over this is prefill tokens/s).",
+                &["pipeline"],
+            )?,
+            decode_seconds: fcounter(
+                &r,
+                "deltadoc_decode_seconds_total",
+                "Seconds spent generating (rate of deltadoc_generation_tokens_total over this is decode tokens/s).",
+                &["pipeline"],
+            )?,
+            resident_memory: int_gauge("deltadoc_process_resident_memory_bytes", "Resident memory of the daemon now.")?,
+            peak_resident_memory: int_gauge(
+                "deltadoc_process_peak_resident_memory_bytes",
+                "Peak resident memory of the daemon since it started.",
+            )?,
+            ready: int_gauge(
+                "deltadoc_ready",
+                "1 when /readyz answers 200 (model loaded, ledger writable, inboxes reachable, worker not stalled).",
+            )?,
+            worker_heartbeat_age: single_gauge(
+                "deltadoc_worker_heartbeat_age_seconds",
+                "Seconds since the worker last showed progress (a queue poll, a step, a prefill chunk).",
+            )?,
+            config_reloads: counter(
+                &r,
+                "deltadoc_config_reloads_total",
+                "Configuration reloads on SIGHUP, by outcome.",
+                &["outcome"],
             )?,
             build_info: gauge_vec(
                 &r,
@@ -210,6 +349,51 @@ impl Metrics {
         })
     }
 
+    /// Creates the series of every pipeline at zero, so that a `rate()` or an alert sees 0
+    /// rather than nothing before the first event, and restores the schedule timestamps from the
+    /// ledger so a restart does not reset them.
+    pub fn init_pipelines(&self, pipelines: &[crate::config::Pipeline], ledger: &mut dyn crate::store::Ledger) -> Result<()> {
+        for p in pipelines {
+            let n = p.name();
+            self.pipeline_scheduled.with_label_values(&[n]).set(p.spec.schedule.is_some() as i64);
+            for outcome in ["ok", "failed", "quarantined", "skipped_duplicate"] {
+                self.documents.with_label_values(&[n, outcome]);
+            }
+            for c in [&self.prompt_tokens, &self.prefilled_tokens, &self.generation_tokens, &self.retries] {
+                c.with_label_values(&[n]);
+            }
+            for c in [&self.prefill_seconds, &self.decode_seconds] {
+                c.with_label_values(&[n]);
+            }
+            if p.spec.schedule.is_some() {
+                self.schedule_overruns.with_label_values(&[n]);
+                let since = match ledger.last_success(n)? {
+                    Some(t) => t,
+                    None => ledger.first_seen(n, crate::store::now_s())?,
+                };
+                self.last_success.with_label_values(&[n]).set(since);
+                if let Some(run) = ledger.last_run(n)? {
+                    self.last_run_start.with_label_values(&[n]).set(run.started_at);
+                    if let (Some(end), Some(ok)) = (run.ended_at, run.ok) {
+                        self.last_run_end.with_label_values(&[n]).set(end);
+                        self.last_run_success.with_label_values(&[n]).set(ok as i64);
+                        self.last_run_documents.with_label_values(&[n]).set(run.documents as i64);
+                    }
+                }
+            }
+        }
+        for kind in ["text", "ocr"] {
+            self.pages.with_label_values(&[kind]);
+        }
+        for source in ["inotify", "rescan"] {
+            self.watch_events.with_label_values(&[source]);
+        }
+        for outcome in ["ok", "failed"] {
+            self.config_reloads.with_label_values(&[outcome]);
+        }
+        Ok(())
+    }
+
     /// The text exposition of every series.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -218,14 +402,38 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` from a thread of its own; `refresh` runs before every scrape
-/// (to read queue gauges from the ledger). Returns the bound address.
-pub fn serve(addr: &str, metrics: Arc<Metrics>, refresh: Arc<dyn Fn() + Send + Sync>) -> Result<SocketAddr> {
+/// Serves `GET /metrics`, `GET /livez` and `GET /readyz` on `addr` from a thread of its own.
+/// `check` runs before every scrape and readiness probe: it reads the queue gauges from the
+/// ledger and decides readiness. Returns the bound address.
+pub fn serve(addr: &str, metrics: Arc<Metrics>, check: Arc<dyn Fn() -> Readiness + Send + Sync>) -> Result<SocketAddr> {
+    use axum::http::{StatusCode, header::CONTENT_TYPE};
+    use axum::routing::get;
+
     let addr: SocketAddr =
         addr.parse().with_context(|| format!("metrics.listen {addr:?} is not an address like 127.0.0.1:9464"))?;
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("metrics: cannot listen on {addr}"))?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    let scrape_check = check.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || async move {
+                scrape_check();
+                ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
+            }),
+        )
+        // Alive as long as this thread answers: restarting a daemon that is busy with a
+        // six-hour prefill would only lose the prefill.
+        .route("/livez", get(|| async { ([(CONTENT_TYPE, "application/json")], "{\"status\":\"alive\"}\n") }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                let r = check();
+                let code = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                (code, [(CONTENT_TYPE, "application/json")], serde_json::to_string_pretty(&r).unwrap_or_default() + "\n")
+            }),
+        );
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
@@ -235,17 +443,6 @@ pub fn serve(addr: &str, metrics: Arc<Metrics>, refresh: Arc<dyn Fn() + Send + S
             }
         };
         rt.block_on(async move {
-            let app = axum::Router::new().route(
-                "/metrics",
-                axum::routing::get(move || {
-                    let m = metrics.clone();
-                    let refresh = refresh.clone();
-                    async move {
-                        refresh();
-                        ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], m.render())
-                    }
-                }),
-            );
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(l) => {
                     if let Err(e) = axum::serve(l, app).await {

@@ -118,6 +118,12 @@ pub struct StageResult {
     /// Seconds to the first generated token of the stage's first call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ttft_s: Option<f64>,
+    /// Seconds spent prefilling, over all calls.
+    pub prefill_s: f64,
+    /// Seconds spent generating, over all calls.
+    pub decode_s: f64,
+    /// Largest KV cache + DeltaNet state of any call, in bytes.
+    pub state_bytes: usize,
 }
 
 /// Token totals.

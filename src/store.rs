@@ -158,8 +158,8 @@ pub trait Ledger: Send {
     fn retry(&mut self, id: Option<i64>) -> Result<usize>;
     /// Job count per pipeline and state.
     fn counts(&mut self) -> Result<Vec<(String, String, u64)>>;
-    /// When the oldest queued job was queued.
-    fn oldest_queued(&mut self) -> Result<Option<f64>>;
+    /// When the oldest queued job of each pipeline with queued jobs was queued.
+    fn oldest_queued(&mut self) -> Result<Vec<(String, f64)>>;
     /// Whether a pipeline has queued or retry-due jobs.
     fn has_work(&mut self, pipeline: &str, now: f64) -> Result<bool>;
     /// The most recent jobs.
@@ -174,10 +174,15 @@ pub trait Ledger: Send {
     fn end_run(&mut self, id: i64, now: f64, documents: u64, ok: bool, overran: bool) -> Result<()>;
     /// When this pipeline was first seen by this ledger (schedules do not catch up before it).
     fn first_seen(&mut self, pipeline: &str, now: f64) -> Result<f64>;
+    /// End of the pipeline's last scheduled run that quarantined nothing.
+    fn last_success(&mut self, pipeline: &str) -> Result<Option<f64>>;
+    /// Proves the ledger takes a durable write now (readiness: a full disk or a read-only
+    /// mount fails here before a result is lost).
+    fn probe_write(&mut self, now: f64) -> Result<()>;
 }
 
 /// Schema version stored in the ledger; migrations run on open.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// The SQLite ledger.
 pub struct SqliteLedger {
@@ -233,6 +238,15 @@ impl SqliteLedger {
                    ok INTEGER, overran INTEGER NOT NULL DEFAULT 0);
                  CREATE TABLE pipelines(name TEXT PRIMARY KEY, first_seen REAL NOT NULL);
                  PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        }
+        if v < 2 {
+            // Version 2: the readiness probe's row.
+            self.conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE IF NOT EXISTS health(id INTEGER PRIMARY KEY CHECK (id = 1), probed_at REAL NOT NULL);
+                 PRAGMA user_version = 2;
                  COMMIT;",
             )?;
         }
@@ -433,8 +447,12 @@ impl Ledger for SqliteLedger {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn oldest_queued(&mut self) -> Result<Option<f64>> {
-        Ok(self.conn.query_row("SELECT MIN(queued_at) FROM jobs WHERE state IN ('queued', 'retry_wait')", [], |r| r.get(0))?)
+    fn oldest_queued(&mut self) -> Result<Vec<(String, f64)>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT pipeline, MIN(queued_at) FROM jobs WHERE state IN ('queued', 'retry_wait') GROUP BY pipeline ORDER BY pipeline",
+        )?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn has_work(&mut self, pipeline: &str, now: f64) -> Result<bool> {
@@ -493,6 +511,19 @@ impl Ledger for SqliteLedger {
         Ok(())
     }
 
+    fn last_success(&mut self, pipeline: &str) -> Result<Option<f64>> {
+        Ok(self
+            .conn
+            .query_row("SELECT MAX(ended_at) FROM runs WHERE pipeline = ?1 AND ok = 1", params![pipeline], |r| r.get(0))?)
+    }
+
+    fn probe_write(&mut self, now: f64) -> Result<()> {
+        self.conn
+            .execute("INSERT INTO health(id, probed_at) VALUES (1, ?1) ON CONFLICT(id) DO UPDATE SET probed_at = ?1", [now])
+            .with_context(|| format!("{}: the ledger does not take writes", self.path.display()))?;
+        Ok(())
+    }
+
     fn first_seen(&mut self, pipeline: &str, now: f64) -> Result<f64> {
         self.conn.execute("INSERT OR IGNORE INTO pipelines(name, first_seen) VALUES (?1, ?2)", params![pipeline, now])?;
         Ok(self.conn.query_row("SELECT first_seen FROM pipelines WHERE name = ?1", params![pipeline], |r| r.get(0))?)
@@ -533,6 +564,27 @@ mod tests {
         assert_eq!(j.error.as_ref().unwrap().reason, Reason::Timeout);
         l.done(id, Path::new("/out/a.pdf.json"), 101.0).unwrap();
         assert_eq!(l.job(id).unwrap().unwrap().state, "done");
-        assert!(l.oldest_queued().unwrap().is_none());
+        assert!(l.oldest_queued().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_ledger_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(dir.path()).unwrap();
+        let inbox = Path::new("/in");
+        let Discovery::Queued(id) = l.discover(&new_job("k1", Path::new("a.pdf"), inbox)).unwrap() else { panic!() };
+        // Turn it back into what deltadoc 0.1 wrote.
+        l.conn.execute_batch("DROP TABLE health; PRAGMA user_version = 1;").unwrap();
+        drop(l);
+        let mut l = SqliteLedger::open(dir.path()).unwrap();
+        let v: i64 = l.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        l.probe_write(1.0).unwrap();
+        assert_eq!(l.job(id).unwrap().unwrap().state, "queued", "jobs survive the migration");
+        // A ledger from a newer deltadoc is refused, not rewritten.
+        l.conn.execute_batch("PRAGMA user_version = 99;").unwrap();
+        drop(l);
+        let e = SqliteLedger::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("newer than this deltadoc"), "{e}");
     }
 }

@@ -65,6 +65,9 @@ pub struct Context<'a> {
     pub on_step: &'a mut dyn FnMut(&str),
     /// Told how many prompt tokens each prefill chunk consumed.
     pub on_prefill: &'a dyn Fn(usize),
+    /// Told at every interruption check (between steps, prefill chunks and tokens): the
+    /// attempt is making progress.
+    pub heartbeat: &'a dyn Fn(),
 }
 
 /// sha256 of a file, streamed.
@@ -147,6 +150,9 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
                         stopped_by: String::new(),
                         duration_s,
                         ttft_s: None,
+                        prefill_s: 0.0,
+                        decode_s: 0.0,
+                        state_bytes: 0,
                     },
                 );
             }
@@ -243,6 +249,7 @@ fn interruption(shutdown: &AtomicBool, deadline: Instant, stage: &str) -> Option
 
 /// Stops the attempt on timeout or shutdown.
 fn check(ctx: &Context, stage: &str) -> Result<(), Stop> {
+    (ctx.heartbeat)();
     interruption(ctx.shutdown, ctx.deadline, stage).map_or(Ok(()), Err)
 }
 
@@ -384,6 +391,9 @@ fn run_text_stages(
                 stopped_by: last.stopped_by,
                 duration_s: secs,
                 ttft_s: calls.first().map(|c| c.ttft_s),
+                prefill_s: calls.iter().map(|c| c.prefill_s).sum(),
+                decode_s: calls.iter().map(|c| c.decode_s).sum(),
+                state_bytes: calls.iter().map(|c| c.state_bytes).max().unwrap_or(0),
             },
         ));
     }
@@ -446,10 +456,11 @@ fn call(ctx: &mut Context, s: &StageSpec, doc: &[u32], instr: &str, keep: bool) 
     let model_err = |e: anyhow::Error| Failure::new(Reason::Model, stage.clone(), format!("{e:#}"));
     let (prefix, suffix) = llm::stage_prompt(ctx.model.tokenizer(), doc, instr, s.thinking).map_err(model_err)?;
     let opts = llm::stage_options(s.max_new_tokens, sampling(s));
-    let (shutdown, deadline) = (ctx.shutdown, ctx.deadline);
+    let (shutdown, deadline, heartbeat) = (ctx.shutdown, ctx.deadline, ctx.heartbeat);
     // The model sees an opaque error; the reason to stop is kept here to report it as such.
     let stopped = std::cell::RefCell::new(None);
     let check = || -> anyhow::Result<()> {
+        heartbeat();
         if let Some(stop) = interruption(shutdown, deadline, &stage) {
             *stopped.borrow_mut() = Some(stop);
             anyhow::bail!("stopped");

@@ -111,7 +111,7 @@ context: {{max_tokens: {max_tokens}, overlap: 64}}
         });
         let d = Daemon { child, lines, metrics_addr: String::new() };
         let addr = d.wait_log("metrics at http://", Duration::from_secs(120));
-        let addr = addr.split("http://").nth(1).unwrap().trim_end_matches("/metrics").to_string();
+        let addr = addr.split("http://").nth(1).unwrap().split('/').next().unwrap().to_string();
         Daemon { metrics_addr: addr, ..d }
     }
 
@@ -176,20 +176,33 @@ impl Daemon {
         self.lines.lock().unwrap().join("\n")
     }
 
+    /// `GET path` on the metrics listener: status code and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let mut s = std::net::TcpStream::connect(&self.metrics_addr).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        (code, body.to_string())
+    }
+
     /// The Prometheus exposition.
     pub fn scrape(&self) -> String {
-        let mut s = std::net::TcpStream::connect(&self.metrics_addr).unwrap();
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
-        body.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
+        let (code, body) = self.get("/metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(mut self) {
-        // SAFETY: plain kill(2) on our child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let t = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {

@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod chunk;
 pub mod config;
+pub mod constrain;
 pub mod daemon;
 pub mod extract;
 pub mod failure;

@@ -169,6 +169,7 @@ pub fn write_qwen35_tokenizer(dir: &Path) -> Result<()> {
 }
 
 /// Encoder/decoder of one model folder.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }

@@ -1,0 +1,174 @@
+//! The JSON Schema constraint over the real Qwen3.5 vocabulary (248,077 tokens): tokens that
+//! span JSON structure, unicode, numbers, enums, required fields and maxLength, and random
+//! walks through the mask that must always end in a valid document within the schema's bound.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use deltadoc::constrain::{Constraint, Schema, Vocabulary};
+use deltadoc::tokenizer::{IM_END, SPECIAL_START, SPECIALS, Tokenizer};
+use serde_json::{Value, json};
+
+const VOCAB: usize = SPECIAL_START as usize + SPECIALS.len();
+
+fn tokenizer() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let dir = common::scratch_dir();
+        deltadoc::tokenizer::write_qwen35_tokenizer(dir).unwrap();
+        Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap()
+    })
+}
+
+fn vocabulary() -> &'static Vocabulary {
+    static V: OnceLock<Vocabulary> = OnceLock::new();
+    V.get_or_init(|| Vocabulary::new(tokenizer()).unwrap())
+}
+
+fn contract_like() -> Schema {
+    Schema::new(json!({
+        "type": "object", "additionalProperties": false,
+        "required": ["title", "kind", "amount", "parties"],
+        "properties": {
+            "title": {"type": "string", "maxLength": 40},
+            "kind": {"enum": ["nda", "services agreement", "license"]},
+            "amount": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9, "multipleOf": 0.01},
+            "parties": {"type": "array", "maxItems": 3, "items": {
+                "type": "object", "additionalProperties": false, "required": ["name"],
+                "properties": {"name": {"type": "string", "maxLength": 30}, "role": {"type": ["string", "null"], "maxLength": 20}}
+            }},
+            "signed": {"type": ["string", "null"], "format": "date"}
+        }
+    }))
+    .unwrap()
+}
+
+/// Feeds the tokenization of `text` through the constraint; the index of the first token the
+/// mask forbids, if any.
+fn first_forbidden(c: &mut Constraint, text: &str) -> Option<usize> {
+    for (i, &t) in tokenizer().encode(text).unwrap().iter().enumerate() {
+        let mut logits = vec![0f32; VOCAB];
+        c.apply(&mut logits).unwrap();
+        if logits[t as usize] == f32::NEG_INFINITY {
+            return Some(i);
+        }
+        c.commit(t).unwrap();
+    }
+    None
+}
+
+fn accepts(schema: &Schema, text: &str) -> bool {
+    let mut c = vocabulary().constraint(schema).unwrap();
+    first_forbidden(&mut c, text).is_none() && c.is_accepting()
+}
+
+#[test]
+fn valid_documents_pass_token_by_token_whatever_the_tokenization() {
+    let s = contract_like();
+    let docs = [
+        // Multi-character tokens that span structure (`":"`, `"},{"`, `"]`, `null}`).
+        r#"{"title":"Mutual NDA","kind":"nda","amount":null,"parties":[{"name":"Acme","role":"discloser"},{"name":"Beta","role":null}]}"#,
+        // Unicode in strings: accents, CJK, an emoji (4 UTF-8 bytes), RTL; escapes other than \u.
+        r#"{"title":"Contrat de licence – é漢字🙂 שלום","kind":"license","amount":1234.5,"parties":[],"signed":"2024-02-29"}"#,
+        r#"{"title":"Line\nbreak \"quoted\" back\\slash","kind":"services agreement","amount":0,"parties":[{"name":"X"}]}"#,
+    ];
+    for d in docs {
+        let v: Value = serde_json::from_str(d).unwrap();
+        s.validate(&v).unwrap_or_else(|e| panic!("{d}: {e}"));
+        assert!(accepts(&s, d), "valid document refused: {d}");
+        assert!(d.len() <= s.max_tokens());
+    }
+}
+
+#[test]
+fn invalid_continuations_are_masked() {
+    let s = contract_like();
+    let cases = [
+        (r#"{"title":"a","kind":"nda","amount":null}"#, "required `parties` missing"),
+        (r#"{"title":"a","kind":"lease""#, "not in the enum"),
+        (r#"{"title":"a","kind":"nda","amount":12.345"#, "more decimals than multipleOf 0.01"),
+        (r#"{"title":"a","kind":"nda","amount":1e3"#, "exponent"),
+        (r#"{"title":"a","kind":"nda","amount":-1"#, "below minimum"),
+        (r#"{"title":"a","kind":"nda","amount":null,"parties":[],"extra":1"#, "additional property"),
+        (r#"{"title":"\u00e9""#, "\\u escapes are not allowed"),
+        (r#"{"title":"a","kind":"nda","amount":null,"parties":[],"signed":"yesterday""#, "not a date"),
+        (r#"{ "title":"a""#, "optional whitespace"),
+    ];
+    let forbidden = |text: &str| first_forbidden(&mut vocabulary().constraint(&s).unwrap(), text).is_some();
+    for (text, why) in cases {
+        assert!(forbidden(text), "no token refused ({why}): {text}");
+    }
+    // Each case is one step away from a valid prefix.
+    assert!(!forbidden(r#"{"title":"a","kind":"nda","amount":12.34"#));
+    assert!(!forbidden(r#"{"title":"a","kind":"nda","amount":null,"parties":[]"#));
+    let long = format!(r#"{{"title":"{}""#, "x".repeat(41));
+    assert!(forbidden(&long), "maxLength 40 exceeded");
+    let at_limit = format!(r#"{{"title":"{}","kind":"nda","amount":null,"parties":[]}}"#, "x".repeat(40));
+    assert!(accepts(&s, &at_limit), "maxLength 40 reached exactly");
+}
+
+#[test]
+fn the_end_token_is_allowed_exactly_when_the_document_is_complete() {
+    let s = contract_like();
+    let mut c = vocabulary().constraint(&s).unwrap();
+    let text = r#"{"title":"a","kind":"nda","amount":null,"parties":[]}"#;
+    let ids = tokenizer().encode(text).unwrap();
+    for (i, &t) in ids.iter().enumerate() {
+        let mut logits = vec![0f32; VOCAB];
+        c.apply(&mut logits).unwrap();
+        assert_eq!(logits[IM_END as usize], f32::NEG_INFINITY, "end allowed after {i} of {} tokens", ids.len());
+        c.commit(t).unwrap();
+    }
+    let mut logits = vec![0f32; VOCAB];
+    c.apply(&mut logits).unwrap();
+    assert!(logits[IM_END as usize].is_finite(), "end token allowed once complete");
+    let allowed = logits.iter().filter(|l| l.is_finite()).count();
+    assert!(allowed <= 2, "only the end (and <|endoftext|>-like) tokens remain: {allowed}");
+}
+
+/// Picks the highest of `logits + noise` (a model with random weights).
+fn random_pick(logits: &[f32], rng: &mut u64) -> u32 {
+    let mut best = (f32::NEG_INFINITY, 0u32);
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_finite() {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            let v = (*rng >> 40) as f32 / (1u64 << 24) as f32;
+            if v > best.0 {
+                best = (v, i as u32);
+            }
+        }
+    }
+    best.1
+}
+
+#[test]
+fn random_walks_always_end_valid_within_the_bound() {
+    let s = contract_like();
+    let mut mask_secs = 0.0;
+    let mut steps = 0;
+    for seed in 1..=12u64 {
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut c = vocabulary().constraint(&s).unwrap();
+        let mut out = Vec::new();
+        loop {
+            assert!(out.len() <= s.max_tokens(), "seed {seed}: {} tokens, over the bound", out.len());
+            let mut logits = vec![0f32; VOCAB];
+            c.apply(&mut logits).unwrap();
+            let t = random_pick(&logits, &mut rng);
+            if t == IM_END {
+                break;
+            }
+            c.commit(t).unwrap();
+            out.push(t);
+        }
+        let text = tokenizer().decode(&out).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("seed {seed}: not JSON ({e}): {text}"));
+        s.validate(&v).unwrap_or_else(|e| panic!("seed {seed}: {e}: {text}"));
+        mask_secs += c.mask_time.as_secs_f64();
+        steps += c.steps;
+    }
+    eprintln!("mask: {:.3} ms per token over {steps} tokens", 1e3 * mask_secs / steps as f64);
+}

@@ -256,6 +256,8 @@ pub enum StageKind {
     Prompt,
     /// Transcription of image pages by the vision model.
     Ocr,
+    /// Fields as JSON matching a JSON Schema (constrained decoding; chunks merged by schema).
+    Extract,
 }
 
 impl StageKind {
@@ -265,6 +267,7 @@ impl StageKind {
             StageKind::Summarize => "summarize",
             StageKind::Prompt => "prompt",
             StageKind::Ocr => "ocr",
+            StageKind::Extract => "extract",
         }
     }
 }
@@ -298,10 +301,37 @@ pub struct StageSpec {
     /// Thinking mode (off by default: results should be answers, not reasoning).
     #[serde(default)]
     pub thinking: bool,
+    /// `extract`: the JSON Schema of the output, inline or the path of a JSON or YAML file
+    /// relative to the pipeline file.
+    #[serde(default)]
+    pub schema: Option<Spanned<serde_json::Value>>,
+    /// `extract` with thinking: tokens the model may think before the JSON starts.
+    #[serde(default = "default_think_budget")]
+    pub think_budget: usize,
+    /// `extract` with thinking: keep the reasoning in the result, beside the fields.
+    #[serde(default)]
+    pub keep_reasoning: bool,
+    /// The checked schema of an `extract` stage, set while loading.
+    #[serde(skip)]
+    pub compiled: Option<crate::constrain::Schema>,
+}
+
+impl StageSpec {
+    /// Tokens the stage may generate: `max_new_tokens`, or for `extract` the longest output
+    /// its schema accepts (plus the thinking budget), so that the JSON always completes.
+    pub fn output_tokens(&self) -> usize {
+        match &self.compiled {
+            Some(s) => s.max_tokens() + 1 + if self.thinking { self.think_budget } else { 0 },
+            None => self.max_new_tokens,
+        }
+    }
 }
 
 fn default_max_new_tokens() -> usize {
     512
+}
+fn default_think_budget() -> usize {
+    1024
 }
 fn one_f32() -> f32 {
     1.0
@@ -470,11 +500,19 @@ fn at<T>(file: &Path, s: &Spanned<T>) -> String {
     format!("{}:{}:{}", file.display(), s.referenced.line(), s.referenced.column())
 }
 
+/// An inline schema, or the JSON/YAML file a string names (relative to the pipeline file).
+fn load_schema(pipeline_file: &Path, v: &serde_json::Value) -> Result<serde_json::Value> {
+    let serde_json::Value::String(rel) = v else { return Ok(v.clone()) };
+    let path = absolute(pipeline_file)?.parent().map(|d| d.join(rel)).unwrap_or_else(|| rel.into());
+    let text = std::fs::read_to_string(&path).with_context(|| format!("schema file {}: cannot read", path.display()))?;
+    parse_yaml(&text, &path.display().to_string())
+}
+
 /// Loads and checks one pipeline file; relative paths are relative to `data_dir`, else to the
 /// folder holding the pipelines folder (the repository or install root).
 pub fn load_pipeline(file: &Path, data_dir: Option<&Path>) -> Result<Pipeline> {
     let text = std::fs::read_to_string(file).with_context(|| format!("{}: cannot read", file.display()))?;
-    let spec: PipelineSpec = parse_yaml(&text, &file.display().to_string())?;
+    let mut spec: PipelineSpec = parse_yaml(&text, &file.display().to_string())?;
     let root = match data_dir {
         Some(d) => d.to_path_buf(),
         None => absolute(file)?.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default(),
@@ -499,14 +537,42 @@ pub fn load_pipeline(file: &Path, data_dir: Option<&Path>) -> Result<Pipeline> {
             bail!("{}: field `stages[{i}].name`: {sname:?} must be letters, digits, '-' or '_'", at(file, &s.name));
         }
         seen.push(sname);
-        if s.kind == StageKind::Prompt && s.instruction.as_ref().is_none_or(|t| t.value.trim().is_empty()) {
-            bail!("{}: field `stages[{i}].instruction`: a `prompt` stage needs an instruction", at(file, &s.name));
+        if matches!(s.kind, StageKind::Prompt | StageKind::Extract)
+            && s.instruction.as_ref().is_none_or(|t| t.value.trim().is_empty())
+        {
+            bail!("{}: field `stages[{i}].instruction`: a `{}` stage needs an instruction", at(file, &s.name), s.kind.name());
+        }
+        match (&s.schema, s.kind) {
+            (None, StageKind::Extract) => {
+                bail!("{}: field `stages[{i}].schema`: an `extract` stage needs a JSON Schema", at(file, &s.name))
+            }
+            (Some(sch), k) if k != StageKind::Extract => {
+                bail!("{}: field `stages[{i}].schema`: only `extract` stages take a schema", at(file, sch))
+            }
+            _ => {}
         }
         if s.max_new_tokens == 0 {
             bail!("{}: field `stages[{i}].max_new_tokens`: must be at least 1", at(file, &s.name));
         }
         if !(s.temperature >= 0.0 && s.top_p > 0.0 && s.top_p <= 1.0) {
             bail!("{}: field `stages[{i}]`: temperature must be ≥ 0 and top_p in (0, 1]", at(file, &s.name));
+        }
+    }
+    for (i, s) in spec.stages.iter_mut().enumerate() {
+        if let Some(sch) = &s.schema {
+            let compiled = load_schema(file, &sch.value)
+                .and_then(crate::constrain::Schema::new)
+                .map_err(|e| anyhow!("{}: field `stages[{i}].schema`: {e:#}", at(file, sch)))?;
+            let context = spec.context.max_tokens;
+            if compiled.max_tokens() > context / 2 {
+                bail!(
+                    "{}: field `stages[{i}].schema`: outputs can take up to {} tokens, more than half the context ({context}); \
+                     lower maxLength/maxItems",
+                    at(file, sch),
+                    compiled.max_tokens()
+                );
+            }
+            s.compiled = Some(compiled);
         }
     }
     if spec.stages.iter().filter(|s| s.kind == StageKind::Ocr).count() > 1 {

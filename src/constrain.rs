@@ -271,12 +271,13 @@ pub struct Constraint {
 
 impl Constraint {
     /// Sets the logits of every token the grammar does not allow now to −∞ (the end token is
-    /// allowed exactly when the output is complete).
+    /// allowed exactly when the output is complete; padding rows past the vocabulary never).
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<()> {
         let t = Instant::now();
         let mask = self.matcher.compute_mask_or_eos().map_err(|e| anyhow!("llguidance: {e}"))?;
+        let n = mask.len();
         for (i, l) in logits.iter_mut().enumerate() {
-            if !mask.is_allowed(i as u32) {
+            if i >= n || !mask.is_allowed(i as u32) {
                 *l = f32::NEG_INFINITY;
             }
         }

@@ -405,22 +405,37 @@ mod secs {
     }
 }
 
+/// Restricts which tokens may come next (constrained decoding).
+pub trait TokenFilter {
+    /// Sets the logits of tokens that may not come next to −∞.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<()>;
+    /// Records the token that was chosen.
+    fn accept(&mut self, token: u32) -> Result<()>;
+}
+
 /// Decodes from the logits of the last prompt token until a stop token or the token limit;
-/// `on_token` sees every generated token and may abort by returning an error. Returns the tokens
-/// and why generation ended.
+/// `filter` (if any) masks every step; `on_token` sees every generated token and may abort by
+/// returning an error. Returns the tokens and why generation ended.
 pub fn decode(
     dec: &mut Decoder,
     mut logits: Vec<f32>,
     opts: &GenerateOptions,
+    mut filter: Option<&mut dyn TokenFilter>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, String)> {
     let vocab_limit = crate::tokenizer::SPECIAL_START as usize + crate::tokenizer::SPECIALS.len();
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut out = Vec::new();
     while out.len() < opts.max_new_tokens {
+        if let Some(f) = filter.as_deref_mut() {
+            f.mask(&mut logits)?;
+        }
         let tok = sampler.pick(&logits, vocab_limit);
         if opts.stop_tokens.contains(&tok) {
             return Ok((out, format!("stop token {tok}")));
+        }
+        if let Some(f) = filter.as_deref_mut() {
+            f.accept(tok)?;
         }
         out.push(tok);
         on_token(tok)?;
@@ -470,7 +485,7 @@ pub fn generate(
     }
     stats.prefill_time = t0.elapsed();
     let t1 = Instant::now();
-    let (out, stopped_by) = decode(dec, logits, opts, on_token)?;
+    let (out, stopped_by) = decode(dec, logits, opts, None, on_token)?;
     stats.stopped_by = stopped_by;
     stats.decode_time = t1.elapsed();
     stats.generated_tokens = out.len();

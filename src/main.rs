@@ -348,7 +348,15 @@ fn run(cli: Cli) -> Result<i32> {
                     Some(s) => format!("cron {:?} {} window {:?}", s.cron.text, s.timezone.name, s.window.0),
                     None => "continuous".into(),
                 };
-                let stages: Vec<String> = p.spec.stages.iter().map(|s| format!("{} ({})", s.name.value, s.kind.name())).collect();
+                let stages: Vec<String> = p
+                    .spec
+                    .stages
+                    .iter()
+                    .map(|s| match &s.compiled {
+                        Some(_) => format!("{} ({}, output ≤ {} tokens)", s.name.value, s.kind.name(), s.output_tokens()),
+                        None => format!("{} ({})", s.name.value, s.kind.name()),
+                    })
+                    .collect();
                 println!(
                     "pipeline {} v{} ({}): {} inbox(es) -> {}; {when}; stages: {}",
                     p.name(),

@@ -96,15 +96,27 @@ pub struct PageResult {
 }
 
 /// One model stage's output.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct StageResult {
-    /// `summarize`, `prompt` or `ocr`.
+    /// `summarize`, `prompt`, `ocr` or `extract`.
     pub kind: String,
-    /// The answer (after map-reduce for long documents).
-    pub output: String,
+    /// The answer (after map-reduce for long documents): text, or for `extract` the fields.
+    pub output: serde_json::Value,
     /// Per-chunk answers when the document took several chunks (the map step).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub parts: Vec<String>,
+    pub parts: Vec<serde_json::Value>,
+    /// `extract`: the JSON Schema `output` and every part were validated against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<serde_json::Value>,
+    /// `extract`: chunk and pages of every value, by JSON pointer into `output`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<serde_json::Value>,
+    /// `extract` with `thinking` and `keep_reasoning`: the think blocks, one per call.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasoning: Vec<String>,
+    /// `extract`: mean time of a constraint mask per generated token, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_ms_per_token: Option<f64>,
     /// Prompt tokens over all calls of the stage.
     pub prompt_tokens: usize,
     /// Generated tokens over all calls.

@@ -210,6 +210,13 @@ impl SqliteLedger {
         &self.path
     }
 
+    /// A transaction that reads and then writes. It takes the write lock up front: a deferred
+    /// one that has to upgrade fails at once with "database is locked" when another connection
+    /// (ingest, worker, readiness probe) wrote in between, without waiting for busy_timeout.
+    fn write_tx(&mut self) -> Result<rusqlite::Transaction<'_>> {
+        Ok(self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+    }
+
     fn migrate(&mut self) -> Result<()> {
         let v: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if v > SCHEMA_VERSION {
@@ -220,7 +227,7 @@ impl SqliteLedger {
         }
         if v < 1 {
             self.conn.execute_batch(
-                "BEGIN;
+                "BEGIN IMMEDIATE;
                  CREATE TABLE jobs(
                    id INTEGER PRIMARY KEY,
                    key TEXT NOT NULL, pipeline TEXT NOT NULL, priority INTEGER NOT NULL,
@@ -314,7 +321,7 @@ impl Ledger for SqliteLedger {
     }
 
     fn discover(&mut self, j: &NewJob) -> Result<Discovery> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write_tx()?;
         let same: Option<i64> = tx
             .query_row(
                 "SELECT id FROM jobs WHERE key = ?1 AND inbox = ?2 AND rel_path = ?3",
@@ -366,7 +373,7 @@ impl Ledger for SqliteLedger {
         if pipelines.is_empty() {
             return Ok(None);
         }
-        let tx = self.conn.transaction()?;
+        let tx = self.write_tx()?;
         let list = pipelines.iter().map(|p| format!("'{}'", p.replace('\'', "''"))).collect::<Vec<_>>().join(",");
         let id: Option<i64> = tx
             .query_row(
@@ -565,6 +572,42 @@ mod tests {
         l.done(id, Path::new("/out/a.pdf.json"), 101.0).unwrap();
         assert_eq!(l.job(id).unwrap().unwrap().state, "done");
         assert!(l.oldest_queued().unwrap().is_empty());
+    }
+
+    #[test]
+    fn concurrent_connections_never_see_database_is_locked() {
+        // Ingest discovers while the worker claims, each on its own connection: read-then-write
+        // transactions must wait for each other, not fail.
+        let dir = tempfile::tempdir().unwrap();
+        SqliteLedger::open(dir.path()).unwrap();
+        let inbox = Path::new("/in");
+        std::thread::scope(|s| {
+            let discovering = s.spawn(|| {
+                let mut l = SqliteLedger::open(dir.path()).unwrap();
+                for i in 0..300 {
+                    let (key, rel) = (format!("k{i}"), PathBuf::from(format!("{i}.pdf")));
+                    l.discover(&new_job(&key, &rel, inbox)).unwrap();
+                }
+            });
+            let mut l = SqliteLedger::open(dir.path()).unwrap();
+            let mut claimed = 0;
+            loop {
+                match l.claim(&["p"], 1.0).unwrap() {
+                    Some(j) => {
+                        l.done(j.id, Path::new("/out/x.json"), 2.0).unwrap();
+                        claimed += 1;
+                    }
+                    None if discovering.is_finished() => break,
+                    None => std::thread::yield_now(),
+                }
+            }
+            discovering.join().unwrap();
+            while let Some(j) = l.claim(&["p"], 1.0).unwrap() {
+                l.done(j.id, Path::new("/out/x.json"), 2.0).unwrap();
+                claimed += 1;
+            }
+            assert_eq!(claimed, 300, "every job claimed once");
+        });
     }
 
     #[test]

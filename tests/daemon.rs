@@ -137,15 +137,9 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
 #[test]
 fn every_malformed_file_ends_as_a_result_or_in_quarantine_with_a_reason() {
     let sb = Sandbox::new("", 4096);
-    let dir = common::corpus().join("malformed");
-    let mut names = Vec::new();
-    for e in std::fs::read_dir(&dir).unwrap().flatten() {
-        std::fs::copy(e.path(), sb.path("inbox").join(e.file_name())).unwrap();
-        names.push(e.file_name().to_string_lossy().into_owned());
-    }
+    let names = sb.fill_inbox("malformed");
     let t = std::time::Instant::now();
-    let out = sb.run(&["run", "--once"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    sb.run_once();
     let results = sb.results();
     let quarantined = common::sandbox::json_files(&sb.path("quarantine/p"));
     let mut report = Vec::new();

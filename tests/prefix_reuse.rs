@@ -21,7 +21,16 @@ fn restored_prefix_generates_what_a_fresh_prefill_does() {
     let (p, s1) = stage_prompt(reused.tokenizer(), &doc, "Summarise the agreement.", false).unwrap();
     let (_, s2) = stage_prompt(reused.tokenizer(), &doc, "List the parties.", false).unwrap();
     let run = |m: &mut OrtModel, suffix: &[u32], keep: bool| {
-        let req = Request { prefix: &p, suffix, keep_prefix: keep, options: &options, check: &|| Ok(()), on_prefill: &|_| {} };
+        let req = Request {
+            prefix: &p,
+            suffix,
+            keep_prefix: keep,
+            options: &options,
+            check: &|| Ok(()),
+            on_prefill: &|_| {},
+            schema: None,
+            think_budget: None,
+        };
         m.complete(&req).unwrap()
     };
     let first = run(&mut reused, &s1, true);

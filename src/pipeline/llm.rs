@@ -11,14 +11,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde::Serialize;
 
-use crate::generate::{self, Decoder, GenerateOptions, Sampling};
+use crate::constrain::{Constraint, Schema, Vocabulary};
+use crate::generate::{self, Decoder, GenerateOptions, Sampling, TokenFilter};
 use crate::model::ModelDir;
 use crate::model::config::TextConfig;
 use crate::model::plan::{self, MemoryPlan};
 use crate::model::quant::Precision;
 use crate::runtime::SessionOptions;
 use crate::snapshot::{Snapshot, ids_digest};
-use crate::tokenizer::{IM_END, IM_START, STOP_TOKENS, Tokenizer};
+use crate::tokenizer::{IM_END, IM_START, STOP_TOKENS, THINK_END, Tokenizer};
 
 /// What results say about the model.
 #[derive(Clone, Debug, Serialize)]
@@ -51,6 +52,11 @@ pub struct Request<'a> {
     pub check: &'a dyn Fn() -> Result<()>,
     /// Called with the number of prompt tokens each prefill chunk consumed (progress).
     pub on_prefill: &'a dyn Fn(usize),
+    /// Constrain the reply to JSON matching this schema.
+    pub schema: Option<&'a Schema>,
+    /// With a schema: the reply first thinks (up to this many tokens, then `</think>` is
+    /// forced) and the schema applies after `</think>`.
+    pub think_budget: Option<usize>,
 }
 
 /// What one generation produced.
@@ -74,6 +80,51 @@ pub struct Completion {
     pub decode_s: f64,
     /// Bytes of KV cache and DeltaNet state at the end.
     pub state_bytes: usize,
+    /// The think block's text, when the reply thought first.
+    pub reasoning: Option<String>,
+    /// Seconds spent computing constraint masks, and masks computed.
+    pub mask_s: f64,
+    /// Constraint masks computed (tokens generated under the schema).
+    pub mask_steps: usize,
+}
+
+/// The schema constraint, applied after an optional think block.
+struct SchemaFilter {
+    constraint: Constraint,
+    /// Thinking tokens left; `None` once `</think>` was generated (or without thinking).
+    thinking: Option<usize>,
+}
+
+impl TokenFilter for SchemaFilter {
+    fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        match self.thinking {
+            None => self.constraint.apply(logits),
+            // Budget spent: end the think block now.
+            Some(0) => {
+                for (i, l) in logits.iter_mut().enumerate() {
+                    if i != THINK_END as usize {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                Ok(())
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn accept(&mut self, token: u32) -> Result<()> {
+        match self.thinking {
+            None => self.constraint.commit(token),
+            Some(_) if token == THINK_END => {
+                self.thinking = None;
+                Ok(())
+            }
+            Some(n) => {
+                self.thinking = Some(n.saturating_sub(1));
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A text model the pipeline can run.
@@ -100,6 +151,8 @@ pub struct OrtModel {
     weights_file: u64,
     tokenizer: Tokenizer,
     decoder: Decoder,
+    /// The vocabulary indexed for constrained decoding (built on first use: about a second).
+    vocabulary: Option<Vocabulary>,
     /// State after the last kept prefix, and that prefix's digest.
     kept: Option<(String, Snapshot)>,
     /// Prefill chunk (tokens per call).
@@ -129,6 +182,7 @@ impl OrtModel {
             weights_file: dir.weights_bytes(),
             tokenizer: dir.tokenizer()?,
             decoder: Decoder::open(dir, opts)?,
+            vocabulary: None,
             kept: None,
             prefill_chunk: 512,
             checkpoint_dir: None,
@@ -192,14 +246,34 @@ impl TextModel for OrtModel {
             prefilled += req.suffix.len();
         }
         let prefill_s = t0.elapsed().as_secs_f64();
+        let mut filter = match req.schema {
+            Some(schema) => {
+                if self.vocabulary.is_none() {
+                    self.vocabulary = Some(Vocabulary::new(&self.tokenizer)?);
+                }
+                let constraint = self.vocabulary.as_ref().map(|v| v.constraint(schema)).transpose()?;
+                constraint.map(|constraint| SchemaFilter { constraint, thinking: req.think_budget })
+            }
+            None => None,
+        };
         let mut ttft = None;
         let t1 = Instant::now();
-        let (ids, stopped_by) = generate::decode(&mut self.decoder, logits, req.options, |_| {
-            ttft.get_or_insert_with(|| t0.elapsed());
-            (req.check)()
-        })?;
-        let text = clean_reply(&self.tokenizer.decode(&ids)?);
+        let (ids, stopped_by) =
+            generate::decode(&mut self.decoder, logits, req.options, filter.as_mut().map(|f| f as &mut dyn TokenFilter), |_| {
+                ttft.get_or_insert_with(|| t0.elapsed());
+                (req.check)()
+            })?;
+        let raw = self.tokenizer.decode(&ids)?;
+        let reasoning = match (req.think_budget, raw.find("</think>")) {
+            (Some(_), Some(at)) => Some(raw[..at].trim().to_string()),
+            _ => None,
+        };
+        let text = clean_reply(&raw);
+        let (mask_s, mask_steps) = filter.map_or((0.0, 0), |f| (f.constraint.mask_time.as_secs_f64(), f.constraint.steps));
         Ok(Completion {
+            reasoning,
+            mask_s,
+            mask_steps,
             text,
             prompt_tokens: total,
             prefilled_tokens: prefilled,

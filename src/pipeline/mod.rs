@@ -3,6 +3,7 @@
 //! and the result.
 
 pub mod llm;
+pub mod merge;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -142,17 +143,10 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
                     stage.name.value.clone(),
                     StageResult {
                         kind: "ocr".into(),
-                        output: transcript.join("\n\n"),
-                        parts: Vec::new(),
-                        prompt_tokens: 0,
-                        generated_tokens: 0,
+                        output: transcript.join("\n\n").into(),
                         calls: ocr_pages.len(),
-                        stopped_by: String::new(),
                         duration_s,
-                        ttft_s: None,
-                        prefill_s: 0.0,
-                        decode_s: 0.0,
-                        state_bytes: 0,
+                        ..StageResult::default()
                     },
                 );
             }
@@ -285,9 +279,10 @@ fn chunk_budget(ctx: &Context, stages: &[&StageSpec], warnings: &mut Vec<String>
     for s in stages {
         let instr = instruction(s);
         // Map prompts add a part header; reserve for the longest form.
-        let over = llm::overhead_tokens(tok, &format!("{} {}", map_instruction(s.kind, instr, 999, 999), instr))
-            .map_err(|e| Failure::new(Reason::Model, "chunk", format!("tokenizer: {e:#}")))?;
-        reserve = reserve.max(over + s.max_new_tokens);
+        let longest = with_schema(s, format!("{} {}", map_instruction(s.kind, instr, 999, 999), instr));
+        let over =
+            llm::overhead_tokens(tok, &longest).map_err(|e| Failure::new(Reason::Model, "chunk", format!("tokenizer: {e:#}")))?;
+        reserve = reserve.max(over + s.output_tokens());
     }
     if reserve + 256 > context {
         let msg = format!(
@@ -305,7 +300,16 @@ fn instruction(s: &StageSpec) -> &str {
         (Some(t), _) => t.value.trim(),
         (None, StageKind::Summarize) => SUMMARY_INSTRUCTION,
         (None, StageKind::Ocr) => OCR_INSTRUCTION,
-        (None, StageKind::Prompt) => "",
+        (None, StageKind::Prompt | StageKind::Extract) => "",
+    }
+}
+
+/// The instruction as the model sees it: for `extract`, followed by the schema it must follow
+/// (the constraint enforces it either way; a real model answers better when it sees it).
+fn with_schema(s: &StageSpec, instr: String) -> String {
+    match &s.compiled {
+        Some(schema) => format!("{instr}\n\nReply with one JSON object that matches this JSON Schema:\n{}", schema.value()),
+        None => instr,
     }
 }
 
@@ -314,6 +318,10 @@ fn map_instruction(kind: StageKind, instr: &str, part: usize, parts: usize) -> S
         StageKind::Summarize => format!(
             "The text above is part {part} of {parts} of a longer document. Summarise this part: the key facts, dates, \
              amounts and obligations it contains."
+        ),
+        StageKind::Extract => format!(
+            "The text above is part {part} of {parts} of a longer document. Fill the fields from this part only: use null \
+             or an empty list for what it does not state.\n\nInstruction: {instr}"
         ),
         _ => format!(
             "The text above is part {part} of {parts} of a longer document. Using only this part, follow the instruction; \
@@ -363,15 +371,25 @@ fn run_text_stages(
     let mut out = Vec::new();
     for (si, s) in stages.iter().enumerate() {
         let (mut calls, mut secs) = std::mem::take(&mut acc[si]);
-        let parts: Vec<String> = calls.iter().map(|c| c.text.clone()).collect();
-        let output = if n == 1 {
-            parts[0].clone()
-        } else {
-            let t = Instant::now();
-            let (text, more) = reduce(ctx, s, &parts, chunked, budget, truncated)?;
-            calls.extend(more);
-            secs += t.elapsed().as_secs_f64();
-            text
+        let mut result = match &s.compiled {
+            Some(schema) => fields(s, schema, &calls, chunked)?,
+            None => {
+                let parts: Vec<String> = calls.iter().map(|c| c.text.clone()).collect();
+                let output = if n == 1 {
+                    parts[0].clone()
+                } else {
+                    let t = Instant::now();
+                    let (text, more) = reduce(ctx, s, &parts, chunked, budget, truncated)?;
+                    calls.extend(more);
+                    secs += t.elapsed().as_secs_f64();
+                    text
+                };
+                StageResult {
+                    output: output.into(),
+                    parts: if n > 1 { parts.into_iter().map(Into::into).collect() } else { Vec::new() },
+                    ..StageResult::default()
+                }
+            }
         };
         for c in &calls {
             totals.prompt += c.prompt_tokens;
@@ -379,25 +397,57 @@ fn run_text_stages(
             totals.generated += c.generated_tokens;
         }
         let last = calls.last().cloned().unwrap_or_default();
-        out.push((
-            s.name.value.clone(),
-            StageResult {
-                kind: s.kind.name().into(),
-                output,
-                parts: if n > 1 { parts } else { Vec::new() },
-                prompt_tokens: calls.iter().map(|c| c.prompt_tokens).sum(),
-                generated_tokens: calls.iter().map(|c| c.generated_tokens).sum(),
-                calls: calls.len(),
-                stopped_by: last.stopped_by,
-                duration_s: secs,
-                ttft_s: calls.first().map(|c| c.ttft_s),
-                prefill_s: calls.iter().map(|c| c.prefill_s).sum(),
-                decode_s: calls.iter().map(|c| c.decode_s).sum(),
-                state_bytes: calls.iter().map(|c| c.state_bytes).max().unwrap_or(0),
-            },
-        ));
+        result.kind = s.kind.name().into();
+        result.prompt_tokens = calls.iter().map(|c| c.prompt_tokens).sum();
+        result.generated_tokens = calls.iter().map(|c| c.generated_tokens).sum();
+        result.calls = calls.len();
+        result.stopped_by = last.stopped_by;
+        result.duration_s = secs;
+        result.ttft_s = calls.first().map(|c| c.ttft_s);
+        result.prefill_s = calls.iter().map(|c| c.prefill_s).sum();
+        result.decode_s = calls.iter().map(|c| c.decode_s).sum();
+        result.state_bytes = calls.iter().map(|c| c.state_bytes).max().unwrap_or(0);
+        out.push((s.name.value.clone(), result));
     }
     Ok(out)
+}
+
+/// An `extract` stage's result: each chunk's JSON parsed and validated, merged by the schema
+/// (with provenance) and validated again.
+fn fields(
+    s: &StageSpec,
+    schema: &crate::constrain::Schema,
+    calls: &[Completion],
+    chunked: &Chunked,
+) -> Result<StageResult, Stop> {
+    let stage = &s.name.value;
+    let bad = |msg: String| Stop::Failed(Failure::new(Reason::Model, stage.clone(), msg));
+    let mut parts = Vec::new();
+    for (c, chunk) in calls.iter().zip(&chunked.chunks) {
+        let v: serde_json::Value = serde_json::from_str(&c.text).map_err(|e| {
+            bad(format!("chunk {}: constrained output is not JSON ({e}; stopped by {})", chunk.index, c.stopped_by))
+        })?;
+        schema.validate(&v).map_err(|e| bad(format!("chunk {}: {e:#}", chunk.index)))?;
+        parts.push(v);
+    }
+    let merge_parts: Vec<merge::Part> = parts
+        .iter()
+        .zip(&chunked.chunks)
+        .map(|(value, c)| merge::Part { value, chunk: c.index, pages: [c.first_page, c.last_page] })
+        .collect();
+    let (merged, provenance) = merge::merge(schema.value(), &merge_parts);
+    schema.validate(&merged).map_err(|e| bad(format!("merged output of {} chunks: {e:#}", parts.len())))?;
+    let mask_s: f64 = calls.iter().map(|c| c.mask_s).sum();
+    let mask_steps: usize = calls.iter().map(|c| c.mask_steps).sum();
+    Ok(StageResult {
+        output: merged,
+        parts: if parts.len() > 1 { parts } else { Vec::new() },
+        schema: Some(schema.value().clone()),
+        provenance: serde_json::to_value(provenance).ok(),
+        reasoning: if s.keep_reasoning { calls.iter().filter_map(|c| c.reasoning.clone()).collect() } else { Vec::new() },
+        mask_ms_per_token: (mask_steps > 0).then(|| 1e3 * mask_s / mask_steps as f64),
+        ..StageResult::default()
+    })
 }
 
 /// Combines part answers; when they do not fit one context they are reduced in groups first.
@@ -454,8 +504,9 @@ fn call(ctx: &mut Context, s: &StageSpec, doc: &[u32], instr: &str, keep: bool) 
     let stage = s.name.value.clone();
     (ctx.on_step)(&stage);
     let model_err = |e: anyhow::Error| Failure::new(Reason::Model, stage.clone(), format!("{e:#}"));
-    let (prefix, suffix) = llm::stage_prompt(ctx.model.tokenizer(), doc, instr, s.thinking).map_err(model_err)?;
-    let opts = llm::stage_options(s.max_new_tokens, sampling(s));
+    let instr = with_schema(s, instr.to_string());
+    let (prefix, suffix) = llm::stage_prompt(ctx.model.tokenizer(), doc, &instr, s.thinking).map_err(model_err)?;
+    let opts = llm::stage_options(s.output_tokens(), sampling(s));
     let (shutdown, deadline, heartbeat) = (ctx.shutdown, ctx.deadline, ctx.heartbeat);
     // The model sees an opaque error; the reason to stop is kept here to report it as such.
     let stopped = std::cell::RefCell::new(None);
@@ -474,6 +525,8 @@ fn call(ctx: &mut Context, s: &StageSpec, doc: &[u32], instr: &str, keep: bool) 
         options: &opts,
         check: &check,
         on_prefill: ctx.on_prefill,
+        schema: s.compiled.as_ref(),
+        think_budget: (s.compiled.is_some() && s.thinking).then_some(s.think_budget),
     };
     let result = ctx.model.complete(&req);
     match (result, stopped.take()) {

@@ -36,8 +36,14 @@ pub struct Sandbox {
 
 impl Sandbox {
     /// Writes `config/deltadoc.yaml` (with `limits` overriding the defaults below) and one
-    /// pipeline `p` reading `inbox/`, writing `out/p`, quarantining to `quarantine/p`.
+    /// pipeline `p` reading `inbox/`, writing `out/p`, quarantining to `quarantine/p`, with
+    /// the [`QUICK_STAGES`].
     pub fn new(pipeline_extra: &str, max_tokens: usize) -> Self {
+        Self::with_stages(pipeline_extra, max_tokens, QUICK_STAGES)
+    }
+
+    /// [`Sandbox::new`] with other stages (`stages:` and its list).
+    pub fn with_stages(pipeline_extra: &str, max_tokens: usize, stages: &str) -> Self {
         let s = Self { dir: tempfile::tempdir().unwrap() };
         let model = tiny_model();
         s.write(
@@ -64,11 +70,27 @@ output: out/p
 quarantine: quarantine/p
 quarantine_mode: copy
 context: {{max_tokens: {max_tokens}, overlap: 64}}
-{pipeline_extra}{QUICK_STAGES}"
+{pipeline_extra}{stages}"
             ),
         );
         std::fs::create_dir_all(s.path("inbox")).unwrap();
         s
+    }
+
+    /// Copies every file of a corpus folder into the inbox; their names.
+    pub fn fill_inbox(&self, corpus_dir: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(super::corpus().join(corpus_dir)).unwrap().flatten() {
+            std::fs::copy(e.path(), self.path("inbox").join(e.file_name())).unwrap();
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+        names
+    }
+
+    /// `deltadoc run --once`, which must succeed.
+    pub fn run_once(&self) {
+        let out = self.run(&["run", "--once"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// A path inside the sandbox.

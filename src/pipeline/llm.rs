@@ -108,7 +108,15 @@ impl TokenFilter for SchemaFilter {
                 }
                 Ok(())
             }
-            Some(_) => Ok(()),
+            // Still thinking: anything but ending the reply before the JSON came.
+            Some(_) => {
+                for t in STOP_TOKENS {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+                Ok(())
+            }
         }
     }
 

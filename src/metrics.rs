@@ -135,28 +135,27 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
-fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+/// Registers a freshly made collector and hands it back.
+fn registered<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: prometheus::Result<C>) -> Result<C> {
+    let c = c?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec> {
+    registered(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn fgauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<GaugeVec> {
-    let g = GaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+    registered(r, GaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn fcounter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<CounterVec> {
-    let c = CounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+    registered(r, CounterVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<HistogramVec> {
@@ -164,30 +163,16 @@ fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<Hi
 }
 
 fn histogram_with(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> Result<HistogramVec> {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
-    r.register(Box::new(h.clone()))?;
-    Ok(h)
+    registered(r, HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels))
 }
 
 impl Metrics {
     /// Registers every series.
     pub fn new() -> Result<Self> {
         let r = Registry::new();
-        let single_counter = |name: &str, help: &str| -> Result<IntCounter> {
-            let c = IntCounter::new(name, help)?;
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
-        let single_gauge = |name: &str, help: &str| -> Result<Gauge> {
-            let g = Gauge::new(name, help)?;
-            r.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
-        let int_gauge = |name: &str, help: &str| -> Result<IntGauge> {
-            let g = IntGauge::new(name, help)?;
-            r.register(Box::new(g.clone()))?;
-            Ok(g)
-        };
+        let single_counter = |name: &str, help: &str| registered(&r, IntCounter::new(name, help));
+        let single_gauge = |name: &str, help: &str| registered(&r, Gauge::new(name, help));
+        let int_gauge = |name: &str, help: &str| registered(&r, IntGauge::new(name, help));
         Ok(Self {
             documents: counter(&r, "deltadoc_documents_total", "Documents by pipeline and outcome.", &["pipeline", "outcome"])?,
             failures: counter(

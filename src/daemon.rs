@@ -73,8 +73,10 @@ pub fn load_model(cfg: &Config) -> Result<OrtModel> {
                     shape.name()
                 );
                 let mut synth = crate::model::synth::Synth::new(0);
+                let cfg = shape.config();
                 crate::model::export(
-                    &shape.config(),
+                    &cfg,
+                    Some(&crate::model::vision::VisionConfig::of_shape(shape, cfg.hidden_size)),
                     &mut synth,
                     crate::model::ExportOptions {
                         precision: crate::model::quant::Precision::Fp32,

@@ -25,6 +25,9 @@ pub struct Decoder {
     /// (input name, current value) for every per-layer state input.
     state: Vec<(String, DynValue)>,
     past_len: usize,
+    /// Rotary position of the next token minus `past_len`: 0 for text, and after an image the
+    /// reference's `rope_delta` (an image advances positions by its grid side, not its tokens).
+    rope_delta: i64,
     /// [`crate::model::Manifest::identity`] of the model, stamped on snapshots.
     identity: String,
 }
@@ -48,7 +51,7 @@ impl Decoder {
         let session = runtime::open_session_with(&model.graph_path(), opts, prepack)?;
         let cfg = model.manifest.config.clone();
         let identity = model.manifest.identity();
-        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, identity };
+        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, rope_delta: 0, identity };
         d.reset()?;
         Ok(d)
     }
@@ -77,7 +80,13 @@ impl Decoder {
             let (shape, data) = view(v)?;
             tensors.push(StateTensor { name: name.clone(), shape, data: data.to_vec() });
         }
-        Ok(Snapshot { model: self.identity.clone(), tokens: self.past_len, prefix_sha256: String::new(), tensors })
+        Ok(Snapshot {
+            model: self.identity.clone(),
+            tokens: self.past_len,
+            rope_delta: self.rope_delta,
+            prefix_sha256: String::new(),
+            tensors,
+        })
     }
 
     /// Continues from `snap` as if the tokens it covers had just been fed; the next call's
@@ -107,6 +116,7 @@ impl Decoder {
         }
         self.state = state;
         self.past_len = snap.tokens;
+        self.rope_delta = snap.rope_delta;
         Ok(())
     }
 
@@ -132,11 +142,25 @@ impl Decoder {
             }
         }
         self.past_len = 0;
+        self.rope_delta = 0;
         Ok(())
     }
 
-    /// Feeds `ids` as the next tokens of the sequence and returns logits `[n, vocab]`.
+    /// Feeds `ids` as the next text tokens of the sequence and returns logits `[n, vocab]`.
     pub fn forward(&mut self, ids: &[u32], which: Logits) -> Result<Array2<f32>> {
+        self.forward_with(ids, None, None, which)
+    }
+
+    /// [`Self::forward`] with explicit rotary positions `[3, S]` (T/H/W rows; default: the next
+    /// text positions) and the vision features `[M, H]` of the M `<|image_pad|>` tokens in
+    /// `ids`, in order.
+    pub fn forward_with(
+        &mut self,
+        ids: &[u32],
+        positions: Option<ndarray::ArrayView2<'_, i64>>,
+        image_rows: Option<ndarray::ArrayView2<'_, f32>>,
+        which: Logits,
+    ) -> Result<Array2<f32>> {
         if ids.is_empty() {
             bail!("forward called with no tokens");
         }
@@ -149,8 +173,20 @@ impl Decoder {
             );
         }
         let input_ids = Array2::from_shape_vec((1, s), ids.iter().map(|&i| i as i64).collect())?;
-        let pos: Vec<i64> = (0..3).flat_map(|_| (0..s).map(|t| (self.past_len + t) as i64)).collect();
-        let position_ids = Array3::from_shape_vec((3, 1, s), pos)?;
+        let position_ids = match positions {
+            Some(p) if p.dim() == (3, s) => p.to_owned().into_shape_with_order((3, 1, s))?,
+            Some(p) => bail!("positions of shape {:?} for {s} tokens (expected [3, {s}])", p.dim()),
+            None => {
+                let next = self.past_len as i64 + self.rope_delta;
+                Array3::from_shape_fn((3, 1, s), |(_, _, t)| next + t as i64)
+            }
+        };
+        let h = self.cfg.hidden_size;
+        let image_embeds = match image_rows {
+            Some(r) if r.ncols() == h => r.to_owned(),
+            Some(r) => bail!("image features of width {} for a model of hidden size {h}", r.ncols()),
+            None => Array2::zeros((0, h)),
+        };
         let index: Vec<i64> = match which {
             Logits::Last => vec![s as i64 - 1],
             Logits::All => (0..s as i64).collect(),
@@ -160,6 +196,7 @@ impl Decoder {
             ("input_ids".into(), Tensor::from_array(input_ids)?.into_dyn().into()),
             ("position_ids".into(), Tensor::from_array(position_ids)?.into_dyn().into()),
             ("logits_index".into(), Tensor::from_array(Array::from_vec(index))?.into_dyn().into()),
+            ("image_embeds".into(), Tensor::from_array(image_embeds)?.into_dyn().into()),
         ];
         let names: Vec<String> = self.state.iter().map(|(n, _)| n.clone()).collect();
         for (name, v) in self.state.drain(..) {
@@ -177,6 +214,38 @@ impl Decoder {
         }
         self.past_len += s;
         Ok(logits)
+    }
+
+    /// Feeds a prompt with images in chunks of `chunk` tokens, continuing the sequence;
+    /// `on_chunk` gets each chunk's logits (`which` selects the rows).
+    pub fn prefill_prompt(
+        &mut self,
+        feed: PromptFeed<'_>,
+        chunk: usize,
+        which: Logits,
+        mut on_chunk: impl FnMut(Array2<f32>) -> Result<()>,
+    ) -> Result<()> {
+        let PromptFeed { ids, positions, image_rows, rope_delta, image_token_id } = feed;
+        if positions.dim() != (3, ids.len()) {
+            bail!("positions of shape {:?} for {} tokens", positions.dim(), ids.len());
+        }
+        let pads = ids.iter().filter(|&&t| t == image_token_id).count();
+        if pads != image_rows.nrows() {
+            bail!("{pads} <|image_pad|> tokens but {} rows of image features", image_rows.nrows());
+        }
+        let offset = self.past_len as i64 + self.rope_delta;
+        let (mut start, mut row) = (0, 0);
+        for part in ids.chunks(chunk.max(1)) {
+            let n = part.iter().filter(|&&t| t == image_token_id).count();
+            let pos = positions.slice(ndarray::s![.., start..start + part.len()]).mapv(|p| p + offset);
+            let rows = image_rows.slice(ndarray::s![row..row + n, ..]);
+            let logits = self.forward_with(part, Some(pos.view()), Some(rows), which)?;
+            start += part.len();
+            row += n;
+            on_chunk(logits)?;
+        }
+        self.rope_delta += rope_delta;
+        Ok(())
     }
 
     /// Prefills `ids` in chunks of `chunk` tokens; returns the logits of the last token.
@@ -260,6 +329,20 @@ impl Decoder {
         }
         Ok(Resumed { logits: last, resumed_at, checkpoint_bytes: saved_bytes })
     }
+}
+
+/// A prompt with images for [`Decoder::prefill_prompt`].
+pub struct PromptFeed<'a> {
+    /// Token ids, image pads expanded.
+    pub ids: &'a [u32],
+    /// Rotary positions `[3, ids.len()]` relative to the prompt's start.
+    pub positions: ndarray::ArrayView2<'a, i64>,
+    /// Vision features of the `<|image_pad|>` tokens, in order.
+    pub image_rows: ndarray::ArrayView2<'a, f32>,
+    /// The prompt's position offset, kept for the tokens that follow.
+    pub rope_delta: i64,
+    /// Which id is `<|image_pad|>`.
+    pub image_token_id: u32,
 }
 
 /// Shape and values of an f32 state tensor.

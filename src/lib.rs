@@ -32,3 +32,4 @@ pub mod schedule;
 pub mod snapshot;
 pub mod store;
 pub mod tokenizer;
+pub mod vision;

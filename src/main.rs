@@ -176,9 +176,13 @@ enum ModelCmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Also write the same weights as a Hugging Face checkpoint (f32 safetensors + config.json).
+        /// Also write the same text-decoder weights as a Hugging Face checkpoint (f32 safetensors
+        /// + config.json; the vision tower is not included).
         #[arg(long)]
         hf_out: Option<PathBuf>,
+        /// Leave out the vision tower (no vision.onnx; image pages cannot be read).
+        #[arg(long)]
+        text_only: bool,
         #[command(flatten)]
         export: ExportArgs,
     },
@@ -199,13 +203,19 @@ enum ModelCmd {
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
     },
-    /// Write float32 logits of every position of an id sequence as .npy [seq, vocab].
+    /// Write float32 logits of every position of a prompt as .npy [seq, vocab]: an id sequence,
+    /// or chat messages with text and images (templated, thinking off).
     Logits {
         #[arg(long)]
         model: PathBuf,
         /// JSON array of token ids.
+        #[arg(long, required_unless_present = "messages", conflicts_with = "messages")]
+        ids_file: Option<PathBuf>,
+        /// JSON chat messages; content items are {"type":"text","text":…} or {"type":"image","path":…}.
         #[arg(long)]
-        ids_file: PathBuf,
+        messages: Option<PathBuf>,
+        #[command(flatten)]
+        image: ImageArgs,
         #[arg(long)]
         out: PathBuf,
         /// Prefill chunk length in tokens.
@@ -217,6 +227,30 @@ enum ModelCmd {
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
+}
+
+/// Pixel budgets of image preprocessing.
+#[derive(Args, Clone, Copy)]
+struct ImageArgs {
+    /// Smaller images are enlarged to at least this many pixels.
+    #[arg(long, default_value_t = 65_536)]
+    min_pixels: u64,
+    /// Larger images are shrunk to at most this many pixels (1,024 pixels per prompt token).
+    #[arg(long, default_value_t = 16_777_216)]
+    max_pixels: u64,
+    /// Images declaring more pixels are refused before decoding.
+    #[arg(long, default_value_t = 200_000_000)]
+    max_decode_pixels: u64,
+}
+
+impl ImageArgs {
+    fn options(self) -> deltadoc::vision::preprocess::ImageOptions {
+        deltadoc::vision::preprocess::ImageOptions {
+            min_pixels: self.min_pixels,
+            max_pixels: self.max_pixels,
+            max_decode_pixels: self.max_decode_pixels,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -449,10 +483,18 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
             eprintln!("wrote {} ({} layers, {})", out.display(), m.config.num_hidden_layers, m.precision.name());
             Ok(())
         }
-        ModelCmd::Synth { shape, out, seed, hf_out, export } => {
+        ModelCmd::Synth { shape, out, seed, hf_out, text_only, export } => {
             let cfg = shape.config();
             let mut synth = model::synth::Synth::new(seed);
-            let m = model::export(&cfg, &mut synth, export.options(), &out, format!("synth:{}:seed={seed}", shape.name()))?;
+            let vision = (!text_only).then(|| model::vision::VisionConfig::of_shape(shape, cfg.hidden_size));
+            let m = model::export(
+                &cfg,
+                vision.as_ref(),
+                &mut synth,
+                export.options(),
+                &out,
+                format!("synth:{}:seed={seed}", shape.name()),
+            )?;
             eprintln!("wrote {} ({} layers, {})", out.display(), m.config.num_hidden_layers, m.precision.name());
             if let Some(hf) = hf_out {
                 synth.write_hf(&cfg, &hf)?;
@@ -494,7 +536,25 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&info)?);
             Ok(())
         }
-        ModelCmd::Logits { model, ids_file, out, prefill_chunk, decode_from, threads } => {
+        ModelCmd::Logits { model, ids_file: None, messages: Some(messages), image, out, prefill_chunk, threads, .. } => {
+            let m = ModelDir::open(&model)?;
+            let opts = session_options(threads);
+            let mut enc = deltadoc::vision::encoder::VisionEncoder::open(&m, &opts)?;
+            let msgs = deltadoc::vision::prompt::read_messages(&messages)?;
+            let prompt = deltadoc::vision::prompt::build(&m.tokenizer()?, enc.config(), &msgs, false, &image.options())?;
+            let mut dec = Decoder::open(&m, &opts)?;
+            let mut rows = Vec::with_capacity(prompt.ids.len());
+            let mut progress = Progress::new(prompt.ids.len() as u64, "logits");
+            deltadoc::vision::prefill(&mut dec, &mut enc, &prompt, prefill_chunk, Logits::All, |l| {
+                progress.inc(l.nrows() as u64);
+                rows.extend(l.outer_iter().map(|r| r.to_vec()));
+                Ok(())
+            })?;
+            progress.finish();
+            write_npy(&out, &rows)
+        }
+        ModelCmd::Logits { model, ids_file, out, prefill_chunk, decode_from, threads, .. } => {
+            let ids_file = ids_file.context("--ids-file or --messages is required")?;
             let text = std::fs::read_to_string(&ids_file).with_context(|| format!("{}: cannot read", ids_file.display()))?;
             let ids: Vec<u32> = serde_json::from_str(&text)
                 .with_context(|| format!("{}: expected a JSON array of token ids", ids_file.display()))?;

@@ -39,6 +39,8 @@ pub struct Snapshot {
     pub model: String,
     /// Tokens consumed.
     pub tokens: usize,
+    /// Rotary position offset of the next token (non-zero after images).
+    pub rope_delta: i64,
     /// [`ids_digest`] of the consumed tokens when known (resumable prefill checks it), else empty.
     pub prefix_sha256: String,
     /// Every state tensor, in the decoder's order.
@@ -49,6 +51,9 @@ pub struct Snapshot {
 struct Header {
     model: String,
     tokens: usize,
+    // Absent in snapshots written before images were supported: text only, offset 0.
+    #[serde(default)]
+    rope_delta: i64,
     prefix_sha256: String,
     tensors: Vec<(String, Vec<usize>)>,
 }
@@ -74,6 +79,7 @@ impl Snapshot {
         let header = serde_json::to_vec(&Header {
             model: self.model.clone(),
             tokens: self.tokens,
+            rope_delta: self.rope_delta,
             prefix_sha256: self.prefix_sha256.clone(),
             tensors: self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
         })?;
@@ -133,7 +139,13 @@ impl Snapshot {
         if !data.is_empty() {
             return Err(bad("trailing bytes"));
         }
-        Ok(Self { model: header.model, tokens: header.tokens, prefix_sha256: header.prefix_sha256, tensors })
+        Ok(Self {
+            model: header.model,
+            tokens: header.tokens,
+            rope_delta: header.rope_delta,
+            prefix_sha256: header.prefix_sha256,
+            tensors,
+        })
     }
 }
 
@@ -163,6 +175,7 @@ mod tests {
         Snapshot {
             model: "abc".into(),
             tokens: 5,
+            rope_delta: -3,
             prefix_sha256: ids_digest(&[1, 2, 3, 4, 5]),
             tensors: vec![
                 StateTensor { name: "past.0.conv".into(), shape: vec![1, 2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() },

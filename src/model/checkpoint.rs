@@ -60,21 +60,23 @@ impl Checkpoint {
         self.index.keys().any(|k| k.starts_with("model.visual."))
     }
 
-    /// Text-decoder tensors the graph did not consume: a sign of a checkpoint of another layout.
-    /// Vision (`model.visual.`) and multi-token-prediction (`mtp.`) tensors are expected and skipped.
-    pub fn unused_text_tensors(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .index
-            .keys()
-            .filter(|k| !k.starts_with("model.visual.") && !k.starts_with("mtp.") && !self.used.contains(*k))
-            .cloned()
-            .collect();
+    /// Tensors the graphs did not consume: a sign of a checkpoint of another layout.
+    /// Multi-token-prediction (`mtp.`) tensors are expected and skipped.
+    pub fn unused_tensors(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.index.keys().filter(|k| !k.starts_with("mtp.") && !self.used.contains(*k)).cloned().collect();
         v.sort();
         v
     }
 
     fn full_name(&self, name: &str) -> String {
-        if name == "lm_head.weight" { name.to_string() } else { format!("{}{name}", self.prefix) }
+        if name == "lm_head.weight" {
+            name.to_string()
+        } else if name.starts_with("visual.") {
+            format!("model.{name}")
+        } else {
+            format!("{}{name}", self.prefix)
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Interface (batch is symbolic, the generator uses 1):
 //! - inputs: `input_ids [B,S] i64`, `position_ids [3,B,S] i64` (T/H/W rows; equal for text),
-//!   `logits_index [N] i64` (positions of this call whose logits are wanted), and per layer i
+//!   `logits_index [N] i64` (positions of this call whose logits are wanted), `image_embeds
+//!   [M,H] f32` (vision features for this call's M `<|image_pad|>` tokens, in order), and per layer i
 //!   either `past.i.key`/`past.i.value [B,nkv,P,hd]` (attention) or `past.i.conv [B,conv_dim,K−1]`
 //!   and `past.i.recurrent [B,Hv,Dk,Dv]` (DeltaNet), all f32;
 //! - outputs: `logits [B,N,V]` and `present.i.*` with the same layouts (keys grow by S).
@@ -40,6 +41,8 @@ pub struct GraphOptions {
     pub precision: Precision,
     /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
+    /// `<|image_pad|>`: positions holding it take the next row of `image_embeds`.
+    pub image_token_id: u32,
 }
 
 struct Ctx<'a> {
@@ -80,6 +83,7 @@ pub fn build(
     b.input("input_ids", data_type::INT64, &[batch.clone(), Dim::Named("seq")]);
     b.input("position_ids", data_type::INT64, &[Dim::Fixed(3), batch.clone(), Dim::Named("seq")]);
     b.input("logits_index", data_type::INT64, &[Dim::Named("n_logits")]);
+    b.input("image_embeds", data_type::FLOAT, &[Dim::Named("image_rows"), Dim::Fixed(h as i64)]);
     for i in 0..cfg.num_hidden_layers {
         let [a, s] = state_names(cfg, i);
         let (da, ds): (Vec<Dim>, Vec<Dim>) = match cfg.layer_kind(i) {
@@ -115,7 +119,8 @@ pub fn build(
     // Embedding: kept unquantised (fp16 at most) because every row is read as-is.
     let embed = w.get("embed_tokens.weight", &[v, h])?;
     let embed_name = c.store_embedding(&embed)?;
-    let mut x = c.gather_embedding(&embed_name)?;
+    let x = c.gather_embedding(&embed_name)?;
+    let mut x = c.scatter_image_rows(&x)?;
 
     for i in 0..cfg.num_hidden_layers {
         let p = format!("layers.{i}.");
@@ -209,6 +214,25 @@ impl Ctx<'_> {
         Ok(self.cast_half_to_f32(x))
     }
 
+    /// Replaces the embedding of the k-th `<|image_pad|>` of this call by row k of
+    /// `image_embeds` (the reference's masked_scatter). Row 0 of the padded table is a dummy
+    /// every other position points at, so a call without images passes zero rows.
+    fn scatter_image_rows(&mut self, x: &str) -> Result<String> {
+        let h = self.cfg.hidden_size as i64;
+        let pad = self.b.i64s("image_token_id", &[], &[self.opts.image_token_id as i64])?;
+        let is_pad = self.b.op("Equal", &["input_ids", &pad], vec![]);
+        let as_int = self.b.op("Cast", &[&is_pad], vec![("to", Attr::Int(data_type::INT64 as i64))]);
+        let axis = self.b.i64s("seq_axis", &[], &[1])?;
+        let ordinal = self.b.op("CumSum", &[&as_int, &axis], vec![]);
+        let row = self.b.op("Mul", &[&ordinal, &as_int], vec![]);
+        let dummy = self.b.f32s("image_embeds.dummy", &[1, h], &vec![0.0; h as usize])?;
+        let table = self.b.op("Concat", &[&dummy, "image_embeds"], vec![("axis", Attr::Int(0))]);
+        let rows = self.b.op("Gather", &[&table, &row], vec![("axis", Attr::Int(0))]);
+        let ax = self.b.ints(&[-1])?;
+        let mask = self.b.op("Unsqueeze", &[&is_pad, &ax], vec![]);
+        Ok(self.b.op("Where", &[&mask, &rows, x], vec![]))
+    }
+
     fn cast_half_to_f32(&mut self, x: String) -> String {
         if self.opts.precision == Precision::Fp32 {
             x
@@ -241,46 +265,8 @@ impl Ctx<'_> {
         }
     }
 
-    /// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision.
     fn linear(&mut self, x: &str, name: &str, w: &[f32], out: usize, inp: usize) -> Result<String> {
-        match self.opts.precision {
-            Precision::Fp32 | Precision::Fp16 => {
-                let wt = quant::transpose(w, out, inp);
-                let wname = self.b.fresh(name);
-                let init = if self.opts.precision == Precision::Fp32 {
-                    self.b.f32s(&wname, &[inp as i64, out as i64], &wt)?
-                } else {
-                    let half =
-                        self.b.initializer(&wname, data_type::FLOAT16, &[inp as i64, out as i64], &quant::to_f16_bytes(&wt))?;
-                    self.b.op("Cast", &[&half], vec![("to", Attr::Int(data_type::FLOAT as i64))])
-                };
-                Ok(self.b.op("MatMul", &[x, &init], vec![]))
-            }
-            Precision::Int8 | Precision::Int4 => {
-                let bits = if self.opts.precision == Precision::Int8 { 8 } else { 4 };
-                let q = quant::block_quantize(w, out, inp, bits, quant::BLOCK);
-                let qn = self.b.fresh(&format!("{name}.q"));
-                let qn = self.b.initializer(&qn, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
-                let sn = self.b.fresh(&format!("{name}.scales"));
-                let sn = self.b.f32s(&sn, &[(out * q.blocks) as i64], &q.scales)?;
-                Ok(self
-                    .b
-                    .node_in(
-                        "MatMulNBits",
-                        "com.microsoft",
-                        &[x, &qn, &sn],
-                        1,
-                        vec![
-                            ("K", Attr::Int(inp as i64)),
-                            ("N", Attr::Int(out as i64)),
-                            ("bits", Attr::Int(bits as i64)),
-                            ("block_size", Attr::Int(quant::BLOCK as i64)),
-                            ("accuracy_level", Attr::Int(4)),
-                        ],
-                    )
-                    .remove(0))
-            }
-        }
+        linear(&mut self.b, self.opts.precision, x, name, w, out, inp)
     }
 
     /// RMSNorm over the last axis; `one_plus` selects Qwen3.5's zero-centred `(1 + w)` weight.
@@ -489,6 +475,53 @@ impl Ctx<'_> {
         let act = self.silu(&gate);
         let y = self.b.op("Mul", &[&act, &up], vec![]);
         self.linear(&y, &format!("{p}mlp.down_proj"), &w.get(&format!("{p}mlp.down_proj.weight"), &[h, im])?, h, im)
+    }
+}
+
+/// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision.
+pub(super) fn linear(
+    b: &mut GraphBuilder,
+    precision: Precision,
+    x: &str,
+    name: &str,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+) -> Result<String> {
+    match precision {
+        Precision::Fp32 | Precision::Fp16 => {
+            let wt = quant::transpose(w, out, inp);
+            let wname = b.fresh(name);
+            let init = if precision == Precision::Fp32 {
+                b.f32s(&wname, &[inp as i64, out as i64], &wt)?
+            } else {
+                let half = b.initializer(&wname, data_type::FLOAT16, &[inp as i64, out as i64], &quant::to_f16_bytes(&wt))?;
+                b.op("Cast", &[&half], vec![("to", Attr::Int(data_type::FLOAT as i64))])
+            };
+            Ok(b.op("MatMul", &[x, &init], vec![]))
+        }
+        Precision::Int8 | Precision::Int4 => {
+            let bits = if precision == Precision::Int8 { 8 } else { 4 };
+            let q = quant::block_quantize(w, out, inp, bits, quant::BLOCK);
+            let qn = b.fresh(&format!("{name}.q"));
+            let qn = b.initializer(&qn, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
+            let sn = b.fresh(&format!("{name}.scales"));
+            let sn = b.f32s(&sn, &[(out * q.blocks) as i64], &q.scales)?;
+            Ok(b.node_in(
+                "MatMulNBits",
+                "com.microsoft",
+                &[x, &qn, &sn],
+                1,
+                vec![
+                    ("K", Attr::Int(inp as i64)),
+                    ("N", Attr::Int(out as i64)),
+                    ("bits", Attr::Int(bits as i64)),
+                    ("block_size", Attr::Int(quant::BLOCK as i64)),
+                    ("accuracy_level", Attr::Int(4)),
+                ],
+            )
+            .remove(0))
+        }
     }
 }
 

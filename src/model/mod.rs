@@ -1,8 +1,9 @@
 //! Qwen3.5 models: configuration, checkpoint import, random-weight synthesis, and the model folder
 //! that the runtime opens.
 //!
-//! A model folder holds `model.onnx` (+ `model.onnx.data`), `tokenizer.json` and
-//! `manifest.json` ([`Manifest`]: configuration, precision, op sets and file hashes).
+//! A model folder holds `model.onnx` (+ `model.onnx.data`), `vision.onnx` (+ data) when the
+//! checkpoint has the vision tower, `tokenizer.json` and `manifest.json` ([`Manifest`]:
+//! configuration, precision, op sets and file hashes).
 
 pub mod checkpoint;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod graph;
 pub mod plan;
 pub mod quant;
 pub mod synth;
+pub mod vision;
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use self::config::TextConfig;
 use self::graph::{GraphOptions, LinearAttn, WeightSource};
 use self::quant::Precision;
+use self::vision::VisionConfig;
 use crate::onnx::GraphBuilder;
 use crate::progress::Progress;
 
@@ -46,8 +49,11 @@ pub struct Manifest {
     pub linear_attn: LinearAttn,
     /// Operator sets the graph imports, e.g. `{"": 23, "ai.deltadoc": 1}`.
     pub opsets: std::collections::BTreeMap<String, i64>,
-    /// Whether a vision graph is present (the vision tower is a later addition).
+    /// Whether a vision graph (`vision.onnx`) is present.
     pub vision: bool,
+    /// The vision tower's configuration when [`Self::vision`].
+    #[serde(default)]
+    pub vision_config: Option<VisionConfig>,
     /// SHA-256 of every file of the folder that the runtime reads.
     pub files: std::collections::BTreeMap<String, String>,
 }
@@ -70,14 +76,19 @@ pub struct ExportOptions {
     pub linear_attn: LinearAttn,
 }
 
-/// Writes a model folder from any weight source.
+/// Writes a model folder from any weight source; `vision` adds the vision graph from the same
+/// source (`visual.*` tensors).
 pub fn export(
     cfg: &TextConfig,
+    vision: Option<&VisionConfig>,
     weights: &mut dyn WeightSource,
     opts: ExportOptions,
     out: &Path,
     source: String,
 ) -> Result<Manifest> {
+    if let Some(v) = vision {
+        v.validate(cfg.hidden_size)?;
+    }
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the model folder", out.display()))?;
     let model_path = out.join("model.onnx");
     let builder = GraphBuilder::new("qwen3_5_text", &model_path)?;
@@ -86,7 +97,11 @@ pub fn export(
         builder,
         cfg,
         weights,
-        GraphOptions { precision: opts.precision, linear_attn: opts.linear_attn },
+        GraphOptions {
+            precision: opts.precision,
+            linear_attn: opts.linear_attn,
+            image_token_id: vision.map_or(vision::IMAGE_PAD, |v| v.image_token_id),
+        },
         &mut |_| progress.inc(1),
     )?;
     progress.finish();
@@ -100,10 +115,15 @@ pub fn export(
         &opset_list,
         &[("deltadoc.source", source.clone()), ("deltadoc.precision", opts.precision.name().into())],
     )?;
+    let mut names = vec!["model.onnx", "model.onnx.data", "tokenizer.json"];
+    if let Some(v) = vision {
+        export_vision(v, weights, opts.precision, out, &source, &opset_list)?;
+        names.extend(["vision.onnx", "vision.onnx.data"]);
+    }
     tracing::info!("writing tokenizer.json");
     crate::tokenizer::write_qwen35_tokenizer(out)?;
     let mut files = std::collections::BTreeMap::new();
-    for f in ["model.onnx", "model.onnx.data", "tokenizer.json"] {
+    for f in names {
         files.insert(f.to_string(), crate::fetch::sha256_file(&out.join(f))?);
     }
     let manifest = Manifest {
@@ -115,7 +135,8 @@ pub fn export(
         precision: opts.precision,
         linear_attn: opts.linear_attn,
         opsets,
-        vision: false,
+        vision: vision.is_some(),
+        vision_config: vision.cloned(),
         files,
     };
     let path = out.join("manifest.json");
@@ -124,21 +145,47 @@ pub fn export(
     Ok(manifest)
 }
 
+/// Writes `vision.onnx`: float32 weights for fp32 models, float16 storage otherwise (the tower is
+/// a small share of the weights and OCR quality depends on it, so it is never block-quantised).
+fn export_vision(
+    cfg: &VisionConfig,
+    weights: &mut dyn WeightSource,
+    precision: Precision,
+    out: &Path,
+    source: &str,
+    opsets: &[(&str, i64)],
+) -> Result<()> {
+    let path = out.join("vision.onnx");
+    let storage = if precision == Precision::Fp32 { Precision::Fp32 } else { Precision::Fp16 };
+    let mut progress = Progress::new(cfg.depth as u64, "export vision blocks");
+    let b = vision::build(GraphBuilder::new("qwen3_5_vision", &path)?, cfg, weights, storage, &mut |_| progress.inc(1))?;
+    progress.finish();
+    b.finish(&path, opsets, &[("deltadoc.source", source.to_string()), ("deltadoc.precision", storage.name().into())])
+}
+
 /// Imports a Hugging Face checkpoint folder.
 pub fn import(hf_dir: &Path, out: &Path, opts: ExportOptions) -> Result<Manifest> {
     let (cfg, model_type) = TextConfig::from_hf_json(&hf_dir.join("config.json"))?;
     let mut ckpt = checkpoint::Checkpoint::open(hf_dir)?;
+    let vision = match (ckpt.has_vision(), VisionConfig::from_hf_json(&hf_dir.join("config.json"))?) {
+        (true, Some(v)) => Some(v),
+        (true, None) => bail!("{}: checkpoint has model.visual.* tensors but config.json has no vision_config", hf_dir.display()),
+        (false, _) => None,
+    };
     tracing::info!(
         "importing {} ({model_type}, {} layers, hidden {}, {}{})",
         hf_dir.display(),
         cfg.num_hidden_layers,
         cfg.hidden_size,
         opts.precision.name(),
-        if ckpt.has_vision() { ", vision weights present but not exported yet" } else { ", text only" }
+        match &vision {
+            Some(v) => format!(", vision tower of {} blocks", v.depth),
+            None => ", text only: the checkpoint has no vision weights, so image pages cannot be read".into(),
+        }
     );
-    let manifest = export(&cfg, &mut ckpt, opts, out, format!("import:{}", hf_dir.display()))
+    let manifest = export(&cfg, vision.as_ref(), &mut ckpt, opts, out, format!("import:{}", hf_dir.display()))
         .with_context(|| format!("{}: import failed", hf_dir.display()))?;
-    let unused = ckpt.unused_text_tensors();
+    let unused = ckpt.unused_tensors();
     if !unused.is_empty() {
         bail!(
             "{}: checkpoint has {} tensor(s) this Qwen3.5 config does not use, e.g. {}; it is not a Qwen3.5 checkpoint of this config",
@@ -202,6 +249,18 @@ impl ModelDir {
     /// Path of the decoder graph.
     pub fn graph_path(&self) -> PathBuf {
         self.dir.join("model.onnx")
+    }
+
+    /// The vision tower's configuration and graph, or an error saying the folder has none.
+    pub fn vision(&self) -> Result<(&VisionConfig, PathBuf)> {
+        match (&self.manifest.vision_config, self.manifest.vision) {
+            (Some(v), true) => Ok((v, self.dir.join("vision.onnx"))),
+            _ => bail!(
+                "{}: this model folder has no vision graph (the checkpoint it came from had no vision weights); import a \
+                 Qwen3.5 checkpoint with its vision tower to read images",
+                self.dir.display()
+            ),
+        }
     }
 
     /// Loads the folder's tokenizer.

@@ -41,7 +41,19 @@ impl Synth {
             let d = Normal::new(0.0f32, std).unwrap();
             (0..n).map(|_| d.sample(rng)).collect()
         };
-        let v = if name.ends_with("A_log") {
+        let v = if name.starts_with("visual.") {
+            if name.contains("norm") && name.ends_with(".weight") {
+                // LayerNorm gains (plain weight, ones in the reference).
+                normal(&mut rng, 0.1).into_iter().map(|x| 1.0 + x).collect()
+            } else if name.ends_with(".bias") {
+                normal(&mut rng, 0.02)
+            } else if name == "visual.pos_embed.weight" {
+                normal(&mut rng, 0.5)
+            } else {
+                // Linear maps, the patch Conv3d included: fan-in is everything but the output axis.
+                normal(&mut rng, 1.0 / ((n / shape[0].max(1)) as f32).sqrt())
+            }
+        } else if name.ends_with("A_log") {
             (0..n).map(|_| rng.random_range(1.0f32..16.0).ln()).collect()
         } else if name.ends_with("dt_bias") {
             (0..n).map(|_| rng.random_range(0.5f32..1.5)).collect()
@@ -62,12 +74,13 @@ impl Synth {
         v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
     }
 
-    /// Writes the tensors handed out so far as a Hugging Face `qwen3_5_text` checkpoint: one
+    /// Writes the text-decoder tensors handed out so far as a Hugging Face `qwen3_5_text` checkpoint: one
     /// safetensors shard per decoder layer plus the index, and `config.json`.
     pub fn write_hf(&self, cfg: &TextConfig, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
         let mut groups: BTreeMap<String, Vec<&(String, Vec<usize>)>> = BTreeMap::new();
-        for r in &self.requested {
+        // The text decoder only: a `qwen3_5_text` checkpoint has no place for the vision tower.
+        for r in self.requested.iter().filter(|r| !r.0.starts_with("visual.")) {
             let group = match r.0.strip_prefix("layers.") {
                 Some(rest) => format!("layer{:04}", rest.split('.').next().unwrap_or("0").parse::<usize>().unwrap_or(0)),
                 None => "other".into(),

@@ -99,6 +99,15 @@ impl Golden {
         (s, d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
+    pub fn u8(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
+        self.view(name)
+    }
+
+    pub fn i64(&self, name: &str) -> (Vec<usize>, Vec<i64>) {
+        let (s, d) = self.view(name);
+        (s, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
+    }
+
     pub fn ids(&self, name: &str) -> Vec<u32> {
         let (_, d) = self.view(name);
         d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()

@@ -22,6 +22,7 @@ pub mod health;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod ocr;
 pub mod onnx;
 pub mod ops;
 pub mod output;

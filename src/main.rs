@@ -31,6 +31,30 @@ enum Cmd {
     Model(ModelCmd),
     /// Generate a reply to a prompt and stream it to stdout.
     Generate(GenerateArgs),
+    /// Transcribe image files and scanned PDF pages with the vision model, page by page.
+    Ocr {
+        #[arg(long)]
+        model: PathBuf,
+        /// Image files (PNG, JPEG, TIFF, GIF, WebP, BMP) or PDFs.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Prompt tokens a page image may take (1,024 pixels each); larger pages are downscaled.
+        #[arg(long, default_value_t = 1280)]
+        max_page_tokens: u64,
+        #[command(flatten)]
+        image: ImageArgs,
+        /// Longest transcription per page, in tokens.
+        #[arg(long, default_value_t = 1024)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
+        /// Intra-op threads (0 = all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// One JSON object per page (file, page, method, text or error) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the token ids of a text (or of its chat prompt) as JSON.
     Tokenize {
         #[arg(long)]
@@ -437,6 +461,51 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Model(m) => model_cmd(m).map(|_| 0),
         Cmd::Generate(g) => generate_cmd(g).map(|_| 0),
+        Cmd::Ocr { model, files, max_page_tokens, image, max_new_tokens, prefill_chunk, threads, json } => {
+            let m = ModelDir::open(&model)?;
+            let opts = deltadoc::ocr::OcrOptions {
+                image: image.options().with_token_budget(max_page_tokens),
+                max_new_tokens,
+                prefill_chunk,
+                instruction: deltadoc::pipeline::OCR_INSTRUCTION.into(),
+            };
+            let mut reader = deltadoc::ocr::Reader::open(&m, &session_options(threads), opts)?;
+            let mut failed = 0;
+            let mut progress = Progress::new(files.len() as u64, "ocr files");
+            for f in &files {
+                let shown = f.display().to_string();
+                let res = reader.read_file(f, |p| {
+                    if p.text.is_err() {
+                        failed += 1;
+                    }
+                    if json {
+                        let (text, error) = match &p.text {
+                            Ok(t) => (Some(t.as_str()), None),
+                            Err(e) => (None, Some(e.as_str())),
+                        };
+                        let line = serde_json::json!({"file": shown, "page": p.page, "method": p.method, "text": text,
+                            "error": error, "note": p.note});
+                        println!("{line}");
+                    } else {
+                        println!("==> {shown} page {} ({}) <==", p.page, p.method);
+                        match &p.text {
+                            Ok(t) => println!("{t}\n"),
+                            Err(e) => println!("error: {e}\n"),
+                        }
+                    }
+                });
+                if let Err(e) = res {
+                    failed += 1;
+                    eprintln!("error: {e:#}");
+                }
+                progress.inc(1);
+            }
+            progress.finish();
+            if failed > 0 {
+                eprintln!("{failed} page(s) or file(s) could not be read");
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
         Cmd::Tokenize { model, chat, think, text } => {
             let tok = ModelDir::open(&model)?.tokenizer()?;
             let ids =

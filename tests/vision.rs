@@ -162,3 +162,46 @@ fn multimodal_prompt_logits_match_transformers() {
         assert!(err <= tol && err_last <= tol, "chunk {chunk}: {err:.3e} / {err_last:.3e} > {tol:.3e}");
     }
 }
+
+/// Every image and scanned PDF of the corpus through the OCR job (the random model's text is
+/// meaningless; the path from file to transcription must not be). Known gaps are asserted as
+/// such, so a regression or a fix both show up: JBIG2 pages get the "unsupported image codec"
+/// result, and lopdf cannot decrypt the encrypted PDF whose trailer has no /ID.
+#[test]
+fn every_corpus_scan_goes_through_ocr() {
+    let m = open(&imported("vision", Precision::Fp32));
+    let opts = deltadoc::ocr::OcrOptions {
+        image: ImageOptions::default().with_token_budget(1280),
+        max_new_tokens: 4,
+        prefill_chunk: 512,
+        instruction: deltadoc::pipeline::OCR_INSTRUCTION.into(),
+    };
+    let mut reader = deltadoc::ocr::Reader::open(&m, &self::opts(), opts).unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(corpus().join("scanned"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_none_or(|x| x != "txt"))
+        .collect();
+    files.sort();
+    let (mut read, mut jbig2) = (0, 0);
+    for f in &files {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        match reader.read_file(f, |_| ()) {
+            Ok(pages) => {
+                for p in pages {
+                    match &p.text {
+                        Ok(_) => read += 1,
+                        Err(e) if e.contains("unsupported image codec: JBIG2") => jbig2 += 1,
+                        Err(e) => panic!("{name} page {}: {e}", p.page),
+                    }
+                }
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                assert!(name == "pdfminer__encrypted_doc_no_id.pdf" && e.contains("encrypted"), "{name}: {e}");
+            }
+        }
+    }
+    println!("{} files: {read} pages transcribed, {jbig2} JBIG2 pages unsupported", files.len());
+    assert_eq!((read, jbig2), (24, 3));
+}

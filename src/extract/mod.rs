@@ -6,6 +6,7 @@
 //! (`deltadoc extract --json`) under a time and address-space limit ([`isolated`]).
 
 pub mod isolated;
+pub mod page_image;
 pub mod pdf;
 pub mod text;
 

@@ -3,7 +3,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use pdf_extract::{Document, Object, ObjectId, PlainTextOutput};
+use pdf_extract::{Document, ObjectId, PlainTextOutput};
 
 use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio};
 use crate::failure::Reason;
@@ -16,10 +16,7 @@ const MAX_GARBAGE: f64 = 0.3;
 /// Extracts every page; errors carry the failure reason and a message without the file name.
 pub fn extract(bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, (Reason, String)> {
     let mut warnings = Vec::new();
-    let mut doc = load(bytes, &mut warnings)?;
-    if doc.is_encrypted() {
-        doc.decrypt("").map_err(|e| (Reason::Encrypted, format!("encrypted PDF: the empty password does not open it ({e})")))?;
-    }
+    let doc = open(bytes, &mut warnings)?;
     // lopdf decrypts with the empty password while loading; the trailer still says it was needed.
     let encrypted = doc.trailer.has(b"Encrypt") || bytes.windows(8).any(|w| w == b"/Encrypt");
     let pages = doc.get_pages();
@@ -53,7 +50,7 @@ pub fn extract(bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, (Reason
         let visible = text.chars().filter(|c| !c.is_whitespace()).count();
         let ocr_reason = if visible < MIN_TEXT_CHARS && shows_text(&doc, id) {
             Some("text layer could not be decoded (font without a usable Unicode mapping)".to_string())
-        } else if visible < MIN_TEXT_CHARS && has_images(&doc, id) {
+        } else if visible < MIN_TEXT_CHARS && !super::page_image::image_xobjects(&doc, id).is_empty() {
             Some("no text layer (page image)".to_string())
         } else if visible >= MIN_TEXT_CHARS && garbage_ratio(&text) > MAX_GARBAGE {
             Some("text layer is unmapped glyphs".to_string())
@@ -68,6 +65,15 @@ pub fn extract(bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, (Reason
         out.push(Page { number, text, method, ocr_reason });
     }
     Ok(Extracted { mime: "application/pdf".into(), pages: out, encoding: None, warnings })
+}
+
+/// Loads the document and decrypts it with the empty user password when it is encrypted.
+pub fn open(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, String)> {
+    let mut doc = load(bytes, warnings)?;
+    if doc.is_encrypted() {
+        doc.decrypt("").map_err(|e| (Reason::Encrypted, format!("encrypted PDF: the empty password does not open it ({e})")))?;
+    }
+    Ok(doc)
 }
 
 /// Loads the document; data that starts after leading junk is retried from its `%PDF-` header.
@@ -92,29 +98,6 @@ fn shows_text(doc: &Document, page: ObjectId) -> bool {
     let Ok(ops) = pdf_extract::content::Content::decode(&content) else { return false };
     ops.operations.iter().filter(|o| matches!(o.operator.as_str(), "Tj" | "TJ" | "'" | "\"")).take(MIN_TEXT_CHARS).count()
         >= MIN_TEXT_CHARS
-}
-
-/// True when the page's resources (or inherited ones) hold an image XObject.
-fn has_images(doc: &Document, page: ObjectId) -> bool {
-    let Ok((own, inherited)) = doc.get_page_resources(page) else { return false };
-    let mut dicts: Vec<&pdf_extract::Dictionary> = own.into_iter().collect();
-    dicts.extend(inherited.iter().filter_map(|id| doc.get_dictionary(*id).ok()));
-    dicts.iter().any(|res| {
-        let xobjects = match res.get(b"XObject") {
-            Ok(Object::Reference(id)) => doc.get_dictionary(*id).ok(),
-            Ok(Object::Dictionary(d)) => Some(d),
-            _ => None,
-        };
-        xobjects.is_some_and(|x| {
-            x.iter().any(|(_, v)| {
-                let stream = match v {
-                    Object::Reference(id) => doc.get_object(*id).ok(),
-                    o => Some(o),
-                };
-                matches!(stream, Some(Object::Stream(s)) if s.dict.get(b"Subtype").and_then(Object::as_name).is_ok_and(|n| n == b"Image"))
-            })
-        })
-    })
 }
 
 /// Trims trailing spaces, collapses runs of blank lines that glyph positioning produces, and

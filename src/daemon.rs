@@ -58,10 +58,23 @@ pub fn install_signal_handlers() {
     }
 }
 
+/// A synthesised (random-weight) model folder written in an older layout: safe to rebuild, unlike
+/// imported weights, which are never touched.
+fn stale_demo_model(path: &std::path::Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path.join("manifest.json")) else { return false };
+    let Ok(m) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    let synth = m.get("source").and_then(|s| s.as_str()).is_some_and(|s| s.starts_with("synth:"));
+    synth && m.get("format").and_then(|f| f.as_u64()) != Some(crate::model::FORMAT_VERSION as u64)
+}
+
 /// Loads the configured model, synthesising the demo model first when configured to.
 pub fn load_model(cfg: &Config) -> Result<OrtModel> {
     let d = &cfg.daemon;
     let path = &d.model.path;
+    if d.model.synth_if_missing.is_some() && stale_demo_model(path) {
+        tracing::info!("{}: demo model from an older deltadoc; building it again", path.display());
+        std::fs::remove_dir_all(path).with_context(|| format!("{}: cannot remove the old demo model", path.display()))?;
+    }
     if !path.join("manifest.json").is_file() {
         match &d.model.synth_if_missing {
             Some(shape) => {

@@ -90,28 +90,34 @@ fn wrong_model_type_and_inconsistent_config_are_refused() {
 }
 
 #[test]
-fn vision_and_mtp_tensors_are_skipped_and_nested_keys_accepted() {
-    // A qwen3_5 (multimodal) layout: text under model.language_model., plus vision and MTP tensors.
-    let tmp = tempfile::tempdir().unwrap();
-    edited(
-        tmp.path(),
-        |c| {
-            let text = c.clone();
-            *c = serde_json::json!({"model_type": "qwen3_5", "text_config": text, "tie_word_embeddings": true});
-        },
-        |t| {
-            let old = std::mem::take(t);
-            for (k, v) in old {
-                t.insert(k.replacen("model.", "model.language_model.", 1), v);
-            }
+fn mtp_tensors_are_skipped_nested_keys_accepted_and_stray_vision_tensors_refused() {
+    // A qwen3_5 (multimodal) layout: text under model.language_model., plus MTP tensors.
+    let nested = |t: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>, vision: bool| {
+        let old = std::mem::take(t);
+        for (k, v) in old {
+            t.insert(k.replacen("model.", "model.language_model.", 1), v);
+        }
+        if vision {
             t.insert("model.visual.patch_embed.proj.weight".into(), (vec![2], vec![0.0; 2]));
-            t.insert("mtp.fc.weight".into(), (vec![2], vec![0.0; 2]));
-        },
-    );
+        }
+        t.insert("mtp.fc.weight".into(), (vec![2], vec![0.0; 2]));
+    };
+    let wrap = |c: &mut serde_json::Value| {
+        let text = c.clone();
+        *c = serde_json::json!({"model_type": "qwen3_5", "text_config": text, "tie_word_embeddings": true});
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), wrap, |t| nested(t, false));
     let out = tmp.path().join("out");
     let m = model::import(tmp.path(), &out, OPTS).unwrap();
     assert_eq!(m.config.num_hidden_layers, 4);
+    assert!(!m.vision);
     deltadoc::model::ModelDir::open(&out).unwrap().verify().unwrap();
+    // Vision weights without a vision_config cannot be built into a graph: refused by name.
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), wrap, |t| nested(t, true));
+    let e = import_err(tmp.path());
+    assert!(e.contains("model.visual.* tensors but config.json has no vision_config"), "{e}");
 }
 
 #[test]

@@ -26,7 +26,8 @@ use crate::onnx::GraphBuilder;
 use crate::progress::Progress;
 
 /// Version of the model-folder layout; bumped when a runtime could misread an older folder.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the decoder graph takes `image_embeds`; `vision.onnx` when the checkpoint has the tower.
+pub const FORMAT_VERSION: u32 = 2;
 /// Default ONNX opset of exported graphs (RMSNormalization needs 23).
 pub const ONNX_OPSET: i64 = 23;
 

@@ -304,10 +304,7 @@ impl TextModel for OrtModel {
     }
 
     fn transcribe(&mut self, _image: &Path, _page: u32) -> Result<String> {
-        bail!(
-            "this model folder has no vision graph; OCR of page images needs the Qwen3.5 vision tower, which deltadoc \
-             does not export yet"
-        )
+        bail!("the daemon's ocr stage is not connected to the vision tower yet; transcribe image pages with `deltadoc ocr`")
     }
 }
 

@@ -14,7 +14,9 @@ pub fn tiny_model() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = super::root().join("target/test-models/tiny");
-        if !dir.join("manifest.json").is_file() {
+        // Rebuilt when missing or written by an older deltadoc (model-folder format changed).
+        if deltadoc::model::ModelDir::open(&dir).is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
             super::deltadoc(&["model", "synth", "--shape", "tiny", "--out", dir.to_str().unwrap()]);
         }
         dir

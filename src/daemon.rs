@@ -61,10 +61,7 @@ pub fn install_signal_handlers() {
 /// A synthesised (random-weight) model folder written in an older layout: safe to rebuild, unlike
 /// imported weights, which are never touched.
 fn stale_demo_model(path: &std::path::Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path.join("manifest.json")) else { return false };
-    let Ok(m) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
-    let synth = m.get("source").and_then(|s| s.as_str()).is_some_and(|s| s.starts_with("synth:"));
-    synth && m.get("format").and_then(|f| f.as_u64()) != Some(crate::model::FORMAT_VERSION as u64)
+    crate::model::Manifest::read(path).is_ok_and(|m| m.source.starts_with("synth:") && m.format != crate::model::FORMAT_VERSION)
 }
 
 /// Loads the configured model, synthesising the demo model first when configured to.
@@ -86,10 +83,10 @@ pub fn load_model(cfg: &Config) -> Result<OrtModel> {
                     shape.name()
                 );
                 let mut synth = crate::model::synth::Synth::new(0);
-                let cfg = shape.config();
+                let text = shape.config();
                 crate::model::export(
-                    &cfg,
-                    Some(&crate::model::vision::VisionConfig::of_shape(shape, cfg.hidden_size)),
+                    &text,
+                    Some(&crate::model::vision::VisionConfig::of_shape(shape, text.hidden_size)),
                     &mut synth,
                     crate::model::ExportOptions {
                         precision: crate::model::quant::Precision::Fp32,

@@ -16,6 +16,7 @@ use deltadoc::progress::Progress;
 use deltadoc::runtime::SessionOptions;
 use deltadoc::store::{Ledger, SqliteLedger};
 use deltadoc::tokenizer::{Message, Role, STOP_TOKENS};
+use deltadoc::vision::preprocess::ImageOptions;
 
 #[derive(Parser)]
 #[command(name = "deltadoc", version, about = "Folders of documents to structured JSON with a local Qwen3.5 model")]
@@ -257,23 +258,19 @@ enum ModelCmd {
 #[derive(Args, Clone, Copy)]
 struct ImageArgs {
     /// Smaller images are enlarged to at least this many pixels.
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value_t = ImageOptions::default().min_pixels)]
     min_pixels: u64,
     /// Larger images are shrunk to at most this many pixels (1,024 pixels per prompt token).
-    #[arg(long, default_value_t = 16_777_216)]
+    #[arg(long, default_value_t = ImageOptions::default().max_pixels)]
     max_pixels: u64,
     /// Images declaring more pixels are refused before decoding.
-    #[arg(long, default_value_t = 200_000_000)]
+    #[arg(long, default_value_t = ImageOptions::default().max_decode_pixels)]
     max_decode_pixels: u64,
 }
 
 impl ImageArgs {
-    fn options(self) -> deltadoc::vision::preprocess::ImageOptions {
-        deltadoc::vision::preprocess::ImageOptions {
-            min_pixels: self.min_pixels,
-            max_pixels: self.max_pixels,
-            max_decode_pixels: self.max_decode_pixels,
-        }
+    fn options(self) -> ImageOptions {
+        ImageOptions { min_pixels: self.min_pixels, max_pixels: self.max_pixels, max_decode_pixels: self.max_decode_pixels }
     }
 }
 

@@ -92,9 +92,8 @@ impl Reader {
         let mime = extract::detect_mime(path, &bytes);
         let mut out = Vec::new();
         if mime == Some("application/pdf") {
-            let ex = extract::pdf::extract(&bytes, ExtractLimits { max_pages: u32::MAX })
+            let (doc, ex) = extract::pdf::extract_document(&bytes, ExtractLimits { max_pages: u32::MAX })
                 .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let doc = extract::pdf::open(&bytes, &mut Vec::new()).map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
             for page in ex.pages {
                 let t = if page.method == Method::Ocr {
                     let read = page_image::page_image(&doc, page.number, &self.opts.image)

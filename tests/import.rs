@@ -111,7 +111,7 @@ fn mtp_tensors_are_skipped_nested_keys_accepted_and_stray_vision_tensors_refused
     let out = tmp.path().join("out");
     let m = model::import(tmp.path(), &out, OPTS).unwrap();
     assert_eq!(m.config.num_hidden_layers, 4);
-    assert!(!m.vision);
+    assert!(m.vision_config.is_none());
     deltadoc::model::ModelDir::open(&out).unwrap().verify().unwrap();
     // Vision weights without a vision_config cannot be built into a graph: refused by name.
     let tmp = tempfile::tempdir().unwrap();

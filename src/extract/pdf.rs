@@ -15,6 +15,12 @@ const MAX_GARBAGE: f64 = 0.3;
 
 /// Extracts every page; errors carry the failure reason and a message without the file name.
 pub fn extract(bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, (Reason, String)> {
+    extract_document(bytes, limits).map(|(_, ex)| ex)
+}
+
+/// [`extract`], also handing back the opened (decrypted) document, so page images can be read
+/// from it without parsing the file again.
+pub fn extract_document(bytes: &[u8], limits: ExtractLimits) -> Result<(Document, Extracted), (Reason, String)> {
     let mut warnings = Vec::new();
     let doc = open(bytes, &mut warnings)?;
     // lopdf decrypts with the empty password while loading; the trailer still says it was needed.
@@ -64,11 +70,11 @@ pub fn extract(bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, (Reason
         let text = if ocr_reason.is_some() { String::new() } else { tidy(&text) };
         out.push(Page { number, text, method, ocr_reason });
     }
-    Ok(Extracted { mime: "application/pdf".into(), pages: out, encoding: None, warnings })
+    Ok((doc, Extracted { mime: "application/pdf".into(), pages: out, encoding: None, warnings }))
 }
 
 /// Loads the document and decrypts it with the empty user password when it is encrypted.
-pub fn open(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, String)> {
+fn open(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, String)> {
     let mut doc = load(bytes, warnings)?;
     if doc.is_encrypted() {
         doc.decrypt("").map_err(|e| (Reason::Encrypted, format!("encrypted PDF: the empty password does not open it ({e})")))?;

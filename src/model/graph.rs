@@ -281,16 +281,6 @@ impl Ctx<'_> {
         ))
     }
 
-    fn reshape(&mut self, x: &str, shape: &[i64]) -> Result<String> {
-        let s = self.b.ints(shape)?;
-        Ok(self.b.op("Reshape", &[x, &s], vec![]))
-    }
-
-    fn split(&mut self, x: &str, sizes: &[i64], axis: i64) -> Result<Vec<String>> {
-        let s = self.b.ints(sizes)?;
-        Ok(self.b.node("Split", &[x, &s], sizes.len(), vec![("axis", Attr::Int(axis))]))
-    }
-
     fn silu(&mut self, x: &str) -> String {
         let s = self.b.op("Sigmoid", &[x], vec![]);
         self.b.op("Mul", &[x, &s], vec![])
@@ -299,14 +289,8 @@ impl Ctx<'_> {
     /// NeoX rotary on the first `rot` dims of each head of `x [B,S,heads,hd]`.
     fn rope(&mut self, x: &str) -> Result<String> {
         let (hd, rot) = (self.cfg.head_dim as i64, self.cfg.rotary_dim() as i64);
-        let parts = if rot < hd { self.split(x, &[rot, hd - rot], -1)? } else { vec![x.to_string()] };
-        let halves = self.split(&parts[0], &[rot / 2, rot / 2], -1)?;
-        let neg = self.b.op("Neg", &[&halves[1]], vec![]);
-        let rotated = self.b.op("Concat", &[&neg, &halves[0]], vec![("axis", Attr::Int(-1))]);
-        let (cos, sin) = (self.cos.clone(), self.sin.clone());
-        let a = self.b.op("Mul", &[&parts[0], &cos], vec![]);
-        let bb = self.b.op("Mul", &[&rotated, &sin], vec![]);
-        let r = self.b.op("Add", &[&a, &bb], vec![]);
+        let parts = if rot < hd { self.b.split(x, &[rot, hd - rot], -1)? } else { vec![x.to_string()] };
+        let r = neox_rotary(&mut self.b, &parts[0], &self.cos, &self.sin, rot)?;
         if rot < hd { Ok(self.b.op("Concat", &[&r, &parts[1]], vec![("axis", Attr::Int(-1))])) } else { Ok(r) }
     }
 
@@ -317,14 +301,14 @@ impl Ctx<'_> {
         let p = format!("layers.{i}.self_attn.");
         let qg =
             self.linear(x, &format!("{p}q_proj"), &w.get(&format!("{p}q_proj.weight"), &[2 * nq * hd, h])?, 2 * nq * hd, h)?;
-        let qg = self.reshape(&qg, &[0, 0, nq as i64, 2 * hd as i64])?;
-        let qs = self.split(&qg, &[hd as i64, hd as i64], -1)?;
+        let qg = self.b.reshape(&qg, &[0, 0, nq as i64, 2 * hd as i64])?;
+        let qs = self.b.split(&qg, &[hd as i64, hd as i64], -1)?;
         let q = self.rms_norm(&qs[0], &w.get(&format!("{p}q_norm.weight"), &[hd])?, true)?;
         let k = self.linear(x, &format!("{p}k_proj"), &w.get(&format!("{p}k_proj.weight"), &[nkv * hd, h])?, nkv * hd, h)?;
-        let k = self.reshape(&k, &[0, 0, nkv as i64, hd as i64])?;
+        let k = self.b.reshape(&k, &[0, 0, nkv as i64, hd as i64])?;
         let k = self.rms_norm(&k, &w.get(&format!("{p}k_norm.weight"), &[hd])?, true)?;
         let v = self.linear(x, &format!("{p}v_proj"), &w.get(&format!("{p}v_proj.weight"), &[nkv * hd, h])?, nkv * hd, h)?;
-        let v = self.reshape(&v, &[0, 0, nkv as i64, hd as i64])?;
+        let v = self.b.reshape(&v, &[0, 0, nkv as i64, hd as i64])?;
         let q = self.rope(&q)?;
         let k = self.rope(&k)?;
         let perm = || vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))];
@@ -337,7 +321,7 @@ impl Ctx<'_> {
         self.b.node_named("Concat", "", &[&past_v, &v], &[&pv], vec![("axis", Attr::Int(2))]);
         // Grouped-query attention without repeating K/V: q heads are grouped per kv head,
         // [B, nkv, group, S, hd] against K/V broadcast over the group axis.
-        let q5 = self.reshape(&q, &[0, nkv as i64, group, -1, hd as i64])?;
+        let q5 = self.b.reshape(&q, &[0, nkv as i64, group, -1, hd as i64])?;
         let ax2 = self.b.ints(&[2])?;
         let k5 = self.b.op("Unsqueeze", &[&pk, &ax2], vec![]);
         let v5 = self.b.op("Unsqueeze", &[&pv, &ax2], vec![]);
@@ -349,10 +333,10 @@ impl Ctx<'_> {
         let scores = self.b.op("Add", &[&scores, &mask], vec![]);
         let probs = self.b.op("Softmax", &[&scores], vec![("axis", Attr::Int(-1))]);
         let ctx = self.b.op("MatMul", &[&probs, &v5], vec![]);
-        let ctx = self.reshape(&ctx, &[0, nq as i64, -1, hd as i64])?;
+        let ctx = self.b.reshape(&ctx, &[0, nq as i64, -1, hd as i64])?;
         let ctx = self.b.op("Transpose", &[&ctx], perm());
-        let ctx = self.reshape(&ctx, &[0, 0, (nq * hd) as i64])?;
-        let gate = self.reshape(&qs[1], &[0, 0, (nq * hd) as i64])?;
+        let ctx = self.b.reshape(&ctx, &[0, 0, (nq * hd) as i64])?;
+        let gate = self.b.reshape(&qs[1], &[0, 0, (nq * hd) as i64])?;
         let gate = self.b.op("Sigmoid", &[&gate], vec![]);
         let gated = self.b.op("Mul", &[&ctx, &gate], vec![]);
         self.linear(&gated, &format!("{p}o_proj"), &w.get(&format!("{p}o_proj.weight"), &[h, nq * hd])?, h, nq * hd)
@@ -387,7 +371,7 @@ impl Ctx<'_> {
             LinearAttn::Builtin => {
                 // ORT's op is channels-first: [B, C, T] with weight [C, 1, K].
                 let x = self.b.op("Transpose", &[&qkv], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
-                let w3 = self.reshape(&conv_w, &[conv_dim as i64, 1, kw as i64])?;
+                let w3 = self.b.reshape(&conv_w, &[conv_dim as i64, 1, kw as i64])?;
                 let y = self.b.fresh("conv_cf");
                 self.b.node_named(
                     "CausalConvWithState",
@@ -399,7 +383,7 @@ impl Ctx<'_> {
                 self.b.node_named("Transpose", "", &[&y], &[&mixed], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
             }
         }
-        let parts = self.split(&mixed, &[key_dim as i64, key_dim as i64, value_dim as i64], -1)?;
+        let parts = self.b.split(&mixed, &[key_dim as i64, key_dim as i64, value_dim as i64], -1)?;
         // beta = sigmoid(b); g = −exp(A_log) · softplus(a + dt_bias), in f32 as the reference.
         let beta = self.b.op("Sigmoid", &[&bl], vec![]);
         let a_log = w.get(&format!("{p}A_log"), &[hv])?;
@@ -447,25 +431,25 @@ impl Ctx<'_> {
             }
         }
         // Gated RMSNorm per value head (plain weight, not 1 + w), then the silu(z) gate.
-        let o4 = self.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
+        let o4 = self.b.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
         let n = self.rms_norm(&o4, &w.get(&format!("{p}norm.weight"), &[dv])?, false)?;
-        let z4 = self.reshape(&z, &[0, 0, hv as i64, dv as i64])?;
+        let z4 = self.b.reshape(&z, &[0, 0, hv as i64, dv as i64])?;
         let gate = self.silu(&z4);
         let y = self.b.op("Mul", &[&n, &gate], vec![]);
-        let y = self.reshape(&y, &[0, 0, value_dim as i64])?;
+        let y = self.b.reshape(&y, &[0, 0, value_dim as i64])?;
         self.linear(&y, &format!("{p}out_proj"), &w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?, h, value_dim)
     }
 
     /// `x · rsqrt(Σx² + 1e-6)` per head of a packed `[B, T, heads·d]` tensor (the reference's l2norm).
     fn l2norm_heads(&mut self, x: &str, heads: usize, d: usize) -> Result<String> {
-        let x4 = self.reshape(x, &[0, 0, heads as i64, d as i64])?;
+        let x4 = self.b.reshape(x, &[0, 0, heads as i64, d as i64])?;
         let axes = self.b.ints(&[-1])?;
         let ss = self.b.op("ReduceSumSquare", &[&x4, &axes], vec![("keepdims", Attr::Int(1))]);
         let eps = self.b.scalar(1e-6)?;
         let ss = self.b.op("Add", &[&ss, &eps], vec![]);
         let inv = self.b.op("Sqrt", &[&ss], vec![]);
         let y = self.b.op("Div", &[&x4, &inv], vec![]);
-        self.reshape(&y, &[0, 0, (heads * d) as i64])
+        self.b.reshape(&y, &[0, 0, (heads * d) as i64])
     }
 
     fn mlp(&mut self, p: &str, x: &str, w: &mut dyn WeightSource) -> Result<String> {
@@ -476,6 +460,17 @@ impl Ctx<'_> {
         let y = self.b.op("Mul", &[&act, &up], vec![]);
         self.linear(&y, &format!("{p}mlp.down_proj"), &w.get(&format!("{p}mlp.down_proj.weight"), &[h, im])?, h, im)
     }
+}
+
+/// NeoX rotary over the last axis (`width` values) of `x`: `x·cos + rotate_half(x)·sin`, where
+/// rotate_half pairs value i with value i + width/2.
+pub(super) fn neox_rotary(b: &mut GraphBuilder, x: &str, cos: &str, sin: &str, width: i64) -> Result<String> {
+    let halves = b.split(x, &[width / 2, width / 2], -1)?;
+    let neg = b.op("Neg", &[&halves[1]], vec![]);
+    let rotated = b.op("Concat", &[&neg, &halves[0]], vec![("axis", Attr::Int(-1))]);
+    let a = b.op("Mul", &[x, cos], vec![]);
+    let r = b.op("Mul", &[&rotated, sin], vec![]);
+    Ok(b.op("Add", &[&a, &r], vec![]))
 }
 
 /// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision.

@@ -50,9 +50,7 @@ pub struct Manifest {
     pub linear_attn: LinearAttn,
     /// Operator sets the graph imports, e.g. `{"": 23, "ai.deltadoc": 1}`.
     pub opsets: std::collections::BTreeMap<String, i64>,
-    /// Whether a vision graph (`vision.onnx`) is present.
-    pub vision: bool,
-    /// The vision tower's configuration when [`Self::vision`].
+    /// The vision tower's configuration; present exactly when the folder has `vision.onnx`.
     #[serde(default)]
     pub vision_config: Option<VisionConfig>,
     /// SHA-256 of every file of the folder that the runtime reads.
@@ -60,6 +58,14 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Reads `dir/manifest.json` without judging its format version.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: not a deltadoc model folder (no manifest.json); create one with `deltadoc model import` or `deltadoc model synth`", dir.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))
+    }
+
     /// Identity of the graph and weights (from their hashes): a saved decoder state only fits
     /// the model it came from.
     pub fn identity(&self) -> String {
@@ -136,7 +142,6 @@ pub fn export(
         precision: opts.precision,
         linear_attn: opts.linear_attn,
         opsets,
-        vision: vision.is_some(),
         vision_config: vision.cloned(),
         files,
     };
@@ -209,10 +214,7 @@ pub struct ModelDir {
 impl ModelDir {
     /// Opens a folder written by `model import`/`model synth`, checking the format version and that every listed file exists.
     pub fn open(dir: &Path) -> Result<Self> {
-        let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: not a deltadoc model folder (no manifest.json); create one with `deltadoc model import` or `deltadoc model synth`", dir.display()))?;
-        let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))?;
+        let manifest = Manifest::read(dir)?;
         if manifest.format != FORMAT_VERSION {
             bail!(
                 "{}: model folder format {} is not supported by this deltadoc (expects {FORMAT_VERSION}); re-import the model",
@@ -254,9 +256,9 @@ impl ModelDir {
 
     /// The vision tower's configuration and graph, or an error saying the folder has none.
     pub fn vision(&self) -> Result<(&VisionConfig, PathBuf)> {
-        match (&self.manifest.vision_config, self.manifest.vision) {
-            (Some(v), true) => Ok((v, self.dir.join("vision.onnx"))),
-            _ => bail!(
+        match &self.manifest.vision_config {
+            Some(v) => Ok((v, self.dir.join("vision.onnx"))),
+            None => bail!(
                 "{}: this model folder has no vision graph (the checkpoint it came from had no vision weights); import a \
                  Qwen3.5 checkpoint with its vision tower to read images",
                 self.dir.display()

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::config::Shape;
-use super::graph::{WeightSource, linear};
+use super::graph::{WeightSource, linear, neox_rotary};
 use super::quant::Precision;
 use crate::onnx::proto::data_type;
 use crate::onnx::{Attr, Dim, GraphBuilder};
@@ -205,13 +205,12 @@ pub fn build(
         let p = format!("visual.blocks.{j}.");
         let h = v.layer_norm(w, &format!("{p}norm1"), &x, d)?;
         let qkv = v.dense(w, &format!("{p}attn.qkv"), &h, 3 * d, d)?;
-        let qkv = v.reshape(&qkv, &[0, 3, nh as i64, dh as i64])?;
-        let s = v.b.ints(&[1, 1, 1])?;
-        let parts = v.b.node("Split", &[&qkv, &s], 3, vec![("axis", Attr::Int(1))]);
+        let qkv = v.b.reshape(&qkv, &[0, 3, nh as i64, dh as i64])?;
+        let parts = v.b.split(&qkv, &[1, 1, 1], 1)?;
         // q, k: [N, nh, dh] rotated over the whole head; v stays [N, 1, nh, dh].
         let q = v.rope(&parts[0], &cos, &sin, dh)?;
         let k = v.rope(&parts[1], &cos, &sin, dh)?;
-        let flat = |v: &mut Vision, t: &str| v.reshape(t, &[1, -1, d as i64]);
+        let flat = |v: &mut Vision, t: &str| v.b.reshape(t, &[1, -1, d as i64]);
         let (q, k, val) = (flat(&mut v, &q)?, flat(&mut v, &k)?, flat(&mut v, &parts[2])?);
         // Bidirectional attention over the whole image (one image per call). ORT's CPU
         // MultiHeadAttention streams over key blocks, so no [N, N] score matrix per head is kept.
@@ -224,7 +223,7 @@ pub fn build(
                 vec![("num_heads", Attr::Int(nh as i64)), ("scale", Attr::Float((dh as f32).powf(-0.5)))],
             )
             .remove(0);
-        let ctx = v.reshape(&ctx, &[-1, d as i64])?;
+        let ctx = v.b.reshape(&ctx, &[-1, d as i64])?;
         let attn = v.dense(w, &format!("{p}attn.proj"), &ctx, d, d)?;
         x = v.b.op("Add", &[&x, &attn], vec![]);
         let h = v.layer_norm(w, &format!("{p}norm2"), &x, d)?;
@@ -237,7 +236,7 @@ pub fn build(
     // Merger: norm per patch, then each run of m² consecutive patches (one 2×2 block) as one row.
     let unit = cfg.spatial_merge_size * cfg.spatial_merge_size;
     let x = v.layer_norm(w, "visual.merger.norm", &x, d)?;
-    let x = v.reshape(&x, &[-1, (unit * d) as i64])?;
+    let x = v.b.reshape(&x, &[-1, (unit * d) as i64])?;
     let x = v.dense(w, "visual.merger.linear_fc1", &x, unit * d, unit * d)?;
     let x = v.b.op("Gelu", &[&x], vec![]);
     let y = v.dense(w, "visual.merger.linear_fc2", &x, cfg.out_hidden_size, unit * d)?;
@@ -282,22 +281,11 @@ impl Vision {
         Ok(self.b.op("LayerNormalization", &[x, &s, &bn], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(1e-6))]))
     }
 
-    fn reshape(&mut self, x: &str, shape: &[i64]) -> Result<String> {
-        let s = self.b.ints(shape)?;
-        Ok(self.b.op("Reshape", &[x, &s], vec![]))
-    }
-
     /// NeoX rotary over the whole head of `x [N, 1, nh, dh]` with cos/sin `[N, 1, dh]`; returns
     /// `[N, nh, dh]`.
     fn rope(&mut self, x: &str, cos: &str, sin: &str, dh: usize) -> Result<String> {
         let ax = self.b.ints(&[1])?;
         let x = self.b.op("Squeeze", &[x, &ax], vec![]);
-        let s = self.b.ints(&[dh as i64 / 2, dh as i64 / 2])?;
-        let halves = self.b.node("Split", &[&x, &s], 2, vec![("axis", Attr::Int(-1))]);
-        let neg = self.b.op("Neg", &[&halves[1]], vec![]);
-        let rotated = self.b.op("Concat", &[&neg, &halves[0]], vec![("axis", Attr::Int(-1))]);
-        let a = self.b.op("Mul", &[&x, cos], vec![]);
-        let r = self.b.op("Mul", &[&rotated, sin], vec![]);
-        Ok(self.b.op("Add", &[&a, &r], vec![]))
+        neox_rotary(&mut self.b, &x, cos, sin, dh as i64)
     }
 }

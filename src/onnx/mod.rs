@@ -136,6 +136,18 @@ impl GraphBuilder {
         self.node(op, inputs, 1, attrs).remove(0)
     }
 
+    /// `Reshape` to a constant shape (0 keeps that axis, −1 infers it).
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> Result<String> {
+        let s = self.ints(shape)?;
+        Ok(self.op("Reshape", &[x, &s], vec![]))
+    }
+
+    /// `Split` into parts of the given sizes along `axis`.
+    pub fn split(&mut self, x: &str, sizes: &[i64], axis: i64) -> Result<Vec<String>> {
+        let s = self.ints(sizes)?;
+        Ok(self.node("Split", &[x, &s], sizes.len(), vec![("axis", Attr::Int(axis))]))
+    }
+
     /// Adds a node of the given domain.
     pub fn node_in(&mut self, op: &str, domain: &str, inputs: &[&str], n_out: usize, attrs: Vec<(&str, Attr)>) -> Vec<String> {
         let outs: Vec<String> = (0..n_out).map(|_| self.fresh(op)).collect();

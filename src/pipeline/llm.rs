@@ -34,7 +34,8 @@ pub struct ModelInfo {
     pub random_weights: bool,
     /// Longest context the model takes.
     pub max_context: usize,
-    /// Whether the model can transcribe images.
+    /// Whether the model folder has the vision tower (`vision.onnx`); the daemon's `ocr` stage
+    /// does not use it yet.
     pub vision: bool,
 }
 
@@ -181,7 +182,7 @@ impl OrtModel {
             precision: m.precision.name().into(),
             random_weights: m.source.starts_with("synth:"),
             max_context: m.config.max_position_embeddings,
-            vision: m.vision,
+            vision: m.vision_config.is_some(),
         };
         Ok(Self {
             info,

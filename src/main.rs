@@ -42,6 +42,13 @@ enum Cmd {
         /// Prompt tokens a page image may take (1,024 pixels each); larger pages are downscaled.
         #[arg(long, default_value_t = 1280)]
         max_page_tokens: u64,
+        /// Cut a page over this many image tokens into bands (between text lines) read as
+        /// consecutive images of one prompt: bounds the vision tower's quadratic attention.
+        #[arg(long)]
+        tile_tokens: Option<u64>,
+        /// Write the images the model reads (PNG per page, or per band) into this folder.
+        #[arg(long)]
+        save_images: Option<PathBuf>,
         #[command(flatten)]
         image: ImageArgs,
         /// Longest transcription per page, in tokens.
@@ -458,10 +465,23 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Model(m) => model_cmd(m).map(|_| 0),
         Cmd::Generate(g) => generate_cmd(g).map(|_| 0),
-        Cmd::Ocr { model, files, max_page_tokens, image, max_new_tokens, prefill_chunk, threads, json } => {
+        Cmd::Ocr {
+            model,
+            files,
+            max_page_tokens,
+            tile_tokens,
+            save_images,
+            image,
+            max_new_tokens,
+            prefill_chunk,
+            threads,
+            json,
+        } => {
             let m = ModelDir::open(&model)?;
             let opts = deltadoc::ocr::OcrOptions {
                 image: image.options().with_token_budget(max_page_tokens),
+                tile_tokens,
+                save_images,
                 max_new_tokens,
                 prefill_chunk,
                 instruction: deltadoc::pipeline::OCR_INSTRUCTION.into(),

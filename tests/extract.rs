@@ -108,6 +108,11 @@ fn encrypted_pdfs_open_with_the_empty_password_and_others_are_refused() {
         let ok = v.get("ok").unwrap_or_else(|| panic!("{f}: {v}"));
         assert!(ok["warnings"].to_string().contains("empty user password"), "{f}: {ok}");
     }
+    // No file identifier in the trailer: the key is derived from an empty one, as readers do.
+    let v = extract_json(&c.join("scanned/pdfminer__encrypted_doc_no_id.pdf"));
+    let ok = v.get("ok").unwrap_or_else(|| panic!("{v}"));
+    assert!(ok["warnings"].to_string().contains("without a file identifier"), "{ok}");
+    assert_eq!(ok["pages"].as_array().unwrap().len(), 3, "{ok}");
     let v = extract_json(&c.join("pdf/pdfminer__aes-256.pdf"));
     assert_eq!(v["error"]["reason"], "encrypted", "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("pdfminer__aes-256.pdf"));

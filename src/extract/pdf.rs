@@ -76,10 +76,32 @@ pub fn extract_document(bytes: &[u8], limits: ExtractLimits) -> Result<(Document
 /// Loads the document and decrypts it with the empty user password when it is encrypted.
 fn open(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, String)> {
     let mut doc = load(bytes, warnings)?;
+    if doc.is_encrypted() && !doc.trailer.has(b"ID") {
+        // The key derivation hashes the first file identifier, and lopdf loads nothing of a file
+        // without one. Readers (pdf.js, pypdf) take an empty identifier; so does this retry.
+        if let Some(patched) = with_empty_file_id(bytes)
+            && let Ok(d) = load(&patched, &mut Vec::new())
+        {
+            warnings.push("encrypted PDF without a file identifier (/ID): decrypted with an empty one".into());
+            doc = d;
+        }
+    }
     if doc.is_encrypted() {
         doc.decrypt("").map_err(|e| (Reason::Encrypted, format!("encrypted PDF: the empty password does not open it ({e})")))?;
     }
     Ok(doc)
+}
+
+/// The file with `/ID [() ()]` added to its last classic trailer dictionary. The trailer follows
+/// the cross-reference table, so no object offset moves.
+fn with_empty_file_id(bytes: &[u8]) -> Option<Vec<u8>> {
+    let at = bytes.windows(7).rposition(|w| w == b"trailer")?;
+    let open = at + bytes[at..].windows(2).position(|w| w == b"<<")? + 2;
+    let mut out = Vec::with_capacity(bytes.len() + 12);
+    out.extend_from_slice(&bytes[..open]);
+    out.extend_from_slice(b"/ID [() ()]");
+    out.extend_from_slice(&bytes[open..]);
+    Some(out)
 }
 
 /// Loads the document; data that starts after leading junk is retried from its `%PDF-` header.

@@ -124,7 +124,7 @@ pub fn export(
     )?;
     let mut names = vec!["model.onnx", "model.onnx.data", "tokenizer.json"];
     if let Some(v) = vision {
-        export_vision(v, weights, opts.precision, out, &source, &opset_list)?;
+        export_vision(v, weights, opts.precision, out, &source)?;
         names.extend(["vision.onnx", "vision.onnx.data"]);
     }
     tracing::info!("writing tokenizer.json");
@@ -151,22 +151,24 @@ pub fn export(
     Ok(manifest)
 }
 
-/// Writes `vision.onnx`: float32 weights for fp32 models, float16 storage otherwise (the tower is
-/// a small share of the weights and OCR quality depends on it, so it is never block-quantised).
-fn export_vision(
+/// Writes `vision.onnx` into `out`: float32 weights for fp32 models, float16 storage otherwise
+/// (the tower is a small share of the weights and OCR quality depends on it, so it is never
+/// block-quantised). [`export`] calls it; on its own it serves parity checks of the tower alone.
+pub fn export_vision(
     cfg: &VisionConfig,
     weights: &mut dyn WeightSource,
     precision: Precision,
     out: &Path,
     source: &str,
-    opsets: &[(&str, i64)],
 ) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the model folder", out.display()))?;
     let path = out.join("vision.onnx");
     let storage = if precision == Precision::Fp32 { Precision::Fp32 } else { Precision::Fp16 };
     let mut progress = Progress::new(cfg.depth as u64, "export vision blocks");
     let b = vision::build(GraphBuilder::new("qwen3_5_vision", &path)?, cfg, weights, storage, &mut |_| progress.inc(1))?;
     progress.finish();
-    b.finish(&path, opsets, &[("deltadoc.source", source.to_string()), ("deltadoc.precision", storage.name().into())])
+    let opsets = [("", ONNX_OPSET), ("com.microsoft", 1)];
+    b.finish(&path, &opsets, &[("deltadoc.source", source.to_string()), ("deltadoc.precision", storage.name().into())])
 }
 
 /// Imports a Hugging Face checkpoint folder.

@@ -1,6 +1,8 @@
 //! Running the vision graph: the grid-dependent inputs (bilinear taps into the learned position
 //! table, 2-D rotary tables) are computed here exactly as the reference, then one call per image.
 
+use std::path::Path;
+
 use anyhow::{Context, Result, anyhow};
 use ndarray::Array2;
 use ort::session::Session;
@@ -21,7 +23,12 @@ impl VisionEncoder {
     /// Opens the model folder's `vision.onnx`; an error names the folder when it has none.
     pub fn open(model: &ModelDir, opts: &SessionOptions) -> Result<Self> {
         let (cfg, path) = model.vision()?;
-        let session = runtime::open_session_with(&path, opts, Prepack::No)?;
+        Self::from_graph(&path, cfg, opts)
+    }
+
+    /// Opens a `vision.onnx` of the tower `cfg` outside a model folder.
+    pub fn from_graph(path: &Path, cfg: &VisionConfig, opts: &SessionOptions) -> Result<Self> {
+        let session = runtime::open_session_with(path, opts, Prepack::No)?;
         Ok(Self { session, cfg: cfg.clone() })
     }
 

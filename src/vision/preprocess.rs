@@ -193,9 +193,44 @@ pub fn patchify(img: &RgbImage, cfg: &VisionConfig) -> Array2<f32> {
     out
 }
 
+/// The image `pixel_values` were made from (first frame), for looking at what the model reads.
+pub fn unpatchify(pre: &Preprocessed, cfg: &VisionConfig) -> RgbImage {
+    let (p, m, tp) = (cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size);
+    let [_, gh, gw] = pre.grid;
+    let mut img = RgbImage::new((gw * p) as u32, (gh * p) as u32);
+    let mut rows = pre.pixel_values.rows().into_iter();
+    for br in 0..gh / m {
+        for bc in 0..gw / m {
+            for ir in 0..m {
+                for ic in 0..m {
+                    let Some(src) = rows.next() else { return img };
+                    let (y0, x0) = ((br * m + ir) * p, (bc * m + ic) * p);
+                    for c in 0..3 {
+                        for y in 0..p {
+                            for x in 0..p {
+                                let v = src[c * tp * p * p + y * p + x] * 127.5 + 127.5;
+                                img.get_pixel_mut((x0 + x) as u32, (y0 + y) as u32).0[c] = v.round().clamp(0.0, 255.0) as u8;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpatchify_inverts_patchify() {
+        let cfg = VisionConfig::of_shape(crate::model::config::Shape::Tiny, 64);
+        let img = RgbImage::from_fn(64, 96, |x, y| image::Rgb([(x * 3) as u8, (y * 2) as u8, ((x + y) % 256) as u8]));
+        let pre = Preprocessed { pixel_values: patchify(&img, &cfg), grid: [1, 6, 4], original: (64, 96) };
+        assert_eq!(unpatchify(&pre, &cfg), img);
+    }
 
     #[test]
     fn smart_resize_matches_the_reference_examples() {

@@ -84,8 +84,11 @@ pub struct Golden {
 
 impl Golden {
     pub fn load(fixture: &str) -> Self {
-        let p = fixture_dir(fixture).join("golden.safetensors");
-        Self { bytes: std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) }
+        Self::from_file(&fixture_dir(fixture).join("golden.safetensors"))
+    }
+
+    pub fn from_file(p: &Path) -> Self {
+        Self { bytes: std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())) }
     }
 
     fn view(&self, name: &str) -> (Vec<usize>, Vec<u8>) {

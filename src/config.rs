@@ -286,6 +286,12 @@ pub struct StageSpec {
     /// Generation limit.
     #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
+    /// `ocr`: image tokens a page may take (1,024 pixels each); bigger scans are downscaled.
+    #[serde(default = "default_max_page_tokens")]
+    pub max_page_tokens: u64,
+    /// `ocr`: cut a page over this many image tokens into bands read as consecutive images.
+    #[serde(default)]
+    pub tile_tokens: Option<u64>,
     /// 0 = greedy.
     #[serde(default)]
     pub temperature: f32,
@@ -329,6 +335,9 @@ impl StageSpec {
 
 fn default_max_new_tokens() -> usize {
     512
+}
+fn default_max_page_tokens() -> u64 {
+    1280
 }
 fn default_think_budget() -> usize {
     1024
@@ -553,6 +562,10 @@ pub fn load_pipeline(file: &Path, data_dir: Option<&Path>) -> Result<Pipeline> {
         }
         if s.max_new_tokens == 0 {
             bail!("{}: field `stages[{i}].max_new_tokens`: must be at least 1", at(file, &s.name));
+        }
+        // 64 tokens is the smallest image the vision tower takes (the preprocessing minimum).
+        if s.max_page_tokens < 64 || s.tile_tokens.is_some_and(|t| t == 0) {
+            bail!("{}: field `stages[{i}]`: max_page_tokens must be at least 64 and tile_tokens at least 1", at(file, &s.name));
         }
         if !(s.temperature >= 0.0 && s.top_p > 0.0 && s.top_p <= 1.0) {
             bail!("{}: field `stages[{i}]`: temperature must be ≥ 0 and top_p in (0, 1]", at(file, &s.name));

@@ -71,29 +71,7 @@ impl Reader {
 
     /// Transcribes one page image (greedy, thinking off); `label` names saved images.
     pub fn read(&mut self, img: &RgbImage, label: &str) -> Result<String> {
-        let images = tiles(img, self.enc.config(), &self.opts.image, self.opts.tile_tokens)?;
-        if let Some(dir) = &self.opts.save_images {
-            save(dir, label, &images, self.enc.config())?;
-        }
-        let mut content: Vec<Part> = images.iter().map(|_| Part::Image { path: label.into() }).collect();
-        content.push(Part::Text { text: self.opts.instruction.clone() });
-        let messages = [ChatMessage { role: "user".into(), content }];
-        let p = prompt::render(&self.tok, self.enc.config(), &messages, false, images)?;
-        self.dec.reset()?;
-        let mut last = Vec::new();
-        crate::vision::prefill(&mut self.dec, &mut self.enc, &p, self.opts.prefill_chunk, Logits::Last, |l| {
-            last = l.row(0).to_vec();
-            Ok(())
-        })?;
-        let opts = GenerateOptions {
-            max_new_tokens: self.opts.max_new_tokens,
-            prefill_chunk: self.opts.prefill_chunk,
-            sampling: Sampling::default(),
-            stop_tokens: STOP_TOKENS.to_vec(),
-            checkpoint: None,
-        };
-        let (tokens, _) = generate::decode(&mut self.dec, last, &opts, None, |_| Ok(()))?;
-        Ok(self.tok.decode(&tokens)?.trim().to_string())
+        Ok(transcribe(&mut self.dec, &mut self.enc, &self.tok, img, &self.opts, label, &|| Ok(()))?.text)
     }
 
     /// Every page of an image file or PDF: image pages transcribed, PDF pages with a usable text
@@ -135,6 +113,57 @@ impl Reader {
         }
         Ok(out)
     }
+}
+
+/// One page's transcription and what it cost.
+#[derive(Clone, Debug)]
+pub struct Transcription {
+    /// The text.
+    pub text: String,
+    /// Prompt tokens (image tokens included).
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub generated_tokens: usize,
+}
+
+/// Transcribes one page image with `dec` and `enc` (greedy, thinking off); `label` names saved
+/// images. The decoder is reset first; `check` is polled between prefill chunks and tokens.
+pub fn transcribe(
+    dec: &mut Decoder,
+    enc: &mut VisionEncoder,
+    tok: &Tokenizer,
+    img: &RgbImage,
+    opts: &OcrOptions,
+    label: &str,
+    check: &dyn Fn() -> Result<()>,
+) -> Result<Transcription> {
+    let images = tiles(img, enc.config(), &opts.image, opts.tile_tokens)?;
+    if let Some(dir) = &opts.save_images {
+        save(dir, label, &images, enc.config())?;
+    }
+    let mut content: Vec<Part> = images.iter().map(|_| Part::Image { path: label.into() }).collect();
+    content.push(Part::Text { text: opts.instruction.clone() });
+    let messages = [ChatMessage { role: "user".into(), content }];
+    let p = prompt::render(tok, enc.config(), &messages, false, images)?;
+    dec.reset()?;
+    let mut last = Vec::new();
+    crate::vision::prefill(dec, enc, &p, opts.prefill_chunk, Logits::Last, |l| {
+        last = l.row(0).to_vec();
+        check()
+    })?;
+    let generation = GenerateOptions {
+        max_new_tokens: opts.max_new_tokens,
+        prefill_chunk: opts.prefill_chunk,
+        sampling: Sampling::default(),
+        stop_tokens: STOP_TOKENS.to_vec(),
+        checkpoint: None,
+    };
+    let (tokens, _) = generate::decode(dec, last, &generation, None, |_| check())?;
+    Ok(Transcription {
+        text: tok.decode(&tokens)?.trim().to_string(),
+        prompt_tokens: p.ids.len(),
+        generated_tokens: tokens.len(),
+    })
 }
 
 fn stem(path: &Path) -> String {

@@ -184,6 +184,33 @@ fn process_prints_the_result_or_the_error_json() {
     assert!(last.starts_with("error: ") && last.contains("ocrmypdf__invalid.pdf"), "{stderr}");
 }
 
+/// The daemon's ocr stage reads page images with the vision tower: a JBIG2 scan (one page, cut
+/// into bands by `tile_tokens`) and a TIFF photo, each transcribed and then summarised.
+#[test]
+fn the_ocr_stage_transcribes_scans_before_the_text_stages() {
+    let stages = "stages:
+  - {name: transcription, kind: ocr, max_new_tokens: 6, max_page_tokens: 256, tile_tokens: 128}
+  - {name: summary, kind: summarize, max_new_tokens: 4}
+";
+    let sb = Sandbox::with_stages("", 8192, stages);
+    for file in ["scanned/ocrmypdf__jbig2.pdf", "scanned/tesseract__phototest.tif"] {
+        let path = common::corpus().join(file);
+        let out = sb.run(&["process", path.to_str().unwrap(), "--pipeline", "p"]);
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_valid_result(&path, &v);
+        let t = &v["stages"]["transcription"];
+        assert_eq!((t["kind"].as_str(), t["calls"].as_u64()), (Some("ocr"), Some(1)), "{file}: {t}");
+        // Two or more bands of ≤ 128 image tokens for a page of up to 256, plus the template.
+        let prompt = t["prompt_tokens"].as_u64().unwrap();
+        assert!((150..=300).contains(&prompt) && t["generated_tokens"].as_u64().unwrap() > 0, "{file}: {t}");
+        assert_eq!(v["pages"][0]["method"], "ocr", "{file}");
+        assert_eq!(v["pages"][0]["text"], t["output"], "{file}: the page text is the transcription");
+        assert!(!t["output"].as_str().unwrap().is_empty(), "{file}");
+        assert!(v["stages"]["summary"]["output"].is_string(), "{file}: the text stages ran on the transcription");
+    }
+}
+
 #[test]
 fn config_check_names_file_line_and_field() {
     let sb = Sandbox::new("schedule: {cron: \"0 2 * * *\", timezone: Europe/Berlin, window: 4h}\n", 8192);

@@ -73,6 +73,11 @@ pub fn extract_document(bytes: &[u8], limits: ExtractLimits) -> Result<(Document
     Ok((doc, Extracted { mime: "application/pdf".into(), pages: out, encoding: None, warnings }))
 }
 
+/// Opens (and decrypts) a PDF for its page images, without extracting its text.
+pub fn open_document(bytes: &[u8]) -> Result<Document, (Reason, String)> {
+    open(bytes, &mut Vec::new())
+}
+
 /// Loads the document and decrypts it with the empty user password when it is encrypted.
 fn open(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, String)> {
     let mut doc = load(bytes, warnings)?;

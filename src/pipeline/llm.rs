@@ -8,18 +8,26 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
 
 use crate::constrain::{Constraint, Schema, Vocabulary};
+use crate::extract::{self, page_image};
 use crate::generate::{self, Decoder, GenerateOptions, Sampling, TokenFilter};
 use crate::model::ModelDir;
 use crate::model::config::TextConfig;
 use crate::model::plan::{self, MemoryPlan};
 use crate::model::quant::Precision;
+use crate::model::vision::VisionConfig;
+use crate::ocr::{OcrOptions, Transcription};
 use crate::runtime::SessionOptions;
 use crate::snapshot::{Snapshot, ids_digest};
 use crate::tokenizer::{IM_END, IM_START, STOP_TOKENS, THINK_END, Tokenizer};
+use crate::vision::encoder::VisionEncoder;
+use crate::vision::preprocess;
+
+/// Polled between prefill chunks and tokens; an error stops the model call.
+pub type Check<'a> = &'a dyn Fn() -> Result<()>;
 
 /// What results say about the model.
 #[derive(Clone, Debug, Serialize)]
@@ -34,8 +42,8 @@ pub struct ModelInfo {
     pub random_weights: bool,
     /// Longest context the model takes.
     pub max_context: usize,
-    /// Whether the model folder has the vision tower (`vision.onnx`); the daemon's `ocr` stage
-    /// does not use it yet.
+    /// Whether the model folder has the vision tower (`vision.onnx`) the `ocr` stage reads
+    /// page images with.
     pub vision: bool,
 }
 
@@ -144,8 +152,9 @@ pub trait TextModel {
     fn tokenizer(&self) -> &Tokenizer;
     /// Generates a reply to `prefix ++ suffix`.
     fn complete(&mut self, req: &Request) -> Result<Completion>;
-    /// Transcribes one page image.
-    fn transcribe(&mut self, image: &Path, page: u32) -> Result<String>;
+    /// Transcribes page `page` (1-based) of an image file or PDF; `check` is polled between
+    /// prefill chunks and tokens and stops the call when it fails.
+    fn transcribe(&mut self, source: &Path, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription>;
     /// Memory a context of `context` tokens needs (`snapshot`: the prefix is kept for reuse).
     fn plan(&self, context: usize, snapshot: bool) -> MemoryPlan;
     /// The longest context within `budget` bytes, `None` when not even one prefill chunk fits.
@@ -170,6 +179,12 @@ pub struct OrtModel {
     pub checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every this many prefix tokens.
     pub checkpoint_every: usize,
+    /// The vision graph and how to open it; opened on the first page image.
+    vision: Option<(VisionConfig, PathBuf)>,
+    encoder: Option<VisionEncoder>,
+    session: SessionOptions,
+    /// The PDF whose pages are being transcribed, parsed once for all of them.
+    open_pdf: Option<(PathBuf, pdf_extract::Document)>,
 }
 
 impl OrtModel {
@@ -196,6 +211,10 @@ impl OrtModel {
             prefill_chunk: 512,
             checkpoint_dir: None,
             checkpoint_every: 16_384,
+            vision: dir.vision().ok().map(|(c, p)| (c.clone(), p)),
+            encoder: None,
+            session: opts.clone(),
+            open_pdf: None,
         })
     }
 
@@ -304,9 +323,39 @@ impl TextModel for OrtModel {
         plan::max_context_within(&self.cfg, self.precision, self.weights_file, budget, max, self.prefill_chunk, snapshot)
     }
 
-    fn transcribe(&mut self, _image: &Path, _page: u32) -> Result<String> {
-        bail!("the daemon's ocr stage is not connected to the vision tower yet; transcribe image pages with `deltadoc ocr`")
+    fn transcribe(&mut self, source: &Path, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription> {
+        if self.encoder.is_none() {
+            let Some((cfg, path)) = &self.vision else {
+                bail!("model {} has no vision tower (imported text-only), so image pages cannot be read", self.info.name)
+            };
+            self.encoder = Some(VisionEncoder::from_graph(path, cfg, &self.session)?);
+        }
+        let img = if extract::detect_mime(source, &file_head(source)?) == Some("application/pdf") {
+            if self.open_pdf.as_ref().is_none_or(|(p, _)| p != source) {
+                let bytes = std::fs::read(source).with_context(|| format!("{}: cannot read", source.display()))?;
+                let doc = extract::pdf::open_document(&bytes).map_err(|(_, e)| anyhow!("{e}"))?;
+                self.open_pdf = Some((source.to_path_buf(), doc));
+            }
+            let (_, doc) = self.open_pdf.as_ref().expect("opened above");
+            page_image::page_image(doc, page, &opts.image)?.image
+        } else {
+            preprocess::load(source, &opts.image)?
+        };
+        let label = format!("{}.p{page}", source.file_stem().unwrap_or_default().to_string_lossy());
+        let enc = self.encoder.as_mut().expect("opened above");
+        let opts = OcrOptions { prefill_chunk: self.prefill_chunk, ..opts.clone() };
+        crate::ocr::transcribe(&mut self.decoder, enc, &self.tokenizer, &img, &opts, &label, check)
     }
+}
+
+/// The first KiB of a file: what format detection looks at.
+fn file_head(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(1024);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(1024).read_to_end(&mut head))
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(head)
 }
 
 /// Drops a leftover think block and surrounding whitespace from a reply.

@@ -120,20 +120,39 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     check(ctx, "extract")?;
 
     let mut stages = BTreeMap::new();
+    let mut totals = TokenTotals::default();
     let ocr_pages: Vec<u32> = ex.pages.iter().filter(|p| p.method == Method::Ocr).map(|p| p.number).collect();
     if !ocr_pages.is_empty() {
         match ctx.pipeline.spec.stages.iter().find(|s| s.kind == StageKind::Ocr) {
             Some(stage) => {
                 (ctx.on_step)(&stage.name.value);
                 let t = Instant::now();
-                let mut transcript = Vec::new();
+                let (mut transcript, mut prompt_tokens, mut generated_tokens) = (Vec::new(), 0, 0);
+                let opts = crate::ocr::OcrOptions {
+                    image: crate::vision::preprocess::ImageOptions::default().with_token_budget(stage.max_page_tokens),
+                    tile_tokens: stage.tile_tokens,
+                    max_new_tokens: stage.max_new_tokens,
+                    // The model runs its own prefill chunk size.
+                    prefill_chunk: 0,
+                    instruction: instruction(stage).to_string(),
+                    save_images: None,
+                };
                 for &n in &ocr_pages {
-                    let text = ctx.model.transcribe(source, n).map_err(|e| {
+                    let model = &mut *ctx.model;
+                    let read = interruptible(ctx.shutdown, ctx.deadline, ctx.heartbeat, &stage.name.value, |check| {
+                        model.transcribe(source, n, &opts, check)
+                    })?;
+                    let page = read.map_err(|e| {
                         Failure::new(Reason::Ocr, stage.name.value.clone(), format!("{}: page {n}: {e:#}", source.display()))
                     })?;
-                    transcript.push(text.clone());
+                    prompt_tokens += page.prompt_tokens;
+                    generated_tokens += page.generated_tokens;
+                    totals.prompt += page.prompt_tokens;
+                    totals.prefilled += page.prompt_tokens;
+                    totals.generated += page.generated_tokens;
+                    transcript.push(page.text.clone());
                     if let Some(p) = ex.pages.iter_mut().find(|p| p.number == n) {
-                        p.text = text;
+                        p.text = page.text;
                     }
                     check(ctx, &stage.name.value)?;
                 }
@@ -144,6 +163,8 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
                     StageResult {
                         kind: "ocr".into(),
                         output: transcript.join("\n\n").into(),
+                        prompt_tokens,
+                        generated_tokens,
                         calls: ocr_pages.len(),
                         duration_s,
                         ..StageResult::default()
@@ -185,7 +206,6 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
         warnings.push(format!("{} paragraph(s) longer than a chunk were cut between tokens", chunked.split_paragraphs));
     }
 
-    let mut totals = TokenTotals::default();
     let mut truncated = 0;
     let results = run_text_stages(ctx, &text_stages, &chunked, budget, &mut totals, &mut truncated)?;
     if truncated > 0 {
@@ -507,31 +527,43 @@ fn call(ctx: &mut Context, s: &StageSpec, doc: &[u32], instr: &str, keep: bool) 
     let instr = with_schema(s, instr.to_string());
     let (prefix, suffix) = llm::stage_prompt(ctx.model.tokenizer(), doc, &instr, s.thinking).map_err(model_err)?;
     let opts = llm::stage_options(s.output_tokens(), sampling(s));
-    let (shutdown, deadline, heartbeat) = (ctx.shutdown, ctx.deadline, ctx.heartbeat);
-    // The model sees an opaque error; the reason to stop is kept here to report it as such.
+    let (on_prefill, model) = (ctx.on_prefill, &mut *ctx.model);
+    let result = interruptible(ctx.shutdown, ctx.deadline, ctx.heartbeat, &stage, |check| {
+        model.complete(&Request {
+            prefix: &prefix,
+            suffix: &suffix,
+            keep_prefix: keep,
+            options: &opts,
+            check,
+            on_prefill,
+            schema: s.compiled.as_ref(),
+            think_budget: (s.compiled.is_some() && s.thinking).then_some(s.think_budget),
+        })
+    })?;
+    result.map_err(|e| model_err(e).into())
+}
+
+/// Runs a model call that polls `check` between chunks and tokens. The model sees an opaque
+/// error when it is told to stop; the reason (shutdown, timeout) is kept here and returned as such.
+fn interruptible<T>(
+    shutdown: &AtomicBool,
+    deadline: Instant,
+    heartbeat: &dyn Fn(),
+    stage: &str,
+    f: impl FnOnce(&dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<T>,
+) -> Result<anyhow::Result<T>, Stop> {
     let stopped = std::cell::RefCell::new(None);
     let check = || -> anyhow::Result<()> {
         heartbeat();
-        if let Some(stop) = interruption(shutdown, deadline, &stage) {
+        if let Some(stop) = interruption(shutdown, deadline, stage) {
             *stopped.borrow_mut() = Some(stop);
             anyhow::bail!("stopped");
         }
         Ok(())
     };
-    let req = Request {
-        prefix: &prefix,
-        suffix: &suffix,
-        keep_prefix: keep,
-        options: &opts,
-        check: &check,
-        on_prefill: ctx.on_prefill,
-        schema: s.compiled.as_ref(),
-        think_budget: (s.compiled.is_some() && s.thinking).then_some(s.think_budget),
-    };
-    let result = ctx.model.complete(&req);
+    let result = f(&check);
     match (result, stopped.take()) {
-        (Ok(c), _) => Ok(c),
         (Err(_), Some(stop)) => Err(stop),
-        (Err(e), None) => Err(model_err(e).into()),
+        (result, _) => Ok(result),
     }
 }

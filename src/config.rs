@@ -337,7 +337,7 @@ fn default_max_new_tokens() -> usize {
     512
 }
 fn default_max_page_tokens() -> u64 {
-    1280
+    crate::ocr::DEFAULT_PAGE_TOKENS
 }
 fn default_think_budget() -> usize {
     1024

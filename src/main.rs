@@ -40,7 +40,7 @@ enum Cmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Prompt tokens a page image may take (1,024 pixels each); larger pages are downscaled.
-        #[arg(long, default_value_t = 1280)]
+        #[arg(long, default_value_t = deltadoc::ocr::DEFAULT_PAGE_TOKENS)]
         max_page_tokens: u64,
         /// Cut a page over this many image tokens into bands (between text lines) read as
         /// consecutive images of one prompt: bounds the vision tower's quadratic attention.

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use image::RgbImage;
-use image::imageops::FilterType;
 
 use crate::extract::{self, ExtractLimits, Method, page_image};
 use crate::generate::{self, Decoder, GenerateOptions, Logits, Sampling};
@@ -23,6 +22,9 @@ use crate::tokenizer::{STOP_TOKENS, Tokenizer};
 use crate::vision::encoder::VisionEncoder;
 use crate::vision::preprocess::{self, ImageOptions, Preprocessed};
 use crate::vision::prompt::{self, ChatMessage, Part};
+
+/// Image tokens a page may take by default (1,024 pixels each): about 150 dpi on A4.
+pub const DEFAULT_PAGE_TOKENS: u64 = 1280;
 
 /// What the job asks of each page.
 #[derive(Clone, Debug)]
@@ -174,19 +176,18 @@ fn stem(path: &Path) -> String {
 /// each, all at the scale `smart_resize` gives the whole page under `opts.max_pixels`.
 pub fn tiles(img: &RgbImage, cfg: &VisionConfig, opts: &ImageOptions, tile_tokens: Option<u64>) -> Result<Vec<Preprocessed>> {
     let f = cfg.factor() as u32;
-    let (w, h) = img.dimensions();
-    let (th, tw) = preprocess::smart_resize(h, w, f, opts.min_pixels, opts.max_pixels)?;
+    let page = preprocess::resize(img, cfg, opts)?;
+    let (tw, th) = page.dimensions();
     let tall = th >= tw;
     // Tokens along the long side, and in one line across it.
     let (long, across) = if tall { (th / f, tw / f) } else { (tw / f, th / f) };
     let Some(budget) = tile_tokens.filter(|&t| (long * across) as u64 > t) else {
-        return Ok(vec![preprocess::preprocess(img, cfg, opts)?]);
+        return Ok(vec![preprocess::patches(&page, img.dimensions(), cfg)]);
     };
     let per_band = (budget / across as u64) as u32;
     if per_band == 0 {
         bail!("a tile budget of {budget} tokens is less than one line of the page ({across} tokens); raise it");
     }
-    let page = if (tw, th) == (w, h) { img.clone() } else { image::imageops::resize(img, tw, th, FilterType::CatmullRom) };
     // Ink along each line across the long side, so cuts fall between text lines.
     let ink: Vec<u64> = (0..long * f)
         .map(|i| {
@@ -209,12 +210,8 @@ pub fn tiles(img: &RgbImage, cfg: &VisionConfig, opts: &ImageOptions, tile_token
             end = (lo..=end).min_by_key(|&e| (ink[(e * f) as usize - 1] + ink[(e * f) as usize], std::cmp::Reverse(e))).unwrap();
         }
         let (x, y, bw, bh) = if tall { (0, start * f, tw, (end - start) * f) } else { (start * f, 0, (end - start) * f, th) };
-        let band = image::imageops::crop_imm(&page, x, y, bw, bh).to_image();
-        out.push(Preprocessed {
-            pixel_values: preprocess::patchify(&band, cfg),
-            grid: [1, (bh / cfg.patch_size as u32) as usize, (bw / cfg.patch_size as u32) as usize],
-            original: (bw, bh),
-        });
+        let band = image::imageops::crop_imm(&*page, x, y, bw, bh).to_image();
+        out.push(preprocess::patches(&band, (bw, bh), cfg));
         start = end;
     }
     Ok(out)

@@ -77,11 +77,7 @@ pub fn page_image(doc: &Document, page: u32, opts: &ImageOptions) -> Result<Page
 
 /// Image XObjects in the page's resources (own and inherited).
 pub fn image_xobjects(doc: &Document, page: ObjectId) -> Vec<&Stream> {
-    page_resources(doc, page)
-        .into_iter()
-        .flat_map(|res| xobjects(doc, res))
-        .filter_map(|(_, s)| is_subtype(s, b"Image").then_some(s))
-        .collect()
+    page_resources(doc, page).into_iter().flat_map(|res| xobjects(doc, res)).filter(|s| is_subtype(s, b"Image")).collect()
 }
 
 fn page_resources(doc: &Document, page: ObjectId) -> Vec<&Dictionary> {
@@ -91,10 +87,19 @@ fn page_resources(doc: &Document, page: ObjectId) -> Vec<&Dictionary> {
     dicts
 }
 
-/// The XObject streams of one resource dictionary, by name.
-fn xobjects<'a>(doc: &'a Document, res: &'a Dictionary) -> Vec<(&'a [u8], &'a Stream)> {
-    let Ok(table) = res.get(b"XObject").map(|o| resolve(doc, o)).and_then(Object::as_dict) else { return Vec::new() };
-    table.iter().filter_map(|(k, v)| resolve(doc, v).as_stream().ok().map(|s| (k.as_slice(), s))).collect()
+/// The `/XObject` table of a resource dictionary.
+fn xobject_table<'a>(doc: &'a Document, res: &'a Dictionary) -> Option<&'a Dictionary> {
+    res.get(b"XObject").map(|o| resolve(doc, o)).and_then(Object::as_dict).ok()
+}
+
+/// The XObject streams of one resource dictionary.
+fn xobjects<'a>(doc: &'a Document, res: &'a Dictionary) -> impl Iterator<Item = &'a Stream> {
+    xobject_table(doc, res).into_iter().flat_map(|t| t.iter()).filter_map(|(_, v)| resolve(doc, v).as_stream().ok())
+}
+
+/// The XObject `name` refers to, from the innermost resources that define it.
+fn find_xobject<'a>(doc: &'a Document, res: &[&'a Dictionary], name: &[u8]) -> Option<&'a Stream> {
+    res.iter().find_map(|r| resolve(doc, xobject_table(doc, r)?.get(name).ok()?).as_stream().ok())
 }
 
 fn is_subtype(s: &Stream, kind: &[u8]) -> bool {
@@ -176,9 +181,7 @@ fn walk<'a>(doc: &'a Document, content: &[u8], res: &[&'a Dictionary], start: Ma
             "k" if args.len() == 4 => fill = Space::Cmyk.rgb(&[unit(&args[0]), unit(&args[1]), unit(&args[2]), unit(&args[3])]),
             "Do" => {
                 let Some(name) = args.first().and_then(|o| o.as_name().ok()) else { continue };
-                let Some(s) = res.iter().flat_map(|r| xobjects(doc, r)).find(|(k, _)| *k == name).map(|(_, s)| s) else {
-                    continue;
-                };
+                let Some(s) = find_xobject(doc, res, name) else { continue };
                 if is_subtype(s, b"Image") {
                     out.push(Placed { stream: s, ctm, fill });
                 } else if is_subtype(s, b"Form") && depth < MAX_FORM_DEPTH {
@@ -453,9 +456,7 @@ fn decode(doc: &Document, s: &Stream, opts: &ImageOptions) -> Result<RgbImage> {
     if w == 0 || h == 0 {
         bail!("image without a size");
     }
-    if w * h > opts.max_decode_pixels {
-        bail!("image of {w}×{h} pixels exceeds the decode cap of {} pixels", opts.max_decode_pixels);
-    }
+    opts.check_decode_size(w, h)?;
     // /Decode [1 0] (first pair descending) inverts the samples' meaning, for stencil masks too.
     let invert = s
         .dict
@@ -607,9 +608,8 @@ impl hayro_jbig2::Decoder for Bilevel {
 fn jpx(data: &[u8], opts: &ImageOptions) -> Result<RgbImage> {
     let img = hayro_jpeg2000::Image::new(data, &hayro_jpeg2000::DecodeSettings::default()).map_err(|e| anyhow!("{e}"))?;
     let (w, h) = (img.width(), img.height());
-    if w as u64 * h as u64 > opts.max_decode_pixels {
-        bail!("image of {w}×{h} pixels exceeds the decode cap of {} pixels", opts.max_decode_pixels);
-    }
+    // The codestream's own size, which the stream dictionary need not match.
+    opts.check_decode_size(w as u64, h as u64)?;
     let colours = img.color_space().num_channels() as usize;
     if ![1, 3, 4].contains(&colours) {
         bail!("unsupported JPEG 2000 colour space with {colours} channels");

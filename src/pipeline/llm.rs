@@ -152,9 +152,10 @@ pub trait TextModel {
     fn tokenizer(&self) -> &Tokenizer;
     /// Generates a reply to `prefix ++ suffix`.
     fn complete(&mut self, req: &Request) -> Result<Completion>;
-    /// Transcribes page `page` (1-based) of an image file or PDF; `check` is polled between
-    /// prefill chunks and tokens and stops the call when it fails.
-    fn transcribe(&mut self, source: &Path, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription>;
+    /// Transcribes page `page` (1-based) of `source`, an image file or PDF as extraction
+    /// detected (`mime`); `check` is polled between prefill chunks and tokens and stops the call
+    /// when it fails.
+    fn transcribe(&mut self, source: &Path, mime: &str, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription>;
     /// Memory a context of `context` tokens needs (`snapshot`: the prefix is kept for reuse).
     fn plan(&self, context: usize, snapshot: bool) -> MemoryPlan;
     /// The longest context within `budget` bytes, `None` when not even one prefill chunk fits.
@@ -323,14 +324,14 @@ impl TextModel for OrtModel {
         plan::max_context_within(&self.cfg, self.precision, self.weights_file, budget, max, self.prefill_chunk, snapshot)
     }
 
-    fn transcribe(&mut self, source: &Path, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription> {
+    fn transcribe(&mut self, source: &Path, mime: &str, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription> {
         if self.encoder.is_none() {
             let Some((cfg, path)) = &self.vision else {
                 bail!("model {} has no vision tower (imported text-only), so image pages cannot be read", self.info.name)
             };
             self.encoder = Some(VisionEncoder::from_graph(path, cfg, &self.session)?);
         }
-        let img = if extract::detect_mime(source, &file_head(source)?) == Some("application/pdf") {
+        let img = if mime == "application/pdf" {
             if self.open_pdf.as_ref().is_none_or(|(p, _)| p != source) {
                 let bytes = std::fs::read(source).with_context(|| format!("{}: cannot read", source.display()))?;
                 let doc = extract::pdf::open_document(&bytes).map_err(|(_, e)| anyhow!("{e}"))?;
@@ -346,16 +347,6 @@ impl TextModel for OrtModel {
         let opts = OcrOptions { prefill_chunk: self.prefill_chunk, ..opts.clone() };
         crate::ocr::transcribe(&mut self.decoder, enc, &self.tokenizer, &img, &opts, &label, check)
     }
-}
-
-/// The first KiB of a file: what format detection looks at.
-fn file_head(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let mut head = Vec::with_capacity(1024);
-    std::fs::File::open(path)
-        .and_then(|f| f.take(1024).read_to_end(&mut head))
-        .with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(head)
 }
 
 /// Drops a leftover think block and surrounding whitespace from a reply.

@@ -140,16 +140,13 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
                 for &n in &ocr_pages {
                     let model = &mut *ctx.model;
                     let read = interruptible(ctx.shutdown, ctx.deadline, ctx.heartbeat, &stage.name.value, |check| {
-                        model.transcribe(source, n, &opts, check)
+                        model.transcribe(source, &ex.mime, n, &opts, check)
                     })?;
                     let page = read.map_err(|e| {
                         Failure::new(Reason::Ocr, stage.name.value.clone(), format!("{}: page {n}: {e:#}", source.display()))
                     })?;
                     prompt_tokens += page.prompt_tokens;
                     generated_tokens += page.generated_tokens;
-                    totals.prompt += page.prompt_tokens;
-                    totals.prefilled += page.prompt_tokens;
-                    totals.generated += page.generated_tokens;
                     transcript.push(page.text.clone());
                     if let Some(p) = ex.pages.iter_mut().find(|p| p.number == n) {
                         p.text = page.text;
@@ -158,6 +155,9 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
                 }
                 let duration_s = t.elapsed().as_secs_f64();
                 timings.insert(stage.name.value.clone(), duration_s);
+                totals.prompt += prompt_tokens;
+                totals.prefilled += prompt_tokens;
+                totals.generated += generated_tokens;
                 stages.insert(
                     stage.name.value.clone(),
                     StageResult {

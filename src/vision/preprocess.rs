@@ -8,6 +8,7 @@
 //! Catmull-Rom (the same a = −0.5 cubic, antialiased when shrinking, one rounding at the end).
 //! onnx/README.md gives the measured pixel difference and its effect on the vision features.
 
+use std::borrow::Cow;
 use std::io::BufRead;
 use std::path::Path;
 
@@ -40,6 +41,18 @@ impl ImageOptions {
     /// Options whose largest image costs at most `tokens` merged tokens (32×32 pixels each).
     pub fn with_token_budget(self, tokens: u64) -> Self {
         Self { max_pixels: (tokens * 1024).max(self.min_pixels), ..self }
+    }
+
+    /// Refuses an image of `w`×`h` pixels over the decode cap, before it is decoded.
+    pub fn check_decode_size(&self, w: u64, h: u64) -> Result<()> {
+        if w.saturating_mul(h) > self.max_decode_pixels {
+            bail!(
+                "image of {w}×{h} pixels exceeds the decode cap of {} pixels (a decompression bomb or an absurd scan); \
+                 raise max_decode_pixels to read it",
+                self.max_decode_pixels
+            );
+        }
+        Ok(())
     }
 }
 
@@ -83,13 +96,7 @@ fn decode<R: BufRead + std::io::Seek>(mut reader: ImageReader<R>, opts: &ImageOp
     let format = reader.format().context("unknown image format")?;
     let mut decoder = reader.into_decoder().with_context(|| format!("cannot decode {format:?}"))?;
     let (w, h) = decoder.dimensions();
-    if w as u64 * h as u64 > opts.max_decode_pixels {
-        bail!(
-            "image of {w}×{h} pixels exceeds the decode cap of {} pixels (a decompression bomb or an absurd scan); \
-             raise max_decode_pixels to read it",
-            opts.max_decode_pixels
-        );
-    }
+    opts.check_decode_size(w as u64, h as u64)?;
     if w == 0 || h == 0 {
         bail!("image has no pixels ({w}×{h})");
     }
@@ -139,53 +146,62 @@ pub fn smart_resize(height: u32, width: u32, factor: u32, min_pixels: u64, max_p
 
 /// Resizes, normalises and patchifies one RGB image for the vision tower.
 pub fn preprocess(img: &RgbImage, cfg: &VisionConfig, opts: &ImageOptions) -> Result<Preprocessed> {
+    Ok(patches(&*resize(img, cfg, opts)?, img.dimensions(), cfg))
+}
+
+/// An image already at a size of multiples of patch × merge, patchified; `original` is the size
+/// it was resized from.
+pub fn patches(img: &RgbImage, original: (u32, u32), cfg: &VisionConfig) -> Preprocessed {
+    let (w, h) = img.dimensions();
+    Preprocessed {
+        pixel_values: patchify(img, cfg),
+        grid: [1, h as usize / cfg.patch_size, w as usize / cfg.patch_size],
+        original,
+    }
+}
+
+/// The image at its `smart_resize` size (borrowed when it already has it).
+pub fn resize<'a>(img: &'a RgbImage, cfg: &VisionConfig, opts: &ImageOptions) -> Result<Cow<'a, RgbImage>> {
     let (w, h) = img.dimensions();
     let (th, tw) = smart_resize(h, w, cfg.factor() as u32, opts.min_pixels, opts.max_pixels)?;
-    let resized;
-    let img = if (tw, th) == (w, h) {
-        img
+    Ok(if (tw, th) == (w, h) {
+        Cow::Borrowed(img)
     } else {
-        resized = image::imageops::resize(img, tw, th, FilterType::CatmullRom);
-        &resized
-    };
-    Ok(Preprocessed {
-        pixel_values: patchify(img, cfg),
-        grid: [1, th as usize / cfg.patch_size, tw as usize / cfg.patch_size],
-        original: (w, h),
+        Cow::Owned(image::imageops::resize(img, tw, th, FilterType::CatmullRom))
+    })
+}
+
+/// Top-left pixel of every patch of a `gh`×`gw` grid, in 2×2-block order (block row, block
+/// column, row in block, column in block): the row order of `pixel_values`.
+fn patch_origins(gh: usize, gw: usize, cfg: &VisionConfig) -> impl Iterator<Item = (usize, usize)> {
+    let (p, m) = (cfg.patch_size, cfg.spatial_merge_size);
+    (0..gh / m).flat_map(move |br| {
+        (0..gw / m).flat_map(move |bc| (0..m).flat_map(move |ir| (0..m).map(move |ic| ((br * m + ir) * p, (bc * m + ic) * p))))
     })
 }
 
 /// `pixel_values` of an image whose sides are multiples of patch × merge: rows in block order
 /// (block row, block column, row in block, column in block), each row (channel, frame, y, x).
 pub fn patchify(img: &RgbImage, cfg: &VisionConfig) -> Array2<f32> {
-    let (p, m, tp) = (cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size);
+    let (p, tp) = (cfg.patch_size, cfg.temporal_patch_size);
     let (gh, gw) = (img.height() as usize / p, img.width() as usize / p);
     let per = cfg.patch_values();
     let mut out = Array2::<f32>::zeros((gh * gw, per));
     let raw = img.as_raw();
     let width = img.width() as usize;
-    let mut row = 0;
-    for br in 0..gh / m {
-        for bc in 0..gw / m {
-            for ir in 0..m {
-                for ic in 0..m {
-                    let (y0, x0) = ((br * m + ir) * p, (bc * m + ic) * p);
-                    let mut dst = out.row_mut(row);
-                    let dst = dst.as_slice_mut().expect("rows of a fresh array are contiguous");
-                    let mut k = 0;
-                    for c in 0..3 {
-                        for _ in 0..tp {
-                            for y in 0..p {
-                                for x in 0..p {
-                                    let v = raw[((y0 + y) * width + x0 + x) * 3 + c] as f32;
-                                    // (x − 0.5·255) / (0.5·255) in f32: the reference's fused rescale + normalise.
-                                    dst[k] = (v - 127.5) / 127.5;
-                                    k += 1;
-                                }
-                            }
-                        }
+    for (row, (y0, x0)) in patch_origins(gh, gw, cfg).enumerate() {
+        let mut dst = out.row_mut(row);
+        let dst = dst.as_slice_mut().expect("rows of a fresh array are contiguous");
+        let mut k = 0;
+        for c in 0..3 {
+            for _ in 0..tp {
+                for y in 0..p {
+                    for x in 0..p {
+                        let v = raw[((y0 + y) * width + x0 + x) * 3 + c] as f32;
+                        // (x − 0.5·255) / (0.5·255) in f32: the reference's fused rescale + normalise.
+                        dst[k] = (v - 127.5) / 127.5;
+                        k += 1;
                     }
-                    row += 1;
                 }
             }
         }
@@ -195,24 +211,15 @@ pub fn patchify(img: &RgbImage, cfg: &VisionConfig) -> Array2<f32> {
 
 /// The image `pixel_values` were made from (first frame), for looking at what the model reads.
 pub fn unpatchify(pre: &Preprocessed, cfg: &VisionConfig) -> RgbImage {
-    let (p, m, tp) = (cfg.patch_size, cfg.spatial_merge_size, cfg.temporal_patch_size);
+    let (p, tp) = (cfg.patch_size, cfg.temporal_patch_size);
     let [_, gh, gw] = pre.grid;
     let mut img = RgbImage::new((gw * p) as u32, (gh * p) as u32);
-    let mut rows = pre.pixel_values.rows().into_iter();
-    for br in 0..gh / m {
-        for bc in 0..gw / m {
-            for ir in 0..m {
-                for ic in 0..m {
-                    let Some(src) = rows.next() else { return img };
-                    let (y0, x0) = ((br * m + ir) * p, (bc * m + ic) * p);
-                    for c in 0..3 {
-                        for y in 0..p {
-                            for x in 0..p {
-                                let v = src[c * tp * p * p + y * p + x] * 127.5 + 127.5;
-                                img.get_pixel_mut((x0 + x) as u32, (y0 + y) as u32).0[c] = v.round().clamp(0.0, 255.0) as u8;
-                            }
-                        }
-                    }
+    for (src, (y0, x0)) in pre.pixel_values.rows().into_iter().zip(patch_origins(gh, gw, cfg)) {
+        for c in 0..3 {
+            for y in 0..p {
+                for x in 0..p {
+                    let v = src[c * tp * p * p + y * p + x] * 127.5 + 127.5;
+                    img.get_pixel_mut((x0 + x) as u32, (y0 + y) as u32).0[c] = v.round().clamp(0.0, 255.0) as u8;
                 }
             }
         }
@@ -228,7 +235,8 @@ mod tests {
     fn unpatchify_inverts_patchify() {
         let cfg = VisionConfig::of_shape(crate::model::config::Shape::Tiny, 64);
         let img = RgbImage::from_fn(64, 96, |x, y| image::Rgb([(x * 3) as u8, (y * 2) as u8, ((x + y) % 256) as u8]));
-        let pre = Preprocessed { pixel_values: patchify(&img, &cfg), grid: [1, 6, 4], original: (64, 96) };
+        let pre = patches(&img, (64, 96), &cfg);
+        assert_eq!(pre.grid, [1, 6, 4]);
         assert_eq!(unpatchify(&pre, &cfg), img);
     }
 

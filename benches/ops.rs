@@ -1,11 +1,16 @@
-//! DeltaNet operators alone, side by side in one run: deltadoc's `ai.deltadoc` ops against ONNX
-//! Runtime's built-in `com.microsoft` LinearAttention / CausalConvWithState, at one layer of the
-//! real 0.8B shape (16 heads, 128×128 state, conv over 6144 channels), 2 intra-op threads.
+//! Operators alone, side by side in one run, at one layer of the real 0.8B shape, 2 intra-op
+//! threads:
+//! - DeltaNet: deltadoc's `ai.deltadoc` ops against ONNX Runtime's built-in `com.microsoft`
+//!   LinearAttention / CausalConvWithState (16 heads, 128×128 state, conv over 6144 channels);
+//! - attention: deltadoc's blockwise `CausalAttentionF16` (f16 cache) against ORT's
+//!   `GroupQueryAttention` (f32 cache) (8 query heads, 2 KV heads, head width 256).
 //!
-//!   cargo bench --bench ops [-- TOKENS [CALL_TOKENS]]      (defaults 4096 and 512)
+//!   cargo bench --bench ops [-- TOKENS [CALL_TOKENS [CONTEXT...]]]   (defaults 4096, 512, 4096 32768)
 //!
-//! Each op runs on TOKENS tokens in calls of CALL_TOKENS (state carried between calls), as the
-//! model's chunked prefill feeds it; plus single-token decode steps. Prints ms and the ratio.
+//! Each DeltaNet op runs on TOKENS tokens in calls of CALL_TOKENS (state carried between calls),
+//! as the model's chunked prefill feeds it; plus single-token decode steps. Attention runs one
+//! call of CALL_TOKENS and one decode step after CONTEXT tokens of (random) cache. Prints ms and
+//! the ratio.
 
 use std::time::Instant;
 
@@ -21,6 +26,9 @@ const HEADS: usize = 16;
 const D: usize = 128;
 const CONV_C: usize = 6144;
 const K: usize = 4;
+const Q_HEADS: usize = 8;
+const KV_HEADS: usize = 2;
+const HEAD: usize = 256;
 
 fn random(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -166,6 +174,88 @@ fn time_conv(s: &mut Session, tokens: usize, call: usize) -> f64 {
     best
 }
 
+/// Graph with one attention op: q [1,S,Hq·D], k, v [1,S,Hkv·D], past_key/past_value
+/// [1,Hkv,P,D] (f16 for deltadoc, f32 for ORT) and, for ORT, its sequence-length inputs.
+fn attention_graph(dir: &std::path::Path, builtin: bool) -> Session {
+    let path = dir.join(if builtin { "attn_builtin.onnx" } else { "attn_deltadoc.onnx" });
+    let mut b = GraphBuilder::new("attn", &path).unwrap();
+    let (q, kv) = ((Q_HEADS * HEAD) as i64, (KV_HEADS * HEAD) as i64);
+    let cache_ty = if builtin { data_type::FLOAT } else { data_type::FLOAT16 };
+    b.input("q", data_type::FLOAT, &dims(&[1, -1, q]));
+    b.input("k", data_type::FLOAT, &dims(&[1, -1, kv]));
+    b.input("v", data_type::FLOAT, &dims(&[1, -1, kv]));
+    let cache = [Dim::Fixed(1), Dim::Fixed(KV_HEADS as i64), Dim::Named("p"), Dim::Fixed(HEAD as i64)];
+    b.input("past_key", cache_ty, &cache);
+    b.input("past_value", cache_ty, &cache);
+    b.output("out", data_type::FLOAT, &dims(&[1, -1, q]));
+    b.output("present_key", cache_ty, &cache);
+    b.output("present_value", cache_ty, &cache);
+    let heads = vec![
+        ("num_heads", Attr::Int(Q_HEADS as i64)),
+        ("kv_num_heads", Attr::Int(KV_HEADS as i64)),
+        ("scale", Attr::Float((HEAD as f32).powf(-0.5))),
+    ];
+    if builtin {
+        b.input("seqlens_k", data_type::INT32, &[Dim::Fixed(1)]);
+        b.input("total_sequence_length", data_type::INT32, &[]);
+        b.node_named(
+            "GroupQueryAttention",
+            "com.microsoft",
+            &["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
+            &["out", "present_key", "present_value"],
+            heads,
+        );
+    } else {
+        let shape = |b: &mut GraphBuilder, x: &str, h: usize| b.reshape(x, &[0, 0, h as i64, HEAD as i64]).unwrap();
+        let (q4, k4, v4) = (shape(&mut b, "q", Q_HEADS), shape(&mut b, "k", KV_HEADS), shape(&mut b, "v", KV_HEADS));
+        let out = b.fresh("out");
+        b.node_named(
+            "CausalAttentionF16",
+            deltadoc::ops::DOMAIN,
+            &[&q4, &k4, &v4, "past_key", "past_value"],
+            &[&out, "present_key", "present_value"],
+            heads,
+        );
+        b.node_named("Identity", "", &[&out], &["out"], vec![]);
+    }
+    b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
+    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+}
+
+/// Seconds of one attention call of `n` new tokens after `past` cached ones; best of 3.
+fn time_attention(s: &mut Session, builtin: bool, past: usize, n: usize) -> f64 {
+    let cache_len = KV_HEADS * past * HEAD;
+    let cache = |seed| -> ort::value::DynValue {
+        let data = random(cache_len, -1.0, 1.0, seed);
+        let shape = [1, KV_HEADS, past, HEAD];
+        if builtin {
+            tensor(&shape, data)
+        } else {
+            let half: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+            Tensor::from_array(ArrayD::from_shape_vec(IxDyn(&shape), half).unwrap()).unwrap().into_dyn()
+        }
+    };
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let mut inputs = vec![
+            ("q", tensor(&[1, n, Q_HEADS * HEAD], random(n * Q_HEADS * HEAD, -1.0, 1.0, 10))),
+            ("k", tensor(&[1, n, KV_HEADS * HEAD], random(n * KV_HEADS * HEAD, -1.0, 1.0, 11))),
+            ("v", tensor(&[1, n, KV_HEADS * HEAD], random(n * KV_HEADS * HEAD, -1.0, 1.0, 12))),
+            ("past_key", cache(7)),
+            ("past_value", cache(8)),
+        ];
+        if builtin {
+            let total = (past + n) as i32;
+            inputs.push(("seqlens_k", Tensor::from_array(([1usize], vec![total - 1])).unwrap().into_dyn()));
+            inputs.push(("total_sequence_length", Tensor::from_array(((), vec![total])).unwrap().into_dyn()));
+        }
+        let t0 = Instant::now();
+        s.run(inputs).unwrap();
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
 /// One result line: milliseconds per `per` repetitions for both, and ORT's time over ours.
 fn row(what: &str, ours: f64, ort: f64, per: usize) {
     let ms = |s: f64| s * 1e3 / per as f64;
@@ -186,5 +276,16 @@ fn main() {
     let (mut ours, mut theirs) = (conv_graph(dir.path(), false), conv_graph(dir.path(), true));
     row("causal conv, prefill", time_conv(&mut ours, tokens, call), time_conv(&mut theirs, tokens, call), 1);
     row("causal conv, decode/tok", time_conv(&mut ours, steps, 1), time_conv(&mut theirs, steps, 1), steps);
+    let contexts: Vec<usize> = if args.len() > 2 { args[2..].to_vec() } else { vec![4096, 32768] };
+    println!(
+        "one 0.8B attention layer (8 query heads, 2 KV heads, width 256): deltadoc f16 cache vs ORT GroupQueryAttention f32 cache"
+    );
+    let (mut ours, mut theirs) = (attention_graph(dir.path(), false), attention_graph(dir.path(), true));
+    for past in contexts {
+        let what = format!("attention, {call} after {past}");
+        row(&what, time_attention(&mut ours, false, past, call), time_attention(&mut theirs, true, past, call), 1);
+        let what = format!("attention, decode at {past}");
+        row(&what, time_attention(&mut ours, false, past, 1), time_attention(&mut theirs, true, past, 1), 1);
+    }
     println!("ratio = ORT time / deltadoc time (> 1: deltadoc faster)");
 }

@@ -91,6 +91,7 @@ pub fn load_model(cfg: &Config) -> Result<OrtModel> {
                     crate::model::ExportOptions {
                         precision: crate::model::quant::Precision::Fp32,
                         linear_attn: crate::model::graph::LinearAttn::Deltadoc,
+                        kv_cache: crate::model::graph::KvCache::F16,
                     },
                     path,
                     format!("synth:{}:seed=0", shape.name()),

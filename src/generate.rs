@@ -12,11 +12,12 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::model::ModelDir;
 use crate::model::config::{LayerKind, TextConfig};
+use crate::model::graph::KvCache;
 use crate::model::graph::{present_name, state_names};
 use crate::model::quant::Precision;
 use crate::progress::Progress;
 use crate::runtime::{self, Prepack, SessionOptions};
-use crate::snapshot::{Snapshot, StateTensor, ids_digest};
+use crate::snapshot::{Snapshot, StateData, StateTensor, ids_digest};
 
 /// A decoder session with its carried state (one sequence).
 pub struct Decoder {
@@ -30,6 +31,8 @@ pub struct Decoder {
     rope_delta: i64,
     /// [`crate::model::Manifest::identity`] of the model, stamped on snapshots.
     identity: String,
+    /// Element type of the attention caches.
+    kv_cache: KvCache,
 }
 
 /// Which positions of a call produce logits.
@@ -51,21 +54,26 @@ impl Decoder {
         let session = runtime::open_session_with(&model.graph_path(), opts, prepack)?;
         let cfg = model.manifest.config.clone();
         let identity = model.manifest.identity();
-        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, rope_delta: 0, identity };
+        let kv_cache = model.manifest.kv_cache;
+        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, rope_delta: 0, identity, kv_cache };
         d.reset()?;
         Ok(d)
     }
 
     /// Bytes of the carried state (KV cache of the attention layers + conv and recurrent state).
     pub fn state_bytes(&self) -> usize {
-        self.state.iter().filter_map(|(_, v)| view(v).ok()).map(|(_, data)| data.len() * 4).sum()
+        self.state
+            .iter()
+            .filter_map(|(_, v)| state_layout(v).ok())
+            .map(|(shape, width)| width * shape.iter().product::<usize>())
+            .sum()
     }
 
-    /// Shape and values of one carried state (`past.<layer>.<key|value|conv|recurrent>`), as the
-    /// next call will read it.
-    pub fn state(&self, name: &str) -> Option<(Vec<usize>, &[f32])> {
+    /// Shape and values (widened to f32) of one carried state
+    /// (`past.<layer>.<key|value|conv|recurrent>`), as the next call will read it.
+    pub fn state(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
         let (_, v) = self.state.iter().find(|(n, _)| n == name)?;
-        view(v).ok()
+        copy_state(v).ok().map(|(shape, data)| (shape, data.to_f32()))
     }
 
     /// Tokens consumed so far in this sequence.
@@ -77,8 +85,8 @@ impl Decoder {
     pub fn snapshot(&self) -> Result<Snapshot> {
         let mut tensors = Vec::with_capacity(self.state.len());
         for (name, v) in &self.state {
-            let (shape, data) = view(v)?;
-            tensors.push(StateTensor { name: name.clone(), shape, data: data.to_vec() });
+            let (shape, data) = copy_state(v)?;
+            tensors.push(StateTensor { name: name.clone(), shape, data });
         }
         Ok(Snapshot {
             model: self.identity.clone(),
@@ -100,7 +108,7 @@ impl Decoder {
         }
         let mut state = Vec::with_capacity(snap.tensors.len());
         for ((name, current), t) in self.state.iter().zip(&snap.tensors) {
-            let (shape, _) = view(current)?;
+            let (shape, width) = state_layout(current)?;
             // Only the attention caches grow, along their time axis, which must hold `tokens` rows.
             let grows = name.ends_with(".key") || name.ends_with(".value");
             let fits = shape.len() == t.shape.len()
@@ -109,10 +117,10 @@ impl Decoder {
                     .zip(&t.shape)
                     .enumerate()
                     .all(|(i, (&now, &saved))| if grows && i == 2 { saved == snap.tokens } else { now == saved });
-            if &t.name != name || !fits {
+            if &t.name != name || !fits || width != t.data.width() {
                 bail!("snapshot tensor {} {:?} does not fit state {name} {:?}", t.name, t.shape, shape);
             }
-            state.push((name.clone(), Tensor::from_array(ArrayD::from_shape_vec(IxDyn(&t.shape), t.data.clone())?)?.into_dyn()));
+            state.push((name.clone(), state_value(&t.shape, t.data.clone())?));
         }
         self.state = state;
         self.past_len = snap.tokens;
@@ -137,8 +145,12 @@ impl Decoder {
                 ),
             };
             for (name, dims) in [(a, da), (s, ds)] {
-                let v = Tensor::from_array(ArrayD::<f32>::zeros(IxDyn(&dims)))?.into_dyn();
-                self.state.push((name, v));
+                let n = dims.iter().product();
+                let zeros = match (c.layer_kind(i), self.kv_cache) {
+                    (LayerKind::Full, KvCache::F16) => StateData::F16(vec![half::f16::ZERO; n]),
+                    _ => StateData::F32(vec![0.0; n]),
+                };
+                self.state.push((name, state_value(&dims, zeros)?));
             }
         }
         self.past_len = 0;
@@ -345,10 +357,36 @@ pub struct PromptFeed<'a> {
     pub image_token_id: u32,
 }
 
-/// Shape and values of an f32 state tensor.
-fn view(v: &DynValue) -> Result<(Vec<usize>, &[f32])> {
-    let (shape, data) = v.try_extract_tensor::<f32>()?;
-    Ok((shape.iter().map(|&d| d as usize).collect(), data))
+/// Shape and a copy of the values of a carried state tensor.
+fn copy_state(v: &DynValue) -> Result<(Vec<usize>, StateData)> {
+    let dims = |shape: &ort::value::Shape| shape.iter().map(|&d| d as usize).collect();
+    if let Ok((shape, data)) = v.try_extract_tensor::<f32>() {
+        return Ok((dims(shape), StateData::F32(data.to_vec())));
+    }
+    let (shape, data) = v.try_extract_tensor::<half::f16>()?;
+    Ok((dims(shape), StateData::F16(data.to_vec())))
+}
+
+/// Shape and bytes per element of a carried state tensor, without copying it.
+fn state_layout(v: &DynValue) -> Result<(Vec<usize>, usize)> {
+    match v.dtype() {
+        ort::value::ValueType::Tensor { ty, shape, .. } => {
+            let width = match ty {
+                ort::value::TensorElementType::Float16 => 2,
+                _ => 4,
+            };
+            Ok((shape.iter().map(|&d| d as usize).collect(), width))
+        }
+        other => Err(anyhow!("state value is a {other}, not a tensor")),
+    }
+}
+
+/// A graph input holding `data` with `shape`.
+fn state_value(shape: &[usize], data: StateData) -> Result<DynValue> {
+    Ok(match data {
+        StateData::F32(v) => Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), v)?)?.into_dyn(),
+        StateData::F16(v) => Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), v)?)?.into_dyn(),
+    })
 }
 
 /// Result of [`Decoder::prefill_resumable`].

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use deltadoc::daemon;
 use deltadoc::generate::{self, Decoder, GenerateOptions, Logits, Sampling};
 use deltadoc::model::config::Shape;
-use deltadoc::model::graph::LinearAttn;
+use deltadoc::model::graph::{KvCache, LinearAttn};
 use deltadoc::model::quant::Precision;
 use deltadoc::model::{self, ExportOptions, ModelDir};
 use deltadoc::progress::Progress;
@@ -182,11 +182,15 @@ struct ExportArgs {
     /// Which operators run the DeltaNet layers.
     #[arg(long, value_enum, default_value = "deltadoc")]
     linear_attn: LinearAttn,
+    /// Element type of the attention KV cache: f16 halves the largest buffer of a long context
+    /// (logit error in benches/RESULTS.md); f32 is exact.
+    #[arg(long, value_enum, default_value = "f16")]
+    kv_cache: KvCache,
 }
 
 impl ExportArgs {
     fn options(&self) -> ExportOptions {
-        ExportOptions { precision: self.precision, linear_attn: self.linear_attn }
+        ExportOptions { precision: self.precision, linear_attn: self.linear_attn, kv_cache: self.kv_cache }
     }
 }
 
@@ -594,18 +598,10 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
                 m.verify()?;
             }
             let c = &m.manifest.config;
-            let weights = m.weights_bytes();
+            let f = model::plan::Footprint::of(&m);
             let context = context.unwrap_or(c.max_position_embeddings);
-            let p = model::plan::plan(c, m.manifest.precision, weights, context, prefill_chunk, true);
-            let fit = model::plan::max_context_within(
-                c,
-                m.manifest.precision,
-                weights,
-                budget.0,
-                c.max_position_embeddings,
-                prefill_chunk,
-                true,
-            );
+            let p = f.plan(context, prefill_chunk, true);
+            let fit = f.max_context_within(budget.0, c.max_position_embeddings, prefill_chunk, true);
             let info = serde_json::json!({
                 "plan": p,
                 "budget_bytes": budget.0,
@@ -613,10 +609,11 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
                 "max_context_within_budget": fit,
                 "manifest": m.manifest,
                 "memory": {
-                    "weights_file_bytes": weights,
+                    "weights_file_bytes": f.weights_file,
                     "linear_state_bytes": c.linear_state_bytes(),
-                    "kv_bytes_per_token_f32": c.kv_bytes_per_token(),
-                    "kv_bytes_at_max_context_f32": c.kv_bytes_per_token() * c.max_position_embeddings,
+                    "kv_cache": f.kv_cache,
+                    "kv_bytes_per_token": f.kv_bytes_per_token(),
+                    "kv_bytes_at_max_context": f.kv_bytes_per_token() * c.max_position_embeddings as u64,
                 }
             });
             println!("{}", serde_json::to_string_pretty(&info)?);

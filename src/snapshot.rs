@@ -5,7 +5,8 @@
 //! continue every stage from it) and resumable prefill need the whole state saved, not a KV prefix.
 //!
 //! File format (little-endian): magic `DDSNAP\0\0`, u32 format version, u32 header length, the
-//! header as JSON ([`Header`]), the tensors' f32 data in header order, then the SHA-256 of
+//! header as JSON ([`Header`]), the tensors' data (f32 or f16, as named in the header) in header
+//! order, then the SHA-256 of
 //! everything before it. Files are written to a temporary name, fsynced and renamed, so a crash
 //! never leaves a half-written snapshot under the real name.
 
@@ -14,12 +15,68 @@ use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use half::f16;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"DDSNAP\0\0";
-/// Version of the on-disk layout.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk layout. 2: an element type per tensor (f16 KV caches).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Values of a carried tensor, row-major, in the element type the graph carries it in.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StateData {
+    /// DeltaNet state, and KV caches of f32-cache models.
+    F32(Vec<f32>),
+    /// KV caches of f16-cache models.
+    F16(Vec<f16>),
+}
+
+impl StateData {
+    /// The values as little-endian bytes (the in-memory layout on every supported target).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::F32(v) => bytemuck::cast_slice(v),
+            Self::F16(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn width(&self) -> usize {
+        self.kind().width()
+    }
+
+    /// The values widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Self::F32(v) => v.clone(),
+            Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+
+    fn kind(&self) -> Elem {
+        match self {
+            Self::F32(_) => Elem::F32,
+            Self::F16(_) => Elem::F16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Elem {
+    F32,
+    F16,
+}
+
+impl Elem {
+    fn width(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+}
 
 /// One carried tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,8 +85,8 @@ pub struct StateTensor {
     pub name: String,
     /// Shape.
     pub shape: Vec<usize>,
-    /// Values, row-major.
-    pub data: Vec<f32>,
+    /// Values.
+    pub data: StateData,
 }
 
 /// The decoder's state after `tokens` tokens of one sequence.
@@ -55,7 +112,7 @@ struct Header {
     #[serde(default)]
     rope_delta: i64,
     prefix_sha256: String,
-    tensors: Vec<(String, Vec<usize>)>,
+    tensors: Vec<(String, Vec<usize>, Elem)>,
 }
 
 /// SHA-256 (hex) of token ids as little-endian u32: names a prompt prefix.
@@ -70,7 +127,7 @@ pub fn ids_digest(ids: &[u32]) -> String {
 impl Snapshot {
     /// Bytes of state held.
     pub fn bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.data.len() * 4).sum()
+        self.tensors.iter().map(|t| t.data.as_bytes().len()).sum()
     }
 
     /// Writes the snapshot to `path` atomically.
@@ -81,7 +138,7 @@ impl Snapshot {
             tokens: self.tokens,
             rope_delta: self.rope_delta,
             prefix_sha256: self.prefix_sha256.clone(),
-            tensors: self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
+            tensors: self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.data.kind())).collect(),
         })?;
         {
             let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
@@ -91,7 +148,7 @@ impl Snapshot {
             w.write_all(&(header.len() as u32).to_le_bytes())?;
             w.write_all(&header)?;
             for t in &self.tensors {
-                w.write_all(bytemuck::cast_slice(&t.data))?;
+                w.write_all(t.data.as_bytes())?;
             }
             let digest = w.hash.finalize();
             let mut inner = w.inner;
@@ -126,15 +183,16 @@ impl Snapshot {
             .map_err(|e| bad(&format!("header: {e}")))?;
         let mut data = &body[16 + hlen..];
         let mut tensors = Vec::with_capacity(header.tensors.len());
-        for (name, shape) in header.tensors {
+        for (name, shape, elem) in header.tensors {
             let n: usize = shape.iter().product();
-            let raw = data.get(..n * 4).ok_or_else(|| bad(&format!("tensor {name} past the end")))?;
-            tensors.push(StateTensor {
-                name,
-                shape,
-                data: raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-            });
-            data = &data[n * 4..];
+            let width = elem.width();
+            let raw = data.get(..n * width).ok_or_else(|| bad(&format!("tensor {name} past the end")))?;
+            let values = match elem {
+                Elem::F32 => StateData::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+                Elem::F16 => StateData::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes(c.try_into().unwrap())).collect()),
+            };
+            tensors.push(StateTensor { name, shape, data: values });
+            data = &data[n * width..];
         }
         if !data.is_empty() {
             return Err(bad("trailing bytes"));
@@ -178,8 +236,16 @@ mod tests {
             rope_delta: -3,
             prefix_sha256: ids_digest(&[1, 2, 3, 4, 5]),
             tensors: vec![
-                StateTensor { name: "past.0.conv".into(), shape: vec![1, 2, 3], data: (0..6).map(|i| i as f32 * 0.5).collect() },
-                StateTensor { name: "past.3.key".into(), shape: vec![1, 1, 0, 4], data: vec![] },
+                StateTensor {
+                    name: "past.0.conv".into(),
+                    shape: vec![1, 2, 3],
+                    data: StateData::F32((0..6).map(|i| i as f32 * 0.5).collect()),
+                },
+                StateTensor {
+                    name: "past.3.key".into(),
+                    shape: vec![1, 1, 2, 2],
+                    data: StateData::F16([0.5, -1.0, 3.25, 65504.0].map(f16::from_f32).to_vec()),
+                },
             ],
         }
     }

@@ -97,8 +97,8 @@ fn bench_reports_the_documented_json_keys() {
     }
     // KV for the 134 tokens fed (130 prompt + 4 decode steps) in the two attention layers, plus
     // the DeltaNet states.
-    let cfg = open(&model).manifest.config;
-    let want = cfg.kv_bytes_per_token() * (130 + 4) + cfg.linear_state_bytes();
+    let f = deltadoc::model::plan::Footprint::of(&open(&model));
+    let want = f.kv_bytes_per_token() as usize * (130 + 4) + f.cfg.linear_state_bytes();
     assert_eq!(v["kv_state_bytes"].as_u64().unwrap() as usize, want);
     assert!(v["prefix_reuse_ratio"].is_null());
     // Three stages on one prefilled prompt: each pays only its instruction and decode.

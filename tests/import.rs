@@ -8,12 +8,13 @@ use std::path::Path;
 
 use common::*;
 use deltadoc::model::checkpoint::write_shard;
-use deltadoc::model::graph::LinearAttn;
+use deltadoc::model::graph::{KvCache, LinearAttn};
 use deltadoc::model::quant::Precision;
 use deltadoc::model::{self, ExportOptions};
 use safetensors::SafeTensors;
 
-const OPTS: ExportOptions = ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc };
+const OPTS: ExportOptions =
+    ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc, kv_cache: KvCache::F32 };
 
 /// A copy of the dense4 checkpoint with its config and tensors edited.
 fn edited(

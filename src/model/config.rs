@@ -97,9 +97,9 @@ impl TextConfig {
         n * (rec + conv) * 4
     }
 
-    /// Bytes of f32 KV cache per context token (attention layers only).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.layers_of(LayerKind::Full).len() * 2 * self.num_key_value_heads * self.head_dim * 4
+    /// KV cache elements per context token (attention layers only).
+    pub fn kv_elements_per_token(&self) -> usize {
+        self.layers_of(LayerKind::Full).len() * 2 * self.num_key_value_heads * self.head_dim
     }
 
     /// Checks the invariants the graph relies on; the message names the field.
@@ -334,7 +334,7 @@ mod tests {
         // specs/qwen35.md §9: 18 × 16 × 128 × 128 × 4 recurrent bytes plus 3 conv columns of 6144
         // channels per layer; 6 layers × 2 × 2 × 256 KV values per token.
         assert_eq!(Shape::B0_8.config().linear_state_bytes(), 18_874_368 + 18 * 6144 * 3 * 4);
-        assert_eq!(Shape::B0_8.config().kv_bytes_per_token(), 6 * 2 * 2 * 256 * 4);
+        assert_eq!(Shape::B0_8.config().kv_elements_per_token(), 6 * 2 * 2 * 256);
     }
 
     #[test]

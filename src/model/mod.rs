@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use self::config::TextConfig;
-use self::graph::{GraphOptions, LinearAttn, WeightSource};
+use self::graph::{GraphOptions, KvCache, LinearAttn, WeightSource};
 use self::quant::Precision;
 use self::vision::VisionConfig;
 use crate::onnx::GraphBuilder;
@@ -48,6 +48,9 @@ pub struct Manifest {
     pub precision: Precision,
     /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
+    /// Element type of the attention layers' KV cache (f32 in folders written before the choice).
+    #[serde(default)]
+    pub kv_cache: KvCache,
     /// Operator sets the graph imports, e.g. `{"": 23, "ai.deltadoc": 1}`.
     pub opsets: std::collections::BTreeMap<String, i64>,
     /// The vision tower's configuration; present exactly when the folder has `vision.onnx`.
@@ -75,12 +78,14 @@ impl Manifest {
 }
 
 /// Options of `model import` / `model synth`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ExportOptions {
     /// Storage precision of the projection weights.
     pub precision: Precision,
     /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
+    /// Element type of the KV cache.
+    pub kv_cache: KvCache,
 }
 
 /// Writes a model folder from any weight source; `vision` adds the vision graph from the same
@@ -107,6 +112,7 @@ pub fn export(
         GraphOptions {
             precision: opts.precision,
             linear_attn: opts.linear_attn,
+            kv_cache: opts.kv_cache,
             image_token_id: vision.map_or(vision::IMAGE_PAD, |v| v.image_token_id),
         },
         &mut |_| progress.inc(1),
@@ -141,6 +147,7 @@ pub fn export(
         config: cfg.clone(),
         precision: opts.precision,
         linear_attn: opts.linear_attn,
+        kv_cache: opts.kv_cache,
         opsets,
         vision_config: vision.cloned(),
         files,

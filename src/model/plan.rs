@@ -2,18 +2,21 @@
 //! fit the configured budget is refused (or chunked smaller) instead of being OOM-killed hours
 //! into a prefill.
 //!
-//! The terms follow what the current graph allocates: weights (the external-data file, plus
-//! prepacked copies for int8/int4), the f32 KV cache of the attention layers twice over during
-//! a prefill call (ONNX Runtime writes the grown cache into a new buffer while the old one is
-//! alive), the DeltaNet conv and recurrent state, the per-call activations, whose largest part
-//! is the attention score matrix `[heads, chunk, context]` in f32, and a state snapshot when
-//! stages share a document prefix. Calibrated on the 0.8B shape (fp32, 4,096-token prompt in
-//! chunks of 512, no snapshot): 3.81 GiB peak RSS measured by `deltadoc bench`, 3.91 GiB planned.
+//! The terms follow what the graph allocates: weights (the external-data file, plus prepacked
+//! copies for int8/int4), the KV cache of the attention layers (f32 or f16) twice over during a
+//! prefill call (ONNX Runtime writes the grown cache into a new buffer while the old one is
+//! alive), the DeltaNet conv and recurrent state, the per-call activations (the MLP's and the
+//! hidden states'; attention is blockwise, so its scratch does not grow with the context), and a
+//! state snapshot when stages share a document prefix. Measured against `deltadoc bench` peak
+//! RSS in benches/RESULTS.md.
 
 use serde::Serialize;
 
+use super::ModelDir;
 use super::config::TextConfig;
+use super::graph::KvCache;
 use super::quant::Precision;
+use crate::ops::attention::{KEY_BLOCK, QUERY_TILE};
 
 /// ONNX Runtime, tokenizer, allocator arenas and the process itself.
 const RUNTIME_BYTES: u64 = 768 << 20;
@@ -33,7 +36,7 @@ pub struct MemoryPlan {
     pub kv_bytes: u64,
     /// DeltaNet conv + recurrent state.
     pub state_bytes: u64,
-    /// Largest per-call activations (attention scores, MLP, hidden states, logits).
+    /// Largest per-call activations (MLP, hidden states, attention tiles, logits).
     pub activation_bytes: u64,
     /// Copy of KV + state kept for prefix reuse across stages.
     pub snapshot_bytes: u64,
@@ -41,71 +44,89 @@ pub struct MemoryPlan {
     pub total_bytes: u64,
 }
 
-/// Plans a context of `context` tokens prefilled `chunk` tokens per call; `snapshot` when the
-/// document's state is kept for further stages.
-pub fn plan(
-    cfg: &TextConfig,
-    precision: Precision,
-    weights_file: u64,
-    context: usize,
-    chunk: usize,
-    snapshot: bool,
-) -> MemoryPlan {
-    let chunk = chunk.min(context).max(1) as u64;
-    let t = context as u64;
-    let weights_bytes = match precision {
-        // Prepacking keeps a second, reordered copy of the quantised blocks.
-        Precision::Int8 | Precision::Int4 => weights_file * 2,
-        Precision::Fp32 | Precision::Fp16 => weights_file,
-    };
-    let kv = cfg.kv_bytes_per_token() as u64 * t;
-    let state_bytes = cfg.linear_state_bytes() as u64;
-    let scores = 2 * cfg.num_attention_heads as u64 * chunk * t * 4;
-    let mlp = 3 * chunk * cfg.intermediate_size as u64 * 4;
-    let hidden = 12 * chunk * cfg.hidden_size as u64 * 4;
-    let logits = 2 * cfg.vocab_size as u64 * 4;
-    let activation_bytes = scores.max(mlp) + hidden + logits;
-    let snapshot_bytes = if snapshot { kv + state_bytes } else { 0 };
-    let kv_bytes = 2 * kv;
-    let total_bytes = weights_bytes + RUNTIME_BYTES + kv_bytes + state_bytes + activation_bytes + snapshot_bytes;
-    MemoryPlan {
-        context_tokens: context,
-        prefill_chunk: chunk as usize,
-        weights_bytes,
-        runtime_bytes: RUNTIME_BYTES,
-        kv_bytes,
-        state_bytes,
-        activation_bytes,
-        snapshot_bytes,
-        total_bytes,
-    }
+/// What a model folder brings to every plan.
+#[derive(Clone, Debug)]
+pub struct Footprint {
+    /// Text decoder configuration.
+    pub cfg: TextConfig,
+    /// Storage precision of the weights.
+    pub precision: Precision,
+    /// Element type of the KV cache.
+    pub kv_cache: KvCache,
+    /// Bytes of the weights file.
+    pub weights_file: u64,
 }
 
-/// The longest context (up to `max`) whose plan fits `budget`, or `None` when not even a
-/// context of one chunk does.
-pub fn max_context_within(
-    cfg: &TextConfig,
-    precision: Precision,
-    weights_file: u64,
-    budget: u64,
-    max: usize,
-    chunk: usize,
-    snapshot: bool,
-) -> Option<usize> {
-    let fits = |t: usize| plan(cfg, precision, weights_file, t, chunk, snapshot).total_bytes <= budget;
-    let lo = chunk.min(max).max(1);
-    if !fits(lo) {
-        return None;
+impl Footprint {
+    /// The footprint of an opened model folder.
+    pub fn of(dir: &ModelDir) -> Self {
+        let m = &dir.manifest;
+        Self { cfg: m.config.clone(), precision: m.precision, kv_cache: m.kv_cache, weights_file: dir.weights_bytes() }
     }
-    let (mut lo, mut hi) = (lo, max);
-    if fits(hi) {
-        return Some(hi);
+
+    /// KV cache bytes per token of context.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.cfg.kv_elements_per_token() * self.kv_cache.bytes()) as u64
     }
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if fits(mid) { lo = mid } else { hi = mid }
+
+    /// Plans a context of `context` tokens prefilled `chunk` tokens per call; `snapshot` when
+    /// the document's state is kept for further stages.
+    pub fn plan(&self, context: usize, chunk: usize, snapshot: bool) -> MemoryPlan {
+        let cfg = &self.cfg;
+        let chunk = chunk.min(context).max(1) as u64;
+        let t = context as u64;
+        let weights_bytes = match self.precision {
+            // Prepacking keeps a second, reordered copy of the quantised blocks.
+            Precision::Int8 | Precision::Int4 => self.weights_file * 2,
+            Precision::Fp32 | Precision::Fp16 => self.weights_file,
+        };
+        let kv = self.kv_bytes_per_token() * t;
+        let state_bytes = cfg.linear_state_bytes() as u64;
+        // One scratch per (KV head, query tile): queries and accumulator rows, a key and a value
+        // block widened to f32, and the block's scores.
+        let (hd, group) = (cfg.head_dim as u64, (cfg.num_attention_heads / cfg.num_key_value_heads) as u64);
+        let tiles = cfg.num_key_value_heads as u64 * chunk.div_ceil(QUERY_TILE as u64);
+        let rows = group * QUERY_TILE.min(chunk as usize) as u64;
+        let block = KEY_BLOCK as u64;
+        let attention = tiles * (2 * rows * hd + 2 * block * hd + rows * block) * 4;
+        let mlp = 3 * chunk * cfg.intermediate_size as u64 * 4;
+        let hidden = 12 * chunk * cfg.hidden_size as u64 * 4;
+        let logits = 2 * cfg.vocab_size as u64 * 4;
+        let activation_bytes = mlp + attention + hidden + logits;
+        let snapshot_bytes = if snapshot { kv + state_bytes } else { 0 };
+        let kv_bytes = 2 * kv;
+        let total_bytes = weights_bytes + RUNTIME_BYTES + kv_bytes + state_bytes + activation_bytes + snapshot_bytes;
+        MemoryPlan {
+            context_tokens: context,
+            prefill_chunk: chunk as usize,
+            weights_bytes,
+            runtime_bytes: RUNTIME_BYTES,
+            kv_bytes,
+            state_bytes,
+            activation_bytes,
+            snapshot_bytes,
+            total_bytes,
+        }
     }
-    Some(lo)
+
+    /// The longest context (up to `max`) whose plan fits `budget`, or `None` when not even a
+    /// context of one chunk does.
+    pub fn max_context_within(&self, budget: u64, max: usize, chunk: usize, snapshot: bool) -> Option<usize> {
+        let fits = |t: usize| self.plan(t, chunk, snapshot).total_bytes <= budget;
+        let lo = chunk.min(max).max(1);
+        if !fits(lo) {
+            return None;
+        }
+        let (mut lo, mut hi) = (lo, max);
+        if fits(hi) {
+            return Some(hi);
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fits(mid) { lo = mid } else { hi = mid }
+        }
+        Some(lo)
+    }
 }
 
 #[cfg(test)]
@@ -113,18 +134,35 @@ mod tests {
     use super::*;
     use crate::model::config::Shape;
 
+    fn footprint(kv_cache: KvCache) -> Footprint {
+        Footprint { cfg: Shape::B0_8.config(), precision: Precision::Fp32, kv_cache, weights_file: 2_800_000_000 }
+    }
+
     #[test]
     fn plan_grows_with_context_and_the_search_finds_the_edge() {
-        let cfg = Shape::B0_8.config();
-        let w = 2_800_000_000;
-        let small = plan(&cfg, Precision::Fp32, w, 4096, 512, false);
-        let big = plan(&cfg, Precision::Fp32, w, 262_144, 512, true);
+        let f = footprint(KvCache::F32);
+        let w = f.weights_file;
+        let small = f.plan(4096, 512, false);
+        let big = f.plan(262_144, 512, true);
         assert!(big.total_bytes > small.total_bytes);
         assert!(small.total_bytes > w && small.total_bytes < 4 << 30, "{small:?}");
         let budget = 20u64 << 30;
-        let t = max_context_within(&cfg, Precision::Fp32, w, budget, 262_144, 512, true).unwrap();
-        assert!(plan(&cfg, Precision::Fp32, w, t, 512, true).total_bytes <= budget);
-        assert!(t == 262_144 || plan(&cfg, Precision::Fp32, w, t + 1, 512, true).total_bytes > budget);
-        assert_eq!(max_context_within(&cfg, Precision::Fp32, w, 1 << 30, 262_144, 512, false), None);
+        let t = f.max_context_within(budget, 262_144, 512, true).unwrap();
+        assert!(f.plan(t, 512, true).total_bytes <= budget);
+        assert!(t == 262_144 || f.plan(t + 1, 512, true).total_bytes > budget);
+        assert_eq!(f.max_context_within(1 << 30, 262_144, 512, false), None);
+    }
+
+    #[test]
+    fn a_full_context_with_a_snapshot_fits_16_gib_with_an_f16_cache_only() {
+        // 0.8B shape, 262,144 tokens in chunks of 512, snapshot kept: the f32 cache is 6.4 GB,
+        // held three times (old and grown buffer during a call, snapshot).
+        let budget = 16u64 << 30;
+        assert!(footprint(KvCache::F32).plan(262_144, 512, true).total_bytes > budget);
+        let p = footprint(KvCache::F16).plan(262_144, 512, true);
+        assert!(p.total_bytes < budget, "{p:?}");
+        assert_eq!(p.kv_bytes, 2 * 262_144 * 6 * 2 * 2 * 256 * 2);
+        // The attention scratch does not grow with the context.
+        assert_eq!(p.activation_bytes, footprint(KvCache::F16).plan(4096, 512, false).activation_bytes);
     }
 }

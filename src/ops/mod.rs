@@ -3,18 +3,25 @@
 //! - `CausalConv1dWithState(x, weight, past_state) -> (y, present_state)`
 //! - `GatedDeltaRule(q, k, v, g, beta, past_state) -> (o, present_state)`
 //!
+//! and the attention half's long-context kernel:
+//! - `CausalAttention` / `CausalAttentionF16(q, k, v, past_key, past_value) -> (out, present_key,
+//!   present_value)`
+//!
 //! The op contract (shapes, attributes, state layout) is written down in onnx/README.md; the
-//! numerical kernels live in [`conv`] and [`gated_delta`] and know nothing of ONNX Runtime.
+//! numerical kernels live in [`attention`], [`conv`] and [`gated_delta`] and know nothing of ONNX
+//! Runtime.
 
+pub mod attention;
 pub mod conv;
 pub mod gated_delta;
+mod gemm;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use ort::operator::{
     ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput, ShapeInferenceContext,
 };
-use ort::value::TensorElementType;
+use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use self::conv::Activation;
 use self::gated_delta::{ChunkScratch, HeadInputs};
@@ -26,7 +33,11 @@ pub const DOMAIN_VERSION: i64 = 1;
 
 /// Builds the operator domain to register on every session that runs a deltadoc graph.
 pub fn domain() -> ort::Result<OperatorDomain> {
-    OperatorDomain::new(DOMAIN)?.add(CausalConv1dWithState)?.add(GatedDeltaRule)
+    OperatorDomain::new(DOMAIN)?
+        .add(CausalConv1dWithState)?
+        .add(GatedDeltaRule)?
+        .add(CausalAttention::<f32>::default())?
+        .add(CausalAttention::<half::f16>::default())
 }
 
 fn err(msg: impl Into<String>) -> ort::Error {
@@ -379,6 +390,201 @@ impl RuleKernelImpl {
             for ti in 0..t {
                 let dst = (bi * t + ti) * hv * dv + h * dv;
                 unsafe { std::slice::from_raw_parts_mut(op.at(dst), dv) }.copy_from_slice(&hs.out[ti * dv..(ti + 1) * dv]);
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// Causal grouped-query attention with a growing KV cache, computed blockwise
+/// ([`attention`]): `q: [B, S, Hq, D]`, `k, v: [B, S, Hkv, D]` (f32, positions already rotated),
+/// `past_key, past_value: [B, Hkv, P, D]` → `out: [B, S, Hq·D]` (f32),
+/// `present_key, present_value: [B, Hkv, P + S, D]`. The cache is f32 for `CausalAttention` and
+/// f16 for `CausalAttentionF16`: ORT binds one element type per input of a custom op.
+pub struct CausalAttention<T>(std::marker::PhantomData<T>);
+
+impl<T> Default for CausalAttention<T> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+/// The cache element types the operator is registered for.
+pub trait CacheType: attention::CacheElem + ort::value::PrimitiveTensorElementType + std::fmt::Debug {
+    /// Operator name for this cache type.
+    const OP: &'static str;
+}
+
+impl CacheType for f32 {
+    const OP: &'static str = "CausalAttention";
+}
+
+impl CacheType for half::f16 {
+    const OP: &'static str = "CausalAttentionF16";
+}
+
+/// Kernel of [`CausalAttention`]: its attributes and one scratch per work item.
+pub struct AttentionKernel<T> {
+    q_heads: usize,
+    kv_heads: usize,
+    scale: f32,
+    tiles: Vec<attention::TileScratch>,
+    _cache: std::marker::PhantomData<T>,
+}
+
+impl<T: CacheType> Operator for CausalAttention<T> {
+    type Kernel<'a> = AttentionKernel<T>;
+
+    fn name(&self) -> &str {
+        T::OP
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(T::into_tensor_element_type()),
+            OperatorInput::required(T::into_tensor_element_type()),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [
+            OperatorOutput::required(TensorElementType::Float32),
+            OperatorOutput::required(T::into_tensor_element_type()),
+            OperatorOutput::required(T::into_tensor_element_type()),
+        ]
+    }
+
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<AttentionKernel<T>> {
+        let heads = |name: &str| -> ort::Result<usize> {
+            match kctx.get::<i64>(name) {
+                Some(v) if v > 0 => Ok(v as usize),
+                other => Err(err(format!("{DOMAIN}::{}: attribute {name} must be a positive int, got {other:?}", T::OP))),
+            }
+        };
+        let (q_heads, kv_heads) = (heads("num_heads")?, heads("kv_num_heads")?);
+        if !q_heads.is_multiple_of(kv_heads) {
+            return Err(err(format!("{DOMAIN}::{}: num_heads {q_heads} is not a multiple of kv_num_heads {kv_heads}", T::OP)));
+        }
+        Ok(AttentionKernel {
+            q_heads,
+            kv_heads,
+            scale: kctx.get::<f32>("scale").unwrap_or(0.0),
+            tiles: Vec::new(),
+            _cache: std::marker::PhantomData,
+        })
+    }
+    // ORT cannot infer the outputs of a custom op; without ranks here the nodes after it (the
+    // next layer's splits) fail type inference.
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        let inputs = ctx.inputs();
+        let (
+            ValueType::Tensor { shape: qs, dimension_symbols: qsym, .. },
+            ValueType::Tensor { ty: cache_ty, shape: ks, dimension_symbols: ksym },
+        ) = (&inputs[0], &inputs[3])
+        else {
+            return Err(err(format!("{}: q and past_key must be tensors", T::OP)));
+        };
+        if qs.len() != 4 || ks.len() != 4 {
+            return Err(err(format!("{}: q and past_key must have rank 4", T::OP)));
+        }
+        let width = if qs[2] > 0 && qs[3] > 0 { qs[2] * qs[3] } else { -1 };
+        let out = ValueType::Tensor {
+            ty: TensorElementType::Float32,
+            shape: Shape::new([qs[0], qs[1], width]),
+            dimension_symbols: SymbolicDimensions::new([qsym[0].clone(), qsym[1].clone(), String::new()]),
+        };
+        let present = ValueType::Tensor {
+            ty: *cache_ty,
+            shape: Shape::new([ks[0], ks[1], -1, ks[3]]),
+            dimension_symbols: SymbolicDimensions::new([ksym[0].clone(), ksym[1].clone(), String::new(), ksym[3].clone()]),
+        };
+        ctx.set_output(0, &out)?;
+        ctx.set_output(1, &present)?;
+        ctx.set_output(2, &present)
+    }
+}
+
+impl<T: CacheType> Kernel for AttentionKernel<T> {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        guarded(T::OP, || self.run(ctx))
+    }
+}
+
+impl<T: CacheType> AttentionKernel<T> {
+    fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let op = T::OP;
+        let q = input(ctx, 0, op, "q")?;
+        let k = input(ctx, 1, op, "k")?;
+        let v = input(ctx, 2, op, "v")?;
+        let pk = input(ctx, 3, op, "past_key")?;
+        let pv = input(ctx, 4, op, "past_value")?;
+        let (qs, q) = q.try_extract_tensor::<f32>()?;
+        let (ks, k) = k.try_extract_tensor::<f32>()?;
+        let (vs, v) = v.try_extract_tensor::<f32>()?;
+        let (pks, pk) = pk.try_extract_tensor::<T>()?;
+        let (pvs, pv) = pv.try_extract_tensor::<T>()?;
+        let (hq, hkv) = (self.q_heads, self.kv_heads);
+        let qd = dims(qs);
+        if qd.len() != 4 || qd[2] != hq {
+            return Err(err(format!("{op}: q must be [B, S, {hq}, D], got {qd:?}")));
+        }
+        let (b, s, hd) = (qd[0], qd[1], qd[3]);
+        let pd = dims(pks);
+        if pd.len() != 4 || pd[0] != b || pd[1] != hkv || pd[3] != hd {
+            return Err(err(format!("{op}: past_key must be [{b}, {hkv}, P, {hd}], got {pd:?}")));
+        }
+        let past = pd[2];
+        for (name, got, want) in
+            [("k", dims(ks), vec![b, s, hkv, hd]), ("v", dims(vs), vec![b, s, hkv, hd]), ("past_value", dims(pvs), pd.clone())]
+        {
+            if got != want {
+                return Err(err(format!("{op}: {name} has shape {got:?}, expected {want:?}")));
+            }
+        }
+        let scale = if self.scale > 0.0 { self.scale } else { (hd as f32).powf(-0.5) };
+        let d = attention::Dims { q_heads: hq, kv_heads: hkv, head_dim: hd, past, new: s, scale };
+        let total = d.total();
+        let cache_shape = vec![b as i64, hkv as i64, total as i64, hd as i64];
+        let mut out = ctx
+            .output(0, vec![b as i64, s as i64, (hq * hd) as i64])?
+            .ok_or_else(|| err(format!("{op}: output 0 not requested")))?;
+        let mut nk = ctx.output(1, cache_shape.clone())?.ok_or_else(|| err(format!("{op}: output 1 not requested")))?;
+        let mut nv = ctx.output(2, cache_shape)?.ok_or_else(|| err(format!("{op}: output 2 not requested")))?;
+        let (_, out) = out.try_extract_tensor_mut::<f32>()?;
+        let (_, nk) = nk.try_extract_tensor_mut::<T>()?;
+        let (_, nv) = nv.try_extract_tensor_mut::<T>()?;
+        let (row_in, row_past, row_cache) = (s * hkv * hd, hkv * past * hd, hkv * total * hd);
+        let (nkp, nvp) = (SharedMut(nk.as_mut_ptr()), SharedMut(nv.as_mut_ptr()));
+        ctx.par_for(2 * b, 2 * b, |i| {
+            let (bi, (src, new, dst)) = (i / 2, if i % 2 == 0 { (pk, k, nkp) } else { (pv, v, nvp) });
+            // SAFETY: item i writes only the keys (or values) of batch row i / 2.
+            let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(bi * row_cache), row_cache) };
+            attention::append(&src[bi * row_past..(bi + 1) * row_past], &new[bi * row_in..(bi + 1) * row_in], dst, &d);
+        })?;
+
+        let tiles_per_head = s.div_ceil(attention::QUERY_TILE);
+        let items = b * hkv * tiles_per_head;
+        self.tiles.resize_with(items, Default::default);
+        let (nk, nv): (&[T], &[T]) = (nk, nv);
+        let (tp, op_out) = (SharedMut(self.tiles.as_mut_ptr()), SharedMut(out.as_mut_ptr()));
+        let group = hq / hkv;
+        ctx.par_for(items, items, |i| {
+            let (bi, h, t) = (i / (hkv * tiles_per_head), i / tiles_per_head % hkv, i % tiles_per_head);
+            let rows = t * attention::QUERY_TILE..((t + 1) * attention::QUERY_TILE).min(s);
+            // SAFETY: item i is the only user of scratch i.
+            let sc = unsafe { &mut *tp.at(i) };
+            let cache = bi * row_cache + h * total * hd..bi * row_cache + (h + 1) * total * hd;
+            let qb = &q[bi * s * hq * hd..(bi + 1) * s * hq * hd];
+            attention::tile(qb, &nk[cache.clone()], &nv[cache], &d, h, rows.clone(), sc);
+            for g in 0..group {
+                for (j, pos) in rows.clone().enumerate() {
+                    let at = ((bi * s + pos) * hq + h * group + g) * hd;
+                    // SAFETY: (batch row, position, query head) triples are disjoint across items.
+                    unsafe { std::slice::from_raw_parts_mut(op_out.at(at), hd) }.copy_from_slice(sc.output(g, j, hd));
+                }
             }
         })?;
         Ok(())

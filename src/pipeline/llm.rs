@@ -15,9 +15,7 @@ use crate::constrain::{Constraint, Schema, Vocabulary};
 use crate::extract::{self, page_image};
 use crate::generate::{self, Decoder, GenerateOptions, Sampling, TokenFilter};
 use crate::model::ModelDir;
-use crate::model::config::TextConfig;
-use crate::model::plan::{self, MemoryPlan};
-use crate::model::quant::Precision;
+use crate::model::plan::{Footprint, MemoryPlan};
 use crate::model::vision::VisionConfig;
 use crate::ocr::{OcrOptions, Transcription};
 use crate::runtime::SessionOptions;
@@ -165,9 +163,7 @@ pub trait TextModel {
 /// The ONNX Runtime Qwen3.5 decoder with prefix reuse.
 pub struct OrtModel {
     info: ModelInfo,
-    cfg: TextConfig,
-    precision: Precision,
-    weights_file: u64,
+    footprint: Footprint,
     tokenizer: Tokenizer,
     decoder: Decoder,
     /// The vocabulary indexed for constrained decoding (built on first use: about a second).
@@ -202,9 +198,7 @@ impl OrtModel {
         };
         Ok(Self {
             info,
-            cfg: m.config.clone(),
-            precision: m.precision,
-            weights_file: dir.weights_bytes(),
+            footprint: Footprint::of(dir),
             tokenizer: dir.tokenizer()?,
             decoder: Decoder::open(dir, opts)?,
             vocabulary: None,
@@ -316,12 +310,11 @@ impl TextModel for OrtModel {
     }
 
     fn plan(&self, context: usize, snapshot: bool) -> MemoryPlan {
-        plan::plan(&self.cfg, self.precision, self.weights_file, context, self.prefill_chunk, snapshot)
+        self.footprint.plan(context, self.prefill_chunk, snapshot)
     }
 
     fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize> {
-        let max = self.info.max_context;
-        plan::max_context_within(&self.cfg, self.precision, self.weights_file, budget, max, self.prefill_chunk, snapshot)
+        self.footprint.max_context_within(budget, self.info.max_context, self.prefill_chunk, snapshot)
     }
 
     fn transcribe(&mut self, source: &Path, mime: &str, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use deltadoc::generate::{Decoder, Logits};
-use deltadoc::model::graph::LinearAttn;
+use deltadoc::model::graph::{KvCache, LinearAttn};
 use deltadoc::model::quant::Precision;
 use deltadoc::model::{self, ExportOptions, ModelDir};
 use safetensors::SafeTensors;
@@ -51,23 +51,25 @@ pub fn scratch_dir() -> &'static Path {
     })
 }
 
-/// Imports a committed fixture checkpoint once per (fixture, precision) and returns the folder.
+/// Imports a committed fixture checkpoint once per (fixture, precision) and returns the folder
+/// (deltadoc operators, exact f32 KV cache: what the parity tolerances assume).
 pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
-    imported_with(fixture, precision, LinearAttn::Deltadoc)
+    imported_with(fixture, ExportOptions { precision, linear_attn: LinearAttn::Deltadoc, kv_cache: KvCache::F32 })
 }
 
-/// [`imported`] with a choice of DeltaNet operators.
-pub fn imported_with(fixture: &str, precision: Precision, linear_attn: LinearAttn) -> PathBuf {
-    type Imports = HashMap<(String, Precision, LinearAttn), PathBuf>;
+/// [`imported`] with any export options.
+pub fn imported_with(fixture: &str, opts: ExportOptions) -> PathBuf {
+    type Imports = HashMap<(String, ExportOptions), PathBuf>;
     static CACHE: OnceLock<Mutex<Imports>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
     cache
-        .entry((fixture.to_string(), precision, linear_attn))
+        .entry((fixture.to_string(), opts))
         .or_insert_with(|| {
-            let out = scratch_dir().join(format!("{}-{}-{linear_attn:?}", fixture.replace('/', "_"), precision.name()));
+            let name =
+                format!("{}-{}-{:?}-{:?}", fixture.replace('/', "_"), opts.precision.name(), opts.linear_attn, opts.kv_cache);
+            let out = scratch_dir().join(name);
             let hf = fixture_dir(fixture).join("hf");
-            model::import(&hf, &out, ExportOptions { precision, linear_attn })
-                .unwrap_or_else(|e| panic!("import of {fixture} failed: {e:#}"));
+            model::import(&hf, &out, opts).unwrap_or_else(|e| panic!("import of {fixture} failed: {e:#}"));
             out
         })
         .clone()

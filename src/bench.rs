@@ -52,6 +52,10 @@ pub struct BenchReport {
     pub threads: usize,
     /// Seconds to open the session (graph optimisation and weight loading).
     pub load_s: f64,
+    /// Seconds of the untimed warm-up call (one prefill chunk, then a reset): ONNX Runtime's
+    /// arena and the operators' buffers grow on the first call, which would otherwise count as
+    /// prefill (llama-bench warms up too).
+    pub warmup_s: f64,
     /// Weight precision of the model folder.
     pub precision: String,
     /// Which operators ran the DeltaNet layers.
@@ -89,6 +93,10 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let t_load = Instant::now();
     let mut dec = Decoder::open(model, session)?;
     let load_s = t_load.elapsed().as_secs_f64();
+    let t_warm = Instant::now();
+    dec.forward(&prompt[..opts.prefill_chunk.clamp(1, prompt.len())], Logits::Last)?;
+    dec.reset()?;
+    let warmup_s = t_warm.elapsed().as_secs_f64();
 
     let mut progress = Progress::new(prompt.len() as u64, "prefill");
     let t0 = Instant::now();
@@ -142,6 +150,7 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         prefill_chunk: opts.prefill_chunk,
         threads: session.threads,
         load_s,
+        warmup_s,
         precision: model.manifest.precision.name().into(),
         linear_attn: format!("{:?}", model.manifest.linear_attn).to_lowercase(),
         source: model.manifest.source.clone(),

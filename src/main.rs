@@ -544,6 +544,7 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("model          {} ({}, {} DeltaNet ops)", m.dir.display(), r.precision, r.linear_attn);
                 println!("threads        {}", r.threads);
                 println!("load           {:.2} s", r.load_s);
+                println!("warm-up call   {:.2} s", r.warmup_s);
                 println!(
                     "prefill        {} tokens, {:.1} tok/s (chunks of {})",
                     r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_chunk

@@ -17,6 +17,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use super::gemm::gemm;
+use super::simd;
 
 /// Keys per block of the online softmax. Each block re-packs the query tile for the GEMM, so
 /// longer blocks pack less; past 256 the block's scores and widened keys and values fall out of
@@ -25,6 +26,10 @@ pub const KEY_BLOCK: usize = 256;
 /// Query positions per work item; with a group of 4 query heads per KV head a tile is 256 rows,
 /// large enough for efficient GEMMs, small enough to give both cores work on a 512-token call.
 pub const QUERY_TILE: usize = 64;
+/// Tiles of at most this many rows (decode: one position times the query group) take scores and
+/// outputs as dot products and row updates that stream the key block once: a GEMM would pack the
+/// whole block for a handful of rows, which made decode of a small model 2× slower.
+const DIRECT_ROWS: usize = 8;
 
 /// Element type of the KV cache.
 pub trait CacheElem: Copy + Default + Send + Sync + 'static {
@@ -156,7 +161,11 @@ pub fn tile<T: CacheElem>(q: &[f32], keys: &[T], values: &[T], d: &Dims, h: usiz
         let kn = KEY_BLOCK.min(end - kb);
         T::load(&keys[kb * hd..(kb + kn) * hd], &mut sc.k[..kn * hd]);
         T::load(&values[kb * hd..(kb + kn) * hd], &mut sc.v[..kn * hd]);
-        gemm(r, hd, kn, 1.0, &sc.q, hd, 1, &sc.k, 1, hd, 0.0, &mut sc.scores, kn);
+        if r <= DIRECT_ROWS {
+            rows_times_keys(&sc.q, &sc.k[..kn * hd], hd, &mut sc.scores[..r * kn]);
+        } else {
+            gemm(r, hd, kn, 1.0, &sc.q, hd, 1, &sc.k, 1, hd, 0.0, &mut sc.scores, kn);
+        }
         for row in 0..r {
             let pos = first + row % n;
             let visible = (pos + 1).saturating_sub(kb).min(kn);
@@ -167,11 +176,7 @@ pub fn tile<T: CacheElem>(q: &[f32], keys: &[T], values: &[T], d: &Dims, h: usiz
             }
             let block_max = srow[..visible].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let m = sc.max[row].max(block_max);
-            let mut s = 0f32;
-            for x in &mut srow[..visible] {
-                *x = (*x - m).exp();
-                s += *x;
-            }
+            let s = simd::exp_sub_sum(&mut srow[..visible], m);
             srow[visible..].fill(0.0);
             let correction = (sc.max[row] - m).exp();
             if correction != 1.0 {
@@ -180,11 +185,39 @@ pub fn tile<T: CacheElem>(q: &[f32], keys: &[T], values: &[T], d: &Dims, h: usiz
             sc.sum[row] = sc.sum[row] * correction + s;
             sc.max[row] = m;
         }
-        gemm(r, kn, hd, 1.0, &sc.scores, kn, 1, &sc.v, hd, 1, 1.0, &mut sc.acc, hd);
+        if r <= DIRECT_ROWS {
+            accumulate_rows(&sc.scores[..r * kn], &sc.v[..kn * hd], hd, &mut sc.acc);
+        } else {
+            gemm(r, kn, hd, 1.0, &sc.scores, kn, 1, &sc.v, hd, 1, 1.0, &mut sc.acc, hd);
+        }
     }
     for (row, out) in sc.acc.chunks_exact_mut(hd).enumerate() {
         let inv = 1.0 / sc.sum[row];
         out.iter_mut().for_each(|a| *a *= inv);
+    }
+}
+
+/// `scores[row][j] = q[row] · keys[j]` for every query row against every key of a block.
+fn rows_times_keys(q: &[f32], keys: &[f32], hd: usize, scores: &mut [f32]) {
+    let kn = keys.len() / hd;
+    // Key-major, so each key is read once while the few query rows stay in L1.
+    for (j, key) in keys.chunks_exact(hd).enumerate() {
+        for (row, qr) in q.chunks_exact(hd).enumerate() {
+            scores[row * kn + j] = simd::dot(qr, key);
+        }
+    }
+}
+
+/// `acc[row] += Σ_j p[row][j] · values[j]`, each value row read once.
+fn accumulate_rows(p: &[f32], values: &[f32], hd: usize, acc: &mut [f32]) {
+    let kn = values.len() / hd;
+    for (j, value) in values.chunks_exact(hd).enumerate() {
+        for (row, out) in acc.chunks_exact_mut(hd).enumerate() {
+            let w = p[row * kn + j];
+            if w != 0.0 {
+                simd::axpy(w, value, out);
+            }
+        }
     }
 }
 
@@ -252,8 +285,9 @@ mod tests {
             for h in 0..kvh {
                 let t = d.total();
                 let (ck, cv) = (&cache_k[h * t * hd..(h + 1) * t * hd], &cache_v[h * t * hd..(h + 1) * t * hd]);
-                for start in (0..s).step_by(3) {
-                    let tile_rows = start..(start + 3).min(s);
+                // Tiles of 3 positions (6 rows) take the direct path, tiles of 5 (10 rows) the GEMMs.
+                for (start, len) in (0..s).step_by(3).map(|x| (x, 3)).chain((0..s).step_by(5).map(|x| (x, 5))) {
+                    let tile_rows = start..(start + len).min(s);
                     tile(qc, ck, cv, &d, h, tile_rows.clone(), &mut sc);
                     for g in 0..d.group() {
                         for (i, pos) in tile_rows.clone().enumerate() {

@@ -10,6 +10,7 @@
 //! scaled: [`prepare_qk`] does that so the two kernels see bit-identical inputs.
 
 use super::gemm::gemm;
+use super::simd::{self, madd};
 
 /// Chunk length of the chunked kernel; the reference implementation uses 64.
 pub const CHUNK: usize = 64;
@@ -51,8 +52,13 @@ pub fn prepare_qk(x: &mut [f32], d: usize, scale: f32) {
     }
 }
 
-/// Token-by-token rule; `out` is `[T, Dv]`.
-pub fn recurrent(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) {
+simd::dispatch!(
+    /// Token-by-token rule; `out` is `[T, Dv]`.
+    recurrent(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) -> () = recurrent_lanes
+);
+
+#[inline(always)]
+fn recurrent_lanes<const FMA: bool>(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (inp.dk, inp.dv);
     let mut delta = vec![0f32; dv];
     for t in 0..inp.len() {
@@ -66,7 +72,7 @@ pub fn recurrent(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) {
             let ki = k[i];
             for (s, d) in row.iter_mut().zip(delta.iter_mut()) {
                 *s *= decay;
-                *d += *s * ki;
+                *d = madd::<FMA>(*s, ki, *d);
             }
         }
         let beta = inp.beta[t];
@@ -79,8 +85,8 @@ pub fn recurrent(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) {
         for (i, row) in state.chunks_exact_mut(dv).enumerate() {
             let (ki, qi) = (k[i], q[i]);
             for ((s, &d), oj) in row.iter_mut().zip(delta.iter()).zip(o.iter_mut()) {
-                *s += ki * d;
-                *oj += *s * qi;
+                *s = madd::<FMA>(ki, d, *s);
+                *oj = madd::<FMA>(*s, qi, *oj);
             }
         }
     }
@@ -93,24 +99,33 @@ pub struct ChunkScratch {
     kq: Vec<f32>,
     /// `[k; q] kᵀ` (2L × L): rows 0..L hold A, rows L..2L the masked `q kᵀ`.
     scores: Vec<f32>,
-    /// `[vβ | kβ ⊙ e^c]` (L × (Dv + Dk)), solved in place into `[u | w]`, then `v'` in the u part.
+    /// `[u | w]` (L × (Dv + Dk)), then `v'` in the u part.
     rhs: Vec<f32>,
+    /// `(I + A)⁻¹` (L × L).
+    inv: Vec<f32>,
     /// `[w; q ⊙ e^c]` (2L × Dk).
     wq: Vec<f32>,
     /// `[w; q ⊙ e^c] S` (2L × Dv).
     ws: Vec<f32>,
-    /// `k ⊙ e^{c_L − c}` (L × Dk).
+    /// `[vβ | kβ ⊙ e^c]` (L × (Dv + Dk)), then `k ⊙ e^{c_L − c}` (L × Dk).
     kd: Vec<f32>,
     cum: Vec<f32>,
+    /// One row of the in-chunk decay matrix P.
+    decay: Vec<f32>,
 }
 
-/// Chunked (WY) rule; `out` is `[T, Dv]`. Equal to [`recurrent`] up to f32 summation order.
-///
-/// Per chunk of length L with in-chunk cumulative log-decay c:
-/// `A = strict_lower((kβ kᵀ) ⊙ P)`, `P[i,j] = exp(c_i − c_j)`; solve `(I + A) [u | w] = [vβ | kβ ⊙ e^c]`;
-/// `v' = u − w S`; `o = (q ⊙ e^c) S + ((q kᵀ) ⊙ P, lower incl. diagonal) v'`;
-/// `S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'`. Products that share an operand run as one GEMM.
-pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mut ChunkScratch) {
+simd::dispatch!(
+    /// Chunked (WY) rule; `out` is `[T, Dv]`. Equal to [`recurrent`] up to f32 summation order.
+    ///
+    /// Per chunk of length L with in-chunk cumulative log-decay c:
+    /// `A = strict_lower((kβ kᵀ) ⊙ P)`, `P[i,j] = exp(c_i − c_j)`; solve `(I + A) [u | w] = [vβ | kβ ⊙ e^c]`;
+    /// `v' = u − w S`; `o = (q ⊙ e^c) S + ((q kᵀ) ⊙ P, lower incl. diagonal) v'`;
+    /// `S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'`. Products that share an operand run as one GEMM.
+    chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mut ChunkScratch) -> () = chunked_lanes
+);
+
+#[inline(always)]
+fn chunked_lanes<const FMA: bool>(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mut ChunkScratch) {
     let (dk, dv) = (inp.dk, inp.dv);
     let t_total = inp.len();
     let width = dv + dk;
@@ -119,8 +134,10 @@ pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mu
     sc.rhs.resize(CHUNK * width, 0.0);
     sc.wq.resize(2 * CHUNK * dk, 0.0);
     sc.ws.resize(2 * CHUNK * dv, 0.0);
-    sc.kd.resize(CHUNK * dk, 0.0);
+    sc.kd.resize(CHUNK * width, 0.0);
+    sc.inv.resize(CHUNK * CHUNK, 0.0);
     sc.cum.resize(CHUNK, 0.0);
+    sc.decay.resize(CHUNK, 0.0);
 
     let mut start = 0;
     while start < t_total {
@@ -143,24 +160,40 @@ pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mu
         gemm(2 * l, dk, l, 1.0, &sc.kq, dk, 1, k, 1, dk, 0.0, &mut sc.scores, l);
         let (kk, qk) = sc.scores[..2 * l * l].split_at_mut(l * l);
         for i in 0..l {
-            for j in 0..l {
-                let idx = i * l + j;
-                if j < i {
-                    let p = (cum[i] - cum[j]).exp();
-                    kk[idx] *= beta[i] * p;
-                    qk[idx] *= p;
-                } else {
-                    kk[idx] = 0.0;
-                    if j > i {
-                        qk[idx] = 0.0;
-                    }
+            // P[i, j] = e^{c_i − c_j} for j < i, exponentiated as one row.
+            let p = &mut sc.decay[..i];
+            for (p, &c) in p.iter_mut().zip(cum.iter()) {
+                *p = -c;
+            }
+            simd::exp_sub_sum(p, -cum[i]);
+            let (kk_row, qk_row) = (&mut kk[i * l..(i + 1) * l], &mut qk[i * l..(i + 1) * l]);
+            for ((a, b), &p) in kk_row.iter_mut().zip(qk_row.iter_mut()).zip(p.iter()) {
+                *a *= beta[i] * p;
+                *b *= p;
+            }
+            kk_row[i..].fill(0.0);
+            qk_row[i + 1..].fill(0.0);
+        }
+        // (I + A)⁻¹ by forward substitution over its rows (L³/6 multiply-adds, each row only as
+        // wide as its column count), so that the solve itself is one GEMM: substituting the
+        // right-hand sides directly costs L²/2 row updates of Dv + Dk.
+        let inv = &mut sc.inv[..l * l];
+        inv.fill(0.0);
+        for i in 0..l {
+            let (done, rest) = inv.split_at_mut(i * l);
+            let row = &mut rest[..l];
+            row[i] = 1.0;
+            for j in 0..i {
+                let a = kk[i * l + j];
+                for (r, &x) in row[..=j].iter_mut().zip(&done[j * l..j * l + j + 1]) {
+                    *r = madd::<FMA>(-a, x, *r);
                 }
             }
         }
-        // Right-hand sides [vβ | kβ ⊙ e^c], then forward substitution with the unit lower matrix I + A.
-        let rhs = &mut sc.rhs[..l * width];
+        // [u | w] = (I + A)⁻¹ [vβ | kβ ⊙ e^c].
+        let b_rhs = &mut sc.kd[..l * width];
         for i in 0..l {
-            let row = &mut rhs[i * width..(i + 1) * width];
+            let row = &mut b_rhs[i * width..(i + 1) * width];
             let b = beta[i];
             for (r, &x) in row[..dv].iter_mut().zip(&v[i * dv..(i + 1) * dv]) {
                 *r = x * b;
@@ -170,18 +203,8 @@ pub fn chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mu
                 *r = x * e;
             }
         }
-        for i in 1..l {
-            let (done, rest) = rhs.split_at_mut(i * width);
-            let row = &mut rest[..width];
-            for j in 0..i {
-                let a = kk[i * l + j];
-                if a != 0.0 {
-                    for (r, &x) in row.iter_mut().zip(&done[j * width..(j + 1) * width]) {
-                        *r -= a * x;
-                    }
-                }
-            }
-        }
+        let rhs = &mut sc.rhs[..l * width];
+        gemm(l, l, width, 1.0, inv, l, 1, b_rhs, width, 1, 0.0, rhs, width);
         // [w; q ⊙ e^c] S in one product: rows 0..L are w S, rows L..2L the inter-chunk output.
         for i in 0..l {
             sc.wq[i * dk..(i + 1) * dk].copy_from_slice(&rhs[i * width + dv..(i + 1) * width]);

@@ -1,5 +1,6 @@
-//! The one small-GEMM entry point of the kernels: `matrixmultiply`'s runtime-dispatched SGEMM
-//! behind a slice-checked signature.
+//! The one small-GEMM entry point of the kernels: the `gemm` crate's runtime-dispatched SGEMM
+//! (AVX2/AVX-512 micro-kernels) behind a slice-checked signature. Single-threaded: the operators
+//! parallelise over heads with ORT's pool, so a nested pool would oversubscribe the cores.
 
 /// `c[m×n] = alpha · a[m×k] · b[k×n] + beta · c`, all row-major with the given row strides.
 #[allow(clippy::too_many_arguments)]
@@ -26,21 +27,28 @@ pub fn gemm(
     // SAFETY: the strides and extents above describe memory inside the given slices; `c` does not
     // alias `a` or `b` because it is borrowed mutably.
     unsafe {
-        matrixmultiply::sgemm(
+        // `gemm` computes `dst = alpha·dst + beta·lhs·rhs` and takes column strides first; with
+        // `read_dst` false it never reads `c`, so a `beta` of 0 ignores whatever `c` held.
+        gemm::gemm(
             m,
-            k,
             n,
-            alpha,
-            a.as_ptr(),
-            a_rs as isize,
-            a_cs as isize,
-            b.as_ptr(),
-            b_rs as isize,
-            b_cs as isize,
-            beta,
+            k,
             c.as_mut_ptr(),
-            c_rs as isize,
             1,
+            c_rs as isize,
+            beta != 0.0,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }

@@ -15,6 +15,7 @@ pub mod attention;
 pub mod conv;
 pub mod gated_delta;
 mod gemm;
+mod simd;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 

@@ -1,0 +1,172 @@
+//! Dot product and row update for the kernels' memory-bound paths, compiled for AVX2 as well as
+//! the baseline and picked at run time, so one binary serves every x86-64 server.
+
+/// Independent accumulators of [`dot`]: two AVX registers, so consecutive multiply-adds do not
+/// wait on each other's latency. Floats are not reassociated by the compiler, so the lanes have
+/// to be written out for it to vectorise the reduction.
+const LANES: usize = 16;
+
+/// `a · b + c`, fused where the variant was compiled with FMA (one rounding, twice the rate).
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+#[inline(always)]
+fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let mut acc = [0f32; LANES];
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn axpy_lanes<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = madd::<FMA>(alpha, v, *o);
+    }
+}
+
+/// `e^x` to about one ulp, in straight-line arithmetic the compiler vectorises (libm's `expf` is
+/// a call per element, which was a tenth of a long-context prefill).
+///
+/// `x = n·ln2 + r` with `|r| ≤ ln2/2`; `e^r` by its Taylor series to degree 7 (truncation below
+/// 1e-8 relative); `2^n` built in the exponent bits. Below −87.33 the result is under f32's
+/// smallest normal and is returned as 0; NaN stays NaN.
+#[inline(always)]
+fn exp_lane<const FMA: bool>(x: f32) -> f32 {
+    const LO: f32 = -87.33;
+    const HI: f32 = 88.722_83;
+    // Adding then subtracting 1.5·2^23 rounds to the nearest integer without a rounding
+    // instruction (none in baseline x86-64).
+    const ROUND: f32 = 12_582_912.0;
+    // ln 2 split so that n · LN2_HI is exact for every n in range (Cody and Waite).
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // NaN stays NaN through clamp.
+    let c = x.clamp(LO, HI);
+    let n = (c * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, c));
+    let mut p = 1.0 / 5040.0;
+    for k in [720.0, 120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
+        p = madd::<FMA>(p, r, 1.0 / k);
+    }
+    // n ∈ [−126, 128]; 2^n as two factors so n = 128 (e^x just below f32::MAX) does not overflow.
+    let n = n as i32;
+    let half = n / 2;
+    let y = p * f32::from_bits(((half + 127) as u32) << 23) * f32::from_bits(((n - half + 127) as u32) << 23);
+    if x < LO {
+        0.0
+    } else if x > HI {
+        f32::INFINITY
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn exp_sub_sum_lanes<const FMA: bool>(x: &mut [f32], m: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp_lane::<FMA>(c[l] - m);
+            acc[l] += c[l];
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.into_remainder() {
+        *v = exp_lane::<FMA>(*v - m);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Defines `pub fn $name` over `$body::<FMA>`, compiled twice, for the baseline and for AVX2 with
+/// FMA, and picks one at run time, so one binary serves every x86-64 server. The body must be
+/// `#[inline(always)]` so that it is compiled into each variant.
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn fused($($arg: $ty),*) -> $ret {
+                    $body::<true>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                    return unsafe { fused($($arg),*) };
+                }
+            }
+            $body::<false>($($arg),*)
+        }
+    };
+}
+
+pub(crate) use dispatch;
+
+dispatch!(
+    /// `a · b` over the shorter of the two.
+    dot(a: &[f32], b: &[f32]) -> f32 = dot_lanes
+);
+dispatch!(
+    /// `y += alpha · x` over the shorter of the two.
+    axpy(alpha: f32, x: &[f32], y: &mut [f32]) -> () = axpy_lanes
+);
+dispatch!(
+    /// `x ← e^(x − m)` element-wise; returns the sum of the results (a softmax's denominator).
+    exp_sub_sum(x: &mut [f32], m: f32) -> f32 = exp_sub_sum_lanes
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_and_axpy_match_plain_loops_at_every_tail_length() {
+        for n in [0, 1, 15, 16, 17, 33, 256] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-5, "dot, n = {n}");
+            let mut y = b.clone();
+            axpy(0.5, &a, &mut y);
+            for i in 0..n {
+                assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6, "axpy, n = {n}, i = {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm_over_the_whole_range() {
+        for variant in [exp_sub_sum_lanes::<false> as fn(&mut [f32], f32) -> f32, exp_sub_sum] {
+            let xs: Vec<f32> = (0..=400_000).map(|i| -100.0 + i as f32 * 5e-4).collect();
+            let mut ys = xs.clone();
+            let sum = variant(&mut ys, 0.0);
+            let mut want_sum = 0f64;
+            for (&x, &y) in xs.iter().zip(&ys) {
+                let want = (x as f64).exp();
+                want_sum += want.min(f32::MAX as f64);
+                if x < -87.33 {
+                    assert_eq!(y, 0.0, "e^{x}");
+                } else if want > f32::MAX as f64 {
+                    assert_eq!(y, f32::INFINITY, "e^{x}");
+                } else {
+                    assert!((y as f64 - want).abs() <= 2.0 * f32::EPSILON as f64 * want, "e^{x}: {y} vs {want}");
+                }
+            }
+            assert!(sum.is_infinite() && want_sum > f32::MAX as f64 || (sum as f64 / want_sum - 1.0).abs() < 1e-5);
+        }
+        let mut special = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, 0.0];
+        exp_sub_sum(&mut special, 0.0);
+        assert!(special[0].is_nan());
+        assert_eq!(special[1..], [0.0, f32::INFINITY, 1.0]);
+    }
+}

@@ -94,7 +94,10 @@ pub fn open_session_with(model: &Path, opts: &SessionOptions, prepack: Prepack) 
             .with_intra_threads(opts.threads)?
             .with_inter_threads(1)?
             .with_intra_op_spinning(opts.spin)?
-            .with_memory_pattern(false)?;
+            .with_memory_pattern(false)?
+            // Subnormal floats (from the DeltaNet decays) cost x86 ~100× per operation; ORT's own
+            // kernels get the same flush as deltadoc's (simd::FlushDenormals).
+            .with_config_entry("session.set_denormal_as_zero", "1")?;
         if prepack == Prepack::No {
             b = b.with_config_entry("session.disable_prepacking", "1")?;
         }

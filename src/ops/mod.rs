@@ -331,6 +331,7 @@ impl RuleKernelImpl {
         let (qp, kp) = (SharedMut(self.qn.as_mut_ptr()), SharedMut(self.kn.as_mut_ptr()));
         let l2 = self.l2norm;
         ctx.par_for(b * hk, b * hk, |i| {
+            let _flush = simd::FlushDenormals::new();
             let (bi, h) = (i / hk, i % hk);
             // SAFETY: worker i writes only rows [i·T·Dk, (i+1)·T·Dk) of qn and kn.
             let (qh, kh) = unsafe {
@@ -357,6 +358,7 @@ impl RuleKernelImpl {
         let (qn, kn) = (&self.qn, &self.kn);
         let group = hv / hk;
         ctx.par_for(b * hv, b * hv, |i| {
+            let _flush = simd::FlushDenormals::new();
             let (bi, h) = (i / hv, i % hv);
             let kh = bi * hk + h / group;
             // SAFETY: worker i is the only one to touch head scratch i.

@@ -17,7 +17,7 @@ use crate::model::graph::{present_name, state_names};
 use crate::model::quant::Precision;
 use crate::progress::Progress;
 use crate::runtime::{self, Prepack, SessionOptions};
-use crate::snapshot::{Snapshot, StateData, StateTensor, ids_digest};
+use crate::snapshot::{Elem, Snapshot, StateData, StateTensor, ids_digest};
 
 /// A decoder session with its carried state (one sequence).
 pub struct Decoder {
@@ -65,7 +65,7 @@ impl Decoder {
         self.state
             .iter()
             .filter_map(|(_, v)| state_layout(v).ok())
-            .map(|(shape, width)| width * shape.iter().product::<usize>())
+            .map(|(shape, elem)| elem.width() * shape.iter().product::<usize>())
             .sum()
     }
 
@@ -106,9 +106,8 @@ impl Decoder {
         if snap.tensors.len() != self.state.len() {
             bail!("snapshot has {} state tensors, the model has {}", snap.tensors.len(), self.state.len());
         }
-        let mut state = Vec::with_capacity(snap.tensors.len());
         for ((name, current), t) in self.state.iter().zip(&snap.tensors) {
-            let (shape, width) = state_layout(current)?;
+            let (shape, elem) = state_layout(current)?;
             // Only the attention caches grow, along their time axis, which must hold `tokens` rows.
             let grows = name.ends_with(".key") || name.ends_with(".value");
             let fits = shape.len() == t.shape.len()
@@ -117,12 +116,22 @@ impl Decoder {
                     .zip(&t.shape)
                     .enumerate()
                     .all(|(i, (&now, &saved))| if grows && i == 2 { saved == snap.tokens } else { now == saved });
-            if &t.name != name || !fits || width != t.data.width() {
+            if &t.name != name || !fits || elem != t.data.elem() {
                 bail!("snapshot tensor {} {:?} does not fit state {name} {:?}", t.name, t.shape, shape);
             }
-            state.push((name.clone(), state_value(&t.shape, t.data.clone())?));
         }
-        self.state = state;
+        // The old state goes before the copies are made: with it alive, restoring held the KV
+        // three times over (old state, snapshot, copy) against the two the memory plan counts.
+        self.state.clear();
+        for t in &snap.tensors {
+            match state_value(&t.shape, t.data.clone()) {
+                Ok(v) => self.state.push((t.name.clone(), v)),
+                Err(e) => {
+                    self.reset()?;
+                    return Err(e.context(format!("restoring state tensor {}", t.name)));
+                }
+            }
+        }
         self.past_len = snap.tokens;
         self.rope_delta = snap.rope_delta;
         Ok(())
@@ -359,23 +368,24 @@ pub struct PromptFeed<'a> {
 
 /// Shape and a copy of the values of a carried state tensor.
 fn copy_state(v: &DynValue) -> Result<(Vec<usize>, StateData)> {
-    let dims = |shape: &ort::value::Shape| shape.iter().map(|&d| d as usize).collect();
-    if let Ok((shape, data)) = v.try_extract_tensor::<f32>() {
-        return Ok((dims(shape), StateData::F32(data.to_vec())));
-    }
-    let (shape, data) = v.try_extract_tensor::<half::f16>()?;
-    Ok((dims(shape), StateData::F16(data.to_vec())))
+    let (shape, elem) = state_layout(v)?;
+    let data = match elem {
+        Elem::F32 => StateData::F32(v.try_extract_tensor::<f32>()?.1.to_vec()),
+        Elem::F16 => StateData::F16(v.try_extract_tensor::<half::f16>()?.1.to_vec()),
+    };
+    Ok((shape, data))
 }
 
-/// Shape and bytes per element of a carried state tensor, without copying it.
-fn state_layout(v: &DynValue) -> Result<(Vec<usize>, usize)> {
+/// Shape and element type of a carried state tensor, without copying it.
+fn state_layout(v: &DynValue) -> Result<(Vec<usize>, Elem)> {
     match v.dtype() {
         ort::value::ValueType::Tensor { ty, shape, .. } => {
-            let width = match ty {
-                ort::value::TensorElementType::Float16 => 2,
-                _ => 4,
+            let elem = match ty {
+                ort::value::TensorElementType::Float32 => Elem::F32,
+                ort::value::TensorElementType::Float16 => Elem::F16,
+                other => bail!("state tensor of {other}: the graph carries f32 or f16 state"),
             };
-            Ok((shape.iter().map(|&d| d as usize).collect(), width))
+            Ok((shape.iter().map(|&d| d as usize).collect(), elem))
         }
         other => Err(anyhow!("state value is a {other}, not a tensor")),
     }

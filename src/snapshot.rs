@@ -41,11 +41,6 @@ impl StateData {
         }
     }
 
-    /// Bytes per element.
-    pub fn width(&self) -> usize {
-        self.kind().width()
-    }
-
     /// The values widened to f32.
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
@@ -54,7 +49,8 @@ impl StateData {
         }
     }
 
-    fn kind(&self) -> Elem {
+    /// Element type of the values.
+    pub fn elem(&self) -> Elem {
         match self {
             Self::F32(_) => Elem::F32,
             Self::F16(_) => Elem::F16,
@@ -62,15 +58,19 @@ impl StateData {
     }
 }
 
-#[derive(Clone, Copy, Serialize, Deserialize)]
+/// Element type of a carried tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Elem {
+pub enum Elem {
+    /// 32-bit float.
     F32,
+    /// 16-bit IEEE float.
     F16,
 }
 
 impl Elem {
-    fn width(self) -> usize {
+    /// Bytes per element.
+    pub fn width(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::F16 => 2,
@@ -138,7 +138,7 @@ impl Snapshot {
             tokens: self.tokens,
             rope_delta: self.rope_delta,
             prefix_sha256: self.prefix_sha256.clone(),
-            tensors: self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.data.kind())).collect(),
+            tensors: self.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.data.elem())).collect(),
         })?;
         {
             let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;

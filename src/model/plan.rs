@@ -36,7 +36,7 @@ pub struct MemoryPlan {
     pub kv_bytes: u64,
     /// DeltaNet conv + recurrent state.
     pub state_bytes: u64,
-    /// Largest per-call activations (MLP, hidden states, attention tiles, logits).
+    /// Largest per-call activations (MLP, hidden states, attention tiles, rule buffers, logits).
     pub activation_bytes: u64,
     /// Copy of KV + state kept for prefix reuse across stages.
     pub snapshot_bytes: u64,
@@ -89,10 +89,13 @@ impl Footprint {
         let rows = group * QUERY_TILE.min(chunk as usize) as u64;
         let block = KEY_BLOCK as u64;
         let attention = tiles * (2 * rows * hd + 2 * block * hd + rows * block) * 4;
+        // The DeltaNet rule's call buffers (normalised q and k, per-head v and output), one set
+        // shared by all layers (ops::Pool).
+        let rule = 2 * chunk * (cfg.key_dim() + cfg.value_dim()) as u64 * 4;
         let mlp = 3 * chunk * cfg.intermediate_size as u64 * 4;
         let hidden = 12 * chunk * cfg.hidden_size as u64 * 4;
         let logits = 2 * cfg.vocab_size as u64 * 4;
-        let activation_bytes = mlp + attention + hidden + logits;
+        let activation_bytes = mlp + attention + rule + hidden + logits;
         let snapshot_bytes = if snapshot { kv + state_bytes } else { 0 };
         let kv_bytes = 2 * kv;
         let total_bytes = weights_bytes + RUNTIME_BYTES + kv_bytes + state_bytes + activation_bytes + snapshot_bytes;

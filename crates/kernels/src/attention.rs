@@ -16,8 +16,8 @@ use std::ops::Range;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::gemm::gemm;
-use super::simd;
+use crate::gemm::gemm;
+use crate::simd;
 
 /// Keys per block of the online softmax. Each block re-packs the query tile for the GEMM, so
 /// longer blocks pack less; past 256 the block's scores and widened keys and values fall out of

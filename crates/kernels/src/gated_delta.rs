@@ -9,8 +9,8 @@
 //! write the outputs `o_t = Sᵀ q_t`. Queries and keys must already be L2-normalised, and queries
 //! scaled: [`prepare_qk`] does that so the two kernels see bit-identical inputs.
 
-use super::gemm::gemm;
-use super::simd::{self, madd};
+use crate::gemm::gemm;
+use crate::simd::{self, madd};
 
 /// Chunk length of the chunked kernel; the reference implementation uses 64.
 pub const CHUNK: usize = 64;

@@ -1,5 +1,6 @@
-//! Dot product and row update for the kernels' memory-bound paths, compiled for AVX2 as well as
-//! the baseline and picked at run time, so one binary serves every x86-64 server.
+//! What the kernels share below the GEMMs: a dot product, a row update and a vectorised exp,
+//! each compiled for AVX2 + FMA as well as the baseline and picked at run time (the `dispatch!`
+//! macro, so one binary serves every x86-64 server), and the subnormal flush ([`FlushDenormals`]).
 
 /// Independent accumulators of [`dot`]: two AVX registers, so consecutive multiply-adds do not
 /// wait on each other's latency. Floats are not reassociated by the compiler, so the lanes have

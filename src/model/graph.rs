@@ -16,6 +16,7 @@ use super::quant::{self, Precision};
 use crate::onnx::proto::data_type;
 use crate::onnx::{Attr, Dim, GraphBuilder};
 use crate::ops;
+use crate::snapshot::Elem;
 
 /// Where the DeltaNet layers' conv and rule run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -41,11 +42,11 @@ pub enum KvCache {
 }
 
 impl KvCache {
-    /// Bytes per cached element.
-    pub fn bytes(self) -> usize {
+    /// The cache's element type.
+    pub fn elem(self) -> Elem {
         match self {
-            Self::F32 => 4,
-            Self::F16 => 2,
+            Self::F32 => Elem::F32,
+            Self::F16 => Elem::F16,
         }
     }
 

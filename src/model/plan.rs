@@ -66,7 +66,7 @@ impl Footprint {
 
     /// KV cache bytes per token of context.
     pub fn kv_bytes_per_token(&self) -> u64 {
-        (self.cfg.kv_elements_per_token() * self.kv_cache.bytes()) as u64
+        (self.cfg.kv_elements_per_token() * self.kv_cache.elem().width()) as u64
     }
 
     /// Plans a context of `context` tokens prefilled `chunk` tokens per call; `snapshot` when

@@ -85,6 +85,22 @@ fn input<'a>(ctx: &'a ComputeContext, idx: usize, op: &str, what: &str) -> ort::
     ctx.input(idx)?.ok_or_else(|| err(format!("{DOMAIN}::{op}: missing input {idx} ({what})")))
 }
 
+/// Binds `(shape, data)` of inputs 0, 1, … in order, as element type `$ty`; a missing input or
+/// another element type is an error naming the op and the input. A macro because the data
+/// borrows from a value that must live in the caller's scope.
+macro_rules! inputs {
+    ($ctx:expr, $op:expr; $(($shape:ident, $data:ident): $ty:ty = $idx:literal $what:literal),+ $(,)?) => {
+        $(
+            let value = input($ctx, $idx, $op, $what)?;
+            let ($shape, $data) = value.try_extract_tensor::<$ty>()?;
+        )+
+    };
+}
+
+fn output<'a>(ctx: &'a ComputeContext, idx: usize, shape: Vec<i64>, op: &str) -> ort::Result<ort::value::ValueRefMut<'a>> {
+    ctx.output(idx, shape)?.ok_or_else(|| err(format!("{DOMAIN}::{op}: output {idx} not requested")))
+}
+
 fn dims(shape: &[i64]) -> Vec<usize> {
     shape.iter().map(|&d| d.max(0) as usize).collect()
 }
@@ -130,12 +146,7 @@ impl Kernel for ConvKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         guarded("CausalConv1dWithState", || {
             const OP: &str = "CausalConv1dWithState";
-            let x = input(ctx, 0, OP, "x")?;
-            let w = input(ctx, 1, OP, "weight")?;
-            let s = input(ctx, 2, OP, "past_state")?;
-            let (xs, x) = x.try_extract_tensor::<f32>()?;
-            let (ws, w) = w.try_extract_tensor::<f32>()?;
-            let (ss, s) = s.try_extract_tensor::<f32>()?;
+            inputs!(ctx, OP; (xs, x): f32 = 0 "x", (ws, w): f32 = 1 "weight", (ss, s): f32 = 2 "past_state");
             let (xd, wd, sd) = (dims(xs), dims(ws), dims(ss));
             if xd.len() != 3 || wd.len() != 2 || sd.len() != 3 {
                 return Err(err(format!("{OP}: expected x [B,T,C], weight [C,K], state [B,C,K-1]; got {xd:?}, {wd:?}, {sd:?}")));
@@ -145,8 +156,7 @@ impl Kernel for ConvKernel {
             if wd[0] != c || sd != [b, c, k - 1] || k == 0 || k > conv::MAX_KERNEL {
                 return Err(err(format!("{OP}: inconsistent shapes x {xd:?}, weight {wd:?}, state {sd:?}")));
             }
-            let mut y = ctx.output(0, xs.to_vec())?.ok_or_else(|| err(format!("{OP}: output 0 not requested")))?;
-            let mut ns = ctx.output(1, ss.to_vec())?.ok_or_else(|| err(format!("{OP}: output 1 not requested")))?;
+            let (mut y, mut ns) = (output(ctx, 0, xs.to_vec(), OP)?, output(ctx, 1, ss.to_vec(), OP)?);
             let (_, y) = y.try_extract_tensor_mut::<f32>()?;
             let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
             ns.copy_from_slice(s);
@@ -324,18 +334,14 @@ impl Kernel for RuleKernelImpl {
 impl RuleKernelImpl {
     fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         const OP: &str = "GatedDeltaRule";
-        let q = input(ctx, 0, OP, "q")?;
-        let k = input(ctx, 1, OP, "k")?;
-        let v = input(ctx, 2, OP, "v")?;
-        let g = input(ctx, 3, OP, "g")?;
-        let beta = input(ctx, 4, OP, "beta")?;
-        let s = input(ctx, 5, OP, "past_state")?;
-        let (qs, q) = q.try_extract_tensor::<f32>()?;
-        let (ks, k) = k.try_extract_tensor::<f32>()?;
-        let (vs, v) = v.try_extract_tensor::<f32>()?;
-        let (gs, g) = g.try_extract_tensor::<f32>()?;
-        let (bs, beta) = beta.try_extract_tensor::<f32>()?;
-        let (ss, s) = s.try_extract_tensor::<f32>()?;
+        inputs!(ctx, OP;
+            (qs, q): f32 = 0 "q",
+            (ks, k): f32 = 1 "k",
+            (vs, v): f32 = 2 "v",
+            (gs, g): f32 = 3 "g",
+            (bs, beta): f32 = 4 "beta",
+            (ss, s): f32 = 5 "past_state",
+        );
         let (hk, hv) = (self.num_k_heads, self.num_v_heads);
         let sd = dims(ss);
         if sd.len() != 4 || sd[1] != hv {
@@ -359,8 +365,7 @@ impl RuleKernelImpl {
                 return Err(err(format!("{OP}: {name} has shape {got:?}, expected {want:?}")));
             }
         }
-        let mut o = ctx.output(0, vs.to_vec())?.ok_or_else(|| err(format!("{OP}: output 0 not requested")))?;
-        let mut ns = ctx.output(1, ss.to_vec())?.ok_or_else(|| err(format!("{OP}: output 1 not requested")))?;
+        let (mut o, mut ns) = (output(ctx, 0, vs.to_vec(), OP)?, output(ctx, 1, ss.to_vec(), OP)?);
         let (_, o) = o.try_extract_tensor_mut::<f32>()?;
         let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
         ns.copy_from_slice(s);
@@ -570,16 +575,13 @@ impl<T: CacheType> Kernel for AttentionKernel<T> {
 impl<T: CacheType> AttentionKernel<T> {
     fn run(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let op = T::OP;
-        let q = input(ctx, 0, op, "q")?;
-        let k = input(ctx, 1, op, "k")?;
-        let v = input(ctx, 2, op, "v")?;
-        let pk = input(ctx, 3, op, "past_key")?;
-        let pv = input(ctx, 4, op, "past_value")?;
-        let (qs, q) = q.try_extract_tensor::<f32>()?;
-        let (ks, k) = k.try_extract_tensor::<f32>()?;
-        let (vs, v) = v.try_extract_tensor::<f32>()?;
-        let (pks, pk) = pk.try_extract_tensor::<T>()?;
-        let (pvs, pv) = pv.try_extract_tensor::<T>()?;
+        inputs!(ctx, op;
+            (qs, q): f32 = 0 "q",
+            (ks, k): f32 = 1 "k",
+            (vs, v): f32 = 2 "v",
+            (pks, pk): T = 3 "past_key",
+            (pvs, pv): T = 4 "past_value",
+        );
         let (hq, hkv) = (self.q_heads, self.kv_heads);
         let qd = dims(qs);
         if qd.len() != 4 || qd[2] != hq {
@@ -602,11 +604,9 @@ impl<T: CacheType> AttentionKernel<T> {
         let d = attention::Dims { q_heads: hq, kv_heads: hkv, head_dim: hd, past, new: s, scale };
         let total = d.total();
         let cache_shape = vec![b as i64, hkv as i64, total as i64, hd as i64];
-        let mut out = ctx
-            .output(0, vec![b as i64, s as i64, (hq * hd) as i64])?
-            .ok_or_else(|| err(format!("{op}: output 0 not requested")))?;
-        let mut nk = ctx.output(1, cache_shape.clone())?.ok_or_else(|| err(format!("{op}: output 1 not requested")))?;
-        let mut nv = ctx.output(2, cache_shape)?.ok_or_else(|| err(format!("{op}: output 2 not requested")))?;
+        let mut out = output(ctx, 0, vec![b as i64, s as i64, (hq * hd) as i64], op)?;
+        let mut nk = output(ctx, 1, cache_shape.clone(), op)?;
+        let mut nv = output(ctx, 2, cache_shape, op)?;
         let (_, out) = out.try_extract_tensor_mut::<f32>()?;
         let (_, nk) = nk.try_extract_tensor_mut::<T>()?;
         let (_, nv) = nv.try_extract_tensor_mut::<T>()?;

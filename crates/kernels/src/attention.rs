@@ -197,25 +197,35 @@ pub fn tile<T: CacheElem>(q: &[f32], keys: &[T], values: &[T], d: &Dims, h: usiz
     }
 }
 
-/// `scores[row][j] = q[row] · keys[j]` for every query row against every key of a block.
-fn rows_times_keys(q: &[f32], keys: &[f32], hd: usize, scores: &mut [f32]) {
+simd::dispatch!(
+    /// `scores[row][j] = q[row] · keys[j]` for every query row against every key of a block.
+    rows_times_keys(q: &[f32], keys: &[f32], hd: usize, scores: &mut [f32]) -> () = rows_times_keys_lanes
+);
+
+#[inline(always)]
+fn rows_times_keys_lanes<const FMA: bool>(q: &[f32], keys: &[f32], hd: usize, scores: &mut [f32]) {
     let kn = keys.len() / hd;
     // Key-major, so each key is read once while the few query rows stay in L1.
     for (j, key) in keys.chunks_exact(hd).enumerate() {
         for (row, qr) in q.chunks_exact(hd).enumerate() {
-            scores[row * kn + j] = simd::dot(qr, key);
+            scores[row * kn + j] = simd::dot_lanes::<FMA>(qr, key);
         }
     }
 }
 
-/// `acc[row] += Σ_j p[row][j] · values[j]`, each value row read once.
-fn accumulate_rows(p: &[f32], values: &[f32], hd: usize, acc: &mut [f32]) {
+simd::dispatch!(
+    /// `acc[row] += Σ_j p[row][j] · values[j]`, each value row read once.
+    accumulate_rows(p: &[f32], values: &[f32], hd: usize, acc: &mut [f32]) -> () = accumulate_rows_lanes
+);
+
+#[inline(always)]
+fn accumulate_rows_lanes<const FMA: bool>(p: &[f32], values: &[f32], hd: usize, acc: &mut [f32]) {
     let kn = values.len() / hd;
     for (j, value) in values.chunks_exact(hd).enumerate() {
         for (row, out) in acc.chunks_exact_mut(hd).enumerate() {
             let w = p[row * kn + j];
             if w != 0.0 {
-                simd::axpy(w, value, out);
+                simd::axpy_lanes::<FMA>(w, value, out);
             }
         }
     }

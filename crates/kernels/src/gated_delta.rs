@@ -54,7 +54,7 @@ pub fn prepare_qk(x: &mut [f32], d: usize, scale: f32) {
 
 simd::dispatch!(
     /// Token-by-token rule; `out` is `[T, Dv]`.
-    recurrent(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) -> () = recurrent_lanes
+    pub recurrent(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) -> () = recurrent_lanes
 );
 
 #[inline(always)]
@@ -121,7 +121,7 @@ simd::dispatch!(
     /// `A = strict_lower((kβ kᵀ) ⊙ P)`, `P[i,j] = exp(c_i − c_j)`; solve `(I + A) [u | w] = [vβ | kβ ⊙ e^c]`;
     /// `v' = u − w S`; `o = (q ⊙ e^c) S + ((q kᵀ) ⊙ P, lower incl. diagonal) v'`;
     /// `S ← e^{c_L} S + (k ⊙ e^{c_L − c})ᵀ v'`. Products that share an operand run as one GEMM.
-    chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mut ChunkScratch) -> () = chunked_lanes
+    pub chunked(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32], sc: &mut ChunkScratch) -> () = chunked_lanes
 );
 
 #[inline(always)]
@@ -165,7 +165,7 @@ fn chunked_lanes<const FMA: bool>(inp: &HeadInputs<'_>, state: &mut [f32], out: 
             for (p, &c) in p.iter_mut().zip(cum.iter()) {
                 *p = -c;
             }
-            simd::exp_sub_sum(p, -cum[i]);
+            simd::exp_sub(p, -cum[i]);
             let (kk_row, qk_row) = (&mut kk[i * l..(i + 1) * l], &mut qk[i * l..(i + 1) * l]);
             for ((a, b), &p) in kk_row.iter_mut().zip(qk_row.iter_mut()).zip(p.iter()) {
                 *a *= beta[i] * p;

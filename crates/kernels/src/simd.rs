@@ -2,7 +2,7 @@
 //! each compiled for AVX2 + FMA as well as the baseline and picked at run time (the `dispatch!`
 //! macro, so one binary serves every x86-64 server), and the subnormal flush ([`FlushDenormals`]).
 
-/// Independent accumulators of [`dot`]: two AVX registers, so consecutive multiply-adds do not
+/// Independent accumulators of [`dot_lanes`]: two AVX registers, so consecutive multiply-adds do not
 /// wait on each other's latency. Floats are not reassociated by the compiler, so the lanes have
 /// to be written out for it to vectorise the reduction.
 const LANES: usize = 16;
@@ -13,8 +13,10 @@ pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
+/// `a · b` over the shorter of the two. A body for [`dispatch!`]: the callers' loops are
+/// dispatched as a whole, so this inlines into them instead of costing a feature check per call.
 #[inline(always)]
-fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     let mut acc = [0f32; LANES];
@@ -26,8 +28,9 @@ fn dot_lanes<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `y += alpha · x` over the shorter of the two; a [`dispatch!`] body like [`dot_lanes`].
 #[inline(always)]
-fn axpy_lanes<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
+pub(crate) fn axpy_lanes<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
         *o = madd::<FMA>(alpha, v, *o);
     }
@@ -71,6 +74,13 @@ fn exp_lane<const FMA: bool>(x: f32) -> f32 {
 }
 
 #[inline(always)]
+fn exp_sub_lanes<const FMA: bool>(x: &mut [f32], m: f32) {
+    for v in x {
+        *v = exp_lane::<FMA>(*v - m);
+    }
+}
+
+#[inline(always)]
 fn exp_sub_sum_lanes<const FMA: bool>(x: &mut [f32], m: f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact_mut(LANES);
@@ -88,13 +98,13 @@ fn exp_sub_sum_lanes<const FMA: bool>(x: &mut [f32], m: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Defines `pub fn $name` over `$body::<FMA>`, compiled twice, for the baseline and for AVX2 with
+/// Defines `$vis fn $name` over `$body::<FMA>`, compiled twice, for the baseline and for AVX2 with
 /// FMA, and picks one at run time, so one binary serves every x86-64 server. The body must be
 /// `#[inline(always)]` so that it is compiled into each variant.
 macro_rules! dispatch {
-    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+    ($(#[$doc:meta])* $vis:vis $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
@@ -114,16 +124,12 @@ macro_rules! dispatch {
 pub(crate) use dispatch;
 
 dispatch!(
-    /// `a · b` over the shorter of the two.
-    dot(a: &[f32], b: &[f32]) -> f32 = dot_lanes
-);
-dispatch!(
-    /// `y += alpha · x` over the shorter of the two.
-    axpy(alpha: f32, x: &[f32], y: &mut [f32]) -> () = axpy_lanes
+    /// `x ← e^(x − m)` element-wise.
+    pub exp_sub(x: &mut [f32], m: f32) -> () = exp_sub_lanes
 );
 dispatch!(
     /// `x ← e^(x − m)` element-wise; returns the sum of the results (a softmax's denominator).
-    exp_sub_sum(x: &mut [f32], m: f32) -> f32 = exp_sub_sum_lanes
+    pub exp_sub_sum(x: &mut [f32], m: f32) -> f32 = exp_sub_sum_lanes
 );
 
 /// Flush-to-zero and denormals-are-zero on this thread while alive, restored on drop.
@@ -187,7 +193,12 @@ mod tests {
 
     #[test]
     fn dot_and_axpy_match_plain_loops_at_every_tail_length() {
-        for n in [0, 1, 15, 16, 17, 33, 256] {
+        for (n, fma) in [0, 1, 15, 16, 17, 33, 256].into_iter().flat_map(|n| [(n, false), (n, true)]) {
+            let (dot, axpy) = if fma {
+                (dot_lanes::<true> as fn(&[f32], &[f32]) -> f32, axpy_lanes::<true> as fn(f32, &[f32], &mut [f32]))
+            } else {
+                (dot_lanes::<false> as fn(&[f32], &[f32]) -> f32, axpy_lanes::<false> as fn(f32, &[f32], &mut [f32]))
+            };
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
@@ -220,6 +231,10 @@ mod tests {
             }
             assert!(sum.is_infinite() && want_sum > f32::MAX as f64 || (sum as f64 / want_sum - 1.0).abs() < 1e-5);
         }
+        let (mut with_sum, mut without) = (vec![-3.0f32, 0.5, 7.0, -90.0], vec![-3.0f32, 0.5, 7.0, -90.0]);
+        exp_sub_sum(&mut with_sum, 1.0);
+        exp_sub(&mut without, 1.0);
+        assert_eq!(with_sum, without, "exp_sub is exp_sub_sum without the sum");
         // Operands through black_box so that the products are computed where they are written.
         use std::hint::black_box as opaque;
         {

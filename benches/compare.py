@@ -1,0 +1,531 @@
+#!/usr/bin/env python3
+"""deltadoc against its peers, side by side on one machine, on one set of random weights.
+
+One run measures, at each prompt length, interleaved so that drift on a shared machine hits every
+engine alike:
+  deltadoc          fp32 / int8 / int4 model folders (`deltadoc bench`)
+  deltadoc+ORT ops  the same fp32 graph with ONNX Runtime's built-in DeltaNet operators
+  llama.cpp         F16 / Q8_0 / Q4_K_M GGUF of the same weights (`llama-bench`)
+  transformers      fp32 on CPU, the reference implementation
+then prints prefill and decode tokens/s, the ratios the long-context issue asks for, and every
+figure as a fraction of this machine's measured ceilings, and prepends the tables, the machine,
+the versions and the exact commands to benches/RESULTS.md.
+
+Everything built or downloaded lives in --work (default $XDG_CACHE_HOME/deltadoc-bench), never in
+the repository: llama.cpp is compiled from the source vendored in the PyPI sdist of
+llama-cpp-python, the GGUF files come from llama.cpp's own converter run unmodified on the
+Hugging Face checkpoint that `deltadoc model synth --hf-out` writes beside the deltadoc folder.
+
+Needs: cargo, cmake (Debian: apt-get install cmake), Python with torch, transformers, numpy and
+safetensors (the venv of onnx/make_goldens.py). Typical run, about 40 minutes at 512 and 4K:
+    python3 benches/compare.py --lengths 512,4096
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA_CPP_PYTHON = "0.3.36"
+# Random prompt ids are drawn below this bound: ordinary tokens of the Qwen3.5 vocabulary.
+ORDINARY_TOKENS = 248_000
+
+# Precision classes: which builds of each engine are compared with each other.
+CLASSES = {
+    "fp32": {"deltadoc": "fp32", "llama": "F16", "transformers": "fp32"},
+    "int8": {"deltadoc": "int8", "llama": "Q8_0"},
+    "int4": {"deltadoc": "int4", "llama": "Q4_K_M"},
+}
+ENGINES = ("deltadoc", "ort-ops", "llama", "transformers")
+
+COMMANDS: list[str] = []
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list, capture: bool = False, env: dict | None = None, cwd: Path | None = None) -> str:
+    """Runs `cmd`, recording it for the results; on failure, names the command and its output."""
+    text = " ".join(shlex.quote(str(c)) for c in cmd)
+    COMMANDS.append(text)
+    log(f"$ {text}")
+    started = time.time()
+    p = subprocess.run(
+        [str(c) for c in cmd],
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE if capture else None,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    log(f"  ({time.time() - started:.0f} s, exit {p.returncode})")
+    if p.returncode != 0:
+        tail = (p.stderr or "")[-4000:] if capture else "(output above)"
+        sys.exit(f"compare.py: command failed with exit {p.returncode}: {text}\n{tail}")
+    return p.stdout if capture else ""
+
+
+def done_marker(path: Path) -> Path:
+    return path.parent / f".{path.name}.done"
+
+
+def step(path: Path, what: str, make) -> Path:
+    """Builds `path` once: a marker written after success makes an interrupted step start over."""
+    if done_marker(path).exists():
+        return path
+    log(f"setup: {what}")
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    make()
+    done_marker(path).write_text(datetime.datetime.now().isoformat())
+    return path
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+def build_deltadoc() -> Path:
+    run(["cargo", "build", "--release", "--locked"], cwd=REPO)
+    return REPO / "target" / "release" / "deltadoc"
+
+
+def make_models(dd: Path, work: Path, seed: int) -> dict:
+    hf = work / "hf-0.8b"
+    fp32 = work / "deltadoc-fp32"
+
+    def synth():
+        if hf.exists():
+            shutil.rmtree(hf)
+        run([dd, "model", "synth", "--shape", "0.8b", "--seed", seed, "--text-only", "--out", fp32, "--hf-out", hf])
+        # llama.cpp's converter and transformers read the tokenizer from the checkpoint folder.
+        shutil.copy(fp32 / "tokenizer.json", hf / "tokenizer.json")
+        (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+
+    step(fp32, "random 0.8B-shape weights (deltadoc fp32 + Hugging Face checkpoint)", synth)
+    models = {"fp32": fp32, "hf": hf}
+    # The other folders go through `model import` from the checkpoint, the path users take.
+    for name, flags in (
+        ("ort-ops", ["--linear-attn", "builtin"]),
+        ("int8", ["--precision", "int8"]),
+        ("int4", ["--precision", "int4"]),
+    ):
+        out = work / f"deltadoc-{name}"
+        step(out, f"deltadoc {name} folder", lambda out=out, flags=flags: run([dd, "model", "import", hf, "--out", out, *flags]))
+        models[name] = out
+    return models
+
+
+def build_llama(work: Path) -> tuple[Path, str]:
+    """Compiles llama-bench and llama-quantize from the llama-cpp-python sdist (CPU backend)."""
+    src = work / "llama.cpp"
+    if shutil.which("cmake") is None:
+        sys.exit("compare.py: cmake is needed to build llama.cpp (Debian: apt-get install cmake)")
+
+    def fetch_and_build():
+        sdist = work / "sdist"
+        archive = sdist / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+        if not archive.exists():
+            run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", sdist])
+        run(["tar", "xzf", archive, "-C", sdist])
+        shutil.copytree(sdist / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp", src, symlinks=True)
+        run(
+            ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"]
+            + [f"-DLLAMA_{o}=OFF" for o in ("BUILD_TESTS", "BUILD_SERVER", "BUILD_APP", "BUILD_UI", "USE_PREBUILT_UI", "OPENSSL")],
+            cwd=src,
+        )
+        log("compiling llama.cpp (about 12-25 minutes on 2 cores)")
+        run(["cmake", "--build", "build", f"-j{os.cpu_count() or 2}", "--target", "llama-bench", "llama-quantize"], cwd=src)
+
+    step(src, f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}", fetch_and_build)
+    changelog = (work / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "CHANGELOG.md").read_text(errors="replace")
+    m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", changelog)
+    return src, (m.group(1) if m else "unknown")
+
+
+def make_ggufs(src: Path, hf: Path, work: Path) -> dict:
+    bin_dir = src / "build" / "bin"
+    f16 = work / "qwen35-0.8b-F16.gguf"
+    step(
+        f16,
+        "GGUF F16 (llama.cpp's converter)",
+        lambda: run([sys.executable, src / "convert_hf_to_gguf.py", hf, "--outfile", f16, "--outtype", "f16", "--no-mtp"]),
+    )
+    out = {"F16": f16}
+    for q in ("Q8_0", "Q4_K_M"):
+        path = work / f"qwen35-0.8b-{q}.gguf"
+        step(path, f"GGUF {q}", lambda path=path, q=q: run([bin_dir / "llama-quantize", f16, path, q, "2"], capture=True))
+        out[q] = path
+    return out
+
+
+# ------------------------------------------------------------------------------------ measuring
+
+
+def deltadoc_bench(dd: Path, model: Path, prompt: int, gen: int, threads: int) -> dict:
+    out = run([dd, "bench", "--model", model, "--prompt-tokens", prompt, "--gen-tokens", gen, "--threads", threads, "--json"], capture=True)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def llama_bench(src: Path, gguf: Path, prompt: int, gen: int, depth: int, threads: int) -> float:
+    cmd = [src / "build" / "bin" / "llama-bench", "-m", gguf, "-p", prompt, "-n", gen, "-d", depth, "-t", threads, "-r", "1", "-o", "json"]
+    # llama-bench's warm-up repeats the whole test; beyond 4K that doubles an hour-long run.
+    if prompt + depth > 4096:
+        cmd.append("--no-warmup")
+    rows = json.loads(run(cmd, capture=True))
+    return float(rows[0]["avg_ts"])
+
+
+def transformers_bench(hf: Path, lengths: list, depths: list, gen: int, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "_transformers", "--hf", hf, "--threads", threads, "--gen", gen]
+    cmd += ["--lengths", ",".join(map(str, lengths)), "--depths", ",".join(map(str, depths))]
+    return json.loads(run(cmd, capture=True).strip().splitlines()[-1])
+
+
+def transformers_main(args) -> None:
+    """Runs in its own process: times transformers' Qwen3.5 on CPU and prints one JSON object."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(0, ORDINARY_TOKENS, (1, n), generator=gen)
+
+    def decode(cache, last, steps):
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            r = model(last, past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t)
+            cache, last = r.past_key_values, r.logits[:, -1:].argmax(-1)
+        # The first steps grow the cache's buffers; the mean of the rest is the steady rate.
+        return len(times[2:]) / sum(times[2:])
+
+    out = {"prefill": {}, "decode": {}, "torch": torch.__version__, "transformers": transformers.__version__}
+    with torch.inference_mode():
+        model(ids(64), use_cache=True, logits_to_keep=1)
+        for n in sorted(set(args.lengths) | {d for d in args.depths if d > 0}):
+            t = time.perf_counter()
+            r = model(ids(n), use_cache=True, logits_to_keep=1)
+            if n in args.lengths:
+                out["prefill"][str(n)] = n / (time.perf_counter() - t)
+            if n in args.depths:
+                out["decode"][str(n)] = decode(r.past_key_values, r.logits[:, -1:].argmax(-1), args.gen)
+        if 0 in args.depths:
+            r = model(ids(16), use_cache=True, logits_to_keep=1)
+            out["decode"]["0"] = decode(r.past_key_values, r.logits[:, -1:].argmax(-1), args.gen)
+    print(json.dumps(out))
+
+
+def machine_ceilings(threads: int) -> dict:
+    """Peak fp32 GEMM rate and read bandwidth, measured now (best of 3)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.rand(4096, 4096)
+    b = torch.rand(4096, 4096)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * 4096**3 / (time.perf_counter() - t))
+    # Read bandwidth in decode's own access pattern: a matrix-vector product over 1 GiB of f32
+    # (a plain sum of the same bytes streams about a quarter slower here).
+    w = torch.rand(32768, 8192)
+    x = torch.rand(8192)
+    torch.mv(w, x)
+    bw = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        torch.mv(w, x)
+        bw = max(bw, w.numel() * 4 / (time.perf_counter() - t))
+    return {"gemm_flops": best, "read_bytes_per_s": bw}
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+class Shape:
+    """FLOPs and bytes per token of the checkpoint, for the ceilings."""
+
+    def __init__(self, hf: Path):
+        c = json.loads((hf / "config.json").read_text())
+        self.c = c
+        index = json.loads((hf / "model.safetensors.index.json").read_text())
+        params = 0
+        for shard in sorted(set(index["weight_map"].values())):
+            with open(hf / shard, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            for name, t in header.items():
+                if name == "__metadata__":
+                    continue
+                n = 1
+                for d in t["shape"]:
+                    n *= d
+                params += n
+        self.params = params
+        self.embedding = c["vocab_size"] * c["hidden_size"]
+        types = c["layer_types"]
+        self.linear_layers = sum(t == "linear_attention" for t in types)
+        self.attn_layers = sum(t == "full_attention" for t in types)
+        self.state_bytes = self.linear_layers * c["linear_num_value_heads"] * (
+            c["linear_key_head_dim"] * c["linear_value_head_dim"] * 4
+            + 0  # the conv state is a few KB and does not move the ceiling
+        )
+        self.kv_bytes_per_token = self.attn_layers * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
+
+    def prefill_flops_per_token(self, n: int) -> float:
+        """Matrix products (the LM head once per prompt), recurrence and causal attention, averaged
+        over a prompt of n tokens."""
+        c = self.c
+        matmul = 2 * (self.params - self.embedding)
+        rule = self.linear_layers * c["linear_num_value_heads"] * 4 * c["linear_key_head_dim"] * c["linear_value_head_dim"] * 2
+        attention = self.attn_layers * c["num_attention_heads"] * c["head_dim"] * 4 * n / 2
+        return matmul + rule + attention
+
+    def decode_bytes_per_token(self, weight_bytes: int, depth: int) -> float:
+        return weight_bytes + 2 * self.state_bytes + depth * self.kv_bytes_per_token
+
+
+def weight_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx") or f.suffix == ".safetensors")
+    return path.stat().st_size
+
+
+# --------------------------------------------------------------------------------------- report
+
+
+def fmt(x, digits=1):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def speed_table(rows: dict, kind: str, points: list, heading: str, ceiling) -> list:
+    """One row per engine build: tokens/s at each point, with the fraction of `ceiling(key, point)`."""
+    lines = [heading, "", "| engine | weights | " + " | ".join(map(str, points)) + " |", "|---|---|" + "---:|" * len(points)]
+    for key, row in rows.items():
+        cells = []
+        for x in points:
+            v = row[kind].get(x)
+            cells.append("–" if v is None else f"{v:.{1 if v >= 10 else 2}f} ({v / ceiling(key, x):.0%})")
+        lines.append(f"| {row['engine']} | {row['weights']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(res: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wbytes: dict) -> str:
+    rows = res["rows"]
+
+    def compute_ceiling(_key, n):
+        return ceil["gemm_flops"] / shape.prefill_flops_per_token(n)
+
+    def bandwidth_ceiling(key, d):
+        return ceil["read_bytes_per_s"] / shape.decode_bytes_per_token(wbytes[key], d)
+
+    lines = speed_table(rows, "prefill", lengths, "### Prefill tokens/s at a prompt length (fraction of the compute ceiling)", compute_ceiling)
+    lines.append("| compute ceiling | – | " + " | ".join(f"{compute_ceiling(None, n):.1f}" for n in lengths) + " |")
+    lines += [""] + speed_table(rows, "decode", depths, "### Decode tokens/s at a context depth (fraction of the bandwidth ceiling)", bandwidth_ceiling)
+
+    def get(key, kind, n):
+        return rows.get(key, {}).get(kind, {}).get(n)
+
+    lines += ["", "### Ratios (target in brackets)", ""]
+    lines.append("| comparison | " + " | ".join(f"prefill {n}" for n in lengths) + " | " + " | ".join(f"decode @{d}" for d in depths) + " |")
+    lines.append("|---|" + "---:|" * (len(lengths) + len(depths)))
+    pairs = [
+        ("deltadoc fp32 / same graph on ORT's DeltaNet ops [prefill ≥ 1.25]", "deltadoc-fp32", "ort-ops-fp32"),
+        ("deltadoc fp32 / transformers fp32 [prefill ≥ 1.2]", "deltadoc-fp32", "transformers-fp32"),
+        ("deltadoc fp32 / llama.cpp F16", "deltadoc-fp32", "llama-F16"),
+        ("deltadoc int8 / llama.cpp Q8_0 [decode ≥ 1.5]", "deltadoc-int8", "llama-Q8_0"),
+        ("deltadoc int4 / llama.cpp Q4_K_M [prefill ≥ 1.5, decode ≥ 1.5]", "deltadoc-int4", "llama-Q4_K_M"),
+        ("deltadoc int8 / llama.cpp Q4_K_M [prefill ≥ 1.5]", "deltadoc-int8", "llama-Q4_K_M"),
+    ]
+    for label, a, b in pairs:
+        if a not in rows or b not in rows:
+            continue
+        cells = [fmt(ratio(get(a, "prefill", n), get(b, "prefill", n)), 2) for n in lengths]
+        cells += [fmt(ratio(get(a, "decode", d), get(b, "decode", d)), 2) for d in depths]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if len(lengths) > 1:
+        lo, hi = lengths[0], lengths[-1]
+        lines += ["", f"### Prefill kept at {hi} tokens, relative to {lo} (target for deltadoc at 32K: ≥ 0.85)", ""]
+        for key, row in rows.items():
+            r = ratio(row["prefill"].get(hi), row["prefill"].get(lo))
+            if r is not None:
+                lines.append(f"- {row['engine']} {row['weights']}: {r:.2f}")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    head, sep, rest = text.partition("\n## ")
+    path.write_text(head.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + (sep + rest if sep else ""))
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_transformers":
+        p = argparse.ArgumentParser()
+        p.add_argument("_cmd")
+        p.add_argument("--hf", type=Path, required=True)
+        p.add_argument("--threads", type=int, required=True)
+        p.add_argument("--gen", type=int, required=True)
+        p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",") if x], required=True)
+        p.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",") if x], required=True)
+        return transformers_main(p.parse_args())
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    p.add_argument("--work", type=Path, default=cache / "deltadoc-bench", help="models and the llama.cpp build")
+    p.add_argument("--lengths", default="512,4096,32768", help="prompt lengths, comma-separated")
+    p.add_argument("--depths", default="0,4096", help="context depths of the decode measurement")
+    p.add_argument("--gen", type=int, default=32, help="decode steps per measurement")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"subset of {','.join(ENGINES)}")
+    p.add_argument("--classes", default=",".join(CLASSES), help=f"subset of {','.join(CLASSES)}")
+    p.add_argument("--transformers-max", type=int, default=32768, help="longest prompt given to transformers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--results", type=Path, default=REPO / "benches" / "RESULTS.md")
+    p.add_argument("--no-write", action="store_true", help="print the tables only")
+    args = p.parse_args()
+
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    depths = [int(x) for x in args.depths.split(",") if x]
+    engines = [e for e in args.engines.split(",") if e]
+    classes = [c for c in args.classes.split(",") if c]
+    for e in engines:
+        if e not in ENGINES:
+            sys.exit(f"compare.py: unknown engine {e!r} (known: {', '.join(ENGINES)})")
+    for c in classes:
+        if c not in CLASSES:
+            sys.exit(f"compare.py: unknown precision class {c!r} (known: {', '.join(CLASSES)})")
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now()
+
+    dd = build_deltadoc()
+    models = make_models(dd, args.work, args.seed)
+    shape = Shape(models["hf"])
+    llama_src, llama_commit, ggufs = None, None, {}
+    if "llama" in engines:
+        llama_src, llama_commit = build_llama(args.work)
+        ggufs = make_ggufs(llama_src, models["hf"], args.work)
+
+    # Rows of the tables: key -> engine, weights, how to measure.
+    rows, wbytes = {}, {}
+    for c in classes:
+        if "deltadoc" in engines:
+            rows[f"deltadoc-{c}"] = {"engine": "deltadoc", "weights": c, "prefill": {}, "decode": {}}
+            wbytes[f"deltadoc-{c}"] = weight_bytes(models[c])
+        if "ort-ops" in engines and c == "fp32":
+            rows["ort-ops-fp32"] = {"engine": "deltadoc graph, ORT DeltaNet ops", "weights": c, "prefill": {}, "decode": {}}
+            wbytes["ort-ops-fp32"] = weight_bytes(models["ort-ops"])
+        if "llama" in engines:
+            q = CLASSES[c]["llama"]
+            rows[f"llama-{q}"] = {"engine": "llama.cpp", "weights": q, "prefill": {}, "decode": {}}
+            wbytes[f"llama-{q}"] = weight_bytes(ggufs[q])
+        if "transformers" in engines and "transformers" in CLASSES[c]:
+            rows["transformers-fp32"] = {"engine": "transformers", "weights": "fp32", "prefill": {}, "decode": {}}
+            wbytes["transformers-fp32"] = weight_bytes(models["hf"])
+
+    log("measuring this machine's ceilings")
+    ceil = machine_ceilings(args.threads)
+    log(f"  GEMM {ceil['gemm_flops'] / 1e9:.1f} GFLOP/s, read {ceil['read_bytes_per_s'] / 1e9:.1f} GB/s")
+
+    def dd_model(key):
+        return models["ort-ops"] if key == "ort-ops-fp32" else models[key.split("-", 1)[1]]
+
+    # deltadoc: one call gives prefill at n and decode at depth n; depth 0 is a 16-token prompt.
+    dd_keys = [k for k in rows if k.startswith(("deltadoc-", "ort-ops-"))]
+    llama_keys = [k for k in rows if k.startswith("llama-")]
+    versions = {}
+    for n in lengths:
+        log(f"prompt length {n}")
+        for k in dd_keys:
+            r = deltadoc_bench(dd, dd_model(k), n, args.gen, args.threads)
+            rows[k]["prefill"][n] = r["prefill_tokens_per_s"]
+            rows[k]["peak_rss_" + str(n)] = r["peak_rss_bytes"]
+            if n in depths:
+                rows[k]["decode"][n] = r["decode_tokens_per_s"]
+        for k in llama_keys:
+            rows[k]["prefill"][n] = llama_bench(llama_src, ggufs[rows[k]["weights"]], n, 0, 0, args.threads)
+    for d in depths:
+        for k in dd_keys:
+            if d not in rows[k]["decode"]:
+                rows[k]["decode"][d] = deltadoc_bench(dd, dd_model(k), max(d, 16), args.gen, args.threads)["decode_tokens_per_s"]
+        for k in llama_keys:
+            rows[k]["decode"][d] = llama_bench(llama_src, ggufs[rows[k]["weights"]], 0, args.gen, d, args.threads)
+    if "transformers-fp32" in rows:
+        tl = [n for n in lengths if n <= args.transformers_max]
+        t = transformers_bench(models["hf"], tl, depths, args.gen, args.threads)
+        rows["transformers-fp32"]["prefill"] = {int(k): v for k, v in t["prefill"].items()}
+        rows["transformers-fp32"]["decode"] = {int(k): v for k, v in t["decode"].items()}
+        versions["torch"], versions["transformers"] = t["torch"], t["transformers"]
+
+    tables = report({"rows": rows}, lengths, depths, ceil, shape, wbytes)
+    print(tables)
+    (args.work / f"compare-{started:%Y%m%d-%H%M%S}.json").write_text(
+        json.dumps({"rows": rows, "ceilings": ceil, "commands": COMMANDS}, indent=1, default=str)
+    )
+    if args.no_write:
+        return
+
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
+    mem = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))) * 1024
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    ort = re.search(r'"onnxruntime==([0-9.]+)"', (REPO / "src" / "fetch.rs").read_text())
+    minutes = (datetime.datetime.now() - started).total_seconds() / 60
+    section = [
+        f"## Side by side: deltadoc, ORT's DeltaNet ops, llama.cpp, transformers ({started:%Y-%m-%d}, `benches/compare.py`)",
+        "",
+        f"Machine: {cpu}, {os.cpu_count()} logical CPUs ({', '.join(simd)}), {mem / 2**30:.0f} GiB; "
+        f"{args.threads} threads everywhere. Measured ceilings this run: fp32 GEMM "
+        f"{ceil['gemm_flops'] / 1e9:.1f} GFLOP/s (torch 4096³), read bandwidth {ceil['read_bytes_per_s'] / 1e9:.1f} GB/s "
+        f"(torch.mv over 1 GiB of f32). The run took {minutes:.0f} minutes.",
+        "",
+        f"Versions: deltadoc {rev} (ONNX Runtime {ort.group(1) if ort else '?'}), llama.cpp {llama_commit or '–'} "
+        f"(llama-cpp-python {LLAMA_CPP_PYTHON} sdist, -DGGML_NATIVE=ON), torch {versions.get('torch', '–')}, "
+        f"transformers {versions.get('transformers', '–')}.",
+        "",
+        "Weights: one random 0.8B-shape checkpoint (`deltadoc model synth --seed "
+        f"{args.seed} --hf-out`); deltadoc's int8/int4 and ORT-ops folders are `model import`s of it, llama.cpp's "
+        "GGUFs come from its own converter and `llama-quantize`. Prefill: random ordinary tokens, logits of the "
+        f"last token only. Decode: {args.gen} greedy steps after a prompt of the given depth (16 tokens for depth 0); "
+        "llama.cpp: `llama-bench -d`. Ceilings: compute = GEMM rate / FLOPs per prompt token (matrix products, "
+        "recurrence, causal attention); bandwidth = read rate / (weight bytes + state read and write + KV at depth).",
+        "",
+        tables,
+        "",
+        "Commands, in the order they ran:",
+        "",
+        "```",
+        *[c.replace(str(Path.home()), "~") for c in COMMANDS],
+        "```",
+    ]
+    write_results(args.results, "\n".join(section))
+    log(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()

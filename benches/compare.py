@@ -302,10 +302,18 @@ class Shape:
         return weight_bytes + 2 * self.state_bytes + depth * self.kv_bytes_per_token
 
 
-def weight_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.onnx") or f.suffix == ".safetensors")
-    return path.stat().st_size
+def weight_bytes(path: Path, shape: "Shape") -> int:
+    """Bytes of weights one decode step reads."""
+    if path.is_file():
+        return path.stat().st_size
+    files = [f for f in path.iterdir() if f.name.startswith("model.onnx") or f.suffix == ".safetensors"]
+    total = sum(f.stat().st_size for f in files)
+    manifest = path / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text())["precision"] in ("int8", "int4"):
+        # A quantised deltadoc folder keeps the embedding as an f16 table for the token lookup
+        # beside its quantised LM head; a decode step reads one row of it, not the table.
+        total -= shape.embedding * 2
+    return total
 
 
 # --------------------------------------------------------------------------------------- report
@@ -436,17 +444,17 @@ def main() -> None:
     for c in classes:
         if "deltadoc" in engines:
             rows[f"deltadoc-{c}"] = {"engine": "deltadoc", "weights": c, "prefill": {}, "decode": {}}
-            wbytes[f"deltadoc-{c}"] = weight_bytes(models[c])
+            wbytes[f"deltadoc-{c}"] = weight_bytes(models[c], shape)
         if "ort-ops" in engines and c == "fp32":
             rows["ort-ops-fp32"] = {"engine": "deltadoc graph, ORT DeltaNet ops", "weights": c, "prefill": {}, "decode": {}}
-            wbytes["ort-ops-fp32"] = weight_bytes(models["ort-ops"])
+            wbytes["ort-ops-fp32"] = weight_bytes(models["ort-ops"], shape)
         if "llama" in engines:
             q = CLASSES[c]["llama"]
             rows[f"llama-{q}"] = {"engine": "llama.cpp", "weights": q, "prefill": {}, "decode": {}}
-            wbytes[f"llama-{q}"] = weight_bytes(ggufs[q])
+            wbytes[f"llama-{q}"] = weight_bytes(ggufs[q], shape)
         if "transformers" in engines and "transformers" in CLASSES[c]:
             rows["transformers-fp32"] = {"engine": "transformers", "weights": "fp32", "prefill": {}, "decode": {}}
-            wbytes["transformers-fp32"] = weight_bytes(models["hf"])
+            wbytes["transformers-fp32"] = weight_bytes(models["hf"], shape)
 
     log("measuring this machine's ceilings")
     ceil = machine_ceilings(args.threads)

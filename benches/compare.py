@@ -468,7 +468,7 @@ def main() -> None:
     # slows a run down).
     dd_keys = [k for k in rows if k.startswith(("deltadoc-", "ort-ops-"))]
     llama_keys = [k for k in rows if k.startswith("llama-")]
-    runs = {k: {"prefill": {}, "decode": {}} for k in rows}
+    runs = {k: {"prefill": {}, "decode": {}, "peak_rss_bytes": {}} for k in rows}
 
     def record(key, kind, x, value):
         runs[key][kind].setdefault(x, []).append(value)
@@ -481,6 +481,7 @@ def main() -> None:
             for k in dd_keys:
                 r = deltadoc_bench(dd, dd_model(k), n, args.gen, args.threads)
                 record(k, "prefill", n, r["prefill_tokens_per_s"])
+                record(k, "peak_rss_bytes", n, r["peak_rss_bytes"])
                 if n in depths:
                     record(k, "decode", n, r["decode_tokens_per_s"])
             for k in llama_keys:

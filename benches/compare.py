@@ -283,10 +283,8 @@ class Shape:
         types = c["layer_types"]
         self.linear_layers = sum(t == "linear_attention" for t in types)
         self.attn_layers = sum(t == "full_attention" for t in types)
-        self.state_bytes = self.linear_layers * c["linear_num_value_heads"] * (
-            c["linear_key_head_dim"] * c["linear_value_head_dim"] * 4
-            + 0  # the conv state is a few KB and does not move the ceiling
-        )
+        # The recurrent state; the conv state is a few KB and does not move the ceiling.
+        self.state_bytes = self.linear_layers * c["linear_num_value_heads"] * c["linear_key_head_dim"] * c["linear_value_head_dim"] * 4
         self.kv_bytes_per_token = self.attn_layers * 2 * c["num_key_value_heads"] * c["head_dim"] * 2
 
     def prefill_flops_per_token(self, n: int) -> float:
@@ -339,8 +337,7 @@ def speed_table(rows: dict, kind: str, points: list, heading: str, ceiling) -> l
     return lines
 
 
-def report(res: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wbytes: dict) -> str:
-    rows = res["rows"]
+def report(rows: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wbytes: dict) -> str:
 
     def compute_ceiling(_key, n):
         return ceil["gemm_flops"] / shape.prefill_flops_per_token(n)
@@ -505,7 +502,7 @@ def main() -> None:
             row[kind] = {x: max(v) for x, v in runs[k][kind].items()}
         row["runs"] = runs[k]
 
-    tables = report({"rows": rows}, lengths, depths, ceil, shape, wbytes)
+    tables = report(rows, lengths, depths, ceil, shape, wbytes)
     print(tables)
     (args.work / f"compare-{started:%Y%m%d-%H%M%S}.json").write_text(
         json.dumps({"rows": rows, "ceilings": ceil, "commands": COMMANDS}, indent=1, default=str)

@@ -6,6 +6,10 @@
 //! The state keeps the last `K − 1` pre-activation inputs, channel-major `[C, K − 1]`, which is the
 //! layout of ONNX `CausalConvWithState` and of llama.cpp (HF keeps `K` columns; only `K − 1` are read).
 
+use std::ops::Range;
+
+use crate::simd;
+
 /// Activation applied after the convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -25,11 +29,11 @@ impl Activation {
         }
     }
 
-    #[inline]
-    fn apply(self, x: f32) -> f32 {
+    #[inline(always)]
+    fn apply<const FMA: bool>(self, x: f32) -> f32 {
         match self {
             Self::None => x,
-            Self::Silu => x / (1.0 + (-x).exp()),
+            Self::Silu => simd::silu_lane::<FMA>(x),
         }
     }
 }
@@ -62,6 +66,7 @@ impl Prepared {
     }
 
     /// Input row `p` of `[history ‖ x]`, where p = 0 is the first token of `x`.
+    #[inline(always)]
     fn row<'a>(&'a self, x: &'a [f32], p: isize) -> &'a [f32] {
         let c = self.channels;
         if p >= 0 {
@@ -73,18 +78,8 @@ impl Prepared {
     }
 
     /// Output rows `rows` (token indices of this call) into `out` (exactly those rows).
-    pub fn rows(&self, x: &[f32], rows: std::ops::Range<usize>, out: &mut [f32], act: Activation) {
-        let (c, hist) = (self.channels, self.k as isize - 1);
-        for (t, o) in rows.zip(out.chunks_exact_mut(c)) {
-            o.iter_mut().for_each(|v| *v = 0.0);
-            for j in 0..self.k {
-                let src = self.row(x, t as isize + j as isize - hist);
-                for ((ov, &w), &xv) in o.iter_mut().zip(&self.taps[j * c..(j + 1) * c]).zip(src) {
-                    *ov += w * xv;
-                }
-            }
-            o.iter_mut().for_each(|v| *v = act.apply(*v));
-        }
+    pub fn rows(&self, x: &[f32], rows: Range<usize>, out: &mut [f32], act: Activation) {
+        conv_rows(self, x, rows, out, act);
     }
 
     /// The state after `x`: its last K − 1 input rows, channel-major `[C, K − 1]`.
@@ -97,6 +92,27 @@ impl Prepared {
                 state[ch * hist + i] = v;
             }
         }
+    }
+}
+
+simd::dispatch!(
+    /// [`Prepared::rows`], compiled per instruction set: the SiLU's exp was a libm call per
+    /// element, most of the op's time.
+    conv_rows(p: &Prepared, x: &[f32], rows: Range<usize>, out: &mut [f32], act: Activation) -> () = conv_rows_lanes
+);
+
+#[inline(always)]
+fn conv_rows_lanes<const FMA: bool>(p: &Prepared, x: &[f32], rows: Range<usize>, out: &mut [f32], act: Activation) {
+    let (c, hist) = (p.channels, p.k as isize - 1);
+    for (t, o) in rows.zip(out.chunks_exact_mut(c)) {
+        o.iter_mut().for_each(|v| *v = 0.0);
+        for j in 0..p.k {
+            let src = p.row(x, t as isize + j as isize - hist);
+            for ((ov, &w), &xv) in o.iter_mut().zip(&p.taps[j * c..(j + 1) * c]).zip(src) {
+                *ov = simd::madd::<FMA>(w, xv, *ov);
+            }
+        }
+        o.iter_mut().for_each(|v| *v = act.apply::<FMA>(*v));
     }
 }
 
@@ -129,7 +145,7 @@ mod tests {
                         acc += w[c * k + j] * x[p as usize * channels + c];
                     }
                 }
-                out[t * channels + c] = Activation::Silu.apply(acc);
+                out[t * channels + c] = acc / (1.0 + (-acc).exp());
             }
         }
         out

@@ -1,6 +1,7 @@
 //! What the kernels share below the GEMMs: a dot product, a row update and a vectorised exp,
-//! each compiled for AVX2 + FMA as well as the baseline and picked at run time (the `dispatch!`
-//! macro, so one binary serves every x86-64 server), and the subnormal flush ([`FlushDenormals`]).
+//! each compiled for AVX-512, for AVX2 + FMA and for the baseline and picked at run time (the
+//! `dispatch!` macro, so one binary serves every x86-64 server), and the subnormal flush
+//! ([`FlushDenormals`]).
 
 /// Independent accumulators of [`dot_lanes`]: two AVX registers, so consecutive multiply-adds do not
 /// wait on each other's latency. Floats are not reassociated by the compiler, so the lanes have
@@ -54,14 +55,18 @@ fn exp_lane<const FMA: bool>(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // NaN stays NaN through clamp.
     let c = x.clamp(LO, HI);
-    let n = (c * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = c * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = madd::<FMA>(-n, LN2_LO, madd::<FMA>(-n, LN2_HI, c));
     let mut p = 1.0 / 5040.0;
     for k in [720.0, 120.0, 24.0, 6.0, 2.0, 1.0, 1.0] {
         p = madd::<FMA>(p, r, 1.0 / k);
     }
+    // The integer n sits in the low mantissa bits of `shifted` (ROUND's exponent makes one unit
+    // of the last place 1): reading it there keeps the lane in vector registers, where `n as i32`
+    // (saturating, NaN to 0) was compiled to a scalar conversion per lane, half of the exp's time.
+    let n = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
     // n ∈ [−126, 128]; 2^n as two factors so n = 128 (e^x just below f32::MAX) does not overflow.
-    let n = n as i32;
     let half = n / 2;
     let y = p * f32::from_bits(((half + 127) as u32) << 23) * f32::from_bits(((n - half + 127) as u32) << 23);
     if x < LO {
@@ -71,6 +76,13 @@ fn exp_lane<const FMA: bool>(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// `x · σ(x)` (SiLU) through [`exp_lane`], so that a loop of it vectorises; −0 far below zero,
+/// `x` far above.
+#[inline(always)]
+pub(crate) fn silu_lane<const FMA: bool>(x: f32) -> f32 {
+    x / (1.0 + exp_lane::<FMA>(-x))
 }
 
 #[inline(always)]
@@ -98,18 +110,27 @@ fn exp_sub_sum_lanes<const FMA: bool>(x: &mut [f32], m: f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Defines `$vis fn $name` over `$body::<FMA>`, compiled twice, for the baseline and for AVX2 with
-/// FMA, and picks one at run time, so one binary serves every x86-64 server. The body must be
-/// `#[inline(always)]` so that it is compiled into each variant.
+/// Defines `$vis fn $name` over `$body::<FMA>`, compiled three times, for the baseline, for AVX2
+/// with FMA and for AVX-512 (twice the lanes per instruction), and picks one at run time, so one
+/// binary serves every x86-64 server. The body must be `#[inline(always)]` so that it is compiled
+/// into each variant.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $vis:vis $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$doc])*
         $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) -> $ret {
+                    $body::<true>($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn fused($($arg: $ty),*) -> $ret {
                     $body::<true>($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, checked just above; every such CPU has AVX2 and FMA.
+                    return unsafe { wide($($arg),*) };
                 }
                 if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has AVX2 and FMA, checked just above.

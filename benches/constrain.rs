@@ -66,7 +66,7 @@ fn main() -> anyhow::Result<()> {
     let opts = SessionOptions { threads: 2, ..SessionOptions::default() };
     let mut dec = Decoder::open(&model, &opts)?;
     let prompt = tok.encode("The parties agree as follows. ")?;
-    dec.prefill(&prompt, 512, |_| Ok(()))?;
+    dec.prefill(&prompt, 512, |_, _| Ok(()))?;
     let mut steps = Vec::new();
     let mut next = prompt[0];
     for _ in 0..64 {

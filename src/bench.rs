@@ -1,14 +1,19 @@
 //! `deltadoc bench`: prefill and decode speed, time to first token, peak memory and carried state
 //! of one model folder on random prompt tokens.
 
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::generate::{Decoder, Logits, argmax};
+use crate::metrics::ProcessMemory;
 use crate::model::ModelDir;
+use crate::model::config::TextConfig;
+use crate::model::plan::Footprint;
 use crate::progress::Progress;
 use crate::runtime::SessionOptions;
 
@@ -27,6 +32,10 @@ pub struct BenchOptions {
     pub stages: usize,
     /// Instruction tokens each stage prefills after the restored prompt.
     pub stage_tokens: usize,
+    /// Make the prefill resumable: checkpoint file and interval in tokens. Rerunning the same
+    /// command after the process died resumes the prefill, and the report adds the time spent
+    /// before (kept per chunk in [`timing_log`]).
+    pub checkpoint: Option<(PathBuf, usize)>,
 }
 
 /// One measurement; the first five fields are the stable keys of `--json`.
@@ -69,6 +78,115 @@ pub struct BenchReport {
     pub prefix_reuse_ratio: Option<f64>,
     /// Bytes of the prompt's snapshot.
     pub snapshot_bytes: usize,
+    /// Bytes of each prefill checkpoint on disk (0 without `--checkpoint`).
+    pub checkpoint_bytes: usize,
+    /// Prompt tokens restored from a checkpoint by this process (0 = prefilled from the start).
+    pub resumed_from_token: usize,
+    /// First prompt token the prefill time covers: 0 unless the timing of the processes before
+    /// a resume was lost, in which case the rate covers the tokens from here on.
+    pub timed_from_token: usize,
+    /// Memory the plan of `deltadoc model info` expects for this run (context = prompt +
+    /// generated tokens; a snapshot counted with stages or checkpoints).
+    pub planned_bytes: u64,
+}
+
+/// One line of a resumable run's timing log: after `tokens` prompt tokens, the prefill had taken
+/// `prefill_s` seconds over all processes so far, and their peak RSS was `peak_rss_bytes`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Mark {
+    /// Prompt tokens in the state.
+    pub tokens: usize,
+    /// Seconds of prefill up to here, summed over the processes that contributed.
+    pub prefill_s: f64,
+    /// Highest peak RSS of those processes.
+    pub peak_rss_bytes: u64,
+}
+
+/// Where a resumable run keeps its [`Mark`]s (JSON lines beside the checkpoint). It stays after
+/// the run: its lines are the prefill's speed at every depth of the context.
+pub fn timing_log(checkpoint: &Path) -> PathBuf {
+    let mut name = checkpoint.as_os_str().to_owned();
+    name.push(".timing.jsonl");
+    PathBuf::from(name)
+}
+
+/// The marks of a timing log; a torn last line (the process died while writing it) is skipped.
+/// Also whether the file ends inside such a line.
+fn read_marks(path: &Path) -> (Vec<Mark>, bool) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    (text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect(), !text.is_empty() && !text.ends_with('\n'))
+}
+
+/// A prefill through `checkpoint`; returns the last logits, the prefill seconds (earlier
+/// processes included), the checkpoint size, the resume point, the first timed token and the
+/// earlier processes' peak RSS.
+fn prefill_resumable(
+    dec: &mut Decoder,
+    prompt: &[u32],
+    chunk: usize,
+    (checkpoint, every): (&Path, usize),
+    progress: &mut Progress,
+) -> Result<(Vec<f32>, f64, usize, usize, usize, u64)> {
+    let log_path = timing_log(checkpoint);
+    let (earlier, torn) = read_marks(&log_path);
+    let mut log: Option<std::fs::File> = None;
+    let (mut base_s, mut timed_from, mut base_peak) = (0.0, 0, 0);
+    let t0 = Instant::now();
+    let r = dec.prefill_resumable(prompt, chunk, checkpoint, every, |done, n| {
+        progress.reach(done as u64);
+        if log.is_none() {
+            let resumed = n == 0;
+            if resumed {
+                match earlier.iter().find(|m| m.tokens == done) {
+                    Some(m) => (base_s, base_peak) = (m.prefill_s, m.peak_rss_bytes),
+                    None => {
+                        tracing::warn!(
+                            "{}: no timing for the {done} resumed tokens; the prefill rate covers the tokens after them",
+                            log_path.display()
+                        );
+                        timed_from = done;
+                    }
+                }
+            }
+            // A fresh prefill starts a new log; a resumed one continues the earlier lines.
+            let mut opts = std::fs::OpenOptions::new();
+            opts.create(true);
+            if resumed {
+                opts.append(true)
+            } else {
+                opts.write(true).truncate(true)
+            };
+            let file = log.insert(opts.open(&log_path).with_context(|| format!("{}: cannot write", log_path.display()))?);
+            if resumed {
+                if torn {
+                    writeln!(file).with_context(|| format!("{}: cannot write", log_path.display()))?;
+                }
+                return Ok(());
+            }
+        }
+        let mark = Mark {
+            tokens: done,
+            prefill_s: base_s + t0.elapsed().as_secs_f64(),
+            peak_rss_bytes: base_peak.max(ProcessMemory::read().peak_bytes),
+        };
+        let file = log.as_mut().expect("opened above");
+        writeln!(file, "{}", serde_json::to_string(&mark)?).with_context(|| format!("{}: cannot write", log_path.display()))?;
+        Ok(())
+    })?;
+    let prefill_s = base_s + t0.elapsed().as_secs_f64();
+    Ok((r.logits, prefill_s, r.checkpoint_bytes, r.resumed_at, timed_from, base_peak))
+}
+
+/// Ordinary tokens only (no specials), within the model's vocabulary: ids `0..` this.
+fn ordinary_tokens(cfg: &TextConfig) -> u32 {
+    cfg.vocab_size.min(crate::tokenizer::SPECIAL_START as usize) as u32
+}
+
+/// The prompt a bench of `tokens` tokens with `seed` runs: the same for every run, so that a
+/// resumed run continues its own checkpoint.
+pub fn random_prompt(cfg: &TextConfig, tokens: usize, seed: u64) -> Vec<u32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..tokens).map(|_| rng.random_range(0..ordinary_tokens(cfg))).collect()
 }
 
 /// Runs the benchmark on `model`.
@@ -77,7 +195,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     if opts.prompt_tokens == 0 {
         bail!("--prompt-tokens must be at least 1");
     }
-    if opts.prompt_tokens + opts.gen_tokens > cfg.max_position_embeddings {
+    // The last generated token is never fed back, so it takes no position.
+    if opts.prompt_tokens + opts.gen_tokens.saturating_sub(1) > cfg.max_position_embeddings {
         bail!(
             "{} prompt + {} generated tokens exceed the model's context of {}",
             opts.prompt_tokens,
@@ -85,10 +204,9 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
             cfg.max_position_embeddings
         );
     }
-    // Ordinary tokens only (no specials), within the model's vocabulary.
-    let limit = cfg.vocab_size.min(crate::tokenizer::SPECIAL_START as usize) as u32;
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let prompt: Vec<u32> = (0..opts.prompt_tokens).map(|_| rng.random_range(0..limit)).collect();
+    let limit = ordinary_tokens(cfg);
+    let prompt = random_prompt(cfg, opts.prompt_tokens, opts.seed);
+    let mut rng = StdRng::seed_from_u64(opts.seed.wrapping_add(1));
 
     let t_load = Instant::now();
     let mut dec = Decoder::open(model, session)?;
@@ -100,16 +218,22 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
 
     let mut progress = Progress::new(prompt.len() as u64, "prefill");
     let t0 = Instant::now();
-    let last = dec.prefill(&prompt, opts.prefill_chunk, |n| {
-        progress.inc(n as u64);
-        Ok(())
-    })?;
-    let prefill_s = t0.elapsed().as_secs_f64();
+    let (last, prefill_s, checkpoint_bytes, resumed_from_token, timed_from_token, earlier_peak) = match &opts.checkpoint {
+        Some((path, every)) => prefill_resumable(&mut dec, &prompt, opts.prefill_chunk, (path, *every), &mut progress)?,
+        None => {
+            let last = dec.prefill(&prompt, opts.prefill_chunk, |done, _| {
+                progress.reach(done as u64);
+                Ok(())
+            })?;
+            (last, t0.elapsed().as_secs_f64(), 0, 0, 0, 0)
+        }
+    };
     progress.finish();
+    let t_pick = Instant::now();
     // Greedy over real tokens only (the padded vocabulary rows are never chosen).
     let pick = |row: &[f32]| argmax(&row[..limit as usize]);
     let tok = pick(&last);
-    let ttft_s = t0.elapsed().as_secs_f64();
+    let ttft_s = prefill_s + t_pick.elapsed().as_secs_f64();
 
     let snap = if opts.stages > 1 { Some(dec.snapshot()?) } else { None };
     let decode = |dec: &mut Decoder, mut tok: u32| -> Result<()> {
@@ -139,11 +263,13 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     }
     let prefix_reuse_ratio = (!stage_s.is_empty()).then(|| (prefill_s + stage_s.iter().sum::<f64>()) / (prefill_s + stage_s[0]));
 
+    let snapshot = opts.stages > 1 || opts.checkpoint.is_some();
+    let planned_bytes = Footprint::of(model).plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, snapshot).total_bytes;
     Ok(BenchReport {
-        prefill_tokens_per_s: opts.prompt_tokens as f64 / prefill_s,
+        prefill_tokens_per_s: (opts.prompt_tokens - timed_from_token) as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },
         ttft_s,
-        peak_rss_bytes: crate::metrics::ProcessMemory::read().peak_bytes,
+        peak_rss_bytes: earlier_peak.max(ProcessMemory::read().peak_bytes),
         kv_state_bytes,
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
@@ -157,5 +283,9 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         stage_s,
         prefix_reuse_ratio,
         snapshot_bytes: snap.as_ref().map(|s| s.bytes()).unwrap_or(0),
+        checkpoint_bytes,
+        resumed_from_token,
+        timed_from_token,
+        planned_bytes,
     })
 }

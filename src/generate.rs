@@ -270,14 +270,22 @@ impl Decoder {
     }
 
     /// Prefills `ids` in chunks of `chunk` tokens; returns the logits of the last token.
-    /// `on_chunk` sees each chunk's size and may abort the prefill by returning an error.
-    pub fn prefill(&mut self, ids: &[u32], chunk: usize, mut on_chunk: impl FnMut(usize) -> Result<()>) -> Result<Vec<f32>> {
+    /// After each chunk `on_chunk(done, n)` learns that `done` tokens of `ids` are in the state,
+    /// the last `n` computed just now; it may abort the prefill by returning an error.
+    pub fn prefill(
+        &mut self,
+        ids: &[u32],
+        chunk: usize,
+        mut on_chunk: impl FnMut(usize, usize) -> Result<()>,
+    ) -> Result<Vec<f32>> {
         let chunk = chunk.max(1);
         let mut last = Vec::new();
+        let mut done = 0;
         for part in ids.chunks(chunk) {
             let l = self.forward(part, Logits::Last)?;
             last = l.row(0).to_vec();
-            on_chunk(part.len())?;
+            done += part.len();
+            on_chunk(done, part.len())?;
         }
         Ok(last)
     }
@@ -286,14 +294,15 @@ impl Decoder {
     /// up to whole chunks) the state is saved to `checkpoint`, and a later call with the same
     /// model, ids and chunk size resumes from the saved point instead of token 0. The result is
     /// bit-identical to an uninterrupted prefill; the checkpoint is removed when the prefill
-    /// completes. `on_chunk` may abort the prefill by returning an error.
+    /// completes. `on_chunk` is called as in [`Self::prefill`], and first with `(resumed, 0)`
+    /// when a checkpoint supplied the first `resumed` tokens.
     pub fn prefill_resumable(
         &mut self,
         ids: &[u32],
         chunk: usize,
         checkpoint: &Path,
         every: usize,
-        mut on_chunk: impl FnMut(usize) -> Result<()>,
+        mut on_chunk: impl FnMut(usize, usize) -> Result<()>,
     ) -> Result<Resumed> {
         let chunk = chunk.max(1);
         self.reset()?;
@@ -328,6 +337,9 @@ impl Decoder {
             }
         }
         let resumed_at = start;
+        if resumed_at > 0 {
+            on_chunk(resumed_at, 0)?;
+        }
         let mut since_save = 0;
         let mut saved_bytes = 0;
         let mut last = Vec::new();
@@ -342,7 +354,7 @@ impl Decoder {
                 saved_bytes = snap.bytes();
                 since_save = 0;
             }
-            on_chunk(part.len())?;
+            on_chunk(start, part.len())?;
         }
         if checkpoint.is_file() {
             std::fs::remove_file(checkpoint)
@@ -590,26 +602,21 @@ pub fn generate(
     let t0 = Instant::now();
     // Prompts of several chunks take seconds to minutes on a CPU: report progress.
     let mut progress = (prompt.len() > opts.prefill_chunk).then(|| Progress::new(prompt.len() as u64, "prefill"));
-    let mut tick = |n: usize| {
+    let tick = |done: usize, _: usize| {
         if let Some(p) = progress.as_mut() {
-            p.inc(n as u64);
+            p.reach(done as u64);
         }
+        Ok(())
     };
     let logits = match &opts.checkpoint {
         Some((path, every)) => {
-            let r = dec.prefill_resumable(prompt, opts.prefill_chunk, path, *every, |n| {
-                tick(n);
-                Ok(())
-            })?;
+            let r = dec.prefill_resumable(prompt, opts.prefill_chunk, path, *every, tick)?;
             if r.checkpoint_bytes > 0 {
                 tracing::info!("prefill checkpoints: {} bytes each, every {every} tokens", r.checkpoint_bytes);
             }
             r.logits
         }
-        None => dec.prefill(prompt, opts.prefill_chunk, |n| {
-            tick(n);
-            Ok(())
-        })?,
+        None => dec.prefill(prompt, opts.prefill_chunk, tick)?,
     };
     if let Some(p) = &progress {
         p.finish();

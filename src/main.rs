@@ -101,6 +101,13 @@ enum Cmd {
         /// Instruction tokens per stage.
         #[arg(long, default_value_t = 32)]
         stage_tokens: usize,
+        /// Make the prefill resumable (a 262K prompt is hours): save the state to this file every
+        /// --checkpoint-every tokens; rerunning the same command resumes, and the report counts
+        /// the time of the earlier runs (FILE.timing.jsonl keeps it, and the rate at every depth).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, default_value_t = 8192)]
+        checkpoint_every: usize,
     },
     /// Run the daemon: watch the inboxes, process documents, serve metrics (SIGTERM drains).
     Serve(DaemonArgs),
@@ -534,9 +541,30 @@ fn run(cli: Cli) -> Result<i32> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(0)
         }
-        Cmd::Bench { model, prompt_tokens, gen_tokens, prefill_chunk, threads, seed, json, stages, stage_tokens } => {
+        Cmd::Bench {
+            model,
+            prompt_tokens,
+            gen_tokens,
+            prefill_chunk,
+            threads,
+            seed,
+            json,
+            stages,
+            stage_tokens,
+            checkpoint,
+            checkpoint_every,
+        } => {
             let m = ModelDir::open(&model)?;
-            let opts = deltadoc::bench::BenchOptions { prompt_tokens, gen_tokens, prefill_chunk, seed, stages, stage_tokens };
+            let checkpoint = checkpoint.map(|p| (p, checkpoint_every));
+            let opts = deltadoc::bench::BenchOptions {
+                prompt_tokens,
+                gen_tokens,
+                prefill_chunk,
+                seed,
+                stages,
+                stage_tokens,
+                checkpoint,
+            };
             let r = deltadoc::bench::run(&m, &session_options(threads), &opts)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -549,10 +577,19 @@ fn run(cli: Cli) -> Result<i32> {
                     "prefill        {} tokens, {:.1} tok/s (chunks of {})",
                     r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_chunk
                 );
+                if r.resumed_from_token > 0 {
+                    println!(
+                        "resumed        at token {}; rate over tokens {}.. with the earlier runs' time",
+                        r.resumed_from_token, r.timed_from_token
+                    );
+                }
+                if r.checkpoint_bytes > 0 {
+                    println!("checkpoint     {:.1} MiB on disk", mib(r.checkpoint_bytes as u64));
+                }
                 println!("first token    {:.3} s", r.ttft_s);
                 println!("decode         {} tokens, {:.2} tok/s", r.gen_tokens, r.decode_tokens_per_s);
                 println!("KV + state     {:.1} MiB", mib(r.kv_state_bytes));
-                println!("peak RSS       {:.1} MiB", mib(r.peak_rss_bytes));
+                println!("peak RSS       {:.1} MiB (plan {:.1} MiB)", mib(r.peak_rss_bytes), mib(r.planned_bytes));
                 if let Some(ratio) = r.prefix_reuse_ratio {
                     let stages: Vec<String> = r.stage_s.iter().map(|s| format!("{s:.2}")).collect();
                     println!(

@@ -31,6 +31,11 @@ impl Progress {
         Self { bar, label, len, done: 0, next_log: len.div_ceil(10).max(1), start: Instant::now() }
     }
 
+    /// Records that `done` units are done in all (a resumed job starts past 0).
+    pub fn reach(&mut self, done: u64) {
+        self.inc(done.saturating_sub(self.done));
+    }
+
     /// Records `n` more units done.
     pub fn inc(&mut self, n: u64) {
         self.done += n;

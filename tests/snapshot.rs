@@ -84,23 +84,36 @@ fn an_interrupted_prefill_resumes_bit_exact() {
     let ckpt = dir.path().join("prefill.ddsnap");
 
     let mut dec = decoder("gqa8");
-    let want = dec.prefill(&ids, chunk, |_| Ok(())).unwrap();
+    let want = dec.prefill(&ids, chunk, |_, _| Ok(())).unwrap();
 
     // A "crash" after 7 chunks (112 tokens): the last checkpoint is at token 96.
-    let mut seen = 0;
     let err = dec
-        .prefill_resumable(&ids, chunk, &ckpt, every, |n| {
-            seen += n;
-            if seen >= 112 { anyhow::bail!("simulated crash") } else { Ok(()) }
-        })
+        .prefill_resumable(
+            &ids,
+            chunk,
+            &ckpt,
+            every,
+            |done, _| {
+                if done >= 112 { anyhow::bail!("simulated crash") } else { Ok(()) }
+            },
+        )
         .unwrap_err();
     assert!(err.to_string().contains("simulated crash"));
     assert!(ckpt.is_file());
 
     // A new process (new session) picks it up.
     let mut fresh = decoder("gqa8");
-    let r = fresh.prefill_resumable(&ids, chunk, &ckpt, every, |_| Ok(())).unwrap();
+    let mut calls = Vec::new();
+    let r = fresh
+        .prefill_resumable(&ids, chunk, &ckpt, every, |done, n| {
+            calls.push((done, n));
+            Ok(())
+        })
+        .unwrap();
     assert_eq!(r.resumed_at, 96);
+    // The restored prefix is reported first, as done but not computed; then each chunk.
+    assert_eq!(calls[..3], [(96, 0), (112, 16), (128, 16)]);
+    assert_eq!(calls.last(), Some(&(150, 6)));
     assert!(r.logits == want, "resumed prefill differs: max |Δ| {:e}", max_abs(&r.logits, &want));
     assert!(r.checkpoint_bytes > 0);
     assert!(!ckpt.is_file(), "checkpoint removed once the prefill completed");
@@ -108,12 +121,68 @@ fn an_interrupted_prefill_resumes_bit_exact() {
     // A checkpoint of another prompt is ignored, not applied.
     let mut other = ids.clone();
     other[5] ^= 1;
-    let mut seen = 0;
-    let _ = dec.prefill_resumable(&other, chunk, &ckpt, every, |n| {
-        seen += n;
-        if seen >= 64 { anyhow::bail!("stop") } else { Ok(()) }
-    });
-    let r = fresh.prefill_resumable(&ids, chunk, &ckpt, every, |_| Ok(())).unwrap();
+    let _ = dec.prefill_resumable(&other, chunk, &ckpt, every, |done, _| if done >= 64 { anyhow::bail!("stop") } else { Ok(()) });
+    let r = fresh.prefill_resumable(&ids, chunk, &ckpt, every, |_, _| Ok(())).unwrap();
     assert_eq!(r.resumed_at, 0);
     assert!(r.logits == want);
+}
+
+#[test]
+fn a_resumed_bench_adds_the_earlier_runs_time_and_peak() {
+    use deltadoc::bench::{self, BenchOptions, Mark};
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("bench.ddsnap");
+    let model = open(&imported("gqa8", Precision::Fp32));
+    let (chunk, every, tokens) = (16, 32, 150);
+    let prompt = bench::random_prompt(&model.manifest.config, tokens, 7);
+    let session = SessionOptions { threads: 2, spin: false };
+    let opts = BenchOptions {
+        prompt_tokens: tokens,
+        gen_tokens: 2,
+        prefill_chunk: chunk,
+        seed: 7,
+        stages: 1,
+        stage_tokens: 1,
+        checkpoint: Some((ckpt.clone(), every)),
+    };
+    // An earlier run of the same bench died after token 100; its last checkpoint is at 96, where
+    // its log says the prefill had taken 1000 s and 1 TiB.
+    let crash = || {
+        let mut dec = Decoder::open(&model, &session).unwrap();
+        let _ = dec.prefill_resumable(
+            &prompt,
+            chunk,
+            &ckpt,
+            every,
+            |done, _| {
+                if done > 100 { anyhow::bail!("killed") } else { Ok(()) }
+            },
+        );
+    };
+    crash();
+    let log = bench::timing_log(&ckpt);
+    let earlier = Mark { tokens: 96, prefill_s: 1000.0, peak_rss_bytes: 1 << 40 };
+    std::fs::write(&log, format!("{}\n{{\"tokens\":11", serde_json::to_string(&earlier).unwrap())).unwrap();
+
+    let r = bench::run(&model, &session, &opts).unwrap();
+    assert_eq!((r.resumed_from_token, r.timed_from_token), (96, 0));
+    assert!(r.prefill_tokens_per_s < 150.0 / 1000.0, "{r:?}");
+    assert!(r.ttft_s > 1000.0);
+    assert_eq!(r.peak_rss_bytes, 1 << 40);
+    assert!(r.checkpoint_bytes > 0 && !ckpt.is_file());
+    // The log continues after the torn line, one mark per chunk computed by the new run.
+    let marks: Vec<Mark> = std::fs::read_to_string(&log).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let tokens_seen: Vec<usize> = marks.iter().map(|m| m.tokens).collect();
+    assert_eq!(tokens_seen, [96, 112, 128, 144, 150]);
+    assert!(marks.windows(2).all(|w| w[1].prefill_s > w[0].prefill_s && w[1].peak_rss_bytes == 1 << 40));
+
+    // Without the earlier run's timing the rate covers only what this run computed.
+    crash();
+    std::fs::remove_file(&log).unwrap();
+    let r = bench::run(&model, &session, &opts).unwrap();
+    assert_eq!((r.resumed_from_token, r.timed_from_token), (96, 96));
+    // A fresh run (no checkpoint) starts a new log.
+    let r = bench::run(&model, &session, &opts).unwrap();
+    assert_eq!((r.resumed_from_token, r.timed_from_token), (0, 0));
+    assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), tokens.div_ceil(chunk));
 }

@@ -222,7 +222,8 @@ impl OrtModel {
             return Ok((Vec::new(), 0));
         }
         self.kept = None;
-        let tick = |n: usize| {
+        // Only computed tokens count: a prefix restored from a checkpoint reports 0.
+        let tick = |_: usize, n: usize| {
             (req.on_prefill)(n);
             (req.check)()
         };
@@ -262,7 +263,7 @@ impl TextModel for OrtModel {
         let t0 = Instant::now();
         let (mut logits, mut prefilled) = self.prefill_prefix(req)?;
         if !req.suffix.is_empty() {
-            logits = self.decoder.prefill(req.suffix, self.prefill_chunk, |n| {
+            logits = self.decoder.prefill(req.suffix, self.prefill_chunk, |_, n| {
                 (req.on_prefill)(n);
                 (req.check)()
             })?;

@@ -3,7 +3,8 @@
 //! Two kernels compute the same recurrence (specs/qwen35.md §2.4–§2.5):
 //! - [`chunked`] splits the sequence into chunks of [`CHUNK`] tokens and turns each chunk into small
 //!   dense matrix products (the WY form of the delta rule), which is what makes prefill fast;
-//! - [`recurrent`] walks token by token and streams the state once per token; it is the decode path.
+//! - [`recurrent`] walks token by token, reading the state twice and writing it once per token; it is
+//!   the decode path.
 //!
 //! Both take the recurrent state `S` as `[Dk, Dv]` row-major (HF's layout), update it in place and
 //! write the outputs `o_t = Sᵀ q_t`. Queries and keys must already be L2-normalised, and queries
@@ -39,12 +40,17 @@ impl HeadInputs<'_> {
     }
 }
 
-/// L2-normalise each `d`-row of `x` in place as `x · rsqrt(Σx² + 1e-6)` and multiply by `scale`.
-///
-/// The epsilon sits inside the square root, as in the reference `l2norm`.
-pub fn prepare_qk(x: &mut [f32], d: usize, scale: f32) {
+simd::dispatch!(
+    /// L2-normalise each `d`-row of `x` in place as `x · rsqrt(Σx² + 1e-6)` and multiply by `scale`.
+    ///
+    /// The epsilon sits inside the square root, as in the reference `l2norm`.
+    pub prepare_qk(x: &mut [f32], d: usize, scale: f32) -> () = prepare_qk_lanes
+);
+
+#[inline(always)]
+fn prepare_qk_lanes<const FMA: bool>(x: &mut [f32], d: usize, scale: f32) {
     for row in x.chunks_exact_mut(d) {
-        let ss: f32 = row.iter().map(|v| v * v).sum();
+        let ss = simd::dot_lanes::<FMA>(row, row);
         let inv = 1.0 / (ss + 1e-6).sqrt() * scale;
         for v in row.iter_mut() {
             *v *= inv;
@@ -60,33 +66,35 @@ simd::dispatch!(
 #[inline(always)]
 fn recurrent_lanes<const FMA: bool>(inp: &HeadInputs<'_>, state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (inp.dk, inp.dv);
-    let mut delta = vec![0f32; dv];
+    let mut sk = vec![0f32; dv];
     for t in 0..inp.len() {
         let q = &inp.q[t * dk..(t + 1) * dk];
         let k = &inp.k[t * dk..(t + 1) * dk];
         let v = &inp.v[t * dv..(t + 1) * dv];
         let decay = inp.g[t].exp();
-        // Pass 1: decay the state and read it with k (kv = Sᵀk).
-        delta.iter_mut().for_each(|d| *d = 0.0);
-        for (i, row) in state.chunks_exact_mut(dv).enumerate() {
-            let ki = k[i];
-            for (s, d) in row.iter_mut().zip(delta.iter_mut()) {
-                *s *= decay;
-                *d = madd::<FMA>(*s, ki, *d);
+        // Decode streams the state; with the decay and the write folded into one update, each
+        // token reads it twice and writes it once. Pass 1 reads Sᵀk and Sᵀq of the old state:
+        // the new state's Sᵀq is then e^g·Sᵀq + δ (k·q), where δ = β(v − e^g·Sᵀk).
+        let o = &mut out[t * dv..(t + 1) * dv];
+        sk.iter_mut().for_each(|x| *x = 0.0);
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (i, row) in state.chunks_exact(dv).enumerate() {
+            let (ki, qi) = (k[i], q[i]);
+            for ((&s, a), c) in row.iter().zip(sk.iter_mut()).zip(o.iter_mut()) {
+                *a = madd::<FMA>(s, ki, *a);
+                *c = madd::<FMA>(s, qi, *c);
             }
         }
-        let beta = inp.beta[t];
-        for (d, &vj) in delta.iter_mut().zip(v) {
-            *d = beta * (vj - *d);
+        let (beta, kq) = (inp.beta[t], simd::dot_lanes::<FMA>(k, q));
+        for ((d, &vj), oj) in sk.iter_mut().zip(v).zip(o.iter_mut()) {
+            *d = beta * (vj - decay * *d);
+            *oj = madd::<FMA>(*d, kq, decay * *oj);
         }
-        // Pass 2: rank-1 write (S += k δᵀ) and read-out with q (o = Sᵀq).
-        let o = &mut out[t * dv..(t + 1) * dv];
-        o.iter_mut().for_each(|x| *x = 0.0);
+        // Pass 2: S ← e^g S + k δᵀ.
         for (i, row) in state.chunks_exact_mut(dv).enumerate() {
-            let (ki, qi) = (k[i], q[i]);
-            for ((s, &d), oj) in row.iter_mut().zip(delta.iter()).zip(o.iter_mut()) {
-                *s = madd::<FMA>(ki, d, *s);
-                *oj = madd::<FMA>(*s, qi, *oj);
+            let ki = k[i];
+            for (s, &d) in row.iter_mut().zip(sk.iter()) {
+                *s = madd::<FMA>(ki, d, decay * *s);
             }
         }
     }

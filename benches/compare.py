@@ -96,9 +96,11 @@ def step(path: Path, what: str, make) -> Path:
 # ---------------------------------------------------------------------------------------- setup
 
 
-def build_deltadoc() -> Path:
+def build_deltadoc() -> tuple[Path, str]:
+    """The release binary and the revision it was built from (the tree may change during a run)."""
     run(["cargo", "build", "--release", "--locked"], cwd=REPO)
-    return REPO / "target" / "release" / "deltadoc"
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return REPO / "target" / "release" / "deltadoc", rev
 
 
 def make_models(dd: Path, work: Path, seed: int) -> dict:
@@ -428,7 +430,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now()
 
-    dd = build_deltadoc()
+    dd, rev = build_deltadoc()
     models = make_models(dd, args.work, args.seed)
     shape = Shape(models["hf"])
     llama_src, llama_commit, ggufs = None, None, {}
@@ -514,7 +516,6 @@ def main() -> None:
     flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
     simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
     mem = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))) * 1024
-    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     ort = re.search(r'"onnxruntime==([0-9.]+)"', (REPO / "src" / "fetch.rs").read_text())
     minutes = (datetime.datetime.now() - started).total_seconds() / 60
     section = [

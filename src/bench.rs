@@ -117,16 +117,30 @@ fn read_marks(path: &Path) -> (Vec<Mark>, bool) {
     (text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect(), !text.is_empty() && !text.ends_with('\n'))
 }
 
-/// A prefill through `checkpoint`; returns the last logits, the prefill seconds (earlier
-/// processes included), the checkpoint size, the resume point, the first timed token and the
-/// earlier processes' peak RSS.
+/// What the timed prefill of a bench left.
+struct Prefilled {
+    /// Logits of the last prompt token.
+    logits: Vec<f32>,
+    /// Seconds of prefill, earlier processes of a resumed run included.
+    seconds: f64,
+    /// Bytes of each checkpoint written.
+    checkpoint_bytes: usize,
+    /// Tokens restored from a checkpoint.
+    resumed_from: usize,
+    /// First token `seconds` covers.
+    timed_from: usize,
+    /// Peak RSS of the earlier processes.
+    earlier_peak: u64,
+}
+
+/// A prefill through `checkpoint`, saved every `every` tokens (0: never, the timing log only).
 fn prefill_resumable(
     dec: &mut Decoder,
     prompt: &[u32],
     chunk: usize,
     (checkpoint, every): (&Path, usize),
     progress: &mut Progress,
-) -> Result<(Vec<f32>, f64, usize, usize, usize, u64)> {
+) -> Result<Prefilled> {
     let log_path = timing_log(checkpoint);
     let (earlier, torn) = read_marks(&log_path);
     let mut log: Option<std::fs::File> = None;
@@ -173,8 +187,14 @@ fn prefill_resumable(
         writeln!(file, "{}", serde_json::to_string(&mark)?).with_context(|| format!("{}: cannot write", log_path.display()))?;
         Ok(())
     })?;
-    let prefill_s = base_s + t0.elapsed().as_secs_f64();
-    Ok((r.logits, prefill_s, r.checkpoint_bytes, r.resumed_at, timed_from, base_peak))
+    Ok(Prefilled {
+        logits: r.logits,
+        seconds: base_s + t0.elapsed().as_secs_f64(),
+        checkpoint_bytes: r.checkpoint_bytes,
+        resumed_from: r.resumed_at,
+        timed_from,
+        earlier_peak: base_peak,
+    })
 }
 
 /// Ordinary tokens only (no specials), within the model's vocabulary: ids `0..` this.
@@ -218,21 +238,23 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
 
     let mut progress = Progress::new(prompt.len() as u64, "prefill");
     let t0 = Instant::now();
-    let (last, prefill_s, checkpoint_bytes, resumed_from_token, timed_from_token, earlier_peak) = match &opts.checkpoint {
+    let pre = match &opts.checkpoint {
         Some((path, every)) => prefill_resumable(&mut dec, &prompt, opts.prefill_chunk, (path, *every), &mut progress)?,
         None => {
-            let last = dec.prefill(&prompt, opts.prefill_chunk, |done, _| {
+            let logits = dec.prefill(&prompt, opts.prefill_chunk, |done, _| {
                 progress.reach(done as u64);
                 Ok(())
             })?;
-            (last, t0.elapsed().as_secs_f64(), 0, 0, 0, 0)
+            let seconds = t0.elapsed().as_secs_f64();
+            Prefilled { logits, seconds, checkpoint_bytes: 0, resumed_from: 0, timed_from: 0, earlier_peak: 0 }
         }
     };
+    let prefill_s = pre.seconds;
     progress.finish();
     let t_pick = Instant::now();
     // Greedy over real tokens only (the padded vocabulary rows are never chosen).
     let pick = |row: &[f32]| argmax(&row[..limit as usize]);
-    let tok = pick(&last);
+    let tok = pick(&pre.logits);
     let ttft_s = prefill_s + t_pick.elapsed().as_secs_f64();
 
     let snap = if opts.stages > 1 { Some(dec.snapshot()?) } else { None };
@@ -266,10 +288,10 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let snapshot = opts.stages > 1 || opts.checkpoint.is_some();
     let planned_bytes = Footprint::of(model).plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, snapshot).total_bytes;
     Ok(BenchReport {
-        prefill_tokens_per_s: (opts.prompt_tokens - timed_from_token) as f64 / prefill_s,
+        prefill_tokens_per_s: (opts.prompt_tokens - pre.timed_from) as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },
         ttft_s,
-        peak_rss_bytes: earlier_peak.max(ProcessMemory::read().peak_bytes),
+        peak_rss_bytes: pre.earlier_peak.max(ProcessMemory::read().peak_bytes),
         kv_state_bytes,
         prompt_tokens: opts.prompt_tokens,
         gen_tokens: opts.gen_tokens,
@@ -283,9 +305,9 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         stage_s,
         prefix_reuse_ratio,
         snapshot_bytes: snap.as_ref().map(|s| s.bytes()).unwrap_or(0),
-        checkpoint_bytes,
-        resumed_from_token,
-        timed_from_token,
+        checkpoint_bytes: pre.checkpoint_bytes,
+        resumed_from_token: pre.resumed_from,
+        timed_from_token: pre.timed_from,
         planned_bytes,
     })
 }

@@ -106,6 +106,7 @@ enum Cmd {
         /// the time of the earlier runs (FILE.timing.jsonl keeps it, and the rate at every depth).
         #[arg(long)]
         checkpoint: Option<PathBuf>,
+        /// Tokens between checkpoints; 0 saves none and only writes the timing log.
         #[arg(long, default_value_t = 8192)]
         checkpoint_every: usize,
     },

@@ -111,10 +111,24 @@ pub fn timing_log(checkpoint: &Path) -> PathBuf {
 }
 
 /// The marks of a timing log; a torn last line (the process died while writing it) is skipped.
-/// Also whether the file ends inside such a line.
-fn read_marks(path: &Path) -> (Vec<Mark>, bool) {
+fn read_marks(path: &Path) -> Vec<Mark> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    (text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect(), !text.is_empty() && !text.ends_with('\n'))
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// Starts the timing log over with `marks` (through a temporary file, so that a crash leaves
+/// either log whole) and opens it for the marks to come.
+fn restart_log(path: &Path, marks: &[Mark]) -> Result<std::fs::File> {
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut text = String::new();
+    for m in marks {
+        text += &serde_json::to_string(m)?;
+        text.push('\n');
+    }
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// What the timed prefill of a bench left.
@@ -142,7 +156,7 @@ fn prefill_resumable(
     progress: &mut Progress,
 ) -> Result<Prefilled> {
     let log_path = timing_log(checkpoint);
-    let (earlier, torn) = read_marks(&log_path);
+    let earlier = read_marks(&log_path);
     let mut log: Option<std::fs::File> = None;
     let (mut base_s, mut timed_from, mut base_peak) = (0.0, 0, 0);
     let t0 = Instant::now();
@@ -162,19 +176,12 @@ fn prefill_resumable(
                     }
                 }
             }
-            // A fresh prefill starts a new log; a resumed one continues the earlier lines.
-            let mut opts = std::fs::OpenOptions::new();
-            opts.create(true);
+            // A fresh prefill starts a new log; a resumed one keeps the earlier lines up to the
+            // resume point (the dead process's lines past it describe work that is redone).
+            let kept: Vec<Mark> =
+                if resumed { earlier.iter().filter(|m| m.tokens <= done).cloned().collect() } else { Vec::new() };
+            log = Some(restart_log(&log_path, &kept)?);
             if resumed {
-                opts.append(true)
-            } else {
-                opts.write(true).truncate(true)
-            };
-            let file = log.insert(opts.open(&log_path).with_context(|| format!("{}: cannot write", log_path.display()))?);
-            if resumed {
-                if torn {
-                    writeln!(file).with_context(|| format!("{}: cannot write", log_path.display()))?;
-                }
                 return Ok(());
             }
         }

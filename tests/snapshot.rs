@@ -145,7 +145,7 @@ fn a_resumed_bench_adds_the_earlier_runs_time_and_peak() {
         stage_tokens: 1,
         checkpoint: Some((ckpt.clone(), every)),
     };
-    // An earlier run of the same bench died after token 100; its last checkpoint is at 96, where
+    // An earlier run of the same bench died after token 112; its last checkpoint is at 96, where
     // its log says the prefill had taken 1000 s and 1 TiB.
     let crash = || {
         let mut dec = Decoder::open(&model, &session).unwrap();
@@ -162,7 +162,9 @@ fn a_resumed_bench_adds_the_earlier_runs_time_and_peak() {
     crash();
     let log = bench::timing_log(&ckpt);
     let earlier = Mark { tokens: 96, prefill_s: 1000.0, peak_rss_bytes: 1 << 40 };
-    std::fs::write(&log, format!("{}\n{{\"tokens\":11", serde_json::to_string(&earlier).unwrap())).unwrap();
+    let lost = Mark { tokens: 112, prefill_s: 1010.0, peak_rss_bytes: 1 << 40 };
+    let line = |m: &Mark| serde_json::to_string(m).unwrap();
+    std::fs::write(&log, format!("{}\n{}\n{{\"tokens\":12", line(&earlier), line(&lost))).unwrap();
 
     let r = bench::run(&model, &session, &opts).unwrap();
     assert_eq!((r.resumed_from_token, r.timed_from_token), (96, 0));
@@ -170,11 +172,13 @@ fn a_resumed_bench_adds_the_earlier_runs_time_and_peak() {
     assert!(r.ttft_s > 1000.0);
     assert_eq!(r.peak_rss_bytes, 1 << 40);
     assert!(r.checkpoint_bytes > 0 && !ckpt.is_file());
-    // The log continues after the torn line, one mark per chunk computed by the new run.
+    // The log keeps the marks up to the resume point (not the dead run's work past it, nor its
+    // torn line), then one per chunk computed by the new run.
     let marks: Vec<Mark> = std::fs::read_to_string(&log).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let tokens_seen: Vec<usize> = marks.iter().map(|m| m.tokens).collect();
     assert_eq!(tokens_seen, [96, 112, 128, 144, 150]);
     assert!(marks.windows(2).all(|w| w[1].prefill_s > w[0].prefill_s && w[1].peak_rss_bytes == 1 << 40));
+    assert!(marks[1] != lost);
 
     // Without the earlier run's timing the rate covers only what this run computed.
     crash();

@@ -111,7 +111,7 @@ pub fn timing_log(checkpoint: &Path) -> PathBuf {
 }
 
 /// The marks of a timing log; a torn last line (the process died while writing it) is skipped.
-fn read_marks(path: &Path) -> Vec<Mark> {
+pub fn read_marks(path: &Path) -> Vec<Mark> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
@@ -212,8 +212,8 @@ fn ordinary_tokens(cfg: &TextConfig) -> u32 {
 /// The prompt a bench of `tokens` tokens with `seed` runs: the same for every run, so that a
 /// resumed run continues its own checkpoint.
 pub fn random_prompt(cfg: &TextConfig, tokens: usize, seed: u64) -> Vec<u32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..tokens).map(|_| rng.random_range(0..ordinary_tokens(cfg))).collect()
+    let (mut rng, limit) = (StdRng::seed_from_u64(seed), ordinary_tokens(cfg));
+    (0..tokens).map(|_| rng.random_range(0..limit)).collect()
 }
 
 /// Runs the benchmark on `model`.

@@ -174,7 +174,7 @@ fn a_resumed_bench_adds_the_earlier_runs_time_and_peak() {
     assert!(r.checkpoint_bytes > 0 && !ckpt.is_file());
     // The log keeps the marks up to the resume point (not the dead run's work past it, nor its
     // torn line), then one per chunk computed by the new run.
-    let marks: Vec<Mark> = std::fs::read_to_string(&log).unwrap().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let marks = bench::read_marks(&log);
     let tokens_seen: Vec<usize> = marks.iter().map(|m| m.tokens).collect();
     assert_eq!(tokens_seen, [96, 112, 128, 144, 150]);
     assert!(marks.windows(2).all(|w| w[1].prefill_s > w[0].prefill_s && w[1].peak_rss_bytes == 1 << 40));

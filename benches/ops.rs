@@ -2,7 +2,8 @@
 //! threads:
 //! - DeltaNet: deltadoc's `ai.deltadoc` ops against ONNX Runtime's built-in `com.microsoft`
 //!   LinearAttention / CausalConvWithState (16 heads, 128×128 state, conv over 6144 channels);
-//! - attention: deltadoc's blockwise `CausalAttentionF16` (f16 cache) against ORT's
+//! - attention: deltadoc's blockwise `CausalAttentionF16` (f16 cache) and `CausalAttentionBF16`
+//!   (bf16 cache, bf16 arithmetic where the CPU has AVX512_BF16) against ORT's
 //!   `GroupQueryAttention` (f32 cache) (8 query heads, 2 KV heads, head width 256).
 //!
 //!   cargo bench --bench ops [-- TOKENS [CALL_TOKENS [CONTEXT...]]]   (defaults 4096, 512, 4096 32768)
@@ -174,13 +175,26 @@ fn time_conv(s: &mut Session, tokens: usize, call: usize) -> f64 {
     best
 }
 
+/// Which attention op, by its cache: ORT's GroupQueryAttention (f32) or deltadoc's f16 / bf16 op.
+#[derive(Clone, Copy, PartialEq)]
+enum Cache {
+    OrtF32,
+    F16,
+    Bf16,
+}
+
 /// Graph with one attention op: q [1,S,Hq·D], k, v [1,S,Hkv·D], past_key/past_value
-/// [1,Hkv,P,D] (f16 for deltadoc, f32 for ORT) and, for ORT, its sequence-length inputs.
-fn attention_graph(dir: &std::path::Path, builtin: bool) -> Session {
-    let path = dir.join(if builtin { "attn_builtin.onnx" } else { "attn_deltadoc.onnx" });
+/// [1,Hkv,P,D] and, for ORT, its sequence-length inputs.
+fn attention_graph(dir: &std::path::Path, cache: Cache) -> Session {
+    let (name, cache_ty, op) = match cache {
+        Cache::OrtF32 => ("attn_builtin.onnx", data_type::FLOAT, "GroupQueryAttention"),
+        Cache::F16 => ("attn_f16.onnx", data_type::FLOAT16, "CausalAttentionF16"),
+        Cache::Bf16 => ("attn_bf16.onnx", data_type::BFLOAT16, "CausalAttentionBF16"),
+    };
+    let builtin = cache == Cache::OrtF32;
+    let path = dir.join(name);
     let mut b = GraphBuilder::new("attn", &path).unwrap();
     let (q, kv) = ((Q_HEADS * HEAD) as i64, (KV_HEADS * HEAD) as i64);
-    let cache_ty = if builtin { data_type::FLOAT } else { data_type::FLOAT16 };
     b.input("q", data_type::FLOAT, &dims(&[1, -1, q]));
     b.input("k", data_type::FLOAT, &dims(&[1, -1, kv]));
     b.input("v", data_type::FLOAT, &dims(&[1, -1, kv]));
@@ -199,7 +213,7 @@ fn attention_graph(dir: &std::path::Path, builtin: bool) -> Session {
         b.input("seqlens_k", data_type::INT32, &[Dim::Fixed(1)]);
         b.input("total_sequence_length", data_type::INT32, &[]);
         b.node_named(
-            "GroupQueryAttention",
+            op,
             "com.microsoft",
             &["q", "k", "v", "past_key", "past_value", "seqlens_k", "total_sequence_length"],
             &["out", "present_key", "present_value"],
@@ -210,7 +224,7 @@ fn attention_graph(dir: &std::path::Path, builtin: bool) -> Session {
         let (q4, k4, v4) = (shape(&mut b, "q", Q_HEADS), shape(&mut b, "k", KV_HEADS), shape(&mut b, "v", KV_HEADS));
         let out = b.fresh("out");
         b.node_named(
-            "CausalAttentionF16",
+            op,
             deltadoc::ops::DOMAIN,
             &[&q4, &k4, &v4, "past_key", "past_value"],
             &[&out, "present_key", "present_value"],
@@ -223,16 +237,16 @@ fn attention_graph(dir: &std::path::Path, builtin: bool) -> Session {
 }
 
 /// Seconds of one attention call of `n` new tokens after `past` cached ones; best of 3.
-fn time_attention(s: &mut Session, builtin: bool, past: usize, n: usize) -> f64 {
+fn time_attention(s: &mut Session, kind: Cache, past: usize, n: usize) -> f64 {
     let cache_len = KV_HEADS * past * HEAD;
+    let builtin = kind == Cache::OrtF32;
     let cache = |seed| -> ort::value::DynValue {
         let data = random(cache_len, -1.0, 1.0, seed);
         let shape = [1, KV_HEADS, past, HEAD];
-        if builtin {
-            tensor(&shape, data)
-        } else {
-            let half: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
-            Tensor::from_array(ArrayD::from_shape_vec(IxDyn(&shape), half).unwrap()).unwrap().into_dyn()
+        match kind {
+            Cache::OrtF32 => tensor(&shape, data),
+            Cache::F16 => narrow(&shape, data.iter().map(|&x| half::f16::from_f32(x)).collect()),
+            Cache::Bf16 => narrow(&shape, data.iter().map(|&x| half::bf16::from_f32(x)).collect()),
         }
     };
     let mut best = f64::MAX;
@@ -256,10 +270,18 @@ fn time_attention(s: &mut Session, builtin: bool, past: usize, n: usize) -> f64 
     best
 }
 
+/// A tensor of 16-bit floats.
+fn narrow<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+    shape: &[usize],
+    data: Vec<T>,
+) -> ort::value::DynValue {
+    Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), data).unwrap()).unwrap().into_dyn()
+}
+
 /// One result line: milliseconds per `per` repetitions for both, and ORT's time over ours.
 fn row(what: &str, ours: f64, ort: f64, per: usize) {
     let ms = |s: f64| s * 1e3 / per as f64;
-    println!("{what:<28} {:>12.3} {:>12.3} {:>7.2}x", ms(ours), ms(ort), ort / ours);
+    println!("{what:<34} {:>12.3} {:>12.3} {:>7.2}x", ms(ours), ms(ort), ort / ours);
 }
 
 fn main() {
@@ -268,7 +290,7 @@ fn main() {
     let call = args.get(1).copied().unwrap_or(512);
     let dir = tempfile::tempdir().unwrap();
     println!("one 0.8B DeltaNet layer (16 heads, 128x128 state, conv 6144 ch), 2 threads; {tokens} tokens in calls of {call}");
-    println!("{:<28} {:>12} {:>12} {:>8}", "op", "deltadoc ms", "ORT ms", "ratio");
+    println!("{:<34} {:>12} {:>12} {:>8}", "op", "deltadoc ms", "ORT ms", "ratio");
     let steps = 64;
     let (mut ours, mut theirs) = (rule_graph(dir.path(), false), rule_graph(dir.path(), true));
     row("gated delta rule, prefill", time_rule(&mut ours, tokens, call), time_rule(&mut theirs, tokens, call), 1);
@@ -278,14 +300,23 @@ fn main() {
     row("causal conv, decode/tok", time_conv(&mut ours, steps, 1), time_conv(&mut theirs, steps, 1), steps);
     let contexts: Vec<usize> = if args.len() > 2 { args[2..].to_vec() } else { vec![4096, 32768] };
     println!(
-        "one 0.8B attention layer (8 query heads, 2 KV heads, width 256): deltadoc f16 cache vs ORT GroupQueryAttention f32 cache"
+        "one 0.8B attention layer (8 query heads, 2 KV heads, width 256): deltadoc f16 / bf16 cache vs ORT GroupQueryAttention f32 cache; bf16 arithmetic on this CPU: {}",
+        deltadoc::ops::attention::bf16_arithmetic()
     );
-    let (mut ours, mut theirs) = (attention_graph(dir.path(), false), attention_graph(dir.path(), true));
+    let mut theirs = attention_graph(dir.path(), Cache::OrtF32);
+    let mut ours = [(Cache::F16, "f16"), (Cache::Bf16, "bf16")].map(|(c, name)| (c, name, attention_graph(dir.path(), c)));
     for past in contexts {
-        let what = format!("attention, {call} after {past}");
-        row(&what, time_attention(&mut ours, false, past, call), time_attention(&mut theirs, true, past, call), 1);
-        let what = format!("attention, decode at {past}");
-        row(&what, time_attention(&mut ours, false, past, 1), time_attention(&mut theirs, true, past, 1), 1);
+        for n in [call, 1] {
+            let ort = time_attention(&mut theirs, Cache::OrtF32, past, n);
+            for (cache, name, session) in &mut ours {
+                let what = if n == 1 {
+                    format!("attention {name}, decode at {past}")
+                } else {
+                    format!("attention {name}, {n} after {past}")
+                };
+                row(&what, time_attention(session, *cache, past, n), ort, 1);
+            }
+        }
     }
     println!("ratio = ORT time / deltadoc time (> 1: deltadoc faster)");
 }

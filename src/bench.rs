@@ -13,6 +13,7 @@ use crate::generate::{Decoder, Logits, argmax};
 use crate::metrics::ProcessMemory;
 use crate::model::ModelDir;
 use crate::model::config::TextConfig;
+use crate::model::graph::KvCache;
 use crate::model::plan::Footprint;
 use crate::progress::Progress;
 use crate::runtime::SessionOptions;
@@ -69,6 +70,10 @@ pub struct BenchReport {
     pub precision: String,
     /// Which operators ran the DeltaNet layers.
     pub linear_attn: String,
+    /// Element type of the attention KV cache.
+    pub kv_cache: String,
+    /// Whether attention computed in bf16 (a bf16 cache on a CPU with AVX512_BF16).
+    pub bf16_attention: bool,
     /// Where the weights came from.
     pub source: String,
     /// With `stages > 1`: seconds of each stage after the shared prefill (restore + instruction
@@ -308,6 +313,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         warmup_s,
         precision: model.manifest.precision.name().into(),
         linear_attn: format!("{:?}", model.manifest.linear_attn).to_lowercase(),
+        kv_cache: format!("{:?}", model.manifest.kv_cache).to_lowercase(),
+        bf16_attention: model.manifest.kv_cache == KvCache::Bf16 && crate::ops::attention::bf16_arithmetic(),
         source: model.manifest.source.clone(),
         stage_s,
         prefix_reuse_ratio,

@@ -157,6 +157,7 @@ impl Decoder {
                 let n = dims.iter().product();
                 let zeros = match (c.layer_kind(i), self.kv_cache) {
                     (LayerKind::Full, KvCache::F16) => StateData::F16(vec![half::f16::ZERO; n]),
+                    (LayerKind::Full, KvCache::Bf16) => StateData::Bf16(vec![half::bf16::ZERO; n]),
                     _ => StateData::F32(vec![0.0; n]),
                 };
                 self.state.push((name, state_value(&dims, zeros)?));
@@ -384,6 +385,7 @@ fn copy_state(v: &DynValue) -> Result<(Vec<usize>, StateData)> {
     let data = match elem {
         Elem::F32 => StateData::F32(v.try_extract_tensor::<f32>()?.1.to_vec()),
         Elem::F16 => StateData::F16(v.try_extract_tensor::<half::f16>()?.1.to_vec()),
+        Elem::Bf16 => StateData::Bf16(v.try_extract_tensor::<half::bf16>()?.1.to_vec()),
     };
     Ok((shape, data))
 }
@@ -395,7 +397,8 @@ fn state_layout(v: &DynValue) -> Result<(Vec<usize>, Elem)> {
             let elem = match ty {
                 ort::value::TensorElementType::Float32 => Elem::F32,
                 ort::value::TensorElementType::Float16 => Elem::F16,
-                other => bail!("state tensor of {other}: the graph carries f32 or f16 state"),
+                ort::value::TensorElementType::Bfloat16 => Elem::Bf16,
+                other => bail!("state tensor of {other}: the graph carries f32, f16 or bf16 state"),
             };
             Ok((shape.iter().map(|&d| d as usize).collect(), elem))
         }
@@ -408,6 +411,7 @@ fn state_value(shape: &[usize], data: StateData) -> Result<DynValue> {
     Ok(match data {
         StateData::F32(v) => Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), v)?)?.into_dyn(),
         StateData::F16(v) => Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), v)?)?.into_dyn(),
+        StateData::Bf16(v) => Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), v)?)?.into_dyn(),
     })
 }
 

@@ -191,7 +191,8 @@ struct ExportArgs {
     #[arg(long, value_enum, default_value = "deltadoc")]
     linear_attn: LinearAttn,
     /// Element type of the attention KV cache: f16 halves the largest buffer of a long context
-    /// (logit error in benches/RESULTS.md); f32 is exact.
+    /// (logit error in benches/RESULTS.md); bf16 too, and on CPUs with AVX512_BF16 attention then
+    /// computes in bf16, about twice as fast at long contexts; f32 is exact.
     #[arg(long, value_enum, default_value = "f16")]
     kv_cache: KvCache,
 }
@@ -571,6 +572,8 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!("model          {} ({}, {} DeltaNet ops)", m.dir.display(), r.precision, r.linear_attn);
+                let arithmetic = if r.bf16_attention { "bf16 arithmetic" } else { "f32 arithmetic" };
+                println!("KV cache       {} ({arithmetic})", r.kv_cache);
                 println!("threads        {}", r.threads);
                 println!("load           {:.2} s", r.load_s);
                 println!("warm-up call   {:.2} s", r.warmup_s);

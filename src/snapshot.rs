@@ -15,12 +15,13 @@ use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use half::f16;
+use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"DDSNAP\0\0";
-/// Version of the on-disk layout. 2: an element type per tensor (f16 KV caches).
+/// Version of the on-disk layout. 2: an element type per tensor (f16 KV caches); bf16 came later
+/// as a new element name, which older readers reject by name.
 pub const FORMAT_VERSION: u32 = 2;
 
 /// Values of a carried tensor, row-major, in the element type the graph carries it in.
@@ -30,6 +31,8 @@ pub enum StateData {
     F32(Vec<f32>),
     /// KV caches of f16-cache models.
     F16(Vec<f16>),
+    /// KV caches of bf16-cache models.
+    Bf16(Vec<bf16>),
 }
 
 impl StateData {
@@ -38,6 +41,7 @@ impl StateData {
         match self {
             Self::F32(v) => bytemuck::cast_slice(v),
             Self::F16(v) => bytemuck::cast_slice(v),
+            Self::Bf16(v) => bytemuck::cast_slice(v),
         }
     }
 
@@ -46,6 +50,7 @@ impl StateData {
         match self {
             Self::F32(v) => v.clone(),
             Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Self::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
         }
     }
 
@@ -54,6 +59,7 @@ impl StateData {
         match self {
             Self::F32(_) => Elem::F32,
             Self::F16(_) => Elem::F16,
+            Self::Bf16(_) => Elem::Bf16,
         }
     }
 }
@@ -66,6 +72,8 @@ pub enum Elem {
     F32,
     /// 16-bit IEEE float.
     F16,
+    /// bfloat16: f32's exponent, 8 significant bits.
+    Bf16,
 }
 
 impl Elem {
@@ -73,7 +81,7 @@ impl Elem {
     pub fn width(self) -> usize {
         match self {
             Self::F32 => 4,
-            Self::F16 => 2,
+            Self::F16 | Self::Bf16 => 2,
         }
     }
 }
@@ -190,6 +198,7 @@ impl Snapshot {
             let values = match elem {
                 Elem::F32 => StateData::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
                 Elem::F16 => StateData::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes(c.try_into().unwrap())).collect()),
+                Elem::Bf16 => StateData::Bf16(raw.chunks_exact(2).map(|c| bf16::from_le_bytes(c.try_into().unwrap())).collect()),
             };
             tensors.push(StateTensor { name, shape, data: values });
             data = &data[n * width..];
@@ -245,6 +254,11 @@ mod tests {
                     name: "past.3.key".into(),
                     shape: vec![1, 1, 2, 2],
                     data: StateData::F16([0.5, -1.0, 3.25, 65504.0].map(f16::from_f32).to_vec()),
+                },
+                StateTensor {
+                    name: "past.7.value".into(),
+                    shape: vec![1, 1, 1, 3],
+                    data: StateData::Bf16([0.5, -1.5e30, 3.25].map(bf16::from_f32).to_vec()),
                 },
             ],
         }

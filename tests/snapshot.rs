@@ -5,12 +5,19 @@ mod common;
 
 use common::*;
 use deltadoc::generate::{Decoder, Logits};
+use deltadoc::model::ExportOptions;
+use deltadoc::model::graph::{KvCache, LinearAttn};
 use deltadoc::model::quant::Precision;
 use deltadoc::runtime::SessionOptions;
 use deltadoc::snapshot::Snapshot;
 
 fn decoder(fx: &str) -> Decoder {
-    Decoder::open(&open(&imported(fx, Precision::Fp32)), &SessionOptions { threads: 2, spin: false }).unwrap()
+    decoder_with(fx, KvCache::F32)
+}
+
+fn decoder_with(fx: &str, kv_cache: KvCache) -> Decoder {
+    let opts = ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc, kv_cache };
+    Decoder::open(&open(&imported_with(fx, opts)), &SessionOptions { threads: 2, spin: false }).unwrap()
 }
 
 /// Logits of `tail` (prefilled in one call, then two decode steps) after the current state.
@@ -24,13 +31,15 @@ fn continue_with(dec: &mut Decoder, tail: &[u32]) -> Vec<f32> {
 
 #[test]
 fn prefix_reuse_is_bit_exact_in_memory_and_on_disk() {
-    for fx in ["dense4", "gqa8"] {
+    // Every cache type: the half-width ones travel through the snapshot as their own element type.
+    let cases = ["dense4", "gqa8"].into_iter().flat_map(|fx| [KvCache::F32, KvCache::F16, KvCache::Bf16].map(|kv| (fx, kv)));
+    for (fx, kv_cache) in cases {
         let g = Golden::load(fx);
         let ids = g.ids("ids.long");
         let (prefix, stage_a, stage_b) = (&ids[..100], &ids[100..130], &ids[130..]);
 
         // Uninterrupted: prefix then stage A.
-        let mut dec = decoder(fx);
+        let mut dec = decoder_with(fx, kv_cache);
         dec.forward(prefix, Logits::Last).unwrap();
         let want = continue_with(&mut dec, stage_a);
 
@@ -43,7 +52,7 @@ fn prefix_reuse_is_bit_exact_in_memory_and_on_disk() {
         dec.restore(&snap).unwrap();
         assert_eq!(dec.tokens(), 100);
         let got = continue_with(&mut dec, stage_a);
-        assert!(got == want, "{fx}: in-memory restore differs (max |Δ| {:e})", max_abs(&got, &want));
+        assert!(got == want, "{fx}/{kv_cache:?}: in-memory restore differs (max |Δ| {:e})", max_abs(&got, &want));
 
         // Through a file, into a fresh session.
         let dir = tempfile::tempdir().unwrap();
@@ -51,11 +60,11 @@ fn prefix_reuse_is_bit_exact_in_memory_and_on_disk() {
         snap.save(&path).unwrap();
         let loaded = Snapshot::load(&path).unwrap();
         assert_eq!(loaded, snap);
-        let mut fresh = decoder(fx);
+        let mut fresh = decoder_with(fx, kv_cache);
         fresh.restore(&loaded).unwrap();
         let got = continue_with(&mut fresh, stage_a);
-        assert!(got == want, "{fx}: restore from disk differs (max |Δ| {:e})", max_abs(&got, &want));
-        println!("{fx}: {} bytes of state after 100 tokens; restored continuation bit-identical", snap.bytes());
+        assert!(got == want, "{fx}/{kv_cache:?}: restore from disk differs (max |Δ| {:e})", max_abs(&got, &want));
+        println!("{fx}/{kv_cache:?}: {} bytes of state after 100 tokens; restored continuation bit-identical", snap.bytes());
     }
 }
 

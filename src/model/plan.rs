@@ -3,7 +3,7 @@
 //! into a prefill.
 //!
 //! The terms follow what the graph allocates: weights (the external-data file, plus prepacked
-//! copies for int8/int4), the KV cache of the attention layers (f32 or f16) twice over during a
+//! copies for int8/int4), the KV cache of the attention layers (f32, f16 or bf16) twice over during a
 //! prefill call (ONNX Runtime writes the grown cache into a new buffer while the old one is
 //! alive), the DeltaNet conv and recurrent state, the per-call activations (the MLP's and the
 //! hidden states'; attention is blockwise, so its scratch does not grow with the context), and a

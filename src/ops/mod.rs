@@ -36,7 +36,8 @@ pub fn domain() -> ort::Result<OperatorDomain> {
         .add(CausalConv1dWithState)?
         .add(GatedDeltaRule)?
         .add(CausalAttention::<f32>::default())?
-        .add(CausalAttention::<half::f16>::default())
+        .add(CausalAttention::<half::f16>::default())?
+        .add(CausalAttention::<half::bf16>::default())
 }
 
 fn err(msg: impl Into<String>) -> ort::Error {
@@ -457,8 +458,9 @@ impl RuleKernelImpl {
 /// Causal grouped-query attention with a growing KV cache, computed blockwise
 /// ([`attention`]): `q: [B, S, Hq, D]`, `k, v: [B, S, Hkv, D]` (f32, positions already rotated),
 /// `past_key, past_value: [B, Hkv, P, D]` → `out: [B, S, Hq·D]` (f32),
-/// `present_key, present_value: [B, Hkv, P + S, D]`. The cache is f32 for `CausalAttention` and
-/// f16 for `CausalAttentionF16`: ORT binds one element type per input of a custom op.
+/// `present_key, present_value: [B, Hkv, P + S, D]`. The cache is f32 for `CausalAttention`, f16
+/// for `CausalAttentionF16` and bf16 for `CausalAttentionBF16` (which computes in bf16 where the
+/// CPU can): ORT binds one element type per input of a custom op.
 pub struct CausalAttention<T>(std::marker::PhantomData<T>);
 
 impl<T> Default for CausalAttention<T> {
@@ -479,6 +481,10 @@ impl CacheType for f32 {
 
 impl CacheType for half::f16 {
     const OP: &'static str = "CausalAttentionF16";
+}
+
+impl CacheType for half::bf16 {
+    const OP: &'static str = "CausalAttentionBF16";
 }
 
 /// Kernel of [`CausalAttention`]: its attributes.

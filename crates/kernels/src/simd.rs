@@ -44,7 +44,7 @@ pub(crate) fn axpy_lanes<const FMA: bool>(alpha: f32, x: &[f32], y: &mut [f32]) 
 /// 1e-8 relative); `2^n` built in the exponent bits. Below −87.33 the result is under f32's
 /// smallest normal and is returned as 0; NaN stays NaN.
 #[inline(always)]
-fn exp_lane<const FMA: bool>(x: f32) -> f32 {
+pub(crate) fn exp_lane<const FMA: bool>(x: f32) -> f32 {
     const LO: f32 = -87.33;
     const HI: f32 = 88.722_83;
     // Adding then subtracting 1.5·2^23 rounds to the nearest integer without a rounding

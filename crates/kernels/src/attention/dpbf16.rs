@@ -1,0 +1,312 @@
+//! The bf16 arithmetic of a query tile, for CPUs with AVX512_BF16 (AMD Zen 4 and later, Intel
+//! Cooper Lake and Sapphire Rapids and later).
+//!
+//! `vdpbf16ps` multiplies pairs of bf16 numbers and adds both products to an f32 lane: twice the
+//! multiply-adds of an f32 FMA per instruction, so the two products of a long context's attention
+//! (scores and the probability-weighted values) run at about twice the f32 rate. Queries,
+//! probabilities and the cache are bf16 (8 significant bits); every sum is f32.
+//!
+//! The instruction pairs elements along the reduction, so the vector lanes here hold 16 query
+//! rows and the other operand is a broadcast pair: keys are read straight from the cache (the pair
+//! `k[2c], k[2c+1]` of one key is adjacent there); the probabilities and each block's values are
+//! packed into pairs of adjacent keys. The tile's output is kept transposed (`[head_dim, rows]`),
+//! which also makes the online softmax's per-row maximum and sum plain lane-wise operations.
+
+use std::ops::Range;
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use half::bf16;
+
+use super::{Dims, TileScratch};
+
+/// Keys per block. With a 256-row tile, the block's scores (128 KB), probabilities and packed values
+/// (64 KB each) sit in L2 beside the transposed output (256 KB) and the packed queries (128 KB).
+const BLOCK: usize = 128;
+/// Query rows per micro-tile: two vectors of 16 lanes.
+const ROWS: usize = 32;
+/// Keys (scores) or head dimensions (values) per micro-tile: 16 accumulators with the two row
+/// vectors, enough independent sums to cover the instruction's latency.
+const COLS: usize = 8;
+
+/// Buffers of the bf16 path, kept in a [`TileScratch`].
+#[derive(Default)]
+pub struct Scratch {
+    /// Scaled queries, `[head_dim / 2][rows]`, two bf16 per word.
+    q: Vec<u32>,
+    /// Scores of one block, transposed: `[BLOCK][rows]`.
+    scores: Vec<f32>,
+    /// Probabilities of one block, `[BLOCK / 2][rows]`, the pair of keys `2j, 2j + 1` per word.
+    p: Vec<u32>,
+    /// One block's values, `[BLOCK / 2][head_dim]`, the pair of keys `2j, 2j + 1` per word.
+    v: Vec<u32>,
+    /// Unnormalised output, transposed: `[head_dim][rows]`.
+    acc: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// Absolute position of each row's query; padding rows see every key.
+    pos: Vec<i64>,
+    block_max: Vec<f32>,
+    correction: Vec<f32>,
+}
+
+/// Whether this CPU runs the bf16 path.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`super::tile`] in bf16 arithmetic; false (nothing done) where the CPU lacks AVX512_BF16 or
+/// the head width is not a multiple of 16 (the real models' are 128 or 256).
+pub fn tile(q: &[f32], keys: &[bf16], values: &[bf16], d: &Dims, h: usize, rows: Range<usize>, sc: &mut TileScratch) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if available() && d.head_dim.is_multiple_of(2 * COLS) {
+        let end = d.past + rows.end;
+        assert!(keys.len() >= end * d.head_dim && values.len() >= end * d.head_dim, "cache shorter than the tile's keys");
+        // SAFETY: the CPU has AVX512_BF16 and AVX512BW (checked above); the slices cover every key
+        // the tile reads (asserted above) and the scratch is sized inside.
+        unsafe { tile_avx512(q, keys, values, d, h, rows, sc) };
+        return true;
+    }
+    false
+}
+
+/// Round to nearest even; a probability or a finite query never meets the NaN case this skips.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn round(x: f32) -> u32 {
+    let b = x.to_bits();
+    (b + 0x7fff + ((b >> 16) & 1)) >> 16
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+unsafe fn tile_avx512(
+    q: &[f32],
+    keys: &[bf16],
+    values: &[bf16],
+    d: &Dims,
+    h: usize,
+    rows: Range<usize>,
+    outer: &mut TileScratch,
+) {
+    let (hd, group, n) = (d.head_dim, d.group(), rows.len());
+    let r = group * n;
+    let rp = r.next_multiple_of(ROWS);
+    let half = hd / 2;
+    let sc = &mut outer.dpbf16;
+    sc.q.clear();
+    sc.q.resize(half * rp, 0);
+    sc.pos.clear();
+    sc.pos.resize(rp, i64::MAX);
+    for g in 0..group {
+        for (i, s) in rows.clone().enumerate() {
+            let row = g * n + i;
+            let src = &q[(s * d.q_heads + h * group + g) * hd..][..hd];
+            for c in 0..half {
+                sc.q[c * rp + row] = round(src[2 * c] * d.scale) | round(src[2 * c + 1] * d.scale) << 16;
+            }
+            sc.pos[row] = (d.past + s) as i64;
+        }
+    }
+    sc.acc.clear();
+    sc.acc.resize(hd * rp, 0.0);
+    sc.max.clear();
+    sc.max.resize(rp, f32::NEG_INFINITY);
+    sc.sum.clear();
+    sc.sum.resize(rp, 0.0);
+    sc.scores.resize(BLOCK * rp, 0.0);
+    sc.p.resize(BLOCK / 2 * rp, 0);
+    sc.v.resize(BLOCK / 2 * hd, 0);
+    let kbits: &[u16] = bytemuck_bits(keys);
+    let vbits: &[u16] = bytemuck_bits(values);
+
+    let first = d.past + rows.start;
+    let end = d.past + rows.end;
+    for kb in (0..end).step_by(BLOCK) {
+        let kn = BLOCK.min(end - kb);
+        let pairs = kn.div_ceil(2);
+        for r0 in (0..rp).step_by(ROWS) {
+            let mut j = 0;
+            while j + COLS <= kn {
+                scores::<COLS>(&sc.q, rp, &kbits[(kb + j) * hd..], hd, &mut sc.scores, r0, j);
+                j += COLS;
+            }
+            for j in j..kn {
+                scores::<1>(&sc.q, rp, &kbits[(kb + j) * hd..], hd, &mut sc.scores, r0, j);
+            }
+        }
+        // Keys past a row's own position: only in the blocks that reach beyond the tile's first query.
+        if kb + kn > first + 1 {
+            for j in 0..kn {
+                let key = (kb + j) as i64;
+                for (s, &p) in sc.scores[j * rp..(j + 1) * rp].iter_mut().zip(&sc.pos) {
+                    if key > p {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        softmax_block(sc, rp, kn, hd);
+        for (jp, pair) in sc.v.chunks_exact_mut(hd).take(pairs).enumerate() {
+            let even = &vbits[(kb + 2 * jp) * hd..][..hd];
+            if 2 * jp + 1 < kn {
+                let odd = &vbits[(kb + 2 * jp + 1) * hd..][..hd];
+                for ((w, &a), &b) in pair.iter_mut().zip(even).zip(odd) {
+                    *w = a as u32 | (b as u32) << 16;
+                }
+            } else {
+                for (w, &a) in pair.iter_mut().zip(even) {
+                    *w = a as u32;
+                }
+            }
+        }
+        for c0 in (0..hd).step_by(COLS) {
+            for r0 in (0..rp).step_by(ROWS) {
+                weighted_values(&sc.p, rp, &sc.v, hd, pairs, &mut sc.acc, r0, c0);
+            }
+        }
+    }
+    outer.rows = n;
+    outer.acc.resize(r * hd, 0.0);
+    for (row, out) in outer.acc.chunks_exact_mut(hd).enumerate() {
+        let inv = 1.0 / sc.sum[row];
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = sc.acc[c * rp + row] * inv;
+        }
+    }
+}
+
+/// The cache's bf16 values as their bit patterns.
+#[cfg(target_arch = "x86_64")]
+fn bytemuck_bits(x: &[bf16]) -> &[u16] {
+    // SAFETY: bf16 is a transparent wrapper of u16 (same size, alignment and validity).
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u16>(), x.len()) }
+}
+
+/// Online-softmax step over one block's scores: new running maxima, the rescaling of the output
+/// and sum so far, and the probabilities packed in key pairs (bf16, rounded; the sum adds the
+/// rounded values, so the output is normalised by exactly the weights it was built from).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+fn softmax_block(sc: &mut Scratch, rp: usize, kn: usize, hd: usize) {
+    let (mut block_max, mut correction) = (std::mem::take(&mut sc.block_max), std::mem::take(&mut sc.correction));
+    block_max.clear();
+    block_max.resize(rp, f32::NEG_INFINITY);
+    correction.resize(rp, 0.0);
+    for j in 0..kn {
+        for (m, &s) in block_max.iter_mut().zip(&sc.scores[j * rp..(j + 1) * rp]) {
+            *m = m.max(s);
+        }
+    }
+    for ((m, c), &b) in sc.max.iter_mut().zip(&mut correction).zip(&block_max) {
+        let new = m.max(b);
+        *c = crate::simd::exp_lane::<true>(*m - new);
+        *m = new;
+    }
+    for (s, &c) in sc.sum.iter_mut().zip(&correction) {
+        *s *= c;
+    }
+    for row in sc.acc.chunks_exact_mut(rp).take(hd) {
+        for (a, &c) in row.iter_mut().zip(&correction) {
+            *a *= c;
+        }
+    }
+    for jp in 0..kn.div_ceil(2) {
+        let even = &sc.scores[2 * jp * rp..(2 * jp + 1) * rp];
+        let p = &mut sc.p[jp * rp..(jp + 1) * rp];
+        if 2 * jp + 1 < kn {
+            let odd = &sc.scores[(2 * jp + 1) * rp..(2 * jp + 2) * rp];
+            for ((((w, &a), &b), &m), s) in p.iter_mut().zip(even).zip(odd).zip(&sc.max).zip(sc.sum.iter_mut()) {
+                let (lo, hi) = (round(crate::simd::exp_lane::<true>(a - m)), round(crate::simd::exp_lane::<true>(b - m)));
+                *s += f32::from_bits(lo << 16) + f32::from_bits(hi << 16);
+                *w = lo | hi << 16;
+            }
+        } else {
+            for (((w, &a), &m), s) in p.iter_mut().zip(even).zip(&sc.max).zip(sc.sum.iter_mut()) {
+                let lo = round(crate::simd::exp_lane::<true>(a - m));
+                *s += f32::from_bits(lo << 16);
+                *w = lo;
+            }
+        }
+    }
+    (sc.block_max, sc.correction) = (block_max, correction);
+}
+
+/// Scores of the 32 rows at `r0` against keys `j .. j + M` of the block (`keys` starts at key
+/// `j`): `scores[j + m][r0 ..] = Σ_c q[r][c] · k[j + m][c]`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+fn scores<const M: usize>(q: &[u32], rp: usize, keys: &[u16], hd: usize, scores: &mut [f32], r0: usize, j: usize) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    let keys = &keys[..M * hd];
+    let q = &q[..hd / 2 * rp];
+    for c in 0..hd / 2 {
+        let qrow = &q[c * rp + r0..][..ROWS];
+        // SAFETY: `qrow` holds 32 words: two unaligned 64-byte loads.
+        let (qa, qb) = unsafe { (_mm512_loadu_si512(qrow.as_ptr().cast()), _mm512_loadu_si512(qrow[16..].as_ptr().cast())) };
+        for (m, a) in acc.iter_mut().enumerate() {
+            let pair = keys[m * hd + 2 * c] as u32 | (keys[m * hd + 2 * c + 1] as u32) << 16;
+            let k = bh(_mm512_set1_epi32(pair as i32));
+            a[0] = _mm512_dpbf16_ps(a[0], bh(qa), k);
+            a[1] = _mm512_dpbf16_ps(a[1], bh(qb), k);
+        }
+    }
+    for (m, a) in acc.iter().enumerate() {
+        let out = &mut scores[(j + m) * rp + r0..][..ROWS];
+        // SAFETY: `out` holds 32 floats.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(out[16..].as_mut_ptr(), a[1]);
+        }
+    }
+}
+
+/// Adds the block's probability-weighted values to the output of the 32 rows at `r0`, head
+/// dimensions `c0 .. c0 + COLS`: `acc[c][r] += Σ_j p[r][j] · v[j][c]`, two keys per step.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+fn weighted_values(p: &[u32], rp: usize, v: &[u32], hd: usize, pairs: usize, acc: &mut [f32], r0: usize, c0: usize) {
+    let mut sums = [[_mm512_setzero_ps(); 2]; COLS];
+    for (m, s) in sums.iter_mut().enumerate() {
+        let row = &acc[(c0 + m) * rp + r0..][..ROWS];
+        // SAFETY: `row` holds 32 floats.
+        unsafe { *s = [_mm512_loadu_ps(row.as_ptr()), _mm512_loadu_ps(row[16..].as_ptr())] };
+    }
+    let (p, v) = (&p[..pairs * rp], &v[..pairs * hd]);
+    for jp in 0..pairs {
+        let prow = &p[jp * rp + r0..][..ROWS];
+        // SAFETY: `prow` holds 32 words.
+        let (pa, pb) = unsafe { (_mm512_loadu_si512(prow.as_ptr().cast()), _mm512_loadu_si512(prow[16..].as_ptr().cast())) };
+        let vrow = &v[jp * hd + c0..][..COLS];
+        for (s, &pair) in sums.iter_mut().zip(vrow) {
+            let w = bh(_mm512_set1_epi32(pair as i32));
+            s[0] = _mm512_dpbf16_ps(s[0], bh(pa), w);
+            s[1] = _mm512_dpbf16_ps(s[1], bh(pb), w);
+        }
+    }
+    for (m, s) in sums.iter().enumerate() {
+        let row = &mut acc[(c0 + m) * rp + r0..][..ROWS];
+        // SAFETY: `row` holds 32 floats.
+        unsafe {
+            _mm512_storeu_ps(row.as_mut_ptr(), s[0]);
+            _mm512_storeu_ps(row[16..].as_mut_ptr(), s[1]);
+        }
+    }
+}
+
+/// Reinterprets 32 packed bf16 as the instruction's operand type.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn bh(x: __m512i) -> __m512bh {
+    // SAFETY: both are 512 bits of plain data.
+    unsafe { std::mem::transmute(x) }
+}

@@ -301,7 +301,7 @@ fn main() {
     let contexts: Vec<usize> = if args.len() > 2 { args[2..].to_vec() } else { vec![4096, 32768] };
     println!(
         "one 0.8B attention layer (8 query heads, 2 KV heads, width 256): deltadoc f16 / bf16 cache vs ORT GroupQueryAttention f32 cache; bf16 arithmetic on this CPU: {}",
-        deltadoc::ops::attention::bf16_arithmetic()
+        deltadoc::ops::attention::bf16_arithmetic(HEAD)
     );
     let mut theirs = attention_graph(dir.path(), Cache::OrtF32);
     let mut ours = [(Cache::F16, "f16"), (Cache::Bf16, "bf16")].map(|(c, name)| (c, name, attention_graph(dir.path(), c)));

@@ -314,7 +314,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         precision: model.manifest.precision.name().into(),
         linear_attn: format!("{:?}", model.manifest.linear_attn).to_lowercase(),
         kv_cache: format!("{:?}", model.manifest.kv_cache).to_lowercase(),
-        bf16_attention: model.manifest.kv_cache == KvCache::Bf16 && crate::ops::attention::bf16_arithmetic(),
+        bf16_attention: model.manifest.kv_cache == KvCache::Bf16
+            && crate::ops::attention::bf16_arithmetic(model.manifest.config.head_dim),
         source: model.manifest.source.clone(),
         stage_s,
         prefix_reuse_ratio,

@@ -155,12 +155,11 @@ impl Decoder {
             };
             for (name, dims) in [(a, da), (s, ds)] {
                 let n = dims.iter().product();
-                let zeros = match (c.layer_kind(i), self.kv_cache) {
-                    (LayerKind::Full, KvCache::F16) => StateData::F16(vec![half::f16::ZERO; n]),
-                    (LayerKind::Full, KvCache::Bf16) => StateData::Bf16(vec![half::bf16::ZERO; n]),
-                    _ => StateData::F32(vec![0.0; n]),
+                let elem = match c.layer_kind(i) {
+                    LayerKind::Full => self.kv_cache.elem(),
+                    LayerKind::Linear => Elem::F32,
                 };
-                self.state.push((name, state_value(&dims, zeros)?));
+                self.state.push((name, state_value(&dims, StateData::zeros(elem, n))?));
             }
         }
         self.past_len = 0;

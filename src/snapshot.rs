@@ -36,6 +36,15 @@ pub enum StateData {
 }
 
 impl StateData {
+    /// `n` zeros of element type `elem`.
+    pub fn zeros(elem: Elem, n: usize) -> Self {
+        match elem {
+            Elem::F32 => Self::F32(vec![0.0; n]),
+            Elem::F16 => Self::F16(vec![f16::ZERO; n]),
+            Elem::Bf16 => Self::Bf16(vec![bf16::ZERO; n]),
+        }
+    }
+
     /// The values as little-endian bytes (the in-memory layout on every supported target).
     pub fn as_bytes(&self) -> &[u8] {
         match self {

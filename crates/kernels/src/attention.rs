@@ -22,7 +22,7 @@ use crate::simd;
 
 mod dpbf16;
 
-pub use dpbf16::available as bf16_arithmetic;
+pub use dpbf16::applies as bf16_arithmetic;
 
 /// Keys per block of the online softmax. Each block re-packs the query tile for the GEMM, so
 /// longer blocks pack less; past 256 the block's scores and widened keys and values fall out of
@@ -374,7 +374,7 @@ mod tests {
     fn bf16_arithmetic_stays_within_its_rounding_of_the_plain_definition() {
         let calls = [1, 140, 1, 1, 157];
         let worst = split_calls::<bf16>(&calls, |x| x.iter().map(|&a| bf16::from_f32(a).to_f32()).collect());
-        if !bf16_arithmetic() {
+        if !bf16_arithmetic(16) {
             // Widened to f32 like the f16 cache: only the accumulation order differs.
             assert!(worst < 2e-6, "bf16 cache, f32 arithmetic: max |Δ| {worst}");
             return;

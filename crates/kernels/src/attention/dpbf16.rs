@@ -18,6 +18,8 @@ use std::ops::Range;
 use std::arch::x86_64::*;
 
 use half::bf16;
+#[cfg(target_arch = "x86_64")]
+use half::slice::HalfFloatSliceExt;
 
 use super::{Dims, TileScratch};
 
@@ -51,21 +53,23 @@ pub struct Scratch {
     correction: Vec<f32>,
 }
 
-/// Whether this CPU runs the bf16 path.
-pub fn available() -> bool {
+/// Whether a bf16 cache of heads `head_dim` wide computes in bf16 here: the CPU has AVX512_BF16
+/// and the width is a multiple of 16 (the real models' are 128 or 256).
+pub fn applies(head_dim: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512bw")
+        head_dim.is_multiple_of(2 * COLS)
+            && std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("avx512bw")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
-/// [`super::tile`] in bf16 arithmetic; false (nothing done) where the CPU lacks AVX512_BF16 or
-/// the head width is not a multiple of 16 (the real models' are 128 or 256).
+/// [`super::tile`] in bf16 arithmetic; false (nothing done) where it does not [`apply`](applies).
 pub fn tile(q: &[f32], keys: &[bf16], values: &[bf16], d: &Dims, h: usize, rows: Range<usize>, sc: &mut TileScratch) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if available() && d.head_dim.is_multiple_of(2 * COLS) {
+    if applies(d.head_dim) {
         let end = d.past + rows.end;
         assert!(keys.len() >= end * d.head_dim && values.len() >= end * d.head_dim, "cache shorter than the tile's keys");
         // SAFETY: the CPU has AVX512_BF16 and AVX512BW (checked above); the slices cover every key
@@ -123,8 +127,7 @@ unsafe fn tile_avx512(
     sc.scores.resize(BLOCK * rp, 0.0);
     sc.p.resize(BLOCK / 2 * rp, 0);
     sc.v.resize(BLOCK / 2 * hd, 0);
-    let kbits: &[u16] = bytemuck_bits(keys);
-    let vbits: &[u16] = bytemuck_bits(values);
+    let (kbits, vbits) = (keys.reinterpret_cast(), values.reinterpret_cast());
 
     let first = d.past + rows.start;
     let end = d.past + rows.end;
@@ -182,60 +185,48 @@ unsafe fn tile_avx512(
     }
 }
 
-/// The cache's bf16 values as their bit patterns.
-#[cfg(target_arch = "x86_64")]
-fn bytemuck_bits(x: &[bf16]) -> &[u16] {
-    // SAFETY: bf16 is a transparent wrapper of u16 (same size, alignment and validity).
-    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u16>(), x.len()) }
-}
-
 /// Online-softmax step over one block's scores: new running maxima, the rescaling of the output
 /// and sum so far, and the probabilities packed in key pairs (bf16, rounded; the sum adds the
 /// rounded values, so the output is normalised by exactly the weights it was built from).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 fn softmax_block(sc: &mut Scratch, rp: usize, kn: usize, hd: usize) {
-    let (mut block_max, mut correction) = (std::mem::take(&mut sc.block_max), std::mem::take(&mut sc.correction));
+    let Scratch { scores, p, acc, max, sum, block_max, correction, .. } = sc;
     block_max.clear();
     block_max.resize(rp, f32::NEG_INFINITY);
     correction.resize(rp, 0.0);
     for j in 0..kn {
-        for (m, &s) in block_max.iter_mut().zip(&sc.scores[j * rp..(j + 1) * rp]) {
+        for (m, &s) in block_max.iter_mut().zip(&scores[j * rp..(j + 1) * rp]) {
             *m = m.max(s);
         }
     }
-    for ((m, c), &b) in sc.max.iter_mut().zip(&mut correction).zip(&block_max) {
+    for ((m, c), &b) in max.iter_mut().zip(correction.iter_mut()).zip(block_max.iter()) {
         let new = m.max(b);
         *c = crate::simd::exp_lane::<true>(*m - new);
         *m = new;
     }
-    for (s, &c) in sc.sum.iter_mut().zip(&correction) {
+    for (s, &c) in sum.iter_mut().zip(correction.iter()) {
         *s *= c;
     }
-    for row in sc.acc.chunks_exact_mut(rp).take(hd) {
-        for (a, &c) in row.iter_mut().zip(&correction) {
+    for row in acc.chunks_exact_mut(rp).take(hd) {
+        for (a, &c) in row.iter_mut().zip(correction.iter()) {
             *a *= c;
         }
     }
+    // An odd block's last pair gets a key of score −∞: probability 0, which adds nothing.
+    if kn % 2 == 1 {
+        scores[kn * rp..(kn + 1) * rp].fill(f32::NEG_INFINITY);
+    }
     for jp in 0..kn.div_ceil(2) {
-        let even = &sc.scores[2 * jp * rp..(2 * jp + 1) * rp];
-        let p = &mut sc.p[jp * rp..(jp + 1) * rp];
-        if 2 * jp + 1 < kn {
-            let odd = &sc.scores[(2 * jp + 1) * rp..(2 * jp + 2) * rp];
-            for ((((w, &a), &b), &m), s) in p.iter_mut().zip(even).zip(odd).zip(&sc.max).zip(sc.sum.iter_mut()) {
-                let (lo, hi) = (round(crate::simd::exp_lane::<true>(a - m)), round(crate::simd::exp_lane::<true>(b - m)));
-                *s += f32::from_bits(lo << 16) + f32::from_bits(hi << 16);
-                *w = lo | hi << 16;
-            }
-        } else {
-            for (((w, &a), &m), s) in p.iter_mut().zip(even).zip(&sc.max).zip(sc.sum.iter_mut()) {
-                let lo = round(crate::simd::exp_lane::<true>(a - m));
-                *s += f32::from_bits(lo << 16);
-                *w = lo;
-            }
+        let (even, odd) = scores[2 * jp * rp..(2 * jp + 2) * rp].split_at(rp);
+        for ((((w, &a), &b), &m), s) in
+            p[jp * rp..(jp + 1) * rp].iter_mut().zip(even).zip(odd).zip(max.iter()).zip(sum.iter_mut())
+        {
+            let (lo, hi) = (round(crate::simd::exp_lane::<true>(a - m)), round(crate::simd::exp_lane::<true>(b - m)));
+            *s += f32::from_bits(lo << 16) + f32::from_bits(hi << 16);
+            *w = lo | hi << 16;
         }
     }
-    (sc.block_max, sc.correction) = (block_max, correction);
 }
 
 /// Scores of the 32 rows at `r0` against keys `j .. j + M` of the block (`keys` starts at key
@@ -248,23 +239,16 @@ fn scores<const M: usize>(q: &[u32], rp: usize, keys: &[u16], hd: usize, scores:
     let keys = &keys[..M * hd];
     let q = &q[..hd / 2 * rp];
     for c in 0..hd / 2 {
-        let qrow = &q[c * rp + r0..][..ROWS];
-        // SAFETY: `qrow` holds 32 words: two unaligned 64-byte loads.
-        let (qa, qb) = unsafe { (_mm512_loadu_si512(qrow.as_ptr().cast()), _mm512_loadu_si512(qrow[16..].as_ptr().cast())) };
+        let [qa, qb] = load_pairs(&q[c * rp + r0..]);
         for (m, a) in acc.iter_mut().enumerate() {
             let pair = keys[m * hd + 2 * c] as u32 | (keys[m * hd + 2 * c + 1] as u32) << 16;
             let k = bh(_mm512_set1_epi32(pair as i32));
-            a[0] = _mm512_dpbf16_ps(a[0], bh(qa), k);
-            a[1] = _mm512_dpbf16_ps(a[1], bh(qb), k);
+            a[0] = _mm512_dpbf16_ps(a[0], qa, k);
+            a[1] = _mm512_dpbf16_ps(a[1], qb, k);
         }
     }
     for (m, a) in acc.iter().enumerate() {
-        let out = &mut scores[(j + m) * rp + r0..][..ROWS];
-        // SAFETY: `out` holds 32 floats.
-        unsafe {
-            _mm512_storeu_ps(out.as_mut_ptr(), a[0]);
-            _mm512_storeu_ps(out[16..].as_mut_ptr(), a[1]);
-        }
+        store_rows(&mut scores[(j + m) * rp + r0..], *a);
     }
 }
 
@@ -275,31 +259,52 @@ fn scores<const M: usize>(q: &[u32], rp: usize, keys: &[u16], hd: usize, scores:
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 fn weighted_values(p: &[u32], rp: usize, v: &[u32], hd: usize, pairs: usize, acc: &mut [f32], r0: usize, c0: usize) {
-    let mut sums = [[_mm512_setzero_ps(); 2]; COLS];
-    for (m, s) in sums.iter_mut().enumerate() {
-        let row = &acc[(c0 + m) * rp + r0..][..ROWS];
-        // SAFETY: `row` holds 32 floats.
-        unsafe { *s = [_mm512_loadu_ps(row.as_ptr()), _mm512_loadu_ps(row[16..].as_ptr())] };
-    }
+    let mut sums: [[__m512; 2]; COLS] = std::array::from_fn(|m| load_rows(&acc[(c0 + m) * rp + r0..]));
     let (p, v) = (&p[..pairs * rp], &v[..pairs * hd]);
     for jp in 0..pairs {
-        let prow = &p[jp * rp + r0..][..ROWS];
-        // SAFETY: `prow` holds 32 words.
-        let (pa, pb) = unsafe { (_mm512_loadu_si512(prow.as_ptr().cast()), _mm512_loadu_si512(prow[16..].as_ptr().cast())) };
+        let [pa, pb] = load_pairs(&p[jp * rp + r0..]);
         let vrow = &v[jp * hd + c0..][..COLS];
         for (s, &pair) in sums.iter_mut().zip(vrow) {
             let w = bh(_mm512_set1_epi32(pair as i32));
-            s[0] = _mm512_dpbf16_ps(s[0], bh(pa), w);
-            s[1] = _mm512_dpbf16_ps(s[1], bh(pb), w);
+            s[0] = _mm512_dpbf16_ps(s[0], pa, w);
+            s[1] = _mm512_dpbf16_ps(s[1], pb, w);
         }
     }
     for (m, s) in sums.iter().enumerate() {
-        let row = &mut acc[(c0 + m) * rp + r0..][..ROWS];
-        // SAFETY: `row` holds 32 floats.
-        unsafe {
-            _mm512_storeu_ps(row.as_mut_ptr(), s[0]);
-            _mm512_storeu_ps(row[16..].as_mut_ptr(), s[1]);
-        }
+        store_rows(&mut acc[(c0 + m) * rp + r0..], *s);
+    }
+}
+
+/// The first 32 words of `x` (bf16 pairs of 32 rows) as two operands.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+fn load_pairs(x: &[u32]) -> [__m512bh; 2] {
+    let x = &x[..ROWS];
+    // SAFETY: `x` holds 32 words: two unaligned 64-byte loads.
+    unsafe { [bh(_mm512_loadu_si512(x.as_ptr().cast())), bh(_mm512_loadu_si512(x[16..].as_ptr().cast()))] }
+}
+
+/// The first 32 floats of `x` (32 rows).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+fn load_rows(x: &[f32]) -> [__m512; 2] {
+    let x = &x[..ROWS];
+    // SAFETY: `x` holds 32 floats.
+    unsafe { [_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x[16..].as_ptr())] }
+}
+
+/// Writes 32 rows into the first 32 floats of `x`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+fn store_rows(x: &mut [f32], v: [__m512; 2]) {
+    let x = &mut x[..ROWS];
+    // SAFETY: `x` holds 32 floats.
+    unsafe {
+        _mm512_storeu_ps(x.as_mut_ptr(), v[0]);
+        _mm512_storeu_ps(x[16..].as_mut_ptr(), v[1]);
     }
 }
 

@@ -48,14 +48,18 @@ CLASSES = {
 ENGINES = ("deltadoc", "ort-ops", "llama", "transformers")
 
 COMMANDS: list[str] = []
+# Measurements that failed (an engine out of memory at 32K, say): the run goes on and reports them.
+FAILURES: list[str] = []
 
 
 def log(msg: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(cmd: list, capture: bool = False, env: dict | None = None, cwd: Path | None = None) -> str:
-    """Runs `cmd`, recording it for the results; on failure, names the command and its output."""
+def run(cmd: list, capture: bool = False, env: dict | None = None, cwd: Path | None = None, may_fail: bool = False) -> str | None:
+    """Runs `cmd`, recording it for the results; on failure, names the command and its output and
+    stops, or with `may_fail` records the failure and returns None (an hour-long grid should not be
+    lost to one engine that cannot run one point)."""
     text = " ".join(shlex.quote(str(c)) for c in cmd)
     COMMANDS.append(text)
     log(f"$ {text}")
@@ -71,6 +75,11 @@ def run(cmd: list, capture: bool = False, env: dict | None = None, cwd: Path | N
     log(f"  ({time.time() - started:.0f} s, exit {p.returncode})")
     if p.returncode != 0:
         tail = (p.stderr or "")[-4000:] if capture else "(output above)"
+        if may_fail:
+            last = (tail.strip().splitlines() or ["no output"])[-1]
+            FAILURES.append(f"`{text.replace(str(Path.home()), '~')}`: exit {p.returncode} ({last.strip()})")
+            log(f"  failed; going on without this measurement\n{tail}")
+            return None
         sys.exit(f"compare.py: command failed with exit {p.returncode}: {text}\n{tail}")
     return p.stdout if capture else ""
 
@@ -103,14 +112,16 @@ def build_deltadoc() -> tuple[Path, str]:
     return REPO / "target" / "release" / "deltadoc", rev
 
 
-def make_models(dd: Path, work: Path, seed: int) -> dict:
+def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
+    """deltadoc folders of one set of random weights, all with the KV cache type `kv_cache`."""
     hf = work / "hf-0.8b"
-    fp32 = work / "deltadoc-fp32"
+    fp32 = work / f"deltadoc-fp32-{kv_cache}"
+    cache = ["--kv-cache", kv_cache]
 
     def synth():
         if hf.exists():
             shutil.rmtree(hf)
-        run([dd, "model", "synth", "--shape", "0.8b", "--seed", seed, "--text-only", "--out", fp32, "--hf-out", hf])
+        run([dd, "model", "synth", "--shape", "0.8b", "--seed", seed, "--text-only", *cache, "--out", fp32, "--hf-out", hf])
         # llama.cpp's converter and transformers read the tokenizer from the checkpoint folder.
         shutil.copy(fp32 / "tokenizer.json", hf / "tokenizer.json")
         (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
@@ -123,8 +134,8 @@ def make_models(dd: Path, work: Path, seed: int) -> dict:
         ("int8", ["--precision", "int8"]),
         ("int4", ["--precision", "int4"]),
     ):
-        out = work / f"deltadoc-{name}"
-        step(out, f"deltadoc {name} folder", lambda out=out, flags=flags: run([dd, "model", "import", hf, "--out", out, *flags]))
+        out = work / f"deltadoc-{name}-{kv_cache}"
+        step(out, f"deltadoc {name} folder", lambda out=out, flags=flags: run([dd, "model", "import", hf, "--out", out, *flags, *cache]))
         models[name] = out
     return models
 
@@ -176,23 +187,25 @@ def make_ggufs(src: Path, hf: Path, work: Path) -> dict:
 
 
 def deltadoc_bench(dd: Path, model: Path, prompt: int, gen: int, threads: int) -> dict:
-    out = run([dd, "bench", "--model", model, "--prompt-tokens", prompt, "--gen-tokens", gen, "--threads", threads, "--json"], capture=True)
-    return json.loads(out.strip().splitlines()[-1])
+    cmd = [dd, "bench", "--model", model, "--prompt-tokens", prompt, "--gen-tokens", gen, "--threads", threads, "--json"]
+    out = run(cmd, capture=True, may_fail=True)
+    return {} if out is None else json.loads(out.strip().splitlines()[-1])
 
 
-def llama_bench(src: Path, gguf: Path, prompt: int, gen: int, depth: int, threads: int) -> float:
+def llama_bench(src: Path, gguf: Path, prompt: int, gen: int, depth: int, threads: int) -> float | None:
     cmd = [src / "build" / "bin" / "llama-bench", "-m", gguf, "-p", prompt, "-n", gen, "-d", depth, "-t", threads, "-r", "1", "-o", "json"]
     # llama-bench's warm-up repeats the whole test; beyond 4K that doubles an hour-long run.
     if prompt + depth > 4096:
         cmd.append("--no-warmup")
-    rows = json.loads(run(cmd, capture=True))
-    return float(rows[0]["avg_ts"])
+    out = run(cmd, capture=True, may_fail=True)
+    return None if out is None else float(json.loads(out)[0]["avg_ts"])
 
 
 def transformers_bench(hf: Path, lengths: list, depths: list, gen: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "_transformers", "--hf", hf, "--threads", threads, "--gen", gen]
     cmd += ["--lengths", ",".join(map(str, lengths)), "--depths", ",".join(map(str, depths))]
-    return json.loads(run(cmd, capture=True).strip().splitlines()[-1])
+    out = run(cmd, capture=True, may_fail=True)
+    return {} if out is None else json.loads(out.strip().splitlines()[-1])
 
 
 def transformers_main(args) -> None:
@@ -413,6 +426,12 @@ def main() -> None:
     p.add_argument("--classes", default=",".join(CLASSES), help=f"subset of {','.join(CLASSES)}")
     p.add_argument("--transformers-max", type=int, default=32768, help="longest prompt given to transformers")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument(
+        "--kv-cache",
+        choices=("f16", "bf16", "f32"),
+        default="f16",
+        help="deltadoc's KV cache (f16 is its default; bf16 computes attention in bf16 on CPUs with AVX512_BF16)",
+    )
     p.add_argument("--results", type=Path, default=REPO / "benches" / "RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print the tables only")
     args = p.parse_args()
@@ -431,7 +450,7 @@ def main() -> None:
     started = datetime.datetime.now()
 
     dd, rev = build_deltadoc()
-    models = make_models(dd, args.work, args.seed)
+    models = make_models(dd, args.work, args.seed, args.kv_cache)
     shape = Shape(models["hf"])
     llama_src, llama_commit, ggufs = None, None, {}
     if "llama" in engines:
@@ -470,7 +489,8 @@ def main() -> None:
     runs = {k: {"prefill": {}, "decode": {}, "peak_rss_bytes": {}} for k in rows}
 
     def record(key, kind, x, value):
-        runs[key][kind].setdefault(x, []).append(value)
+        if value is not None:
+            runs[key][kind].setdefault(x, []).append(value)
 
     versions = {}
     for rnd in range(args.reps):
@@ -479,26 +499,31 @@ def main() -> None:
             # deltadoc: one call gives prefill at n and decode at depth n.
             for k in dd_keys:
                 r = deltadoc_bench(dd, dd_model(k), n, args.gen, args.threads)
-                record(k, "prefill", n, r["prefill_tokens_per_s"])
-                record(k, "peak_rss_bytes", n, r["peak_rss_bytes"])
+                record(k, "prefill", n, r.get("prefill_tokens_per_s"))
+                record(k, "peak_rss_bytes", n, r.get("peak_rss_bytes"))
                 if n in depths:
-                    record(k, "decode", n, r["decode_tokens_per_s"])
+                    record(k, "decode", n, r.get("decode_tokens_per_s"))
             for k in llama_keys:
                 record(k, "prefill", n, llama_bench(llama_src, ggufs[rows[k]["weights"]], n, 0, 0, args.threads))
         for d in depths:
             for k in dd_keys:
                 if d not in lengths:
                     # Depth 0 is a 16-token prompt.
-                    record(k, "decode", d, deltadoc_bench(dd, dd_model(k), max(d, 16), args.gen, args.threads)["decode_tokens_per_s"])
+                    record(k, "decode", d, deltadoc_bench(dd, dd_model(k), max(d, 16), args.gen, args.threads).get("decode_tokens_per_s"))
             for k in llama_keys:
                 record(k, "decode", d, llama_bench(llama_src, ggufs[rows[k]["weights"]], 0, args.gen, d, args.threads))
         if "transformers-fp32" in rows:
+            # One process per prompt length, so that one that runs out of memory costs only itself.
             tl = [n for n in lengths if n <= args.transformers_max]
-            t = transformers_bench(models["hf"], tl, depths, args.gen, args.threads)
-            for kind in ("prefill", "decode"):
-                for x, v in t[kind].items():
-                    record("transformers-fp32", kind, int(x), v)
-            versions["torch"], versions["transformers"] = t["torch"], t["transformers"]
+            points = [([n], [n] if n in depths else []) for n in tl]
+            points += [([], [d]) for d in depths if d not in tl]
+            for tls, tds in points:
+                t = transformers_bench(models["hf"], tls, tds, args.gen, args.threads)
+                for kind in ("prefill", "decode"):
+                    for x, v in t.get(kind, {}).items():
+                        record("transformers-fp32", kind, int(x), v)
+                if t:
+                    versions["torch"], versions["transformers"] = t["torch"], t["transformers"]
     for k, row in rows.items():
         for kind in ("prefill", "decode"):
             row[kind] = {x: max(v) for x, v in runs[k][kind].items()}
@@ -506,6 +531,8 @@ def main() -> None:
 
     tables = report(rows, lengths, depths, ceil, shape, wbytes)
     print(tables)
+    for f in FAILURES:
+        print(f"failed: {f}")
     (args.work / f"compare-{started:%Y%m%d-%H%M%S}.json").write_text(
         json.dumps({"rows": rows, "ceilings": ceil, "commands": COMMANDS}, indent=1, default=str)
     )
@@ -535,10 +562,13 @@ def main() -> None:
         "GGUFs come from its own converter and `llama-quantize`. Prefill: random ordinary tokens, logits of the "
         f"last token only. Decode: {args.gen} greedy steps after a prompt of the given depth (16 tokens for depth 0); "
         "llama.cpp: `llama-bench -d`. Ceilings: compute = GEMM rate / FLOPs per prompt token (matrix products, "
-        "recurrence, causal attention); bandwidth = read rate / (weight bytes + state read and write + KV at depth).",
+        "recurrence, causal attention); bandwidth = read rate / (weight bytes + state read and write + KV at depth). "
+        f"KV caches: deltadoc {args.kv_cache} (`--kv-cache {args.kv_cache}`, both deltadoc graphs), llama.cpp f16 "
+        "(its default), transformers fp32.",
         "",
         tables,
         "",
+        *(["Measurements that failed (– in the tables):", "", *(f"- {f}" for f in FAILURES), ""] if FAILURES else []),
         f"Commands, in the order they first ran (the measurements ran {args.reps} times, in rounds):",
         "",
         "```",

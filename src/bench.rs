@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
-use crate::generate::{Decoder, Logits, argmax};
+use crate::generate::{Decoder, Logits, argmax, last_checkpoint};
 use crate::metrics::ProcessMemory;
 use crate::model::ModelDir;
 use crate::model::config::TextConfig;
@@ -91,7 +91,7 @@ pub struct BenchReport {
     /// a resume was lost, in which case the rate covers the tokens from here on.
     pub timed_from_token: usize,
     /// Memory the plan of `deltadoc model info` expects for this run (context = prompt +
-    /// generated tokens; a snapshot counted with stages or checkpoints).
+    /// generated tokens; the stages' snapshot of the prompt, or the largest checkpoint).
     pub planned_bytes: u64,
 }
 
@@ -297,8 +297,13 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     }
     let prefix_reuse_ratio = (!stage_s.is_empty()).then(|| (prefill_s + stage_s.iter().sum::<f64>()) / (prefill_s + stage_s[0]));
 
-    let snapshot = opts.stages > 1 || opts.checkpoint.is_some();
-    let planned_bytes = Footprint::of(model).plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, snapshot).total_bytes;
+    let snapshot_tokens = if opts.stages > 1 {
+        opts.prompt_tokens
+    } else {
+        opts.checkpoint.as_ref().map_or(0, |(_, every)| last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, *every))
+    };
+    let planned_bytes =
+        Footprint::of(model).plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, snapshot_tokens).total_bytes;
     Ok(BenchReport {
         prefill_tokens_per_s: (opts.prompt_tokens - pre.timed_from) as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },

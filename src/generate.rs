@@ -295,7 +295,8 @@ impl Decoder {
     /// model, ids and chunk size resumes from the saved point instead of token 0. The result is
     /// bit-identical to an uninterrupted prefill; the checkpoint is removed when the prefill
     /// completes. `on_chunk` is called as in [`Self::prefill`], and first with `(resumed, 0)`
-    /// when a checkpoint supplied the first `resumed` tokens.
+    /// when a checkpoint supplied the first `resumed` tokens. [`last_checkpoint`] says where the
+    /// largest checkpoint of a prefill from token 0 falls.
     pub fn prefill_resumable(
         &mut self,
         ids: &[u32],
@@ -502,6 +503,18 @@ impl Sampler {
     }
 }
 
+/// Tokens covered by the last checkpoint that [`Decoder::prefill_resumable`] writes for a prompt
+/// of `prompt` tokens prefilled from the start in chunks of `chunk`, saving every `every` tokens
+/// (0 when it writes none). Saves fall on multiples of `every` rounded up to whole chunks and
+/// never at the prompt's end, so this is the largest snapshot the prefill holds.
+pub fn last_checkpoint(prompt: usize, chunk: usize, every: usize) -> usize {
+    if every == 0 || prompt == 0 {
+        return 0;
+    }
+    let stride = every.div_ceil(chunk.max(1)) * chunk.max(1);
+    (prompt - 1) / stride * stride
+}
+
 /// Index of the largest value (the first one on ties).
 pub fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
@@ -636,6 +649,17 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_checkpoint_falls_before_the_prompt_end_on_whole_chunks() {
+        // The 262K run of benches/RESULTS.md: saves at 65,536, 131,072 and 196,608, not at the end.
+        assert_eq!(last_checkpoint(262_144, 512, 65_536), 196_608);
+        assert_eq!(last_checkpoint(262_145, 512, 65_536), 262_144);
+        // An interval that is not a whole number of chunks is rounded up to one.
+        assert_eq!(last_checkpoint(5000, 512, 1000), 4096);
+        assert_eq!(last_checkpoint(1024, 512, 1024), 0);
+        assert_eq!(last_checkpoint(4096, 512, 0), 0);
+    }
 
     #[test]
     fn greedy_is_argmax_and_sampling_is_seeded() {

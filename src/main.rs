@@ -642,7 +642,7 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
             let c = &m.manifest.config;
             let f = model::plan::Footprint::of(&m);
             let context = context.unwrap_or(c.max_position_embeddings);
-            let p = f.plan(context, prefill_chunk, true);
+            let p = f.plan(context, prefill_chunk, context);
             let fit = f.max_context_within(budget.0, c.max_position_embeddings, prefill_chunk, true);
             let info = serde_json::json!({
                 "plan": p,

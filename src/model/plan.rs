@@ -38,7 +38,8 @@ pub struct MemoryPlan {
     pub state_bytes: u64,
     /// Largest per-call activations (MLP, hidden states, attention tiles, rule buffers, logits).
     pub activation_bytes: u64,
-    /// Copy of KV + state kept for prefix reuse across stages.
+    /// Copy of KV + state kept for prefix reuse across stages or written as a prefill
+    /// checkpoint, at the context length it covers.
     pub snapshot_bytes: u64,
     /// Sum of the above.
     pub total_bytes: u64,
@@ -69,9 +70,12 @@ impl Footprint {
         (self.cfg.kv_elements_per_token() * self.kv_cache.elem().width()) as u64
     }
 
-    /// Plans a context of `context` tokens prefilled `chunk` tokens per call; `snapshot` when
-    /// the document's state is kept for further stages.
-    pub fn plan(&self, context: usize, chunk: usize, snapshot: bool) -> MemoryPlan {
+    /// Plans a context of `context` tokens prefilled `chunk` tokens per call, with a snapshot of
+    /// the state at `snapshot_tokens` held beside it (0: none). A document kept for further
+    /// stages is snapshotted whole; a resumable prefill's largest checkpoint is taken before the
+    /// prompt's end ([`crate::generate::last_checkpoint`]), and counting a whole-context snapshot
+    /// there overstates a 262K plan by a gigabyte.
+    pub fn plan(&self, context: usize, chunk: usize, snapshot_tokens: usize) -> MemoryPlan {
         let cfg = &self.cfg;
         let chunk = chunk.min(context).max(1) as u64;
         let t = context as u64;
@@ -96,7 +100,10 @@ impl Footprint {
         let hidden = 12 * chunk * cfg.hidden_size as u64 * 4;
         let logits = 2 * cfg.vocab_size as u64 * 4;
         let activation_bytes = mlp + attention + rule + hidden + logits;
-        let snapshot_bytes = if snapshot { kv + state_bytes } else { 0 };
+        let snapshot_bytes = match snapshot_tokens.min(context) {
+            0 => 0,
+            n => self.kv_bytes_per_token() * n as u64 + state_bytes,
+        };
         let kv_bytes = 2 * kv;
         let total_bytes = weights_bytes + RUNTIME_BYTES + kv_bytes + state_bytes + activation_bytes + snapshot_bytes;
         MemoryPlan {
@@ -113,9 +120,9 @@ impl Footprint {
     }
 
     /// The longest context (up to `max`) whose plan fits `budget`, or `None` when not even a
-    /// context of one chunk does.
+    /// context of one chunk does; `snapshot` when the whole context is snapshotted.
     pub fn max_context_within(&self, budget: u64, max: usize, chunk: usize, snapshot: bool) -> Option<usize> {
-        let fits = |t: usize| self.plan(t, chunk, snapshot).total_bytes <= budget;
+        let fits = |t: usize| self.plan(t, chunk, if snapshot { t } else { 0 }).total_bytes <= budget;
         let lo = chunk.min(max).max(1);
         if !fits(lo) {
             return None;
@@ -145,14 +152,14 @@ mod tests {
     fn plan_grows_with_context_and_the_search_finds_the_edge() {
         let f = footprint(KvCache::F32);
         let w = f.weights_file;
-        let small = f.plan(4096, 512, false);
-        let big = f.plan(262_144, 512, true);
+        let small = f.plan(4096, 512, 0);
+        let big = f.plan(262_144, 512, 262_144);
         assert!(big.total_bytes > small.total_bytes);
         assert!(small.total_bytes > w && small.total_bytes < 4 << 30, "{small:?}");
         let budget = 20u64 << 30;
         let t = f.max_context_within(budget, 262_144, 512, true).unwrap();
-        assert!(f.plan(t, 512, true).total_bytes <= budget);
-        assert!(t == 262_144 || f.plan(t + 1, 512, true).total_bytes > budget);
+        assert!(f.plan(t, 512, t).total_bytes <= budget);
+        assert!(t == 262_144 || f.plan(t + 1, 512, t + 1).total_bytes > budget);
         assert_eq!(f.max_context_within(1 << 30, 262_144, 512, false), None);
     }
 
@@ -161,11 +168,22 @@ mod tests {
         // 0.8B shape, 262,144 tokens in chunks of 512, snapshot kept: the f32 cache is 6.4 GB,
         // held three times (old and grown buffer during a call, snapshot).
         let budget = 16u64 << 30;
-        assert!(footprint(KvCache::F32).plan(262_144, 512, true).total_bytes > budget);
-        let p = footprint(KvCache::F16).plan(262_144, 512, true);
+        assert!(footprint(KvCache::F32).plan(262_144, 512, 262_144).total_bytes > budget);
+        let p = footprint(KvCache::F16).plan(262_144, 512, 262_144);
         assert!(p.total_bytes < budget, "{p:?}");
         assert_eq!(p.kv_bytes, 2 * 262_144 * 6 * 2 * 2 * 256 * 2);
         // The attention scratch does not grow with the context.
-        assert_eq!(p.activation_bytes, footprint(KvCache::F16).plan(4096, 512, false).activation_bytes);
+        assert_eq!(p.activation_bytes, footprint(KvCache::F16).plan(4096, 512, 0).activation_bytes);
+    }
+
+    #[test]
+    fn a_snapshot_costs_the_kv_of_the_tokens_it_covers_plus_the_state() {
+        let f = footprint(KvCache::Bf16);
+        let (none, part, whole) = (f.plan(8192, 512, 0), f.plan(8192, 512, 4096), f.plan(8192, 512, 8192));
+        assert_eq!(part.snapshot_bytes, 4096 * f.kv_bytes_per_token() + none.state_bytes);
+        assert_eq!(whole.snapshot_bytes - part.snapshot_bytes, 4096 * f.kv_bytes_per_token());
+        assert_eq!(whole.total_bytes - none.total_bytes, whole.snapshot_bytes);
+        // A snapshot cannot cover more than the context.
+        assert_eq!(f.plan(8192, 512, 1 << 20), whole);
     }
 }

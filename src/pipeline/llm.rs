@@ -311,7 +311,7 @@ impl TextModel for OrtModel {
     }
 
     fn plan(&self, context: usize, snapshot: bool) -> MemoryPlan {
-        self.footprint.plan(context, self.prefill_chunk, snapshot)
+        self.footprint.plan(context, self.prefill_chunk, if snapshot { context } else { 0 })
     }
 
     fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize> {

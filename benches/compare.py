@@ -52,6 +52,15 @@ COMMANDS: list[str] = []
 FAILURES: list[str] = []
 
 
+def home_as_tilde(text: str) -> str:
+    return text.replace(str(Path.home()), "~")
+
+
+def last_json(out: str | None) -> dict:
+    """The JSON object a measuring command prints last; {} when it failed."""
+    return {} if out is None else json.loads(out.strip().splitlines()[-1])
+
+
 def log(msg: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -77,7 +86,7 @@ def run(cmd: list, capture: bool = False, env: dict | None = None, cwd: Path | N
         tail = (p.stderr or "")[-4000:] if capture else "(output above)"
         if may_fail:
             last = (tail.strip().splitlines() or ["no output"])[-1]
-            FAILURES.append(f"`{text.replace(str(Path.home()), '~')}`: exit {p.returncode} ({last.strip()})")
+            FAILURES.append(f"`{home_as_tilde(text)}`: exit {p.returncode} ({last.strip()})")
             log(f"  failed; going on without this measurement\n{tail}")
             return None
         sys.exit(f"compare.py: command failed with exit {p.returncode}: {text}\n{tail}")
@@ -188,8 +197,7 @@ def make_ggufs(src: Path, hf: Path, work: Path) -> dict:
 
 def deltadoc_bench(dd: Path, model: Path, prompt: int, gen: int, threads: int) -> dict:
     cmd = [dd, "bench", "--model", model, "--prompt-tokens", prompt, "--gen-tokens", gen, "--threads", threads, "--json"]
-    out = run(cmd, capture=True, may_fail=True)
-    return {} if out is None else json.loads(out.strip().splitlines()[-1])
+    return last_json(run(cmd, capture=True, may_fail=True))
 
 
 def llama_bench(src: Path, gguf: Path, prompt: int, gen: int, depth: int, threads: int) -> float | None:
@@ -204,8 +212,7 @@ def llama_bench(src: Path, gguf: Path, prompt: int, gen: int, depth: int, thread
 def transformers_bench(hf: Path, lengths: list, depths: list, gen: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "_transformers", "--hf", hf, "--threads", threads, "--gen", gen]
     cmd += ["--lengths", ",".join(map(str, lengths)), "--depths", ",".join(map(str, depths))]
-    out = run(cmd, capture=True, may_fail=True)
-    return {} if out is None else json.loads(out.strip().splitlines()[-1])
+    return last_json(run(cmd, capture=True, may_fail=True))
 
 
 def transformers_main(args) -> None:
@@ -585,7 +592,7 @@ def main() -> None:
         f"Commands, in the order they first ran (the measurements ran {args.reps} times, in rounds):",
         "",
         "```",
-        *dict.fromkeys(c.replace(str(Path.home()), "~") for c in COMMANDS),
+        *dict.fromkeys(home_as_tilde(c) for c in COMMANDS),
         "```",
     ]
     write_results(args.results, "\n".join(section))

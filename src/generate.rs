@@ -341,6 +341,7 @@ impl Decoder {
         if resumed_at > 0 {
             on_chunk(resumed_at, 0)?;
         }
+        let stride = checkpoint_stride(chunk, every);
         let mut since_save = 0;
         let mut saved_bytes = 0;
         let mut last = Vec::new();
@@ -348,7 +349,7 @@ impl Decoder {
             last = self.forward(part, Logits::Last)?.row(0).to_vec();
             start += part.len();
             since_save += part.len();
-            if every > 0 && since_save >= every && start < ids.len() {
+            if stride > 0 && since_save >= stride && start < ids.len() {
                 let mut snap = self.snapshot()?;
                 snap.prefix_sha256 = ids_digest(&ids[..start]);
                 snap.save(checkpoint)?;
@@ -508,11 +509,15 @@ impl Sampler {
 /// (0 when it writes none). Saves fall on multiples of `every` rounded up to whole chunks and
 /// never at the prompt's end, so this is the largest snapshot the prefill holds.
 pub fn last_checkpoint(prompt: usize, chunk: usize, every: usize) -> usize {
-    if every == 0 || prompt == 0 {
-        return 0;
+    match checkpoint_stride(chunk.max(1), every) {
+        0 => 0,
+        stride => prompt.saturating_sub(1) / stride * stride,
     }
-    let stride = every.div_ceil(chunk.max(1)) * chunk.max(1);
-    (prompt - 1) / stride * stride
+}
+
+/// Tokens between two checkpoints: `every` rounded up to whole chunks (0: no checkpoints).
+fn checkpoint_stride(chunk: usize, every: usize) -> usize {
+    every.div_ceil(chunk) * chunk
 }
 
 /// Index of the largest value (the first one on ties).

@@ -44,6 +44,8 @@ CLASSES = {
     "fp32": {"deltadoc": "fp32", "llama": "F16", "transformers": "fp32"},
     "int8": {"deltadoc": "int8", "llama": "Q8_0"},
     "int4": {"deltadoc": "int4", "llama": "Q4_K_M"},
+    # int4 in blocks of 128 instead of 32: fewer scales per weight, coarser rounding.
+    "int4-128": {"deltadoc": "int4-128", "llama": "Q4_K_M"},
 }
 ENGINES = ("deltadoc", "ort-ops", "llama", "transformers")
 
@@ -97,9 +99,12 @@ def done_marker(path: Path) -> Path:
     return path.parent / f".{path.name}.done"
 
 
-def step(path: Path, what: str, make) -> Path:
-    """Builds `path` once: a marker written after success makes an interrupted step start over."""
-    if done_marker(path).exists():
+def step(path: Path, what: str, make, key: str = "") -> Path:
+    """Builds `path` once: a marker written after success makes an interrupted step start over.
+    With a `key` (what the result depends on, such as the deltadoc revision and flags), a marker
+    written under another key makes the step run again."""
+    marker = done_marker(path)
+    if marker.exists() and (not key or marker.read_text().split("\n")[0] == key):
         return path
     log(f"setup: {what}")
     if path.is_dir():
@@ -107,7 +112,7 @@ def step(path: Path, what: str, make) -> Path:
     elif path.exists():
         path.unlink()
     make()
-    done_marker(path).write_text(datetime.datetime.now().isoformat())
+    marker.write_text(f"{key}\n{datetime.datetime.now().isoformat()}")
     return path
 
 
@@ -121,8 +126,9 @@ def build_deltadoc() -> tuple[Path, str]:
     return REPO / "target" / "release" / "deltadoc", rev
 
 
-def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
-    """deltadoc folders of one set of random weights, all with the KV cache type `kv_cache`."""
+def make_models(dd: Path, rev: str, work: Path, seed: int, kv_cache: str) -> dict:
+    """deltadoc folders of one set of random weights, all with the KV cache type `kv_cache`; made
+    again when the deltadoc revision `rev` changes (its graphs may have)."""
     hf = work / "hf-0.8b"
     fp32 = work / f"deltadoc-fp32-{kv_cache}"
     cache = ["--kv-cache", kv_cache]
@@ -135,16 +141,18 @@ def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
         shutil.copy(fp32 / "tokenizer.json", hf / "tokenizer.json")
         (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
-    step(fp32, "random 0.8B-shape weights (deltadoc fp32 + Hugging Face checkpoint)", synth)
+    step(fp32, "random 0.8B-shape weights (deltadoc fp32 + Hugging Face checkpoint)", synth, f"{rev} seed={seed} {kv_cache}")
     models = {"fp32": fp32, "hf": hf}
     # The other folders go through `model import` from the checkpoint, the path users take.
     for name, flags in (
         ("ort-ops", ["--linear-attn", "builtin"]),
         ("int8", ["--precision", "int8"]),
         ("int4", ["--precision", "int4"]),
+        ("int4-128", ["--precision", "int4", "--block-size", "128"]),
     ):
         out = work / f"deltadoc-{name}-{kv_cache}"
-        step(out, f"deltadoc {name} folder", lambda out=out, flags=flags: run([dd, "model", "import", hf, "--out", out, *flags, *cache]))
+        key = " ".join([rev, *flags, *cache])
+        step(out, f"deltadoc {name} folder", lambda out=out, flags=flags: run([dd, "model", "import", hf, "--out", out, *flags, *cache]), key)
         models[name] = out
     return models
 
@@ -396,6 +404,7 @@ def report(rows: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wb
         ("deltadoc int8 / llama.cpp Q8_0 [decode ≥ 1.5]", "deltadoc-int8", "llama-Q8_0"),
         ("deltadoc int4 / llama.cpp Q4_K_M [prefill ≥ 1.5, decode ≥ 1.5]", "deltadoc-int4", "llama-Q4_K_M"),
         ("deltadoc int8 / llama.cpp Q4_K_M [prefill ≥ 1.5]", "deltadoc-int8", "llama-Q4_K_M"),
+        ("deltadoc int4, blocks of 128 / llama.cpp Q4_K_M", "deltadoc-int4-128", "llama-Q4_K_M"),
     ]
     for label, a, b in pairs:
         if a not in rows or b not in rows:
@@ -469,7 +478,7 @@ def main() -> None:
     started = datetime.datetime.now()
 
     dd, rev = build_deltadoc()
-    models = make_models(dd, args.work, args.seed, args.kv_cache)
+    models = make_models(dd, rev, args.work, args.seed, args.kv_cache)
     shape = Shape(models["hf"])
     llama_src, llama_commit, ggufs = None, None, {}
     if "llama" in engines:
@@ -480,7 +489,9 @@ def main() -> None:
     rows, wbytes = {}, {}
     for c in classes:
         if "deltadoc" in engines:
-            rows[f"deltadoc-{c}"] = {"engine": "deltadoc", "weights": c, "prefill": {}, "decode": {}}
+            block = json.loads((models[c] / "manifest.json").read_text()).get("quant_block")
+            weights = f"{c.split('-')[0]}, blocks of {block}" if block else c
+            rows[f"deltadoc-{c}"] = {"engine": "deltadoc", "weights": weights, "prefill": {}, "decode": {}}
             wbytes[f"deltadoc-{c}"] = weight_bytes(models[c], shape)
         if "ort-ops" in engines and c == "fp32":
             rows["ort-ops-fp32"] = {"engine": "deltadoc graph, ORT DeltaNet ops", "weights": c, "prefill": {}, "decode": {}}

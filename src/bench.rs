@@ -68,6 +68,8 @@ pub struct BenchReport {
     pub warmup_s: f64,
     /// Weight precision of the model folder.
     pub precision: String,
+    /// Block length of int8/int4 weights; absent for float precisions.
+    pub quant_block: Option<usize>,
     /// Which operators ran the DeltaNet layers.
     pub linear_attn: String,
     /// Element type of the attention KV cache.
@@ -317,6 +319,7 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         load_s,
         warmup_s,
         precision: model.manifest.precision.name().into(),
+        quant_block: model.manifest.quant_block(),
         linear_attn: format!("{:?}", model.manifest.linear_attn).to_lowercase(),
         kv_cache: format!("{:?}", model.manifest.kv_cache).to_lowercase(),
         bf16_attention: model.manifest.kv_cache == KvCache::Bf16

@@ -90,6 +90,7 @@ pub fn load_model(cfg: &Config) -> Result<OrtModel> {
                     &mut synth,
                     crate::model::ExportOptions {
                         precision: crate::model::quant::Precision::Fp32,
+                        quant_block: None,
                         linear_attn: crate::model::graph::LinearAttn::Deltadoc,
                         kv_cache: crate::model::graph::KvCache::F16,
                     },

@@ -187,6 +187,11 @@ struct ExportArgs {
     /// Storage precision of the projection weights.
     #[arg(long, value_enum, default_value = "fp32")]
     precision: Precision,
+    /// Block length along the input dimension for int8/int4 (16, 32, 64, 128 or 256): longer blocks
+    /// store fewer scales and run faster, shorter ones round more finely. Default: 128 for int8,
+    /// 32 for int4 (speed and accuracy in benches/RESULTS.md).
+    #[arg(long, value_parser = parse_block_size)]
+    block_size: Option<usize>,
     /// Which operators run the DeltaNet layers.
     #[arg(long, value_enum, default_value = "deltadoc")]
     linear_attn: LinearAttn,
@@ -198,8 +203,24 @@ struct ExportArgs {
 }
 
 impl ExportArgs {
-    fn options(&self) -> ExportOptions {
-        ExportOptions { precision: self.precision, linear_attn: self.linear_attn, kv_cache: self.kv_cache }
+    fn options(&self) -> Result<ExportOptions> {
+        if self.block_size.is_some() && !matches!(self.precision, Precision::Int8 | Precision::Int4) {
+            bail!("--block-size applies to --precision int8 or int4, not {}", self.precision.name());
+        }
+        Ok(ExportOptions {
+            precision: self.precision,
+            quant_block: self.block_size,
+            linear_attn: self.linear_attn,
+            kv_cache: self.kv_cache,
+        })
+    }
+}
+
+fn parse_block_size(s: &str) -> std::result::Result<usize, String> {
+    let sizes = model::quant::BLOCK_SIZES;
+    match s.parse::<usize>() {
+        Ok(n) if sizes.contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a block length ONNX Runtime's MatMulNBits takes ({sizes:?})")),
     }
 }
 
@@ -571,7 +592,7 @@ fn run(cli: Cli) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("model          {} ({}, {} DeltaNet ops)", m.dir.display(), r.precision, r.linear_attn);
+                println!("model          {} ({}, {} DeltaNet ops)", m.dir.display(), m.manifest.precision_label(), r.linear_attn);
                 let arithmetic = if r.bf16_attention { "bf16 arithmetic" } else { "f32 arithmetic" };
                 println!("KV cache       {} ({arithmetic})", r.kv_cache);
                 println!("threads        {}", r.threads);
@@ -611,8 +632,8 @@ fn run(cli: Cli) -> Result<i32> {
 fn model_cmd(cmd: ModelCmd) -> Result<()> {
     match cmd {
         ModelCmd::Import { hf_dir, out, export } => {
-            let m = model::import(&hf_dir, &out, export.options())?;
-            eprintln!("wrote {} ({} layers, {})", out.display(), m.config.num_hidden_layers, m.precision.name());
+            let m = model::import(&hf_dir, &out, export.options()?)?;
+            eprintln!("wrote {} ({} layers, {})", out.display(), m.config.num_hidden_layers, m.precision_label());
             Ok(())
         }
         ModelCmd::Synth { shape, out, seed, hf_out, text_only, export } => {
@@ -623,11 +644,11 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
                 &cfg,
                 vision.as_ref(),
                 &mut synth,
-                export.options(),
+                export.options()?,
                 &out,
                 format!("synth:{}:seed={seed}", shape.name()),
             )?;
-            eprintln!("wrote {} ({} layers, {})", out.display(), m.config.num_hidden_layers, m.precision.name());
+            eprintln!("wrote {} ({} layers, {})", out.display(), m.config.num_hidden_layers, m.precision_label());
             if let Some(hf) = hf_out {
                 synth.write_hf(&cfg, &hf)?;
                 eprintln!("wrote Hugging Face checkpoint {}", hf.display());

@@ -78,6 +78,22 @@ pub enum Prepack {
     No,
 }
 
+/// Asks the kernel to read the graph's external weights (`<graph>.data`) into the page cache now.
+/// ORT maps that file and reads some tensors in place for the whole session: the embedding table
+/// always, every f32 weight when prepacking is off. Pages it does not touch at load fault in from
+/// disk one at a time later: on a cold cache, the embedding row of every token id seen for the
+/// first time cost 2–5 ms in a 40 ms int4 decode step (0.8B shape, ORT's profiler).
+fn prefetch_weights(graph: &Path) {
+    use std::os::fd::AsRawFd;
+    let mut data = graph.as_os_str().to_owned();
+    data.push(".data");
+    if let Ok(file) = std::fs::File::open(&data) {
+        // SAFETY: an advisory call on a descriptor that stays open for its duration; a failure
+        // only means no read-ahead, so its result is not checked.
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+    }
+}
+
 /// Opens a graph written by the importer, with deltadoc's operators registered.
 pub fn open_session(model: &Path, opts: &SessionOptions) -> Result<Session> {
     open_session_with(model, opts, Prepack::Yes)
@@ -85,6 +101,7 @@ pub fn open_session(model: &Path, opts: &SessionOptions) -> Result<Session> {
 
 /// [`open_session`] with an explicit weight-prepacking choice.
 pub fn open_session_with(model: &Path, opts: &SessionOptions, prepack: Prepack) -> Result<Session> {
+    prefetch_weights(model);
     let env = environment()?;
     let domain = crate::ops::domain().map_err(|e| anyhow!("cannot build the {} operator domain: {e}", crate::ops::DOMAIN))?;
     let build = || -> std::result::Result<Session, ort::Error> {

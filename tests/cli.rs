@@ -81,6 +81,41 @@ fn bad_input_gets_a_clear_error() {
     assert!(!out.status.success() && err.contains("token id 99999 is outside the vocabulary"), "{err}");
 }
 
+#[test]
+fn block_size_is_checked_and_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = fixture_dir("dense4").join("hf");
+    let (hf, out) = (hf.to_str().unwrap(), tmp.path().join("m"));
+    let import = |extra: &[&str]| {
+        let mut args = vec!["model", "import", hf, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        deltadoc_output(&args)
+    };
+    let o = import(&["--block-size", "64"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--block-size applies to --precision int8 or int4, not fp32"), "{err}");
+    let o = import(&["--precision", "int4", "--block-size", "48"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("not a block length ONNX Runtime's MatMulNBits takes"), "{err}");
+    let o = import(&["--precision", "int8", "--block-size", "64"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = open(&out);
+    assert_eq!((m.manifest.quant_block, m.manifest.precision_label().as_str()), (Some(64), "int8 (blocks of 64)"));
+    // Every MatMulNBits node of the graph carries it too.
+    use prost::Message;
+    let bytes = std::fs::read(out.join("model.onnx")).unwrap();
+    let graph = deltadoc::onnx::proto::ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+    let blocks: Vec<i64> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "MatMulNBits")
+        .flat_map(|n| n.attribute.iter().filter(|a| a.name == "block_size").map(|a| a.i))
+        .collect();
+    assert!(!blocks.is_empty() && blocks.iter().all(|&b| b == 64), "{blocks:?}");
+    let v = bench_json(&out, &["--gen-tokens", "2"]);
+    assert_eq!(v["quant_block"], 64);
+}
+
 /// `deltadoc bench --json` on `model` with 130 random prompt tokens, plus `extra` flags.
 fn bench_json(model: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["bench", "--model", model.to_str().unwrap(), "--prompt-tokens", "130", "--json"];

@@ -14,7 +14,7 @@ use deltadoc::model::{self, ExportOptions};
 use safetensors::SafeTensors;
 
 const OPTS: ExportOptions =
-    ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc, kv_cache: KvCache::F32 };
+    ExportOptions { precision: Precision::Fp32, quant_block: None, linear_attn: LinearAttn::Deltadoc, kv_cache: KvCache::F32 };
 
 /// A copy of the dense4 checkpoint with its config and tensors edited.
 fn edited(

@@ -90,7 +90,12 @@ fn builtin_linear_attention_graph_matches_transformers_too() {
         let g = Golden::load(fx);
         let dir = imported_with(
             fx,
-            ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Builtin, kv_cache: KvCache::F32 },
+            ExportOptions {
+                precision: Precision::Fp32,
+                quant_block: None,
+                linear_attn: LinearAttn::Builtin,
+                kv_cache: KvCache::F32,
+            },
         );
         let mut dec = Decoder::open(&open(&dir), &SessionOptions { threads: 2, spin: false }).unwrap();
         let ids = g.ids("ids.long");
@@ -125,7 +130,7 @@ fn half_width_kv_caches_stay_close_to_transformers() {
 fn half_width_kv_cache_stays_close_to_transformers(kv_cache: KvCache, tol: f32) {
     for fx in FIXTURES {
         let g = Golden::load(fx);
-        let opts = ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc, kv_cache };
+        let opts = ExportOptions { precision: Precision::Fp32, quant_block: None, linear_attn: LinearAttn::Deltadoc, kv_cache };
         let mut dec = Decoder::open(&open(&imported_with(fx, opts)), &SessionOptions { threads: 2, spin: false }).unwrap();
         let ids = g.ids("ids.long");
         let (_, want) = g.f32("logits.long");

@@ -16,7 +16,7 @@ fn decoder(fx: &str) -> Decoder {
 }
 
 fn decoder_with(fx: &str, kv_cache: KvCache) -> Decoder {
-    let opts = ExportOptions { precision: Precision::Fp32, linear_attn: LinearAttn::Deltadoc, kv_cache };
+    let opts = ExportOptions { precision: Precision::Fp32, quant_block: None, linear_attn: LinearAttn::Deltadoc, kv_cache };
     Decoder::open(&open(&imported_with(fx, opts)), &SessionOptions { threads: 2, spin: false }).unwrap()
 }
 

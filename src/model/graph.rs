@@ -85,6 +85,8 @@ pub trait WeightSource {
 pub struct GraphOptions {
     /// Storage precision of the projection weights.
     pub precision: Precision,
+    /// Block length along K of int8/int4 weights.
+    pub quant_block: usize,
     /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
     /// Element type of the KV cache.
@@ -290,7 +292,7 @@ impl Ctx<'_> {
     }
 
     fn linear(&mut self, x: &str, name: &str, w: &[f32], out: usize, inp: usize) -> Result<String> {
-        linear(&mut self.b, self.opts.precision, x, name, w, out, inp)
+        linear(&mut self.b, self.opts.precision, self.opts.quant_block, x, name, w, out, inp)
     }
 
     /// RMSNorm over the last axis; `one_plus` selects Qwen3.5's zero-centred `(1 + w)` weight.
@@ -438,7 +440,8 @@ impl Ctx<'_> {
                         ("kv_num_heads", Attr::Int(hv as i64)),
                         ("update_rule", Attr::Str("gated_delta".into())),
                         ("scale", scale),
-                        ("chunk_size", Attr::Int(ops::gated_delta::CHUNK as i64)),
+                        // The reference's chunk, a hint to ORT's kernel (ours picks its own).
+                        ("chunk_size", Attr::Int(64)),
                     ],
                 );
             }
@@ -486,10 +489,13 @@ pub(super) fn neox_rotary(b: &mut GraphBuilder, x: &str, cos: &str, sin: &str, w
     Ok(b.op("Add", &[&a, &r], vec![]))
 }
 
-/// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision.
+/// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision (int8/int4
+/// in blocks of `block` along `in`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
     b: &mut GraphBuilder,
     precision: Precision,
+    block: usize,
     x: &str,
     name: &str,
     w: &[f32],
@@ -510,7 +516,7 @@ pub(super) fn linear(
         }
         Precision::Int8 | Precision::Int4 => {
             let bits = if precision == Precision::Int8 { 8 } else { 4 };
-            let q = quant::block_quantize(w, out, inp, bits, quant::BLOCK);
+            let q = quant::block_quantize(w, out, inp, bits, block);
             let qn = b.fresh(&format!("{name}.q"));
             let qn = b.initializer(&qn, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
             let sn = b.fresh(&format!("{name}.scales"));
@@ -524,7 +530,7 @@ pub(super) fn linear(
                     ("K", Attr::Int(inp as i64)),
                     ("N", Attr::Int(out as i64)),
                     ("bits", Attr::Int(bits as i64)),
-                    ("block_size", Attr::Int(quant::BLOCK as i64)),
+                    ("block_size", Attr::Int(block as i64)),
                     ("accuracy_level", Attr::Int(4)),
                 ],
             )

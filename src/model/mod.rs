@@ -46,6 +46,10 @@ pub struct Manifest {
     pub config: TextConfig,
     /// Storage precision of the weights.
     pub precision: Precision,
+    /// Block length along K of int8/int4 weights (absent for float precisions and in folders
+    /// written before the choice, which used 32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant_block: Option<usize>,
     /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
     /// Element type of the attention layers' KV cache (f32 in folders written before the choice).
@@ -69,6 +73,20 @@ impl Manifest {
         serde_json::from_str(&text).with_context(|| format!("{}: invalid manifest", path.display()))
     }
 
+    /// Block length of int8/int4 weights (32 for folders written before the choice); `None` for
+    /// float precisions.
+    pub fn quant_block(&self) -> Option<usize> {
+        matches!(self.precision, Precision::Int8 | Precision::Int4).then(|| self.quant_block.unwrap_or(32))
+    }
+
+    /// The precision as people read it: `int4 (blocks of 32)`, `fp32`.
+    pub fn precision_label(&self) -> String {
+        match self.quant_block() {
+            Some(b) => format!("{} (blocks of {b})", self.precision.name()),
+            None => self.precision.name().into(),
+        }
+    }
+
     /// Identity of the graph and weights (from their hashes): a saved decoder state only fits
     /// the model it came from.
     pub fn identity(&self) -> String {
@@ -82,10 +100,21 @@ impl Manifest {
 pub struct ExportOptions {
     /// Storage precision of the projection weights.
     pub precision: Precision,
+    /// Block length along K for int8/int4 (one of [`quant::BLOCK_SIZES`]); `None` takes
+    /// [`quant::default_block`].
+    pub quant_block: Option<usize>,
     /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
     /// Element type of the KV cache.
     pub kv_cache: KvCache,
+}
+
+impl ExportOptions {
+    /// The block length int8/int4 weights get; `None` for float precisions.
+    pub fn block(&self) -> Option<usize> {
+        matches!(self.precision, Precision::Int8 | Precision::Int4)
+            .then(|| self.quant_block.unwrap_or_else(|| quant::default_block(self.precision)))
+    }
 }
 
 /// Writes a model folder from any weight source; `vision` adds the vision graph from the same
@@ -111,6 +140,7 @@ pub fn export(
         weights,
         GraphOptions {
             precision: opts.precision,
+            quant_block: opts.block().unwrap_or_else(|| quant::default_block(opts.precision)),
             linear_attn: opts.linear_attn,
             kv_cache: opts.kv_cache,
             image_token_id: vision.map_or(vision::IMAGE_PAD, |v| v.image_token_id),
@@ -146,6 +176,7 @@ pub fn export(
         source,
         config: cfg.clone(),
         precision: opts.precision,
+        quant_block: opts.block(),
         linear_attn: opts.linear_attn,
         kv_cache: opts.kv_cache,
         opsets,
@@ -188,11 +219,12 @@ pub fn import(hf_dir: &Path, out: &Path, opts: ExportOptions) -> Result<Manifest
         (false, _) => None,
     };
     tracing::info!(
-        "importing {} ({model_type}, {} layers, hidden {}, {}{})",
+        "importing {} ({model_type}, {} layers, hidden {}, {}{}{})",
         hf_dir.display(),
         cfg.num_hidden_layers,
         cfg.hidden_size,
         opts.precision.name(),
+        opts.block().map(|b| format!(" in blocks of {b}")).unwrap_or_default(),
         match &vision {
             Some(v) => format!(", vision tower of {} blocks", v.depth),
             None => ", text only: the checkpoint has no vision weights, so image pages cannot be read".into(),

@@ -11,9 +11,9 @@ pub enum Precision {
     Fp32,
     /// Weights stored as IEEE half; ONNX Runtime's CPU path computes in f32.
     Fp16,
-    /// Symmetric 8-bit blocks of [`BLOCK`] along the input dimension.
+    /// Symmetric 8-bit blocks along the input dimension ([`default_block`] long unless chosen).
     Int8,
-    /// Symmetric 4-bit blocks of [`BLOCK`] along the input dimension.
+    /// Symmetric 4-bit blocks along the input dimension ([`default_block`] long unless chosen).
     Int4,
 }
 
@@ -29,8 +29,20 @@ impl Precision {
     }
 }
 
-/// Quantisation block length along K (the input dimension).
-pub const BLOCK: usize = 32;
+/// Block lengths along K (the input dimension) that ONNX Runtime's `MatMulNBits` takes.
+pub const BLOCK_SIZES: [usize; 5] = [16, 32, 64, 128, 256];
+
+/// Block length of a quantised precision when the import does not choose one. int4 keeps 32,
+/// the width of llama.cpp's Q4_K sub-blocks, because 4-bit rounding error grows with the block's
+/// largest weight. int8 takes 128: its rounding step is 1/16 of int4's even so, and on an AVX-512
+/// EPYC (0.8B shape, 512 tokens) 128 ran prefill 1.25× and decode 1.2× as fast as 32 (fewer
+/// scales to read and apply per weight).
+pub fn default_block(precision: Precision) -> usize {
+    match precision {
+        Precision::Int8 => 128,
+        _ => 32,
+    }
+}
 
 /// `[rows, cols]` → `[cols, rows]`.
 pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -116,15 +128,17 @@ mod tests {
 
     #[test]
     fn quantisation_error_is_within_half_a_step() {
-        let (n, k) = (3, 70); // k not a multiple of the block: the tail block is zero-padded
+        let (n, k) = (3, 70); // k not a multiple of any block: the tail block is zero-padded
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
-        for bits in [8u32, 4] {
-            let q = block_quantize(&w, n, k, bits, BLOCK);
-            let back = block_dequantize(&q, n, k, bits, BLOCK);
+        for (bits, block) in [8u32, 4].into_iter().flat_map(|b| BLOCK_SIZES.map(|s| (b, s))) {
+            let q = block_quantize(&w, n, k, bits, block);
+            assert_eq!(q.blocks, k.div_ceil(block));
+            let back = block_dequantize(&q, n, k, bits, block);
             for r in 0..n {
                 for c in 0..k {
-                    let step = q.scales[r * q.blocks + c / BLOCK];
-                    assert!((w[r * k + c] - back[r * k + c]).abs() <= step * 0.5 + 1e-7, "bits {bits} at ({r},{c})");
+                    let step = q.scales[r * q.blocks + c / block];
+                    let err = (w[r * k + c] - back[r * k + c]).abs();
+                    assert!(err <= step * 0.5 + 1e-7, "bits {bits}, block {block} at ({r},{c})");
                 }
             }
         }

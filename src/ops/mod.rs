@@ -160,8 +160,16 @@ impl Kernel for ConvKernel {
             let (mut y, mut ns) = (output(ctx, 0, xs.to_vec(), OP)?, output(ctx, 1, ss.to_vec(), OP)?);
             let (_, y) = y.try_extract_tensor_mut::<f32>()?;
             let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
-            ns.copy_from_slice(s);
             let (row, srow) = (t * c, c * (k - 1));
+            if t == 1 {
+                // Decode: microseconds of work, done in place of a prepared layout and a pool.
+                for bi in 0..b {
+                    let (rows, states) = (bi * c..(bi + 1) * c, bi * srow..(bi + 1) * srow);
+                    conv::step(&x[rows.clone()], w, &s[states.clone()], &mut y[rows], &mut ns[states], self.act);
+                }
+                return Ok(());
+            }
+            ns.copy_from_slice(s);
             // Blocks of rows on ORT's pool: the conv and its activation are per-row independent.
             const BLOCK_ROWS: usize = 32;
             let blocks = t.div_ceil(BLOCK_ROWS);
@@ -369,7 +377,6 @@ impl RuleKernelImpl {
         let (mut o, mut ns) = (output(ctx, 0, vs.to_vec(), OP)?, output(ctx, 1, ss.to_vec(), OP)?);
         let (_, o) = o.try_extract_tensor_mut::<f32>()?;
         let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
-        ns.copy_from_slice(s);
         let scale = if self.scale > 0.0 { self.scale } else { (dk as f32).powf(-0.5) };
         let use_recurrent = match self.kernel {
             RuleKernel::Auto => t == 1,
@@ -441,9 +448,11 @@ impl RuleKernelImpl {
             // SAFETY: worker i owns state block i ([Dk, Dv]) and the columns of head h in the rows
             // of batch bi of `o`; no two workers share either.
             let state = unsafe { std::slice::from_raw_parts_mut(sp.at(i * dk * dv), dk * dv) };
+            let past = &s[i * dk * dv..(i + 1) * dk * dv];
             if use_recurrent {
-                gated_delta::recurrent(&inp, state, &mut hs.out);
+                gated_delta::recurrent(&inp, past, state, &mut hs.out);
             } else {
+                state.copy_from_slice(past);
                 gated_delta::chunked(&inp, state, &mut hs.out, &mut hs.chunk);
             }
             for ti in 0..t {

@@ -54,7 +54,10 @@ pub fn scratch_dir() -> &'static Path {
 /// Imports a committed fixture checkpoint once per (fixture, precision) and returns the folder
 /// (deltadoc operators, exact f32 KV cache: what the parity tolerances assume).
 pub fn imported(fixture: &str, precision: Precision) -> PathBuf {
-    imported_with(fixture, ExportOptions { precision, linear_attn: LinearAttn::Deltadoc, kv_cache: KvCache::F32 })
+    imported_with(
+        fixture,
+        ExportOptions { precision, quant_block: None, linear_attn: LinearAttn::Deltadoc, kv_cache: KvCache::F32 },
+    )
 }
 
 /// [`imported`] with any export options.

@@ -116,6 +116,28 @@ fn conv_rows_lanes<const FMA: bool>(p: &Prepared, x: &[f32], rows: Range<usize>,
     }
 }
 
+simd::dispatch!(
+    /// One token (decode) in the operator's own layouts: `x [C]`, `w [C, K]`, `state [C, K − 1]`
+    /// → `out [C]` and the next state `next [C, K − 1]`. Skips [`Prepared`], whose transposes of
+    /// the taps and the history cost more than one token's convolution.
+    pub step(x: &[f32], w: &[f32], state: &[f32], out: &mut [f32], next: &mut [f32], act: Activation) -> () = step_lanes
+);
+
+#[inline(always)]
+fn step_lanes<const FMA: bool>(x: &[f32], w: &[f32], state: &[f32], out: &mut [f32], next: &mut [f32], act: Activation) {
+    let k = w.len() / x.len();
+    let hist = k - 1;
+    for (ch, (&xc, o)) in x.iter().zip(out.iter_mut()).enumerate() {
+        let (taps, past) = (&w[ch * k..(ch + 1) * k], &state[ch * hist..(ch + 1) * hist]);
+        let acc = past.iter().zip(taps).fold(taps[hist] * xc, |acc, (&s, &t)| simd::madd::<FMA>(t, s, acc));
+        *o = act.apply::<FMA>(acc);
+        if let Some((last, older)) = next[ch * hist..(ch + 1) * hist].split_last_mut() {
+            older.copy_from_slice(&past[1..]);
+            *last = xc;
+        }
+    }
+}
+
 /// Largest kernel width accepted (Qwen3.5 uses 4); a sanity bound on the attribute-free shape.
 pub const MAX_KERNEL: usize = 17;
 
@@ -171,10 +193,23 @@ mod tests {
         for (a, b) in got.iter().zip(&expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        // The final state holds the last three inputs of each channel.
+        // One token at a time through the decode step: the same outputs.
+        let mut stepped = vec![0f32; channels * (k - 1)];
+        let mut next = stepped.clone();
+        let mut out = vec![0f32; channels];
+        for (t, want) in expected.chunks_exact(channels).enumerate() {
+            step(&x[t * channels..(t + 1) * channels], &w, &stepped, &mut out, &mut next, Activation::Silu);
+            std::mem::swap(&mut stepped, &mut next);
+            for (a, b) in out.iter().zip(want) {
+                assert!((a - b).abs() < 1e-6, "step {t}: {a} vs {b}");
+            }
+        }
+        // Both final states hold the last three inputs of each channel.
         for c in 0..channels {
             for i in 0..k - 1 {
-                assert_eq!(state[c * (k - 1) + i], x[(t_len - (k - 1) + i) * channels + c]);
+                let want = x[(t_len - (k - 1) + i) * channels + c];
+                assert_eq!(state[c * (k - 1) + i], want);
+                assert_eq!(stepped[c * (k - 1) + i], want);
             }
         }
     }

@@ -23,6 +23,7 @@ safetensors (the venv of onnx/make_goldens.py). Typical run, about 40 minutes at
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -126,9 +127,25 @@ def build_deltadoc() -> tuple[Path, str]:
     return REPO / "target" / "release" / "deltadoc", rev
 
 
-def make_models(dd: Path, rev: str, work: Path, seed: int, kv_cache: str) -> dict:
+def graph_source_key() -> str:
+    """What deltadoc's model folders depend on: the graph-building sources (src/model, src/onnx)
+    as committed, plus a hash of their uncommitted changes. Results and unrelated code may change
+    without forcing the folders (and the GGUFs made from the same checkpoint) to be rebuilt."""
+    paths = ["src/model", "src/onnx"]
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout
+
+    trees = git("rev-parse", *[f"HEAD:{p}" for p in paths]).split()
+    diff = git("diff", "HEAD", "--", *paths)
+    local = f" +{hashlib.sha256(diff.encode()).hexdigest()[:12]}" if diff else ""
+    return "graph " + " ".join(t[:12] for t in trees) + local
+
+
+def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
     """deltadoc folders of one set of random weights, all with the KV cache type `kv_cache`; made
-    again when the deltadoc revision `rev` changes (its graphs may have)."""
+    again when the sources that write them change ([`graph_source_key`])."""
+    rev = graph_source_key()
     hf = work / "hf-0.8b"
     fp32 = work / f"deltadoc-fp32-{kv_cache}"
     cache = ["--kv-cache", kv_cache]
@@ -478,7 +495,7 @@ def main() -> None:
     started = datetime.datetime.now()
 
     dd, rev = build_deltadoc()
-    models = make_models(dd, rev, args.work, args.seed, args.kv_cache)
+    models = make_models(dd, args.work, args.seed, args.kv_cache)
     shape = Shape(models["hf"])
     llama_src, llama_commit, ggufs = None, None, {}
     if "llama" in engines:

@@ -8,8 +8,9 @@
 //!
 //! Both take the recurrent state `S` as `[Dk, Dv]` row-major (HF's layout) and write the outputs
 //! `o_t = Sᵀ q_t`; [`chunked`] updates the state in place, [`recurrent`] reads the state before
-//! the call from one buffer and leaves the state after it in another. Queries and keys must already be L2-normalised, and queries
-//! scaled: [`prepare_qk`] does that so the two kernels see bit-identical inputs.
+//! the call from one buffer and leaves the state after it in another. Queries and keys must
+//! already be L2-normalised, and queries scaled: [`prepare_qk`] does that so the two kernels see
+//! bit-identical inputs.
 
 use crate::gemm::gemm;
 use crate::simd::{self, madd};

@@ -406,13 +406,15 @@ def report(rows: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wb
 
     lines = speed_table(rows, "prefill", lengths, "### Prefill tokens/s at a prompt length (fraction of the compute ceiling)", compute_ceiling)
     lines.append("| compute ceiling | – | " + " | ".join(f"{compute_ceiling(None, n):.1f}" for n in lengths) + " |")
-    lines += [""] + speed_table(rows, "decode", depths, "### Decode tokens/s at a context depth (fraction of the bandwidth ceiling)", bandwidth_ceiling)
+    if depths:
+        lines += [""] + speed_table(rows, "decode", depths, "### Decode tokens/s at a context depth (fraction of the bandwidth ceiling)", bandwidth_ceiling)
 
     def get(key, kind, n):
         return rows.get(key, {}).get(kind, {}).get(n)
 
     lines += ["", "### Ratios (target in brackets)", ""]
-    lines.append("| comparison | " + " | ".join(f"prefill {n}" for n in lengths) + " | " + " | ".join(f"decode @{d}" for d in depths) + " |")
+    columns = [f"prefill {n}" for n in lengths] + [f"decode @{d}" for d in depths]
+    lines.append("| comparison | " + " | ".join(columns) + " |")
     lines.append("|---|" + "---:|" * (len(lengths) + len(depths)))
     pairs = [
         ("deltadoc fp32 / same graph on ORT's DeltaNet ops [prefill ≥ 1.25]", "deltadoc-fp32", "ort-ops-fp32"),
@@ -521,6 +523,9 @@ def main() -> None:
             rows["transformers-fp32"] = {"engine": "transformers", "weights": "fp32", "prefill": {}, "decode": {}}
             wbytes["transformers-fp32"] = weight_bytes(models["hf"], shape)
 
+    # The setup just wrote gigabytes of model files; their write-back would run during the first
+    # measurements (a 512-token prefill measured 35 % slow right after the imports once).
+    os.sync()
     log("measuring this machine's ceilings")
     ceil = machine_ceilings(args.threads)
     log(f"  GEMM {ceil['gemm_flops'] / 1e9:.1f} GFLOP/s ({ceil['gemm_by']}), read {ceil['read_bytes_per_s'] / 1e9:.1f} GB/s ({ceil['read_by']})")
@@ -602,8 +607,8 @@ def main() -> None:
         f"can pass it. The run took {minutes:.0f} minutes.",
         "",
         f"Versions: deltadoc {rev} (ONNX Runtime {ort.group(1) if ort else '?'}), llama.cpp {llama_commit or '–'} "
-        f"(llama-cpp-python {LLAMA_CPP_PYTHON} sdist, -DGGML_NATIVE=ON), torch {versions.get('torch', '–')}, "
-        f"transformers {versions.get('transformers', '–')}.",
+        f"(llama-cpp-python {LLAMA_CPP_PYTHON} sdist, -DGGML_NATIVE=ON), torch {versions.get('torch', 'not run')}, "
+        f"transformers {versions.get('transformers', 'not run')}.",
         "",
         "Weights: one random 0.8B-shape checkpoint (`deltadoc model synth --seed "
         f"{args.seed} --hf-out`); the best of {args.reps} rounds. deltadoc's int8/int4 and ORT-ops folders are `model import`s of it, llama.cpp's "

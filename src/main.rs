@@ -204,7 +204,7 @@ struct ExportArgs {
 
 impl ExportArgs {
     fn options(&self) -> Result<ExportOptions> {
-        if self.block_size.is_some() && !matches!(self.precision, Precision::Int8 | Precision::Int4) {
+        if self.block_size.is_some() && !self.precision.is_quantised() {
             bail!("--block-size applies to --precision int8 or int4, not {}", self.precision.name());
         }
         Ok(ExportOptions {

@@ -76,7 +76,7 @@ impl Manifest {
     /// Block length of int8/int4 weights (32 for folders written before the choice); `None` for
     /// float precisions.
     pub fn quant_block(&self) -> Option<usize> {
-        matches!(self.precision, Precision::Int8 | Precision::Int4).then(|| self.quant_block.unwrap_or(32))
+        self.precision.is_quantised().then(|| self.quant_block.unwrap_or(quant::LEGACY_BLOCK))
     }
 
     /// The precision as people read it: `int4 (blocks of 32)`, `fp32`.
@@ -112,8 +112,7 @@ pub struct ExportOptions {
 impl ExportOptions {
     /// The block length int8/int4 weights get; `None` for float precisions.
     pub fn block(&self) -> Option<usize> {
-        matches!(self.precision, Precision::Int8 | Precision::Int4)
-            .then(|| self.quant_block.unwrap_or_else(|| quant::default_block(self.precision)))
+        self.precision.is_quantised().then(|| self.quant_block.unwrap_or_else(|| quant::default_block(self.precision)))
     }
 }
 

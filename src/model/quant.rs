@@ -18,6 +18,11 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Whether the weights are block-quantised (int8, int4) and so have a block length.
+    pub fn is_quantised(self) -> bool {
+        matches!(self, Precision::Int8 | Precision::Int4)
+    }
+
     /// Name as the command line spells it.
     pub fn name(self) -> &'static str {
         match self {
@@ -31,6 +36,9 @@ impl Precision {
 
 /// Block lengths along K (the input dimension) that ONNX Runtime's `MatMulNBits` takes.
 pub const BLOCK_SIZES: [usize; 5] = [16, 32, 64, 128, 256];
+
+/// Block length of the int8/int4 folders written before the length could be chosen.
+pub const LEGACY_BLOCK: usize = 32;
 
 /// Block length of a quantised precision when the import does not choose one. int4 keeps 32,
 /// the width of llama.cpp's Q4_K sub-blocks, because 4-bit rounding error grows with the block's

@@ -102,8 +102,8 @@ def done_marker(path: Path) -> Path:
 
 def step(path: Path, what: str, make, key: str = "") -> Path:
     """Builds `path` once: a marker written after success makes an interrupted step start over.
-    With a `key` (what the result depends on, such as the deltadoc revision and flags), a marker
-    written under another key makes the step run again."""
+    With a `key` (what the result depends on, such as the graph-building sources and the flags), a
+    marker written under another key makes the step run again."""
     marker = done_marker(path)
     if marker.exists() and (not key or marker.read_text().split("\n")[0] == key):
         return path
@@ -145,7 +145,7 @@ def graph_source_key() -> str:
 def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
     """deltadoc folders of one set of random weights, all with the KV cache type `kv_cache`; made
     again when the sources that write them change ([`graph_source_key`])."""
-    rev = graph_source_key()
+    sources = graph_source_key()
     hf = work / "hf-0.8b"
     fp32 = work / f"deltadoc-fp32-{kv_cache}"
     cache = ["--kv-cache", kv_cache]
@@ -158,7 +158,7 @@ def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
         shutil.copy(fp32 / "tokenizer.json", hf / "tokenizer.json")
         (hf / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
-    step(fp32, "random 0.8B-shape weights (deltadoc fp32 + Hugging Face checkpoint)", synth, f"{rev} seed={seed} {kv_cache}")
+    step(fp32, "random 0.8B-shape weights (deltadoc fp32 + Hugging Face checkpoint)", synth, f"{sources} seed={seed} {kv_cache}")
     models = {"fp32": fp32, "hf": hf}
     # The other folders go through `model import` from the checkpoint, the path users take.
     for name, flags in (
@@ -168,7 +168,7 @@ def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
         ("int4-128", ["--precision", "int4", "--block-size", "128"]),
     ):
         out = work / f"deltadoc-{name}-{kv_cache}"
-        key = " ".join([rev, *flags, *cache])
+        key = " ".join([sources, *flags, *cache])
         step(out, f"deltadoc {name} folder", lambda out=out, flags=flags: run([dd, "model", "import", hf, "--out", out, *flags, *cache]), key)
         models[name] = out
     return models
@@ -415,7 +415,7 @@ def report(rows: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wb
     lines += ["", "### Ratios (target in brackets)", ""]
     columns = [f"prefill {n}" for n in lengths] + [f"decode @{d}" for d in depths]
     lines.append("| comparison | " + " | ".join(columns) + " |")
-    lines.append("|---|" + "---:|" * (len(lengths) + len(depths)))
+    lines.append("|---|" + "---:|" * len(columns))
     pairs = [
         ("deltadoc fp32 / same graph on ORT's DeltaNet ops [prefill ≥ 1.25]", "deltadoc-fp32", "ort-ops-fp32"),
         ("deltadoc fp32 / transformers fp32 [prefill ≥ 1.2]", "deltadoc-fp32", "transformers-fp32"),

@@ -194,10 +194,10 @@ fn greedy_continuation_is_identical_for_32_tokens() {
 /// Per fixture: (precision, max |Δlogit| bound, minimum top-1 agreement) over the 150-token case.
 /// Measured (onnx/README.md): dense4 fp16 1.9e-2 / 100 %, int8 0.55 / 96.7 %, int4 4.1 / 85 %;
 /// gqa8 fp16 8.6e-2 / 99.3 %, int8 2.5 / 77 %, int4 5.7 / 14 % (int8 in its default blocks of 128,
-/// i.e. one scale per row at these 64–128 widths; blocks of 32 gave 0.79 / 96 % and 2.3 / 79 %). These tiny random networks
-/// amplify weight rounding 10–20×: simulated quantisation in fp32 gives the same numbers, so the
-/// loss is the fixture's sensitivity, not the kernels. Bounds sit ~1.5× above the measurements
-/// and catch a broken quantiser (layout or scale errors give near-random logits everywhere).
+/// i.e. one scale per row at these 64–128 widths; blocks of 32 gave 0.79 / 96 % and 2.3 / 79 %).
+/// These tiny random networks amplify weight rounding 10–20×: simulated quantisation in fp32
+/// gives the same numbers, so the loss is the fixture's sensitivity, not the kernels. Bounds sit
+/// ~1.5× above the measurements and catch a broken quantiser (layout or scale errors give near-random logits everywhere).
 const QUANT: [(&str, Precision, f32, f64); 6] = [
     ("dense4", Precision::Fp16, 0.03, 0.99),
     ("dense4", Precision::Int8, 1.2, 0.93),

@@ -85,8 +85,11 @@ pub trait WeightSource {
 pub struct GraphOptions {
     /// Storage precision of the projection weights.
     pub precision: Precision,
-    /// Block length along K of int8/int4 weights.
-    pub quant_block: usize,
+    /// Block length along K of int8/int4 weights ([`ExportOptions::block`]); `None` for float
+    /// precisions.
+    ///
+    /// [`ExportOptions::block`]: super::ExportOptions::block
+    pub quant_block: Option<usize>,
     /// Which operators run the DeltaNet layers.
     pub linear_attn: LinearAttn,
     /// Element type of the KV cache.
@@ -490,12 +493,12 @@ pub(super) fn neox_rotary(b: &mut GraphBuilder, x: &str, cos: &str, sin: &str, w
 }
 
 /// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision (int8/int4
-/// in blocks of `block` along `in`).
+/// in blocks of `block` along `in`, [`quant::default_block`] when `None`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
     b: &mut GraphBuilder,
     precision: Precision,
-    block: usize,
+    block: Option<usize>,
     x: &str,
     name: &str,
     w: &[f32],
@@ -516,6 +519,7 @@ pub(super) fn linear(
         }
         Precision::Int8 | Precision::Int4 => {
             let bits = if precision == Precision::Int8 { 8 } else { 4 };
+            let block = block.unwrap_or_else(|| quant::default_block(precision));
             let q = quant::block_quantize(w, out, inp, bits, block);
             let qn = b.fresh(&format!("{name}.q"));
             let qn = b.initializer(&qn, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;

@@ -139,7 +139,7 @@ pub fn export(
         weights,
         GraphOptions {
             precision: opts.precision,
-            quant_block: opts.block().unwrap_or_else(|| quant::default_block(opts.precision)),
+            quant_block: opts.block(),
             linear_attn: opts.linear_attn,
             kv_cache: opts.kv_cache,
             image_token_id: vision.map_or(vision::IMAGE_PAD, |v| v.image_token_id),

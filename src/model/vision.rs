@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::Shape;
 use super::graph::{WeightSource, linear, neox_rotary};
-use super::quant::{self, Precision};
+use super::quant::Precision;
 use crate::onnx::proto::data_type;
 use crate::onnx::{Attr, Dim, GraphBuilder};
 
@@ -268,8 +268,8 @@ impl Vision {
     ) -> Result<String> {
         let wt = w.get(&format!("{name}.weight"), shape)?;
         let bias = w.get(&format!("{name}.bias"), &[out])?;
-        // Never int8/int4 (export_vision stores fp32 or fp16), so the block length is unused.
-        let y = linear(&mut self.b, self.precision, quant::default_block(self.precision), x, name, &wt, out, inp)?;
+        // Never int8/int4: export_vision stores fp32 or fp16.
+        let y = linear(&mut self.b, self.precision, None, x, name, &wt, out, inp)?;
         let bn = self.b.f32s(&format!("{name}.bias"), &[out as i64], &bias)?;
         Ok(self.b.op("Add", &[&y, &bn], vec![]))
     }

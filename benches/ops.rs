@@ -184,7 +184,8 @@ enum Cache {
 }
 
 /// Graph with one attention op: q [1,S,Hq·D], k, v [1,S,Hkv·D], past_key/past_value
-/// [1,Hkv,P,D] and, for ORT, its sequence-length inputs.
+/// ([1,Hkv,P,D] for ORT, which returns the grown cache; [1,P,Hkv,D] for deltadoc, which returns
+/// the call's rows for the caller to append) and, for ORT, its sequence-length inputs.
 fn attention_graph(dir: &std::path::Path, cache: Cache) -> Session {
     let (name, cache_ty, op) = match cache {
         Cache::OrtF32 => ("attn_builtin.onnx", data_type::FLOAT, "GroupQueryAttention"),
@@ -198,12 +199,18 @@ fn attention_graph(dir: &std::path::Path, cache: Cache) -> Session {
     b.input("q", data_type::FLOAT, &dims(&[1, -1, q]));
     b.input("k", data_type::FLOAT, &dims(&[1, -1, kv]));
     b.input("v", data_type::FLOAT, &dims(&[1, -1, kv]));
-    let cache = [Dim::Fixed(1), Dim::Fixed(KV_HEADS as i64), Dim::Named("p"), Dim::Fixed(HEAD as i64)];
+    let (heads, head) = (Dim::Fixed(KV_HEADS as i64), Dim::Fixed(HEAD as i64));
+    let (cache, present) = if builtin {
+        let c = [Dim::Fixed(1), heads, Dim::Named("p"), head];
+        (c.clone(), c)
+    } else {
+        ([Dim::Fixed(1), Dim::Named("p"), heads.clone(), head.clone()], [Dim::Fixed(1), Dim::Named("s"), heads, head])
+    };
     b.input("past_key", cache_ty, &cache);
     b.input("past_value", cache_ty, &cache);
     b.output("out", data_type::FLOAT, &dims(&[1, -1, q]));
-    b.output("present_key", cache_ty, &cache);
-    b.output("present_value", cache_ty, &cache);
+    b.output("present_key", cache_ty, &present);
+    b.output("present_value", cache_ty, &present);
     let heads = vec![
         ("num_heads", Attr::Int(Q_HEADS as i64)),
         ("kv_num_heads", Attr::Int(KV_HEADS as i64)),
@@ -242,7 +249,7 @@ fn time_attention(s: &mut Session, kind: Cache, past: usize, n: usize) -> f64 {
     let builtin = kind == Cache::OrtF32;
     let cache = |seed| -> ort::value::DynValue {
         let data = random(cache_len, -1.0, 1.0, seed);
-        let shape = [1, KV_HEADS, past, HEAD];
+        let shape = if builtin { [1, KV_HEADS, past, HEAD] } else { [1, past, KV_HEADS, HEAD] };
         match kind {
             Cache::OrtF32 => tensor(&shape, data),
             Cache::F16 => narrow(&shape, data.iter().map(|&x| half::f16::from_f32(x)).collect()),

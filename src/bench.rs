@@ -248,6 +248,7 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let t_warm = Instant::now();
     dec.forward(&prompt[..opts.prefill_chunk.clamp(1, prompt.len())], Logits::Last)?;
     dec.reset()?;
+    dec.reserve(prompt.len() + opts.stage_tokens + opts.gen_tokens);
     let warmup_s = t_warm.elapsed().as_secs_f64();
 
     let mut progress = Progress::new(prompt.len() as u64, "prefill");

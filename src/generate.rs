@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use ndarray::{Array, Array2, Array3, ArrayD, IxDyn};
 use ort::session::Session;
-use ort::value::{DynValue, Tensor};
+use ort::session::SessionInputValue;
+use ort::value::{DynValue, Tensor, TensorRef};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 use crate::model::ModelDir;
@@ -24,8 +25,10 @@ pub struct Decoder {
     session: Session,
     cfg: TextConfig,
     /// (input name, current value) for every per-layer state input.
-    state: Vec<(String, DynValue)>,
+    state: Vec<(String, Carried)>,
     past_len: usize,
+    /// Tokens the attention caches are reserved for ([`Self::reserve`]).
+    reserved: usize,
     /// Rotary position of the next token minus `past_len`: 0 for text, and after an image the
     /// reference's `rope_delta` (an image advances positions by its grid side, not its tokens).
     rope_delta: i64,
@@ -55,7 +58,7 @@ impl Decoder {
         let cfg = model.manifest.config.clone();
         let identity = model.manifest.identity();
         let kv_cache = model.manifest.kv_cache;
-        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, rope_delta: 0, identity, kv_cache };
+        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, reserved: 0, rope_delta: 0, identity, kv_cache };
         d.reset()?;
         Ok(d)
     }
@@ -64,7 +67,7 @@ impl Decoder {
     pub fn state_bytes(&self) -> usize {
         self.state
             .iter()
-            .filter_map(|(_, v)| state_layout(v).ok())
+            .filter_map(|(_, v)| v.layout().ok())
             .map(|(shape, elem)| elem.width() * shape.iter().product::<usize>())
             .sum()
     }
@@ -73,7 +76,21 @@ impl Decoder {
     /// (`past.<layer>.<key|value|conv|recurrent>`), as the next call will read it.
     pub fn state(&self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
         let (_, v) = self.state.iter().find(|(n, _)| n == name)?;
-        copy_state(v).ok().map(|(shape, data)| (shape, data.to_f32()))
+        v.copy().ok().map(|(shape, data)| (shape, data.to_f32()))
+    }
+
+    /// Makes room in the attention caches for a sequence of `tokens` tokens in all, so that it
+    /// never reallocates (and copies) a cache on the way. Only address space is taken up front:
+    /// memory is committed as rows are written. Kept across [`Self::reset`]; a sequence that
+    /// outgrows it still works, growing by a quarter at a time.
+    pub fn reserve(&mut self, tokens: usize) {
+        self.reserved = tokens;
+        for (_, c) in &mut self.state {
+            if let Carried::Rows { data, heads, head_dim } = c {
+                let want = tokens * *heads * *head_dim;
+                reserve_exact(data, want.saturating_sub(data.len()));
+            }
+        }
     }
 
     /// Tokens consumed so far in this sequence.
@@ -85,7 +102,7 @@ impl Decoder {
     pub fn snapshot(&self) -> Result<Snapshot> {
         let mut tensors = Vec::with_capacity(self.state.len());
         for (name, v) in &self.state {
-            let (shape, data) = copy_state(v)?;
+            let (shape, data) = v.copy()?;
             tensors.push(StateTensor { name: name.clone(), shape, data });
         }
         Ok(Snapshot {
@@ -107,29 +124,32 @@ impl Decoder {
             bail!("snapshot has {} state tensors, the model has {}", snap.tensors.len(), self.state.len());
         }
         for ((name, current), t) in self.state.iter().zip(&snap.tensors) {
-            let (shape, elem) = state_layout(current)?;
+            let (shape, elem) = current.layout()?;
             // Only the attention caches grow, along their time axis, which must hold `tokens` rows.
-            let grows = name.ends_with(".key") || name.ends_with(".value");
+            let grows = matches!(current, Carried::Rows { .. });
             let fits = shape.len() == t.shape.len()
                 && shape
                     .iter()
                     .zip(&t.shape)
                     .enumerate()
-                    .all(|(i, (&now, &saved))| if grows && i == 2 { saved == snap.tokens } else { now == saved });
-            if &t.name != name || !fits || elem != t.data.elem() {
+                    .all(|(i, (&now, &saved))| if grows && i == 1 { saved == snap.tokens } else { now == saved });
+            if &t.name != name || !fits || elem != t.data.elem() || t.data.len() != t.shape.iter().product::<usize>() {
                 bail!("snapshot tensor {} {:?} does not fit state {name} {:?}", t.name, t.shape, shape);
             }
         }
-        // The old state goes before the copies are made: with it alive, restoring held the KV
-        // three times over (old state, snapshot, copy) against the two the memory plan counts.
-        self.state.clear();
-        for t in &snap.tensors {
-            match state_value(&t.shape, t.data.clone()) {
-                Ok(v) => self.state.push((t.name.clone(), v)),
-                Err(e) => {
-                    self.reset()?;
-                    return Err(e.context(format!("restoring state tensor {}", t.name)));
-                }
+        // The caches are overwritten in place, keeping their reservation: a restore holds the KV
+        // twice (cache and snapshot), as the memory plan counts, and the stage that follows
+        // appends without reallocating.
+        for ((_, current), t) in self.state.iter_mut().zip(&snap.tensors) {
+            match current {
+                Carried::Rows { data, .. } => overwrite(data, &t.data),
+                Carried::Whole(v) => match state_value(&t.shape, t.data.clone()) {
+                    Ok(new) => *v = new,
+                    Err(e) => {
+                        self.reset()?;
+                        return Err(e.context(format!("restoring state tensor {}", t.name)));
+                    }
+                },
             }
         }
         self.past_len = snap.tokens;
@@ -143,23 +163,23 @@ impl Decoder {
         self.state.clear();
         for i in 0..c.num_hidden_layers {
             let [a, s] = state_names(c, i);
-            let (da, ds) = match c.layer_kind(i) {
+            match c.layer_kind(i) {
                 LayerKind::Full => {
-                    let d = vec![1, c.num_key_value_heads, 0, c.head_dim];
-                    (d.clone(), d)
+                    let width = c.num_key_value_heads * c.head_dim;
+                    for name in [a, s] {
+                        let mut data = StateData::zeros(self.kv_cache.elem(), 0);
+                        reserve_exact(&mut data, self.reserved * width);
+                        self.state.push((name, Carried::Rows { data, heads: c.num_key_value_heads, head_dim: c.head_dim }));
+                    }
                 }
-                LayerKind::Linear => (
-                    vec![1, c.conv_dim(), c.linear_conv_kernel_dim - 1],
-                    vec![1, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim],
-                ),
-            };
-            for (name, dims) in [(a, da), (s, ds)] {
-                let n = dims.iter().product();
-                let elem = match c.layer_kind(i) {
-                    LayerKind::Full => self.kv_cache.elem(),
-                    LayerKind::Linear => Elem::F32,
-                };
-                self.state.push((name, state_value(&dims, StateData::zeros(elem, n))?));
+                LayerKind::Linear => {
+                    let conv = vec![1, c.conv_dim(), c.linear_conv_kernel_dim - 1];
+                    let rec = vec![1, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim];
+                    for (name, dims) in [(a, conv), (s, rec)] {
+                        let n = dims.iter().product();
+                        self.state.push((name, Carried::Whole(state_value(&dims, StateData::zeros(Elem::F32, n))?)));
+                    }
+                }
             }
         }
         self.past_len = 0;
@@ -219,19 +239,21 @@ impl Decoder {
             ("logits_index".into(), Tensor::from_array(Array::from_vec(index))?.into_dyn().into()),
             ("image_embeds".into(), Tensor::from_array(image_embeds)?.into_dyn().into()),
         ];
-        let names: Vec<String> = self.state.iter().map(|(n, _)| n.clone()).collect();
-        for (name, v) in self.state.drain(..) {
-            inputs.push((name, v.into()));
+        for (name, v) in &self.state {
+            inputs.push((name.clone(), v.input()?));
         }
         let mut out = self.session.run(inputs).map_err(|e| anyhow!("decoder run failed: {e}"))?;
         let logits = out.remove("logits").context("graph has no logits output")?;
         let (shape, data) = logits.try_extract_tensor::<f32>()?;
         let v = *shape.last().unwrap_or(&0) as usize;
         let logits = Array2::from_shape_vec((n, v), data.to_vec())?;
-        for name in names {
-            let present = present_name(&name);
+        for (name, carried) in &mut self.state {
+            let present = present_name(name);
             let value = out.remove(&present).with_context(|| format!("graph has no output {present}"))?;
-            self.state.push((name, value));
+            match carried {
+                Carried::Whole(v) => *v = value,
+                Carried::Rows { data, .. } => append(data, &value).with_context(|| format!("graph output {present}"))?,
+            }
         }
         self.past_len += s;
         Ok(logits)
@@ -378,6 +400,89 @@ pub struct PromptFeed<'a> {
     pub rope_delta: i64,
     /// Which id is `<|image_pad|>`.
     pub image_token_id: u32,
+}
+
+/// A state the decoder carries from call to call.
+enum Carried {
+    /// A DeltaNet layer's conv or recurrent state: each call returns the next one whole.
+    Whole(DynValue),
+    /// An attention layer's keys or values, `[1, P, heads, head_dim]` position-major: each call
+    /// returns only its own rows, appended here, so the cache is neither copied nor moved while
+    /// it stays within its reservation.
+    Rows { data: StateData, heads: usize, head_dim: usize },
+}
+
+impl Carried {
+    /// Shape and element type, as the next call reads it.
+    fn layout(&self) -> Result<(Vec<usize>, Elem)> {
+        match self {
+            Self::Whole(v) => state_layout(v),
+            Self::Rows { data, heads, head_dim } => {
+                Ok((vec![1, data.len() / (heads * head_dim), *heads, *head_dim], data.elem()))
+            }
+        }
+    }
+
+    /// Shape and a copy of the values.
+    fn copy(&self) -> Result<(Vec<usize>, StateData)> {
+        match self {
+            Self::Whole(v) => copy_state(v),
+            Self::Rows { data, .. } => Ok((self.layout()?.0, data.clone())),
+        }
+    }
+
+    /// The value as the next call's input; a cache is lent, not copied.
+    fn input(&self) -> Result<SessionInputValue<'_>> {
+        let shape = self.layout()?.0;
+        Ok(match self {
+            Self::Whole(v) => v.into(),
+            Self::Rows { data: StateData::F32(v), .. } => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+            Self::Rows { data: StateData::F16(v), .. } => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+            Self::Rows { data: StateData::Bf16(v), .. } => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+        })
+    }
+}
+
+/// Appends a call's rows (an attention output) to a cache, growing it by a quarter when full
+/// rather than doubling it, so an unreserved sequence overshoots its memory by little.
+fn append(cache: &mut StateData, rows: &DynValue) -> Result<()> {
+    fn push<T: Copy>(cache: &mut Vec<T>, rows: &[T]) {
+        let need = cache.len() + rows.len();
+        if need > cache.capacity() {
+            cache.reserve_exact(need + need / 4 - cache.len());
+        }
+        cache.extend_from_slice(rows);
+    }
+    match cache {
+        StateData::F32(c) => push(c, rows.try_extract_tensor::<f32>()?.1),
+        StateData::F16(c) => push(c, rows.try_extract_tensor::<half::f16>()?.1),
+        StateData::Bf16(c) => push(c, rows.try_extract_tensor::<half::bf16>()?.1),
+    }
+    Ok(())
+}
+
+/// Makes room for `additional` more elements without over-allocating.
+fn reserve_exact(cache: &mut StateData, additional: usize) {
+    match cache {
+        StateData::F32(c) => c.reserve_exact(additional),
+        StateData::F16(c) => c.reserve_exact(additional),
+        StateData::Bf16(c) => c.reserve_exact(additional),
+    }
+}
+
+/// Replaces a cache's rows with `saved`'s (same element type, checked by the caller), keeping
+/// its allocation when it is large enough.
+fn overwrite(cache: &mut StateData, saved: &StateData) {
+    fn copy<T: Copy>(cache: &mut Vec<T>, saved: &[T]) {
+        cache.clear();
+        cache.extend_from_slice(saved);
+    }
+    match (cache, saved) {
+        (StateData::F32(c), StateData::F32(s)) => copy(c, s),
+        (StateData::F16(c), StateData::F16(s)) => copy(c, s),
+        (StateData::Bf16(c), StateData::Bf16(s)) => copy(c, s),
+        (c, s) => *c = s.clone(),
+    }
 }
 
 /// Shape and a copy of the values of a carried state tensor.
@@ -620,6 +725,7 @@ pub fn generate(
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, GenerationStats)> {
     let mut stats = GenerationStats { prompt_tokens: prompt.len(), ..Default::default() };
+    dec.reserve(dec.tokens() + prompt.len() + opts.max_new_tokens);
     let t0 = Instant::now();
     // Prompts of several chunks take seconds to minutes on a CPU: report progress.
     let mut progress = (prompt.len() > opts.prefill_chunk).then(|| Progress::new(prompt.len() as u64, "prefill"));

@@ -34,6 +34,7 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Transcribe image files and scanned PDF pages with the vision model, page by page.
     Ocr {
+        /// Model folder (from `model import` or `model synth`).
         #[arg(long)]
         model: PathBuf,
         /// Image files (PNG, JPEG, TIFF, GIF, WebP, BMP) or PDFs.
@@ -54,6 +55,7 @@ enum Cmd {
         /// Longest transcription per page, in tokens.
         #[arg(long, default_value_t = 1024)]
         max_new_tokens: usize,
+        /// Tokens per prefill call: longer calls run faster and hold larger activations.
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
         /// Intra-op threads (0 = all cores).
@@ -65,6 +67,7 @@ enum Cmd {
     },
     /// Print the token ids of a text (or of its chat prompt) as JSON.
     Tokenize {
+        /// Model folder (from `model import` or `model synth`).
         #[arg(long)]
         model: PathBuf,
         /// Wrap the text in the chat template as one user message.
@@ -73,10 +76,12 @@ enum Cmd {
         /// Thinking mode for --chat.
         #[arg(long)]
         think: bool,
+        /// The text to tokenize.
         text: String,
     },
     /// Measure prefill/decode speed, time to first token, peak memory and state size.
     Bench {
+        /// Model folder (from `model import` or `model synth`).
         #[arg(long)]
         model: PathBuf,
         /// Prompt length in tokens (random ordinary tokens, seeded).
@@ -85,11 +90,13 @@ enum Cmd {
         /// Tokens to generate greedily after the prompt.
         #[arg(long, default_value_t = 32)]
         gen_tokens: usize,
+        /// Tokens per prefill call: longer calls run faster and hold larger activations.
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
         /// Intra-op threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Seed of the random prompt.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Print one JSON object instead of a table.
@@ -122,7 +129,9 @@ enum Cmd {
     },
     /// Process one file through a pipeline and print its result JSON (no ledger).
     Process {
+        /// The document to process.
         file: PathBuf,
+        /// Pipeline name from the configuration (see `config check`).
         #[arg(long)]
         pipeline: String,
         #[command(flatten)]
@@ -154,10 +163,12 @@ enum Cmd {
     Config(ConfigCmd),
     /// Extract the text of a file per page (what the pipeline's extract step sees).
     Extract {
+        /// The document to extract.
         file: PathBuf,
         /// Print the JSON the daemon reads instead of the text.
         #[arg(long)]
         json: bool,
+        /// A PDF with more pages is refused as too large.
         #[arg(long, default_value_t = 5000)]
         max_pages: u32,
     },
@@ -228,7 +239,9 @@ fn parse_block_size(s: &str) -> std::result::Result<usize, String> {
 enum ModelCmd {
     /// Convert a Hugging Face Qwen3.5 checkpoint (config.json + *.safetensors) to a model folder.
     Import {
+        /// Folder of the Hugging Face checkpoint (config.json, *.safetensors).
         hf_dir: PathBuf,
+        /// Model folder to write (created if missing; files of the same names are replaced).
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
@@ -236,10 +249,13 @@ enum ModelCmd {
     },
     /// Write seeded random weights of a real Qwen3.5 shape through the importer.
     Synth {
+        /// Which real Qwen3.5 configuration to copy the shapes from.
         #[arg(long, value_enum)]
         shape: Shape,
+        /// Model folder to write (created if missing; files of the same names are replaced).
         #[arg(long)]
         out: PathBuf,
+        /// Seed of the random weights: the same seed writes the same weights.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Also write the same text-decoder weights as a Hugging Face checkpoint (f32 safetensors
@@ -254,6 +270,7 @@ enum ModelCmd {
     },
     /// Show a model folder's manifest and state sizes.
     Info {
+        /// Model folder (from `model import` or `model synth`).
         #[arg(long)]
         model: PathBuf,
         /// Also re-hash every file against the manifest.
@@ -272,6 +289,7 @@ enum ModelCmd {
     /// Write float32 logits of every position of a prompt as .npy [seq, vocab]: an id sequence,
     /// or chat messages with text and images (templated, thinking off).
     Logits {
+        /// Model folder (from `model import` or `model synth`).
         #[arg(long)]
         model: PathBuf,
         /// JSON array of token ids.
@@ -282,6 +300,7 @@ enum ModelCmd {
         messages: Option<PathBuf>,
         #[command(flatten)]
         image: ImageArgs,
+        /// File to write the logits to (.npy, float32 [seq, vocab]).
         #[arg(long)]
         out: PathBuf,
         /// Prefill chunk length in tokens.
@@ -290,6 +309,7 @@ enum ModelCmd {
         /// Prefill the first K tokens, then feed the rest one at a time through the decode path.
         #[arg(long)]
         decode_from: Option<usize>,
+        /// Intra-op threads (0 = all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
     },
@@ -317,27 +337,34 @@ impl ImageArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
+    /// Model folder (from `model import` or `model synth`).
     #[arg(long)]
     model: PathBuf,
+    /// The user message.
     #[arg(long)]
     prompt: String,
     /// Optional system message.
     #[arg(long)]
     system: Option<String>,
+    /// Longest reply in tokens.
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
+    /// Sample only among the k likeliest tokens (0 = no limit).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Sample only among the likeliest tokens whose probabilities add up to p (1 = no limit).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Let the model think before answering (off by default).
     #[arg(long)]
     think: bool,
+    /// Tokens per prefill call: longer calls run faster and hold larger activations.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
     /// Intra-op threads (0 = all cores).
@@ -350,6 +377,7 @@ struct GenerateArgs {
     /// tokens; rerunning the same command after a crash resumes from it.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Tokens between checkpoints.
     #[arg(long, default_value_t = 8192)]
     checkpoint_every: usize,
 }

@@ -21,8 +21,9 @@ use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"DDSNAP\0\0";
 /// Version of the on-disk layout. 2: an element type per tensor (f16 KV caches); bf16 came later
-/// as a new element name, which older readers reject by name.
-pub const FORMAT_VERSION: u32 = 2;
+/// as a new element name, which older readers reject by name. 3: KV caches position-major,
+/// `[1, P, Hkv, D]`.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Values of a carried tensor, row-major, in the element type the graph carries it in.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,6 +62,20 @@ impl StateData {
             Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
             Self::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
         }
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::F32(v) => v.len(),
+            Self::F16(v) => v.len(),
+            Self::Bf16(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Element type of the values.

@@ -5,9 +5,12 @@
 //! - inputs: `input_ids [B,S] i64`, `position_ids [3,B,S] i64` (T/H/W rows; equal for text),
 //!   `logits_index [N] i64` (positions of this call whose logits are wanted), `image_embeds
 //!   [M,H] f32` (vision features for this call's M `<|image_pad|>` tokens, in order), and per layer i
-//!   either `past.i.key`/`past.i.value [B,nkv,P,hd]` (attention, f32, f16 or bf16 per [`KvCache`]) or
-//!   `past.i.conv [B,conv_dim,K−1]` and `past.i.recurrent [B,Hv,Dk,Dv]` (DeltaNet, f32);
-//! - outputs: `logits [B,N,V]` and `present.i.*` with the same layouts (keys grow by S).
+//!   either `past.i.key`/`past.i.value [B,P,nkv,hd]` (attention, f32, f16 or bf16 per [`KvCache`];
+//!   position-major) or `past.i.conv [B,conv_dim,K−1]` and `past.i.recurrent [B,Hv,Dk,Dv]`
+//!   (DeltaNet, f32);
+//! - outputs: `logits [B,N,V]`, `present.i.conv`/`present.i.recurrent` (the DeltaNet states after
+//!   the call, same layouts) and `present.i.key`/`present.i.value [B,S,nkv,hd]`: only this call's
+//!   rows, which the caller appends to its cache (the attention op never copies the cache).
 
 use anyhow::Result;
 
@@ -114,7 +117,8 @@ pub fn state_names(cfg: &TextConfig, i: usize) -> [String; 2] {
     }
 }
 
-/// The output that carries the state input `past_name` to the next call.
+/// The output that carries the state input `past_name` to the next call: the whole next state
+/// of a DeltaNet layer, or the rows an attention layer's cache grows by.
 pub fn present_name(past_name: &str) -> String {
     past_name.replacen("past.", "present.", 1)
 }
@@ -140,8 +144,8 @@ pub fn build(
         let [a, s] = state_names(cfg, i);
         let (da, ds): (Vec<Dim>, Vec<Dim>) = match cfg.layer_kind(i) {
             LayerKind::Full => (
-                vec![batch.clone(), Dim::Fixed(nkv), Dim::Named("past"), Dim::Fixed(hd)],
-                vec![batch.clone(), Dim::Fixed(nkv), Dim::Named("past"), Dim::Fixed(hd)],
+                vec![batch.clone(), Dim::Named("past"), Dim::Fixed(nkv), Dim::Fixed(hd)],
+                vec![batch.clone(), Dim::Named("past"), Dim::Fixed(nkv), Dim::Fixed(hd)],
             ),
             LayerKind::Linear => (
                 vec![batch.clone(), Dim::Fixed(cfg.conv_dim() as i64), Dim::Fixed(kconv)],
@@ -160,11 +164,12 @@ pub fn build(
         b.input(&a, ty, &da);
         b.input(&s, ty, &ds);
         let (pa, ps) = (present_name(&a), present_name(&s));
-        let grow = |d: &[Dim]| -> Vec<Dim> {
-            d.iter().map(|x| if matches!(x, Dim::Named("past")) { Dim::Named("total") } else { x.clone() }).collect()
+        // An attention output holds the call's positions where its input holds the cache's.
+        let call_rows = |d: &[Dim]| -> Vec<Dim> {
+            d.iter().map(|x| if matches!(x, Dim::Named("past")) { Dim::Named("seq") } else { x.clone() }).collect()
         };
-        b.output(&pa, ty, &grow(&da));
-        b.output(&ps, ty, &grow(&ds));
+        b.output(&pa, ty, &call_rows(&da));
+        b.output(&ps, ty, &call_rows(&ds));
     }
     b.output("logits", data_type::FLOAT, &[batch, Dim::Named("n_logits"), Dim::Fixed(v as i64)]);
 

@@ -466,10 +466,14 @@ impl RuleKernelImpl {
 
 /// Causal grouped-query attention with a growing KV cache, computed blockwise
 /// ([`attention`]): `q: [B, S, Hq, D]`, `k, v: [B, S, Hkv, D]` (f32, positions already rotated),
-/// `past_key, past_value: [B, Hkv, P, D]` → `out: [B, S, Hq·D]` (f32),
-/// `present_key, present_value: [B, Hkv, P + S, D]`. The cache is f32 for `CausalAttention`, f16
-/// for `CausalAttentionF16` and bf16 for `CausalAttentionBF16` (which computes in bf16 where the
-/// CPU can): ORT binds one element type per input of a custom op.
+/// `past_key, past_value: [B, P, Hkv, D]` → `out: [B, S, Hq·D]` (f32) and `new_key, new_value:
+/// [B, S, Hkv, D]`, this call's keys and values rounded to the cache's type. The caller appends
+/// those to its cache: the cache is position-major so that appending never moves it, and the op
+/// never copies it (ORT gives a custom op no way to update an input in place; returning the whole
+/// grown cache cost a read and a write of it per call, two thirds of a decode step's attention
+/// traffic). The cache is f32 for `CausalAttention`, f16 for `CausalAttentionF16` and bf16 for
+/// `CausalAttentionBF16` (which computes in bf16 where the CPU can): ORT binds one element type
+/// per input of a custom op.
 pub struct CausalAttention<T>(std::marker::PhantomData<T>);
 
 impl<T> Default for CausalAttention<T> {
@@ -506,6 +510,11 @@ pub struct AttentionKernel<T> {
 
 /// One scratch per work item of an attention call.
 static TILE_SCRATCH: Pool<Vec<attention::TileScratch>> = Pool::new();
+/// One scratch per part and KV head of a split (decode) call.
+static SPLIT_SCRATCH: Pool<Vec<Vec<attention::TileScratch>>> = Pool::new();
+/// Parts of a split call at most: enough to keep every core of a large server busy; each part
+/// costs a merge of its partial output.
+const MAX_PARTS: usize = 16;
 
 impl<T: CacheType> Operator for CausalAttention<T> {
     type Kernel<'a> = AttentionKernel<T>;
@@ -570,14 +579,14 @@ impl<T: CacheType> Operator for CausalAttention<T> {
             shape: Shape::new([qs[0], qs[1], width]),
             dimension_symbols: SymbolicDimensions::new([qsym[0].clone(), qsym[1].clone(), String::new()]),
         };
-        let present = ValueType::Tensor {
+        let new_rows = ValueType::Tensor {
             ty: *cache_ty,
-            shape: Shape::new([ks[0], ks[1], -1, ks[3]]),
-            dimension_symbols: SymbolicDimensions::new([ksym[0].clone(), ksym[1].clone(), String::new(), ksym[3].clone()]),
+            shape: Shape::new([qs[0], qs[1], ks[2], ks[3]]),
+            dimension_symbols: SymbolicDimensions::new([qsym[0].clone(), qsym[1].clone(), ksym[2].clone(), ksym[3].clone()]),
         };
         ctx.set_output(0, &out)?;
-        ctx.set_output(1, &present)?;
-        ctx.set_output(2, &present)
+        ctx.set_output(1, &new_rows)?;
+        ctx.set_output(2, &new_rows)
     }
 }
 
@@ -604,51 +613,87 @@ impl<T: CacheType> AttentionKernel<T> {
         }
         let (b, s, hd) = (qd[0], qd[1], qd[3]);
         let pd = dims(pks);
-        if pd.len() != 4 || pd[0] != b || pd[1] != hkv || pd[3] != hd {
-            return Err(err(format!("{op}: past_key must be [{b}, {hkv}, P, {hd}], got {pd:?}")));
+        if pd.len() != 4 || pd[0] != b || pd[2] != hkv || pd[3] != hd {
+            return Err(err(format!("{op}: past_key must be [{b}, P, {hkv}, {hd}], got {pd:?}")));
         }
-        let past = pd[2];
-        for (name, got, want) in
-            [("k", dims(ks), vec![b, s, hkv, hd]), ("v", dims(vs), vec![b, s, hkv, hd]), ("past_value", dims(pvs), pd.clone())]
-        {
-            if got != want {
+        let past = pd[1];
+        let rows_shape = vec![b, s, hkv, hd];
+        for (name, got, want) in [("k", dims(ks), &rows_shape), ("v", dims(vs), &rows_shape), ("past_value", dims(pvs), &pd)] {
+            if got != *want {
                 return Err(err(format!("{op}: {name} has shape {got:?}, expected {want:?}")));
             }
         }
         let scale = if self.scale > 0.0 { self.scale } else { (hd as f32).powf(-0.5) };
         let d = attention::Dims { q_heads: hq, kv_heads: hkv, head_dim: hd, past, new: s, scale };
-        let total = d.total();
-        let cache_shape = vec![b as i64, hkv as i64, total as i64, hd as i64];
+        let rows_dims: Vec<i64> = rows_shape.iter().map(|&x| x as i64).collect();
         let mut out = output(ctx, 0, vec![b as i64, s as i64, (hq * hd) as i64], op)?;
-        let mut nk = output(ctx, 1, cache_shape.clone(), op)?;
-        let mut nv = output(ctx, 2, cache_shape, op)?;
+        let mut nk = output(ctx, 1, rows_dims.clone(), op)?;
+        let mut nv = output(ctx, 2, rows_dims, op)?;
         let (_, out) = out.try_extract_tensor_mut::<f32>()?;
         let (_, nk) = nk.try_extract_tensor_mut::<T>()?;
         let (_, nv) = nv.try_extract_tensor_mut::<T>()?;
-        let (row_in, row_past, row_cache) = (s * hkv * hd, hkv * past * hd, hkv * total * hd);
-        let (nkp, nvp) = (SharedMut(nk.as_mut_ptr()), SharedMut(nv.as_mut_ptr()));
-        ctx.par_for(2 * b, 2 * b, |i| {
-            let (bi, (src, new, dst)) = (i / 2, if i % 2 == 0 { (pk, k, nkp) } else { (pv, v, nvp) });
-            // SAFETY: item i writes only the keys (or values) of batch row i / 2.
-            let dst = unsafe { std::slice::from_raw_parts_mut(dst.at(bi * row_cache), row_cache) };
-            attention::append(&src[bi * row_past..(bi + 1) * row_past], &new[bi * row_in..(bi + 1) * row_in], dst, &d);
-        })?;
+        // Attention reads this call's rows back rounded, so a token sees the same keys whether it
+        // was prefilled in this call or an earlier one.
+        T::store(k, nk);
+        T::store(v, nv);
+        let (row_in, row_past) = (s * hkv * hd, past * hkv * hd);
+        let (nk, nv): (&[T], &[T]) = (nk, nv);
+        let group = hq / hkv;
+
+        if attention::splits(&d) {
+            // Decode over a long cache: threads take stretches of positions for every KV head
+            // (flash-decoding) rather than a KV head each, so each reads the position-major
+            // cache contiguously.
+            let parts = attention::key_parts(&d, MAX_PARTS);
+            let mut scratch = SPLIT_SCRATCH.take();
+            scratch.resize_with(parts.len(), Vec::new);
+            for heads in scratch.iter_mut() {
+                heads.resize_with(hkv, Default::default);
+            }
+            for bi in 0..b {
+                let (past_rows, new_rows) = (bi * row_past..(bi + 1) * row_past, bi * row_in..(bi + 1) * row_in);
+                let (past, new) = ([&pk[past_rows.clone()], &pv[past_rows]], [&nk[new_rows.clone()], &nv[new_rows]]);
+                let kv: Vec<_> = (0..hkv).map(|h| attention::HeadCache::new(past, new, &d, h)).collect();
+                let qb = &q[bi * s * hq * hd..(bi + 1) * s * hq * hd];
+                let sp = SharedMut(scratch.as_mut_ptr());
+                ctx.par_for(parts.len(), parts.len(), |i| {
+                    // SAFETY: item i is the only user of part i's scratch.
+                    let heads = unsafe { &mut *sp.at(i) };
+                    attention::split_keys(qb, &kv, &d, parts[i].clone(), heads);
+                })?;
+                let (first, rest) = scratch.split_first_mut().expect("a split call has a part");
+                for (h, sc) in first.iter_mut().enumerate() {
+                    attention::merge_parts(sc, rest.iter().map(|p| &p[h]), hd);
+                    for g in 0..group {
+                        for pos in 0..s {
+                            let at = ((bi * s + pos) * hq + h * group + g) * hd;
+                            out[at..at + hd].copy_from_slice(sc.output(g, pos, hd));
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
 
         let tiles_per_head = s.div_ceil(attention::QUERY_TILE);
         let items = b * hkv * tiles_per_head;
         let mut tiles = TILE_SCRATCH.take();
         tiles.resize_with(items, Default::default);
-        let (nk, nv): (&[T], &[T]) = (nk, nv);
         let (tp, op_out) = (SharedMut(tiles.as_mut_ptr()), SharedMut(out.as_mut_ptr()));
-        let group = hq / hkv;
         ctx.par_for(items, items, |i| {
             let (bi, h, t) = (i / (hkv * tiles_per_head), i / tiles_per_head % hkv, i % tiles_per_head);
             let rows = t * attention::QUERY_TILE..((t + 1) * attention::QUERY_TILE).min(s);
             // SAFETY: item i is the only user of scratch i.
             let sc = unsafe { &mut *tp.at(i) };
-            let cache = bi * row_cache + h * total * hd..bi * row_cache + (h + 1) * total * hd;
+            let (past_rows, new_rows) = (bi * row_past..(bi + 1) * row_past, bi * row_in..(bi + 1) * row_in);
+            let kv = attention::HeadCache::new(
+                [&pk[past_rows.clone()], &pv[past_rows]],
+                [&nk[new_rows.clone()], &nv[new_rows]],
+                &d,
+                h,
+            );
             let qb = &q[bi * s * hq * hd..(bi + 1) * s * hq * hd];
-            attention::tile(qb, &nk[cache.clone()], &nv[cache], &d, h, rows.clone(), sc);
+            attention::tile(qb, kv, &d, h, rows.clone(), sc);
             for g in 0..group {
                 for (j, pos) in rows.clone().enumerate() {
                     let at = ((bi * s + pos) * hq + h * group + g) * hd;

@@ -260,6 +260,7 @@ impl TextModel for OrtModel {
         if total >= self.info.max_context {
             bail!("prompt of {total} tokens does not fit the model context of {}", self.info.max_context);
         }
+        self.decoder.reserve(total + req.options.max_new_tokens);
         let t0 = Instant::now();
         let (mut logits, mut prefilled) = self.prefill_prefix(req)?;
         if !req.suffix.is_empty() {

@@ -8,7 +8,7 @@
 //!
 //! The instruction pairs elements along the reduction, so the vector lanes here hold 16 query
 //! rows and the other operand is a broadcast pair: keys are read straight from the cache (the pair
-//! `k[2c], k[2c+1]` of one key is adjacent there); the probabilities and each block's values are
+//! `k[2c], k[2c+1]` of one key is adjacent in its row); the probabilities and each block's values are
 //! packed into pairs of adjacent keys. The tile's output is kept transposed (`[head_dim, rows]`),
 //! which also makes the online softmax's per-row maximum and sum plain lane-wise operations.
 
@@ -21,7 +21,7 @@ use half::bf16;
 #[cfg(target_arch = "x86_64")]
 use half::slice::HalfFloatSliceExt;
 
-use super::{Dims, TileScratch};
+use super::{Dims, HeadCache, TileScratch};
 
 /// Keys per block. With a 256-row tile, the block's scores (128 KB), probabilities and packed values
 /// (64 KB each) sit in L2 beside the transposed output (256 KB) and the packed queries (128 KB).
@@ -67,14 +67,14 @@ pub fn applies(head_dim: usize) -> bool {
 }
 
 /// [`super::tile`] in bf16 arithmetic; false (nothing done) where it does not [`apply`](applies).
-pub fn tile(q: &[f32], keys: &[bf16], values: &[bf16], d: &Dims, h: usize, rows: Range<usize>, sc: &mut TileScratch) -> bool {
+pub fn tile(q: &[f32], kv: HeadCache<'_, bf16>, d: &Dims, h: usize, rows: Range<usize>, sc: &mut TileScratch) -> bool {
     #[cfg(target_arch = "x86_64")]
     if applies(d.head_dim) {
         let end = d.past + rows.end;
-        assert!(keys.len() >= end * d.head_dim && values.len() >= end * d.head_dim, "cache shorter than the tile's keys");
+        assert!(kv.keys.len() >= end && kv.values.len() >= end, "cache shorter than the tile's keys");
         // SAFETY: the CPU has AVX512_BF16 and AVX512BW (checked above); the slices cover every key
         // the tile reads (asserted above) and the scratch is sized inside.
-        unsafe { tile_avx512(q, keys, values, d, h, rows, sc) };
+        unsafe { tile_avx512(q, kv, d, h, rows, sc) };
         return true;
     }
     false
@@ -90,15 +90,8 @@ fn round(x: f32) -> u32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
-unsafe fn tile_avx512(
-    q: &[f32],
-    keys: &[bf16],
-    values: &[bf16],
-    d: &Dims,
-    h: usize,
-    rows: Range<usize>,
-    outer: &mut TileScratch,
-) {
+unsafe fn tile_avx512(q: &[f32], kv: HeadCache<'_, bf16>, d: &Dims, h: usize, rows: Range<usize>, outer: &mut TileScratch) {
+    let HeadCache { keys, values } = kv;
     let (hd, group, n) = (d.head_dim, d.group(), rows.len());
     let r = group * n;
     let rp = r.next_multiple_of(ROWS);
@@ -118,16 +111,10 @@ unsafe fn tile_avx512(
             sc.pos[row] = (d.past + s) as i64;
         }
     }
-    sc.acc.clear();
-    sc.acc.resize(hd * rp, 0.0);
-    sc.max.clear();
-    sc.max.resize(rp, f32::NEG_INFINITY);
-    sc.sum.clear();
-    sc.sum.resize(rp, 0.0);
+    super::start_rows([&mut sc.acc, &mut sc.max, &mut sc.sum], hd * rp, rp);
     sc.scores.resize(BLOCK * rp, 0.0);
     sc.p.resize(BLOCK / 2 * rp, 0);
     sc.v.resize(BLOCK / 2 * hd, 0);
-    let (kbits, vbits) = (keys.reinterpret_cast(), values.reinterpret_cast());
 
     let first = d.past + rows.start;
     let end = d.past + rows.end;
@@ -137,11 +124,12 @@ unsafe fn tile_avx512(
         for r0 in (0..rp).step_by(ROWS) {
             let mut j = 0;
             while j + COLS <= kn {
-                scores::<COLS>(&sc.q, rp, &kbits[(kb + j) * hd..], hd, &mut sc.scores, r0, j);
+                let ks = std::array::from_fn(|m| keys.row(kb + j + m).reinterpret_cast());
+                scores::<COLS>(&sc.q, rp, ks, hd, &mut sc.scores, r0, j);
                 j += COLS;
             }
             for j in j..kn {
-                scores::<1>(&sc.q, rp, &kbits[(kb + j) * hd..], hd, &mut sc.scores, r0, j);
+                scores::<1>(&sc.q, rp, [keys.row(kb + j).reinterpret_cast()], hd, &mut sc.scores, r0, j);
             }
         }
         // Keys past a row's own position: only in the blocks that reach beyond the tile's first query.
@@ -157,9 +145,9 @@ unsafe fn tile_avx512(
         }
         softmax_block(sc, rp, kn, hd);
         for (jp, pair) in sc.v.chunks_exact_mut(hd).take(pairs).enumerate() {
-            let even = &vbits[(kb + 2 * jp) * hd..][..hd];
+            let even: &[u16] = values.row(kb + 2 * jp).reinterpret_cast();
             if 2 * jp + 1 < kn {
-                let odd = &vbits[(kb + 2 * jp + 1) * hd..][..hd];
+                let odd: &[u16] = values.row(kb + 2 * jp + 1).reinterpret_cast();
                 for ((w, &a), &b) in pair.iter_mut().zip(even).zip(odd) {
                     *w = a as u32 | (b as u32) << 16;
                 }
@@ -229,19 +217,19 @@ fn softmax_block(sc: &mut Scratch, rp: usize, kn: usize, hd: usize) {
     }
 }
 
-/// Scores of the 32 rows at `r0` against keys `j .. j + M` of the block (`keys` starts at key
-/// `j`): `scores[j + m][r0 ..] = Σ_c q[r][c] · k[j + m][c]`.
+/// Scores of the 32 rows at `r0` against keys `j .. j + M` of the block (`keys[m]` is key
+/// `j + m`): `scores[j + m][r0 ..] = Σ_c q[r][c] · k[j + m][c]`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
-fn scores<const M: usize>(q: &[u32], rp: usize, keys: &[u16], hd: usize, scores: &mut [f32], r0: usize, j: usize) {
+fn scores<const M: usize>(q: &[u32], rp: usize, keys: [&[u16]; M], hd: usize, scores: &mut [f32], r0: usize, j: usize) {
     let mut acc = [[_mm512_setzero_ps(); 2]; M];
-    let keys = &keys[..M * hd];
+    let keys = keys.map(|k| &k[..hd]);
     let q = &q[..hd / 2 * rp];
     for c in 0..hd / 2 {
         let [qa, qb] = load_pairs(&q[c * rp + r0..]);
         for (m, a) in acc.iter_mut().enumerate() {
-            let pair = keys[m * hd + 2 * c] as u32 | (keys[m * hd + 2 * c + 1] as u32) << 16;
+            let pair = keys[m][2 * c] as u32 | (keys[m][2 * c + 1] as u32) << 16;
             let k = bh(_mm512_set1_epi32(pair as i32));
             a[0] = _mm512_dpbf16_ps(a[0], qa, k);
             a[1] = _mm512_dpbf16_ps(a[1], qb, k);

@@ -404,10 +404,14 @@ def report(rows: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wb
     def bandwidth_ceiling(key, d):
         return ceil["read_bytes_per_s"] / shape.decode_bytes_per_token(wbytes[key], d)
 
-    lines = speed_table(rows, "prefill", lengths, "### Prefill tokens/s at a prompt length (fraction of the compute ceiling)", compute_ceiling)
-    lines.append("| compute ceiling | – | " + " | ".join(f"{compute_ceiling(None, n):.1f}" for n in lengths) + " |")
+    lines = []
+    if lengths:
+        lines += speed_table(rows, "prefill", lengths, "### Prefill tokens/s at a prompt length (fraction of the compute ceiling)", compute_ceiling)
+        lines.append("| compute ceiling | – | " + " | ".join(f"{compute_ceiling(None, n):.1f}" for n in lengths) + " |")
     if depths:
-        lines += [""] + speed_table(rows, "decode", depths, "### Decode tokens/s at a context depth (fraction of the bandwidth ceiling)", bandwidth_ceiling)
+        lines += ([""] if lines else []) + speed_table(
+            rows, "decode", depths, "### Decode tokens/s at a context depth (fraction of the bandwidth ceiling)", bandwidth_ceiling
+        )
 
     def get(key, kind, n):
         return rows.get(key, {}).get(kind, {}).get(n)

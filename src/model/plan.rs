@@ -2,8 +2,9 @@
 //! fit the configured budget is refused (or chunked smaller) instead of being OOM-killed hours
 //! into a prefill.
 //!
-//! The terms follow what the graph allocates: weights (the external-data file, plus prepacked
-//! copies for int8/int4), the KV cache of the attention layers (f32, f16 or bf16) once (the
+//! The terms follow what the graph allocates: weights (the external-data file, loaded once: ORT's
+//! prepacked `MatMulNBits` blocks replace the int8/int4 initializers they are made from), the KV
+//! cache of the attention layers (f32, f16 or bf16) once (the
 //! decoder reserves it for the whole context and appends each call's rows in place), the
 //! DeltaNet conv and recurrent state, the per-call activations (the MLP's and the
 //! hidden states'; attention is blockwise, so its scratch does not grow with the context), and a
@@ -15,7 +16,6 @@ use serde::Serialize;
 use super::ModelDir;
 use super::config::TextConfig;
 use super::graph::KvCache;
-use super::quant::Precision;
 use crate::ops::attention::{KEY_BLOCK, QUERY_TILE};
 
 /// ONNX Runtime, tokenizer, allocator arenas and the process itself.
@@ -28,7 +28,7 @@ pub struct MemoryPlan {
     pub context_tokens: usize,
     /// Prompt tokens per prefill call.
     pub prefill_chunk: usize,
-    /// Weights as loaded (int8/int4 include their prepacked copies).
+    /// Weights as loaded.
     pub weights_bytes: u64,
     /// Runtime and process overhead.
     pub runtime_bytes: u64,
@@ -50,8 +50,6 @@ pub struct MemoryPlan {
 pub struct Footprint {
     /// Text decoder configuration.
     pub cfg: TextConfig,
-    /// Storage precision of the weights.
-    pub precision: Precision,
     /// Element type of the KV cache.
     pub kv_cache: KvCache,
     /// Bytes of the weights file.
@@ -62,7 +60,7 @@ impl Footprint {
     /// The footprint of an opened model folder.
     pub fn of(dir: &ModelDir) -> Self {
         let m = &dir.manifest;
-        Self { cfg: m.config.clone(), precision: m.precision, kv_cache: m.kv_cache, weights_file: dir.weights_bytes() }
+        Self { cfg: m.config.clone(), kv_cache: m.kv_cache, weights_file: dir.weights_bytes() }
     }
 
     /// KV cache bytes per token of context.
@@ -79,11 +77,10 @@ impl Footprint {
         let cfg = &self.cfg;
         let chunk = chunk.min(context).max(1) as u64;
         let t = context as u64;
-        let weights_bytes = match self.precision {
-            // Prepacking keeps a second, reordered copy of the quantised blocks.
-            Precision::Int8 | Precision::Int4 => self.weights_file * 2,
-            Precision::Fp32 | Precision::Fp16 => self.weights_file,
-        };
+        // Measured 2026-11-25 (0.8B shape, peak RSS after a 512-token prefill, file size):
+        // fp32 3.25 / 2.9 GB, int8 1.51 / 1.2 GB, int4 in blocks of 128 1.15 / 0.87 GB; the
+        // prepacked blocks do not double the quantised weights as once assumed.
+        let weights_bytes = self.weights_file;
         let kv = self.kv_bytes_per_token() * t;
         let state_bytes = cfg.linear_state_bytes() as u64;
         // One scratch per (KV head, query tile): queries and accumulator rows, a key and a value
@@ -145,7 +142,7 @@ mod tests {
     use crate::model::config::Shape;
 
     fn footprint(kv_cache: KvCache) -> Footprint {
-        Footprint { cfg: Shape::B0_8.config(), precision: Precision::Fp32, kv_cache, weights_file: 2_800_000_000 }
+        Footprint { cfg: Shape::B0_8.config(), kv_cache, weights_file: 2_800_000_000 }
     }
 
     #[test]

@@ -639,6 +639,14 @@ impl<T: CacheType> AttentionKernel<T> {
         let (row_in, row_past) = (s * hkv * hd, past * hkv * hd);
         let (nk, nv): (&[T], &[T]) = (nk, nv);
         let group = hq / hkv;
+        // Batch row bi's queries, KV head h's cache, and where query head g of KV head h at the
+        // call's position pos goes in `out`.
+        let queries = |bi: usize| &q[bi * s * hq * hd..(bi + 1) * s * hq * hd];
+        let head_cache = |bi: usize, h: usize| {
+            let (past_rows, new_rows) = (bi * row_past..(bi + 1) * row_past, bi * row_in..(bi + 1) * row_in);
+            attention::HeadCache::new([&pk[past_rows.clone()], &pv[past_rows]], [&nk[new_rows.clone()], &nv[new_rows]], &d, h)
+        };
+        let out_at = |bi: usize, pos: usize, h: usize, g: usize| ((bi * s + pos) * hq + h * group + g) * hd;
 
         if attention::splits(&d) {
             // Decode over a long cache: threads take stretches of positions for every KV head
@@ -651,10 +659,8 @@ impl<T: CacheType> AttentionKernel<T> {
                 heads.resize_with(hkv, Default::default);
             }
             for bi in 0..b {
-                let (past_rows, new_rows) = (bi * row_past..(bi + 1) * row_past, bi * row_in..(bi + 1) * row_in);
-                let (past, new) = ([&pk[past_rows.clone()], &pv[past_rows]], [&nk[new_rows.clone()], &nv[new_rows]]);
-                let kv: Vec<_> = (0..hkv).map(|h| attention::HeadCache::new(past, new, &d, h)).collect();
-                let qb = &q[bi * s * hq * hd..(bi + 1) * s * hq * hd];
+                let kv: Vec<_> = (0..hkv).map(|h| head_cache(bi, h)).collect();
+                let qb = queries(bi);
                 let sp = SharedMut(scratch.as_mut_ptr());
                 ctx.par_for(parts.len(), parts.len(), |i| {
                     // SAFETY: item i is the only user of part i's scratch.
@@ -666,7 +672,7 @@ impl<T: CacheType> AttentionKernel<T> {
                     attention::merge_parts(sc, rest.iter().map(|p| &p[h]), hd);
                     for g in 0..group {
                         for pos in 0..s {
-                            let at = ((bi * s + pos) * hq + h * group + g) * hd;
+                            let at = out_at(bi, pos, h, g);
                             out[at..at + hd].copy_from_slice(sc.output(g, pos, hd));
                         }
                     }
@@ -685,18 +691,10 @@ impl<T: CacheType> AttentionKernel<T> {
             let rows = t * attention::QUERY_TILE..((t + 1) * attention::QUERY_TILE).min(s);
             // SAFETY: item i is the only user of scratch i.
             let sc = unsafe { &mut *tp.at(i) };
-            let (past_rows, new_rows) = (bi * row_past..(bi + 1) * row_past, bi * row_in..(bi + 1) * row_in);
-            let kv = attention::HeadCache::new(
-                [&pk[past_rows.clone()], &pv[past_rows]],
-                [&nk[new_rows.clone()], &nv[new_rows]],
-                &d,
-                h,
-            );
-            let qb = &q[bi * s * hq * hd..(bi + 1) * s * hq * hd];
-            attention::tile(qb, kv, &d, h, rows.clone(), sc);
+            attention::tile(queries(bi), head_cache(bi, h), &d, h, rows.clone(), sc);
             for g in 0..group {
                 for (j, pos) in rows.clone().enumerate() {
-                    let at = ((bi * s + pos) * hq + h * group + g) * hd;
+                    let at = out_at(bi, pos, h, g);
                     // SAFETY: (batch row, position, query head) triples are disjoint across items.
                     unsafe { std::slice::from_raw_parts_mut(op_out.at(at), hd) }.copy_from_slice(sc.output(g, j, hd));
                 }

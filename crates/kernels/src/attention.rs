@@ -20,6 +20,29 @@ use half::{bf16, f16};
 use crate::gemm::gemm;
 use crate::simd::{self, LANES};
 
+/// Query rows a direct-path kernel keeps in registers at once: with 16-lane accumulators, four
+/// rows are four independent chains of multiply-adds (enough to hide their latency), and on
+/// AVX-512 four rows of four output vectors are 16 of the 32 registers, leaving room for the
+/// operands.
+const ROW_GROUP: usize = 4;
+
+/// Calls `$f::<…, R>(…)` for each group of at most [`ROW_GROUP`] rows of `0..$rows`, with `$row0`
+/// the group's first row: the kernels keep a group's accumulators in registers, so the group's
+/// size has to be a constant.
+macro_rules! in_row_groups {
+    ($rows:ident, |$row0:ident| $f:ident::<$($g:tt),*>($($arg:expr),* $(,)?)) => {{
+        const _: () = assert!($crate::attention::ROW_GROUP == 4, "one arm per group size");
+        for $row0 in (0..$rows).step_by($crate::attention::ROW_GROUP) {
+            match ($rows - $row0).min($crate::attention::ROW_GROUP) {
+                1 => $f::<$($g,)* 1>($($arg),*),
+                2 => $f::<$($g,)* 2>($($arg),*),
+                3 => $f::<$($g,)* 3>($($arg),*),
+                _ => $f::<$($g,)* 4>($($arg),*),
+            }
+        }
+    }};
+}
+
 mod direct;
 mod dpbf16;
 
@@ -423,22 +446,10 @@ simd::dispatch!(
     rows_times_keys(q: &[f32], keys: &[f32], hd: usize, scores: &mut [f32]) -> () = rows_times_keys_lanes
 );
 
-/// Query rows a direct-path kernel keeps in registers at once: with 16-lane accumulators, four
-/// rows are four independent chains of multiply-adds (enough to hide their latency) and leave
-/// registers for the operands.
-const ROW_GROUP: usize = 4;
-
 #[inline(always)]
 fn rows_times_keys_lanes<const FMA: bool>(q: &[f32], keys: &[f32], hd: usize, scores: &mut [f32]) {
     let (r, kn) = (q.len() / hd, keys.len() / hd);
-    for row0 in (0..r).step_by(ROW_GROUP) {
-        match (r - row0).min(ROW_GROUP) {
-            1 => rows_times_keys_group::<FMA, 1>(q, keys, hd, kn, row0, scores),
-            2 => rows_times_keys_group::<FMA, 2>(q, keys, hd, kn, row0, scores),
-            3 => rows_times_keys_group::<FMA, 3>(q, keys, hd, kn, row0, scores),
-            _ => rows_times_keys_group::<FMA, ROW_GROUP>(q, keys, hd, kn, row0, scores),
-        }
-    }
+    in_row_groups!(r, |row0| rows_times_keys_group::<FMA>(q, keys, hd, kn, row0, scores));
 }
 
 /// Scores of query rows `row0 .. row0 + R`: each key chunk is loaded once for the R rows, and
@@ -479,14 +490,7 @@ simd::dispatch!(
 #[inline(always)]
 fn accumulate_rows_lanes<const FMA: bool>(p: &[f32], values: &[f32], hd: usize, acc: &mut [f32]) {
     let r = acc.len() / hd;
-    for row0 in (0..r).step_by(ROW_GROUP) {
-        match (r - row0).min(ROW_GROUP) {
-            1 => accumulate_rows_group::<FMA, 1>(p, values, hd, row0, acc),
-            2 => accumulate_rows_group::<FMA, 2>(p, values, hd, row0, acc),
-            3 => accumulate_rows_group::<FMA, 3>(p, values, hd, row0, acc),
-            _ => accumulate_rows_group::<FMA, ROW_GROUP>(p, values, hd, row0, acc),
-        }
-    }
+    in_row_groups!(r, |row0| accumulate_rows_group::<FMA>(p, values, hd, row0, acc));
 }
 
 /// Output rows `row0 .. row0 + R`, one chunk of `LANES` dimensions at a time: the chunk of the R

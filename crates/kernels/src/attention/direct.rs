@@ -13,9 +13,6 @@ use std::arch::x86_64::*;
 
 use super::{CacheElem, HeadRows};
 
-/// Rows whose accumulators are kept in registers together: four rows of four 16-lane chunks of the
-/// output are 16 of the 32 vector registers, leaving room for the widened values and weights.
-const ROWS: usize = 4;
 /// Head dimensions per pass over a block's values: four vectors.
 const COLS: usize = 64;
 
@@ -41,18 +38,11 @@ pub fn scores<T: CacheElem>(q: &[f32], keys: HeadRows<'_, T>, kb: usize, kn: usi
     assert!(applies(hd) && kb + kn <= keys.len());
     let r = q.len() / hd;
     assert!(scores.len() >= r * kn);
+    // SAFETY: AVX-512F is present (asserted); every row read is a whole `hd`-wide row of q or of
+    // the cache, and the writes stay inside `scores` (asserted).
     #[cfg(target_arch = "x86_64")]
-    for row0 in (0..r).step_by(ROWS) {
-        // SAFETY: AVX-512F is present (asserted); every row read is a whole `hd`-wide row of q or
-        // of the cache, and the writes stay inside `scores` (asserted).
-        unsafe {
-            match (r - row0).min(ROWS) {
-                1 => scores_rows::<T, 1>(q, keys, kb, kn, hd, row0, scores),
-                2 => scores_rows::<T, 2>(q, keys, kb, kn, hd, row0, scores),
-                3 => scores_rows::<T, 3>(q, keys, kb, kn, hd, row0, scores),
-                _ => scores_rows::<T, ROWS>(q, keys, kb, kn, hd, row0, scores),
-            }
-        }
+    unsafe {
+        in_row_groups!(r, |row0| scores_rows::<T>(q, keys, kb, kn, hd, row0, scores))
     }
 }
 
@@ -65,17 +55,10 @@ pub fn accumulate<T: CacheElem>(p: &[f32], values: HeadRows<'_, T>, kb: usize, k
     assert!(applies(hd) && kb + kn <= values.len());
     let r = acc.len() / hd;
     assert!(p.len() >= r * kn);
+    // SAFETY: as in `scores`; the output rows of each group lie inside `acc`.
     #[cfg(target_arch = "x86_64")]
-    for row0 in (0..r).step_by(ROWS) {
-        // SAFETY: as in `scores`; the output rows `row0 ..` lie inside `acc`.
-        unsafe {
-            match (r - row0).min(ROWS) {
-                1 => accumulate_rows::<T, 1>(p, values, kb, kn, hd, row0, acc),
-                2 => accumulate_rows::<T, 2>(p, values, kb, kn, hd, row0, acc),
-                3 => accumulate_rows::<T, 3>(p, values, kb, kn, hd, row0, acc),
-                _ => accumulate_rows::<T, ROWS>(p, values, kb, kn, hd, row0, acc),
-            }
-        }
+    unsafe {
+        in_row_groups!(r, |row0| accumulate_rows::<T>(p, values, kb, kn, hd, row0, acc))
     }
 }
 

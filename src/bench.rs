@@ -14,7 +14,7 @@ use crate::metrics::ProcessMemory;
 use crate::model::ModelDir;
 use crate::model::config::TextConfig;
 use crate::model::graph::KvCache;
-use crate::model::plan::Footprint;
+use crate::model::plan::{Footprint, StateCopy};
 use crate::progress::Progress;
 use crate::runtime::SessionOptions;
 
@@ -300,13 +300,15 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     }
     let prefix_reuse_ratio = (!stage_s.is_empty()).then(|| (prefill_s + stage_s.iter().sum::<f64>()) / (prefill_s + stage_s[0]));
 
-    let snapshot_tokens = if opts.stages > 1 {
-        opts.prompt_tokens
+    let copy = if opts.stages > 1 {
+        StateCopy::Kept(opts.prompt_tokens)
     } else {
-        opts.checkpoint.as_ref().map_or(0, |(_, every)| last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, *every))
+        let at = opts.checkpoint.as_ref().map_or(0, |(_, every)| last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, *every));
+        StateCopy::Checkpoint(at)
     };
-    let planned_bytes =
-        Footprint::of(model).plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, snapshot_tokens).total_bytes;
+    // The bench reads no images, so the vision tower never loads.
+    let footprint = Footprint { vision_file: 0, ..Footprint::of(model) };
+    let planned_bytes = footprint.plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, copy).total_bytes;
     Ok(BenchReport {
         prefill_tokens_per_s: (opts.prompt_tokens - pre.timed_from) as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },

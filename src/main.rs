@@ -10,6 +10,7 @@ use deltadoc::daemon;
 use deltadoc::generate::{self, Decoder, GenerateOptions, Logits, Sampling};
 use deltadoc::model::config::Shape;
 use deltadoc::model::graph::{KvCache, LinearAttn};
+use deltadoc::model::plan;
 use deltadoc::model::quant::Precision;
 use deltadoc::model::{self, ExportOptions, ModelDir};
 use deltadoc::progress::Progress;
@@ -689,10 +690,10 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
                 m.verify()?;
             }
             let c = &m.manifest.config;
-            let f = model::plan::Footprint::of(&m);
+            let f = plan::Footprint::of(&m);
             let context = context.unwrap_or(c.max_position_embeddings);
-            let p = f.plan(context, prefill_chunk, context);
-            let fit = f.max_context_within(budget.0, c.max_position_embeddings, prefill_chunk, true);
+            let p = f.plan(context, prefill_chunk, plan::StateCopy::Kept(context));
+            let fit = f.max_context_within(budget.0, c.max_position_embeddings, prefill_chunk, plan::StateCopy::Kept);
             let info = serde_json::json!({
                 "plan": p,
                 "budget_bytes": budget.0,
@@ -701,6 +702,7 @@ fn model_cmd(cmd: ModelCmd) -> Result<()> {
                 "manifest": m.manifest,
                 "memory": {
                     "weights_file_bytes": f.weights_file,
+                    "vision_weights_file_bytes": f.vision_file,
                     "linear_state_bytes": c.linear_state_bytes(),
                     "kv_cache": f.kv_cache,
                     "kv_bytes_per_token": f.kv_bytes_per_token(),

@@ -290,6 +290,11 @@ impl ModelDir {
         std::fs::metadata(self.dir.join("model.onnx.data")).map(|m| m.len()).unwrap_or(0)
     }
 
+    /// Bytes of the vision tower's weights file, 0 when the folder has no vision graph.
+    pub fn vision_weights_bytes(&self) -> u64 {
+        std::fs::metadata(self.dir.join("vision.onnx.data")).map(|m| m.len()).unwrap_or(0)
+    }
+
     /// Path of the decoder graph.
     pub fn graph_path(&self) -> PathBuf {
         self.dir.join("model.onnx")

@@ -15,7 +15,7 @@ use crate::constrain::{Constraint, Schema, Vocabulary};
 use crate::extract::{self, page_image};
 use crate::generate::{self, Decoder, GenerateOptions, Sampling, TokenFilter};
 use crate::model::ModelDir;
-use crate::model::plan::{Footprint, MemoryPlan};
+use crate::model::plan::{Footprint, MemoryPlan, StateCopy};
 use crate::model::vision::VisionConfig;
 use crate::ocr::{OcrOptions, Transcription};
 use crate::runtime::SessionOptions;
@@ -213,6 +213,11 @@ impl OrtModel {
         })
     }
 
+    fn state_copy(&self, context: usize, snapshot: bool) -> StateCopy {
+        let every = self.checkpoint_dir.as_ref().map(|_| self.checkpoint_every);
+        state_copy(context, self.prefill_chunk, snapshot, every)
+    }
+
     fn prefill_prefix(&mut self, req: &Request) -> Result<(Vec<f32>, usize)> {
         let digest = ids_digest(req.prefix);
         if let Some((d, snap)) = &self.kept
@@ -229,7 +234,7 @@ impl OrtModel {
         };
         // Long prefixes get a checkpoint so a crash or restart resumes instead of starting over.
         let logits = match &self.checkpoint_dir {
-            Some(dir) if req.prefix.len() > self.checkpoint_every => {
+            Some(dir) if resumable(req.prefix.len(), self.checkpoint_every) => {
                 std::fs::create_dir_all(dir)?;
                 let path = dir.join(format!("{}.ddsnap", &digest[..16]));
                 self.decoder.prefill_resumable(req.prefix, self.prefill_chunk, &path, self.checkpoint_every, tick)?.logits
@@ -312,11 +317,12 @@ impl TextModel for OrtModel {
     }
 
     fn plan(&self, context: usize, snapshot: bool) -> MemoryPlan {
-        self.footprint.plan(context, self.prefill_chunk, if snapshot { context } else { 0 })
+        self.footprint.plan(context, self.prefill_chunk, self.state_copy(context, snapshot))
     }
 
     fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize> {
-        self.footprint.max_context_within(budget, self.info.max_context, self.prefill_chunk, snapshot)
+        let copy = |t| self.state_copy(t, snapshot);
+        self.footprint.max_context_within(budget, self.info.max_context, self.prefill_chunk, copy)
     }
 
     fn transcribe(&mut self, source: &Path, mime: &str, page: u32, opts: &OcrOptions, check: Check) -> Result<Transcription> {
@@ -375,4 +381,40 @@ pub fn stage_options(max_new_tokens: usize, sampling: Sampling) -> GenerateOptio
 pub fn overhead_tokens(tok: &Tokenizer, instruction: &str) -> Result<usize> {
     let (p, s) = stage_prompt(tok, &[], instruction, true)?;
     Ok(p.len() + s.len() + 4)
+}
+
+/// Whether a prefix of `tokens` is prefilled resumably, with a checkpoint every `every` tokens.
+fn resumable(tokens: usize, every: usize) -> bool {
+    tokens > every
+}
+
+/// The copy of the decoder state a context of `context` tokens holds beside its cache, as
+/// [`OrtModel::prefill_prefix`] makes them: the kept prefix when stages share it (never smaller
+/// than a checkpoint of it), otherwise a long prefix's last checkpoint (`checkpoint_every`:
+/// `None` when checkpoints are off), which late in a 262K prefill outweighs the cache it copies.
+fn state_copy(context: usize, chunk: usize, snapshot: bool, checkpoint_every: Option<usize>) -> StateCopy {
+    match checkpoint_every {
+        _ if snapshot => StateCopy::Kept(context),
+        Some(every) if resumable(context, every) => StateCopy::Checkpoint(generate::last_checkpoint(context, chunk, every)),
+        _ => StateCopy::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plan_counts_the_copy_the_prefill_makes() {
+        // Stages sharing a prefix keep all of it, checkpoints or not.
+        assert_eq!(state_copy(262_144, 512, true, Some(16_384)), StateCopy::Kept(262_144));
+        assert_eq!(state_copy(8192, 512, true, None), StateCopy::Kept(8192));
+        // One stage: a prefix past the interval checkpoints, the last time on the chunk boundary
+        // before its end.
+        assert_eq!(state_copy(262_144, 512, false, Some(16_384)), StateCopy::Checkpoint(245_760));
+        assert_eq!(state_copy(16_385, 512, false, Some(16_384)), StateCopy::Checkpoint(16_384));
+        // A prefix within the interval, or checkpoints off: no copy.
+        assert_eq!(state_copy(16_384, 512, false, Some(16_384)), StateCopy::None);
+        assert_eq!(state_copy(262_144, 512, false, None), StateCopy::None);
+    }
 }

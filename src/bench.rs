@@ -303,8 +303,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let copy = if opts.stages > 1 {
         StateCopy::Kept(opts.prompt_tokens)
     } else {
-        let at = opts.checkpoint.as_ref().map_or(0, |(_, every)| last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, *every));
-        StateCopy::Checkpoint(at)
+        let at = |every: usize| StateCopy::Checkpoint(last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, every));
+        opts.checkpoint.as_ref().map_or(StateCopy::None, |(_, every)| at(*every))
     };
     // The bench reads no images, so the vision tower never loads.
     let footprint = Footprint { vision_file: 0, ..Footprint::of(model) };

@@ -10,13 +10,13 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
 use crate::generate::{Decoder, Logits, argmax, last_checkpoint};
-use crate::metrics::ProcessMemory;
 use crate::model::ModelDir;
 use crate::model::config::TextConfig;
 use crate::model::graph::KvCache;
 use crate::model::plan::{Footprint, StateCopy};
 use crate::progress::Progress;
 use crate::runtime::SessionOptions;
+use crate::util::ProcessMemory;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -226,18 +226,7 @@ pub fn random_prompt(cfg: &TextConfig, tokens: usize, seed: u64) -> Vec<u32> {
 /// Runs the benchmark on `model`.
 pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> Result<BenchReport> {
     let cfg = &model.manifest.config;
-    if opts.prompt_tokens == 0 {
-        bail!("--prompt-tokens must be at least 1");
-    }
-    // The last generated token is never fed back, so it takes no position.
-    if opts.prompt_tokens + opts.gen_tokens.saturating_sub(1) > cfg.max_position_embeddings {
-        bail!(
-            "{} prompt + {} generated tokens exceed the model's context of {}",
-            opts.prompt_tokens,
-            opts.gen_tokens,
-            cfg.max_position_embeddings
-        );
-    }
+    check_fits(cfg, opts)?;
     let limit = ordinary_tokens(cfg);
     let prompt = random_prompt(cfg, opts.prompt_tokens, opts.seed);
     let mut rng = StdRng::seed_from_u64(opts.seed.wrapping_add(1));
@@ -251,21 +240,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     dec.reserve(prompt.len() + opts.stage_tokens + opts.gen_tokens);
     let warmup_s = t_warm.elapsed().as_secs_f64();
 
-    let mut progress = Progress::new(prompt.len() as u64, "prefill");
-    let t0 = Instant::now();
-    let pre = match &opts.checkpoint {
-        Some((path, every)) => prefill_resumable(&mut dec, &prompt, opts.prefill_chunk, (path, *every), &mut progress)?,
-        None => {
-            let logits = dec.prefill(&prompt, opts.prefill_chunk, |done, _| {
-                progress.reach(done as u64);
-                Ok(())
-            })?;
-            let seconds = t0.elapsed().as_secs_f64();
-            Prefilled { logits, seconds, checkpoint_bytes: 0, resumed_from: 0, timed_from: 0, earlier_peak: 0 }
-        }
-    };
+    let pre = timed_prefill(&mut dec, &prompt, opts)?;
     let prefill_s = pre.seconds;
-    progress.finish();
     let t_pick = Instant::now();
     // Greedy over real tokens only (the padded vocabulary rows are never chosen).
     let pick = |row: &[f32]| argmax(&row[..limit as usize]);
@@ -299,16 +275,7 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         }
     }
     let prefix_reuse_ratio = (!stage_s.is_empty()).then(|| (prefill_s + stage_s.iter().sum::<f64>()) / (prefill_s + stage_s[0]));
-
-    let copy = if opts.stages > 1 {
-        StateCopy::Kept(opts.prompt_tokens)
-    } else {
-        let at = |every: usize| StateCopy::Checkpoint(last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, every));
-        opts.checkpoint.as_ref().map_or(StateCopy::None, |(_, every)| at(*every))
-    };
-    // The bench reads no images, so the vision tower never loads.
-    let footprint = Footprint { vision_file: 0, ..Footprint::of(model) };
-    let planned_bytes = footprint.plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, copy).total_bytes;
+    let m = &model.manifest;
     Ok(BenchReport {
         prefill_tokens_per_s: (opts.prompt_tokens - pre.timed_from) as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },
@@ -321,19 +288,68 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         threads: session.threads,
         load_s,
         warmup_s,
-        precision: model.manifest.precision.name().into(),
-        quant_block: model.manifest.quant_block(),
-        linear_attn: format!("{:?}", model.manifest.linear_attn).to_lowercase(),
-        kv_cache: format!("{:?}", model.manifest.kv_cache).to_lowercase(),
-        bf16_attention: model.manifest.kv_cache == KvCache::Bf16
-            && crate::ops::attention::bf16_arithmetic(model.manifest.config.head_dim),
-        source: model.manifest.source.clone(),
+        precision: m.precision.name().into(),
+        quant_block: m.quant_block(),
+        linear_attn: format!("{:?}", m.linear_attn).to_lowercase(),
+        kv_cache: format!("{:?}", m.kv_cache).to_lowercase(),
+        bf16_attention: m.kv_cache == KvCache::Bf16 && crate::ops::attention::bf16_arithmetic(m.config.head_dim),
+        source: m.source.clone(),
         stage_s,
         prefix_reuse_ratio,
         snapshot_bytes: snap.as_ref().map(|s| s.bytes()).unwrap_or(0),
         checkpoint_bytes: pre.checkpoint_bytes,
         resumed_from_token: pre.resumed_from,
         timed_from_token: pre.timed_from,
-        planned_bytes,
+        planned_bytes: planned_bytes(model, opts),
     })
+}
+
+/// Refuses a prompt and generation that do not fit the model's context.
+fn check_fits(cfg: &TextConfig, opts: &BenchOptions) -> Result<()> {
+    if opts.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    // The last generated token is never fed back, so it takes no position.
+    if opts.prompt_tokens + opts.gen_tokens.saturating_sub(1) > cfg.max_position_embeddings {
+        bail!(
+            "{} prompt + {} generated tokens exceed the model's context of {}",
+            opts.prompt_tokens,
+            opts.gen_tokens,
+            cfg.max_position_embeddings
+        );
+    }
+    Ok(())
+}
+
+/// The timed prefill of the prompt, resumable when the options ask for it; progress shown.
+fn timed_prefill(dec: &mut Decoder, prompt: &[u32], opts: &BenchOptions) -> Result<Prefilled> {
+    let mut progress = Progress::new(prompt.len() as u64, "prefill");
+    let t0 = Instant::now();
+    let pre = match &opts.checkpoint {
+        Some((path, every)) => prefill_resumable(dec, prompt, opts.prefill_chunk, (path, *every), &mut progress)?,
+        None => {
+            let logits = dec.prefill(prompt, opts.prefill_chunk, |done, _| {
+                progress.reach(done as u64);
+                Ok(())
+            })?;
+            let seconds = t0.elapsed().as_secs_f64();
+            Prefilled { logits, seconds, checkpoint_bytes: 0, resumed_from: 0, timed_from: 0, earlier_peak: 0 }
+        }
+    };
+    progress.finish();
+    Ok(pre)
+}
+
+/// The memory plan of the run: its context, and the state copy it holds (the snapshot stages
+/// share, or the last checkpoint of a resumable prefill).
+fn planned_bytes(model: &ModelDir, opts: &BenchOptions) -> u64 {
+    let copy = if opts.stages > 1 {
+        StateCopy::Kept(opts.prompt_tokens)
+    } else {
+        let at = |every: usize| StateCopy::Checkpoint(last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, every));
+        opts.checkpoint.as_ref().map_or(StateCopy::None, |(_, every)| at(*every))
+    };
+    // The bench reads no images, so the vision tower never loads.
+    let footprint = Footprint { vision_file: 0, ..Footprint::of(model) };
+    footprint.plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, copy).total_bytes
 }

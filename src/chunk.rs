@@ -57,6 +57,19 @@ struct Unit {
 /// to `overlap` tokens of whole paragraphs between neighbours.
 pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usize) -> Result<Chunked> {
     let budget = budget.max(1);
+    let units = paragraphs(tok, pages)?;
+    let total_tokens = units.iter().map(|u| u.ids.len()).sum();
+    let mut page_tokens = std::collections::BTreeMap::new();
+    for u in &units {
+        *page_tokens.entry(u.page).or_insert(0) += u.ids.len();
+    }
+    let (pieces, split_paragraphs) = pieces(units, budget, overlap);
+    let chunks = pack(&pieces, budget, overlap);
+    Ok(Chunked { total_tokens, chunks, split_paragraphs, page_tokens })
+}
+
+/// The document's paragraphs in order, each tokenised on its own.
+fn paragraphs(tok: &Tokenizer, pages: &[(u32, &str)]) -> Result<Vec<Unit>> {
     let mut units = Vec::new();
     let texts: Vec<(u32, &str)> = pages.iter().copied().filter(|(_, t)| !t.trim().is_empty()).collect();
     for (pi, (page, text)) in texts.iter().enumerate() {
@@ -67,13 +80,12 @@ pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usi
             units.push(Unit { page: *page, ids: tok.encode(&piece)?, boundary: i == 0 || is_heading(p) });
         }
     }
-    let total_tokens = units.iter().map(|u| u.ids.len()).sum();
-    let mut page_tokens = std::collections::BTreeMap::new();
-    for u in &units {
-        *page_tokens.entry(u.page).or_insert(0) += u.ids.len();
-    }
+    Ok(units)
+}
+
+/// Paragraphs longer than a chunk cut into chunk-sized pieces; how many were cut.
+fn pieces(units: Vec<Unit>, budget: usize, overlap: usize) -> (Vec<Unit>, usize) {
     let mut split_paragraphs = 0;
-    // Paragraphs longer than a chunk are cut into chunk-sized pieces (counted and reported).
     let mut pieces: Vec<Unit> = Vec::with_capacity(units.len());
     for u in units {
         if u.ids.len() <= budget {
@@ -86,11 +98,18 @@ pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usi
             pieces.push(Unit { page: u.page, ids: part.to_vec(), boundary: u.boundary && k == 0 });
         }
     }
+    (pieces, split_paragraphs)
+}
+
+/// Packs consecutive pieces into chunks of at most `budget` tokens, preferring to end a chunk
+/// at a page or heading once it is reasonably full, and opening each next chunk with whole
+/// trailing pieces of the last, up to `overlap` tokens.
+fn pack(pieces: &[Unit], budget: usize, overlap: usize) -> Vec<Chunk> {
     let mut chunks: Vec<Chunk> = Vec::new();
     // Start/end offsets of every piece in the token stream.
     let mut offsets = Vec::with_capacity(pieces.len() + 1);
     let mut acc = 0;
-    for p in &pieces {
+    for p in pieces {
         offsets.push(acc);
         acc += p.ids.len();
     }
@@ -102,7 +121,6 @@ pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usi
         let mut end = start;
         let mut used = 0;
         while end < pieces.len() && used + pieces[end].ids.len() <= budget {
-            // Prefer a page or heading boundary once the chunk is reasonably full.
             if end > start && pieces[end].boundary && used * 10 >= budget * 7 && end > start + carried {
                 break;
             }
@@ -130,7 +148,6 @@ pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usi
         if end == pieces.len() {
             break;
         }
-        // Whole trailing pieces of this chunk, up to `overlap` tokens, open the next one.
         let mut back = end;
         let mut o = 0;
         while back > start + 1 && o + pieces[back - 1].ids.len() <= overlap {
@@ -140,7 +157,7 @@ pub fn chunk(tok: &Tokenizer, pages: &[(u32, &str)], budget: usize, overlap: usi
         carried = end - back;
         start = back;
     }
-    Ok(Chunked { total_tokens, chunks, split_paragraphs, page_tokens })
+    chunks
 }
 
 /// A short line that looks like a heading: Markdown `#`, a numbered clause, an article or

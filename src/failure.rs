@@ -58,7 +58,7 @@ impl Reason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{stage}: {reason:?}: {message}")]
 pub struct Failure {
-    /// Class.
+    /// Its class (a metrics label).
     pub reason: Reason,
     /// Stage name (`detect`, `extract`, `chunk`, a model stage's name, `write`).
     pub stage: String,

@@ -8,40 +8,22 @@
 //! images: the vision tower's attention is quadratic in an image's patches, so bands bound its
 //! time and memory at the same page resolution.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use image::RgbImage;
 
-use crate::extract::{self, ExtractLimits, Method, page_image};
-use crate::generate::{self, Decoder, GenerateOptions, Logits, Sampling};
-use crate::model::ModelDir;
+use crate::chat::Role;
+use crate::extract::page_image::PageImages;
+use crate::extract::{self, ExtractLimits, Method};
+use crate::generate::{self, Decoder, Logits};
+use crate::llm::{DecodeOptions, Sampling, TextModel};
+pub use crate::llm::{OcrOptions, Transcription};
 use crate::model::vision::VisionConfig;
-use crate::runtime::SessionOptions;
 use crate::tokenizer::{STOP_TOKENS, Tokenizer};
 use crate::vision::encoder::VisionEncoder;
 use crate::vision::preprocess::{self, ImageOptions, Preprocessed};
 use crate::vision::prompt::{self, ChatMessage, Part};
-
-/// Image tokens a page may take by default (1,024 pixels each): about 150 dpi on A4.
-pub const DEFAULT_PAGE_TOKENS: u64 = 1280;
-
-/// What the job asks of each page.
-#[derive(Clone, Debug)]
-pub struct OcrOptions {
-    /// Pixel budgets of a page image (its `max_pixels` is the page's token budget × 1,024).
-    pub image: ImageOptions,
-    /// Most image tokens of one band; a page over it is cut into bands. `None`: one image.
-    pub tile_tokens: Option<u64>,
-    /// Longest transcription per page, in tokens.
-    pub max_new_tokens: usize,
-    /// Prompt tokens per prefill call.
-    pub prefill_chunk: usize,
-    /// The instruction after the page image.
-    pub instruction: String,
-    /// Where to write the images the model reads (PNG per page or band), for inspection.
-    pub save_images: Option<PathBuf>,
-}
 
 /// Text of one page.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -56,24 +38,18 @@ pub struct PageText {
     pub note: Option<String>,
 }
 
-/// An open vision + decoder pair.
-pub struct Reader {
-    dec: Decoder,
-    enc: VisionEncoder,
-    tok: Tokenizer,
+/// Every page of image files and PDFs, read with a model of its own (`deltadoc ocr`).
+pub struct Reader<M> {
+    model: M,
     opts: OcrOptions,
+    /// Images declaring more pixels are refused before decoding.
+    max_decode_pixels: u64,
 }
 
-impl Reader {
-    /// Opens the model folder's graphs; fails when it has no vision graph.
-    pub fn open(model: &ModelDir, session: &SessionOptions, opts: OcrOptions) -> Result<Self> {
-        let enc = VisionEncoder::open(model, session)?;
-        Ok(Self { dec: Decoder::open(model, session)?, enc, tok: model.tokenizer()?, opts })
-    }
-
-    /// Transcribes one page image (greedy, thinking off); `label` names saved images.
-    pub fn read(&mut self, img: &RgbImage, label: &str) -> Result<String> {
-        Ok(transcribe(&mut self.dec, &mut self.enc, &self.tok, img, &self.opts, label, &|| Ok(()))?.text)
+impl<M: TextModel> Reader<M> {
+    /// Reads pages with `model`.
+    pub fn new(model: M, opts: OcrOptions, max_decode_pixels: u64) -> Self {
+        Self { model, opts, max_decode_pixels }
     }
 
     /// Every page of an image file or PDF: image pages transcribed, PDF pages with a usable text
@@ -81,61 +57,56 @@ impl Reader {
     /// whole when it cannot be opened at all.
     pub fn read_file(&mut self, path: &Path, mut on_page: impl FnMut(&PageText)) -> Result<Vec<PageText>> {
         let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let mime = extract::detect_mime(path, &bytes);
-        let mut out = Vec::new();
-        if mime == Some("application/pdf") {
-            let (doc, ex) = extract::pdf::extract_document(&bytes, ExtractLimits { max_pages: u32::MAX })
-                .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
-            for page in ex.pages {
-                let t = if page.method == Method::Ocr {
-                    let label = format!("{}.p{}", stem(path), page.number);
-                    let read = page_image::page_image(&doc, page.number, &self.opts.image)
-                        .and_then(|pi| Ok((self.read(&pi.image, &label)?, pi.note)));
-                    match read {
-                        Ok((text, note)) => {
-                            PageText { page: page.number, method: "ocr", text: Ok(text), note: note.or(page.ocr_reason) }
-                        }
-                        Err(e) => {
-                            PageText { page: page.number, method: "ocr", text: Err(format!("{e:#}")), note: page.ocr_reason }
-                        }
-                    }
-                } else {
-                    PageText { page: page.number, method: "text_layer", text: Ok(page.text), note: None }
-                };
-                on_page(&t);
-                out.push(t);
+        let (pages, images) = match extract::detect_mime(path, &bytes) {
+            Some("application/pdf") => {
+                let (doc, ex) = extract::pdf::extract_document(&bytes, ExtractLimits { max_pages: u32::MAX })
+                    .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
+                (ex.pages, PageImages::Pdf(Box::new(doc)))
             }
-        } else if mime.is_some_and(|m| m.starts_with("image/")) || image::guess_format(&bytes).is_ok() {
-            let text = preprocess::load_bytes(&bytes, &self.opts.image).and_then(|img| self.read(&img, &stem(path)));
-            let t = PageText { page: 1, method: "ocr", text: text.map_err(|e| format!("{e:#}")), note: None };
+            m if m.is_some_and(|m| m.starts_with("image/")) || image::guess_format(&bytes).is_ok() => {
+                let page = extract::Page { number: 1, text: String::new(), method: Method::Ocr, ocr_reason: None };
+                (vec![page], PageImages::Image(bytes))
+            }
+            _ => bail!("{}: not an image or a PDF", path.display()),
+        };
+        let mut out = Vec::new();
+        for page in pages {
+            let t = match page.method {
+                Method::Ocr => self.read_page(&images, path, page.number, page.ocr_reason),
+                _ => PageText { page: page.number, method: "text_layer", text: Ok(page.text), note: None },
+            };
             on_page(&t);
             out.push(t);
-        } else {
-            bail!("{}: not an image or a PDF", path.display());
         }
         Ok(out)
     }
-}
 
-/// One page's transcription and what it cost.
-#[derive(Clone, Debug)]
-pub struct Transcription {
-    /// The text.
-    pub text: String,
-    /// Prompt tokens (image tokens included).
-    pub prompt_tokens: usize,
-    /// Generated tokens.
-    pub generated_tokens: usize,
+    fn read_page(&mut self, images: &PageImages, path: &Path, n: u32, why: Option<String>) -> PageText {
+        let label = match images {
+            PageImages::Pdf(_) => format!("{}.p{n}", stem(path)),
+            PageImages::Image(_) => stem(path),
+        };
+        let read = images.page(n, self.max_decode_pixels).and_then(|pi| {
+            let t = self.model.transcribe(&pi.image, &label, &self.opts, &|| Ok(()))?;
+            Ok((t.text, pi.note))
+        });
+        match read {
+            Ok((text, note)) => PageText { page: n, method: "ocr", text: Ok(text), note: note.or(why) },
+            Err(e) => PageText { page: n, method: "ocr", text: Err(format!("{e:#}")), note: why },
+        }
+    }
 }
 
 /// Transcribes one page image with `dec` and `enc` (greedy, thinking off); `label` names saved
 /// images. The decoder is reset first; `check` is polled between prefill chunks and tokens.
+#[allow(clippy::too_many_arguments)] // the model's parts, the page, and the call's settings
 pub fn transcribe(
     dec: &mut Decoder,
     enc: &mut VisionEncoder,
     tok: &Tokenizer,
     img: &RgbImage,
     opts: &OcrOptions,
+    prefill_chunk: usize,
     label: &str,
     check: &dyn Fn() -> Result<()>,
 ) -> Result<Transcription> {
@@ -145,21 +116,16 @@ pub fn transcribe(
     }
     let mut content: Vec<Part> = images.iter().map(|_| Part::Image { path: label.into() }).collect();
     content.push(Part::Text { text: opts.instruction.clone() });
-    let messages = [ChatMessage { role: "user".into(), content }];
+    let messages = [ChatMessage { role: Role::User, content }];
     let p = prompt::render(tok, enc.config(), &messages, false, images)?;
     dec.reset()?;
     let mut last = Vec::new();
-    crate::vision::prefill(dec, enc, &p, opts.prefill_chunk, Logits::Last, |l| {
+    crate::vision::prefill(dec, enc, &p, prefill_chunk, Logits::Last, |l| {
         last = l.row(0).to_vec();
         check()
     })?;
-    let generation = GenerateOptions {
-        max_new_tokens: opts.max_new_tokens,
-        prefill_chunk: opts.prefill_chunk,
-        sampling: Sampling::default(),
-        stop_tokens: STOP_TOKENS.to_vec(),
-        checkpoint: None,
-    };
+    let generation =
+        DecodeOptions { max_new_tokens: opts.max_new_tokens, sampling: Sampling::default(), stop_tokens: STOP_TOKENS.to_vec() };
     let (tokens, _) = generate::decode(dec, last, &generation, None, |_| check())?;
     Ok(Transcription {
         text: tok.decode(&tokens)?.trim().to_string(),

@@ -2,7 +2,7 @@
 //! rename, fsync of the folder) into the output folder mirroring the inbox layout; failed
 //! documents moved or copied to the quarantine folder next to an error JSON.
 //!
-//! The result's shape is [`DocResult`], described for consumers by `config/result.schema.json`.
+//! The result's shape is `DocResult`, described for consumers by `config/result.schema.json`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -14,14 +14,14 @@ use serde::Serialize;
 use crate::chunk::Chunk;
 use crate::extract::Method;
 use crate::failure::Failure;
-use crate::pipeline::llm::ModelInfo;
+use crate::llm::ModelInfo;
 
-/// The JSON Schema of [`DocResult`] (draft 2020-12).
+/// The JSON Schema of the result JSON (draft 2020-12).
 pub const RESULT_SCHEMA: &str = include_str!("../config/result.schema.json");
 
 /// One document's result.
 #[derive(Clone, Debug, Serialize)]
-pub struct DocResult {
+pub(crate) struct DocResult {
     /// deltadoc version that wrote it.
     pub deltadoc_version: String,
     /// Pipeline name and version.
@@ -54,8 +54,8 @@ pub struct DocResult {
 
 /// Pipeline identity.
 #[derive(Clone, Debug, Serialize)]
-pub struct PipelineRef {
-    /// Name.
+pub(crate) struct PipelineRef {
+    /// The pipeline's name.
     pub name: String,
     /// Declared version.
     pub version: u32,
@@ -63,14 +63,14 @@ pub struct PipelineRef {
 
 /// The input file.
 #[derive(Clone, Debug, Serialize)]
-pub struct Source {
+pub(crate) struct Source {
     /// Where it was read.
     pub path: PathBuf,
     /// Path relative to its inbox.
     pub relative_path: PathBuf,
     /// sha256 of the bytes.
     pub sha256: String,
-    /// Bytes.
+    /// Size of the file in bytes.
     pub size: u64,
     /// Detected media type.
     pub mime: String,
@@ -81,7 +81,7 @@ pub struct Source {
 
 /// One page.
 #[derive(Clone, Debug, Serialize)]
-pub struct PageResult {
+pub(crate) struct PageResult {
     /// 1-based number.
     pub number: u32,
     /// How the text was obtained.
@@ -97,7 +97,7 @@ pub struct PageResult {
 
 /// One model stage's output.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct StageResult {
+pub(crate) struct StageResult {
     /// `summarize`, `prompt`, `ocr` or `extract`.
     pub kind: String,
     /// The answer (after map-reduce for long documents): text, or for `extract` the fields.
@@ -140,7 +140,7 @@ pub struct StageResult {
 
 /// Token totals.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct TokenTotals {
+pub(crate) struct TokenTotals {
     /// Prompt tokens of all calls (a shared prefix counts once per call).
     pub prompt: usize,
     /// Prompt tokens actually prefilled (prefix reuse makes this smaller).
@@ -151,13 +151,13 @@ pub struct TokenTotals {
 
 /// The error JSON written next to a quarantined document.
 #[derive(Clone, Debug, Serialize)]
-pub struct ErrorReport<'a> {
+pub(crate) struct ErrorReport<'a> {
     /// What failed.
     #[serde(flatten)]
     pub failure: &'a Failure,
     /// Attempts made.
     pub attempts: u32,
-    /// Pipeline.
+    /// The pipeline that failed it.
     pub pipeline: &'a str,
     /// Where the file was found.
     pub source: &'a Path,
@@ -171,14 +171,14 @@ pub struct ErrorReport<'a> {
 
 /// The result path of `rel` (relative to its inbox): `<output>/<rel>.json`, keeping the original
 /// extension so `a.pdf` and `a.txt` do not collide.
-pub fn result_path(output: &Path, rel: &Path) -> PathBuf {
+pub(crate) fn result_path(output: &Path, rel: &Path) -> PathBuf {
     let mut name = rel.as_os_str().to_owned();
     name.push(".json");
     output.join(name)
 }
 
 /// Writes `bytes` to `path` atomically: readers see the old file or the whole new one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("result path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
     let name = path.file_name().context("result path has no file name")?.to_string_lossy();
@@ -198,7 +198,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes a result as pretty JSON.
-pub fn write_result(path: &Path, r: &DocResult) -> Result<()> {
+pub(crate) fn write_result(path: &Path, r: &DocResult) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(r)?;
     bytes.push(b'\n');
     write_atomic(path, &bytes)
@@ -206,7 +206,7 @@ pub fn write_result(path: &Path, r: &DocResult) -> Result<()> {
 
 /// Moves (or copies) a failed document into `quarantine` mirroring `rel`, and writes
 /// `<name>.error.json` beside it. Returns where the document now is.
-pub fn quarantine(src: &Path, quarantine: &Path, rel: &Path, move_it: bool, report: &ErrorReport) -> Result<PathBuf> {
+pub(crate) fn quarantine(src: &Path, quarantine: &Path, rel: &Path, move_it: bool, report: &ErrorReport) -> Result<PathBuf> {
     let mut dest = quarantine.join(rel);
     if let Some(dir) = dest.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create quarantine folder", dir.display()))?;
@@ -247,6 +247,6 @@ fn same_file_content(a: &Path, b: &Path) -> bool {
 }
 
 /// Current time in RFC 3339 (UTC).
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }

@@ -1,7 +1,7 @@
 //! The ONNX Runtime environment of the process and the sessions that run deltadoc graphs.
 //!
 //! The shared library is located once per process: `DELTADOC_ORT_LIB`, then `ORT_DYLIB_PATH`,
-//! else the pinned PyPI wheel through [`crate::fetch`]. ort allows a single environment per
+//! else the pinned PyPI wheel through `crate::fetch`. ort allows a single environment per
 //! process, so it lives in a `OnceLock`.
 
 use std::path::{Path, PathBuf};
@@ -57,6 +57,17 @@ pub struct SessionOptions {
 impl Default for SessionOptions {
     fn default() -> Self {
         Self { threads: default_threads(), spin: false }
+    }
+}
+
+impl SessionOptions {
+    /// `threads` intra-op threads, 0 meaning every core (the `--threads` and `threads:` setting).
+    pub fn with_threads(threads: usize) -> Self {
+        let mut o = Self::default();
+        if threads > 0 {
+            o.threads = threads;
+        }
+        o
     }
 }
 

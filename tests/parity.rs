@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use deltadoc::generate::{self, Decoder, GenerateOptions, Logits, Sampling};
+use deltadoc::generate::{self, DecodeOptions, Decoder, Logits, Prefill, Sampling};
 use deltadoc::model::ExportOptions;
 use deltadoc::model::graph::{KvCache, LinearAttn};
 use deltadoc::model::quant::Precision;
@@ -200,14 +200,9 @@ fn greedy_continuation_is_identical_for_32_tokens() {
         let prompt = g.ids("greedy.prompt");
         let want = g.ids("greedy.tokens");
         let mut dec = decoder(fx, Precision::Fp32);
-        let opts = GenerateOptions {
-            max_new_tokens: 32,
-            prefill_chunk: 8,
-            sampling: Sampling::default(),
-            stop_tokens: vec![],
-            checkpoint: None,
-        };
-        let (got, stats) = generate::generate(&mut dec, &prompt, &opts, |_| Ok(())).unwrap();
+        let prefill = Prefill { chunk: 8, checkpoint: None };
+        let opts = DecodeOptions { max_new_tokens: 32, sampling: Sampling::default(), stop_tokens: vec![] };
+        let (got, stats) = generate::generate(&mut dec, &prompt, &prefill, &opts, |_| Ok(())).unwrap();
         assert_eq!(stats.generated_tokens, 32);
         assert_eq!(got, want, "{fx}: greedy tokens differ from transformers");
     }

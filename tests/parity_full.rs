@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use deltadoc::generate::{self, Decoder, GenerateOptions, Sampling};
+use deltadoc::generate::{self, DecodeOptions, Decoder, Prefill, Sampling};
 use deltadoc::model::quant::Precision;
 use deltadoc::runtime::SessionOptions;
 
@@ -55,14 +55,9 @@ fn real_08b_shape_matches_transformers() {
         assert!(err <= 1e-4, "decode path max |Δlogit| {err:.3e}");
         // Greedy.
         dec.reset().unwrap();
-        let o = GenerateOptions {
-            max_new_tokens: 32,
-            prefill_chunk: 64,
-            sampling: Sampling::default(),
-            stop_tokens: vec![],
-            checkpoint: None,
-        };
-        let (got, _) = generate::generate(&mut dec, &g.ids("greedy.prompt"), &o, |_| Ok(())).unwrap();
+        let prefill = Prefill { chunk: 64, checkpoint: None };
+        let o = DecodeOptions { max_new_tokens: 32, sampling: Sampling::default(), stop_tokens: vec![] };
+        let (got, _) = generate::generate(&mut dec, &g.ids("greedy.prompt"), &prefill, &o, |_| Ok(())).unwrap();
         assert_eq!(got, g.ids("greedy.tokens"), "greedy tokens");
         println!("0.8b/fp32: greedy 32 tokens identical");
     }

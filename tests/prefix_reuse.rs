@@ -3,19 +3,23 @@
 
 mod common;
 
-use deltadoc::generate::Sampling;
+use deltadoc::chat::stage_prompt;
+use deltadoc::generate::{DEFAULT_PREFILL_CHUNK, DecodeOptions, Sampling};
+use deltadoc::llm::ort::{OrtModel, RuntimeSettings};
+use deltadoc::llm::{Request, TextModel};
 use deltadoc::model::quant::Precision;
-use deltadoc::pipeline::llm::{OrtModel, Request, TextModel, stage_options, stage_prompt};
 use deltadoc::runtime::SessionOptions;
+use deltadoc::tokenizer::STOP_TOKENS;
 
 #[test]
 fn restored_prefix_generates_what_a_fresh_prefill_does() {
     let dir = common::open(&common::imported("fullvocab", Precision::Fp32));
     let opts = SessionOptions { threads: 1, ..Default::default() };
-    let mut reused = OrtModel::open(&dir, &opts).unwrap();
-    let mut fresh = OrtModel::open(&dir, &opts).unwrap();
+    let mut reused = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
+    let mut fresh = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
     // Sampling makes the output depend on every logit, so any state difference shows.
-    let options = stage_options(24, Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 });
+    let sampling = Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 };
+    let options = DecodeOptions { max_new_tokens: 24, sampling, stop_tokens: STOP_TOKENS.to_vec() };
     let doc =
         reused.tokenizer().encode("This Supply Agreement is made between Acme GmbH and Beta Ltd. on 1 March 2027.").unwrap();
     let (p, s1) = stage_prompt(reused.tokenizer(), &doc, "Summarise the agreement.", false).unwrap();

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use deltadoc::config::{self, Pipeline, PipelineSpec};
+use deltadoc::config::{self, Pipeline};
+use deltadoc::ledger::{Discovery, Ledger, NewJob, SqliteLedger};
 use deltadoc::schedule::{Event, Scheduler};
-use deltadoc::store::{Discovery, Ledger, NewJob, SqliteLedger};
 use jiff::Timestamp;
 
 fn pipeline() -> Pipeline {
@@ -16,8 +16,10 @@ output: out
 schedule: {cron: \"0 2 * * *\", timezone: Europe/Berlin, window: 1h}
 stages: [{name: s, kind: summarize}]
 ";
-    let spec: PipelineSpec = config::parse_yaml(yaml, "nightly.yaml").unwrap();
-    Pipeline { spec, file: "nightly.yaml".into(), inboxes: vec!["/in".into()], output: "/out".into(), quarantine: "/q".into() }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("nightly.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    config::load_pipeline(&file, Some(dir.path())).unwrap()
 }
 
 /// A wall-clock time with its zone (`…[Europe/Berlin]`) or a UTC instant (`…Z`).

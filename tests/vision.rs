@@ -12,7 +12,9 @@
 mod common;
 
 use common::*;
-use deltadoc::generate::{Decoder, Logits};
+use deltadoc::extract::image::{DEFAULT_MAX_DECODE_PIXELS, load as load_image};
+use deltadoc::generate::{DEFAULT_PREFILL_CHUNK, Decoder, Logits};
+use deltadoc::llm::ort::{OrtModel, RuntimeSettings};
 use deltadoc::model::quant::Precision;
 use deltadoc::runtime::SessionOptions;
 use deltadoc::vision::encoder::VisionEncoder;
@@ -65,6 +67,7 @@ fn patchify_matches_the_reference_pixel_values() {
 /// `image` crate's Catmull-Rom. Sizes must agree exactly; pixels within a measured bound.
 #[test]
 fn resize_is_close_to_the_reference() {
+    let Some(_corpus) = common::corpus() else { return };
     let g = Golden::load("vision");
     let m = open(&imported("vision", Precision::Fp32));
     let (cfg, _) = m.vision().unwrap();
@@ -77,7 +80,7 @@ fn resize_is_close_to_the_reference() {
     ];
     let o = ImageOptions { max_pixels: 200_704, ..ImageOptions::default() };
     for (name, file) in files {
-        let img = preprocess::load(&corpus().join("scanned").join(file), &o).unwrap();
+        let img = load_image(&corpus_path().join("scanned").join(file), DEFAULT_MAX_DECODE_PIXELS).unwrap();
         let p = preprocess::preprocess(&img, cfg, &o).unwrap();
         assert_eq!(p.grid, grid(&g, &format!("pre.{name}.grid")), "{name}: grid");
         let want = golden_image(&g, &format!("pre.{name}.image"));
@@ -101,6 +104,7 @@ fn resize_is_close_to_the_reference() {
 
 #[test]
 fn vision_features_match_transformers() {
+    let Some(_corpus) = common::corpus() else { return };
     let g = Golden::load("vision");
     let m = open(&imported("vision", Precision::Fp32));
     let mut enc = VisionEncoder::open(&m, &opts()).unwrap();
@@ -115,10 +119,14 @@ fn vision_features_match_transformers() {
 
         // The same scan through deltadoc's own decoding and resampling: what the resampler
         // difference costs in features (reported in onnx/README.md, bounded loosely here).
-        let o = ImageOptions { min_pixels: 16_384, max_pixels: 40_000, ..ImageOptions::default() };
+        let o = ImageOptions { min_pixels: 16_384, max_pixels: 40_000 };
         let file = if name == "hebrew" { "tesseract__hebrew.png" } else { "tesseract__phototest.tif" };
-        let ours = preprocess::preprocess(&preprocess::load(&corpus().join("scanned").join(file), &o).unwrap(), enc.config(), &o)
-            .unwrap();
+        let ours = preprocess::preprocess(
+            &load_image(&corpus_path().join("scanned").join(file), DEFAULT_MAX_DECODE_PIXELS).unwrap(),
+            enc.config(),
+            &o,
+        )
+        .unwrap();
         assert_eq!(ours.grid, img.grid, "{name}: grid");
         let feats = enc.encode(&ours).unwrap();
         let d = max_abs(feats.as_slice().unwrap(), &want);
@@ -170,7 +178,15 @@ fn multimodal_prompt_logits_match_transformers() {
     let m = open(&dir);
     let mut enc = VisionEncoder::open(&m, &opts()).unwrap();
     let messages = prompt::read_messages(&fixture_dir("vision").join("messages.json")).unwrap();
-    let p = prompt::build(&m.tokenizer().unwrap(), enc.config(), &messages, false, &ImageOptions::default()).unwrap();
+    let p = prompt::build(
+        &m.tokenizer().unwrap(),
+        enc.config(),
+        &messages,
+        false,
+        &ImageOptions::default(),
+        DEFAULT_MAX_DECODE_PIXELS,
+    )
+    .unwrap();
     assert_eq!(p.ids, g.ids("mm.ids"), "templated ids");
     let (_, want_pos) = g.i64("mm.position_ids");
     assert_eq!(p.positions.as_slice().unwrap(), &want_pos[..], "3-axis positions");
@@ -208,17 +224,18 @@ fn multimodal_prompt_logits_match_transformers() {
 /// with globals, and a CCITT page of an encrypted PDF without a file identifier.
 #[test]
 fn every_corpus_scan_goes_through_ocr() {
+    let Some(_corpus) = common::corpus() else { return };
     let m = open(&imported("vision", Precision::Fp32));
     let opts = deltadoc::ocr::OcrOptions {
         image: ImageOptions::default().with_token_budget(1280),
         tile_tokens: Some(640),
         save_images: None,
         max_new_tokens: 4,
-        prefill_chunk: 512,
-        instruction: deltadoc::pipeline::OCR_INSTRUCTION.into(),
+        instruction: "Transcribe all text on this page exactly, in reading order.".into(),
     };
-    let mut reader = deltadoc::ocr::Reader::open(&m, &self::opts(), opts).unwrap();
-    let mut files: Vec<_> = std::fs::read_dir(corpus().join("scanned"))
+    let model = OrtModel::open(&m, &self::opts(), RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
+    let mut reader = deltadoc::ocr::Reader::new(model, opts, DEFAULT_MAX_DECODE_PIXELS);
+    let mut files: Vec<_> = std::fs::read_dir(corpus_path().join("scanned"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_none_or(|x| x != "txt"))

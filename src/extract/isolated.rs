@@ -1,6 +1,7 @@
 //! Extraction in a child process (`deltadoc extract --json FILE`) under a wall-time limit and an
 //! address-space cap: a hostile PDF can then crash, hang or balloon without taking the daemon
-//! (and the loaded model) with it.
+//! (and the loaded model) with it. Both sides of the protocol are here: [`extract`] starts the
+//! child and reads its answer, [`child`] is what the child runs.
 
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::Extracted;
+use super::{ExtractLimits, Extracted};
 use crate::failure::{Failure, Reason};
 
 /// What the child prints on stdout: one JSON object.
@@ -21,6 +22,16 @@ pub enum Outcome {
     Ok(Extracted),
     /// The file was refused, with the reason.
     Error(Failure),
+}
+
+/// The child's side: extracts `path` and prints the [`Outcome`] as one JSON object on stdout.
+pub fn child(path: &Path, limits: ExtractLimits) -> anyhow::Result<()> {
+    let o = match super::extract_file(path, limits) {
+        Ok(e) => Outcome::Ok(e),
+        Err(f) => Outcome::Error(f),
+    };
+    println!("{}", serde_json::to_string(&o)?);
+    Ok(())
 }
 
 /// Limits of one isolated extraction.

@@ -2,13 +2,14 @@
 //! text and Markdown in any common encoding, HTML), and which pages need OCR.
 //!
 //! Parsers of hostile files crash, hang or allocate without bound, and a stack overflow cannot be
-//! caught in-process; the daemon therefore runs [`extract_file`] in a child process
-//! (`deltadoc extract --json`) under a time and address-space limit ([`isolated`]).
+//! caught in-process; the daemon therefore runs `extract_file` in a child process
+//! (`deltadoc extract --json`) under a time and address-space limit (`isolated`).
 
-pub mod isolated;
-pub mod page_image;
-pub mod pdf;
-pub mod text;
+pub mod image;
+pub(crate) mod isolated;
+pub(crate) mod page_image;
+pub(crate) mod pdf;
+pub(crate) mod text;
 
 use std::path::Path;
 
@@ -19,7 +20,7 @@ use crate::failure::{Failure, Reason};
 /// How a page's text was obtained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Method {
+pub(crate) enum Method {
     /// Plain text or Markdown file.
     Text,
     /// HTML converted to text.
@@ -32,7 +33,7 @@ pub enum Method {
 
 /// One page (text files and HTML are one page).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Page {
+pub(crate) struct Page {
     /// 1-based page number.
     pub number: u32,
     /// Extracted text (empty until OCR for `ocr` pages).
@@ -46,7 +47,7 @@ pub struct Page {
 
 /// Everything extraction learnt about a document.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Extracted {
+pub(crate) struct Extracted {
     /// Detected media type.
     pub mime: String,
     /// Pages in order.
@@ -60,13 +61,13 @@ pub struct Extracted {
 
 /// Limits that apply inside the extractor.
 #[derive(Clone, Copy, Debug)]
-pub struct ExtractLimits {
+pub(crate) struct ExtractLimits {
     /// More pages than this: `too_large`.
     pub max_pages: u32,
 }
 
 /// Media type from the first bytes, falling back to the extension for text formats.
-pub fn detect_mime(path: &Path, bytes: &[u8]) -> Option<&'static str> {
+pub(crate) fn detect_mime(path: &Path, bytes: &[u8]) -> Option<&'static str> {
     let head = &bytes[..bytes.len().min(1024)];
     // PDF readers accept a header anywhere in the first KiB (some producers prepend junk).
     if head.windows(5).any(|w| w == b"%PDF-") {
@@ -97,13 +98,13 @@ pub fn detect_mime(path: &Path, bytes: &[u8]) -> Option<&'static str> {
 
 /// Extracts the text of one file (in this process: call it through [`isolated`] for untrusted
 /// input).
-pub fn extract_file(path: &Path, limits: ExtractLimits) -> Result<Extracted, Failure> {
+pub(crate) fn extract_file(path: &Path, limits: ExtractLimits) -> Result<Extracted, Failure> {
     let bytes = std::fs::read(path).map_err(|e| Failure::new(Reason::Io, "extract", format!("{}: {e}", path.display())))?;
     extract_bytes(path, &bytes, limits)
 }
 
 /// Extracts from bytes already read; `path` names the file in errors and gives the extension.
-pub fn extract_bytes(path: &Path, bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, Failure> {
+pub(crate) fn extract_bytes(path: &Path, bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, Failure> {
     let fail = |reason, msg: String| Failure::new(reason, "extract", format!("{}: {msg}", path.display()));
     let Some(mime) = detect_mime(path, bytes) else {
         return Err(fail(Reason::Unsupported, "not a PDF, image, HTML or text file (binary content of an unknown type)".into()));
@@ -122,7 +123,7 @@ pub fn extract_bytes(path: &Path, bytes: &[u8], limits: ExtractLimits) -> Result
 
 /// Share of characters that are replacement, control or private-use characters: a text layer
 /// made of these is a font without a usable Unicode mapping, not text.
-pub fn garbage_ratio(text: &str) -> f64 {
+pub(crate) fn garbage_ratio(text: &str) -> f64 {
     let mut total = 0usize;
     let mut bad = 0usize;
     for c in text.chars().filter(|c| !c.is_whitespace()) {

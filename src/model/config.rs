@@ -1,5 +1,5 @@
 //! Qwen3.5 text configuration: read from a Hugging Face `config.json` and the shape presets of
-//! specs/qwen35.md §8.
+//! docs/model.md, "Shapes".
 
 use std::path::Path;
 
@@ -49,6 +49,37 @@ pub struct TextConfig {
     pub layer_types: Vec<String>,
 }
 
+/// One axis of a carried state, after the batch axis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateDim {
+    /// The tokens seen so far (an attention cache's rows).
+    Past,
+    /// A size fixed by the configuration.
+    Fixed(usize),
+}
+
+/// A state a layer carries between decoder calls: its graph input name (`past.<layer>.<what>`)
+/// and its axes after the batch axis.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerState {
+    /// Graph input name; the matching output is `present.<layer>.<what>`.
+    pub name: String,
+    /// Axes after the batch axis.
+    pub dims: Vec<StateDim>,
+}
+
+impl LayerState {
+    /// Elements of a state with no context axis (`None` for a cache that grows with the context).
+    pub fn fixed_elements(&self) -> Option<usize> {
+        self.dims.iter().map(|d| if let StateDim::Fixed(n) = d { Some(*n) } else { None }).product()
+    }
+
+    /// The shape with `past` tokens on the context axis and a batch of one.
+    pub fn shape(&self, past: usize) -> Vec<usize> {
+        std::iter::once(1).chain(self.dims.iter().map(|d| if let StateDim::Fixed(n) = d { *n } else { past })).collect()
+    }
+}
+
 /// Kind of one decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LayerKind {
@@ -89,12 +120,43 @@ impl TextConfig {
         (0..self.num_hidden_layers).filter(|&i| self.layer_kind(i) == kind).collect()
     }
 
+    /// The two states layer `i` carries from one decoder call to the next, in graph input
+    /// order: an attention layer's keys and values (growing along the context), a DeltaNet
+    /// layer's conv window and recurrent state (fixed size). The graph's inputs, the decoder's
+    /// empty state and the memory plan all derive from this one place.
+    pub fn layer_states(&self, i: usize) -> [LayerState; 2] {
+        match self.layer_kind(i) {
+            LayerKind::Full => {
+                let dims = vec![StateDim::Past, StateDim::Fixed(self.num_key_value_heads), StateDim::Fixed(self.head_dim)];
+                [
+                    LayerState { name: format!("past.{i}.key"), dims: dims.clone() },
+                    LayerState { name: format!("past.{i}.value"), dims },
+                ]
+            }
+            LayerKind::Linear => [
+                LayerState {
+                    name: format!("past.{i}.conv"),
+                    dims: vec![StateDim::Fixed(self.conv_dim()), StateDim::Fixed(self.linear_conv_kernel_dim - 1)],
+                },
+                LayerState {
+                    name: format!("past.{i}.recurrent"),
+                    dims: [self.linear_num_value_heads, self.linear_key_head_dim, self.linear_value_head_dim]
+                        .map(StateDim::Fixed)
+                        .to_vec(),
+                },
+            ],
+        }
+    }
+
     /// Bytes of carried DeltaNet state (f32 conv + recurrent), independent of context length.
     pub fn linear_state_bytes(&self) -> usize {
-        let n = self.layers_of(LayerKind::Linear).len();
-        let rec = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim;
-        let conv = self.conv_dim() * (self.linear_conv_kernel_dim - 1);
-        n * (rec + conv) * 4
+        let elements: usize = self
+            .layers_of(LayerKind::Linear)
+            .into_iter()
+            .flat_map(|i| self.layer_states(i))
+            .filter_map(|s| s.fixed_elements())
+            .sum();
+        elements * 4
     }
 
     /// KV cache elements per context token (attention layers only).
@@ -136,8 +198,12 @@ impl TextConfig {
         if c.mrope_section.iter().sum::<usize>() != rot / 2 {
             bail!("mrope_section {:?} must sum to rotary_dim/2 = {}", c.mrope_section, rot / 2);
         }
-        if c.linear_conv_kernel_dim < 2 || c.linear_conv_kernel_dim > crate::ops::conv::MAX_KERNEL {
-            bail!("linear_conv_kernel_dim {} is out of range 2..={}", c.linear_conv_kernel_dim, crate::ops::conv::MAX_KERNEL);
+        if c.linear_conv_kernel_dim < 2 || c.linear_conv_kernel_dim > deltadoc_kernels::conv::MAX_KERNEL {
+            bail!(
+                "linear_conv_kernel_dim {} is out of range 2..={}",
+                c.linear_conv_kernel_dim,
+                deltadoc_kernels::conv::MAX_KERNEL
+            );
         }
         Ok(())
     }
@@ -266,7 +332,7 @@ pub enum Shape {
 }
 
 impl Shape {
-    /// The configuration of this shape (specs/qwen35.md §8).
+    /// The configuration of this shape (docs/model.md, "Shapes").
     pub fn config(self) -> TextConfig {
         // (hidden, layers, intermediate, heads, kv heads, head_dim, k heads, v heads, k dim, v dim, tie)
         let (h, l, i, nq, nkv, hd, hk, hv, dk, dv, tie) = match self {
@@ -331,7 +397,7 @@ mod tests {
         assert_eq!(Shape::B0_8.config().conv_dim(), 6144);
         assert_eq!(Shape::B9.config().conv_dim(), 8192);
         assert_eq!(Shape::B0_8.config().rotary_dim(), 64);
-        // specs/qwen35.md §9: 18 × 16 × 128 × 128 × 4 recurrent bytes plus 3 conv columns of 6144
+        // docs/model.md, "State and memory": 18 × 16 × 128 × 128 × 4 recurrent bytes plus 3 conv columns of 6144
         // channels per layer; 6 layers × 2 × 2 × 256 KV values per token.
         assert_eq!(Shape::B0_8.config().linear_state_bytes(), 18_874_368 + 18 * 6144 * 3 * 4);
         assert_eq!(Shape::B0_8.config().kv_elements_per_token(), 6 * 2 * 2 * 256);

@@ -1,4 +1,4 @@
-//! The Qwen3.5 text decoder as one ONNX graph (specs/qwen35.md §1–§4): the one place where the
+//! The Qwen3.5 text decoder as one ONNX graph (docs/model.md, "Decoder" to "Positions"): the one place where the
 //! architecture is written down for the runtime.
 //!
 //! Interface (batch is symbolic, the generator uses 1):
@@ -14,12 +14,12 @@
 
 use anyhow::Result;
 
-use super::config::{LayerKind, TextConfig};
+use super::config::{LayerKind, LayerState, StateDim, TextConfig};
 use super::quant::{self, Precision};
+use super::state::Elem;
 use crate::onnx::proto::data_type;
 use crate::onnx::{Attr, Dim, GraphBuilder};
 use crate::ops;
-use crate::snapshot::Elem;
 
 /// Where the DeltaNet layers' conv and rule run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -109,14 +109,6 @@ struct Ctx<'a> {
     sin: String,
 }
 
-/// Names of the per-layer state inputs/outputs.
-pub fn state_names(cfg: &TextConfig, i: usize) -> [String; 2] {
-    match cfg.layer_kind(i) {
-        LayerKind::Full => [format!("past.{i}.key"), format!("past.{i}.value")],
-        LayerKind::Linear => [format!("past.{i}.conv"), format!("past.{i}.recurrent")],
-    }
-}
-
 /// The output that carries the state input `past_name` to the next call: the whole next state
 /// of a DeltaNet layer, or the rows an attention layer's cache grows by.
 pub fn present_name(past_name: &str) -> String {
@@ -133,43 +125,32 @@ pub fn build(
 ) -> Result<GraphBuilder> {
     cfg.validate()?;
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-    let (nkv, hd) = (cfg.num_key_value_heads as i64, cfg.head_dim as i64);
-    let kconv = (cfg.linear_conv_kernel_dim - 1) as i64;
     let batch = Dim::Named("batch");
     b.input("input_ids", data_type::INT64, &[batch.clone(), Dim::Named("seq")]);
     b.input("position_ids", data_type::INT64, &[Dim::Fixed(3), batch.clone(), Dim::Named("seq")]);
     b.input("logits_index", data_type::INT64, &[Dim::Named("n_logits")]);
     b.input("image_embeds", data_type::FLOAT, &[Dim::Named("image_rows"), Dim::Fixed(h as i64)]);
     for i in 0..cfg.num_hidden_layers {
-        let [a, s] = state_names(cfg, i);
-        let (da, ds): (Vec<Dim>, Vec<Dim>) = match cfg.layer_kind(i) {
-            LayerKind::Full => (
-                vec![batch.clone(), Dim::Named("past"), Dim::Fixed(nkv), Dim::Fixed(hd)],
-                vec![batch.clone(), Dim::Named("past"), Dim::Fixed(nkv), Dim::Fixed(hd)],
-            ),
-            LayerKind::Linear => (
-                vec![batch.clone(), Dim::Fixed(cfg.conv_dim() as i64), Dim::Fixed(kconv)],
-                vec![
-                    batch.clone(),
-                    Dim::Fixed(cfg.linear_num_value_heads as i64),
-                    Dim::Fixed(cfg.linear_key_head_dim as i64),
-                    Dim::Fixed(cfg.linear_value_head_dim as i64),
-                ],
-            ),
-        };
         let ty = match cfg.layer_kind(i) {
             LayerKind::Full => opts.kv_cache.data_type(),
             LayerKind::Linear => data_type::FLOAT,
         };
-        b.input(&a, ty, &da);
-        b.input(&s, ty, &ds);
-        let (pa, ps) = (present_name(&a), present_name(&s));
         // An attention output holds the call's positions where its input holds the cache's.
-        let call_rows = |d: &[Dim]| -> Vec<Dim> {
-            d.iter().map(|x| if matches!(x, Dim::Named("past")) { Dim::Named("seq") } else { x.clone() }).collect()
+        let dims = |state: &LayerState, context: &'static str| -> Vec<Dim> {
+            std::iter::once(batch.clone())
+                .chain(state.dims.iter().map(|d| match d {
+                    StateDim::Past => Dim::Named(context),
+                    StateDim::Fixed(n) => Dim::Fixed(*n as i64),
+                }))
+                .collect()
         };
-        b.output(&pa, ty, &call_rows(&da));
-        b.output(&ps, ty, &call_rows(&ds));
+        let states = cfg.layer_states(i);
+        for s in &states {
+            b.input(&s.name, ty, &dims(s, "past"));
+        }
+        for s in &states {
+            b.output(&present_name(&s.name), ty, &dims(s, "seq"));
+        }
     }
     b.output("logits", data_type::FLOAT, &[batch, Dim::Named("n_logits"), Dim::Fixed(v as i64)]);
 
@@ -345,7 +326,7 @@ impl Ctx<'_> {
         let q = self.rope(&q)?;
         let k = self.rope(&k)?;
         // Blockwise causal attention over the cache (ops::attention): no [heads, S, P+S] scores.
-        let [past_k, past_v] = state_names(cfg, i);
+        let [past_k, past_v] = cfg.layer_states(i).map(|s| s.name);
         let (pk, pv) = (present_name(&past_k), present_name(&past_v));
         let ctx = self.b.fresh("attn_out");
         self.b.node_named(
@@ -368,8 +349,7 @@ impl Ctx<'_> {
     fn delta_net(&mut self, i: usize, x: &str, w: &mut dyn WeightSource) -> Result<String> {
         let cfg = self.cfg;
         let h = cfg.hidden_size;
-        let (hk, hv, dk, dv) =
-            (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim);
+        let (hv, dv) = (cfg.linear_num_value_heads, cfg.linear_value_head_dim);
         let (key_dim, value_dim, conv_dim, kw) = (cfg.key_dim(), cfg.value_dim(), cfg.conv_dim(), cfg.linear_conv_kernel_dim);
         let p = format!("layers.{i}.linear_attn.");
         let qkv =
@@ -380,32 +360,9 @@ impl Ctx<'_> {
         let al = self.linear(x, &format!("{p}in_proj_a"), &w.get(&format!("{p}in_proj_a.weight"), &[hv, h])?, hv, h)?;
         let conv_w = w.get(&format!("{p}conv1d.weight"), &[conv_dim, 1, kw])?;
         let conv_w = self.b.f32s(&format!("{p}conv1d.weight"), &[conv_dim as i64, kw as i64], &conv_w)?;
-        let [past_conv, past_rec] = state_names(cfg, i);
+        let [past_conv, past_rec] = cfg.layer_states(i).map(|s| s.name);
         let (pc, pr) = (present_name(&past_conv), present_name(&past_rec));
-        let mixed = self.b.fresh("conv_out");
-        match self.opts.linear_attn {
-            LinearAttn::Deltadoc => self.b.node_named(
-                "CausalConv1dWithState",
-                ops::DOMAIN,
-                &[&qkv, &conv_w, &past_conv],
-                &[&mixed, &pc],
-                vec![("activation", Attr::Str("silu".into()))],
-            ),
-            LinearAttn::Builtin => {
-                // ORT's op is channels-first: [B, C, T] with weight [C, 1, K].
-                let x = self.b.op("Transpose", &[&qkv], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
-                let w3 = self.b.reshape(&conv_w, &[conv_dim as i64, 1, kw as i64])?;
-                let y = self.b.fresh("conv_cf");
-                self.b.node_named(
-                    "CausalConvWithState",
-                    "com.microsoft",
-                    &[&x, &w3, "", &past_conv],
-                    &[&y, &pc],
-                    vec![("activation", Attr::Str("silu".into()))],
-                );
-                self.b.node_named("Transpose", "", &[&y], &[&mixed], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
-            }
-        }
+        let mixed = self.causal_conv(&qkv, &conv_w, &past_conv, &pc, conv_dim, kw)?;
         let parts = self.b.split(&mixed, &[key_dim as i64, key_dim as i64, value_dim as i64], -1)?;
         // beta = sigmoid(b); g = −exp(A_log) · softplus(a + dt_bias), in f32 as the reference.
         let beta = self.b.op("Sigmoid", &[&bl], vec![]);
@@ -417,14 +374,60 @@ impl Ctx<'_> {
         let a = self.b.op("Add", &[&al, &dt_bias], vec![]);
         let sp = self.b.op("Softplus", &[&a], vec![]);
         let g = self.b.op("Mul", &[&sp, &neg_a], vec![]);
+        let o = self.delta_rule([&parts[0], &parts[1], &parts[2]], &g, &beta, [&past_rec, &pr])?;
+        // Gated RMSNorm per value head (plain weight, not 1 + w), then the silu(z) gate.
+        let o4 = self.b.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
+        let n = self.rms_norm(&o4, &w.get(&format!("{p}norm.weight"), &[dv])?, false)?;
+        let z4 = self.b.reshape(&z, &[0, 0, hv as i64, dv as i64])?;
+        let gate = self.silu(&z4);
+        let y = self.b.op("Mul", &[&n, &gate], vec![]);
+        let y = self.b.reshape(&y, &[0, 0, value_dim as i64])?;
+        self.linear(&y, &format!("{p}out_proj"), &w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?, h, value_dim)
+    }
+
+    /// The DeltaNet's causal depthwise conv over `[q | k | v]` with its carried window: deltadoc's
+    /// operator, or ORT's channels-first one for comparisons.
+    fn causal_conv(&mut self, qkv: &str, conv_w: &str, past: &str, present: &str, conv_dim: usize, kw: usize) -> Result<String> {
+        let mixed = self.b.fresh("conv_out");
+        match self.opts.linear_attn {
+            LinearAttn::Deltadoc => self.b.node_named(
+                "CausalConv1dWithState",
+                ops::DOMAIN,
+                &[qkv, conv_w, past],
+                &[&mixed, present],
+                vec![("activation", Attr::Str("silu".into()))],
+            ),
+            LinearAttn::Builtin => {
+                // ORT's op is channels-first: [B, C, T] with weight [C, 1, K].
+                let x = self.b.op("Transpose", &[qkv], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+                let w3 = self.b.reshape(conv_w, &[conv_dim as i64, 1, kw as i64])?;
+                let y = self.b.fresh("conv_cf");
+                self.b.node_named(
+                    "CausalConvWithState",
+                    "com.microsoft",
+                    &[&x, &w3, "", past],
+                    &[&y, present],
+                    vec![("activation", Attr::Str("silu".into()))],
+                );
+                self.b.node_named("Transpose", "", &[&y], &[&mixed], vec![("perm", Attr::Ints(vec![0, 2, 1]))]);
+            }
+        }
+        Ok(mixed)
+    }
+
+    /// The gated delta rule over `[q, k, v]` with its carried state (`[past, present]`):
+    /// deltadoc's operator, or ORT's LinearAttention for comparisons.
+    fn delta_rule(&mut self, [q, k, v]: [&str; 3], g: &str, beta: &str, [past, present]: [&str; 2]) -> Result<String> {
+        let cfg = self.cfg;
+        let (hk, hv, dk) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim);
         let o = self.b.fresh("rule_out");
         let scale = Attr::Float((dk as f32).powf(-0.5));
         match self.opts.linear_attn {
             LinearAttn::Deltadoc => self.b.node_named(
                 "GatedDeltaRule",
                 ops::DOMAIN,
-                &[&parts[0], &parts[1], &parts[2], &g, &beta, &past_rec],
-                &[&o, &pr],
+                &[q, k, v, g, beta, past],
+                &[&o, present],
                 vec![
                     ("num_k_heads", Attr::Int(hk as i64)),
                     ("num_v_heads", Attr::Int(hv as i64)),
@@ -436,13 +439,13 @@ impl Ctx<'_> {
                 // ORT's op expects L2-normalised q/k and applies `scale` itself; with fewer key
                 // heads than state heads it shares key head h·Hk/Hv, as the reference's
                 // repeat_interleave does.
-                let q = self.l2norm_heads(&parts[0], hk, dk)?;
-                let k = self.l2norm_heads(&parts[1], hk, dk)?;
+                let q = self.l2norm_heads(q, hk, dk)?;
+                let k = self.l2norm_heads(k, hk, dk)?;
                 self.b.node_named(
                     "LinearAttention",
                     "com.microsoft",
-                    &[&q, &k, &parts[2], &past_rec, &g, &beta],
-                    &[&o, &pr],
+                    &[&q, &k, v, past, g, beta],
+                    &[&o, present],
                     vec![
                         ("q_num_heads", Attr::Int(hk as i64)),
                         ("kv_num_heads", Attr::Int(hv as i64)),
@@ -454,14 +457,7 @@ impl Ctx<'_> {
                 );
             }
         }
-        // Gated RMSNorm per value head (plain weight, not 1 + w), then the silu(z) gate.
-        let o4 = self.b.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
-        let n = self.rms_norm(&o4, &w.get(&format!("{p}norm.weight"), &[dv])?, false)?;
-        let z4 = self.b.reshape(&z, &[0, 0, hv as i64, dv as i64])?;
-        let gate = self.silu(&z4);
-        let y = self.b.op("Mul", &[&n, &gate], vec![]);
-        let y = self.b.reshape(&y, &[0, 0, value_dim as i64])?;
-        self.linear(&y, &format!("{p}out_proj"), &w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?, h, value_dim)
+        Ok(o)
     }
 
     /// `x · rsqrt(Σx² + 1e-6)` per head of a packed `[B, T, heads·d]` tensor (the reference's l2norm).
@@ -570,7 +566,7 @@ mod tests {
 
     #[test]
     fn interleaved_mrope_matches_the_reference_slices() {
-        // specs/qwen35.md §3: slices 1:33:3 go to H and 2:30:3 to W for mrope_section [11, 11, 10].
+        // docs/model.md, "Positions": slices 1:33:3 go to H and 2:30:3 to W for mrope_section [11, 11, 10].
         let ax = mrope_axes(&[11, 11, 10]);
         assert_eq!(ax.len(), 32);
         for (i, &a) in ax.iter().enumerate() {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod graph;
 pub mod plan;
 pub mod quant;
+pub mod state;
 pub mod synth;
 pub mod vision;
 
@@ -108,6 +109,14 @@ pub struct ExportOptions {
     pub linear_attn: LinearAttn,
     /// Element type of the KV cache.
     pub kv_cache: KvCache,
+}
+
+impl Default for ExportOptions {
+    /// What `model import` and `model synth` write without options: fp32 weights, deltadoc's
+    /// DeltaNet operators, an f16 KV cache.
+    fn default() -> Self {
+        Self { precision: Precision::Fp32, quant_block: None, linear_attn: LinearAttn::Deltadoc, kv_cache: KvCache::F16 }
+    }
 }
 
 impl ExportOptions {

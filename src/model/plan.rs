@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::ModelDir;
 use super::config::TextConfig;
 use super::graph::KvCache;
-use crate::ops::attention::{KEY_BLOCK, QUERY_TILE};
+use deltadoc_kernels::attention::{KEY_BLOCK, QUERY_TILE};
 
 /// ONNX Runtime, tokenizer, allocator arenas and the process itself.
 const RUNTIME_BYTES: u64 = 768 << 20;

@@ -12,8 +12,22 @@ use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, Normal};
 
 use super::checkpoint::write_shard;
-use super::config::TextConfig;
+use super::config::{Shape, TextConfig};
 use super::graph::WeightSource;
+use super::vision::VisionConfig;
+use super::{ExportOptions, Manifest};
+
+/// Writes seeded random weights of `shape` through the importer into `out`, with a vision
+/// tower of the shape's size unless `text_only`; the weight source comes back so the same
+/// weights can also be written as a Hugging Face checkpoint.
+pub fn write(shape: Shape, seed: u64, text_only: bool, opts: ExportOptions, out: &Path) -> Result<(Manifest, Synth)> {
+    let cfg = shape.config();
+    let mut synth = Synth::new(seed);
+    let vision = (!text_only).then(|| VisionConfig::of_shape(shape, cfg.hidden_size));
+    let source = format!("synth:{}:seed={seed}", shape.name());
+    let m = super::export(&cfg, vision.as_ref(), &mut synth, opts, out, source)?;
+    Ok((m, synth))
+}
 
 /// Random weight source; remembers what was asked for so it can write the same tensors as a
 /// Hugging Face checkpoint.

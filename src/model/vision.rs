@@ -1,4 +1,4 @@
-//! The Qwen3.5 vision tower as its own ONNX graph (specs/qwen35.md §5): patch embedding, learned
+//! The Qwen3.5 vision tower as its own ONNX graph (docs/model.md, "Vision tower and image preprocessing"): patch embedding, learned
 //! position table resampled to the image's grid, 2-D rotary, bidirectional blocks, and the 2×2
 //! merger that turns four patches into one `<|image_pad|>` embedding of the text width.
 //!
@@ -24,7 +24,7 @@ use crate::onnx::{Attr, Dim, GraphBuilder};
 /// The vision tower's hyper-parameters and the special tokens that frame an image in the prompt.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VisionConfig {
-    /// Blocks.
+    /// Transformer blocks of the tower.
     pub depth: usize,
     /// Width of the tower's residual stream.
     pub hidden_size: usize,
@@ -132,7 +132,7 @@ impl VisionConfig {
         }))
     }
 
-    /// The vision tower of a named shape (specs/qwen35.md §8). The 2B tower is not published in
+    /// The vision tower of a named shape (docs/model.md, "Shapes"). The 2B tower is not published in
     /// any copy we could read; the 4B one is used, which the spec marks unverified.
     pub fn of_shape(shape: Shape, text_hidden: usize) -> Self {
         let (depth, hidden, inter, heads) = match shape {

@@ -1,6 +1,6 @@
-//! Image preprocessing exactly as the reference processor (specs/qwen35.md §5, "Image
-//! preprocessing"): decode under a pixel cap, apply EXIF orientation, flatten to RGB, resize to a
-//! multiple of 32 within the pixel budget (`smart_resize`), normalise with mean = std = 0.5 and cut
+//! Image preprocessing exactly as the reference processor (docs/model.md, "Vision tower and
+//! image preprocessing"): resize a decoded image (crate::extract::image) to a multiple of 32
+//! within the pixel budget (`smart_resize`), normalise with mean = std = 0.5 and cut
 //! into 16×16 patches in 2×2-block order, each still image duplicated to the temporal patch of 2.
 //!
 //! The one deliberate difference is the resampler: the reference uses torchvision's antialiased
@@ -9,52 +9,14 @@
 //! onnx/README.md gives the measured pixel difference and its effect on the vision features.
 
 use std::borrow::Cow;
-use std::io::BufRead;
-use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+use image::RgbImage;
 use image::imageops::FilterType;
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 use ndarray::Array2;
 
+pub use crate::llm::ImageOptions;
 use crate::model::vision::VisionConfig;
-
-/// Pixel budgets of the preprocessing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ImageOptions {
-    /// Images with fewer pixels are enlarged to at least this many (reference: 256²).
-    pub min_pixels: u64,
-    /// Images with more pixels are shrunk to at most this many; a page costs max_pixels / 1024
-    /// prompt tokens at most (reference: 4096², far beyond what a CPU reads in reasonable time).
-    pub max_pixels: u64,
-    /// Images whose header declares more pixels are refused before decoding (decompression bombs).
-    pub max_decode_pixels: u64,
-}
-
-impl Default for ImageOptions {
-    fn default() -> Self {
-        Self { min_pixels: 65_536, max_pixels: 16_777_216, max_decode_pixels: 200_000_000 }
-    }
-}
-
-impl ImageOptions {
-    /// Options whose largest image costs at most `tokens` merged tokens (32×32 pixels each).
-    pub fn with_token_budget(self, tokens: u64) -> Self {
-        Self { max_pixels: (tokens * 1024).max(self.min_pixels), ..self }
-    }
-
-    /// Refuses an image of `w`×`h` pixels over the decode cap, before it is decoded.
-    pub fn check_decode_size(&self, w: u64, h: u64) -> Result<()> {
-        if w.saturating_mul(h) > self.max_decode_pixels {
-            bail!(
-                "image of {w}×{h} pixels exceeds the decode cap of {} pixels (a decompression bomb or an absurd scan); \
-                 raise max_decode_pixels to read it",
-                self.max_decode_pixels
-            );
-        }
-        Ok(())
-    }
-}
 
 /// One image ready for the vision graph.
 #[derive(Clone, Debug)]
@@ -72,54 +34,6 @@ impl Preprocessed {
     pub fn tokens(&self, merge: usize) -> usize {
         self.grid[0] * self.grid[1] * self.grid[2] / (merge * merge)
     }
-}
-
-/// Reads an image file: the format is sniffed from its bytes; EXIF orientation is applied; 16-bit,
-/// grayscale, palette, CMYK and alpha images become 8-bit RGB (alpha composited over white, as
-/// the reference's `convert_rgb`).
-pub fn load(path: &Path, opts: &ImageOptions) -> Result<RgbImage> {
-    let reader = ImageReader::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    decode(reader.with_guessed_format().with_context(|| format!("{}: cannot read", path.display()))?, opts)
-        .with_context(|| format!("{}: not a readable image", path.display()))
-}
-
-/// [`load`] for an image held in memory (a page image taken out of a PDF).
-pub fn load_bytes(bytes: &[u8], opts: &ImageOptions) -> Result<RgbImage> {
-    decode(ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format()?, opts)
-}
-
-fn decode<R: BufRead + std::io::Seek>(mut reader: ImageReader<R>, opts: &ImageOptions) -> Result<RgbImage> {
-    let mut limits = Limits::default();
-    // Room for the largest allowed image at 16 bits per RGBA channel, plus the decoder's own needs.
-    limits.max_alloc = Some(opts.max_decode_pixels.saturating_mul(8).saturating_add(64 << 20));
-    reader.limits(limits);
-    let format = reader.format().context("unknown image format")?;
-    let mut decoder = reader.into_decoder().with_context(|| format!("cannot decode {format:?}"))?;
-    let (w, h) = decoder.dimensions();
-    opts.check_decode_size(w as u64, h as u64)?;
-    if w == 0 || h == 0 {
-        bail!("image has no pixels ({w}×{h})");
-    }
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).with_context(|| format!("cannot decode {format:?}"))?;
-    img.apply_orientation(orientation);
-    Ok(to_rgb(img))
-}
-
-fn to_rgb(img: DynamicImage) -> RgbImage {
-    if !img.color().has_alpha() {
-        return img.to_rgb8();
-    }
-    let rgba = img.to_rgba8();
-    let mut out = RgbImage::new(rgba.width(), rgba.height());
-    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
-        let a = p[3] as u32;
-        // Over white, rounded: the reference composites onto an opaque white background.
-        for c in 0..3 {
-            o[c] = ((p[c] as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
-        }
-    }
-    out
 }
 
 /// The reference's `smart_resize`: the size (height, width) nearest to the image's that is a
@@ -242,7 +156,7 @@ mod tests {
 
     #[test]
     fn smart_resize_matches_the_reference_examples() {
-        // specs/qwen35.md §5, checked against the reference: 224² → 256² (64 tokens);
+        // docs/model.md, "Vision tower and image preprocessing", checked against the reference: 224² → 256² (64 tokens);
         // 640×480 → 300 tokens; 1920×1080 → 1920×1088; 4000×6000 → 3328×4992.
         let r = |w, h| smart_resize(h, w, 32, 65_536, 16_777_216).unwrap();
         assert_eq!(r(224, 224), (256, 256));
@@ -253,15 +167,5 @@ mod tests {
         // Half to even: 48 / 32 = 1.5 → 2, 80 / 32 = 2.5 → 2 (not 3), before the minimum applies.
         assert_eq!(smart_resize(80, 48, 32, 0, u64::MAX).unwrap(), (64, 64));
         assert!(smart_resize(10, 4000, 32, 65_536, 16_777_216).is_err());
-    }
-
-    #[test]
-    fn alpha_is_composited_over_white() {
-        let mut img = image::RgbaImage::new(1, 2);
-        img.put_pixel(0, 0, image::Rgba([0, 0, 0, 0]));
-        img.put_pixel(0, 1, image::Rgba([0, 100, 200, 255]));
-        let rgb = to_rgb(DynamicImage::ImageRgba8(img));
-        assert_eq!(rgb.get_pixel(0, 0).0, [255, 255, 255]);
-        assert_eq!(rgb.get_pixel(0, 1).0, [0, 100, 200]);
     }
 }

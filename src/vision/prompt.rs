@@ -1,4 +1,4 @@
-//! Chat prompts with images (specs/qwen35.md §4, §7): the template with
+//! Chat prompts with images (docs/model.md, "Positions" and "Chat template"): the template with
 //! `<|vision_start|><|image_pad|>…<|vision_end|>` per image, each pad run expanded to the image's
 //! token count, and the 3-axis rotary positions of the reference's `get_rope_index`.
 
@@ -9,8 +9,9 @@ use ndarray::Array2;
 use serde::Deserialize;
 
 use super::preprocess::{self, ImageOptions, Preprocessed};
+use crate::chat::{ChatPrompt, ImageTokens, Role};
 use crate::model::vision::VisionConfig;
-use crate::tokenizer::{IM_END, IM_START, Tokenizer};
+use crate::tokenizer::Tokenizer;
 
 /// One item of a message's content.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -38,8 +39,8 @@ enum Content {
 /// One chat message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
-    pub role: String,
+    /// Who speaks.
+    pub role: Role,
     /// Its items in order.
     pub content: Vec<Part>,
 }
@@ -64,9 +65,7 @@ pub fn read_messages(path: &Path) -> Result<Vec<ChatMessage>> {
     let base = path.parent().unwrap_or(Path::new("."));
     let mut out = Vec::with_capacity(raw.len());
     for (i, m) in raw.into_iter().enumerate() {
-        if !["system", "user", "assistant"].contains(&m.role.as_str()) {
-            bail!("{}: message {i} has role {:?} (expected system, user or assistant)", path.display(), m.role);
-        }
+        let role = Role::parse(&m.role).with_context(|| format!("{}: message {i}", path.display()))?;
         let content = match m.content {
             Content::Text(text) => vec![Part::Text { text }],
             Content::Parts(parts) => parts
@@ -77,7 +76,7 @@ pub fn read_messages(path: &Path) -> Result<Vec<ChatMessage>> {
                 })
                 .collect(),
         };
-        out.push(ChatMessage { role: m.role, content });
+        out.push(ChatMessage { role, content });
     }
     Ok(out)
 }
@@ -95,19 +94,20 @@ pub struct Prompt {
     pub rope_delta: i64,
 }
 
-/// Renders `messages` with the Qwen3.5 chat template (thinking on or off), loading and
-/// preprocessing every image.
+/// Renders `messages` with the Qwen3.5 chat template (thinking on or off), loading every image
+/// (refusing one of more than `max_decode_pixels`) and preprocessing it.
 pub fn build(
     tok: &Tokenizer,
     cfg: &VisionConfig,
     messages: &[ChatMessage],
     thinking: bool,
     opts: &ImageOptions,
+    max_decode_pixels: u64,
 ) -> Result<Prompt> {
     let mut images = Vec::new();
     for part in messages.iter().flat_map(|m| &m.content) {
         if let Part::Image { path } = part {
-            let img = preprocess::load(path, opts)?;
+            let img = crate::extract::image::load(path, max_decode_pixels)?;
             images
                 .push(preprocess::preprocess(&img, cfg, opts).with_context(|| format!("{}: cannot preprocess", path.display()))?);
         }
@@ -123,40 +123,23 @@ pub fn render(
     thinking: bool,
     images: Vec<Preprocessed>,
 ) -> Result<Prompt> {
-    let merge = cfg.spatial_merge_size;
-    let mut ids = Vec::new();
+    let placeholder = ImageTokens { start: cfg.vision_start_token_id, pad: cfg.image_token_id, end: cfg.vision_end_token_id };
     let mut next_image = images.iter();
+    let mut p = ChatPrompt::new(tok);
     for m in messages {
-        ids.push(IM_START);
-        // The template joins the items with no separator and trims the whole; text runs between
-        // images are tokenised on their own, as special tokens split the reference's text.
-        let n = m.content.len();
-        let mut text = format!("{}\n", m.role);
-        for (i, part) in m.content.iter().enumerate() {
+        p.open(m.role);
+        for part in &m.content {
             match part {
-                Part::Text { text: t } => {
-                    let t = if i == 0 { t.trim_start() } else { t.as_str() };
-                    text.push_str(if i + 1 == n { t.trim_end() } else { t });
-                }
+                Part::Text { text } => p.text(text),
                 Part::Image { path } => {
-                    if !text.is_empty() {
-                        ids.extend(tok.encode(&text)?);
-                        text.clear();
-                    }
                     let img = next_image.next().with_context(|| format!("{}: no preprocessed image", path.display()))?;
-                    ids.push(cfg.vision_start_token_id);
-                    ids.extend(std::iter::repeat_n(cfg.image_token_id, img.tokens(merge)));
-                    ids.push(cfg.vision_end_token_id);
+                    p.image(placeholder, img.tokens(cfg.spatial_merge_size))?;
                 }
             }
         }
-        if !text.is_empty() {
-            ids.extend(tok.encode(&text)?);
-        }
-        ids.push(IM_END);
-        ids.extend(tok.encode("\n")?);
+        p.close()?;
     }
-    ids.extend(tok.assistant_header(thinking)?);
+    let ids = p.finish(thinking)?;
     let (positions, rope_delta) = positions(&ids, &images, cfg)?;
     Ok(Prompt { ids, positions, images, rope_delta })
 }

@@ -82,7 +82,7 @@ context: {{max_tokens: {max_tokens}, overlap: 64}}
     /// Copies every file of a corpus folder into the inbox; their names.
     pub fn fill_inbox(&self, corpus_dir: &str) -> Vec<String> {
         let mut names = Vec::new();
-        for e in std::fs::read_dir(super::corpus().join(corpus_dir)).unwrap().flatten() {
+        for e in std::fs::read_dir(super::corpus_path().join(corpus_dir)).unwrap().flatten() {
             std::fs::copy(e.path(), self.path("inbox").join(e.file_name())).unwrap();
             names.push(e.file_name().to_string_lossy().into_owned());
         }

@@ -8,7 +8,7 @@
 //!
 //! The cache stores keys and values in a [`CacheElem`] (f32, or f16 or bf16 to halve the largest
 //! buffer of a long context; with bf16 on CPUs that multiply it natively the tile computes in bf16,
-//! [`dpbf16`]). Attention always reads them back from the cache, this call's new rows
+//! `dpbf16`). Attention always reads them back from the cache, this call's new rows
 //! included, so a token sees the same rounded keys whether it was prefilled in the same call as
 //! they were or later.
 
@@ -301,7 +301,7 @@ pub fn splits(d: &Dims) -> bool {
     d.group() * d.new <= DIRECT_ROWS && d.total() >= 2 * SPLIT_KEYS
 }
 
-/// Key ranges of [`split_keys`]: about [`SPLIT_KEYS`] positions each, at most `parts`.
+/// Key ranges of [`split_keys`]: about `SPLIT_KEYS` positions each, at most `parts`.
 pub fn key_parts(d: &Dims, parts: usize) -> Vec<Range<usize>> {
     let total = d.total();
     let n = total.div_ceil(SPLIT_KEYS).clamp(1, parts.max(1));

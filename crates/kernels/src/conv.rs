@@ -2,7 +2,7 @@
 //!
 //! `out[t, c] = act(Σ_j w[c, j] · x̂[t + j, c])` where `x̂` is the input prefixed by the `K − 1`
 //! carried columns of earlier calls (zeros at the start of a sequence). Tap `K − 1` multiplies the
-//! current token, tap 0 the oldest, as in PyTorch's `conv1d` with left padding (specs/qwen35.md §2.1).
+//! current token, tap 0 the oldest, as in PyTorch's `conv1d` with left padding (docs/model.md in the deltadoc repository, "Gated DeltaNet layer").
 //! The state keeps the last `K − 1` pre-activation inputs, channel-major `[C, K − 1]`, which is the
 //! layout of ONNX `CausalConvWithState` and of llama.cpp (HF keeps `K` columns; only `K − 1` are read).
 

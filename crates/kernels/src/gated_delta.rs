@@ -1,6 +1,6 @@
 //! The gated delta rule of Qwen3.5's Gated DeltaNet layers, for one (batch, value-head) pair.
 //!
-//! Two kernels compute the same recurrence (specs/qwen35.md §2.4–§2.5):
+//! Two kernels compute the same recurrence (docs/model.md in the deltadoc repository, "Gated DeltaNet layer"):
 //! - [`chunked`] splits the sequence into chunks of [`CHUNK`] tokens and turns each chunk into small
 //!   dense matrix products (the WY form of the delta rule), which is what makes prefill fast;
 //! - [`recurrent`] walks token by token, reading the state twice and writing it once per token; it is

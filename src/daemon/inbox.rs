@@ -1,7 +1,7 @@
-//! Finding documents: inotify events plus periodic full rescans of every inbox, filters
-//! (include/exclude globs, ignored temp and hidden names, no symlinks or special files), and the
-//! stability check that keeps half-written files out until their size and mtime settle and
-//! they open.
+//! What an inbox admits: filters (include/exclude globs, ignored temp and hidden names, no
+//! symlinks or special files), the stability check that keeps half-written files out until
+//! their size and mtime settle and they open, and the inotify watcher that reports new files
+//! between rescans.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -36,8 +36,8 @@ impl Seen {
 
 /// One inbox of one pipeline, with its filters compiled.
 pub struct Inbox {
-    /// Index of the pipeline in the configuration.
-    pub pipeline: usize,
+    /// The pipeline's name.
+    pub pipeline: String,
     /// The folder (absolute).
     pub root: PathBuf,
     include: Option<GlobSet>,
@@ -49,8 +49,8 @@ pub struct Inbox {
 /// A file that passed the filters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Candidate {
-    /// Index of the pipeline.
-    pub pipeline: usize,
+    /// The pipeline's name.
+    pub pipeline: String,
     /// Inbox folder.
     pub inbox: PathBuf,
     /// Path relative to the inbox.
@@ -75,10 +75,10 @@ fn globset(globs: &[GlobPattern]) -> Result<GlobSet> {
 /// The inboxes of all pipelines.
 pub fn inboxes(pipelines: &[Pipeline]) -> Result<Vec<Inbox>> {
     let mut out = Vec::new();
-    for (i, p) in pipelines.iter().enumerate() {
+    for p in pipelines {
         for (spec, root) in p.spec.inboxes.iter().zip(&p.inboxes) {
             out.push(Inbox {
-                pipeline: i,
+                pipeline: p.name().to_string(),
                 root: root.clone(),
                 include: if spec.include.is_empty() { None } else { Some(globset(&spec.include)?) },
                 exclude: globset(&spec.exclude)?,
@@ -129,7 +129,7 @@ impl Filters {
         if !ft.is_file() {
             return Err(format!("{}: not a regular file (device, socket or FIFO); refused", path.display()));
         }
-        Ok(Some(Candidate { pipeline: inbox.pipeline, inbox: inbox.root.clone(), rel: rel.to_path_buf() }))
+        Ok(Some(Candidate { pipeline: inbox.pipeline.clone(), inbox: inbox.root.clone(), rel: rel.to_path_buf() }))
     }
 
     /// Every admissible file under `inbox`; refusals go to `refused`.
@@ -241,11 +241,11 @@ impl Stability {
         ready
     }
 
-    /// Files still waiting, per pipeline index.
-    pub fn waiting(&self) -> HashMap<usize, usize> {
+    /// Files still waiting, per pipeline.
+    pub fn waiting(&self) -> HashMap<String, usize> {
         let mut m = HashMap::new();
         for c in self.pending.keys() {
-            *m.entry(c.pipeline).or_default() += 1;
+            *m.entry(c.pipeline.clone()).or_default() += 1;
         }
         m
     }
@@ -260,7 +260,7 @@ impl Stability {
 pub fn job_key(sha256: &str, pipeline: &str, version: u32, model: &str) -> String {
     let mut h = Sha256::new();
     h.update(format!("{sha256}\n{pipeline}\n{version}\n{model}").as_bytes());
-    crate::fetch::hex(&h.finalize())
+    crate::util::hex(&h.finalize())
 }
 
 /// Starts an inotify watcher on every inbox; paths of created, modified and renamed-in files
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn stability_waits_for_the_window_and_restarts_on_change() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Candidate { pipeline: 0, inbox: dir.path().into(), rel: "a.txt".into() };
+        let c = Candidate { pipeline: "p".into(), inbox: dir.path().into(), rel: "a.txt".into() };
         std::fs::write(c.path(), "part").unwrap();
         let mut s = Stability::new(Duration::from_millis(200));
         let t0 = Instant::now();

@@ -1,21 +1,22 @@
-//! Liveness and readiness: what `/livez` and `/readyz` answer, and the worker heartbeat they
-//! read.
+//! Liveness and readiness: the worker heartbeat and the checks `/readyz` runs.
 //!
 //! Ready means the daemon can turn a dropped file into a result right now: the model is loaded,
 //! the ledger takes writes, every inbox can be listed, and when documents are queued the worker
 //! has shown progress recently (a stuck prefill or a wedged extraction otherwise looks healthy).
+//! The ledger and inbox checks touch disks and networks; [`super::http`] runs them off the
+//! async runtime with a deadline, so a hung mount fails its check instead of the endpoint.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::store::{Ledger, now_s, state};
+use crate::ledger::{Ledger, now_s, state};
 
 /// State shared by the worker (which beats) and the HTTP endpoint (which checks).
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     model_loaded: AtomicBool,
     /// Unix milliseconds of the worker's last sign of progress.
     heartbeat_ms: AtomicU64,
@@ -23,11 +24,11 @@ pub struct Health {
 }
 
 /// One readiness check's verdict.
-#[derive(Debug, Serialize)]
-pub struct Check {
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Check {
     /// What was checked (`model`, `ledger`, `inbox`, `worker`).
     pub check: &'static str,
-    /// Passed.
+    /// Whether the check passed.
     pub ok: bool,
     /// Why it failed, or what was seen.
     pub detail: String,
@@ -35,11 +36,19 @@ pub struct Check {
 
 /// The answer of `/readyz`.
 #[derive(Debug, Serialize)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     /// Every check passed.
     pub ready: bool,
     /// All checks, failed ones first.
     pub checks: Vec<Check>,
+}
+
+impl Readiness {
+    /// The verdict over `checks`, failed ones first.
+    pub fn of(mut checks: Vec<Check>) -> Self {
+        checks.sort_by_key(|c| c.ok);
+        Self { ready: checks.iter().all(|c| c.ok), checks }
+    }
 }
 
 impl Health {
@@ -66,32 +75,18 @@ impl Health {
         now_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)) as f64 / 1000.0
     }
 
-    /// Runs every check. `ledger` is probed with a real write; `inboxes` are listed.
-    pub fn check(&self, ledger: &mut dyn Ledger, inboxes: &[(String, PathBuf)]) -> Readiness {
-        let mut checks = Vec::new();
+    /// Whether the model is loaded (from memory).
+    pub fn model_check(&self) -> Check {
         let loaded = self.model_loaded.load(Ordering::SeqCst);
-        checks.push(Check {
-            check: "model",
-            ok: loaded,
-            detail: if loaded { "loaded".into() } else { "the model is still loading".into() },
-        });
-        checks.push(match ledger.probe_write(now_s()) {
-            Ok(()) => Check { check: "ledger", ok: true, detail: "writable".into() },
-            Err(e) => Check { check: "ledger", ok: false, detail: format!("{e:#}") },
-        });
-        for (pipeline, dir) in inboxes {
-            checks.push(match std::fs::read_dir(dir) {
-                Ok(_) => Check { check: "inbox", ok: true, detail: format!("{pipeline}: {}", dir.display()) },
-                Err(e) => Check { check: "inbox", ok: false, detail: format!("{pipeline}: {}: {e}", dir.display()) },
-            });
-        }
-        let queued: u64 = ledger
-            .counts()
-            .map(|c| c.iter().filter(|(_, s, _)| s == state::QUEUED || s == state::RUNNING).map(|(_, _, n)| n).sum())
-            .unwrap_or(0);
+        Check { check: "model", ok: loaded, detail: if loaded { "loaded".into() } else { "the model is still loading".into() } }
+    }
+
+    /// Whether the worker shows progress while `queued` documents wait (from memory).
+    pub fn worker_check(&self, queued: u64) -> Check {
+        let loaded = self.model_loaded.load(Ordering::SeqCst);
         let silent = self.silent_for();
         let stalled = loaded && queued > 0 && silent > self.stall_after.as_secs_f64();
-        checks.push(Check {
+        Check {
             check: "worker",
             ok: !stalled,
             detail: if stalled {
@@ -99,9 +94,29 @@ impl Health {
             } else {
                 format!("last progress {silent:.0} s ago, {queued} document(s) queued or running")
             },
-        });
-        checks.sort_by_key(|c| c.ok);
-        Readiness { ready: checks.iter().all(|c| c.ok), checks }
+        }
+    }
+}
+
+/// The ledger takes a durable write now (a full disk or a read-only mount fails here before a
+/// result is lost); with it, the documents queued or running.
+pub(crate) fn ledger_check(ledger: &mut dyn Ledger) -> (Check, u64) {
+    let check = match ledger.probe_write(now_s()) {
+        Ok(()) => Check { check: "ledger", ok: true, detail: "writable".into() },
+        Err(e) => Check { check: "ledger", ok: false, detail: format!("{e:#}") },
+    };
+    let queued = ledger
+        .counts()
+        .map(|c| c.iter().filter(|(_, s, _)| s == state::QUEUED || s == state::RUNNING).map(|(_, _, n)| n).sum())
+        .unwrap_or(0);
+    (check, queued)
+}
+
+/// The inbox folder of `pipeline` can be listed.
+pub(crate) fn inbox_check(pipeline: &str, dir: &Path) -> Check {
+    match std::fs::read_dir(dir) {
+        Ok(_) => Check { check: "inbox", ok: true, detail: format!("{pipeline}: {}", dir.display()) },
+        Err(e) => Check { check: "inbox", ok: false, detail: format!("{pipeline}: {}: {e}", dir.display()) },
     }
 }
 
@@ -112,7 +127,12 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SqliteLedger;
+    use crate::ledger::SqliteLedger;
+
+    fn readiness(h: &Health, ledger: &mut dyn Ledger, inbox: &Path) -> Readiness {
+        let (l, queued) = ledger_check(ledger);
+        Readiness::of(vec![h.model_check(), l, inbox_check("p", inbox), h.worker_check(queued)])
+    }
 
     #[test]
     fn readiness_follows_model_inboxes_and_stalls() {
@@ -120,19 +140,18 @@ mod tests {
         let mut ledger = SqliteLedger::open(&dir.path().join("state")).unwrap();
         let inbox = dir.path().join("inbox");
         std::fs::create_dir(&inbox).unwrap();
-        let inboxes = vec![("p".to_string(), inbox.clone())];
         let h = Health::new(Duration::ZERO);
-        let r = h.check(&mut ledger, &inboxes);
+        let r = readiness(&h, &mut ledger, &inbox);
         assert!(!r.ready && r.checks[0].check == "model", "{r:?}");
         h.model_loaded();
-        assert!(h.check(&mut ledger, &inboxes).ready);
+        assert!(readiness(&h, &mut ledger, &inbox).ready);
         std::fs::remove_dir(&inbox).unwrap();
-        let r = h.check(&mut ledger, &inboxes);
+        let r = readiness(&h, &mut ledger, &inbox);
         assert!(!r.ready && r.checks[0].check == "inbox" && r.checks[0].detail.contains("inbox"), "{r:?}");
         std::fs::create_dir(&inbox).unwrap();
-        assert!(h.check(&mut ledger, &inboxes).ready);
+        assert!(readiness(&h, &mut ledger, &inbox).ready);
         // Queued work and no heartbeat within `stall_after` (zero here): stalled.
-        let job = crate::store::NewJob {
+        let job = crate::ledger::NewJob {
             key: "k",
             pipeline: "p",
             priority: 0,
@@ -144,10 +163,10 @@ mod tests {
         };
         ledger.discover(&job).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let r = h.check(&mut ledger, &inboxes);
+        let r = readiness(&h, &mut ledger, &inbox);
         assert!(!r.ready && r.checks[0].check == "worker", "{r:?}");
         let patient = Health::new(Duration::from_secs(60));
         patient.model_loaded();
-        assert!(patient.check(&mut ledger, &inboxes).ready);
+        assert!(readiness(&patient, &mut ledger, &inbox).ready);
     }
 }

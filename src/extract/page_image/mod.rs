@@ -10,12 +10,17 @@
 //! masks) is composed onto a white canvas at the resolution of its sharpest image, then turned
 //! by the page's `/Rotate`.
 
+use std::path::Path;
+
 use anyhow::{Context, Result, anyhow, bail};
 use image::{GrayImage, RgbImage};
 use pdf_extract::content::Content;
 use pdf_extract::{Dictionary, Document, Object, ObjectId, Stream};
 
-use crate::vision::preprocess::{self, ImageOptions};
+use super::image::load_bytes;
+use codec::{Space, decode};
+
+mod codec;
 
 /// The page's image and a note when it took more than reading one image.
 pub struct PageImage {
@@ -25,11 +30,43 @@ pub struct PageImage {
     pub note: Option<String>,
 }
 
+/// The page images of one document, parsed once for all of its pages: a PDF's pages, or an
+/// image file as its only page. The daemon's `ocr` stage and `deltadoc ocr` both read pages
+/// through it.
+pub enum PageImages {
+    /// A parsed PDF.
+    Pdf(Box<Document>),
+    /// The bytes of an image file.
+    Image(Vec<u8>),
+}
+
+impl PageImages {
+    /// Opens `path`, whose type extraction detected as `mime`.
+    pub fn open(path: &Path, mime: &str) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Ok(if mime == "application/pdf" {
+            Self::Pdf(Box::new(super::pdf::open_document(&bytes).map_err(|(_, e)| anyhow!("{}: {e}", path.display()))?))
+        } else {
+            Self::Image(bytes)
+        })
+    }
+
+    /// Page `page` (1-based) as an image, refusing images over `cap` pixels.
+    pub fn page(&self, page: u32, cap: u64) -> Result<PageImage> {
+        match self {
+            Self::Pdf(doc) => page_image(doc, page, cap),
+            Self::Image(_) if page != 1 => bail!("an image file has one page, not page {page}"),
+            Self::Image(bytes) => Ok(PageImage { image: load_bytes(bytes, cap).context("not a readable image")?, note: None }),
+        }
+    }
+}
+
 /// Form XObjects nest; a cycle or absurd depth in a damaged file stops here.
 const MAX_FORM_DEPTH: usize = 8;
 
 /// Reads page `page` (1-based) of `doc` as an image.
-pub fn page_image(doc: &Document, page: u32, opts: &ImageOptions) -> Result<PageImage> {
+/// Images (and the composed page) over `cap` pixels are refused or scaled down.
+pub fn page_image(doc: &Document, page: u32, cap: u64) -> Result<PageImage> {
     let pages = doc.get_pages();
     let id = *pages.get(&page).with_context(|| format!("page {page} does not exist"))?;
     let mut placed = placements(doc, id);
@@ -44,7 +81,7 @@ pub fn page_image(doc: &Document, page: u32, opts: &ImageOptions) -> Result<Page
     let mut layers = Vec::new();
     let mut failed = Vec::new();
     for p in &placed {
-        match Layer::decode(doc, p, opts) {
+        match Layer::decode(doc, p, cap) {
             Ok(l) => layers.push(l),
             Err(e) => failed.push(e),
         }
@@ -59,7 +96,7 @@ pub fn page_image(doc: &Document, page: u32, opts: &ImageOptions) -> Result<Page
     let mut image = match layers.as_slice() {
         [one] if one.is_upright_opaque() => one.pixels.clone(),
         _ => {
-            let canvas = compose(&layers, media_box(doc, id), opts)?;
+            let canvas = compose(&layers, media_box(doc, id), cap)?;
             if layers.len() > 1 {
                 notes.push(format!("page composed of {} images", layers.len()));
             }
@@ -233,11 +270,11 @@ struct Layer {
 }
 
 impl Layer {
-    fn decode(doc: &Document, p: &Placed, opts: &ImageOptions) -> Result<Self> {
-        let pixels = decode(doc, p.stream, opts)?;
+    fn decode(doc: &Document, p: &Placed, cap: u64) -> Result<Self> {
+        let pixels = decode(doc, p.stream, cap)?;
         let stencil = p.stream.dict.get(b"ImageMask").and_then(Object::as_bool).unwrap_or(false).then_some(p.fill);
         let alpha = match p.stream.dict.get(b"SMask").map(|o| resolve(doc, o)) {
-            Ok(Object::Stream(s)) => Some(image::DynamicImage::ImageRgb8(decode(doc, s, opts).context("soft mask")?).to_luma8()),
+            Ok(Object::Stream(s)) => Some(image::DynamicImage::ImageRgb8(decode(doc, s, cap).context("soft mask")?).to_luma8()),
             _ => None,
         };
         Ok(Self { pixels, ctm: p.ctm, stencil, alpha })
@@ -269,7 +306,7 @@ impl Layer {
 /// Paints the layers in order onto white, over the union of their bounds (clipped to the page),
 /// at the sharpest layer's resolution under the decode cap. Sampling is nearest-neighbour: the
 /// canvas is at least as fine as every layer but the sharpest, which it matches.
-fn compose(layers: &[Layer], page: Option<[f64; 4]>, opts: &ImageOptions) -> Result<RgbImage> {
+fn compose(layers: &[Layer], page: Option<[f64; 4]>, cap: u64) -> Result<RgbImage> {
     let mut area =
         layers.iter().map(Layer::bounds).reduce(|a, b| [a[0].min(b[0]), a[1].min(b[1]), a[2].max(b[2]), a[3].max(b[3])]).unwrap();
     if let Some(p) = page {
@@ -280,7 +317,7 @@ fn compose(layers: &[Layer], page: Option<[f64; 4]>, opts: &ImageOptions) -> Res
     if !(bw > 0.0 && bh > 0.0 && scale > 0.0) {
         bail!("the page's images are drawn outside the page or with no area");
     }
-    let cap = opts.max_decode_pixels as f64;
+    let cap = cap as f64;
     if bw * bh * scale * scale > cap {
         scale = (cap / (bw * bh)).sqrt();
     }
@@ -342,292 +379,6 @@ fn compose(layers: &[Layer], page: Option<[f64; 4]>, opts: &ImageOptions) -> Res
     Ok(canvas)
 }
 
-/// Colour model of the samples.
-enum Space {
-    Gray,
-    Rgb,
-    Cmyk,
-    /// Palette of `n`-component base colours.
-    Indexed(Box<Space>, Vec<u8>),
-}
-
-impl Space {
-    fn components(&self) -> usize {
-        match self {
-            Space::Gray | Space::Indexed(..) => 1,
-            Space::Rgb => 3,
-            Space::Cmyk => 4,
-        }
-    }
-
-    fn with_components(n: usize) -> Self {
-        match n {
-            1 => Space::Gray,
-            4 => Space::Cmyk,
-            _ => Space::Rgb,
-        }
-    }
-
-    fn parse(doc: &Document, o: &Object) -> Result<Self> {
-        match resolve(doc, o) {
-            Object::Name(n) => match n.as_slice() {
-                b"DeviceGray" | b"CalGray" | b"G" => Ok(Space::Gray),
-                b"DeviceRGB" | b"CalRGB" | b"RGB" => Ok(Space::Rgb),
-                b"DeviceCMYK" | b"CMYK" => Ok(Space::Cmyk),
-                other => bail!("unsupported colour space {}", String::from_utf8_lossy(other)),
-            },
-            Object::Array(a) => {
-                let kind = a.first().and_then(|x| x.as_name().ok()).unwrap_or(b"");
-                match kind {
-                    b"ICCBased" => {
-                        let n = a
-                            .get(1)
-                            .map(|x| resolve(doc, x))
-                            .and_then(|s| s.as_stream().ok())
-                            .and_then(|s| s.dict.get(b"N").and_then(Object::as_i64).ok())
-                            .unwrap_or(3);
-                        Ok(Space::with_components(n as usize))
-                    }
-                    b"Indexed" | b"I" => {
-                        let base = Space::parse(doc, a.get(1).context("Indexed colour space without a base")?)?;
-                        let lookup = match a.get(3).map(|x| resolve(doc, x)) {
-                            Some(Object::String(s, _)) => s.clone(),
-                            Some(Object::Stream(s)) => s.get_plain_content()?,
-                            _ => bail!("Indexed colour space without a lookup table"),
-                        };
-                        Ok(Space::Indexed(Box::new(base), lookup))
-                    }
-                    b"CalRGB" => Ok(Space::Rgb),
-                    b"CalGray" => Ok(Space::Gray),
-                    other => bail!("unsupported colour space {}", String::from_utf8_lossy(other)),
-                }
-            }
-            _ => bail!("missing or malformed colour space"),
-        }
-    }
-
-    /// RGB of one pixel's components (8-bit each).
-    fn rgb(&self, c: &[u8]) -> [u8; 3] {
-        match self {
-            Space::Gray => [c[0]; 3],
-            Space::Rgb => [c[0], c[1], c[2]],
-            Space::Cmyk => {
-                let k = 255 - c[3] as u32;
-                let ch = |x: u8| ((255 - x as u32) * k / 255) as u8;
-                [ch(c[0]), ch(c[1]), ch(c[2])]
-            }
-            Space::Indexed(base, table) => {
-                let n = base.components();
-                let at = c[0] as usize * n;
-                match table.get(at..at + n) {
-                    Some(entry) => base.rgb(entry),
-                    None => [0; 3],
-                }
-            }
-        }
-    }
-}
-
-/// The stream's data with every filter but the last undone, and the last filter's name and
-/// parameters (image codecs come last in a filter chain).
-fn split_filters(s: &Stream) -> Result<(Vec<u8>, Vec<u8>, Option<&Dictionary>)> {
-    let filters: Vec<Vec<u8>> = s.filters().map(|f| f.into_iter().map(<[u8]>::to_vec).collect()).unwrap_or_default();
-    let params: Vec<Option<&Dictionary>> = match s.dict.get(b"DecodeParms") {
-        Ok(Object::Array(a)) => a.iter().map(|p| p.as_dict().ok()).collect(),
-        Ok(Object::Dictionary(d)) => vec![Some(d)],
-        _ => Vec::new(),
-    };
-    let Some((last, leading)) = filters.split_last() else { return Ok((Vec::new(), s.content.clone(), None)) };
-    let last_params = params.get(filters.len() - 1).copied().flatten();
-    if leading.is_empty() {
-        return Ok((last.clone(), s.content.clone(), last_params));
-    }
-    let mut dict = Dictionary::new();
-    dict.set("Filter", Object::Array(leading.iter().map(|f| Object::Name(f.clone())).collect()));
-    if let Some(Some(p)) = params.first().filter(|_| leading.len() == 1) {
-        dict.set("DecodeParms", Object::Dictionary((*p).clone()));
-    }
-    let data = Stream::new(dict, s.content.clone()).decompressed_content().map_err(|e| anyhow!("image stream: {e}"))?;
-    Ok((last.clone(), data, last_params))
-}
-
-fn decode(doc: &Document, s: &Stream, opts: &ImageOptions) -> Result<RgbImage> {
-    let (w, h) = (dim(&s.dict, b"Width"), dim(&s.dict, b"Height"));
-    if w == 0 || h == 0 {
-        bail!("image without a size");
-    }
-    opts.check_decode_size(w, h)?;
-    // /Decode [1 0] (first pair descending) inverts the samples' meaning, for stencil masks too.
-    let invert = s
-        .dict
-        .get(b"Decode")
-        .and_then(Object::as_array)
-        .is_ok_and(|a| a.first().and_then(|x| x.as_float().ok()).is_some_and(|v| v > 0.5));
-    let (filter, data, params) = split_filters(s)?;
-    let mut img = match filter.as_slice() {
-        b"DCTDecode" | b"DCT" => preprocess::load_bytes(&data, opts).context("embedded JPEG")?,
-        b"CCITTFaxDecode" | b"CCF" => gray(ccitt(&data, params, w, h)?),
-        b"JBIG2Decode" => gray(jbig2(doc, &data, params).context("JBIG2 image")?),
-        b"JPXDecode" => jpx(&data, opts).context("JPEG 2000 image")?,
-        b"" | b"FlateDecode" | b"Fl" | b"LZWDecode" | b"LZW" | b"ASCII85Decode" | b"A85" => {
-            let raw = s.decompressed_content().map_err(|e| anyhow!("image stream: {e}"))?;
-            let mask = s.dict.get(b"ImageMask").and_then(Object::as_bool).unwrap_or(false);
-            let space = if mask { Space::Gray } else { Space::parse(doc, s.dict.get(b"ColorSpace").unwrap_or(&Object::Null))? };
-            let bpc = if mask { 1 } else { dim(&s.dict, b"BitsPerComponent").max(1) as usize };
-            samples(&raw, w as usize, h as usize, bpc, &space)?
-        }
-        other => bail!("unsupported image codec: {}", String::from_utf8_lossy(other)),
-    };
-    if invert {
-        image::imageops::invert(&mut img);
-    }
-    Ok(img)
-}
-
-fn gray(g: GrayImage) -> RgbImage {
-    image::DynamicImage::ImageLuma8(g).to_rgb8()
-}
-
-/// Unpacks rows of `bpc`-bit samples (each row padded to a byte) into RGB.
-fn samples(raw: &[u8], w: usize, h: usize, bpc: usize, space: &Space) -> Result<RgbImage> {
-    let n = space.components();
-    if ![1, 2, 4, 8, 16].contains(&bpc) {
-        bail!("unsupported {bpc} bits per component");
-    }
-    let row_bytes = (w * n * bpc).div_ceil(8);
-    if raw.len() < row_bytes * h {
-        bail!("image data is truncated ({} bytes for {w}×{h} at {bpc} bits × {n})", raw.len());
-    }
-    let indexed = matches!(space, Space::Indexed(..));
-    let mut img = RgbImage::new(w as u32, h as u32);
-    let mut px = vec![0u8; n];
-    for y in 0..h {
-        let row = &raw[y * row_bytes..(y + 1) * row_bytes];
-        for x in 0..w {
-            for (c, v) in px.iter_mut().enumerate() {
-                let i = x * n + c;
-                *v = match bpc {
-                    8 => row[i],
-                    16 => row[2 * i],
-                    _ => {
-                        let bit = i * bpc;
-                        let s = (row[bit / 8] >> (8 - bpc - bit % 8)) & ((1u8 << bpc) - 1);
-                        // Palette indices stay indices; gray levels scale to 0..255.
-                        if indexed { s } else { (s as u32 * 255 / ((1u32 << bpc) - 1)) as u8 }
-                    }
-                };
-            }
-            img.put_pixel(x as u32, y as u32, image::Rgb(space.rgb(&px)));
-        }
-    }
-    Ok(img)
-}
-
-/// CCITT Group 4 (K < 0) or Group 3 one-dimensional (K = 0) data as 8-bit gray.
-fn ccitt(data: &[u8], params: Option<&Dictionary>, w: u64, h: u64) -> Result<GrayImage> {
-    let get = |k: &[u8]| params.and_then(|p| p.get(k).ok());
-    let k = get(b"K").and_then(|x| x.as_i64().ok()).unwrap_or(0);
-    let columns = get(b"Columns").and_then(|x| x.as_i64().ok()).unwrap_or(w as i64) as u64;
-    let black_is_1 = get(b"BlackIs1").and_then(|x| x.as_bool().ok()).unwrap_or(false);
-    if columns > u16::MAX as u64 || h > u16::MAX as u64 {
-        bail!("CCITT image of {columns}×{h} is too large for the decoder");
-    }
-    let mut img = GrayImage::new(columns as u32, h as u32);
-    let mut y = 0u32;
-    let mut line = |transitions: &[u16]| {
-        if y < h as u32 {
-            for (x, c) in fax::decoder::pels(transitions, columns as u16).enumerate() {
-                // The samples are 0 for black unless BlackIs1; the gray ramp (and /Decode) then
-                // maps samples to ink, as a PDF viewer does.
-                let sample_is_1 = (c == fax::Color::Black) == black_is_1;
-                img.put_pixel(x as u32, y, image::Luma([if sample_is_1 { 255 } else { 0 }]));
-            }
-        }
-        y += 1;
-    };
-    let ok = if k < 0 {
-        fax::decoder::decode_g4(data.iter().copied(), columns as u16, Some(h as u16), &mut line)
-    } else if k == 0 {
-        fax::decoder::decode_g3(data.iter().copied(), &mut line)
-    } else {
-        bail!("unsupported image codec: CCITT Group 3 two-dimensional (K = {k})");
-    };
-    if ok.is_none() && y == 0 {
-        bail!("CCITT data could not be decoded");
-    }
-    Ok(img)
-}
-
-/// An embedded JBIG2 page (with the `/JBIG2Globals` segments it refers to) as 8-bit gray.
-/// JBIG2's 1 is black, which PDF's samples write as 0.
-fn jbig2(doc: &Document, data: &[u8], params: Option<&Dictionary>) -> Result<GrayImage> {
-    let settings = hayro_jbig2::DecodeSettings::default();
-    let globals_data = match params.and_then(|p| p.get(b"JBIG2Globals").ok()).map(|o| resolve(doc, o)) {
-        Some(Object::Stream(g)) => Some(g.get_plain_content().map_err(|e| anyhow!("JBIG2 globals: {e}"))?),
-        _ => None,
-    };
-    let globals = globals_data
-        .as_deref()
-        .map(|g| hayro_jbig2::Globals::new(g, &settings))
-        .transpose()
-        .map_err(|e| anyhow!("JBIG2 globals: {e}"))?;
-    let page = hayro_jbig2::Page::new_embedded(data, globals.as_ref(), &settings).map_err(|e| anyhow!("{e}"))?;
-    let mut out = Bilevel { img: GrayImage::new(page.width(), page.height()), x: 0, y: 0 };
-    page.decode(&mut out).map_err(|e| anyhow!("{e}"))?;
-    Ok(out.img)
-}
-
-/// Receives JBIG2 pixels row by row.
-struct Bilevel {
-    img: GrayImage,
-    x: u32,
-    y: u32,
-}
-
-impl hayro_jbig2::Decoder for Bilevel {
-    fn push_pixel(&mut self, black: bool) {
-        if self.x < self.img.width() && self.y < self.img.height() {
-            self.img.put_pixel(self.x, self.y, image::Luma([if black { 0 } else { 255 }]));
-        }
-        self.x += 1;
-    }
-
-    fn push_pixel_chunk(&mut self, black: bool, chunk_count: u32) {
-        for _ in 0..chunk_count * 8 {
-            self.push_pixel(black);
-        }
-    }
-
-    fn next_line(&mut self) {
-        self.x = 0;
-        self.y += 1;
-    }
-}
-
-/// A JPEG 2000 codestream or JP2 file as RGB (palettes resolved, 8 bits per sample).
-fn jpx(data: &[u8], opts: &ImageOptions) -> Result<RgbImage> {
-    let img = hayro_jpeg2000::Image::new(data, &hayro_jpeg2000::DecodeSettings::default()).map_err(|e| anyhow!("{e}"))?;
-    let (w, h) = (img.width(), img.height());
-    // The codestream's own size, which the stream dictionary need not match.
-    opts.check_decode_size(w as u64, h as u64)?;
-    let colours = img.color_space().num_channels() as usize;
-    if ![1, 3, 4].contains(&colours) {
-        bail!("unsupported JPEG 2000 colour space with {colours} channels");
-    }
-    let stride = colours + usize::from(img.has_alpha());
-    let mut ctx = hayro_jpeg2000::DecoderContext::default();
-    let samples = img.decode(&mut ctx).map_err(|e| anyhow!("{e}"))?.data_u8();
-    if samples.len() < w as usize * h as usize * stride {
-        bail!("decoded data is shorter than {w}×{h}×{stride}");
-    }
-    let space = Space::with_components(colours);
-    let mut out = RgbImage::new(w, h);
-    for (px, s) in out.pixels_mut().zip(samples.chunks_exact(stride)) {
-        px.0 = space.rgb(s);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use pdf_extract::{Stream, dictionary};
@@ -666,7 +417,7 @@ mod tests {
     }
 
     fn read(doc: &Document) -> PageImage {
-        page_image(doc, 1, &ImageOptions::default()).unwrap()
+        page_image(doc, 1, crate::extract::image::DEFAULT_MAX_DECODE_PIXELS).unwrap()
     }
 
     fn column(img: &RgbImage) -> Vec<u8> {
@@ -739,13 +490,13 @@ mod tests {
             "ColorSpace" => space, "BitsPerComponent" => 8, "Filter" => "JPXDecode" };
             Stream::new(d, bytes.to_vec())
         };
-        let rgb = jpx(include_bytes!("../../tests/data/jpeg2000/pattern.jp2"), "DeviceRGB");
+        let rgb = jpx(include_bytes!("../../../tests/data/jpeg2000/pattern.jp2"), "DeviceRGB");
         let doc = page((48, 40), "48 0 0 40 0 0 cm /Im0 Do", vec![rgb], Dictionary::new());
         let img = read(&doc).image;
         for (x, y, px) in img.enumerate_pixels() {
             assert_eq!(px.0, [(4 * x % 256) as u8, (5 * y % 256) as u8, (x ^ y) as u8], "({x}, {y})");
         }
-        let gray = jpx(include_bytes!("../../tests/data/jpeg2000/pattern_gray.j2k"), "DeviceGray");
+        let gray = jpx(include_bytes!("../../../tests/data/jpeg2000/pattern_gray.j2k"), "DeviceGray");
         let doc = page((48, 40), "48 0 0 40 0 0 cm /Im0 Do", vec![gray], Dictionary::new());
         for (x, y, px) in read(&doc).image.enumerate_pixels() {
             assert_eq!(px.0, [((3 * x + 7 * y) % 256) as u8; 3], "({x}, {y})");
@@ -756,7 +507,7 @@ mod tests {
     fn an_image_behind_flate_is_decoded() {
         use std::io::Write;
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-        z.write_all(include_bytes!("../../tests/data/jpeg2000/pattern_gray.j2k")).unwrap();
+        z.write_all(include_bytes!("../../../tests/data/jpeg2000/pattern_gray.j2k")).unwrap();
         let d = dictionary! { "Type" => "XObject", "Subtype" => "Image", "Width" => 48, "Height" => 40,
         "ColorSpace" => "DeviceGray", "BitsPerComponent" => 8,
         "Filter" => vec![Object::Name(b"FlateDecode".to_vec()), Object::Name(b"JPXDecode".to_vec())] };

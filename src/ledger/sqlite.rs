@@ -1,185 +1,13 @@
-//! The job ledger: every document a pipeline has taken, its state, attempts, timings and errors,
-//! and the schedule runs. [`Ledger`] is the interface; [`SqliteLedger`] keeps it in one SQLite
-//! file in WAL mode, so that a daemon killed at any point restarts with nothing lost and nothing
-//! done twice.
-//!
-//! Files still being written (waiting for a stable size) have no content hash yet and are not in
-//! the ledger: the watcher tracks them in memory and the start-up scan finds them again.
+//! The ledger in one SQLite file (`<state_dir>/ledger.sqlite3`), WAL mode with synchronous
+//! FULL; schema versions migrate in place at open.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
 
+use super::{Discovery, Job, Ledger, NewJob, Run, now_s, state};
 use crate::failure::Failure;
-
-/// Seconds since the Unix epoch, as stored in the ledger.
-pub fn now_s() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-/// Job states.
-pub mod state {
-    /// Waiting for a worker (or for its schedule window).
-    pub const QUEUED: &str = "queued";
-    /// A worker holds it; `stage` says where it is.
-    pub const RUNNING: &str = "running";
-    /// Failed; tried again after `not_before`.
-    pub const RETRY_WAIT: &str = "retry_wait";
-    /// Result written.
-    pub const DONE: &str = "done";
-    /// Failed for good; in the quarantine folder with an error JSON.
-    pub const QUARANTINED: &str = "quarantined";
-    /// Content already processed under another name (duplicate policy `skip`).
-    pub const SKIPPED: &str = "skipped";
-    /// Every state, for reports.
-    pub const ALL: [&str; 6] = [QUEUED, RUNNING, RETRY_WAIT, DONE, QUARANTINED, SKIPPED];
-}
-
-/// One job as stored.
-#[derive(Clone, Debug, Serialize)]
-pub struct Job {
-    /// Ledger id.
-    pub id: i64,
-    /// Idempotency key: sha256 of content + pipeline + version + model.
-    pub key: String,
-    /// Pipeline name.
-    pub pipeline: String,
-    /// Inbox folder the file was found in.
-    pub inbox: PathBuf,
-    /// Path relative to the inbox (mirrored in the output folder).
-    pub rel_path: PathBuf,
-    /// Where the file is now (the inbox, or the quarantine folder after a move).
-    pub source: PathBuf,
-    /// sha256 of the bytes.
-    pub sha256: String,
-    /// Bytes.
-    pub size: u64,
-    /// See [`state`].
-    pub state: String,
-    /// Stage being run, or the stage that failed.
-    pub stage: Option<String>,
-    /// Attempts started.
-    pub attempts: u32,
-    /// When it was queued (Unix seconds).
-    pub queued_at: f64,
-    /// When the last attempt started.
-    pub started_at: Option<f64>,
-    /// When it ended (done or quarantined).
-    pub finished_at: Option<f64>,
-    /// Result file.
-    pub output: Option<PathBuf>,
-    /// Last failure.
-    pub error: Option<Failure>,
-    /// For skipped duplicates: the job that processed the same content.
-    pub duplicate_of: Option<i64>,
-}
-
-/// A file that became stable in an inbox.
-#[derive(Clone, Debug)]
-pub struct NewJob<'a> {
-    /// Idempotency key.
-    pub key: &'a str,
-    /// Pipeline name.
-    pub pipeline: &'a str,
-    /// Pipeline priority (higher first).
-    pub priority: i32,
-    /// Inbox folder.
-    pub inbox: &'a Path,
-    /// Path relative to the inbox.
-    pub rel_path: &'a Path,
-    /// sha256 of the bytes.
-    pub sha256: &'a str,
-    /// Bytes.
-    pub size: u64,
-    /// Process content seen before again (`reprocess`) or record a duplicate (`skip`).
-    pub reprocess_duplicates: bool,
-}
-
-/// What [`Ledger::discover`] did.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Discovery {
-    /// A new job.
-    Queued(i64),
-    /// This file with this content is already known: nothing to do.
-    Known,
-    /// Same content as job `of` under another name: recorded as skipped.
-    Duplicate {
-        /// The job that has (or will have) the result.
-        of: i64,
-    },
-}
-
-/// A schedule run.
-#[derive(Clone, Debug, Serialize)]
-pub struct Run {
-    /// Ledger id.
-    pub id: i64,
-    /// Pipeline.
-    pub pipeline: String,
-    /// The cron fire time this run serves.
-    pub planned_at: f64,
-    /// When it started.
-    pub started_at: f64,
-    /// When it ended (`None` while running).
-    pub ended_at: Option<f64>,
-    /// Documents finished during the run.
-    pub documents: u64,
-    /// No document of the run was quarantined.
-    pub ok: Option<bool>,
-    /// It ran past its window.
-    pub overran: bool,
-}
-
-/// The job ledger (a Postgres implementation for several machines comes later).
-pub trait Ledger: Send {
-    /// At start-up: jobs left `running` by a crash go back to the queue (their attempt counts).
-    fn recover(&mut self) -> Result<usize>;
-    /// The content hash recorded for a file with this size and mtime, to avoid re-hashing.
-    fn cached_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64) -> Result<Option<String>>;
-    /// Remembers a file's hash for its size and mtime.
-    fn remember_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64, sha256: &str) -> Result<()>;
-    /// Records a stable file: a new job, a known one, or a duplicate.
-    fn discover(&mut self, job: &NewJob) -> Result<Discovery>;
-    /// Claims the next runnable job of one of `pipelines` (priority, then age); marks it running
-    /// and counts the attempt.
-    fn claim(&mut self, pipelines: &[&str], now: f64) -> Result<Option<Job>>;
-    /// Notes the stage a running job is in.
-    fn set_stage(&mut self, id: i64, stage: &str) -> Result<()>;
-    /// The result was written.
-    fn done(&mut self, id: i64, output: &Path, now: f64) -> Result<()>;
-    /// The attempt failed: wait until `retry_at`, or quarantined (`source` = where the file is now).
-    fn failed(&mut self, id: i64, failure: &Failure, retry_at: Option<f64>, source: Option<&Path>, now: f64) -> Result<()>;
-    /// Puts a running job back without counting the attempt (drain on shutdown).
-    fn release(&mut self, id: i64) -> Result<()>;
-    /// Queues quarantined/waiting jobs again with fresh attempts; `None` = every failed job.
-    fn retry(&mut self, id: Option<i64>) -> Result<usize>;
-    /// Job count per pipeline and state.
-    fn counts(&mut self) -> Result<Vec<(String, String, u64)>>;
-    /// When the oldest queued job of each pipeline with queued jobs was queued.
-    fn oldest_queued(&mut self) -> Result<Vec<(String, f64)>>;
-    /// Whether a pipeline has queued or retry-due jobs.
-    fn has_work(&mut self, pipeline: &str, now: f64) -> Result<bool>;
-    /// The most recent jobs.
-    fn recent(&mut self, n: usize) -> Result<Vec<Job>>;
-    /// One job.
-    fn job(&mut self, id: i64) -> Result<Option<Job>>;
-    /// The last schedule run of a pipeline.
-    fn last_run(&mut self, pipeline: &str) -> Result<Option<Run>>;
-    /// Starts a schedule run.
-    fn start_run(&mut self, pipeline: &str, planned_at: f64, now: f64) -> Result<i64>;
-    /// Ends a schedule run.
-    fn end_run(&mut self, id: i64, now: f64, documents: u64, ok: bool, overran: bool) -> Result<()>;
-    /// When this pipeline was first seen by this ledger (schedules do not catch up before it).
-    fn first_seen(&mut self, pipeline: &str, now: f64) -> Result<f64>;
-    /// End of the pipeline's last scheduled run that quarantined nothing.
-    fn last_success(&mut self, pipeline: &str) -> Result<Option<f64>>;
-    /// Proves the ledger takes a durable write now (readiness: a full disk or a read-only
-    /// mount fails here before a result is lost).
-    fn probe_write(&mut self, now: f64) -> Result<()>;
-}
 
 /// Schema version stored in the ledger; migrations run on open.
 const SCHEMA_VERSION: i64 = 2;
@@ -297,8 +125,14 @@ fn text(p: &Path) -> String {
 }
 
 impl Ledger for SqliteLedger {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
     fn recover(&mut self) -> Result<usize> {
-        Ok(self.conn.execute("UPDATE jobs SET state = 'queued', stage = NULL WHERE state = 'running'", [])?)
+        Ok(self
+            .conn
+            .execute("UPDATE jobs SET state = ?1, stage = NULL WHERE state = ?2", params![state::QUEUED, state::RUNNING])?)
     }
 
     fn cached_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64) -> Result<Option<String>> {
@@ -333,9 +167,11 @@ impl Ledger for SqliteLedger {
             return Ok(Discovery::Known);
         }
         let earlier: Option<i64> = tx
-            .query_row("SELECT id FROM jobs WHERE key = ?1 AND state != 'skipped' ORDER BY id LIMIT 1", params![j.key], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT id FROM jobs WHERE key = ?1 AND state != ?2 ORDER BY id LIMIT 1",
+                params![j.key, state::SKIPPED],
+                |r| r.get(0),
+            )
             .optional()?;
         let now = now_s();
         let source = j.inbox.join(j.rel_path);
@@ -374,22 +210,19 @@ impl Ledger for SqliteLedger {
             return Ok(None);
         }
         let tx = self.write_tx()?;
-        let list = pipelines.iter().map(|p| format!("'{}'", p.replace('\'', "''"))).collect::<Vec<_>>().join(",");
         let id: Option<i64> = tx
             .query_row(
-                &format!(
-                    "SELECT id FROM jobs WHERE pipeline IN ({list}) AND
-                       (state = 'queued' OR (state = 'retry_wait' AND not_before <= ?1))
-                     ORDER BY priority DESC, queued_at, id LIMIT 1"
-                ),
-                params![now],
+                "SELECT id FROM jobs WHERE pipeline IN (SELECT value FROM json_each(?2)) AND
+                   (state = ?3 OR (state = ?4 AND not_before <= ?1))
+                 ORDER BY priority DESC, queued_at, id LIMIT 1",
+                params![now, serde_json::to_string(pipelines)?, state::QUEUED, state::RETRY_WAIT],
                 |r| r.get(0),
             )
             .optional()?;
         let Some(id) = id else { return Ok(None) };
         tx.execute(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, started_at = ?2, stage = NULL WHERE id = ?1",
-            params![id, now],
+            "UPDATE jobs SET state = ?3, attempts = attempts + 1, started_at = ?2, stage = NULL WHERE id = ?1",
+            params![id, now, state::RUNNING],
         )?;
         tx.commit()?;
         self.job(id)
@@ -402,8 +235,8 @@ impl Ledger for SqliteLedger {
 
     fn done(&mut self, id: i64, output: &Path, now: f64) -> Result<()> {
         self.conn.execute(
-            "UPDATE jobs SET state = 'done', stage = NULL, finished_at = ?2, output = ?3, error = NULL WHERE id = ?1",
-            params![id, now, text(output)],
+            "UPDATE jobs SET state = ?4, stage = NULL, finished_at = ?2, output = ?3, error = NULL WHERE id = ?1",
+            params![id, now, text(output), state::DONE],
         )?;
         Ok(())
     }
@@ -412,13 +245,13 @@ impl Ledger for SqliteLedger {
         let err = serde_json::to_string(f)?;
         match retry_at {
             Some(t) => self.conn.execute(
-                "UPDATE jobs SET state = 'retry_wait', not_before = ?2, stage = ?3, error = ?4 WHERE id = ?1",
-                params![id, t, f.stage, err],
+                "UPDATE jobs SET state = ?5, not_before = ?2, stage = ?3, error = ?4 WHERE id = ?1",
+                params![id, t, f.stage, err, state::RETRY_WAIT],
             )?,
             None => self.conn.execute(
-                "UPDATE jobs SET state = 'quarantined', stage = ?2, error = ?3, finished_at = ?4, source = COALESCE(?5, source)
+                "UPDATE jobs SET state = ?6, stage = ?2, error = ?3, finished_at = ?4, source = COALESCE(?5, source)
                  WHERE id = ?1",
-                params![id, f.stage, err, now, source.map(text)],
+                params![id, f.stage, err, now, source.map(text), state::QUARANTINED],
             )?,
         };
         Ok(())
@@ -426,8 +259,8 @@ impl Ledger for SqliteLedger {
 
     fn release(&mut self, id: i64) -> Result<()> {
         self.conn.execute(
-            "UPDATE jobs SET state = 'queued', stage = NULL, attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND state = 'running'",
-            params![id],
+            "UPDATE jobs SET state = ?2, stage = NULL, attempts = MAX(attempts - 1, 0) WHERE id = ?1 AND state = ?3",
+            params![id, state::QUEUED, state::RUNNING],
         )?;
         Ok(())
     }
@@ -435,14 +268,14 @@ impl Ledger for SqliteLedger {
     fn retry(&mut self, id: Option<i64>) -> Result<usize> {
         let n = match id {
             Some(id) => self.conn.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, not_before = NULL, finished_at = NULL
-                 WHERE id = ?1 AND state IN ('quarantined', 'retry_wait', 'done')",
-                params![id],
+                "UPDATE jobs SET state = ?2, attempts = 0, not_before = NULL, finished_at = NULL
+                 WHERE id = ?1 AND state IN (?3, ?4, ?5)",
+                params![id, state::QUEUED, state::QUARANTINED, state::RETRY_WAIT, state::DONE],
             )?,
             None => self.conn.execute(
-                "UPDATE jobs SET state = 'queued', attempts = 0, not_before = NULL, finished_at = NULL
-                 WHERE state IN ('quarantined', 'retry_wait')",
-                [],
+                "UPDATE jobs SET state = ?1, attempts = 0, not_before = NULL, finished_at = NULL
+                 WHERE state IN (?2, ?3)",
+                params![state::QUEUED, state::QUARANTINED, state::RETRY_WAIT],
             )?,
         };
         Ok(n)
@@ -456,17 +289,17 @@ impl Ledger for SqliteLedger {
 
     fn oldest_queued(&mut self) -> Result<Vec<(String, f64)>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT pipeline, MIN(queued_at) FROM jobs WHERE state IN ('queued', 'retry_wait') GROUP BY pipeline ORDER BY pipeline",
+            "SELECT pipeline, MIN(queued_at) FROM jobs WHERE state IN (?1, ?2) GROUP BY pipeline ORDER BY pipeline",
         )?;
-        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = st.query_map(params![state::QUEUED, state::RETRY_WAIT], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     fn has_work(&mut self, pipeline: &str, now: f64) -> Result<bool> {
         Ok(self.conn.query_row(
             "SELECT EXISTS(SELECT 1 FROM jobs WHERE pipeline = ?1 AND
-               (state IN ('queued', 'running') OR (state = 'retry_wait' AND not_before <= ?2)))",
-            params![pipeline, now],
+               (state IN (?3, ?4) OR (state = ?5 AND not_before <= ?2)))",
+            params![pipeline, now, state::QUEUED, state::RUNNING, state::RETRY_WAIT],
             |r| r.get(0),
         )?)
     }

@@ -1,0 +1,102 @@
+//! `deltadoc bench`: prefill and decode speed, time to first token, peak memory against the
+//! plan, prefix reuse; the measurement is [`crate::bench`], the report is here.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::{Outcome, mib};
+use crate::bench::{BenchOptions, BenchReport};
+use crate::generate::DEFAULT_PREFILL_CHUNK;
+use crate::model::ModelDir;
+use crate::runtime::SessionOptions;
+
+/// What `deltadoc bench` takes.
+#[derive(Args)]
+pub(super) struct BenchArgs {
+    /// Model folder (from `model import` or `model synth`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt length in tokens (random ordinary tokens, seeded).
+    #[arg(long)]
+    prompt_tokens: usize,
+    /// Tokens to generate greedily after the prompt.
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Tokens per prefill call: longer calls run faster and hold larger activations.
+    #[arg(long, default_value_t = DEFAULT_PREFILL_CHUNK)]
+    prefill_chunk: usize,
+    /// Intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Seed of the random prompt.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Run this many stages on the prompt through a snapshot (prefix reuse).
+    #[arg(long, default_value_t = 1)]
+    stages: usize,
+    /// Instruction tokens per stage.
+    #[arg(long, default_value_t = 32)]
+    stage_tokens: usize,
+    /// Make the prefill resumable (a 262K prompt is hours): save the state to this file every
+    /// --checkpoint-every tokens; rerunning the same command resumes, and the report counts
+    /// the time of the earlier runs (FILE.timing.jsonl keeps it, and the rate at every depth).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Tokens between checkpoints; 0 saves none and only writes the timing log.
+    #[arg(long, default_value_t = 8192)]
+    checkpoint_every: usize,
+}
+
+/// Measures and prints the report (a table, or one JSON object).
+pub(super) fn run(a: BenchArgs) -> Result<Outcome> {
+    let m = ModelDir::open(&a.model)?;
+    let opts = BenchOptions {
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        prefill_chunk: a.prefill_chunk,
+        seed: a.seed,
+        stages: a.stages,
+        stage_tokens: a.stage_tokens,
+        checkpoint: a.checkpoint.map(|p| (p, a.checkpoint_every)),
+    };
+    let r = crate::bench::run(&m, &SessionOptions::with_threads(a.threads), &opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_table(&m, &r);
+    }
+    Ok(Outcome::Success)
+}
+
+fn print_table(m: &ModelDir, r: &BenchReport) {
+    println!("model          {} ({}, {} DeltaNet ops)", m.dir.display(), m.manifest.precision_label(), r.linear_attn);
+    let arithmetic = if r.bf16_attention { "bf16 arithmetic" } else { "f32 arithmetic" };
+    println!("KV cache       {} ({arithmetic})", r.kv_cache);
+    println!("threads        {}", r.threads);
+    println!("load           {:.2} s", r.load_s);
+    println!("warm-up call   {:.2} s", r.warmup_s);
+    println!("prefill        {} tokens, {:.1} tok/s (chunks of {})", r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_chunk);
+    if r.resumed_from_token > 0 {
+        println!(
+            "resumed        at token {}; rate over tokens {}.. with the earlier runs' time",
+            r.resumed_from_token, r.timed_from_token
+        );
+    }
+    if r.checkpoint_bytes > 0 {
+        println!("checkpoint     {:.1} MiB on disk", mib(r.checkpoint_bytes as u64));
+    }
+    println!("first token    {:.3} s", r.ttft_s);
+    println!("decode         {} tokens, {:.2} tok/s", r.gen_tokens, r.decode_tokens_per_s);
+    println!("KV + state     {:.1} MiB", mib(r.kv_state_bytes));
+    println!("peak RSS       {:.1} MiB (plan {:.1} MiB)", mib(r.peak_rss_bytes), mib(r.planned_bytes));
+    if let Some(ratio) = r.prefix_reuse_ratio {
+        let stages: Vec<String> = r.stage_s.iter().map(|s| format!("{s:.2}")).collect();
+        println!("stages         {} s each after one shared prefill; total / one stage = {ratio:.2}", stages.join(", "));
+        println!("snapshot       {:.1} MiB", mib(r.snapshot_bytes as u64));
+    }
+}

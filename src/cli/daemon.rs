@@ -1,0 +1,201 @@
+//! The daemon's commands: `serve`, `run --once`, `process`, `status`, `retry`, `config check`.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Args, Subcommand};
+
+use super::{DaemonArgs, Outcome};
+use crate::config::Config;
+use crate::daemon::{self, Mode};
+use crate::ledger::{self, state};
+use crate::schedule;
+
+/// What `deltadoc run` takes.
+#[derive(Args)]
+pub(super) struct RunArgs {
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Required: one pass (continuous running is `serve`).
+    #[arg(long)]
+    once: bool,
+}
+
+/// What `deltadoc process` takes.
+#[derive(Args)]
+pub(super) struct ProcessArgs {
+    /// The document to process.
+    file: PathBuf,
+    /// Pipeline name from the configuration (see `config check`).
+    #[arg(long)]
+    pipeline: String,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// What `deltadoc status` takes.
+#[derive(Args)]
+pub(super) struct StatusArgs {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    /// Recent jobs to list.
+    #[arg(long, default_value_t = 20)]
+    recent: usize,
+    /// One JSON object instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `deltadoc retry` takes.
+#[derive(Args)]
+pub(super) struct RetryArgs {
+    /// Job id (see `status`).
+    job: Option<i64>,
+    /// Every failed job.
+    #[arg(long, conflicts_with = "job")]
+    failed: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// Configuration commands.
+#[derive(Subcommand)]
+pub(super) enum ConfigCmd {
+    /// Validate the daemon configuration and every pipeline; print a summary.
+    Check(DaemonArgs),
+}
+
+/// `deltadoc serve`.
+pub(super) fn serve(d: DaemonArgs) -> Result<Outcome> {
+    daemon::run(d.load()?, Mode::Serve)?;
+    Ok(Outcome::Success)
+}
+
+/// `deltadoc run --once`; says where the results landed.
+pub(super) fn run_once(r: RunArgs) -> Result<Outcome> {
+    if !r.once {
+        bail!("`run` needs --once (use `serve` to keep running)");
+    }
+    let cfg = r.daemon.load()?;
+    let outputs: Vec<String> = cfg
+        .pipelines
+        .iter()
+        .map(|p| format!("{}: {} (failed documents: {})", p.name(), p.output.display(), p.quarantine.display()))
+        .collect();
+    daemon::run(cfg, Mode::Once)?;
+    eprintln!("results (one JSON per document):\n  {}", outputs.join("\n  "));
+    Ok(Outcome::Success)
+}
+
+/// `deltadoc process`: the result on stdout, or `{"error": …}` there and the reason on stderr.
+pub(super) fn process(a: ProcessArgs) -> Result<Outcome> {
+    let cfg = a.daemon.load()?;
+    match daemon::process_one(&cfg, &a.pipeline, &a.file)? {
+        Ok(r) => {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(Outcome::Success)
+        }
+        Err(f) => {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "error": f }))?);
+            super::error_line(format_args!("{} ({}, stage {})", f.message, f.reason.name(), f.stage));
+            Ok(Outcome::DocumentFailed)
+        }
+    }
+}
+
+/// `deltadoc status`.
+pub(super) fn status(s: StatusArgs) -> Result<Outcome> {
+    print_status(&s.daemon.load()?, s.recent, s.json)?;
+    Ok(Outcome::Success)
+}
+
+/// `deltadoc retry JOB | --failed`.
+pub(super) fn retry(r: RetryArgs) -> Result<Outcome> {
+    if r.job.is_none() && !r.failed {
+        bail!("name a job id or give --failed");
+    }
+    let cfg = r.daemon.load()?;
+    let n = ledger::open(&cfg.daemon.state_dir)?.retry(r.job)?;
+    if let Some(id) = r.job
+        && n == 0
+    {
+        bail!("job {id} is not failed, quarantined or done (see `deltadoc status`)");
+    }
+    eprintln!("{n} job(s) queued again; a running daemon picks them up (or run `deltadoc run --once`)");
+    Ok(Outcome::Success)
+}
+
+/// `deltadoc config check`: a line per pipeline.
+pub(super) fn config(c: ConfigCmd) -> Result<Outcome> {
+    let ConfigCmd::Check(d) = c;
+    let cfg = d.load()?;
+    let src = cfg.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "built-in defaults".into());
+    println!("config {src}: ok (model {}, state {})", cfg.daemon.model.path.display(), cfg.daemon.state_dir.display());
+    for p in &cfg.pipelines {
+        let when = match &p.spec.schedule {
+            Some(s) => format!("cron {:?} {} window {:?}", s.cron.text, s.timezone.name, s.window.0),
+            None => "continuous".into(),
+        };
+        let stages: Vec<String> = p.stages.iter().map(|s| s.describe()).collect();
+        println!(
+            "pipeline {} v{} ({}): {} inbox(es) -> {}; {when}; stages: {}",
+            p.name(),
+            p.spec.version,
+            p.file.display(),
+            p.inboxes.len(),
+            p.output.display(),
+            stages.join(", ")
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+/// `deltadoc status`: queue per pipeline and state, schedules, recent jobs.
+fn print_status(cfg: &Config, recent: usize, json: bool) -> Result<()> {
+    let mut l = ledger::open(&cfg.daemon.state_dir)?;
+    let counts = l.counts()?;
+    let jobs = l.recent(recent)?;
+    let now = jiff::Timestamp::now();
+    let mut schedules = Vec::new();
+    for p in &cfg.pipelines {
+        if let Some(s) = &p.spec.schedule {
+            let last = l.last_run(p.name())?;
+            let next = schedule::next_fire(s, now).map(|t| t.to_string());
+            schedules.push(serde_json::json!({ "pipeline": p.name(), "cron": s.cron.text, "timezone": s.timezone.name,
+                "next": next, "last_run": last }));
+        }
+    }
+    if json {
+        let c: Vec<_> = counts.iter().map(|(p, s, n)| serde_json::json!({"pipeline": p, "state": s, "jobs": n})).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "counts": c, "schedules": schedules, "recent": jobs }))?
+        );
+        return Ok(());
+    }
+    println!("ledger {}", l.describe());
+    if counts.is_empty() {
+        println!("no jobs yet");
+    }
+    for p in &cfg.pipelines {
+        let line: Vec<String> = counts.iter().filter(|(q, _, _)| q == p.name()).map(|(_, s, n)| format!("{s} {n}")).collect();
+        if !line.is_empty() {
+            println!("{:<16} {}", p.name(), line.join(", "));
+        }
+    }
+    for s in &schedules {
+        println!("schedule {}", s);
+    }
+    if !jobs.is_empty() {
+        println!("\n{:>6}  {:<12} {:<12} {:>3}  document", "job", "pipeline", "state", "try");
+    }
+    for j in jobs {
+        let detail = match (&j.error, &j.stage) {
+            (Some(e), _) if j.state != state::DONE => format!("  [{}: {}]", e.reason.name(), e.message),
+            (_, Some(st)) if j.state == state::RUNNING => format!("  [{st}]"),
+            _ => j.duplicate_of.map(|d| format!("  [duplicate of job {d}]")).unwrap_or_default(),
+        };
+        println!("{:>6}  {:<12} {:<12} {:>3}  {}{detail}", j.id, j.pipeline, j.state, j.attempts, j.rel_path.display());
+    }
+    Ok(())
+}

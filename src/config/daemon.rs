@@ -1,0 +1,199 @@
+//! Daemon-wide settings (`config/deltadoc.yaml`). Every field has a default, the value the
+//! shipped file writes out (a test keeps the two equal), so a file needs only what differs:
+//!
+//! ```yaml
+//! model: {path: /var/lib/deltadoc/models/qwen35-0.8b}
+//! state_dir: /var/lib/deltadoc
+//! data_dir: /srv/deltadoc
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use serde::Deserialize;
+
+use super::values::{ByteSize, Dur, GlobPattern};
+use crate::llm::DEFAULT_PREFILL_CHUNK;
+
+/// Daemon-wide settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// The model every pipeline runs.
+    pub model: ModelConfig,
+    /// Intra-op threads of the model (0 = all cores).
+    pub threads: usize,
+    /// Memory a job may plan to use (weights + KV + state + activations).
+    pub memory_budget: ByteSize,
+    /// Ledger, checkpoints and other daemon state.
+    pub state_dir: PathBuf,
+    /// Folder of pipeline definitions (`*.yaml`).
+    pub pipelines: PathBuf,
+    /// Relative inbox, output and quarantine paths of pipelines are relative to this folder
+    /// (absent: the folder holding the pipelines folder). One pipeline file thus serves the demo
+    /// (`examples`) and an install (`/srv/deltadoc`).
+    pub data_dir: Option<PathBuf>,
+    /// Prometheus endpoint and health probes.
+    pub metrics: MetricsConfig,
+    /// `human` or `json` log lines on stderr.
+    pub log_format: LogFormat,
+    /// Watching the inboxes.
+    pub ingest: IngestConfig,
+    /// Per-document limits and retries.
+    pub limits: Limits,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelConfig::default(),
+            threads: 0,
+            memory_budget: ByteSize(20 << 30),
+            state_dir: "state".into(),
+            pipelines: "pipelines".into(),
+            data_dir: None,
+            metrics: MetricsConfig::default(),
+            log_format: LogFormat::Human,
+            ingest: IngestConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Which model folder runs the stages, and how.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// A model folder written by `deltadoc model import` or `model synth`.
+    pub path: PathBuf,
+    /// When the folder does not exist, synthesise random weights of this shape there (demo only:
+    /// results then say `random_weights: true`).
+    pub synth_if_missing: Option<String>,
+    /// Prompt tokens per prefill call: longer calls run faster and hold larger activations (the
+    /// memory plan counts them).
+    pub prefill_chunk: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { path: "models/current".into(), synth_if_missing: None, prefill_chunk: DEFAULT_PREFILL_CHUNK }
+    }
+}
+
+/// Prometheus endpoint settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics`, `/livez` and `/readyz` at all.
+    pub enabled: bool,
+    /// Listen address; loopback by default because metrics are not for the open network.
+    pub listen: String,
+    /// `/readyz` fails when documents are queued and the worker showed no progress this long.
+    pub stall_after: Dur,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true, listen: "127.0.0.1:9464".into(), stall_after: Dur(Duration::from_secs(900)) }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line (journald, Loki).
+    Json,
+}
+
+/// Inbox watching.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Full rescan of every inbox this often, whatever the watcher says.
+    pub rescan_interval: Dur,
+    /// A file counts as complete once its size and mtime stayed the same this long.
+    pub stable_window: Dur,
+    /// Do not use filesystem events at all (network mounts, some containers).
+    pub poll_only: bool,
+    /// File names never taken (temp files of scanners, editors and sync tools).
+    pub ignore: Vec<GlobPattern>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        let ignore = [".*", "~*", "*.tmp", "*.part", "*.crdownload", "*.partial", "*.swp", "*.filepart", "Thumbs.db"];
+        Self {
+            rescan_interval: Dur(Duration::from_secs(60)),
+            stable_window: Dur(Duration::from_secs(5)),
+            poll_only: false,
+            ignore: ignore.iter().map(|g| g.parse().expect("the built-in ignore globs are valid")).collect(),
+        }
+    }
+}
+
+/// Per-document limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Larger files are refused (`too_large`).
+    pub max_file_bytes: ByteSize,
+    /// PDFs with more pages are refused (`too_large`).
+    pub max_pages: u32,
+    /// Wall time of one attempt at one document, all stages.
+    pub document_timeout: Dur,
+    /// Wall time of the isolated text extraction process.
+    pub extract_timeout: Dur,
+    /// Address-space cap of the extraction process (decompression bombs).
+    pub extract_memory: ByteSize,
+    /// Attempts before a document goes to quarantine.
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubles after each further failure.
+    pub retry_backoff: Dur,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: ByteSize(512 << 20),
+            max_pages: 5000,
+            document_timeout: Dur(Duration::from_secs(6 * 3600)),
+            extract_timeout: Dur(Duration::from_secs(120)),
+            extract_memory: ByteSize(4 << 30),
+            max_attempts: 3,
+            retry_backoff: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// `DELTADOC_<FIELD>` environment variables override the file; each value is read as YAML of the
+/// field's type, so it gets the same checks.
+pub fn apply_env_overrides(d: &mut DaemonConfig, var: impl Fn(&str) -> Option<String>) -> Result<()> {
+    fn set<T: for<'de> Deserialize<'de>>(slot: &mut T, name: &str, var: &impl Fn(&str) -> Option<String>) -> Result<()> {
+        if let Some(v) = var(name) {
+            *slot = serde_saphyr::from_str(&v).map_err(|e| anyhow!("environment variable {name}={v:?}: {e}"))?;
+        }
+        Ok(())
+    }
+    set(&mut d.model.path, "DELTADOC_MODEL", &var)?;
+    set(&mut d.model.synth_if_missing, "DELTADOC_SYNTH_IF_MISSING", &var)?;
+    set(&mut d.threads, "DELTADOC_THREADS", &var)?;
+    set(&mut d.memory_budget, "DELTADOC_MEMORY_BUDGET", &var)?;
+    set(&mut d.state_dir, "DELTADOC_STATE_DIR", &var)?;
+    set(&mut d.pipelines, "DELTADOC_PIPELINES", &var)?;
+    set(&mut d.data_dir, "DELTADOC_DATA_DIR", &var)?;
+    set(&mut d.metrics.listen, "DELTADOC_METRICS_LISTEN", &var)?;
+    set(&mut d.metrics.enabled, "DELTADOC_METRICS_ENABLED", &var)?;
+    set(&mut d.log_format, "DELTADOC_LOG_FORMAT", &var)?;
+    set(&mut d.ingest.poll_only, "DELTADOC_POLL_ONLY", &var)?;
+    set(&mut d.ingest.rescan_interval, "DELTADOC_RESCAN_INTERVAL", &var)?;
+    set(&mut d.ingest.stable_window, "DELTADOC_STABLE_WINDOW", &var)?;
+    set(&mut d.limits.document_timeout, "DELTADOC_DOCUMENT_TIMEOUT", &var)?;
+    set(&mut d.limits.max_attempts, "DELTADOC_MAX_ATTEMPTS", &var)?;
+    set(&mut d.limits.retry_backoff, "DELTADOC_RETRY_BACKOFF", &var)?;
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! Internal events: everything that happens in the daemon is one value here, and emitting it
+//! writes its log line (or progress line) and updates its metrics together, so the two never
+//! disagree and a new metric is one place to change. Metric names and labels are the contract
+//! with `deploy/grafana/deltadoc.json` and `deploy/prometheus/alerts.yaml`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::inbox::Seen;
+use super::metrics::Metrics;
+use crate::extract::Method;
+use crate::failure::Failure;
+use crate::ledger::{Discovery, now_s, state};
+use crate::llm::ModelInfo;
+use crate::output::DocResult;
+use crate::progress::DocProgress;
+use crate::schedule;
+use crate::util::ProcessMemory;
+
+/// Something that happened, with what its log line and metrics need.
+pub(crate) trait InternalEvent {
+    /// Writes the log line and updates the metrics.
+    fn emit(self, m: &Metrics);
+}
+
+/// Values of the `outcome` label of `deltadoc_documents_total`.
+pub(crate) const OUTCOMES: [&str; 4] = ["ok", "failed", "quarantined", "skipped_duplicate"];
+
+/// A file was noticed in an inbox for the first time (or changed since).
+pub(crate) struct FileNoticed {
+    /// By an event or a scan.
+    pub source: Seen,
+    /// A periodic rescan found it although the watcher runs: the watcher missed it.
+    pub missed_by_watcher: bool,
+}
+
+impl InternalEvent for FileNoticed {
+    fn emit(self, m: &Metrics) {
+        m.watch_events.with_label_values(&[self.source.name()]).inc();
+        if self.missed_by_watcher {
+            m.rescan_found.inc();
+        }
+    }
+}
+
+/// A stable file was recorded in the ledger: a new job, a duplicate of an earlier one
+/// (duplicates: skip), or a file already known (nothing to say).
+pub(crate) struct FileRecorded<'a> {
+    pub path: &'a Path,
+    pub pipeline: &'a str,
+    pub discovery: Discovery,
+}
+
+impl InternalEvent for FileRecorded<'_> {
+    fn emit(self, m: &Metrics) {
+        let (path, pipeline) = (self.path.display(), self.pipeline);
+        match self.discovery {
+            Discovery::Queued(job) => tracing::info!("{path}: queued as job {job} ({pipeline})"),
+            Discovery::Duplicate { of } => {
+                m.documents.with_label_values(&[pipeline, "skipped_duplicate"]).inc();
+                tracing::info!("{path}: same content as job {of}; skipped (duplicates: skip)");
+            }
+            Discovery::Known => {}
+        }
+    }
+}
+
+/// The worker took a job.
+pub(crate) struct DocumentStarted<'a> {
+    pub pipeline: &'a str,
+    /// Seconds it waited in the queue.
+    pub waited_s: f64,
+}
+
+impl InternalEvent for DocumentStarted<'_> {
+    fn emit(self, m: &Metrics) {
+        m.queue_wait.with_label_values(&[self.pipeline]).observe(self.waited_s.max(0.0));
+        m.inflight.inc();
+    }
+}
+
+/// A document's next step (extraction, a stage, a reduce) started: the progress line (a
+/// spinner on a terminal, a log line otherwise) says so.
+pub(crate) struct StepStarted<'a> {
+    pub step: &'a str,
+    pub progress: &'a DocProgress,
+}
+
+impl InternalEvent for StepStarted<'_> {
+    fn emit(self, _: &Metrics) {
+        self.progress.step(self.step);
+    }
+}
+
+/// A prefill call consumed `tokens` more prompt tokens (the token counters are updated once the
+/// document is done, from its result, so a retried attempt is not counted twice).
+pub(crate) struct Prefilled<'a> {
+    pub tokens: usize,
+    pub progress: &'a DocProgress,
+}
+
+impl InternalEvent for Prefilled<'_> {
+    fn emit(self, _: &Metrics) {
+        self.progress.prefilled(self.tokens);
+    }
+}
+
+/// An attempt at a document ended: how long it took and what came of it.
+pub(crate) struct AttemptEnded<'a> {
+    pub pipeline: &'a str,
+    /// Seconds the pipeline ran.
+    pub seconds: f64,
+    pub outcome: Outcome<'a>,
+    pub progress: &'a DocProgress,
+}
+
+/// What came of an attempt.
+pub(crate) enum Outcome<'a> {
+    /// The result was written.
+    Done { result: &'a DocResult, output: &'a Path },
+    /// It failed and will be tried again: attempt `next` of `max`, after `wait_s` seconds.
+    Retrying { failure: &'a Failure, next: u32, max: u32, wait_s: f64 },
+    /// It failed for good and went to quarantine.
+    Quarantined { failure: &'a Failure },
+    /// Shutdown stopped it; it goes back to the queue without counting an attempt.
+    Interrupted,
+}
+
+impl InternalEvent for AttemptEnded<'_> {
+    fn emit(self, m: &Metrics) {
+        let p = self.pipeline;
+        m.inflight.dec();
+        m.document_duration.with_label_values(&[p]).observe(self.seconds);
+        let line = match self.outcome {
+            Outcome::Done { result, output } => {
+                m.documents.with_label_values(&[p, "ok"]).inc();
+                result_metrics(m, p, result);
+                format!("done → {}", output.display())
+            }
+            Outcome::Retrying { failure: f, next, max, wait_s } => {
+                m.failures.with_label_values(&[p, f.reason.name(), &f.stage]).inc();
+                m.retries.with_label_values(&[p]).inc();
+                m.documents.with_label_values(&[p, "failed"]).inc();
+                format!("failed ({}: {}); retry {next} of {max} in {wait_s:.0} s", f.reason.name(), f.message)
+            }
+            Outcome::Quarantined { failure: f } => {
+                m.failures.with_label_values(&[p, f.reason.name(), &f.stage]).inc();
+                m.documents.with_label_values(&[p, "quarantined"]).inc();
+                format!("quarantined ({}: {})", f.reason.name(), f.message)
+            }
+            Outcome::Interrupted => "interrupted; queued again".into(),
+        };
+        self.progress.finish(&line);
+    }
+}
+
+/// What a result tells the metrics: step times, pages, sizes, tokens, model time, state.
+fn result_metrics(m: &Metrics, p: &str, r: &DocResult) {
+    for (stage, secs) in r.timings.iter().filter(|(s, _)| *s != "total") {
+        m.stage_duration.with_label_values(&[p, stage]).observe(*secs);
+    }
+    for page in &r.pages {
+        m.pages.with_label_values(&[if page.method == Method::Ocr { "ocr" } else { "text" }]).inc();
+    }
+    m.document_pages.with_label_values(&[p]).observe(r.pages.len() as f64);
+    m.document_prompt_tokens.with_label_values(&[p]).observe(r.document_tokens as f64);
+    if r.truncated {
+        m.context_truncations.inc();
+    }
+    for t in r.stages.values().filter_map(|s| s.ttft_s) {
+        m.ttft.with_label_values(&[p]).observe(t);
+    }
+    m.prompt_tokens.with_label_values(&[p]).inc_by(r.tokens.prompt as u64);
+    m.prefilled_tokens.with_label_values(&[p]).inc_by(r.tokens.prefilled as u64);
+    m.generation_tokens.with_label_values(&[p]).inc_by(r.tokens.generated as u64);
+    m.prefill_seconds.with_label_values(&[p]).inc_by(r.stages.values().map(|s| s.prefill_s).sum());
+    m.decode_seconds.with_label_values(&[p]).inc_by(r.stages.values().map(|s| s.decode_s).sum());
+    if let Some(b) = r.stages.values().map(|s| s.state_bytes).max().filter(|&b| b > 0) {
+        m.kv_state_bytes.set(b as i64);
+    }
+}
+
+impl InternalEvent for schedule::Event {
+    fn emit(self, m: &Metrics) {
+        match self {
+            schedule::Event::Started { pipeline, planned, catch_up } => {
+                m.last_run_start.with_label_values(&[&pipeline]).set(now_s());
+                if catch_up {
+                    tracing::warn!("{pipeline}: the run planned for {planned} was missed; running it now");
+                } else {
+                    tracing::info!("{pipeline}: scheduled run started (planned {planned})");
+                }
+            }
+            schedule::Event::Overrun { pipeline } => {
+                m.schedule_overruns.with_label_values(&[&pipeline]).inc();
+                tracing::warn!("{pipeline}: the scheduled run is past its window and still has documents");
+            }
+            schedule::Event::Ended { pipeline, documents, ok, overran, started } => {
+                let p: &[&str] = &[&pipeline];
+                m.last_run_end.with_label_values(p).set(now_s());
+                m.schedule_run_duration.with_label_values(p).observe((now_s() - started).max(0.0));
+                m.schedule_run_documents.with_label_values(p).observe(documents as f64);
+                m.last_run_success.with_label_values(p).set(ok as i64);
+                m.last_run_documents.with_label_values(p).set(documents as i64);
+                if ok {
+                    m.last_success.with_label_values(p).set(now_s());
+                }
+                tracing::info!(
+                    "{pipeline}: scheduled run ended after {:.0} s: {documents} document(s), {}{}",
+                    now_s() - started,
+                    if ok { "none quarantined" } else { "some quarantined" },
+                    if overran { ", past its window" } else { "" }
+                );
+            }
+        }
+    }
+}
+
+/// SIGHUP loaded a new configuration.
+pub(crate) struct ConfigReloaded<'a> {
+    pub pipelines: &'a [&'a str],
+}
+
+impl InternalEvent for ConfigReloaded<'_> {
+    fn emit(self, m: &Metrics) {
+        m.config_reloads.with_label_values(&["ok"]).inc();
+        tracing::info!("configuration reloaded: pipelines {}", self.pipelines.join(", "));
+    }
+}
+
+/// SIGHUP found a configuration that does not load; the running one stays.
+pub(crate) struct ConfigReloadRefused<'a> {
+    pub error: &'a anyhow::Error,
+}
+
+impl InternalEvent for ConfigReloadRefused<'_> {
+    fn emit(self, m: &Metrics) {
+        m.config_reloads.with_label_values(&["failed"]).inc();
+        tracing::error!("reload refused, the running configuration stays: {:#}", self.error);
+    }
+}
+
+/// The model is loaded.
+pub(crate) struct ModelLoaded<'a> {
+    pub info: &'a ModelInfo,
+    pub seconds: f64,
+}
+
+impl InternalEvent for ModelLoaded<'_> {
+    fn emit(self, m: &Metrics) {
+        m.model_load_seconds.set(self.seconds);
+        m.model_loaded.with_label_values(&[&self.info.name]).set(1);
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &self.info.name]).set(1);
+        if self.info.random_weights {
+            tracing::warn!("model {} has random weights: results are placeholders (see README: real weights)", self.info.source);
+        }
+    }
+}
+
+/// The queue as the ledger and the stability tracker see it now (before a scrape; when the
+/// ledger does not answer in time, the gauges keep their last values).
+pub(crate) struct QueueSampled<'a> {
+    pub pipelines: &'a [String],
+    /// Jobs per (pipeline, state).
+    pub counts: Vec<(String, String, u64)>,
+    /// When the oldest queued job of each pipeline was queued.
+    pub oldest: Vec<(String, f64)>,
+    /// Files waiting for a stable size, per pipeline.
+    pub waiting: &'a HashMap<String, usize>,
+}
+
+impl InternalEvent for QueueSampled<'_> {
+    fn emit(self, m: &Metrics) {
+        for p in self.pipelines {
+            for s in state::ALL {
+                m.queue_depth.with_label_values(&[p, s]).set(0);
+            }
+            m.queue_depth.with_label_values(&[p, "waiting_stable"]).set(*self.waiting.get(p).unwrap_or(&0) as i64);
+            m.oldest_queued_age.with_label_values(&[p]).set(0.0);
+        }
+        for (p, s, n) in self.counts {
+            m.queue_depth.with_label_values(&[&p, &s]).set(n as i64);
+        }
+        for (p, t) in self.oldest {
+            m.oldest_queued_age.with_label_values(&[&p]).set((now_s() - t).max(0.0));
+        }
+    }
+}
+
+/// The daemon's own state now: readiness, the worker's heartbeat, memory.
+pub(crate) struct ProcessSampled {
+    pub ready: bool,
+    pub heartbeat_age_s: f64,
+    pub memory: ProcessMemory,
+}
+
+impl InternalEvent for ProcessSampled {
+    fn emit(self, m: &Metrics) {
+        m.ready.set(self.ready as i64);
+        m.worker_heartbeat_age.set(self.heartbeat_age_s);
+        m.resident_memory.set(self.memory.resident_bytes as i64);
+        m.peak_resident_memory.set(self.memory.peak_bytes as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failure::Reason;
+
+    fn series(m: &Metrics, name: &str, labels: &[&str]) -> Option<f64> {
+        m.render().lines().filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x))).find_map(|l| {
+            let (head, v) = l.rsplit_once(' ')?;
+            (head == name || head.starts_with(&format!("{name}{{"))).then(|| v.parse().ok())?
+        })
+    }
+
+    #[test]
+    fn an_outcome_updates_its_series_and_nothing_else_claims_them() {
+        let m = Metrics::new().unwrap();
+        let progress = DocProgress::new("job 1 a.pdf".into());
+        let f = Failure::new(Reason::Timeout, "summary", "slow");
+        m.inflight.set(2);
+        let retrying = Outcome::Retrying { failure: &f, next: 2, max: 3, wait_s: 60.0 };
+        AttemptEnded { pipeline: "p", seconds: 1.5, outcome: retrying, progress: &progress }.emit(&m);
+        let quarantined = Outcome::Quarantined { failure: &f };
+        AttemptEnded { pipeline: "p", seconds: 2.5, outcome: quarantined, progress: &progress }.emit(&m);
+        assert_eq!(series(&m, "deltadoc_inflight_documents", &[]), Some(0.0));
+        assert_eq!(series(&m, "deltadoc_document_duration_seconds_sum", &["pipeline=\"p\""]), Some(4.0));
+        assert_eq!(series(&m, "deltadoc_documents_total", &["outcome=\"failed\""]), Some(1.0));
+        assert_eq!(series(&m, "deltadoc_documents_total", &["outcome=\"quarantined\""]), Some(1.0));
+        assert_eq!(series(&m, "deltadoc_retries_total", &["pipeline=\"p\""]), Some(1.0));
+        let failures = ["reason=\"timeout\"", "stage=\"summary\""];
+        assert_eq!(series(&m, "deltadoc_failures_total", &failures), Some(2.0));
+        FileRecorded { path: Path::new("/in/b.pdf"), pipeline: "p", discovery: Discovery::Duplicate { of: 1 } }.emit(&m);
+        assert_eq!(series(&m, "deltadoc_documents_total", &["outcome=\"skipped_duplicate\""]), Some(1.0));
+        FileNoticed { source: Seen::Scan, missed_by_watcher: true }.emit(&m);
+        assert_eq!(series(&m, "deltadoc_rescan_found_total", &[]), Some(1.0));
+        assert_eq!(series(&m, "deltadoc_watch_events_total", &["source=\"rescan\""]), Some(1.0));
+    }
+}

@@ -1,0 +1,260 @@
+//! The daemon: an ingest thread ([`ingest`]) that finds stable files and records them in the
+//! ledger, a worker ([`worker`]) that runs one document at a time through its pipeline (the
+//! model uses every core), the schedules deciding which pipelines may run, the HTTP endpoint
+//! ([`http`]: metrics and probes), signals ([`signals`]) and reloads of the configuration
+//! between documents. What happens is reported through [`events`].
+//!
+//! Data flows one way: inbox → ledger → worker → result or quarantine. The ledger is the only
+//! hand-over between the threads, so a crash anywhere loses nothing: on restart running jobs
+//! are queued again and results are overwritten in place, never duplicated.
+
+mod events;
+mod health;
+mod http;
+mod inbox;
+mod ingest;
+mod metrics;
+mod model;
+mod signals;
+#[cfg(test)]
+mod tests;
+mod worker;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use anyhow::{Context as _, Result, anyhow};
+
+pub use signals::Signals;
+
+use crate::config::Config;
+use crate::extract::isolated::Isolation;
+use crate::failure::Failure;
+use crate::ledger;
+use crate::llm::TextModel;
+use crate::output::DocResult;
+use crate::pipeline::{self, Context, Extraction};
+use crate::progress::DocProgress;
+use crate::schedule::{Scheduler, SystemClock};
+use crate::stage::{Runner, Stop};
+use events::{ConfigReloadRefused, ConfigReloaded, InternalEvent, ModelLoaded};
+use health::Health;
+use metrics::Metrics;
+use worker::{Exit, Worker};
+
+/// How the worker loop ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Until SIGTERM/SIGINT.
+    Serve,
+    /// Until the inboxes' current content is processed (schedules ignored).
+    Once,
+}
+
+/// Extraction in a child process under the configured limits.
+fn isolation(cfg: &Config) -> Result<Extraction> {
+    let l = &cfg.daemon.limits;
+    Ok(Extraction::Isolated(Isolation {
+        exe: std::env::current_exe().context("cannot find the deltadoc executable for the extraction process")?,
+        timeout: l.extract_timeout.0,
+        memory: l.extract_memory.0,
+        max_pages: l.max_pages,
+    }))
+}
+
+/// Runs the daemon (`serve`) or one pass (`run --once`).
+pub fn run(cfg: Config, mode: Mode) -> Result<()> {
+    let signals = signals::install();
+    let metrics = Arc::new(Metrics::new()?);
+    let state_dir = cfg.daemon.state_dir.clone();
+    let mut ledger = ledger::open(&state_dir)?;
+    let recovered = ledger.recover()?;
+    if recovered > 0 {
+        tracing::warn!("{recovered} document(s) were running when deltadoc last stopped; queued again");
+    }
+    metrics.init_pipelines(&cfg.pipelines, &mut *ledger)?;
+    let waiting: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let health = Arc::new(Health::new(cfg.daemon.metrics.stall_after.0));
+    let current = Arc::new(RwLock::new(Arc::new(cfg)));
+    let cfg = current_cfg(&current);
+    if cfg.daemon.metrics.enabled {
+        let probe =
+            http::Probe::new(metrics.clone(), health.clone(), ledger::open(&state_dir)?, current.clone(), waiting.clone());
+        let addr = http::serve(&cfg.daemon.metrics.listen, Arc::new(probe))?;
+        tracing::info!("metrics at http://{addr}/metrics, health at /livez and /readyz");
+    }
+    let t = Instant::now();
+    let mut model = model::load(&cfg.daemon)?;
+    let info = model.info().clone();
+    ModelLoaded { info: &info, seconds: t.elapsed().as_secs_f64() }.emit(&metrics);
+    log_memory_plan(&model, cfg.daemon.memory_budget.0);
+    health.model_loaded();
+
+    let ingest = IngestShared { model: info.name, metrics: metrics.clone(), waiting, done: Arc::default(), mode, signals };
+    let mut thread = Some(ingest.start(cfg.clone())?);
+    let mut worker = Worker {
+        extraction: isolation(&cfg)?,
+        cfg,
+        ledger,
+        metrics: &metrics,
+        health: &health,
+        scheduler: Scheduler::default(),
+        clock: &SystemClock,
+        signals,
+        processed: 0,
+    };
+    let r = loop {
+        match worker.run(&mut model, mode, &ingest.done) {
+            Ok(Exit::Reload) => {
+                let Some(new) = reload(&worker.cfg, &metrics) else { continue };
+                // The old ingest thread stops at its next turn; files it saw but had not yet
+                // recorded are found again by the new one's start-up scan.
+                if thread.take().is_some_and(|t| t.stop_and_join().is_err()) {
+                    break Err(anyhow!("the ingest thread panicked"));
+                }
+                let new = Arc::new(new);
+                metrics.init_pipelines(&new.pipelines, &mut *worker.ledger)?;
+                worker.extraction = isolation(&new)?;
+                worker.cfg = new.clone();
+                *current.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+                thread = Some(ingest.start(new.clone())?);
+                let names: Vec<&str> = new.pipelines.iter().map(|p| p.name()).collect();
+                ConfigReloaded { pipelines: &names }.emit(&metrics);
+            }
+            Ok(Exit::Done) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    signals.request_shutdown();
+    let ing = match thread {
+        Some(t) => t.handle.join().map_err(|_| anyhow!("the ingest thread panicked"))?,
+        None => Ok(()),
+    };
+    r.and(ing)
+}
+
+/// What every ingest thread of a daemon shares.
+struct IngestShared {
+    /// Identity of the loaded model (part of every job key).
+    model: String,
+    metrics: Arc<Metrics>,
+    waiting: Arc<Mutex<HashMap<String, usize>>>,
+    /// Set when the thread ends (`run --once` then finishes the queue and exits).
+    done: Arc<AtomicBool>,
+    mode: Mode,
+    signals: &'static Signals,
+}
+
+/// A running ingest thread.
+struct IngestThread {
+    handle: std::thread::JoinHandle<Result<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl IngestShared {
+    /// Starts an ingest thread over the inboxes of `cfg`.
+    fn start(&self, cfg: Arc<Config>) -> Result<IngestThread> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (model, metrics, waiting, done) = (self.model.clone(), self.metrics.clone(), self.waiting.clone(), self.done.clone());
+        let (mode, signals, stopped) = (self.mode, self.signals, stop.clone());
+        let handle = std::thread::Builder::new().name("ingest".into()).spawn(move || {
+            let ingest =
+                ingest::Ingest { cfg: &cfg, model: &model, metrics: &metrics, waiting: &waiting, mode, signals, stop: &stopped };
+            let r = ingest.run();
+            done.store(true, Ordering::SeqCst);
+            r
+        })?;
+        Ok(IngestThread { handle, stop })
+    }
+}
+
+impl IngestThread {
+    /// Stops the thread at its next turn and waits for it; `Err` when it panicked.
+    fn stop_and_join(self) -> std::thread::Result<Result<()>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join()
+    }
+}
+
+fn current_cfg(c: &RwLock<Arc<Config>>) -> Arc<Config> {
+    c.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Says what the memory budget allows the model.
+fn log_memory_plan(model: &dyn TextModel, budget: u64) {
+    let max = model.info().max_context;
+    match model.max_context_within(budget, true) {
+        Some(t) if t >= max => tracing::info!(
+            "memory plan: a full {max}-token context needs {} MiB of the {} MiB budget",
+            model.planned_bytes(t, true) >> 20,
+            budget >> 20
+        ),
+        Some(t) => {
+            tracing::warn!("memory_budget {} MiB caps model contexts at {t} tokens (documents are chunked to fit)", budget >> 20)
+        }
+        None => tracing::warn!(
+            "memory_budget {} MiB is below what the model needs for any context; every document will fail",
+            budget >> 20
+        ),
+    }
+}
+
+/// Re-reads the configuration file and the pipelines (SIGHUP). Settings that only take effect at
+/// start (the loaded model, the open ledger, the bound listener) keep their values, with a
+/// warning when the file changed them. `None` (reported) when the new files do not load.
+fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
+    let mut new = match Config::load(old.file.as_deref()) {
+        Ok(c) => c,
+        Err(error) => {
+            ConfigReloadRefused { error: &error }.emit(metrics);
+            return None;
+        }
+    };
+    let (o, n) = (&old.daemon, &mut new.daemon);
+    let fixed = [
+        ("model", o.model.path != n.model.path || o.model.prefill_chunk != n.model.prefill_chunk),
+        ("threads", o.threads != n.threads),
+        ("state_dir", o.state_dir != n.state_dir),
+        ("metrics", o.metrics.listen != n.metrics.listen || o.metrics.enabled != n.metrics.enabled),
+    ];
+    for (field, changed) in fixed {
+        if changed {
+            tracing::warn!("reload: `{field}` changed; it takes effect at the next restart");
+        }
+    }
+    n.model = o.model.clone();
+    n.threads = o.threads;
+    n.state_dir = o.state_dir.clone();
+    n.metrics = o.metrics.clone();
+    Some(new)
+}
+
+/// `deltadoc process FILE --pipeline NAME`: one file, no ledger; the result JSON or the error.
+pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::result::Result<DocResult, Failure>> {
+    let p = cfg.pipeline(pipeline)?;
+    let mut model = model::load(&cfg.daemon)?;
+    let extraction = isolation(cfg)?;
+    let show = DocProgress::new(file.display().to_string());
+    let mut on_step = |s: &str| show.step(s);
+    let signals = signals::install();
+    let runner = Runner {
+        model: &mut model,
+        deadline: Instant::now() + cfg.daemon.limits.document_timeout.0,
+        shutdown: signals.shutdown_flag(),
+        on_step: &mut on_step,
+        on_prefill: &|n| show.prefilled(n),
+        heartbeat: &|| (),
+    };
+    let mut ctx = Context { pipeline: p, limits: worker::limits(cfg), extraction: &extraction, runner };
+    let rel = Path::new(file.file_name().unwrap_or(file.as_os_str()));
+    let r = match pipeline::process(&mut ctx, file, rel, None) {
+        Ok(r) => Ok(r),
+        Err(Stop::Failed(f)) => Err(f),
+        Err(Stop::Interrupted) => anyhow::bail!("interrupted"),
+    };
+    show.finish(if r.is_ok() { "done" } else { "failed" });
+    Ok(r)
+}

@@ -1,0 +1,228 @@
+//! The worker: claims the next job the schedules allow, runs its document through the pipeline,
+//! writes the result, or retries with doubling backoff, or quarantines. It talks to the ledger
+//! only through [`Ledger`], and reads time from a [`Clock`], so tests drive it with a fake one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use jiff::Timestamp;
+
+use super::Mode;
+use super::events::{AttemptEnded, DocumentStarted, InternalEvent, Outcome, Prefilled, StepStarted};
+use super::health::Health;
+use super::metrics::Metrics;
+use super::signals::Signals;
+use crate::config::{Config, Pipeline, QuarantineMode};
+use crate::failure::{Failure, Reason};
+use crate::ledger::{Job, Ledger, state};
+use crate::llm::TextModel;
+use crate::output::{self, ErrorReport};
+use crate::pipeline::{self, Context, DocLimits, Extraction};
+use crate::progress::DocProgress;
+use crate::schedule::{Clock, Scheduler};
+use crate::stage::{Runner, Stop};
+
+/// Why [`Worker::run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Exit {
+    /// Shutdown, or (once) the inboxes are done.
+    Done,
+    /// SIGHUP: reload, then run again.
+    Reload,
+}
+
+/// What one [`Worker::tick`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Tick {
+    /// Ran a document.
+    Worked,
+    /// Nothing to run now; look again after this long.
+    Idle(Duration),
+    /// Stop running.
+    Exit(Exit),
+}
+
+/// Runs jobs one at a time.
+pub(crate) struct Worker<'a> {
+    /// Configuration (replaced on reload, between documents).
+    pub cfg: Arc<Config>,
+    /// Its own ledger connection.
+    pub ledger: Box<dyn Ledger>,
+    pub metrics: &'a Metrics,
+    /// Heartbeat for readiness.
+    pub health: &'a Health,
+    /// How documents' text is extracted.
+    pub extraction: Extraction,
+    /// Which scheduled pipelines are in their window.
+    pub scheduler: Scheduler,
+    /// Time for schedules, backoff and queue order.
+    pub clock: &'a dyn Clock,
+    pub signals: &'a Signals,
+    /// Documents run since the last start or reload.
+    pub processed: usize,
+}
+
+fn unix_s(t: Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
+}
+
+impl Worker<'_> {
+    /// Runs jobs until shutdown, a reload, or (once) until the inboxes are done.
+    pub fn run(&mut self, model: &mut dyn TextModel, mode: Mode, ingest_done: &AtomicBool) -> Result<Exit> {
+        self.processed = 0;
+        let mut idle_logged = false;
+        loop {
+            match self.tick(model, mode, ingest_done, &mut idle_logged)? {
+                Tick::Worked => idle_logged = false,
+                Tick::Idle(d) => std::thread::sleep(d),
+                Tick::Exit(e) => return Ok(e),
+            }
+        }
+    }
+
+    /// One turn: signals, schedules, then the next job if one may run.
+    pub fn tick(
+        &mut self,
+        model: &mut dyn TextModel,
+        mode: Mode,
+        ingest_done: &AtomicBool,
+        idle_logged: &mut bool,
+    ) -> Result<Tick> {
+        self.health.beat();
+        if self.signals.shutdown_requested() {
+            tracing::info!("shutting down: {} document(s) processed since the last start or reload", self.processed);
+            return Ok(Tick::Exit(Exit::Done));
+        }
+        if self.signals.take_reload() {
+            if mode == Mode::Serve {
+                tracing::info!("SIGHUP: reloading the configuration and pipelines");
+                return Ok(Tick::Exit(Exit::Reload));
+            }
+            tracing::warn!("SIGHUP ignored: `run --once` keeps the configuration it started with");
+        }
+        let now = self.clock.now();
+        if mode == Mode::Serve {
+            for ev in self.scheduler.tick(now, &mut *self.ledger, &self.cfg.pipelines)? {
+                ev.emit(self.metrics);
+            }
+        }
+        let open: Vec<&str> =
+            self.cfg.pipelines.iter().filter(|p| mode == Mode::Once || self.scheduler.open(p)).map(|p| p.name()).collect();
+        if let Some(job) = self.ledger.claim(&open, unix_s(now))? {
+            self.processed += 1;
+            self.run_job(model, job)?;
+            return Ok(Tick::Worked);
+        }
+        if mode == Mode::Serve || !ingest_done.load(Ordering::SeqCst) {
+            return Ok(Tick::Idle(Duration::from_millis(250)));
+        }
+        // Once, and the inboxes are recorded: done unless failed documents wait for a retry.
+        let waiting: u64 = self
+            .ledger
+            .counts()?
+            .into_iter()
+            .filter(|(_, s, _)| s == state::RETRY_WAIT || s == state::QUEUED)
+            .map(|(_, _, n)| n)
+            .sum();
+        if waiting == 0 {
+            tracing::info!("done: {} document(s) processed", self.processed);
+            return Ok(Tick::Exit(Exit::Done));
+        }
+        if !std::mem::replace(idle_logged, true) {
+            tracing::info!("{waiting} document(s) wait for a retry (limits.retry_backoff)");
+        }
+        Ok(Tick::Idle(Duration::from_millis(500)))
+    }
+
+    fn run_job(&mut self, model: &mut dyn TextModel, job: Job) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let Ok(p) = cfg.pipeline(&job.pipeline) else {
+            tracing::warn!("job {}: pipeline {:?} is no longer configured; left queued", job.id, job.pipeline);
+            self.ledger.release(job.id)?;
+            return Ok(());
+        };
+        let now = unix_s(self.clock.now());
+        DocumentStarted { pipeline: p.name(), waited_s: now - job.queued_at }.emit(self.metrics);
+        let show = DocProgress::new(format!("job {} {}", job.id, job.rel_path.display()));
+        let started = Instant::now();
+        let result = {
+            let ledger = &mut self.ledger;
+            let metrics = self.metrics;
+            let mut on_step = |s: &str| {
+                StepStarted { step: s, progress: &show }.emit(metrics);
+                let _ = ledger.set_stage(job.id, s);
+            };
+            let health = self.health;
+            let runner = Runner {
+                model,
+                deadline: Instant::now() + cfg.daemon.limits.document_timeout.0,
+                shutdown: self.signals.shutdown_flag(),
+                on_step: &mut on_step,
+                on_prefill: &|n| Prefilled { tokens: n, progress: &show }.emit(metrics),
+                heartbeat: &|| health.beat(),
+            };
+            let mut ctx = Context { pipeline: p, limits: limits(&cfg), extraction: &self.extraction, runner };
+            pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let written = result.and_then(|r| {
+            let out = output::result_path(&p.output, &job.rel_path);
+            output::write_result(&out, &r).map_err(|e| Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))))?;
+            Ok((r, out))
+        });
+        let (name, progress) = (p.name(), &show);
+        match written {
+            Ok((r, out)) => {
+                self.ledger.done(job.id, &out, unix_s(self.clock.now()))?;
+                self.scheduler.record(name, true);
+                let outcome = Outcome::Done { result: &r, output: &out };
+                AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
+            }
+            Err(Stop::Interrupted) => {
+                self.ledger.release(job.id)?;
+                AttemptEnded { pipeline: name, seconds, outcome: Outcome::Interrupted, progress }.emit(self.metrics);
+            }
+            Err(Stop::Failed(f)) => {
+                let outcome = self.fail(p, &job, &f)?;
+                AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
+            }
+        }
+        Ok(())
+    }
+
+    /// A failed attempt: retried after a backoff that doubles with each attempt while attempts
+    /// are left and the reason is transient, otherwise quarantined.
+    fn fail<'f>(&mut self, p: &Pipeline, job: &Job, f: &'f Failure) -> Result<Outcome<'f>> {
+        let limits = self.cfg.daemon.limits.clone();
+        let now = unix_s(self.clock.now());
+        if !f.reason.is_permanent() && job.attempts < limits.max_attempts {
+            let wait = limits.retry_backoff.0.as_secs_f64() * 2f64.powi(job.attempts as i32 - 1);
+            self.ledger.failed(job.id, f, Some(now + wait), None, now)?;
+            return Ok(Outcome::Retrying { failure: f, next: job.attempts + 1, max: limits.max_attempts, wait_s: wait });
+        }
+        let report = ErrorReport {
+            failure: f,
+            attempts: job.attempts,
+            pipeline: p.name(),
+            source: &job.source,
+            sha256: &job.sha256,
+            quarantined_at: output::now_rfc3339(),
+            deltadoc_version: env!("CARGO_PKG_VERSION"),
+        };
+        let move_it = p.spec.quarantine_mode == QuarantineMode::Move;
+        let moved = output::quarantine(&job.source, &p.quarantine, &job.rel_path, move_it, &report);
+        let now_at = moved.as_ref().map_err(|e| tracing::error!("{}: cannot quarantine: {e:#}", job.source.display())).ok();
+        let source = if move_it { now_at.map(|d| d.as_path()) } else { None };
+        self.ledger.failed(job.id, f, None, source, now)?;
+        self.scheduler.record(p.name(), false);
+        Ok(Outcome::Quarantined { failure: f })
+    }
+}
+
+/// A document's limits under the configuration.
+pub(crate) fn limits(cfg: &Config) -> DocLimits {
+    let l = &cfg.daemon.limits;
+    DocLimits { max_file_bytes: l.max_file_bytes.0, memory_budget: cfg.daemon.memory_budget.0 }
+}

@@ -1,0 +1,92 @@
+//! `CausalConv1dWithState`: the DeltaNet layer's causal depthwise conv with its carried window.
+
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput, ShapeInferenceContext};
+use ort::value::TensorElementType;
+
+use super::conv::{self, Activation};
+use super::{DOMAIN, SharedMut, dims, err, guarded, input, output};
+
+/// Causal depthwise conv over `x: [B, T, C]` with `weight: [C, K]` and `past_state: [B, C, K − 1]`.
+pub struct CausalConv1dWithState;
+
+/// Kernel of [`CausalConv1dWithState`] for one graph node.
+pub struct ConvKernel {
+    act: Activation,
+}
+
+impl Operator for CausalConv1dWithState {
+    type Kernel<'a> = ConvKernel;
+
+    fn name(&self) -> &str {
+        "CausalConv1dWithState"
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        (0..3).map(|_| OperatorInput::required(TensorElementType::Float32))
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        (0..2).map(|_| OperatorOutput::required(TensorElementType::Float32))
+    }
+
+    fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<ConvKernel> {
+        let name = kctx.get::<String>("activation").unwrap_or_else(|| "silu".into());
+        let act = Activation::parse(&name)
+            .ok_or_else(|| err(format!("{DOMAIN}::CausalConv1dWithState: unknown activation {name:?}")))?;
+        Ok(ConvKernel { act })
+    }
+
+    fn infer_shape(&self, ctx: &mut ShapeInferenceContext) -> ort::Result<()> {
+        let inputs = ctx.inputs();
+        ctx.set_output(0, &inputs[0])?;
+        ctx.set_output(1, &inputs[2])
+    }
+}
+
+impl Kernel for ConvKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        guarded("CausalConv1dWithState", || {
+            const OP: &str = "CausalConv1dWithState";
+            inputs!(ctx, OP; (xs, x): f32 = 0 "x", (ws, w): f32 = 1 "weight", (ss, s): f32 = 2 "past_state");
+            let (xd, wd, sd) = (dims(xs), dims(ws), dims(ss));
+            if xd.len() != 3 || wd.len() != 2 || sd.len() != 3 {
+                return Err(err(format!("{OP}: expected x [B,T,C], weight [C,K], state [B,C,K-1]; got {xd:?}, {wd:?}, {sd:?}")));
+            }
+            let (b, t, c) = (xd[0], xd[1], xd[2]);
+            let k = wd[1];
+            if wd[0] != c || sd != [b, c, k - 1] || k == 0 || k > conv::MAX_KERNEL {
+                return Err(err(format!("{OP}: inconsistent shapes x {xd:?}, weight {wd:?}, state {sd:?}")));
+            }
+            let (mut y, mut ns) = (output(ctx, 0, xs.to_vec(), OP)?, output(ctx, 1, ss.to_vec(), OP)?);
+            let (_, y) = y.try_extract_tensor_mut::<f32>()?;
+            let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
+            let (row, srow) = (t * c, c * (k - 1));
+            if t == 1 {
+                // Decode: microseconds of work, done in place of a prepared layout and a pool.
+                for bi in 0..b {
+                    let (rows, states) = (bi * c..(bi + 1) * c, bi * srow..(bi + 1) * srow);
+                    conv::step(&x[rows.clone()], w, &s[states.clone()], &mut y[rows], &mut ns[states], self.act);
+                }
+                return Ok(());
+            }
+            ns.copy_from_slice(s);
+            // Blocks of rows on ORT's pool: the conv and its activation are per-row independent.
+            const BLOCK_ROWS: usize = 32;
+            let blocks = t.div_ceil(BLOCK_ROWS);
+            let yp = SharedMut(y.as_mut_ptr());
+            for bi in 0..b {
+                let xb = &x[bi * row..(bi + 1) * row];
+                let prep = conv::Prepared::new(w, &s[bi * srow..(bi + 1) * srow], c);
+                let act = self.act;
+                ctx.par_for(blocks, blocks, |blk| {
+                    let rows = blk * BLOCK_ROWS..((blk + 1) * BLOCK_ROWS).min(t);
+                    // SAFETY: block `blk` writes only its own rows of batch row `bi`.
+                    let out = unsafe { std::slice::from_raw_parts_mut(yp.at(bi * row + rows.start * c), rows.len() * c) };
+                    prep.rows(xb, rows, out, act);
+                })?;
+                prep.next_state(xb, &mut ns[bi * srow..(bi + 1) * srow]);
+            }
+            Ok(())
+        })
+    }
+}

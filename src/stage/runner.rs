@@ -1,0 +1,151 @@
+//! What a stage runs its model calls through: the model, the attempt's deadline and shutdown
+//! signal (polled between prefill chunks and tokens), and the step and prefill callbacks that
+//! drive the ledger's stage column and the progress display.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use image::RgbImage;
+
+use crate::chat;
+use crate::constrain::Schema;
+use crate::failure::{Failure, Reason};
+use crate::llm::{Completion, DecodeOptions, OcrOptions, Request, TextModel, Transcription};
+use crate::tokenizer::Tokenizer;
+
+/// How an attempt ended other than with a result.
+#[derive(Debug)]
+pub enum Stop {
+    /// The document failed (counts as an attempt).
+    Failed(Failure),
+    /// Shutdown was requested: put the job back, it did not fail.
+    Interrupted,
+}
+
+impl From<Failure> for Stop {
+    fn from(f: Failure) -> Self {
+        Stop::Failed(f)
+    }
+}
+
+/// One model call a text stage asks for on a piece of the document.
+pub struct Call<'a> {
+    /// The instruction after the document.
+    pub instruction: String,
+    /// Limits and sampling.
+    pub options: DecodeOptions,
+    /// Think before answering.
+    pub thinking: bool,
+    /// Constrain the answer to JSON matching this schema.
+    pub schema: Option<&'a Schema>,
+    /// With a schema and thinking: the think block's budget.
+    pub think_budget: Option<usize>,
+}
+
+/// The model and the attempt's limits, as stages see them.
+pub struct Runner<'a> {
+    /// The model.
+    pub model: &'a mut dyn TextModel,
+    /// The attempt fails with `timeout` after this instant.
+    pub deadline: Instant,
+    /// Set on shutdown: the attempt stops at the next chunk or token.
+    pub shutdown: &'a AtomicBool,
+    /// Told when a step starts (ledger stage, progress display).
+    pub on_step: &'a mut dyn FnMut(&str),
+    /// Told how many prompt tokens each prefill chunk consumed.
+    pub on_prefill: &'a dyn Fn(usize),
+    /// Told at every interruption check (between steps, prefill chunks and tokens): the
+    /// attempt is making progress.
+    pub heartbeat: &'a dyn Fn(),
+}
+
+impl Runner<'_> {
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        self.model.tokenizer()
+    }
+
+    /// A step named `name` starts.
+    pub fn step(&mut self, name: &str) {
+        (self.on_step)(name);
+    }
+
+    /// Stops the attempt on timeout or shutdown.
+    pub fn check(&self, stage: &str) -> Result<(), Stop> {
+        (self.heartbeat)();
+        interruption(self.shutdown, self.deadline, stage).map_or(Ok(()), Err)
+    }
+
+    /// Runs `call` on `document` (already tokenised) for stage `stage`; `keep` keeps the
+    /// document's prefill for the next call on the same document.
+    pub fn call(&mut self, stage: &str, document: &[u32], call: &Call, keep: bool) -> Result<Completion, Stop> {
+        self.step(stage);
+        let model_err = |e: anyhow::Error| Failure::new(Reason::Model, stage, format!("{e:#}"));
+        let (prefix, suffix) =
+            chat::stage_prompt(self.model.tokenizer(), document, &call.instruction, call.thinking).map_err(model_err)?;
+        let (on_prefill, model) = (self.on_prefill, &mut *self.model);
+        let result = interruptible(self.shutdown, self.deadline, self.heartbeat, stage, |check| {
+            model.complete(&Request {
+                prefix: &prefix,
+                suffix: &suffix,
+                keep_prefix: keep,
+                options: &call.options,
+                check,
+                on_prefill,
+                schema: call.schema,
+                think_budget: call.think_budget,
+            })
+        })?;
+        result.map_err(|e| model_err(e).into())
+    }
+
+    /// Transcribes one page image for stage `stage`; a page that cannot be read is the inner
+    /// error, an interruption the outer one.
+    pub fn transcribe(
+        &mut self,
+        stage: &str,
+        page: &RgbImage,
+        label: &str,
+        opts: &OcrOptions,
+    ) -> Result<anyhow::Result<Transcription>, Stop> {
+        let model = &mut *self.model;
+        interruptible(self.shutdown, self.deadline, self.heartbeat, stage, |check| model.transcribe(page, label, opts, check))
+    }
+}
+
+/// Why the attempt must stop now (shutdown or past the deadline), if it must.
+fn interruption(shutdown: &AtomicBool, deadline: Instant, stage: &str) -> Option<Stop> {
+    if shutdown.load(Ordering::Relaxed) {
+        return Some(Stop::Interrupted);
+    }
+    (Instant::now() > deadline)
+        .then(|| Failure::new(Reason::Timeout, stage, "the document ran past its time limit (limits.document_timeout)").into())
+}
+
+/// The error a model call sees when it is told to stop; it carries the reason back through the
+/// model's `anyhow` errors.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped")]
+struct Stopped(Stop);
+
+/// Runs a model call that polls `check` between chunks and tokens. The model sees an opaque
+/// error when it is told to stop; the reason (shutdown, timeout) comes back out as a [`Stop`].
+fn interruptible<T>(
+    shutdown: &AtomicBool,
+    deadline: Instant,
+    heartbeat: &dyn Fn(),
+    stage: &str,
+    f: impl FnOnce(&dyn Fn() -> anyhow::Result<()>) -> anyhow::Result<T>,
+) -> Result<anyhow::Result<T>, Stop> {
+    let check = || -> anyhow::Result<()> {
+        heartbeat();
+        interruption(shutdown, deadline, stage).map_or(Ok(()), |stop| Err(Stopped(stop).into()))
+    };
+    match f(&check) {
+        Err(e) => match e.downcast::<Stopped>() {
+            Ok(Stopped(stop)) => Err(stop),
+            Err(e) => Ok(Err(e)),
+        },
+        Ok(v) => Ok(Ok(v)),
+    }
+}

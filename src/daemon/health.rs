@@ -99,17 +99,17 @@ impl Health {
 }
 
 /// The ledger takes a durable write now (a full disk or a read-only mount fails here before a
-/// result is lost); with it, the documents queued or running.
-pub(crate) fn ledger_check(ledger: &mut dyn Ledger) -> (Check, u64) {
-    let check = match ledger.probe_write(now_s()) {
+/// result is lost).
+pub(crate) fn ledger_check(ledger: &mut dyn Ledger) -> Check {
+    match ledger.probe_write(now_s()) {
         Ok(()) => Check { check: "ledger", ok: true, detail: "writable".into() },
         Err(e) => Check { check: "ledger", ok: false, detail: format!("{e:#}") },
-    };
-    let queued = ledger
-        .counts()
-        .map(|c| c.iter().filter(|(_, s, _)| s == state::QUEUED || s == state::RUNNING).map(|(_, _, n)| n).sum())
-        .unwrap_or(0);
-    (check, queued)
+    }
+}
+
+/// The documents queued or running, from the ledger's jobs per (pipeline, state).
+pub(crate) fn queued_or_running(counts: &[(String, String, u64)]) -> u64 {
+    counts.iter().filter(|(_, s, _)| s == state::QUEUED || s == state::RUNNING).map(|(_, _, n)| n).sum()
 }
 
 /// The inbox folder of `pipeline` can be listed.
@@ -130,7 +130,8 @@ mod tests {
     use crate::ledger::SqliteLedger;
 
     fn readiness(h: &Health, ledger: &mut dyn Ledger, inbox: &Path) -> Readiness {
-        let (l, queued) = ledger_check(ledger);
+        let l = ledger_check(ledger);
+        let queued = queued_or_running(&ledger.counts().unwrap());
         Readiness::of(vec![h.model_check(), l, inbox_check("p", inbox), h.worker_check(queued)])
     }
 

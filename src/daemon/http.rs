@@ -42,7 +42,6 @@ pub(crate) struct Probe {
 /// What the ledger said, for readiness and the queue gauges.
 struct LedgerView {
     check: Check,
-    queued: u64,
     counts: Vec<(String, String, u64)>,
     oldest: Vec<(String, f64)>,
 }
@@ -91,13 +90,8 @@ impl Probe {
         let r = self
             .blocking("ledger".into(), move || {
                 let mut l = ledger.lock().unwrap_or_else(|p| p.into_inner());
-                let (check, queued) = health::ledger_check(&mut **l);
-                LedgerView {
-                    check,
-                    queued,
-                    counts: l.counts().unwrap_or_default(),
-                    oldest: l.oldest_queued().unwrap_or_default(),
-                }
+                let check = health::ledger_check(&mut **l);
+                LedgerView { check, counts: l.counts().unwrap_or_default(), oldest: l.oldest_queued().unwrap_or_default() }
             })
             .await;
         match r {
@@ -115,7 +109,7 @@ impl Probe {
         let mut checks = vec![self.health.model_check()];
         let view = self.ledger_view().await;
         match &view {
-            Some(v) => checks.extend([v.check.clone(), self.health.worker_check(v.queued)]),
+            Some(v) => checks.extend([v.check.clone(), self.health.worker_check(health::queued_or_running(&v.counts))]),
             None => checks.push(Check { check: "ledger", ok: false, detail: "no answer in time".into() }),
         }
         let inboxes: HashSet<(String, PathBuf)> =

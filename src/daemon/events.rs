@@ -308,13 +308,6 @@ mod tests {
     use super::*;
     use crate::failure::Reason;
 
-    fn series(m: &Metrics, name: &str, labels: &[&str]) -> Option<f64> {
-        m.render().lines().filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x))).find_map(|l| {
-            let (head, v) = l.rsplit_once(' ')?;
-            (head == name || head.starts_with(&format!("{name}{{"))).then(|| v.parse().ok())?
-        })
-    }
-
     #[test]
     fn an_outcome_updates_its_series_and_nothing_else_claims_them() {
         let m = Metrics::new().unwrap();
@@ -325,17 +318,17 @@ mod tests {
         AttemptEnded { pipeline: "p", seconds: 1.5, outcome: retrying, progress: &progress }.emit(&m);
         let quarantined = Outcome::Quarantined { failure: &f };
         AttemptEnded { pipeline: "p", seconds: 2.5, outcome: quarantined, progress: &progress }.emit(&m);
-        assert_eq!(series(&m, "deltadoc_inflight_documents", &[]), Some(0.0));
-        assert_eq!(series(&m, "deltadoc_document_duration_seconds_sum", &["pipeline=\"p\""]), Some(4.0));
-        assert_eq!(series(&m, "deltadoc_documents_total", &["outcome=\"failed\""]), Some(1.0));
-        assert_eq!(series(&m, "deltadoc_documents_total", &["outcome=\"quarantined\""]), Some(1.0));
-        assert_eq!(series(&m, "deltadoc_retries_total", &["pipeline=\"p\""]), Some(1.0));
+        assert_eq!(m.sample("deltadoc_inflight_documents", &[]), Some(0.0));
+        assert_eq!(m.sample("deltadoc_document_duration_seconds_sum", &["pipeline=\"p\""]), Some(4.0));
+        assert_eq!(m.sample("deltadoc_documents_total", &["outcome=\"failed\""]), Some(1.0));
+        assert_eq!(m.sample("deltadoc_documents_total", &["outcome=\"quarantined\""]), Some(1.0));
+        assert_eq!(m.sample("deltadoc_retries_total", &["pipeline=\"p\""]), Some(1.0));
         let failures = ["reason=\"timeout\"", "stage=\"summary\""];
-        assert_eq!(series(&m, "deltadoc_failures_total", &failures), Some(2.0));
+        assert_eq!(m.sample("deltadoc_failures_total", &failures), Some(2.0));
         FileRecorded { path: Path::new("/in/b.pdf"), pipeline: "p", discovery: Discovery::Duplicate { of: 1 } }.emit(&m);
-        assert_eq!(series(&m, "deltadoc_documents_total", &["outcome=\"skipped_duplicate\""]), Some(1.0));
+        assert_eq!(m.sample("deltadoc_documents_total", &["outcome=\"skipped_duplicate\""]), Some(1.0));
         FileNoticed { source: Seen::Scan, missed_by_watcher: true }.emit(&m);
-        assert_eq!(series(&m, "deltadoc_rescan_found_total", &[]), Some(1.0));
-        assert_eq!(series(&m, "deltadoc_watch_events_total", &["source=\"rescan\""]), Some(1.0));
+        assert_eq!(m.sample("deltadoc_rescan_found_total", &[]), Some(1.0));
+        assert_eq!(m.sample("deltadoc_watch_events_total", &["source=\"rescan\""]), Some(1.0));
     }
 }

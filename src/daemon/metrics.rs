@@ -338,4 +338,14 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+
+    /// The first sample of series `name` whose line has every one of `labels` (`key="value"`),
+    /// as the exposition shows it.
+    #[cfg(test)]
+    pub(crate) fn sample(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        self.render().lines().filter(|l| labels.iter().all(|x| l.contains(x))).find_map(|l| {
+            let (head, v) = l.rsplit_once(' ')?;
+            (head == name || head.starts_with(&format!("{name}{{"))).then(|| v.parse().ok())?
+        })
+    }
 }

@@ -122,10 +122,9 @@ impl Install {
         ingest.record(&mut *w.ledger, &c, size, mtime).unwrap();
     }
 
+    /// A series' value, 0 when it has no sample yet.
     fn series(&self, name: &str, labels: &[&str]) -> f64 {
-        let text = self.metrics.render();
-        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)));
-        line.and_then(|l| l.rsplit_once(' ')?.1.parse().ok()).unwrap_or(0.0)
+        self.metrics.sample(name, labels).unwrap_or(0.0)
     }
 }
 

@@ -12,7 +12,7 @@ use crate::runtime::SessionOptions;
 /// A synthesised (random-weight) model folder written in an older layout: safe to rebuild, unlike
 /// imported weights, which are never touched.
 fn stale_demo_model(path: &std::path::Path) -> bool {
-    Manifest::read(path).is_ok_and(|m| m.source.starts_with("synth:") && m.format != FORMAT_VERSION)
+    Manifest::read(path).is_ok_and(|m| m.is_synthetic() && m.format != FORMAT_VERSION)
 }
 
 /// Loads the configured model, synthesising the demo model first when configured to.

@@ -282,7 +282,7 @@ fn model_info(m: &Manifest) -> ModelInfo {
         name: m.identity(),
         source: m.source.clone(),
         precision: m.precision.name().into(),
-        random_weights: m.source.starts_with("synth:"),
+        random_weights: m.is_synthetic(),
         max_context: m.config.max_position_embeddings,
         vision: m.vision_config.is_some(),
     }

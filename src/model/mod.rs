@@ -95,6 +95,11 @@ impl Manifest {
         let h = |f: &str| self.files.get(f).map(|s| s[..16.min(s.len())].to_string()).unwrap_or_default();
         format!("{}:{}", h("model.onnx"), h("model.onnx.data"))
     }
+
+    /// Whether the weights are random, written by `model synth` (a demo model).
+    pub fn is_synthetic(&self) -> bool {
+        self.source.starts_with(synth::SOURCE_PREFIX)
+    }
 }
 
 /// Options of `model import` / `model synth`.

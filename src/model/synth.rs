@@ -17,6 +17,9 @@ use super::graph::WeightSource;
 use super::vision::VisionConfig;
 use super::{ExportOptions, Manifest};
 
+/// How a manifest's `source` starts when `model synth` wrote the weights.
+pub const SOURCE_PREFIX: &str = "synth:";
+
 /// Writes seeded random weights of `shape` through the importer into `out`, with a vision
 /// tower of the shape's size unless `text_only`; the weight source comes back so the same
 /// weights can also be written as a Hugging Face checkpoint.
@@ -24,7 +27,7 @@ pub fn write(shape: Shape, seed: u64, text_only: bool, opts: ExportOptions, out:
     let cfg = shape.config();
     let mut synth = Synth::new(seed);
     let vision = (!text_only).then(|| VisionConfig::of_shape(shape, cfg.hidden_size));
-    let source = format!("synth:{}:seed={seed}", shape.name());
+    let source = format!("{SOURCE_PREFIX}{}:seed={seed}", shape.name());
     let m = super::export(&cfg, vision.as_ref(), &mut synth, opts, out, source)?;
     Ok((m, synth))
 }

@@ -74,6 +74,12 @@ impl LayerState {
         self.dims.iter().map(|d| if let StateDim::Fixed(n) = d { Some(*n) } else { None }).product()
     }
 
+    /// Elements each context token adds to a state that grows with the context (`None` for a
+    /// fixed-size state).
+    pub fn elements_per_token(&self) -> Option<usize> {
+        self.dims.contains(&StateDim::Past).then(|| self.shape(1).iter().product())
+    }
+
     /// The shape with `past` tokens on the context axis and a batch of one.
     pub fn shape(&self, past: usize) -> Vec<usize> {
         std::iter::once(1).chain(self.dims.iter().map(|d| if let StateDim::Fixed(n) = d { *n } else { past })).collect()
@@ -161,7 +167,7 @@ impl TextConfig {
 
     /// KV cache elements per context token (attention layers only).
     pub fn kv_elements_per_token(&self) -> usize {
-        self.layers_of(LayerKind::Full).len() * 2 * self.num_key_value_heads * self.head_dim
+        (0..self.num_hidden_layers).flat_map(|i| self.layer_states(i)).filter_map(|s| s.elements_per_token()).sum()
     }
 
     /// Checks the invariants the graph relies on; the message names the field.

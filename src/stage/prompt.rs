@@ -5,9 +5,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use super::text::{self, Generation, SAMPLING_KEYS, SamplingFields};
-use super::{Answers, Body, Call, Fields, Part, Runner, Stop, TextStage};
-use crate::output::StageResult;
+use super::text::{self, FreeText, Generation, SAMPLING_KEYS, SamplingFields};
+use super::{Body, Fields, Part};
 
 /// What a `prompt` stage takes in a pipeline file.
 #[derive(Deserialize)]
@@ -24,21 +23,17 @@ struct Config {
     thinking: bool,
 }
 
-struct Prompt {
-    name: String,
-    instruction: String,
-    generation: Generation,
-}
-
 pub(super) fn build(fields: &Fields) -> anyhow::Result<Body> {
     let (sampling, c): (SamplingFields, Config) = fields.parse_split(&SAMPLING_KEYS)?;
     let instruction = c.instruction.trim().to_string();
     if instruction.is_empty() {
         return Err(fields.error("instruction", "a `prompt` stage needs an instruction"));
     }
-    Ok(Body::Text(Arc::new(Prompt {
+    Ok(Body::Text(Arc::new(FreeText {
         name: fields.name().to_string(),
         instruction,
+        map: map_instruction,
+        reduce: reduce_instruction,
         generation: Generation::new(c.max_new_tokens, c.thinking, &sampling, fields)?,
     })))
 }
@@ -52,25 +47,9 @@ fn map_instruction(instruction: &str, part: Part) -> String {
     )
 }
 
-impl TextStage for Prompt {
-    fn output_tokens(&self) -> usize {
-        self.generation.max_new_tokens
-    }
-
-    fn call(&self, part: Option<Part>) -> Call<'_> {
-        self.generation.call(part.map_or_else(|| self.instruction.clone(), |p| map_instruction(&self.instruction, p)))
-    }
-
-    fn longest_instruction(&self) -> String {
-        format!("{} {}", map_instruction(&self.instruction, Part { index: 999, of: 999 }), self.instruction)
-    }
-
-    fn finish(&self, runner: &mut Runner, answers: &mut Answers) -> Result<StageResult, Stop> {
-        let reduce = self.generation.call(format!(
-            "The text above holds answers to one instruction from the consecutive parts of one document. Combine them \
-             into one answer to the instruction, leaving out parts that had nothing.\n\nInstruction: {}",
-            self.instruction
-        ));
-        text::text_result(runner, &self.name, &reduce, answers)
-    }
+fn reduce_instruction(instruction: &str) -> String {
+    format!(
+        "The text above holds answers to one instruction from the consecutive parts of one document. Combine them into \
+         one answer to the instruction, leaving out parts that had nothing.\n\nInstruction: {instruction}"
+    )
 }

@@ -1,9 +1,10 @@
-//! What the text stages share: their sampling fields, their decode options, answers given as
-//! text, and the reduce step that combines the answers of several chunks into one.
+//! What the text stages share: their sampling fields, their decode options, and the stage whose
+//! answer is free text (`summarize`, `prompt`) with the reduce step that combines the answers of
+//! several chunks into one.
 
 use serde::Deserialize;
 
-use super::{Answers, Call, Fields, Runner, Stop};
+use super::{Answers, Call, Fields, Part, Runner, Stop, TextStage};
 use crate::failure::{Failure, Reason};
 use crate::llm::{DecodeOptions, Sampling};
 use crate::output::StageResult;
@@ -90,8 +91,43 @@ pub(super) fn check_max_new_tokens(n: usize, fields: &Fields) -> anyhow::Result<
     Ok(n)
 }
 
+/// A stage whose answer is free text to one instruction: asked of the whole document, or of
+/// each part of a long one and the answers then combined. Its kind's file writes the
+/// instructions.
+pub(super) struct FreeText {
+    /// The stage's name.
+    pub name: String,
+    /// The instruction over a whole document.
+    pub instruction: String,
+    /// The instruction over one part of a long document, from the stage's instruction.
+    pub map: fn(&str, Part) -> String,
+    /// The instruction that combines the parts' answers, from the stage's instruction.
+    pub reduce: fn(&str) -> String,
+    /// How the answers are generated.
+    pub generation: Generation,
+}
+
+impl TextStage for FreeText {
+    fn output_tokens(&self) -> usize {
+        self.generation.max_new_tokens
+    }
+
+    fn call(&self, part: Option<Part>) -> Call<'_> {
+        self.generation.call(part.map_or_else(|| self.instruction.clone(), |p| (self.map)(&self.instruction, p)))
+    }
+
+    fn longest_instruction(&self) -> String {
+        format!("{} {}", (self.map)(&self.instruction, Part { index: 999, of: 999 }), self.instruction)
+    }
+
+    fn finish(&self, runner: &mut Runner, answers: &mut Answers) -> Result<StageResult, Stop> {
+        let reduce = self.generation.call((self.reduce)(&self.instruction));
+        text_result(runner, &self.name, &reduce, answers)
+    }
+}
+
 /// A stage whose answer is text: one chunk's answer as is, several combined by `reduce`.
-pub(super) fn text_result(runner: &mut Runner, stage: &str, reduce: &Call, answers: &mut Answers) -> Result<StageResult, Stop> {
+fn text_result(runner: &mut Runner, stage: &str, reduce: &Call, answers: &mut Answers) -> Result<StageResult, Stop> {
     let parts: Vec<String> = answers.calls.iter().map(|c| c.text.clone()).collect();
     if let [only] = parts.as_slice() {
         return Ok(StageResult { output: only.clone().into(), ..StageResult::default() });

@@ -1,8 +1,8 @@
-//! Small helpers that several layers need and none owns: hex digests, file hashing, this
-//! process's memory.
+//! Small helpers that several layers need and none owns: hex digests, file hashing, absolute
+//! paths, this process's memory.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -24,6 +24,12 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
+}
+
+/// `p` joined to the current directory unless it is absolute; kept as written otherwise (no
+/// components dropped), so paths derived from it read as the user wrote them.
+pub fn absolute(p: &Path) -> std::io::Result<PathBuf> {
+    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
 }
 
 /// Resident memory of this process, from /proc (0 where unavailable).

@@ -19,6 +19,8 @@ pub use pipeline::{
 };
 pub use values::{ByteSize, CronExpr, Dur, GlobPattern, TimeZoneName, parse_yaml};
 
+use crate::util::absolute;
+
 /// The shipped `config/deltadoc.yaml`, used when no configuration file is given or found, so a
 /// fresh checkout runs with the same defaults that the file documents.
 pub const EMBEDDED_DAEMON_CONFIG: &str = include_str!("../../config/deltadoc.yaml");
@@ -85,10 +87,6 @@ impl Config {
             anyhow!("no pipeline named {name:?} (have: {})", names.join(", "))
         })
     }
-}
-
-fn absolute(p: &Path) -> Result<PathBuf> {
-    Ok(if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) })
 }
 
 #[cfg(test)]

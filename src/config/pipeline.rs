@@ -7,9 +7,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
-use super::absolute;
 use super::values::{CronExpr, Dur, GlobPattern, TimeZoneName, at, parse_yaml};
 use crate::stage::{self, PipelineFile, Stage, StageEntry};
+use crate::util::absolute;
 
 /// One pipeline: where documents come from, what runs on them, where results go.
 #[derive(Clone, Debug, Deserialize)]

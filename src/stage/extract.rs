@@ -85,7 +85,7 @@ pub(super) fn build(fields: &Fields) -> Result<Body> {
 /// An inline schema, or the JSON/YAML file a string names (relative to the pipeline file).
 fn load_schema(pipeline_file: &Path, v: &Value) -> Result<Value> {
     let Value::String(rel) = v else { return Ok(v.clone()) };
-    let dir = std::path::absolute(pipeline_file)?.parent().map(Path::to_path_buf).unwrap_or_default();
+    let dir = crate::util::absolute(pipeline_file)?.parent().map(Path::to_path_buf).unwrap_or_default();
     let path = dir.join(rel);
     let text = std::fs::read_to_string(&path).with_context(|| format!("schema file {}: cannot read", path.display()))?;
     serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))

@@ -16,8 +16,6 @@ pub enum Reason {
     TooLarge,
     /// An attempt ran past its time limit.
     Timeout,
-    /// The extraction process ran out of its memory cap or was killed.
-    Oom,
     /// Image pages could not be transcribed.
     Ocr,
     /// The document did not fit and could not be chunked without losing text.
@@ -37,7 +35,6 @@ impl Reason {
             Reason::Encrypted => "encrypted",
             Reason::TooLarge => "too_large",
             Reason::Timeout => "timeout",
-            Reason::Oom => "oom",
             Reason::Ocr => "ocr",
             Reason::Truncated => "truncated",
             Reason::Model => "model",

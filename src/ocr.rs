@@ -10,12 +10,12 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use image::RgbImage;
 
 use crate::chat::Role;
-use crate::extract::page_image::PageImages;
-use crate::extract::{self, ExtractLimits, Method};
+use crate::extract::Method;
+use crate::extract::isolated::{Extraction, Isolation};
 use crate::generate::{self, Decoder, Logits};
 use crate::llm::{DecodeOptions, Sampling, TextModel};
 pub use crate::llm::{OcrOptions, Transcription};
@@ -38,42 +38,37 @@ pub struct PageText {
     pub note: Option<String>,
 }
 
-/// Every page of image files and PDFs, read with a model of its own (`deltadoc ocr`).
+/// Every page of image files and PDFs, read with a model of its own (`deltadoc ocr`). The files
+/// are decoded in isolated children, as the daemon decodes them.
 pub struct Reader<M> {
     model: M,
     opts: OcrOptions,
+    extraction: Extraction,
     /// Images declaring more pixels are refused before decoding.
     max_decode_pixels: u64,
 }
 
 impl<M: TextModel> Reader<M> {
-    /// Reads pages with `model`.
-    pub fn new(model: M, opts: OcrOptions, max_decode_pixels: u64) -> Self {
-        Self { model, opts, max_decode_pixels }
+    /// Reads pages with `model`, decoding files in children under `isolation`.
+    pub fn new(model: M, opts: OcrOptions, isolation: Isolation, max_decode_pixels: u64) -> Self {
+        Self { model, opts, extraction: Extraction::Isolated(isolation), max_decode_pixels }
     }
 
     /// Every page of an image file or PDF: image pages transcribed, PDF pages with a usable text
     /// layer given as is. A page that cannot be read gets its reason; the file only fails as a
     /// whole when it cannot be opened at all.
     pub fn read_file(&mut self, path: &Path, mut on_page: impl FnMut(&PageText)) -> Result<Vec<PageText>> {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let (pages, images) = match extract::detect_mime(path, &bytes) {
-            Some("application/pdf") => {
-                let (doc, ex) = extract::pdf::extract_document(&bytes, ExtractLimits { max_pages: u32::MAX })
-                    .map_err(|(_, e)| anyhow::anyhow!("{}: {e}", path.display()))?;
-                (ex.pages, PageImages::Pdf(Box::new(doc)))
-            }
-            m if m.is_some_and(|m| m.starts_with("image/")) || image::guess_format(&bytes).is_ok() => {
-                let page = extract::Page { number: 1, text: String::new(), method: Method::Ocr, ocr_reason: None };
-                (vec![page], PageImages::Image(bytes))
-            }
-            _ => bail!("{}: not an image or a PDF", path.display()),
-        };
+        let ex = self.extraction.text(path).map_err(|f| anyhow!("{} ({})", f.message, f.reason.name()))?;
+        if ex.mime != "application/pdf" && !ex.mime.starts_with("image/") {
+            bail!("{}: not an image or a PDF ({})", path.display(), ex.mime);
+        }
+        let label = |n: u32| if ex.mime == "application/pdf" { format!("{}.p{n}", stem(path)) } else { stem(path) };
         let mut out = Vec::new();
-        for page in pages {
+        for page in ex.pages {
+            let n = page.number;
             let t = match page.method {
-                Method::Ocr => self.read_page(&images, path, page.number, page.ocr_reason),
-                _ => PageText { page: page.number, method: "text_layer", text: Ok(page.text), note: None },
+                Method::Ocr => self.read_page(path, n, &label(n), page.ocr_reason),
+                _ => PageText { page: n, method: "text_layer", text: Ok(page.text), note: None },
             };
             on_page(&t);
             out.push(t);
@@ -81,15 +76,11 @@ impl<M: TextModel> Reader<M> {
         Ok(out)
     }
 
-    fn read_page(&mut self, images: &PageImages, path: &Path, n: u32, why: Option<String>) -> PageText {
-        let label = match images {
-            PageImages::Pdf(_) => format!("{}.p{n}", stem(path)),
-            PageImages::Image(_) => stem(path),
+    fn read_page(&mut self, path: &Path, n: u32, label: &str, why: Option<String>) -> PageText {
+        let read = match self.extraction.page_image(path, n, self.max_decode_pixels) {
+            Ok(pi) => self.model.transcribe(&pi.image, label, &self.opts, &|| Ok(())).map(|t| (t.text, pi.note)),
+            Err(f) => Err(anyhow!("{} ({})", f.message, f.reason.name())),
         };
-        let read = images.page(n, self.max_decode_pixels).and_then(|pi| {
-            let t = self.model.transcribe(&pi.image, &label, &self.opts, &|| Ok(()))?;
-            Ok((t.text, pi.note))
-        });
         match read {
             Ok((text, note)) => PageText { page: n, method: "ocr", text: Ok(text), note: note.or(why) },
             Err(e) => PageText { page: n, method: "ocr", text: Err(format!("{e:#}")), note: why },

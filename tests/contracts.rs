@@ -151,3 +151,29 @@ fn every_contract_of_the_corpus_extracts_terms_that_validate() {
     );
     assert!(merged >= 3, "long contracts went through the merge");
 }
+
+/// `pipelines/contracts.yaml` reads a scanned contract (image pages only) through its own ocr
+/// step instead of quarantining it: the pages are transcribed, then the summaries and the terms
+/// run on the transcription.
+#[test]
+fn the_contracts_pipeline_transcribes_a_scanned_contract() {
+    let Some(_corpus) = common::corpus() else { return };
+    let pipeline = std::fs::read_to_string(common::root().join("pipelines/contracts.yaml")).unwrap();
+    let schema = common::root().join("pipelines/schemas/contract.json");
+    let stages = &pipeline[pipeline.find("\nstages:\n").expect("contracts.yaml has stages") + 1..];
+    let stages = stages.replace("schema: schemas/contract.json", &format!("schema: {schema:?}"));
+    let sb = Sandbox::with_stages("", 65536, &stages);
+    // A page that is a JBIG2 image only, without a text layer.
+    let scan = common::corpus_path().join("scanned/ocrmypdf__jbig2.pdf");
+    let out = sb.run(&["process", scan.to_str().unwrap(), "--pipeline", "p"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &r["stages"]["transcription"];
+    assert_eq!((t["kind"].as_str(), t["calls"].as_u64()), (Some("ocr"), Some(1)), "{t}");
+    assert_eq!(r["pages"][0]["method"], "ocr", "{}", r["pages"]);
+    assert!(!r["pages"][0]["text"].as_str().unwrap().is_empty(), "the page's text is its transcription");
+    for stage in ["summary", "summary_detailed"] {
+        assert!(r["stages"][stage]["calls"].as_u64().unwrap() >= 1, "{stage} ran on the transcription");
+    }
+    check_terms(&scan, &r);
+}

@@ -41,7 +41,6 @@ fn similarity(a: &str, b: &str) -> f64 {
 /// Files where pdftotext and deltadoc legitimately disagree, with the reason (kept short).
 const KNOWN_LOW: &[(&str, &str)] = &[
     ("pdfminer__issue-625-identity-cmap.pdf", "pdf-extract decodes no text from its Identity-H fonts: pages go to OCR"),
-    ("pdfa20__pdf20-utf8-test.pdf", "lopdf cannot parse its trailer (poppler reconstructs it)"),
     ("pdfjs__issue11656.pdf", "Hebrew: poppler adds bidi embedding marks and mirrors brackets differently"),
 ];
 
@@ -150,4 +149,54 @@ fn text_files_in_legacy_encodings_and_html_fragments() {
     };
     let cp1251 = extract_json(Path::new(&find("1251")));
     assert_eq!(cp1251["ok"]["encoding"], "windows-1251");
+}
+
+/// PDFs whose cross-reference table or trailer is broken are read from a table rebuilt by
+/// scanning the file for objects, as poppler and pdf.js do, and the result says so.
+#[test]
+fn damaged_pdfs_are_repaired_and_the_result_says_so() {
+    let Some(_corpus) = common::corpus() else { return };
+    let c = common::corpus_path();
+    for (f, pages, needle) in [
+        ("malformed/qpdf__bad-xref.pdf", 1, "Potato"),
+        ("malformed/pdfjs__xref_command_missing.pdf", 1, "Reduced test-case"),
+        ("malformed/qpdf__append-xref-loop.pdf", 30, "Potato 0 new"),
+        ("malformed/qpdf__issue-202.pdf", 10, "How to compile a .tex"),
+        ("pdf/pdfa20__pdf20-utf8-test.pdf", 1, "PDF 2.0 with UTF-8 test file"),
+    ] {
+        let v = extract_json(&c.join(f));
+        let ok = v.get("ok").unwrap_or_else(|| panic!("{f}: {v}"));
+        let got = ok["pages"].as_array().unwrap();
+        let text: String = got.iter().map(|p| p["text"].as_str().unwrap()).collect();
+        assert_eq!(got.len(), pages, "{f}: pages");
+        assert!(text.contains(needle), "{f}: {needle:?} not in {text:?}");
+        assert!(ok["warnings"].to_string().contains("damaged PDF repaired"), "{f}: {}", ok["warnings"]);
+    }
+    // An intact file is not "repaired".
+    let v = extract_json(&c.join("contracts/NELNETINC_04_08_2020-EX-1-JOINT FILING AGREEMENT.PDF"));
+    assert!(!v["ok"]["warnings"].to_string().contains("repaired"), "{v}");
+}
+
+/// Real UTF-16 and UTF-32 files without a byte order mark (tests/data/encodings) are text in
+/// their encoding, characters outside the Basic Multilingual Plane included.
+#[test]
+fn utf16_and_utf32_without_a_byte_order_mark_are_text() {
+    let dir = common::root().join("tests/data/encodings");
+    for (f, encoding, needle) in [
+        ("nobom-utf16le.txt", "UTF-16LE", "DateTime,Bid,Ask\n07/19/2015 21:00:15.469,1.083,1.08332"),
+        ("nobom-utf32le.txt", "UTF-32LE", "DateTime,Bid,Ask\n07/19/2015 21:00:15.469,1.083,1.08332"),
+        ("plane1-utf-16be.html", "UTF-16BE", "Unicode Plane 1 Example Usage For Business Applications"),
+        ("plane1-utf-32be.html", "UTF-32BE", "Unicode Plane 1 Example Usage For Business Applications"),
+    ] {
+        let v = extract_json(&dir.join(f));
+        let ok = v.get("ok").unwrap_or_else(|| panic!("{f}: {v}"));
+        assert_eq!(ok["encoding"], encoding, "{f}");
+        let text = ok["pages"][0]["text"].as_str().unwrap();
+        assert!(text.contains(needle), "{f}: {needle:?} not in {:?}", &text[..text.len().min(300)]);
+        assert!(!text.contains('\u{fffd}') && !text.contains('\0'), "{f}: wrongly decoded");
+        if f.ends_with(".html") {
+            assert_eq!(ok["mime"], "text/html", "{f}");
+            assert!(text.contains('\u{10313}'), "{f}: the Gothic letters of plane 1 are missing");
+        }
+    }
 }

@@ -137,3 +137,48 @@ fn every_initializer_is_used_at_every_precision() {
         }
     }
 }
+
+/// A checkpoint whose config asks for what the runtime does not implement is refused at import,
+/// naming the key and its value (each key has its case in src/model/config.rs's tests).
+#[test]
+fn a_yarn_checkpoint_is_refused_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    edited(
+        tmp.path(),
+        |c| {
+            c["rope_parameters"] =
+                serde_json::json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 262144})
+        },
+        |_| {},
+    );
+    let e = import_err(tmp.path());
+    assert!(e.contains("rope_parameters.rope_type = \"yarn\" is not implemented"), "{e}");
+}
+
+/// Truncated safetensors and tensors of a dtype the importer does not read are refused, naming
+/// the file or the tensor.
+#[test]
+fn truncated_files_and_unreadable_dtypes_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), |_| {}, |_| {});
+    let st = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() - 100]).unwrap();
+    let e = import_err(tmp.path());
+    assert!(e.contains("model.safetensors: not a safetensors file"), "{e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    edited(tmp.path(), |_| {}, |_| {});
+    let st = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    let parsed = SafeTensors::deserialize(&bytes).unwrap();
+    let name = "model.layers.2.linear_attn.A_log";
+    let wide: Vec<u8> = parsed.tensor(name).unwrap().data().chunks_exact(4).flat_map(|c| [c, c].concat()).collect();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> =
+        parsed.tensors().into_iter().filter(|(n, _)| n != name).collect();
+    let shape = parsed.tensor(name).unwrap().shape().to_vec();
+    views.push((name.into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F64, shape, &wide).unwrap()));
+    safetensors::serialize_to_file(views, None, &st).unwrap();
+    let e = import_err(tmp.path());
+    assert!(e.contains(&format!("tensor {name} has dtype F64; only F32, BF16 and F16 are supported")), "{e}");
+}

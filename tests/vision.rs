@@ -13,6 +13,7 @@ mod common;
 
 use common::*;
 use deltadoc::extract::image::{DEFAULT_MAX_DECODE_PIXELS, load as load_image};
+use deltadoc::extract::isolated::Isolation;
 use deltadoc::generate::{DEFAULT_PREFILL_CHUNK, Decoder, Logits};
 use deltadoc::llm::ort::{OrtModel, RuntimeSettings};
 use deltadoc::model::quant::Precision;
@@ -178,14 +179,9 @@ fn multimodal_prompt_logits_match_transformers() {
     let m = open(&dir);
     let mut enc = VisionEncoder::open(&m, &opts()).unwrap();
     let messages = prompt::read_messages(&fixture_dir("vision").join("messages.json")).unwrap();
-    let p = prompt::build(
-        &m.tokenizer().unwrap(),
-        enc.config(),
-        &messages,
-        false,
-        &ImageOptions::default(),
-        DEFAULT_MAX_DECODE_PIXELS,
-    )
+    let p = prompt::build(&m.tokenizer().unwrap(), enc.config(), &messages, false, &ImageOptions::default(), &|p| {
+        load_image(p, DEFAULT_MAX_DECODE_PIXELS)
+    })
     .unwrap();
     assert_eq!(p.ids, g.ids("mm.ids"), "templated ids");
     let (_, want_pos) = g.i64("mm.position_ids");
@@ -234,7 +230,9 @@ fn every_corpus_scan_goes_through_ocr() {
         instruction: "Transcribe all text on this page exactly, in reading order.".into(),
     };
     let model = OrtModel::open(&m, &self::opts(), RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
-    let mut reader = deltadoc::ocr::Reader::new(model, opts, DEFAULT_MAX_DECODE_PIXELS);
+    // Files are decoded in `deltadoc extract` children, as `deltadoc ocr` does.
+    let isolation = Isolation { exe: env!("CARGO_BIN_EXE_deltadoc").into(), ..Isolation::with_defaults().unwrap() };
+    let mut reader = deltadoc::ocr::Reader::new(model, opts, isolation, DEFAULT_MAX_DECODE_PIXELS);
     let mut files: Vec<_> = std::fs::read_dir(corpus_path().join("scanned"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -4,11 +4,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
 
 use super::{ImageArgs, Outcome};
 use crate::config::ByteSize;
+use crate::extract::isolated::{Extraction, Isolation};
 use crate::generate::{DEFAULT_PREFILL_CHUNK, Decoder, Logits};
 use crate::model::config::Shape;
 use crate::model::graph::{KvCache, LinearAttn};
@@ -206,7 +207,12 @@ fn logits_of_messages(model: &Path, messages: &Path, images: ImageArgs, out: &Pa
     let opts = SessionOptions::with_threads(threads);
     let mut enc = VisionEncoder::open(&m, &opts)?;
     let msgs = prompt::read_messages(messages)?;
-    let prompt = prompt::build(&m.tokenizer()?, enc.config(), &msgs, false, &images.options(), images.max_decode_pixels)?;
+    let extraction = Extraction::Isolated(Isolation::with_defaults()?);
+    let load = |p: &Path| {
+        let page = extraction.page_image(p, 1, images.max_decode_pixels);
+        page.map(|pi| pi.image).map_err(|f| anyhow!("{} ({})", f.message, f.reason.name()))
+    };
+    let prompt = prompt::build(&m.tokenizer()?, enc.config(), &msgs, false, &images.options(), &load)?;
     let mut dec = Decoder::open(&m, &opts)?;
     let mut rows = Vec::with_capacity(prompt.ids.len());
     let mut progress = Progress::new(prompt.ids.len() as u64, "logits");

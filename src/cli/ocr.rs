@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::{ImageArgs, Outcome};
+use crate::extract::isolated::Isolation;
 use crate::generate::DEFAULT_PREFILL_CHUNK;
 use crate::llm::ort::{OrtModel, RuntimeSettings};
 use crate::model::ModelDir;
@@ -63,7 +64,7 @@ pub(super) fn run(a: OcrArgs) -> Result<Outcome> {
     };
     let settings = RuntimeSettings::new(a.prefill_chunk);
     let model = OrtModel::open(&m, &SessionOptions::with_threads(a.threads), settings)?;
-    let mut reader = Reader::new(model, opts, a.image.max_decode_pixels);
+    let mut reader = Reader::new(model, opts, Isolation::with_defaults()?, a.image.max_decode_pixels);
     let mut failed = 0;
     let mut progress = Progress::new(a.files.len() as u64, "ocr files");
     for f in &a.files {

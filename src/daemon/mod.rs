@@ -31,12 +31,12 @@ use anyhow::{Context as _, Result, anyhow};
 pub use signals::Signals;
 
 use crate::config::Config;
-use crate::extract::isolated::Isolation;
+use crate::extract::isolated::{Extraction, Isolation};
 use crate::failure::Failure;
 use crate::ledger;
 use crate::llm::TextModel;
 use crate::output::DocResult;
-use crate::pipeline::{self, Context, Extraction};
+use crate::pipeline::{self, Context};
 use crate::progress::DocProgress;
 use crate::schedule::{Scheduler, SystemClock};
 use crate::stage::{Runner, Stop};

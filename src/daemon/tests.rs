@@ -16,9 +16,9 @@ use super::worker::{Exit, Tick, Worker};
 use super::{Mode, Signals, reload};
 use crate::config::Config;
 use crate::extract::ExtractLimits;
+use crate::extract::isolated::Extraction;
 use crate::ledger::{self, state};
 use crate::llm::fake::{Answer, FakeModel};
-use crate::pipeline::Extraction;
 use crate::schedule::{Clock, Scheduler};
 
 /// Time that moves only when the test says so.

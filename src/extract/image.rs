@@ -12,13 +12,23 @@ use image::{DynamicImage, ImageDecoder, ImageReader, Limits, RgbImage};
 /// Images whose header declares more pixels than this are refused unless the caller allows more.
 pub const DEFAULT_MAX_DECODE_PIXELS: u64 = 200_000_000;
 
+/// An image whose declared size is over the decode cap: the document is too large to read, not
+/// damaged (the failure is `too_large`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "image of {width}×{height} pixels exceeds the decode cap of {cap} pixels (a decompression bomb or an absurd scan); \
+     raise max_decode_pixels to read it"
+)]
+pub struct OverDecodeCap {
+    width: u64,
+    height: u64,
+    cap: u64,
+}
+
 /// Refuses an image of `w`×`h` pixels over `cap`, before it is decoded.
 pub fn check_decode_size(w: u64, h: u64, cap: u64) -> Result<()> {
     if w.saturating_mul(h) > cap {
-        bail!(
-            "image of {w}×{h} pixels exceeds the decode cap of {cap} pixels (a decompression bomb or an absurd scan); \
-             raise max_decode_pixels to read it"
-        );
+        return Err(OverDecodeCap { width: w, height: h, cap }.into());
     }
     Ok(())
 }

@@ -6,10 +6,11 @@
 //! (`deltadoc extract --json`) under a time and address-space limit (`isolated`).
 
 pub mod image;
-pub(crate) mod isolated;
+pub mod isolated;
 pub(crate) mod page_image;
 pub(crate) mod pdf;
 pub(crate) mod text;
+mod xref_rebuild;
 
 use std::path::Path;
 
@@ -86,7 +87,7 @@ pub(crate) fn detect_mime(path: &Path, bytes: &[u8]) -> Option<&'static str> {
         return Some(m);
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    let looks_textual = !head.contains(&0) || text::has_utf16_bom(head);
+    let looks_textual = !head.contains(&0) || text::has_utf16_bom(head) || text::sniff_wide(head).is_some();
     match ext.as_str() {
         "html" | "htm" | "xhtml" if looks_textual => Some("text/html"),
         "md" | "markdown" if looks_textual => Some("text/markdown"),
@@ -117,7 +118,7 @@ pub(crate) fn extract_bytes(path: &Path, bytes: &[u8], limits: ExtractLimits) ->
             encoding: None,
             warnings: Vec::new(),
         }),
-        m => Ok(text::extract(bytes, m)),
+        m => text::extract(bytes, m).map_err(|(r, m)| fail(r, m)),
     }
 }
 

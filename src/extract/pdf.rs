@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use pdf_extract::{Document, ObjectId, PlainTextOutput};
 
-use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio};
+use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio, xref_rebuild};
 use crate::failure::Reason;
 
 /// Fewer visible characters than this on a page with an image: a scan, not text.
@@ -15,12 +15,6 @@ const MAX_GARBAGE: f64 = 0.3;
 
 /// Extracts every page; errors carry the failure reason and a message without the file name.
 pub fn extract(bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, (Reason, String)> {
-    extract_document(bytes, limits).map(|(_, ex)| ex)
-}
-
-/// [`extract`], also handing back the opened (decrypted) document, so page images can be read
-/// from it without parsing the file again.
-pub fn extract_document(bytes: &[u8], limits: ExtractLimits) -> Result<(Document, Extracted), (Reason, String)> {
     let mut warnings = Vec::new();
     let doc = open(bytes, &mut warnings)?;
     // lopdf decrypts with the empty password while loading; the trailer still says it was needed.
@@ -70,7 +64,7 @@ pub fn extract_document(bytes: &[u8], limits: ExtractLimits) -> Result<(Document
         let text = if ocr_reason.is_some() { String::new() } else { tidy(&text) };
         out.push(Page { number, text, method, ocr_reason });
     }
-    Ok((doc, Extracted { mime: "application/pdf".into(), pages: out, encoding: None, warnings }))
+    Ok(Extracted { mime: "application/pdf".into(), pages: out, encoding: None, warnings })
 }
 
 /// Opens (and decrypts) a PDF for its page images, without extracting its text.
@@ -109,8 +103,39 @@ fn with_empty_file_id(bytes: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Loads the document; data that starts after leading junk is retried from its `%PDF-` header.
+/// Loads the document; data that starts after leading junk is retried from its `%PDF-` header,
+/// and a file whose cross-reference table or trailer is broken is loaded from a table rebuilt by
+/// scanning it for objects ([`xref_rebuild`]), with a warning saying so.
 fn load(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, String)> {
+    let mut notes = Vec::new();
+    let loaded = load_as_written(bytes, &mut notes);
+    let damage = match &loaded {
+        // An encrypted file shows no pages until decrypted: that is a password, not damage.
+        Ok(doc) if doc.get_pages().is_empty() && !doc.trailer.has(b"Encrypt") && !doc.is_encrypted() => {
+            "no pages could be found".to_string()
+        }
+        Ok(doc) if !xref_offsets_hold(bytes, doc) => "the cross-reference table points at the wrong offsets".to_string(),
+        Ok(_) => {
+            warnings.append(&mut notes);
+            return loaded.map_err(|e| (Reason::Parse, e));
+        }
+        Err(e) => e.clone(),
+    };
+    if let Some((fixed, objects)) = xref_rebuild::rebuild(bytes)
+        && let Ok(Ok(doc)) = catch_unwind(|| Document::load_mem(&fixed))
+        && !doc.get_pages().is_empty()
+    {
+        warnings.push(format!(
+            "damaged PDF repaired ({damage}): the cross-reference table was rebuilt from the {objects} objects found in the file"
+        ));
+        return Ok(doc);
+    }
+    warnings.append(&mut notes);
+    loaded.map_err(|e| (Reason::Parse, format!("damaged PDF: {e}")))
+}
+
+/// The file as its own cross-reference table describes it.
+fn load_as_written(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, String> {
     let first = match catch_unwind(|| Document::load_mem(bytes)) {
         Ok(Ok(d)) => return Ok(d),
         Ok(Err(e)) => e.to_string(),
@@ -122,7 +147,18 @@ fn load(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, S
         warnings.push(format!("{at} bytes before the PDF header were skipped"));
         return Ok(d);
     }
-    Err((Reason::Parse, format!("damaged PDF: {first}")))
+    Err(first)
+}
+
+/// Whether every in-file entry of the loaded table points at its object's header (lopdf skips an
+/// object it cannot find, so a table with wrong offsets loads with objects silently missing).
+fn xref_offsets_hold(bytes: &[u8], doc: &Document) -> bool {
+    let data = bytes.windows(5).position(|w| w == b"%PDF-").map_or(bytes, |at| &bytes[at..]);
+    let entries = doc.reference_table.entries.iter().filter_map(|(&num, e)| match *e {
+        pdf_extract::xref::XrefEntry::Normal { offset, generation } => Some((num, generation, offset)),
+        _ => None,
+    });
+    xref_rebuild::offsets_hold(data, entries)
 }
 
 /// True when the page's content draws text (`Tj`/`TJ`/`'`/`"` operators) with fonts in use.

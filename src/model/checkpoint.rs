@@ -69,6 +69,11 @@ impl Checkpoint {
         v
     }
 
+    /// How many multi-token-prediction (`mtp.`) tensors the checkpoint holds.
+    pub fn mtp_tensors(&self) -> usize {
+        self.index.keys().filter(|k| k.starts_with("mtp.")).count()
+    }
+
     fn full_name(&self, name: &str) -> String {
         if name == "lm_head.weight" {
             name.to_string()

@@ -234,6 +234,7 @@ impl TextConfig {
     }
 
     fn from_text_json(tc: &serde_json::Value, top: &serde_json::Value) -> Result<Self> {
+        refuse_unimplemented(tc)?;
         let num = |k: &str| -> Result<usize> {
             tc.get(k).and_then(|x| x.as_u64()).map(|x| x as usize).with_context(|| format!("field {k} missing or not an integer"))
         };
@@ -316,6 +317,38 @@ impl TextConfig {
             "dtype": "float32"
         })
     }
+}
+
+/// Stops the import at a config key whose value asks for a computation this runtime does not
+/// implement: importing it anyway would give a model that silently computes something else.
+/// Keys that only matter to training, to speculative decoding (the MTP head, whose tensors are
+/// skipped) or to what transformers ignores (`mrope_interleaved`: it always interleaves) pass.
+fn refuse_unimplemented(tc: &serde_json::Value) -> Result<()> {
+    use serde_json::Value;
+    let refuse = |key: &str, v: &Value, implemented: &str| -> Result<()> {
+        bail!("config key {key} = {v} is not implemented by this importer ({implemented}); it would compute something else")
+    };
+    let expect = |key: &str, ok: &[Value], implemented: &str| -> Result<()> {
+        match tc.get(key) {
+            Some(v) if !v.is_null() && !ok.contains(v) => refuse(key, v, implemented),
+            _ => Ok(()),
+        }
+    };
+    expect("hidden_act", &["silu".into()], "the MLP activation is SiLU")?;
+    expect("attention_bias", &[false.into()], "attention projections have no bias")?;
+    expect("attn_output_gate", &[true.into()], "attention output is gated")?;
+    expect("use_sliding_window", &[false.into()], "attention is global")?;
+    expect("sliding_window", &[], "attention is global")?;
+    expect("mlp_only_layers", &[Value::Array(Vec::new())], "every layer has its dense MLP")?;
+    expect("num_experts", &[0.into()], "dense MLPs, not mixture-of-experts")?;
+    for key in ["rope_parameters", "rope_scaling"] {
+        let Some(rope) = tc.get(key).filter(|r| !r.is_null()) else { continue };
+        let kind = rope.get("rope_type").or_else(|| rope.get("type")).filter(|t| !t.is_null());
+        if let Some(kind) = kind.filter(|k| k.as_str() != Some("default")) {
+            refuse(&format!("{key}.rope_type"), kind, "only the default rotary embedding; YaRN is not implemented yet")?;
+        }
+    }
+    Ok(())
 }
 
 /// Named shapes for `model synth`.
@@ -407,6 +440,45 @@ mod tests {
         // channels per layer; 6 layers × 2 × 2 × 256 KV values per token.
         assert_eq!(Shape::B0_8.config().linear_state_bytes(), 18_874_368 + 18 * 6144 * 3 * 4);
         assert_eq!(Shape::B0_8.config().kv_elements_per_token(), 6 * 2 * 2 * 256);
+    }
+
+    #[test]
+    fn each_unimplemented_config_key_stops_the_import_naming_it() {
+        let base = Shape::Tiny.config().to_hf_text_json();
+        let cases: [(&str, serde_json::Value, &str); 10] = [
+            ("hidden_act", "gelu".into(), "hidden_act = \"gelu\""),
+            ("attention_bias", true.into(), "attention_bias = true"),
+            ("attn_output_gate", false.into(), "attn_output_gate = false"),
+            ("use_sliding_window", true.into(), "use_sliding_window = true"),
+            ("sliding_window", 4096.into(), "sliding_window = 4096"),
+            ("mlp_only_layers", serde_json::json!([0]), "mlp_only_layers = [0]"),
+            ("num_experts", 64.into(), "num_experts = 64"),
+            ("rope_parameters", serde_json::json!({"rope_type": "yarn", "factor": 4.0}), "rope_parameters.rope_type = \"yarn\""),
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_type": "linear", "factor": 2.0}),
+                "rope_parameters.rope_type = \"linear\"",
+            ),
+            ("rope_scaling", serde_json::json!({"type": "dynamic", "factor": 2.0}), "rope_scaling.rope_type = \"dynamic\""),
+        ];
+        for (key, value, said) in cases {
+            let mut tc = base.clone();
+            if key == "rope_scaling" {
+                tc.as_object_mut().unwrap().remove("rope_parameters");
+            }
+            tc[key] = value;
+            let e = format!("{:#}", TextConfig::from_text_json(&tc, &tc).unwrap_err());
+            assert!(e.contains(said) && e.contains("not implemented"), "{key}: {e}");
+        }
+        // What the runtime implements, and keys that do not change the computation, pass.
+        let mut tc = base.clone();
+        for (key, value) in
+            [("sliding_window", serde_json::Value::Null), ("mtp_num_hidden_layers", 1.into()), ("num_experts", 0.into())]
+        {
+            tc[key] = value;
+        }
+        tc["rope_parameters"]["mrope_interleaved"] = false.into();
+        TextConfig::from_text_json(&tc, &tc).unwrap();
     }
 
     #[test]

@@ -246,6 +246,12 @@ pub fn import(hf_dir: &Path, out: &Path, opts: ExportOptions) -> Result<Manifest
     );
     let manifest = export(&cfg, vision.as_ref(), &mut ckpt, opts, out, format!("import:{}", hf_dir.display()))
         .with_context(|| format!("{}: import failed", hf_dir.display()))?;
+    let mtp = ckpt.mtp_tensors();
+    if mtp > 0 {
+        // The head only drafts tokens for speculative decoding; the model's own outputs do not
+        // depend on it (transformers skips it too).
+        tracing::warn!("{}: the multi-token-prediction head ({mtp} mtp.* tensors) is not imported", hf_dir.display());
+    }
     let unused = ckpt.unused_tensors();
     if !unused.is_empty() {
         bail!(

@@ -13,21 +13,11 @@ use std::time::Instant;
 
 use crate::chunk::{self, Chunked};
 use crate::config::Pipeline;
-use crate::extract::isolated::{self, Isolation};
+use crate::extract::isolated::Extraction;
 use crate::extract::{Extracted, Method};
 use crate::failure::{Failure, Reason};
 use crate::output::{DocResult, PageResult, PipelineRef, Source, StageResult, TokenTotals};
 use crate::stage::{Answers, Body, PageDoc, Part, Runner, Stage, Stop, TextStage};
-
-/// Where a document's text is extracted.
-pub enum Extraction {
-    /// In a child process under these limits: what the daemon does, because hostile files
-    /// crash, hang or balloon parsers.
-    Isolated(Isolation),
-    /// In this process: the orchestration's tests, on files written by the test.
-    #[cfg(test)]
-    InProcess(crate::extract::ExtractLimits),
-}
 
 /// Per-document limits.
 #[derive(Clone, Copy, Debug)]
@@ -75,7 +65,7 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     let mut books = Books::default();
     let (size, sha) = timed(&mut books, "detect", |_| detect(ctx, source, sha256))?;
     ctx.runner.step("extract");
-    let mut ex = timed(&mut books, "extract", |_| extract(ctx, source))?;
+    let mut ex = timed(&mut books, "extract", |_| Ok(ctx.extraction.text(source)?))?;
     books.warnings.append(&mut ex.warnings);
     ctx.runner.check("extract")?;
     read_pages(ctx, source, &mut ex, &mut books)?;
@@ -150,14 +140,6 @@ fn detect(ctx: &mut Context, source: &Path, sha256: Option<&str>) -> Result<(u64
     Ok((meta.len(), sha))
 }
 
-fn extract(ctx: &Context, source: &Path) -> Result<Extracted, Stop> {
-    Ok(match ctx.extraction {
-        Extraction::Isolated(iso) => isolated::extract(source, iso)?,
-        #[cfg(test)]
-        Extraction::InProcess(limits) => crate::extract::extract_file(source, *limits)?,
-    })
-}
-
 /// Runs the page stage on pages without text; fails when no page has text in the end.
 fn read_pages(ctx: &mut Context, source: &Path, ex: &mut Extracted, books: &mut Books) -> Result<(), Stop> {
     let image_pages: Vec<u32> = ex.pages.iter().filter(|p| p.method == Method::Ocr).map(|p| p.number).collect();
@@ -169,7 +151,7 @@ fn read_pages(ctx: &mut Context, source: &Path, ex: &mut Extracted, books: &mut 
         match page_stage {
             Some((name, kind, stage)) => {
                 let t = Instant::now();
-                let mut doc = PageDoc { source, mime: &ex.mime, pages: &mut ex.pages };
+                let mut doc = PageDoc { source, extraction: ctx.extraction, pages: &mut ex.pages };
                 let r = stage.run(&mut ctx.runner, &mut doc)?;
                 // Page prompts are all prefilled: nothing of them is shared.
                 books.totals.prompt += r.prompt_tokens;

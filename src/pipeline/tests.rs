@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use super::{Context, DocLimits, Extraction, process};
+use super::{Context, DocLimits, process};
 use crate::config::{Pipeline, load_pipeline};
 use crate::extract::ExtractLimits;
+use crate::extract::isolated::Extraction;
 use crate::llm::fake::{Answer, Asked, FakeModel};
 use crate::output::DocResult;
 use crate::stage::{Runner, Stop};

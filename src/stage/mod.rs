@@ -34,6 +34,7 @@ pub use runner::{Call, Runner, Stop};
 
 use crate::chunk::Chunked;
 use crate::extract::Page;
+use crate::extract::isolated::Extraction;
 use crate::llm::Completion;
 use crate::output::StageResult;
 use crate::tokenizer::Tokenizer;
@@ -106,8 +107,8 @@ impl fmt::Debug for Stage {
 pub struct PageDoc<'a> {
     /// The document.
     pub source: &'a Path,
-    /// Its media type, as extraction detected it.
-    pub mime: &'a str,
+    /// Where its page images are composed (never in this process).
+    pub extraction: &'a Extraction,
     /// Every page; those with method `ocr` are the stage's to fill in.
     pub pages: &'a mut [Page],
 }

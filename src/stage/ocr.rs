@@ -10,7 +10,6 @@ use super::text;
 use super::{Body, PageDoc, PageStage, Runner, Stop};
 use crate::extract::Method;
 use crate::extract::image::DEFAULT_MAX_DECODE_PIXELS;
-use crate::extract::page_image::PageImages;
 use crate::failure::{Failure, Reason};
 use crate::llm::{ImageOptions, OcrOptions};
 use crate::output::StageResult;
@@ -77,13 +76,18 @@ impl PageStage for Ocr {
         };
         let mut pages: Vec<_> = doc.pages.iter_mut().filter(|p| p.method == Method::Ocr).collect();
         let mut result = StageResult::default();
-        let Some(first) = pages.first() else { return Ok(result) };
-        let images = PageImages::open(source, doc.mime).map_err(|e| failed(first.number, e))?;
+        if pages.is_empty() {
+            return Ok(result);
+        }
         let stem = source.file_stem().unwrap_or_default().to_string_lossy().into_owned();
         let mut transcript = Vec::new();
         for page in &mut pages {
             let n = page.number;
-            let image = images.page(n, DEFAULT_MAX_DECODE_PIXELS).map_err(|e| failed(n, e))?.image;
+            let image = doc
+                .extraction
+                .page_image(source, n, DEFAULT_MAX_DECODE_PIXELS)
+                .map_err(|f| Failure { stage: self.name.clone(), ..f })?
+                .image;
             let read =
                 runner.transcribe(&self.name, &image, &format!("{stem}.p{n}"), &self.options)?.map_err(|e| failed(n, e))?;
             result.prompt_tokens += read.prompt_tokens;

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use image::RgbImage;
 use ndarray::Array2;
 use serde::Deserialize;
 
@@ -94,20 +95,20 @@ pub struct Prompt {
     pub rope_delta: i64,
 }
 
-/// Renders `messages` with the Qwen3.5 chat template (thinking on or off), loading every image
-/// (refusing one of more than `max_decode_pixels`) and preprocessing it.
+/// Renders `messages` with the Qwen3.5 chat template (thinking on or off), reading every image
+/// with `load` (the command line decodes them in an isolated child) and preprocessing it.
 pub fn build(
     tok: &Tokenizer,
     cfg: &VisionConfig,
     messages: &[ChatMessage],
     thinking: bool,
     opts: &ImageOptions,
-    max_decode_pixels: u64,
+    load: &dyn Fn(&Path) -> Result<RgbImage>,
 ) -> Result<Prompt> {
     let mut images = Vec::new();
     for part in messages.iter().flat_map(|m| &m.content) {
         if let Part::Image { path } = part {
-            let img = crate::extract::image::load(path, max_decode_pixels)?;
+            let img = load(path)?;
             images
                 .push(preprocess::preprocess(&img, cfg, opts).with_context(|| format!("{}: cannot preprocess", path.display()))?);
         }

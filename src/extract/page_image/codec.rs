@@ -133,7 +133,7 @@ pub(super) fn decode(doc: &Document, s: &Stream, cap: u64) -> Result<RgbImage> {
     let mut img = match filter.as_slice() {
         b"DCTDecode" | b"DCT" => load_bytes(&data, cap).context("embedded JPEG")?,
         b"CCITTFaxDecode" | b"CCF" => gray(ccitt(&data, params, w, h)?),
-        b"JBIG2Decode" => gray(jbig2(doc, &data, params).context("JBIG2 image")?),
+        b"JBIG2Decode" => gray(jbig2(doc, &data, params, cap).context("JBIG2 image")?),
         b"JPXDecode" => jpx(&data, cap).context("JPEG 2000 image")?,
         b"" | b"FlateDecode" | b"Fl" | b"LZWDecode" | b"LZW" | b"ASCII85Decode" | b"A85" => {
             let raw = s.decompressed_content().map_err(|e| anyhow!("image stream: {e}"))?;
@@ -226,7 +226,7 @@ fn ccitt(data: &[u8], params: Option<&Dictionary>, w: u64, h: u64) -> Result<Gra
 
 /// An embedded JBIG2 page (with the `/JBIG2Globals` segments it refers to) as 8-bit gray.
 /// JBIG2's 1 is black, which PDF's samples write as 0.
-fn jbig2(doc: &Document, data: &[u8], params: Option<&Dictionary>) -> Result<GrayImage> {
+fn jbig2(doc: &Document, data: &[u8], params: Option<&Dictionary>, cap: u64) -> Result<GrayImage> {
     let settings = hayro_jbig2::DecodeSettings::default();
     let globals_data = match params.and_then(|p| p.get(b"JBIG2Globals").ok()).map(|o| resolve(doc, o)) {
         Some(Object::Stream(g)) => Some(g.get_plain_content().map_err(|e| anyhow!("JBIG2 globals: {e}"))?),
@@ -237,10 +237,55 @@ fn jbig2(doc: &Document, data: &[u8], params: Option<&Dictionary>) -> Result<Gra
         .map(|g| hayro_jbig2::Globals::new(g, &settings))
         .transpose()
         .map_err(|e| anyhow!("JBIG2 globals: {e}"))?;
+    // The page's own size, which the stream dictionary need not match, before the decoder
+    // plans a bitmap of it.
+    if let Some((w, h)) = jbig2_page_size(data) {
+        check_decode_size(w, h, cap)?;
+    }
     let page = hayro_jbig2::Page::new_embedded(data, globals.as_ref(), &settings).map_err(|e| anyhow!("{e}"))?;
+    check_decode_size(page.width() as u64, page.height() as u64, cap)?;
     let mut out = Bilevel { img: GrayImage::new(page.width(), page.height()), x: 0, y: 0 };
     page.decode(&mut out).map_err(|e| anyhow!("{e}"))?;
     Ok(out.img)
+}
+
+/// Width and height from the first page information segment (type 48) of an embedded JBIG2
+/// stream (ITU-T T.88 7.2: segment headers in sequence, each followed by its data); `None` when
+/// the stream does not start that way or the height is left open (striped pages).
+fn jbig2_page_size(data: &[u8]) -> Option<(u64, u64)> {
+    let u32_at = |at: usize| data.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let mut at = 0;
+    // A handful of segments (symbol dictionaries, end of stripe) may come first.
+    for _ in 0..64 {
+        let number = u32_at(at)?;
+        let flags = *data.get(at + 4)?;
+        let refs = *data.get(at + 5)?;
+        let mut next = at + 6;
+        let count = if refs >> 5 == 7 {
+            let n = u32_at(at + 5)? & 0x1fff_ffff;
+            next = at + 9 + (n as usize + 8) / 8;
+            n as usize
+        } else {
+            (refs >> 5) as usize
+        };
+        next += count
+            * if number <= 256 {
+                1
+            } else if number <= 65536 {
+                2
+            } else {
+                4
+            };
+        next += if flags & 0x40 != 0 { 4 } else { 1 };
+        let length = u32_at(next)? as usize;
+        let body = next + 4;
+        if flags & 0x3f == 48 {
+            let (w, h) = (u32_at(body)?, u32_at(body + 4)?);
+            return (h != u32::MAX).then_some((w as u64, h as u64));
+        }
+        at = body.checked_add(length)?;
+    }
+    None
 }
 
 /// Receives JBIG2 pixels row by row.
@@ -292,4 +337,28 @@ fn jpx(data: &[u8], cap: u64) -> Result<RgbImage> {
         px.0 = space.rgb(s);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jbig2_page_size;
+
+    /// A segment header (number, flags, no referred-to segments, page 1) and its data.
+    fn segment(number: u32, kind: u8, data: &[u8]) -> Vec<u8> {
+        let mut s = number.to_be_bytes().to_vec();
+        s.extend([kind, 0, 1]);
+        s.extend((data.len() as u32).to_be_bytes());
+        s.extend(data);
+        s
+    }
+
+    #[test]
+    fn the_jbig2_page_size_is_read_before_decoding() {
+        let page_info = |w: u32, h: u32| [w.to_be_bytes(), h.to_be_bytes(), [0; 4], [0; 4]].concat();
+        let mut stream = segment(0, 0, &[0; 7]);
+        stream.extend(segment(1, 48, &page_info(100_000, 100_000)));
+        assert_eq!(jbig2_page_size(&stream), Some((100_000, 100_000)));
+        assert_eq!(jbig2_page_size(&segment(0, 48, &page_info(10, u32::MAX))), None, "striped: height open");
+        assert_eq!(jbig2_page_size(&stream[..12]), None, "cut short");
+    }
 }

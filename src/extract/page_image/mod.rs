@@ -10,14 +10,13 @@
 //! masks) is composed onto a white canvas at the resolution of its sharpest image, then turned
 //! by the page's `/Rotate`.
 
-use std::path::Path;
-
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use image::{GrayImage, RgbImage};
 use pdf_extract::content::Content;
 use pdf_extract::{Dictionary, Document, Object, ObjectId, Stream};
 
 use super::image::load_bytes;
+use crate::failure::Reason;
 use codec::{Space, decode};
 
 mod codec;
@@ -31,8 +30,8 @@ pub struct PageImage {
 }
 
 /// The page images of one document, parsed once for all of its pages: a PDF's pages, or an
-/// image file as its only page. The daemon's `ocr` stage and `deltadoc ocr` both read pages
-/// through it.
+/// image file as its only page. Only the isolated child ([`super::isolated::page_child`]) reads
+/// pages through it.
 pub enum PageImages {
     /// A parsed PDF.
     Pdf(Box<Document>),
@@ -41,14 +40,10 @@ pub enum PageImages {
 }
 
 impl PageImages {
-    /// Opens `path`, whose type extraction detected as `mime`.
-    pub fn open(path: &Path, mime: &str) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        Ok(if mime == "application/pdf" {
-            Self::Pdf(Box::new(super::pdf::open_document(&bytes).map_err(|(_, e)| anyhow!("{}: {e}", path.display()))?))
-        } else {
-            Self::Image(bytes)
-        })
+    /// The page images of a file's bytes, whose type is `mime` (a PDF is parsed and decrypted
+    /// here; any other type is read as an image file).
+    pub fn from_bytes(bytes: Vec<u8>, mime: &str) -> Result<Self, (Reason, String)> {
+        Ok(if mime == "application/pdf" { Self::Pdf(Box::new(super::pdf::open_document(&bytes)?)) } else { Self::Image(bytes) })
     }
 
     /// Page `page` (1-based) as an image, refusing images over `cap` pixels.
@@ -96,7 +91,7 @@ pub fn page_image(doc: &Document, page: u32, cap: u64) -> Result<PageImage> {
     let mut image = match layers.as_slice() {
         [one] if one.is_upright_opaque() => one.pixels.clone(),
         _ => {
-            let canvas = compose(&layers, media_box(doc, id), cap)?;
+            let canvas = compose(&layers, media_box(doc, id), cap).with_context(|| format!("page {page}"))?;
             if layers.len() > 1 {
                 notes.push(format!("page composed of {} images", layers.len()));
             }

@@ -24,6 +24,9 @@ pub enum Reason {
     Model,
     /// Reading the source or writing the result failed.
     Io,
+    /// The daemon died under the document `max_attempts` times in a row at the same place
+    /// (`daemon/crash_marker.rs`): the document is taken to be what brings it down.
+    Crashed,
 }
 
 impl Reason {
@@ -39,6 +42,7 @@ impl Reason {
             Reason::Truncated => "truncated",
             Reason::Model => "model",
             Reason::Io => "io",
+            Reason::Crashed => "crashed",
         }
     }
 
@@ -46,7 +50,13 @@ impl Reason {
     pub fn is_permanent(self) -> bool {
         matches!(
             self,
-            Reason::Unsupported | Reason::Encrypted | Reason::TooLarge | Reason::Parse | Reason::Ocr | Reason::Truncated
+            Reason::Unsupported
+                | Reason::Encrypted
+                | Reason::TooLarge
+                | Reason::Parse
+                | Reason::Ocr
+                | Reason::Truncated
+                | Reason::Crashed
         )
     }
 }

@@ -21,6 +21,8 @@ pub(crate) mod daemon;
 pub mod extract;
 pub mod failure;
 pub(crate) mod fetch;
+#[cfg(fuzzing)]
+pub mod fuzz;
 pub mod generate;
 pub mod ledger;
 pub mod llm;

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -115,37 +115,42 @@ impl Snapshot {
         File::open(path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .with_context(|| format!("{}: cannot read snapshot", path.display()))?;
-        let bad = |why: &str| anyhow::anyhow!("{}: not a valid deltadoc snapshot: {why}", path.display());
+        Self::from_bytes(&bytes).with_context(|| format!("{}: not a valid deltadoc snapshot", path.display()))
+    }
+
+    /// [`Snapshot::load`] for bytes already read. A snapshot is only ever written by deltadoc,
+    /// but whoever can write the state folder can hand it anything: every size is checked.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         if bytes.len() < 16 + 32 || &bytes[..8] != MAGIC {
-            return Err(bad("wrong magic or truncated"));
+            return Err(anyhow!("wrong magic or truncated"));
         }
         let (body, digest) = bytes.split_at(bytes.len() - 32);
         if Sha256::digest(body).as_slice() != digest {
-            return Err(bad("checksum mismatch (truncated or corrupted)"));
+            return Err(anyhow!("checksum mismatch (truncated or corrupted)"));
         }
         let version = u32::from_le_bytes(body[8..12].try_into().unwrap());
         if version != FORMAT_VERSION {
-            bail!("{}: snapshot format {version} is not supported (expects {FORMAT_VERSION})", path.display());
+            bail!("snapshot format {version} is not supported (expects {FORMAT_VERSION})");
         }
         let hlen = u32::from_le_bytes(body[12..16].try_into().unwrap()) as usize;
-        let header: Header = serde_json::from_slice(body.get(16..16 + hlen).ok_or_else(|| bad("header past the end"))?)
-            .map_err(|e| bad(&format!("header: {e}")))?;
+        let header: Header = serde_json::from_slice(body.get(16..16 + hlen).ok_or_else(|| anyhow!("header past the end"))?)
+            .map_err(|e| anyhow!("header: {e}"))?;
         let mut data = &body[16 + hlen..];
-        let mut tensors = Vec::with_capacity(header.tensors.len());
+        let mut tensors = Vec::with_capacity(header.tensors.len().min(1024));
         for (name, shape, elem) in header.tensors {
-            let n: usize = shape.iter().product();
             let width = elem.width();
-            let raw = data.get(..n * width).ok_or_else(|| bad(&format!("tensor {name} past the end")))?;
+            let bytes = shape.iter().try_fold(width, |acc, &d| acc.checked_mul(d));
+            let raw = bytes.and_then(|b| data.get(..b)).ok_or_else(|| anyhow!("tensor {name} past the end"))?;
             let values = match elem {
                 Elem::F32 => StateData::F32(raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
                 Elem::F16 => StateData::F16(raw.chunks_exact(2).map(|c| f16::from_le_bytes(c.try_into().unwrap())).collect()),
                 Elem::Bf16 => StateData::Bf16(raw.chunks_exact(2).map(|c| bf16::from_le_bytes(c.try_into().unwrap())).collect()),
             };
+            data = &data[raw.len()..];
             tensors.push(StateTensor { name, shape, data: values });
-            data = &data[n * width..];
         }
         if !data.is_empty() {
-            return Err(bad("trailing bytes"));
+            return Err(anyhow!("trailing bytes"));
         }
         Ok(Self {
             model: header.model,

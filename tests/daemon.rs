@@ -113,7 +113,11 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
     let (_, r) = wait_for("the result after restart", Duration::from_secs(600), || sb.results().into_iter().next());
     let s = sb.status();
     let job = &s["recent"][0];
-    assert_eq!((job["state"].as_str(), job["attempts"].as_u64()), (Some("done"), Some(2)));
+    // The kill interrupted the first attempt; it does not count as a failed one.
+    assert_eq!(
+        (job["state"].as_str(), job["attempts"].as_u64(), job["interruptions"].as_u64()),
+        (Some("done"), Some(1), Some(1))
+    );
     assert_eq!(sb.results().len(), 1);
     assert_valid_result(Path::new("ceres.txt.json"), &r);
     let chunks = r["chunks"].as_array().unwrap();
@@ -133,6 +137,53 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "no temp files left in the output folder");
+    d.stop();
+}
+
+/// The crash rule (src/daemon/crash_marker.rs): a daemon that dies under a document at the same
+/// place `max_attempts` times in a row has found a document that brings it down, and quarantines
+/// it as `crashed` at the next start; deaths at different places are interruptions, never
+/// counted. The deaths are SIGKILLs; the crash marker is set to one place before each restart,
+/// as a document that crashes the process at the same model step would leave it.
+#[test]
+fn a_document_the_daemon_dies_under_at_the_same_place_is_quarantined_as_crashed() {
+    let Some(_corpus) = common::corpus() else { return };
+    let sb = Sandbox::new("", 2048);
+    let cfg = std::fs::read_to_string(sb.path("config/deltadoc.yaml")).unwrap();
+    sb.write("config/deltadoc.yaml", &cfg.replace("max_attempts: 1", "max_attempts: 3"));
+    std::fs::write(
+        sb.path("inbox/ceres.txt"),
+        corpus_file("contracts/CERES,INC_01_25_2012-EX-10.20-Collaboration Agreement.txt"),
+    )
+    .unwrap();
+    let running = || sb.status()["recent"].as_array().unwrap().iter().any(|j| j["state"] == "running" && j["stage"] == "summary");
+    for death in 1..=3 {
+        let mut d = sb.serve();
+        if death == 1 {
+            wait_for("the document to run", Duration::from_secs(120), || running().then_some(()));
+        } else {
+            d.wait_log("queued again", Duration::from_secs(60));
+            wait_for("the document to run again", Duration::from_secs(120), || running().then_some(()));
+        }
+        d.child.kill().unwrap();
+        d.child.wait().unwrap();
+        let job = sb.status()["recent"][0]["id"].as_i64().unwrap();
+        let record = format!("{job} 42 summary");
+        std::fs::write(sb.path("state/running"), format!("{record:<255}\n")).unwrap();
+    }
+    let d = sb.serve();
+    let (_, e) = wait_for("the quarantine entry", Duration::from_secs(60), || {
+        common::sandbox::json_files(&sb.path("quarantine/p")).into_iter().next()
+    });
+    assert_eq!((e["reason"].as_str(), e["stage"].as_str()), (Some("crashed"), Some("summary")), "{e}");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("ceres.txt") && msg.contains("3 times in a row") && msg.contains("summary after 42 model steps"),
+        "{msg}"
+    );
+    let job = &sb.status()["recent"][0];
+    assert_eq!((job["state"].as_str(), job["interruptions"].as_u64()), (Some("quarantined"), Some(2)), "{job}");
+    assert!(sb.results().is_empty());
     d.stop();
 }
 

@@ -105,6 +105,23 @@ impl InternalEvent for Prefilled<'_> {
     }
 }
 
+/// At start-up: the daemon had died under a document at the same place too many times in a row,
+/// so it goes to quarantine without another attempt.
+pub(crate) struct DocumentCrashedDaemon<'a> {
+    pub pipeline: &'a str,
+    pub source: &'a Path,
+    pub failure: &'a Failure,
+}
+
+impl InternalEvent for DocumentCrashedDaemon<'_> {
+    fn emit(self, m: &Metrics) {
+        let (p, f) = (self.pipeline, self.failure);
+        m.failures.with_label_values(&[p, f.reason.name(), &f.stage]).inc();
+        m.documents.with_label_values(&[p, "quarantined"]).inc();
+        tracing::error!("{}: quarantined ({}: {})", self.source.display(), f.reason.name(), f.message);
+    }
+}
+
 /// An attempt at a document ended: how long it took and what came of it.
 pub(crate) struct AttemptEnded<'a> {
     pub pipeline: &'a str,

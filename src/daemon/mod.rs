@@ -8,6 +8,7 @@
 //! hand-over between the threads, so a crash anywhere loses nothing: on restart running jobs
 //! are queued again and results are overwritten in place, never duplicated.
 
+mod crash_marker;
 mod events;
 mod health;
 mod http;
@@ -40,6 +41,7 @@ use crate::pipeline::{self, Context};
 use crate::progress::DocProgress;
 use crate::schedule::{Scheduler, SystemClock};
 use crate::stage::{Runner, Stop};
+use crash_marker::CrashMarker;
 use events::{ConfigReloadRefused, ConfigReloaded, InternalEvent, ModelLoaded};
 use health::Health;
 use metrics::Metrics;
@@ -71,9 +73,14 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let state_dir = cfg.daemon.state_dir.clone();
     let mut ledger = ledger::open(&state_dir)?;
-    let recovered = ledger.recover()?;
-    if recovered > 0 {
-        tracing::warn!("{recovered} document(s) were running when deltadoc last stopped; queued again");
+    let (marker, died_at) = CrashMarker::open(&state_dir)?;
+    let died_at = died_at.map(|p| (p.job, p.key()));
+    let recovery = ledger.recover(died_at.as_ref().map(|(j, k)| (*j, k.as_str())), cfg.daemon.limits.max_attempts)?;
+    if recovery.requeued > 0 {
+        tracing::warn!(
+            "{} document(s) were running when deltadoc last stopped; queued again (an interrupted attempt does not count)",
+            recovery.requeued
+        );
     }
     metrics.init_pipelines(&cfg.pipelines, &mut *ledger)?;
     let waiting: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
@@ -104,8 +111,12 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         scheduler: Scheduler::default(),
         clock: &SystemClock,
         signals,
+        marker: &marker,
         processed: 0,
     };
+    if let Some((job, place)) = recovery.crashed {
+        worker.crashed(&job, &place)?;
+    }
     let r = loop {
         match worker.run(&mut model, mode, &ingest.done) {
             Ok(Exit::Reload) => {

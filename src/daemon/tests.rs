@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use jiff::{SignedDuration, Timestamp};
 
+use super::crash_marker::CrashMarker;
 use super::health::Health;
 use super::inbox::{self, Candidate};
 use super::ingest::Ingest;
@@ -45,6 +46,7 @@ impl Clock for FakeClock {
 /// written), inbox, output, quarantine, state.
 struct Install {
     dir: tempfile::TempDir,
+    marker: CrashMarker,
     metrics: Metrics,
     health: Health,
     signals: Signals,
@@ -56,8 +58,11 @@ const CONFIG: &str = "model: {path: model}\nstate_dir: state\ndata_dir: .\nlimit
 impl Install {
     /// The installation with `pipeline_extra` in pipeline `p`, its clock at `now`.
     fn new(pipeline_extra: &str, now: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (marker, _) = CrashMarker::open(dir.path()).unwrap();
         let i = Self {
-            dir: tempfile::tempdir().unwrap(),
+            dir,
+            marker,
             metrics: Metrics::new().unwrap(),
             health: Health::new(std::time::Duration::from_secs(900)),
             signals: Signals::new(),
@@ -100,6 +105,7 @@ impl Install {
             scheduler: Scheduler::default(),
             clock: &self.clock,
             signals: &self.signals,
+            marker: &self.marker,
             processed: 0,
         }
     }

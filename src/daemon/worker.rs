@@ -10,7 +10,8 @@ use anyhow::Result;
 use jiff::Timestamp;
 
 use super::Mode;
-use super::events::{AttemptEnded, DocumentStarted, InternalEvent, Outcome, Prefilled, StepStarted};
+use super::crash_marker::CrashMarker;
+use super::events::{AttemptEnded, DocumentCrashedDaemon, DocumentStarted, InternalEvent, Outcome, Prefilled, StepStarted};
 use super::health::Health;
 use super::metrics::Metrics;
 use super::signals::Signals;
@@ -61,6 +62,8 @@ pub(crate) struct Worker<'a> {
     /// Time for schedules, backoff and queue order.
     pub clock: &'a dyn Clock,
     pub signals: &'a Signals,
+    /// Where the running job is, for the next start if this process dies under it.
+    pub marker: &'a CrashMarker,
     /// Documents run since the last start or reload.
     pub processed: usize,
 }
@@ -148,11 +151,14 @@ impl Worker<'_> {
         DocumentStarted { pipeline: p.name(), waited_s: now - job.queued_at }.emit(self.metrics);
         let show = DocProgress::new(format!("job {} {}", job.id, job.rel_path.display()));
         let started = Instant::now();
+        let marker = self.marker;
+        marker.start(job.id);
         let result = {
             let ledger = &mut self.ledger;
             let metrics = self.metrics;
             let mut on_step = |s: &str| {
                 StepStarted { step: s, progress: &show }.emit(metrics);
+                marker.step(s);
                 let _ = ledger.set_stage(job.id, s);
             };
             let health = self.health;
@@ -162,7 +168,10 @@ impl Worker<'_> {
                 shutdown: self.signals.shutdown_flag(),
                 on_step: &mut on_step,
                 on_prefill: &|n| Prefilled { tokens: n, progress: &show }.emit(metrics),
-                heartbeat: &|| health.beat(),
+                heartbeat: &|| {
+                    health.beat();
+                    marker.beat();
+                },
             };
             let mut ctx = Context { pipeline: p, limits: limits(&cfg), extraction: &self.extraction, runner };
             pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
@@ -170,6 +179,7 @@ impl Worker<'_> {
         let seconds = started.elapsed().as_secs_f64();
         let written = result.and_then(|r| {
             let out = output::result_path(&p.output, &job.rel_path);
+            marker.step("write");
             output::write_result(&out, &r).map_err(|e| Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))))?;
             Ok((r, out))
         });
@@ -189,6 +199,30 @@ impl Worker<'_> {
                 let outcome = self.fail(p, &job, &f)?;
                 AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
             }
+        }
+        marker.clear();
+        Ok(())
+    }
+
+    /// Quarantines a job the daemon died under at the same place too many times in a row
+    /// (`Ledger::recover`), without another attempt.
+    pub fn crashed(&mut self, job: &Job, place: &str) -> Result<()> {
+        let cfg = self.cfg.clone();
+        let n = cfg.daemon.limits.max_attempts.max(2);
+        let stage = place.split(" after ").next().unwrap_or(place);
+        let msg = format!(
+            "{}: deltadoc stopped {n} times in a row while processing it, each time at the same place ({place}); \
+             the document is taken to be what brings the process down",
+            job.source.display()
+        );
+        let f = Failure::new(Reason::Crashed, stage, msg);
+        match cfg.pipeline(&job.pipeline) {
+            Ok(p) => {
+                self.fail(p, job, &f)?;
+                DocumentCrashedDaemon { pipeline: p.name(), source: &job.source, failure: &f }.emit(self.metrics);
+            }
+            // Its pipeline is gone: nowhere to quarantine it, so it waits like its other jobs.
+            Err(_) => self.ledger.release(job.id)?,
         }
         Ok(())
     }

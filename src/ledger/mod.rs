@@ -69,8 +69,10 @@ pub struct Job {
     pub state: String,
     /// Stage being run, or the stage that failed.
     pub stage: Option<String>,
-    /// Attempts started.
+    /// Attempts started, not counting those interrupted by a daemon that stopped under them.
     pub attempts: u32,
+    /// Times a daemon stopped (killed, crashed, lost power) while this job was running.
+    pub interruptions: u32,
     /// When it was queued (Unix seconds).
     pub queued_at: f64,
     /// When the last attempt started.
@@ -83,6 +85,16 @@ pub struct Job {
     pub error: Option<Failure>,
     /// For skipped duplicates: the job that processed the same content.
     pub duplicate_of: Option<i64>,
+}
+
+/// What start-up found of the jobs a stopped daemon left running.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Jobs queued again.
+    pub requeued: usize,
+    /// A job the daemon died under `limit` times in a row at the same place, with the place:
+    /// left running for the caller to quarantine.
+    pub crashed: Option<(Job, String)>,
 }
 
 /// A file that became stable in an inbox.
@@ -145,8 +157,12 @@ pub struct Run {
 pub trait Ledger: Send {
     /// Where it is, for people (`status`).
     fn describe(&self) -> String;
-    /// At start-up: jobs left `running` by a crash go back to the queue (their attempt counts).
-    fn recover(&mut self) -> Result<usize>;
+    /// At start-up: jobs left `running` by a daemon that stopped under them go back to the queue
+    /// without counting the interrupted attempt. `died_at` is where the crash marker says the
+    /// daemon was (job and place, `daemon/crash_marker.rs`); a job the daemon died under
+    /// `limit` times (at least 2) in a row at the same place is handed back to be quarantined
+    /// instead.
+    fn recover(&mut self, died_at: Option<(i64, &str)>, limit: u32) -> Result<Recovery>;
     /// The content hash recorded for a file with this size and mtime, to avoid re-hashing.
     fn cached_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64) -> Result<Option<String>>;
     /// Remembers a file's hash for its size and mtime.

@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Discovery, Job, Ledger, NewJob, Run, now_s, state};
+use super::{Discovery, Job, Ledger, NewJob, Recovery, Run, now_s, state};
 use crate::failure::Failure;
 
 /// Schema version stored in the ledger; migrations run on open.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// The SQLite ledger.
 pub struct SqliteLedger {
@@ -85,13 +85,25 @@ impl SqliteLedger {
                  COMMIT;",
             )?;
         }
+        if v < 3 {
+            // Version 3: interruptions are not failed attempts; where the daemon last died under
+            // a job, and how many times in a row at that place.
+            self.conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 ALTER TABLE jobs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE jobs ADD COLUMN died_at TEXT;
+                 ALTER TABLE jobs ADD COLUMN died_in_a_row INTEGER NOT NULL DEFAULT 0;
+                 PRAGMA user_version = 3;
+                 COMMIT;",
+            )?;
+        }
         Ok(())
     }
 
     fn jobs_where(&self, clause: &str, args: impl rusqlite::Params) -> Result<Vec<Job>> {
         let sql = format!(
             "SELECT id, key, pipeline, inbox, rel_path, source, sha256, size, state, stage, attempts, queued_at,
-                    started_at, finished_at, output, error, duplicate_of FROM jobs {clause}"
+                    started_at, finished_at, output, error, duplicate_of, interruptions FROM jobs {clause}"
         );
         let mut st = self.conn.prepare_cached(&sql)?;
         let rows = st.query_map(args, |r| {
@@ -114,6 +126,7 @@ impl SqliteLedger {
                 output: r.get::<_, Option<String>>(14)?.map(PathBuf::from),
                 error: error.and_then(|e| serde_json::from_str(&e).ok()),
                 duplicate_of: r.get(16)?,
+                interruptions: r.get(17)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -129,10 +142,33 @@ impl Ledger for SqliteLedger {
         self.path.display().to_string()
     }
 
-    fn recover(&mut self) -> Result<usize> {
-        Ok(self
-            .conn
-            .execute("UPDATE jobs SET state = ?1, stage = NULL WHERE state = ?2", params![state::QUEUED, state::RUNNING])?)
+    fn recover(&mut self, died_at: Option<(i64, &str)>, limit: u32) -> Result<Recovery> {
+        let tx = self.write_tx()?;
+        let mut crashed = None;
+        if let Some((id, place)) = died_at {
+            let n = tx.execute(
+                "UPDATE jobs SET died_in_a_row = CASE WHEN died_at = ?2 THEN died_in_a_row + 1 ELSE 1 END, died_at = ?2
+                 WHERE id = ?1 AND state = ?3",
+                params![id, place, state::RUNNING],
+            )?;
+            let in_a_row: u32 =
+                if n == 1 { tx.query_row("SELECT died_in_a_row FROM jobs WHERE id = ?1", [id], |r| r.get(0))? } else { 0 };
+            // One death proves nothing: the place must repeat.
+            if in_a_row >= limit.max(2) {
+                crashed = Some((id, place.to_string()));
+            }
+        }
+        let requeued = tx.execute(
+            "UPDATE jobs SET state = ?1, stage = NULL, attempts = MAX(attempts - 1, 0), interruptions = interruptions + 1
+             WHERE state = ?2 AND id IS NOT ?3",
+            params![state::QUEUED, state::RUNNING, crashed.as_ref().map(|c| c.0)],
+        )?;
+        tx.commit()?;
+        let crashed = match crashed {
+            Some((id, place)) => self.job(id)?.map(|j| (j, place)),
+            None => None,
+        };
+        Ok(Recovery { requeued, crashed })
     }
 
     fn cached_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64) -> Result<Option<String>> {
@@ -391,12 +427,13 @@ mod tests {
         let j = l.claim(&["p"], 1.0).unwrap().unwrap();
         assert_eq!((j.id, j.attempts, j.state.as_str()), (id, 1, "running"));
         assert!(l.claim(&["p"], 1.0).unwrap().is_none());
-        // A crash leaves it running; reopening the ledger and recovering queues it again.
+        // A crash leaves it running; reopening the ledger and recovering queues it again, the
+        // interrupted attempt not counted.
         drop(l);
         let mut l = SqliteLedger::open(dir.path()).unwrap();
-        assert_eq!(l.recover().unwrap(), 1);
+        assert_eq!(l.recover(None, 3).unwrap().requeued, 1);
         let j = l.claim(&["p"], 2.0).unwrap().unwrap();
-        assert_eq!(j.attempts, 2);
+        assert_eq!((j.attempts, j.interruptions), (1, 1));
         let f = Failure::new(Reason::Timeout, "extract", "slow");
         l.failed(id, &f, Some(100.0), None, 3.0).unwrap();
         assert!(l.claim(&["p"], 50.0).unwrap().is_none(), "backoff respected");
@@ -405,6 +442,29 @@ mod tests {
         l.done(id, Path::new("/out/a.pdf.json"), 101.0).unwrap();
         assert_eq!(l.job(id).unwrap().unwrap().state, "done");
         assert!(l.oldest_queued().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_job_the_daemon_dies_under_at_the_same_place_in_a_row_is_handed_back_to_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = SqliteLedger::open(dir.path()).unwrap();
+        let inbox = Path::new("/in");
+        let Discovery::Queued(id) = l.discover(&new_job("k1", Path::new("a.pdf"), inbox)).unwrap() else { panic!() };
+        let mut deaths = |place: &str| {
+            l.claim(&["p"], 1.0).unwrap().unwrap();
+            l.recover(Some((id, place)), 3).unwrap()
+        };
+        // Kills from outside land anywhere: a new place starts the count again.
+        for place in ["summary after 5 model steps", "summary after 5 model steps", "extract after 0 model steps"] {
+            let r = deaths(place);
+            assert_eq!((r.requeued, r.crashed.is_none()), (1, true), "{place}");
+        }
+        assert_eq!(deaths("summary after 9 model steps").requeued, 1);
+        assert_eq!(deaths("summary after 9 model steps").requeued, 1);
+        let r = deaths("summary after 9 model steps");
+        let (job, place) = r.crashed.expect("the third death in a row at one place");
+        assert_eq!((r.requeued, job.id, job.state.as_str(), place.as_str()), (0, id, "running", "summary after 9 model steps"));
+        assert_eq!((job.attempts, job.interruptions), (1, 5), "interrupted attempts are not counted");
     }
 
     #[test]
@@ -450,13 +510,19 @@ mod tests {
         let inbox = Path::new("/in");
         let Discovery::Queued(id) = l.discover(&new_job("k1", Path::new("a.pdf"), inbox)).unwrap() else { panic!() };
         // Turn it back into what deltadoc 0.1 wrote.
-        l.conn.execute_batch("DROP TABLE health; PRAGMA user_version = 1;").unwrap();
+        l.conn
+            .execute_batch(
+                "DROP TABLE health; ALTER TABLE jobs DROP COLUMN interruptions; ALTER TABLE jobs DROP COLUMN died_at;
+                 ALTER TABLE jobs DROP COLUMN died_in_a_row; PRAGMA user_version = 1;",
+            )
+            .unwrap();
         drop(l);
         let mut l = SqliteLedger::open(dir.path()).unwrap();
         let v: i64 = l.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
         assert_eq!(v, SCHEMA_VERSION);
         l.probe_write(1.0).unwrap();
-        assert_eq!(l.job(id).unwrap().unwrap().state, "queued", "jobs survive the migration");
+        let j = l.job(id).unwrap().unwrap();
+        assert_eq!((j.state.as_str(), j.interruptions), ("queued", 0), "jobs survive the migration");
         // A ledger from a newer deltadoc is refused, not rewritten.
         l.conn.execute_batch("PRAGMA user_version = 99;").unwrap();
         drop(l);

@@ -168,7 +168,7 @@ fn a_document_the_daemon_dies_under_at_the_same_place_is_quarantined_as_crashed(
         d.child.kill().unwrap();
         d.child.wait().unwrap();
         let job = sb.status()["recent"][0]["id"].as_i64().unwrap();
-        let record = format!("{job} 42 summary");
+        let record = format!("{job} 42 - summary");
         std::fs::write(sb.path("state/running"), format!("{record:<255}\n")).unwrap();
     }
     let d = sb.serve();

@@ -8,6 +8,9 @@
 //! does so at the same point every time, down to the model step. So an interrupted attempt is
 //! never counted, and a job is quarantined (`crashed`) only when the daemon died under it
 //! `max_attempts` times (at least twice) in a row at the same place (`ledger::Ledger::recover`).
+//! A death while a child process decodes the document (extraction, page images) is never the
+//! document's fault: the daemon only waits then, and the child, not the daemon, would crash.
+//! The record says so, and such a death counts as an interruption only.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -28,12 +31,15 @@ pub struct Place {
     pub beats: u64,
     /// The step it was in.
     pub step: String,
+    /// A child process was decoding the document: the daemon was only waiting.
+    pub waiting: bool,
 }
 
 impl Place {
-    /// The place as the ledger keeps it: step and model steps.
-    pub fn key(&self) -> String {
-        format!("{} after {} model steps", self.step, self.beats)
+    /// The place as the ledger keeps it (step and model steps), or `None` when the daemon was
+    /// only waiting for a child there.
+    pub fn blame(&self) -> Option<String> {
+        (!self.waiting).then(|| format!("{} after {} model steps", self.step, self.beats))
     }
 }
 
@@ -57,7 +63,7 @@ impl CrashMarker {
 
     /// A job's attempt starts.
     pub fn start(&self, job: i64) {
-        *self.now.borrow_mut() = Some(Place { job, beats: 0, step: String::new() });
+        *self.now.borrow_mut() = Some(Place { job, beats: 0, step: String::new(), waiting: false });
         self.write();
     }
 
@@ -65,6 +71,14 @@ impl CrashMarker {
     pub fn step(&self, step: &str) {
         if let Some(p) = self.now.borrow_mut().as_mut() {
             p.step = step.to_string();
+        }
+        self.write();
+    }
+
+    /// A child process starts (`true`) or stops decoding the document.
+    pub fn waiting(&self, waiting: bool) {
+        if let Some(p) = self.now.borrow_mut().as_mut() {
+            p.waiting = waiting;
         }
         self.write();
     }
@@ -85,7 +99,7 @@ impl CrashMarker {
 
     fn write(&self) {
         let mut rec = match &*self.now.borrow() {
-            Some(p) => format!("{} {} {}", p.job, p.beats, p.step),
+            Some(p) => format!("{} {} {} {}", p.job, p.beats, if p.waiting { "W" } else { "-" }, p.step),
             None => String::new(),
         };
         rec.truncate(rec.floor_char_boundary(RECORD - 1));
@@ -100,10 +114,11 @@ impl CrashMarker {
 
 fn parse(bytes: &[u8]) -> Option<Place> {
     let text = std::str::from_utf8(bytes).ok()?.trim_end();
-    let mut parts = text.splitn(3, ' ');
+    let mut parts = text.splitn(4, ' ');
     let job = parts.next()?.parse().ok()?;
     let beats = parts.next()?.parse().ok()?;
-    Some(Place { job, beats, step: parts.next().unwrap_or("").to_string() })
+    let waiting = parts.next()? == "W";
+    Some(Place { job, beats, waiting, step: parts.next().unwrap_or("").to_string() })
 }
 
 #[cfg(test)]
@@ -123,11 +138,16 @@ mod tests {
         drop(m);
         let (m, left) = CrashMarker::open(dir.path()).unwrap();
         let place = left.unwrap();
-        assert_eq!(place, Place { job: 7, beats: 3, step: "summary".into() });
-        assert_eq!(place.key(), "summary after 3 model steps");
+        assert_eq!(place, Place { job: 7, beats: 3, step: "summary".into(), waiting: false });
+        assert_eq!(place.blame().as_deref(), Some("summary after 3 model steps"));
         let (_, left) = CrashMarker::open(dir.path()).unwrap();
         assert_eq!(left, None, "opening clears it");
         m.start(8);
+        m.step("transcription");
+        m.waiting(true);
+        let (m, left) = CrashMarker::open(dir.path()).unwrap();
+        assert_eq!(left.unwrap().blame(), None, "a death while a child decodes is not the document's fault");
+        m.start(9);
         m.step(&"ä".repeat(300));
         m.clear();
         assert_eq!(CrashMarker::open(dir.path()).unwrap().1, None);

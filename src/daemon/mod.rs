@@ -74,7 +74,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let state_dir = cfg.daemon.state_dir.clone();
     let mut ledger = ledger::open(&state_dir)?;
     let (marker, died_at) = CrashMarker::open(&state_dir)?;
-    let died_at = died_at.map(|p| (p.job, p.key()));
+    let died_at = died_at.and_then(|p| Some((p.job, p.blame()?)));
     let recovery = ledger.recover(died_at.as_ref().map(|(j, k)| (*j, k.as_str())), cfg.daemon.limits.max_attempts)?;
     if recovery.requeued > 0 {
         tracing::warn!(
@@ -258,6 +258,7 @@ pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::res
         on_step: &mut on_step,
         on_prefill: &|n| show.prefilled(n),
         heartbeat: &|| (),
+        on_child: &|_| (),
     };
     let mut ctx = Context { pipeline: p, limits: worker::limits(cfg), extraction: &extraction, runner };
     let rel = Path::new(file.file_name().unwrap_or(file.as_os_str()));

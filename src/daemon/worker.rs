@@ -172,6 +172,7 @@ impl Worker<'_> {
                     health.beat();
                     marker.beat();
                 },
+                on_child: &|waiting| marker.waiting(waiting),
             };
             let mut ctx = Context { pipeline: p, limits: limits(&cfg), extraction: &self.extraction, runner };
             pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
@@ -246,6 +247,7 @@ impl Worker<'_> {
             quarantined_at: output::now_rfc3339(),
             deltadoc_version: env!("CARGO_PKG_VERSION"),
         };
+        self.marker.step("quarantine");
         let move_it = p.spec.quarantine_mode == QuarantineMode::Move;
         let moved = output::quarantine(&job.source, &p.quarantine, &job.rel_path, move_it, &report);
         let now_at = moved.as_ref().map_err(|e| tracing::error!("{}: cannot quarantine: {e:#}", job.source.display())).ok();

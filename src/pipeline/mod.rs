@@ -65,7 +65,7 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     let mut books = Books::default();
     let (size, sha) = timed(&mut books, "detect", |_| detect(ctx, source, sha256))?;
     ctx.runner.step("extract");
-    let mut ex = timed(&mut books, "extract", |_| Ok(ctx.extraction.text(source)?))?;
+    let mut ex = timed(&mut books, "extract", |_| Ok(ctx.runner.in_child(|| ctx.extraction.text(source))?))?;
     books.warnings.append(&mut ex.warnings);
     ctx.runner.check("extract")?;
     read_pages(ctx, source, &mut ex, &mut books)?;

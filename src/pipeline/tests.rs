@@ -41,6 +41,7 @@ impl Doc {
             on_step: &mut |_| {},
             on_prefill: &|_| {},
             heartbeat: &|| {},
+            on_child: &|_| {},
         };
         let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget: 1 << 30 };
         let mut ctx = Context {

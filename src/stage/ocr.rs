@@ -83,9 +83,8 @@ impl PageStage for Ocr {
         let mut transcript = Vec::new();
         for page in &mut pages {
             let n = page.number;
-            let image = doc
-                .extraction
-                .page_image(source, n, DEFAULT_MAX_DECODE_PIXELS)
+            let image = runner
+                .in_child(|| doc.extraction.page_image(source, n, DEFAULT_MAX_DECODE_PIXELS))
                 .map_err(|f| Failure { stage: self.name.clone(), ..f })?
                 .image;
             let read =

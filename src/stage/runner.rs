@@ -57,12 +57,23 @@ pub struct Runner<'a> {
     /// Told at every interruption check (between steps, prefill chunks and tokens): the
     /// attempt is making progress.
     pub heartbeat: &'a dyn Fn(),
+    /// Told when a child process starts (`true`) and stops decoding the document's bytes: the
+    /// daemon only waits meanwhile, so if it dies then, the document is not to blame.
+    pub on_child: &'a dyn Fn(bool),
 }
 
 impl Runner<'_> {
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
         self.model.tokenizer()
+    }
+
+    /// Runs `f`, which waits for a child process that decodes the document's bytes.
+    pub fn in_child<T>(&self, f: impl FnOnce() -> T) -> T {
+        (self.on_child)(true);
+        let r = f();
+        (self.on_child)(false);
+        r
     }
 
     /// A step named `name` starts.

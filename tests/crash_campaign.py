@@ -8,7 +8,9 @@ Documents come from the real corpus (../shared/corpus or $DELTADOC_CORPUS: text 
 malformed files, HTML, text in several encodings) and tests/data/encodings. First a reference run
 without kills (`run --once`) says what each document should end as. Then the campaign: documents
 arrive in the inbox in waves while the daemon is SIGKILLed 0 to 3 s (sometimes 3 to 15 s) after it
-is busy with a document (every seventh stop is a SIGTERM drain instead), and restarted; the crash marker (<state>/running) says
+is busy with a document, or (every fourth kill) the moment the marker shows a short step: the
+result write, the quarantine copy, an extraction child, chunking (every seventh stop is a SIGTERM
+drain instead); then it is restarted; the crash marker (<state>/running) says
 which step each kill hit. Last, the daemon runs until every document has ended.
 
 The report counts documents with exactly one result or one quarantine entry, lost ones (neither),
@@ -211,7 +213,15 @@ def main():
         if waves and (i % every == 0 or camp.marker() == "idle"):
             for _, p in waves.pop(0):
                 shutil.copy(p, camp.root / "inbox" / p.name)
-        time.sleep(rng.uniform(0.0, 3.0) if rng.random() < 0.7 else rng.uniform(3.0, 15.0))
+        if i % 4 == 3:
+            # Aimed: the moment the marker shows a short step (the result write, the quarantine
+            # copy, an extraction child, chunking), polled every millisecond for up to 20 s.
+            target = ("write", "quarantine", "extract (a child decodes)", "chunk")[(i // 4) % 4]
+            until = time.time() + 20
+            while camp.marker() != target and time.time() < until and d.poll() is None:
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(0.0, 3.0) if rng.random() < 0.7 else rng.uniform(3.0, 15.0))
         phase = camp.marker()
         if i % 7 == 6:
             d.send_signal(signal.SIGTERM)

@@ -140,11 +140,12 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
     d.stop();
 }
 
-/// The crash rule (src/daemon/crash_marker.rs): a daemon that dies under a document at the same
-/// place `max_attempts` times in a row has found a document that brings it down, and quarantines
-/// it as `crashed` at the next start; deaths at different places are interruptions, never
-/// counted. The deaths are SIGKILLs; the crash marker is set to one place before each restart,
-/// as a document that crashes the process at the same model step would leave it.
+/// The crash rule (src/daemon/crash_marker.rs): a daemon that crashes under a document at the
+/// same place `max_attempts` times in a row has found a document that brings it down, and
+/// quarantines it as `crashed` at the next start; kills and crashes at different places are
+/// interruptions, never counted. The crashes are SIGSEGVs, which the daemon's handler marks in
+/// the crash marker; the marker's place is then set to one place before each restart, as a
+/// document that crashes the process at the same model step would leave it.
 #[test]
 fn a_document_the_daemon_dies_under_at_the_same_place_is_quarantined_as_crashed() {
     let Some(_corpus) = common::corpus() else { return };
@@ -165,11 +166,13 @@ fn a_document_the_daemon_dies_under_at_the_same_place_is_quarantined_as_crashed(
             d.wait_log("queued again", Duration::from_secs(60));
             wait_for("the document to run again", Duration::from_secs(120), || running().then_some(()));
         }
-        d.child.kill().unwrap();
+        d.signal(libc::SIGSEGV);
         d.child.wait().unwrap();
+        let marker = std::fs::read(sb.path("state/running")).unwrap();
+        assert_eq!(marker[254], b'C', "the fatal-signal handler marked the crash: {:?}", String::from_utf8_lossy(&marker));
         let job = sb.status()["recent"][0]["id"].as_i64().unwrap();
         let record = format!("{job} 42 - summary");
-        std::fs::write(sb.path("state/running"), format!("{record:<255}\n")).unwrap();
+        std::fs::write(sb.path("state/running"), format!("{record:<254}C\n")).unwrap();
     }
     let d = sb.serve();
     let (_, e) = wait_for("the quarantine entry", Duration::from_secs(60), || {

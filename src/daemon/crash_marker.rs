@@ -3,24 +3,37 @@
 //! overwritten in place without fsync (it must survive the process, not a power cut: a power
 //! cut is never the document's fault).
 //!
-//! After a crash the next start reads it to tell an interruption from a document that brings the
-//! daemon down. A kill from outside lands at a random point; a document that crashes the process
-//! does so at the same point every time, down to the model step. So an interrupted attempt is
-//! never counted, and a job is quarantined (`crashed`) only when the daemon died under it
-//! `max_attempts` times (at least twice) in a row at the same place (`ledger::Ledger::recover`).
-//! A death while a child process decodes the document (extraction, page images) is never the
-//! document's fault: the daemon only waits then, and the child, not the daemon, would crash.
-//! The record says so, and such a death counts as an interruption only.
+//! After a death the next start reads it to tell an interruption from a document that brings the
+//! daemon down. A document can only do that by making the process fault or abort (a native
+//! crash in the runtime, a stack overflow, a failed allocation): the handler [`CrashMarker::arm`]
+//! installs for those signals marks the record before the process dies. SIGKILL, SIGTERM and
+//! power cuts leave no mark. So an interrupted attempt is never counted, and a job is quarantined
+//! (`crashed`) only when the process crashed under it `max_attempts` times (at least twice) in a
+//! row at the same place, down to the model step (`ledger::Ledger::recover`). A crash while a
+//! child process decodes the document (extraction, page images) is not the document's doing
+//! either: the daemon only waits then; the record says so too.
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result};
 
 /// Bytes of the record: the step name is cut to fit.
 const RECORD: usize = 256;
+
+/// Where in the record the fatal-signal handler writes [`FAULTED`].
+const FAULT_AT: usize = RECORD - 2;
+const FAULTED: u8 = b'C';
+
+/// The marker's file descriptor, for the signal handler (-1 until armed).
+static FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The signals a crash ends the process with.
+const FATAL: [libc::c_int; 5] = [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGABRT];
 
 /// Where a job was when the daemon last wrote the marker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,13 +46,15 @@ pub struct Place {
     pub step: String,
     /// A child process was decoding the document: the daemon was only waiting.
     pub waiting: bool,
+    /// The process died of a fatal signal (a crash), not of a kill or a power cut.
+    pub crashed: bool,
 }
 
 impl Place {
-    /// The place as the ledger keeps it (step and model steps), or `None` when the daemon was
-    /// only waiting for a child there.
+    /// The place as the ledger keeps it (step and model steps) when the process crashed there
+    /// while working on the document itself; `None` for a kill, or while a child decoded.
     pub fn blame(&self) -> Option<String> {
-        (!self.waiting).then(|| format!("{} after {} model steps", self.step, self.beats))
+        (self.crashed && !self.waiting).then(|| format!("{} after {} model steps", self.step, self.beats))
     }
 }
 
@@ -61,9 +76,19 @@ impl CrashMarker {
         Ok((m, left))
     }
 
+    /// Installs the handler that marks the record when the process dies of a fatal signal. The
+    /// marker must outlive the process's work: the daemon's does.
+    pub fn arm(&self) {
+        FD.store(self.file.as_raw_fd(), Ordering::SeqCst);
+        for sig in FATAL {
+            // SAFETY: the handler only calls async-signal-safe functions (pwrite, signal, raise).
+            unsafe { libc::signal(sig, on_fatal as *const () as libc::sighandler_t) };
+        }
+    }
+
     /// A job's attempt starts.
     pub fn start(&self, job: i64) {
-        *self.now.borrow_mut() = Some(Place { job, beats: 0, step: String::new(), waiting: false });
+        *self.now.borrow_mut() = Some(Place { job, beats: 0, step: String::new(), waiting: false, crashed: false });
         self.write();
     }
 
@@ -102,10 +127,12 @@ impl CrashMarker {
             Some(p) => format!("{} {} {} {}", p.job, p.beats, if p.waiting { "W" } else { "-" }, p.step),
             None => String::new(),
         };
-        rec.truncate(rec.floor_char_boundary(RECORD - 1));
+        rec.truncate(rec.floor_char_boundary(FAULT_AT - 1));
         let mut bytes = rec.into_bytes();
         bytes.resize(RECORD - 1, b' ');
         bytes.push(b'\n');
+        // The handler's mark stays only for a death: any write after it means the process lived.
+        bytes[FAULT_AT] = b' ';
         if let Err(e) = self.file.write_at(&bytes, 0) {
             tracing::warn!("{}: cannot update the crash marker: {e}", self.path.display());
         }
@@ -113,12 +140,29 @@ impl CrashMarker {
 }
 
 fn parse(bytes: &[u8]) -> Option<Place> {
-    let text = std::str::from_utf8(bytes).ok()?.trim_end();
+    let text = std::str::from_utf8(&bytes[..bytes.len().min(FAULT_AT)]).ok()?.trim_end();
     let mut parts = text.splitn(4, ' ');
     let job = parts.next()?.parse().ok()?;
     let beats = parts.next()?.parse().ok()?;
     let waiting = parts.next()? == "W";
-    Some(Place { job, beats, waiting, step: parts.next().unwrap_or("").to_string() })
+    let crashed = bytes.get(FAULT_AT) == Some(&FAULTED);
+    Some(Place { job, beats, waiting, crashed, step: parts.next().unwrap_or("").to_string() })
+}
+
+/// Marks the record, then lets the signal end the process with its default action (a core
+/// dump): the mark is all this handler adds.
+extern "C" fn on_fatal(sig: libc::c_int) {
+    let fd = FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: pwrite is async-signal-safe; the buffer is a static byte.
+        unsafe { libc::pwrite(fd, [FAULTED].as_ptr().cast(), 1, FAULT_AT as libc::off_t) };
+    }
+    // SAFETY: signal and raise are async-signal-safe. The raised signal stays pending until this
+    // handler returns; then the default action ends the process, for a fault as for a kill(2).
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
 }
 
 #[cfg(test)]
@@ -136,17 +180,22 @@ mod tests {
             m.beat();
         }
         drop(m);
+        let record = dir.path().join("running");
+        let place = parse(&std::fs::read(&record).unwrap()).unwrap();
+        assert_eq!(place, Place { job: 7, beats: 3, step: "summary".into(), waiting: false, crashed: false });
+        assert_eq!(place.blame(), None, "a kill leaves no mark: never the document's fault");
+        // What the fatal-signal handler writes before the process dies.
+        std::fs::OpenOptions::new().write(true).open(&record).unwrap().write_at(&[FAULTED], FAULT_AT as u64).unwrap();
         let (m, left) = CrashMarker::open(dir.path()).unwrap();
-        let place = left.unwrap();
-        assert_eq!(place, Place { job: 7, beats: 3, step: "summary".into(), waiting: false });
-        assert_eq!(place.blame().as_deref(), Some("summary after 3 model steps"));
+        assert_eq!(left.unwrap().blame().as_deref(), Some("summary after 3 model steps"));
         let (_, left) = CrashMarker::open(dir.path()).unwrap();
         assert_eq!(left, None, "opening clears it");
         m.start(8);
         m.step("transcription");
         m.waiting(true);
+        std::fs::OpenOptions::new().write(true).open(&record).unwrap().write_at(&[FAULTED], FAULT_AT as u64).unwrap();
         let (m, left) = CrashMarker::open(dir.path()).unwrap();
-        assert_eq!(left.unwrap().blame(), None, "a death while a child decodes is not the document's fault");
+        assert_eq!(left.unwrap().blame(), None, "a crash while a child decodes is not the document's fault");
         m.start(9);
         m.step(&"ä".repeat(300));
         m.clear();

@@ -74,6 +74,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let state_dir = cfg.daemon.state_dir.clone();
     let mut ledger = ledger::open(&state_dir)?;
     let (marker, died_at) = CrashMarker::open(&state_dir)?;
+    marker.arm();
     let died_at = died_at.and_then(|p| Some((p.job, p.blame()?)));
     let recovery = ledger.recover(died_at.as_ref().map(|(j, k)| (*j, k.as_str())), cfg.daemon.limits.max_attempts)?;
     if recovery.requeued > 0 {

@@ -4,9 +4,9 @@
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]
 #
-# Seeds: the committed minimised corpus (fuzz/corpus/TARGET), plus, on the first run of a target,
-# the real documents of ../shared/corpus or $DELTADOC_CORPUS and the repository's own pipelines,
-# schemas and test files. New inputs go to fuzz/work/TARGET (ignored by git); `fuzz/run.sh
+# Seeds: the committed minimised corpus (fuzz/corpus/TARGET, its smallest 300 inputs within 512 KiB), plus, on the
+# first run of a target, the real documents of ../shared/corpus or $DELTADOC_CORPUS and the
+# repository's own pipelines, schemas and test files. New inputs go to fuzz/work/TARGET (ignored by git); `fuzz/run.sh
 # --minimise` folds them back into fuzz/corpus. A crash, hang or out-of-memory input is written to
 # fuzz/artifacts/TARGET and makes the script exit 1.
 set -euo pipefail
@@ -60,8 +60,15 @@ for t in "${targets[@]}"; do
   work="work/$t"
   seed "$t" "$work"
   if [ $minimise = 1 ]; then
-    rm -rf "corpus/$t.new" && mkdir -p "corpus/$t.new"
-    cargo fuzz cmin --sanitizer none -O "$t" "corpus/$t.new" -- "$work" >/dev/null 2>&1
+    rm -rf "corpus/$t.new" && cp -r "$work" "corpus/$t.new"
+    # Minimised in place: what covers no new feature goes.
+    cargo fuzz cmin --sanitizer none -O "$t" "corpus/$t.new" >/dev/null 2>&1
+    # What the repository keeps of it: the smallest inputs, at most 300 and 512 KiB a target.
+    # The real documents the rest grew from seed every first run again.
+    ls -rS "corpus/$t.new" | awk -v dir="corpus/$t.new" 'BEGIN { budget = 524288; kept = 0 }
+      { cmd = "stat -c %s \"" dir "/" $0 "\""; cmd | getline size; close(cmd)
+        if (kept < 300 && budget >= size) { budget -= size; kept++ } else print dir "/" $0 }' |
+      while read -r f; do rm -f "$f"; done
     rm -rf "corpus/$t" && mv "corpus/$t.new" "corpus/$t"
     echo "$t: minimised corpus $(ls "corpus/$t" | wc -l) files, $(du -sh "corpus/$t" | cut -f1)"
     continue

@@ -169,8 +169,8 @@ pub trait Ledger: Send {
     fn remember_hash(&mut self, pipeline: &str, path: &Path, size: u64, mtime_ns: i64, sha256: &str) -> Result<()>;
     /// Records a stable file: a new job, a known one, or a duplicate.
     fn discover(&mut self, job: &NewJob) -> Result<Discovery>;
-    /// Claims the next runnable job of one of `pipelines` (priority, then age); marks it running
-    /// and counts the attempt.
+    /// Claims the next runnable job of one of `pipelines` (priority, then the fewest
+    /// interruptions, then age); marks it running and counts the attempt.
     fn claim(&mut self, pipelines: &[&str], now: f64) -> Result<Option<Job>>;
     /// Notes the stage a running job is in.
     fn set_stage(&mut self, id: i64, stage: &str) -> Result<()>;

@@ -250,7 +250,7 @@ impl Ledger for SqliteLedger {
             .query_row(
                 "SELECT id FROM jobs WHERE pipeline IN (SELECT value FROM json_each(?2)) AND
                    (state = ?3 OR (state = ?4 AND not_before <= ?1))
-                 ORDER BY priority DESC, queued_at, id LIMIT 1",
+                 ORDER BY priority DESC, interruptions, queued_at, id LIMIT 1",
                 params![now, serde_json::to_string(pipelines)?, state::QUEUED, state::RETRY_WAIT],
                 |r| r.get(0),
             )
@@ -434,6 +434,13 @@ mod tests {
         assert_eq!(l.recover(None, 3).unwrap().requeued, 1);
         let j = l.claim(&["p"], 2.0).unwrap().unwrap();
         assert_eq!((j.attempts, j.interruptions), (1, 1));
+        // An interrupted job waits behind the others of its priority, so that one the daemon
+        // keeps dying under does not hold up the queue.
+        let Discovery::Queued(b) = l.discover(&new_job("k2", Path::new("b.pdf"), inbox)).unwrap() else { panic!() };
+        l.release(id).unwrap();
+        assert_eq!(l.claim(&["p"], 2.0).unwrap().unwrap().id, b);
+        l.done(b, Path::new("/out/b.pdf.json"), 2.0).unwrap();
+        assert_eq!(l.claim(&["p"], 2.0).unwrap().unwrap().id, id);
         let f = Failure::new(Reason::Timeout, "extract", "slow");
         l.failed(id, &f, Some(100.0), None, 3.0).unwrap();
         assert!(l.claim(&["p"], 50.0).unwrap().is_none(), "backoff respected");

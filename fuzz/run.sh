@@ -60,7 +60,7 @@ for t in "${targets[@]}"; do
   work="work/$t"
   seed "$t" "$work"
   if [ $minimise = 1 ]; then
-    rm -rf "corpus/$t.new" && cp -r "$work" "corpus/$t.new"
+    mkdir -p corpus && rm -rf "corpus/$t.new" && cp -r "$work" "corpus/$t.new"
     # Minimised in place: what covers no new feature goes.
     cargo fuzz cmin --sanitizer none -O "$t" "corpus/$t.new" >/dev/null 2>&1
     # What the repository keeps of it: the smallest inputs, at most 300 and 512 KiB a target.

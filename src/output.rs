@@ -177,15 +177,29 @@ pub(crate) fn result_path(output: &Path, rel: &Path) -> PathBuf {
     output.join(name)
 }
 
-/// Writes `bytes` to `path` atomically: readers see the old file or the whole new one.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().context("result path has no folder")?;
+/// The temporary file `path` is written to before it is renamed into place, in the same folder.
+/// Temporary files of `path` that a killed process left behind go first: the job that owns
+/// `path` is the only writer of it, so they are its own earlier, interrupted attempts.
+fn temp_beside(path: &Path) -> Result<(PathBuf, &Path)> {
+    let dir = path.parent().context("the path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    let name = path.file_name().context("result path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let name = path.file_name().context("the path has no file name")?.to_string_lossy();
+    let prefix = format!(".{name}.tmp-");
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok((dir.join(format!("{prefix}{}", std::process::id())), dir))
+}
+
+/// Fills the temporary file with `fill`, syncs it, renames it to `path` and syncs the folder:
+/// readers see the old file or the whole new one, even after a kill or a power cut.
+fn replace_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
+    let (tmp, dir) = temp_beside(path)?;
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        fill(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         // The rename is durable only once the folder itself is synced.
@@ -197,11 +211,24 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })
 }
 
+/// Writes `bytes` to `path` atomically: readers see the old file or the whole new one.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_atomically(path, |f| f.write_all(bytes))
+}
+
 /// Writes a result as pretty JSON.
 pub(crate) fn write_result(path: &Path, r: &DocResult) -> Result<()> {
     let mut bytes = serde_json::to_vec_pretty(r)?;
     bytes.push(b'\n');
     write_atomic(path, &bytes)
+}
+
+/// Copies `src` to `dest` through a temporary file: a kill mid-copy leaves no partial copy under
+/// the document's name.
+fn copy_atomically(src: &Path, dest: &Path) -> Result<()> {
+    let mut from = std::fs::File::open(src).with_context(|| format!("{}: cannot open", src.display()))?;
+    replace_atomically(dest, |to| std::io::copy(&mut from, to).map(drop))
+        .with_context(|| format!("{}: cannot copy to {}", src.display(), dest.display()))
 }
 
 /// Moves (or copies) a failed document into `quarantine` mirroring `rel`, and writes
@@ -223,12 +250,11 @@ pub(crate) fn quarantine(src: &Path, quarantine: &Path, rel: &Path, move_it: boo
         if move_it {
             if std::fs::rename(src, &dest).is_err() {
                 // Another filesystem: copy, sync, then remove the original.
-                std::fs::copy(src, &dest).with_context(|| format!("{}: cannot copy to {}", src.display(), dest.display()))?;
-                std::fs::File::open(&dest)?.sync_all()?;
+                copy_atomically(src, &dest)?;
                 std::fs::remove_file(src).with_context(|| format!("{}: cannot remove after copy", src.display()))?;
             }
         } else {
-            std::fs::copy(src, &dest).with_context(|| format!("{}: cannot copy to {}", src.display(), dest.display()))?;
+            copy_atomically(src, &dest)?;
         }
     }
     let mut err = dest.clone().into_os_string();
@@ -249,4 +275,27 @@ fn same_file_content(a: &Path, b: &Path) -> bool {
 /// Current time in RFC 3339 (UTC).
 pub(crate) fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_write_leaves_nothing_behind_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.pdf.json");
+        // What a process killed between create and rename leaves.
+        std::fs::write(dir.path().join(".a.pdf.json.tmp-4242"), b"{\"half").unwrap();
+        std::fs::write(dir.path().join(".b.pdf.json.tmp-4242"), b"another file's").unwrap();
+        write_atomic(&path, b"{}\n").unwrap();
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, [".b.pdf.json.tmp-4242", "a.pdf.json"], "only this file's leftovers go");
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
+        let copy = dir.path().join("q/a.pdf");
+        copy_atomically(&path, &copy).unwrap();
+        assert_eq!(std::fs::read(&copy).unwrap(), b"{}\n");
+    }
 }

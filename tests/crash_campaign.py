@@ -14,8 +14,8 @@ drain instead); then it is restarted; the crash marker (<state>/running) says
 which step each kill hit. Last, the daemon runs until every document has ended.
 
 The report counts documents with exactly one result or one quarantine entry, lost ones (neither),
-duplicated ones (both, or two results), partial results (unreadable JSON) and leftover temp
-files, checks the ledger with `PRAGMA integrity_check`, and lists documents whose outcome differs
+duplicated ones (both, or two results), partial ones (unreadable JSON, a quarantine copy that is
+not the whole document or not the only one) and leftover temp files, checks the ledger with `PRAGMA integrity_check`, and lists documents whose outcome differs
 from the reference run (quarantined only because of the kills). It exits 1 if any of those is not
 zero. The crash rule the daemon follows is in src/daemon/crash_marker.rs.
 """
@@ -257,6 +257,13 @@ def main():
     lost = [n for n, (r, q, _) in got.items() if r == 0 and not q]
     duplicated = [n for n, (r, q, _) in got.items() if r > 1 or (r and q)]
     partial = [n for n, (_, _, p) in got.items() if p]
+    # A quarantined document's copy is whole, and there is one copy.
+    for _, p in docs:
+        if got[p.name][1]:
+            copies = sorted((camp.root / "quarantine").glob(p.name + "*"))
+            copies = [c for c in copies if not c.name.endswith(".error.json")]
+            if [c.name for c in copies] != [p.name] or copies[0].read_bytes() != p.read_bytes():
+                partial.append(f"{p.name} (quarantine copies: {[c.name for c in copies]})")
     changed = {n: {"reference": expected[n][1] or "result", "campaign": got[n][1] or "result"}
                for n in names if (expected[n][1] or "result") != (got[n][1] or "result")}
     con = sqlite3.connect(camp.root / "state/ledger.sqlite3")

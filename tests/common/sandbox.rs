@@ -2,6 +2,7 @@
 //! tiny random-weight model shared by all tests of a binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -117,7 +118,17 @@ context: {{max_tokens: {max_tokens}, overlap: 64}}
 
     /// Starts `deltadoc serve`; returns the process and the metrics URL's address.
     pub fn serve(&self) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deltadoc"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltadoc"));
+        // Tests crash the daemon on purpose (tests/daemon.rs): no core file in the checkout.
+        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(["serve", "--config", self.path("config/deltadoc.yaml").to_str().unwrap()])
             .env("DELTADOC_LOG", "info")
             .stdin(Stdio::null())

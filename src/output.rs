@@ -177,26 +177,15 @@ pub(crate) fn result_path(output: &Path, rel: &Path) -> PathBuf {
     output.join(name)
 }
 
-/// The temporary file `path` is written to before it is renamed into place, in the same folder.
-/// Temporary files of `path` that a killed process left behind go first: the job that owns
-/// `path` is the only writer of it, so they are its own earlier, interrupted attempts.
-fn temp_beside(path: &Path) -> Result<(PathBuf, &Path)> {
+/// Fills a temporary file beside `path` with `fill`, syncs it, renames it to `path` and syncs
+/// the folder: readers see the old file or the whole new one, even after a kill or a power cut.
+/// The temporary file's name is fixed (`.<name>.tmp`): the job that owns `path` is its only
+/// writer, so a temporary file a killed attempt left behind is simply overwritten by the next.
+fn replace_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().context("the path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
     let name = path.file_name().context("the path has no file name")?.to_string_lossy();
-    let prefix = format!(".{name}.tmp-");
-    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-    Ok((dir.join(format!("{prefix}{}", std::process::id())), dir))
-}
-
-/// Fills the temporary file with `fill`, syncs it, renames it to `path` and syncs the folder:
-/// readers see the old file or the whole new one, even after a kill or a power cut.
-fn replace_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
-    let (tmp, dir) = temp_beside(path)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         fill(&mut f)?;
@@ -286,13 +275,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.pdf.json");
         // What a process killed between create and rename leaves.
-        std::fs::write(dir.path().join(".a.pdf.json.tmp-4242"), b"{\"half").unwrap();
-        std::fs::write(dir.path().join(".b.pdf.json.tmp-4242"), b"another file's").unwrap();
+        std::fs::write(dir.path().join(".a.pdf.json.tmp"), b"{\"half").unwrap();
+        std::fs::write(dir.path().join(".b.pdf.json.tmp"), b"another file's").unwrap();
         write_atomic(&path, b"{}\n").unwrap();
         let mut names: Vec<String> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
-        assert_eq!(names, [".b.pdf.json.tmp-4242", "a.pdf.json"], "only this file's leftovers go");
+        assert_eq!(names, [".b.pdf.json.tmp", "a.pdf.json"], "only this file's leftovers go");
         assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
         let copy = dir.path().join("q/a.pdf");
         copy_atomically(&path, &copy).unwrap();

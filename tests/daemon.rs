@@ -134,7 +134,7 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
     let leftovers: Vec<_> = std::fs::read_dir(sb.path("out/p"))
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "no temp files left in the output folder");
     d.stop();

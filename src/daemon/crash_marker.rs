@@ -54,7 +54,13 @@ impl Place {
     /// The place as the ledger keeps it (step and model steps) when the process crashed there
     /// while working on the document itself; `None` for a kill, or while a child decoded.
     pub fn blame(&self) -> Option<String> {
-        (self.crashed && !self.waiting).then(|| format!("{} after {} model steps", self.step, self.beats))
+        (self.crashed && !self.waiting).then(|| self.to_string())
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} after {} model steps", self.step, self.beats)
     }
 }
 

@@ -75,8 +75,8 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let mut ledger = ledger::open(&state_dir)?;
     let (marker, died_at) = CrashMarker::open(&state_dir)?;
     marker.arm();
-    let died_at = died_at.and_then(|p| Some((p.job, p.blame()?)));
-    let recovery = ledger.recover(died_at.as_ref().map(|(j, k)| (*j, k.as_str())), cfg.daemon.limits.max_attempts)?;
+    let blamed = died_at.as_ref().and_then(|p| Some((p.job, p.blame()?)));
+    let recovery = ledger.recover(blamed.as_ref().map(|(j, k)| (*j, k.as_str())), cfg.daemon.limits.max_attempts)?;
     if recovery.requeued > 0 {
         tracing::warn!(
             "{} document(s) were running when deltadoc last stopped; queued again (an interrupted attempt does not count)",
@@ -115,8 +115,8 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         marker: &marker,
         processed: 0,
     };
-    if let Some((job, place)) = recovery.crashed {
-        worker.crashed(&job, &place)?;
+    if let (Some((job, in_a_row)), Some(place)) = (recovery.crashed, &died_at) {
+        worker.crashed(&job, place, in_a_row)?;
     }
     let r = loop {
         match worker.run(&mut model, mode, &ingest.done) {

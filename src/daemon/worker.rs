@@ -10,7 +10,7 @@ use anyhow::Result;
 use jiff::Timestamp;
 
 use super::Mode;
-use super::crash_marker::CrashMarker;
+use super::crash_marker::{CrashMarker, Place};
 use super::events::{AttemptEnded, DocumentCrashedDaemon, DocumentStarted, InternalEvent, Outcome, Prefilled, StepStarted};
 use super::health::Health;
 use super::metrics::Metrics;
@@ -207,16 +207,14 @@ impl Worker<'_> {
 
     /// Quarantines a job the daemon died under at the same place too many times in a row
     /// (`Ledger::recover`), without another attempt.
-    pub fn crashed(&mut self, job: &Job, place: &str) -> Result<()> {
+    pub fn crashed(&mut self, job: &Job, place: &Place, in_a_row: u32) -> Result<()> {
         let cfg = self.cfg.clone();
-        let n = cfg.daemon.limits.max_attempts.max(2);
-        let stage = place.split(" after ").next().unwrap_or(place);
         let msg = format!(
-            "{}: deltadoc stopped {n} times in a row while processing it, each time at the same place ({place}); \
+            "{}: deltadoc stopped {in_a_row} times in a row while processing it, each time at the same place ({place}); \
              the document is taken to be what brings the process down",
             job.source.display()
         );
-        let f = Failure::new(Reason::Crashed, stage, msg);
+        let f = Failure::new(Reason::Crashed, place.step.clone(), msg);
         match cfg.pipeline(&job.pipeline) {
             Ok(p) => {
                 self.fail(p, job, &f)?;

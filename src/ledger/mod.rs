@@ -92,9 +92,9 @@ pub struct Job {
 pub struct Recovery {
     /// Jobs queued again.
     pub requeued: usize,
-    /// A job the daemon died under `limit` times in a row at the same place, with the place:
-    /// left running for the caller to quarantine.
-    pub crashed: Option<(Job, String)>,
+    /// A job the daemon died under at the same place `limit` times (at least 2) in a row, with
+    /// that count: left running for the caller to quarantine.
+    pub crashed: Option<(Job, u32)>,
 }
 
 /// A file that became stable in an inbox.

@@ -155,7 +155,7 @@ impl Ledger for SqliteLedger {
                 if n == 1 { tx.query_row("SELECT died_in_a_row FROM jobs WHERE id = ?1", [id], |r| r.get(0))? } else { 0 };
             // One death proves nothing: the place must repeat.
             if in_a_row >= limit.max(2) {
-                crashed = Some((id, place.to_string()));
+                crashed = Some((id, in_a_row));
             }
         }
         let requeued = tx.execute(
@@ -165,7 +165,7 @@ impl Ledger for SqliteLedger {
         )?;
         tx.commit()?;
         let crashed = match crashed {
-            Some((id, place)) => self.job(id)?.map(|j| (j, place)),
+            Some((id, in_a_row)) => self.job(id)?.map(|j| (j, in_a_row)),
             None => None,
         };
         Ok(Recovery { requeued, crashed })
@@ -469,8 +469,8 @@ mod tests {
         assert_eq!(deaths("summary after 9 model steps").requeued, 1);
         assert_eq!(deaths("summary after 9 model steps").requeued, 1);
         let r = deaths("summary after 9 model steps");
-        let (job, place) = r.crashed.expect("the third death in a row at one place");
-        assert_eq!((r.requeued, job.id, job.state.as_str(), place.as_str()), (0, id, "running", "summary after 9 model steps"));
+        let (job, in_a_row) = r.crashed.expect("the third death in a row at one place");
+        assert_eq!((r.requeued, job.id, job.state.as_str(), in_a_row), (0, id, "running", 3));
         assert_eq!((job.attempts, job.interruptions), (1, 5), "interrupted attempts are not counted");
     }
 

@@ -78,4 +78,9 @@ impl Failure {
     pub fn new(reason: Reason, stage: impl Into<String>, message: impl Into<String>) -> Self {
         Self { reason, stage: stage.into(), message: message.into() }
     }
+
+    /// The message and the reason, as the commands print a document that failed.
+    pub fn brief(&self) -> String {
+        format!("{} ({})", self.message, self.reason.name())
+    }
 }

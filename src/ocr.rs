@@ -58,7 +58,7 @@ impl<M: TextModel> Reader<M> {
     /// layer given as is. A page that cannot be read gets its reason; the file only fails as a
     /// whole when it cannot be opened at all.
     pub fn read_file(&mut self, path: &Path, mut on_page: impl FnMut(&PageText)) -> Result<Vec<PageText>> {
-        let ex = self.extraction.text(path).map_err(|f| anyhow!("{} ({})", f.message, f.reason.name()))?;
+        let ex = self.extraction.text(path).map_err(|f| anyhow!(f.brief()))?;
         if ex.mime != "application/pdf" && !ex.mime.starts_with("image/") {
             bail!("{}: not an image or a PDF ({})", path.display(), ex.mime);
         }
@@ -79,7 +79,7 @@ impl<M: TextModel> Reader<M> {
     fn read_page(&mut self, path: &Path, n: u32, label: &str, why: Option<String>) -> PageText {
         let read = match self.extraction.page_image(path, n, self.max_decode_pixels) {
             Ok(pi) => self.model.transcribe(&pi.image, label, &self.opts, &|| Ok(())).map(|t| (t.text, pi.note)),
-            Err(f) => Err(anyhow!("{} ({})", f.message, f.reason.name())),
+            Err(f) => Err(anyhow!(f.brief())),
         };
         match read {
             Ok((text, note)) => PageText { page: n, method: "ocr", text: Ok(text), note: note.or(why) },

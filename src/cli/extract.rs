@@ -53,7 +53,7 @@ pub(super) fn run(a: ExtractArgs) -> Result<Outcome> {
             Ok(Outcome::Success)
         }
         Err(f) => {
-            super::error_line(format_args!("{} ({})", f.message, f.reason.name()));
+            super::error_line(f.brief());
             Ok(Outcome::DocumentFailed)
         }
     }

@@ -210,7 +210,7 @@ fn logits_of_messages(model: &Path, messages: &Path, images: ImageArgs, out: &Pa
     let extraction = Extraction::Isolated(Isolation::with_defaults()?);
     let load = |p: &Path| {
         let page = extraction.page_image(p, 1, images.max_decode_pixels);
-        page.map(|pi| pi.image).map_err(|f| anyhow!("{} ({})", f.message, f.reason.name()))
+        page.map(|pi| pi.image).map_err(|f| anyhow!(f.brief()))
     };
     let prompt = prompt::build(&m.tokenizer()?, enc.config(), &msgs, false, &images.options(), &load)?;
     let mut dec = Decoder::open(&m, &opts)?;

@@ -68,7 +68,7 @@ pub(crate) fn page_child(path: &Path, page: u32, cap: u64) -> anyhow::Result<()>
 
 /// Page `page` of `path` composed in this process (the child's work).
 fn compose_page(path: &Path, page: u32, cap: u64) -> Result<PageImage, Failure> {
-    let bytes = std::fs::read(path).map_err(|e| Failure::new(Reason::Io, "extract", format!("{}: {e}", path.display())))?;
+    let bytes = super::read(path)?;
     let mime = super::detect_mime(path, &bytes).unwrap_or("");
     let images = PageImages::from_bytes(bytes, mime)
         .map_err(|(reason, e)| Failure::new(reason, "extract", format!("{}: {e}", path.display())))?;

@@ -100,8 +100,12 @@ pub(crate) fn detect_mime(path: &Path, bytes: &[u8]) -> Option<&'static str> {
 /// Extracts the text of one file (in this process: call it through [`isolated`] for untrusted
 /// input).
 pub(crate) fn extract_file(path: &Path, limits: ExtractLimits) -> Result<Extracted, Failure> {
-    let bytes = std::fs::read(path).map_err(|e| Failure::new(Reason::Io, "extract", format!("{}: {e}", path.display())))?;
-    extract_bytes(path, &bytes, limits)
+    extract_bytes(path, &read(path)?, limits)
+}
+
+/// The bytes of the document at `path`.
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure::new(Reason::Io, "extract", format!("{}: {e}", path.display())))
 }
 
 /// Extracts from bytes already read; `path` names the file in errors and gives the extension.

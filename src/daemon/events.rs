@@ -116,8 +116,7 @@ pub(crate) struct DocumentCrashedDaemon<'a> {
 impl InternalEvent for DocumentCrashedDaemon<'_> {
     fn emit(self, m: &Metrics) {
         let (p, f) = (self.pipeline, self.failure);
-        m.failures.with_label_values(&[p, f.reason.name(), &f.stage]).inc();
-        m.documents.with_label_values(&[p, "quarantined"]).inc();
+        count_quarantined(m, p, f);
         tracing::error!("{}: quarantined ({}: {})", self.source.display(), f.reason.name(), f.message);
     }
 }
@@ -161,14 +160,19 @@ impl InternalEvent for AttemptEnded<'_> {
                 format!("failed ({}: {}); retry {next} of {max} in {wait_s:.0} s", f.reason.name(), f.message)
             }
             Outcome::Quarantined { failure: f } => {
-                m.failures.with_label_values(&[p, f.reason.name(), &f.stage]).inc();
-                m.documents.with_label_values(&[p, "quarantined"]).inc();
+                count_quarantined(m, p, f);
                 format!("quarantined ({}: {})", f.reason.name(), f.message)
             }
             Outcome::Interrupted => "interrupted; queued again".into(),
         };
         self.progress.finish(&line);
     }
+}
+
+/// A document of pipeline `p` went to quarantine for `f`.
+fn count_quarantined(m: &Metrics, p: &str, f: &Failure) {
+    m.failures.with_label_values(&[p, f.reason.name(), &f.stage]).inc();
+    m.documents.with_label_values(&[p, "quarantined"]).inc();
 }
 
 /// What a result tells the metrics: step times, pages, sizes, tokens, model time, state.

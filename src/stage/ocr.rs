@@ -76,9 +76,6 @@ impl PageStage for Ocr {
         };
         let mut pages: Vec<_> = doc.pages.iter_mut().filter(|p| p.method == Method::Ocr).collect();
         let mut result = StageResult::default();
-        if pages.is_empty() {
-            return Ok(result);
-        }
         let stem = source.file_stem().unwrap_or_default().to_string_lossy().into_owned();
         let mut transcript = Vec::new();
         for page in &mut pages {

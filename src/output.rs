@@ -196,7 +196,7 @@ fn replace_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std:
     };
     write().map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("{}: cannot write: {e}", path.display())
+        anyhow::Error::new(e).context(format!("{}: cannot write", path.display()))
     })
 }
 
@@ -235,6 +235,13 @@ pub(crate) fn quarantine(src: &Path, quarantine: &Path, rel: &Path, move_it: boo
         dest = PathBuf::from(name);
         n += 1;
     }
+    // The error JSON first: a call that fails after it (a full disk, a kill) is simply made
+    // again, and finds the same `dest` free because the document is not there yet.
+    let mut err = dest.clone().into_os_string();
+    err.push(".error.json");
+    let mut bytes = serde_json::to_vec_pretty(report)?;
+    bytes.push(b'\n');
+    write_atomic(Path::new(&err), &bytes)?;
     if src.exists() && src != dest {
         if move_it {
             if std::fs::rename(src, &dest).is_err() {
@@ -246,11 +253,6 @@ pub(crate) fn quarantine(src: &Path, quarantine: &Path, rel: &Path, move_it: boo
             copy_atomically(src, &dest)?;
         }
     }
-    let mut err = dest.clone().into_os_string();
-    err.push(".error.json");
-    let mut bytes = serde_json::to_vec_pretty(report)?;
-    bytes.push(b'\n');
-    write_atomic(Path::new(&err), &bytes)?;
     Ok(dest)
 }
 

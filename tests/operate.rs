@@ -33,7 +33,7 @@ fn readyz_turns_503_naming_a_vanished_inbox_and_200_when_it_returns() {
     wait_for("ready", Duration::from_secs(120), || (readyz(&d).0 == 200).then_some(()));
     let (_, r) = readyz(&d);
     let checks: BTreeSet<&str> = r["checks"].as_array().unwrap().iter().map(|c| c["check"].as_str().unwrap()).collect();
-    assert_eq!(checks, BTreeSet::from(["inbox", "ledger", "model", "worker"]), "{r}");
+    assert_eq!(checks, BTreeSet::from(["inbox", "ledger", "model", "storage", "worker"]), "{r}");
 
     // An unmounted share looks like this: the folder is gone.
     std::fs::rename(sb.path("inbox"), sb.path("inbox-away")).unwrap();

@@ -5,9 +5,12 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
+use super::health::Health;
 use super::inbox::Seen;
 use super::metrics::Metrics;
+use super::storage::Folder;
 use crate::extract::Method;
 use crate::failure::Failure;
 use crate::ledger::{Discovery, now_s, state};
@@ -258,6 +261,60 @@ impl InternalEvent for ConfigReloadRefused<'_> {
     fn emit(self, m: &Metrics) {
         m.config_reloads.with_label_values(&["failed"]).inc();
         tracing::error!("reload refused, the running configuration stays: {:#}", self.error);
+    }
+}
+
+/// A write the storage refused (`daemon/storage.rs`): held, tried again after `retry_in`.
+pub(crate) struct WritesBlocked<'a> {
+    pub folder: Folder,
+    pub path: &'a Path,
+    pub health: &'a Health,
+    pub error: &'a anyhow::Error,
+    /// The first refusal of this write.
+    pub first: bool,
+    /// Seconds since the first refusal.
+    pub blocked_s: f64,
+    pub retry_in: Duration,
+}
+
+impl InternalEvent for WritesBlocked<'_> {
+    fn emit(self, m: &Metrics) {
+        let (folder, path) = (self.folder.name(), self.path.display());
+        m.writes_blocked.with_label_values(&[folder]).set(1);
+        self.health.set_blocked(Some(format!("{folder} folder: {:#}", self.error)));
+        let retry = self.retry_in.as_secs();
+        if self.first {
+            tracing::error!(
+                "{:#}; the {folder} folder refuses the write, so deltadoc holds it and tries again in {retry} s \
+                 (the document is not run again)",
+                self.error
+            );
+        } else {
+            tracing::warn!("{path}: still refused after {:.0} s ({:#}); next try in {retry} s", self.blocked_s, self.error);
+        }
+    }
+}
+
+/// The storage took a held write again: it went through, or failed for another reason (which
+/// the caller reports).
+pub(crate) struct WritesResumed<'a> {
+    pub folder: Folder,
+    pub path: &'a Path,
+    pub health: &'a Health,
+    pub waited_s: f64,
+    pub written: bool,
+}
+
+impl InternalEvent for WritesResumed<'_> {
+    fn emit(self, m: &Metrics) {
+        let (folder, path, waited) = (self.folder.name(), self.path.display(), self.waited_s);
+        m.writes_blocked.with_label_values(&[folder]).set(0);
+        self.health.set_blocked(None);
+        if self.written {
+            tracing::info!("{path}: written after waiting {waited:.0} s for the {folder} folder");
+        } else {
+            tracing::warn!("{path}: the {folder} folder took writes again after {waited:.0} s, but this one failed otherwise");
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! Liveness and readiness: the worker heartbeat and the checks `/readyz` runs.
 //!
 //! Ready means the daemon can turn a dropped file into a result right now: the model is loaded,
-//! the ledger takes writes, every inbox can be listed, and when documents are queued the worker
-//! has shown progress recently (a stuck prefill or a wedged extraction otherwise looks healthy).
+//! the ledger takes writes, every inbox can be listed, the worker is not holding a write the
+//! storage refuses (`daemon/storage.rs`), and when documents are queued the worker has shown
+//! progress recently (a stuck prefill or a wedged extraction otherwise looks healthy).
 //! The ledger and inbox checks touch disks and networks; [`super::http`] runs them off the
 //! async runtime with a deadline, so a hung mount fails its check instead of the endpoint.
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -21,12 +23,14 @@ pub(crate) struct Health {
     /// Unix milliseconds of the worker's last sign of progress.
     heartbeat_ms: AtomicU64,
     stall_after: Duration,
+    /// What the worker cannot write now (`daemon/storage.rs`), for people.
+    blocked: Mutex<Option<String>>,
 }
 
 /// One readiness check's verdict.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Check {
-    /// What was checked (`model`, `ledger`, `inbox`, `worker`).
+    /// What was checked (`model`, `ledger`, `inbox`, `worker`, `storage`).
     pub check: &'static str,
     /// Whether the check passed.
     pub ok: bool,
@@ -55,7 +59,12 @@ impl Health {
     /// Not ready until the model is loaded; a stall is `stall_after` without a heartbeat while
     /// work is queued.
     pub fn new(stall_after: Duration) -> Self {
-        Self { model_loaded: AtomicBool::new(false), heartbeat_ms: AtomicU64::new(now_ms()), stall_after }
+        Self {
+            model_loaded: AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(now_ms()),
+            stall_after,
+            blocked: Mutex::default(),
+        }
     }
 
     /// The model is loaded and the worker starts.
@@ -79,6 +88,19 @@ impl Health {
     pub fn model_check(&self) -> Check {
         let loaded = self.model_loaded.load(Ordering::SeqCst);
         Check { check: "model", ok: loaded, detail: if loaded { "loaded".into() } else { "the model is still loading".into() } }
+    }
+
+    /// The worker holds a write the storage refuses (`Some`, with what and why), or no longer.
+    pub fn set_blocked(&self, what: Option<String>) {
+        *self.blocked.lock().unwrap_or_else(|p| p.into_inner()) = what;
+    }
+
+    /// Whether the worker's last write went through (from memory).
+    pub fn storage_check(&self) -> Check {
+        match self.blocked.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(why) => Check { check: "storage", ok: false, detail: why },
+            None => Check { check: "storage", ok: true, detail: "writes go through".into() },
+        }
     }
 
     /// Whether the worker shows progress while `queued` documents wait (from memory).

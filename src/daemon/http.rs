@@ -106,7 +106,7 @@ impl Probe {
     /// Every readiness check; the ledger's view when it answered.
     async fn readiness(self: &Arc<Self>) -> (Readiness, Option<LedgerView>) {
         let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut checks = vec![self.health.model_check()];
+        let mut checks = vec![self.health.model_check(), self.health.storage_check()];
         let view = self.ledger_view().await;
         match &view {
             Some(v) => checks.extend([v.check.clone(), self.health.worker_check(health::queued_or_running(&v.counts))]),

@@ -3,7 +3,7 @@
 //! their size and mtime settle and they open, and the inotify watcher that reports new files
 //! between rescans.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
@@ -263,26 +263,94 @@ pub fn job_key(sha256: &str, pipeline: &str, version: u32, model: &str) -> Strin
     crate::util::hex(&h.finalize())
 }
 
-/// Starts an inotify watcher on every inbox; paths of created, modified and renamed-in files
-/// go to `tx`. Returns `None` (and the reason) when the platform refuses (e.g. the inotify
-/// watch limit): the periodic rescan then does all the work.
-pub fn watch(roots: &[(PathBuf, bool)], tx: Sender<PathBuf>) -> Result<notify::RecommendedWatcher, String> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(ev) = ev
-            && matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_))
-        {
+/// What the watcher reports.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Noticed {
+    /// A file was created, written or renamed in.
+    File(PathBuf),
+    /// An inbox folder itself was removed or moved away: its watch is gone.
+    Gone(PathBuf),
+}
+
+/// The inotify watcher over the inboxes. An inbox that is missing at start, or removed or moved
+/// away while watched, has no watch; [`Watch::rewatch`] gives it one again once it is back.
+pub struct Watch {
+    watcher: notify::RecommendedWatcher,
+    roots: Vec<(PathBuf, bool)>,
+    /// Inboxes without a watch.
+    lost: HashSet<PathBuf>,
+    /// Inboxes that are folders but could not be watched, said once.
+    refused: HashSet<PathBuf>,
+    last_try: Instant,
+}
+
+impl Watch {
+    /// Starts the watcher and watches every inbox that can be watched now; events go to `tx`.
+    /// `Err` (the reason) when the platform refuses a watcher at all: the periodic rescan then
+    /// does all the work.
+    pub fn start(roots: &[(PathBuf, bool)], tx: Sender<Noticed>) -> Result<Self, String> {
+        use notify::EventKind;
+        use notify::event::{ModifyKind, RenameMode};
+        let inboxes: HashSet<PathBuf> = roots.iter().map(|(r, _)| r.clone()).collect();
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            let Ok(ev) = ev else { return };
+            let gone = matches!(ev.kind, EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)));
+            let file = matches!(ev.kind, EventKind::Create(_) | EventKind::Modify(_));
             for p in ev.paths {
-                let _ = tx.send(p);
+                let _ = tx.send(if gone && inboxes.contains(&p) {
+                    Noticed::Gone(p)
+                } else if file {
+                    Noticed::File(p)
+                } else {
+                    continue;
+                });
+            }
+        })
+        .map_err(|e| format!("cannot start the file watcher: {e}"))?;
+        let lost = roots.iter().map(|(r, _)| r.clone()).collect();
+        let mut w = Self { watcher, roots: roots.to_vec(), lost, refused: HashSet::new(), last_try: Instant::now() };
+        w.watch_lost();
+        Ok(w)
+    }
+
+    /// Drops the watch of an inbox that is gone.
+    pub fn lost(&mut self, root: &Path) {
+        use notify::Watcher;
+        // inotify has already dropped the watch of a removed folder; a moved one still has it.
+        let _ = self.watcher.unwatch(root);
+        self.lost.insert(root.to_path_buf());
+    }
+
+    /// Watches the inboxes without a watch that are folders again (at most once a second);
+    /// returns whether one was.
+    pub fn rewatch(&mut self) -> bool {
+        if self.lost.is_empty() || self.last_try.elapsed() < Duration::from_secs(1) {
+            return false;
+        }
+        self.last_try = Instant::now();
+        self.watch_lost()
+    }
+
+    fn watch_lost(&mut self) -> bool {
+        use notify::{RecursiveMode, Watcher};
+        let before = self.lost.len();
+        for (root, recursive) in &self.roots {
+            if self.lost.contains(root) && root.is_dir() {
+                let mode = if *recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
+                match self.watcher.watch(root, mode) {
+                    Ok(()) => {
+                        self.lost.remove(root);
+                    }
+                    Err(e) => {
+                        if self.refused.insert(root.clone()) {
+                            tracing::warn!("{}: cannot watch ({e}); the periodic rescan finds its files", root.display());
+                        }
+                    }
+                }
             }
         }
-    })
-    .map_err(|e| format!("cannot start the file watcher: {e}"))?;
-    for (root, recursive) in roots {
-        let mode = if *recursive { RecursiveMode::Recursive } else { RecursiveMode::NonRecursive };
-        w.watch(root, mode).map_err(|e| format!("{}: cannot watch: {e}", root.display()))?;
+        self.lost.len() < before
     }
-    Ok(w)
 }
 
 #[cfg(test)]

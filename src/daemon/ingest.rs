@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 
 use super::Mode;
 use super::events::{FileNoticed, FileRecorded, InternalEvent};
-use super::inbox::{self, Candidate, Filters, Inbox, Seen, Stability};
+use super::inbox::{self, Candidate, Filters, Inbox, Noticed, Seen, Stability, Watch};
 use super::metrics::Metrics;
 use super::signals::Signals;
 use crate::config::{Config, DuplicatePolicy};
@@ -50,15 +50,15 @@ impl Ingest<'_> {
         let mut stability = Stability::new(d.ingest.stable_window.0);
         let (tx, rx) = mpsc::channel();
         // Kept alive for the loop's lifetime: dropping it stops the events.
-        let watcher = if self.mode == Mode::Serve && !d.ingest.poll_only {
+        let mut watch = if self.mode == Mode::Serve && !d.ingest.poll_only {
             let roots: Vec<(PathBuf, bool)> = inboxes.iter().map(|i| (i.root.clone(), i.recursive)).collect();
-            inbox::watch(&roots, tx)
+            Watch::start(&roots, tx)
                 .map_err(|e| tracing::warn!("{e}; relying on rescans every {:?}", d.ingest.rescan_interval.0))
                 .ok()
         } else {
             None
         };
-        let watching = watcher.is_some();
+        let watching = watch.is_some();
         let mut last_scan: Option<Instant> = None;
         let mut reported = Reported::default();
         loop {
@@ -67,14 +67,33 @@ impl Ingest<'_> {
             }
             // Events first, so a file an event reported is not later counted as a rescan find.
             let wait = Duration::from_millis(if last_scan.is_some() { 200 } else { 0 });
-            while let Ok(path) = rx.recv_timeout(wait) {
-                for inbox in &inboxes {
-                    if let Ok(Some(c)) = filters.admit(inbox, &path)
-                        && stability.observe(c, Instant::now())
-                    {
-                        FileNoticed { source: Seen::Event, missed_by_watcher: false }.emit(self.metrics);
+            while let Ok(noticed) = rx.recv_timeout(wait) {
+                match noticed {
+                    Noticed::File(path) => {
+                        for inbox in &inboxes {
+                            if let Ok(Some(c)) = filters.admit(inbox, &path)
+                                && stability.observe(c, Instant::now())
+                            {
+                                FileNoticed { source: Seen::Event, missed_by_watcher: false }.emit(self.metrics);
+                            }
+                        }
+                    }
+                    Noticed::Gone(root) => {
+                        if let Some(w) = watch.as_mut() {
+                            w.lost(&root);
+                        }
+                        if reported.unreachable.insert(root.clone()) {
+                            tracing::warn!(
+                                "inbox {} was removed or moved away; files dropped into it are found once it is back",
+                                root.display()
+                            );
+                        }
                     }
                 }
+            }
+            // An inbox that is back is scanned at once: what was dropped in since is not a miss.
+            if watch.as_mut().is_some_and(Watch::rewatch) {
+                last_scan = None;
             }
             if last_scan.is_none_or(|t| t.elapsed() >= d.ingest.rescan_interval.0) {
                 // The start-up scan finds what was there before the watcher: not a miss.

@@ -1,5 +1,5 @@
 //! Prometheus metrics (`deltadoc_` prefix, units in names, bounded labels only: pipeline, stage,
-//! outcome, reason, state, kind, source; never paths): every series the daemon exports, declared
+//! outcome, reason, state, kind, source, folder; never paths): every series the daemon exports, declared
 //! once in the table below. [`super::events`] is the only place that updates them.
 
 use anyhow::Result;
@@ -152,6 +152,11 @@ const WORKER_HEARTBEAT_AGE: Series = Series::new(
     "Seconds since the worker last showed progress (a queue poll, a step, a prefill chunk).",
     &[],
 );
+const WRITES_BLOCKED: Series = Series::new(
+    "deltadoc_writes_blocked",
+    "1 while the worker holds a write that the folder's storage refuses (full, read-only, no permission).",
+    &["folder"],
+);
 const CONFIG_RELOADS: Series =
     Series::new("deltadoc_config_reloads_total", "Configuration reloads on SIGHUP, by outcome.", &["outcome"]);
 
@@ -237,6 +242,7 @@ pub(crate) struct Metrics {
     pub(crate) ready: IntGauge,
     pub(crate) worker_heartbeat_age: Gauge,
     pub(crate) config_reloads: IntCounterVec,
+    pub(crate) writes_blocked: IntGaugeVec,
 }
 
 impl Metrics {
@@ -283,6 +289,7 @@ impl Metrics {
             ready: register(&r, &READY)?,
             worker_heartbeat_age: register(&r, &WORKER_HEARTBEAT_AGE)?,
             config_reloads: register(&r, &CONFIG_RELOADS)?,
+            writes_blocked: register(&r, &WRITES_BLOCKED)?,
             registry: r,
         })
     }
@@ -328,6 +335,9 @@ impl Metrics {
         }
         for outcome in ["ok", "failed"] {
             self.config_reloads.with_label_values(&[outcome]);
+        }
+        for folder in super::storage::Folder::ALL {
+            self.writes_blocked.with_label_values(&[folder.name()]);
         }
         Ok(())
     }

@@ -17,6 +17,7 @@ mod ingest;
 mod metrics;
 mod model;
 mod signals;
+mod storage;
 #[cfg(test)]
 mod tests;
 mod worker;
@@ -72,6 +73,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let signals = signals::install();
     let metrics = Arc::new(Metrics::new()?);
     let state_dir = cfg.daemon.state_dir.clone();
+    storage::check_state_folder(&state_dir)?;
     let mut ledger = ledger::open(&state_dir)?;
     let (marker, died_at) = CrashMarker::open(&state_dir)?;
     marker.arm();

@@ -15,6 +15,7 @@ use super::events::{AttemptEnded, DocumentCrashedDaemon, DocumentStarted, Intern
 use super::health::Health;
 use super::metrics::Metrics;
 use super::signals::Signals;
+use super::storage::{Folder, Held, Storage};
 use crate::config::{Config, Pipeline, QuarantineMode};
 use crate::extract::isolated::Extraction;
 use crate::failure::{Failure, Reason};
@@ -72,7 +73,7 @@ fn unix_s(t: Timestamp) -> f64 {
     t.as_millisecond() as f64 / 1000.0
 }
 
-impl Worker<'_> {
+impl<'a> Worker<'a> {
     /// Runs jobs until shutdown, a reload, or (once) until the inboxes are done.
     pub fn run(&mut self, model: &mut dyn TextModel, mode: Mode, ingest_done: &AtomicBool) -> Result<Exit> {
         self.processed = 0;
@@ -108,13 +109,18 @@ impl Worker<'_> {
         }
         let now = self.clock.now();
         if mode == Mode::Serve {
-            for ev in self.scheduler.tick(now, &mut *self.ledger, &self.cfg.pipelines)? {
+            let (storage, cfg, scheduler, ledger) = (self.storage(), &self.cfg, &mut self.scheduler, &mut self.ledger);
+            let events = storage
+                .hold(Folder::State, &cfg.daemon.state_dir, || scheduler.tick(now, &mut **ledger, &cfg.pipelines))
+                .map_err(Held::into_error)?;
+            for ev in events {
                 ev.emit(self.metrics);
             }
         }
+        let cfg = self.cfg.clone();
         let open: Vec<&str> =
-            self.cfg.pipelines.iter().filter(|p| mode == Mode::Once || self.scheduler.open(p)).map(|p| p.name()).collect();
-        if let Some(job) = self.ledger.claim(&open, unix_s(now))? {
+            cfg.pipelines.iter().filter(|p| mode == Mode::Once || self.scheduler.open(p)).map(|p| p.name()).collect();
+        if let Some(job) = self.record(|l| l.claim(&open, unix_s(now)))? {
             self.processed += 1;
             self.run_job(model, job)?;
             return Ok(Tick::Worked);
@@ -178,22 +184,27 @@ impl Worker<'_> {
             pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
         };
         let seconds = started.elapsed().as_secs_f64();
+        let storage = self.storage();
         let written = result.and_then(|r| {
             let out = output::result_path(&p.output, &job.rel_path);
             marker.step("write");
-            output::write_result(&out, &r).map_err(|e| Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))))?;
+            storage.hold(Folder::Output, &out, || output::write_result(&out, &r)).map_err(|held| match held {
+                Held::Drained(_) => Stop::Interrupted,
+                Held::Failed(e) => Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))),
+            })?;
             Ok((r, out))
         });
         let (name, progress) = (p.name(), &show);
         match written {
             Ok((r, out)) => {
-                self.ledger.done(job.id, &out, unix_s(self.clock.now()))?;
+                let now = unix_s(self.clock.now());
+                self.record(|l| l.done(job.id, &out, now))?;
                 self.scheduler.record(name, true);
                 let outcome = Outcome::Done { result: &r, output: &out };
                 AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
             }
             Err(Stop::Interrupted) => {
-                self.ledger.release(job.id)?;
+                self.record(|l| l.release(job.id))?;
                 AttemptEnded { pipeline: name, seconds, outcome: Outcome::Interrupted, progress }.emit(self.metrics);
             }
             Err(Stop::Failed(f)) => {
@@ -203,6 +214,20 @@ impl Worker<'_> {
         }
         marker.clear();
         Ok(())
+    }
+
+    /// How this worker holds writes the storage refuses.
+    fn storage(&self) -> Storage<'a> {
+        Storage { metrics: self.metrics, health: self.health, signals: self.signals }
+    }
+
+    /// A ledger write, held while the state folder refuses it (`daemon/storage.rs`). A drain
+    /// during the wait ends the daemon with the error: the next start recovers the job.
+    fn record<T>(&mut self, mut write: impl FnMut(&mut dyn Ledger) -> Result<T>) -> Result<T> {
+        let storage = self.storage();
+        let ledger = &mut self.ledger;
+        let state_dir = &self.cfg.daemon.state_dir;
+        storage.hold(Folder::State, state_dir, || write(&mut **ledger)).map_err(Held::into_error)
     }
 
     /// Quarantines a job the daemon died under at the same place too many times in a row
@@ -233,7 +258,7 @@ impl Worker<'_> {
         let now = unix_s(self.clock.now());
         if !f.reason.is_permanent() && job.attempts < limits.max_attempts {
             let wait = limits.retry_backoff.0.as_secs_f64() * 2f64.powi(job.attempts as i32 - 1);
-            self.ledger.failed(job.id, f, Some(now + wait), None, now)?;
+            self.record(|l| l.failed(job.id, f, Some(now + wait), None, now))?;
             return Ok(Outcome::Retrying { failure: f, next: job.attempts + 1, max: limits.max_attempts, wait_s: wait });
         }
         let report = ErrorReport {
@@ -247,10 +272,24 @@ impl Worker<'_> {
         };
         self.marker.step("quarantine");
         let move_it = p.spec.quarantine_mode == QuarantineMode::Move;
-        let moved = output::quarantine(&job.source, &p.quarantine, &job.rel_path, move_it, &report);
-        let now_at = moved.as_ref().map_err(|e| tracing::error!("{}: cannot quarantine: {e:#}", job.source.display())).ok();
-        let source = if move_it { now_at.map(|d| d.as_path()) } else { None };
-        self.ledger.failed(job.id, f, None, source, now)?;
+        let into = p.quarantine.join(&job.rel_path);
+        let moved = match self
+            .storage()
+            .hold(Folder::Quarantine, &into, || output::quarantine(&job.source, &p.quarantine, &job.rel_path, move_it, &report))
+        {
+            Ok(at) => Some(at),
+            Err(Held::Drained(_)) => {
+                // Nothing is lost: the next start runs the document again and quarantines it then.
+                self.record(|l| l.release(job.id))?;
+                return Ok(Outcome::Interrupted);
+            }
+            Err(Held::Failed(e)) => {
+                tracing::error!("{}: cannot quarantine: {e:#}", job.source.display());
+                None
+            }
+        };
+        let source = if move_it { moved.as_deref() } else { None };
+        self.record(|l| l.failed(job.id, f, None, source, now))?;
         self.scheduler.record(p.name(), false);
         Ok(Outcome::Quarantined { failure: f })
     }

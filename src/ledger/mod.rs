@@ -16,7 +16,7 @@ use crate::failure::Failure;
 
 mod sqlite;
 
-pub use sqlite::SqliteLedger;
+pub use sqlite::{SqliteLedger, refused_by_storage};
 
 /// Opens the ledger of a daemon whose state lives in `state_dir`.
 pub fn open(state_dir: &Path) -> Result<Box<dyn Ledger>> {

@@ -12,6 +12,16 @@ use crate::failure::Failure;
 /// Schema version stored in the ledger; migrations run on open.
 const SCHEMA_VERSION: i64 = 3;
 
+/// Whether `cause` is SQLite reporting that the storage refuses a write (disk full, read-only,
+/// permissions, an I/O error), not a fault of the ledger's own.
+pub fn refused_by_storage(cause: &(dyn std::error::Error + 'static)) -> bool {
+    use rusqlite::ErrorCode::{CannotOpen, DiskFull, PermissionDenied, ReadOnly, SystemIoFailure};
+    matches!(
+        cause.downcast_ref::<rusqlite::Error>(),
+        Some(rusqlite::Error::SqliteFailure(e, _)) if matches!(e.code, DiskFull | ReadOnly | SystemIoFailure | CannotOpen | PermissionDenied)
+    )
+}
+
 /// The SQLite ledger.
 pub struct SqliteLedger {
     conn: Connection,

@@ -18,6 +18,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result};
@@ -86,10 +87,7 @@ impl CrashMarker {
     /// marker must outlive the process's work: the daemon's does.
     pub fn arm(&self) {
         FD.store(self.file.as_raw_fd(), Ordering::SeqCst);
-        for sig in FATAL {
-            // SAFETY: the handler only calls async-signal-safe functions (pwrite, signal, raise).
-            unsafe { libc::signal(sig, on_fatal as *const () as libc::sighandler_t) };
-        }
+        install_handlers();
     }
 
     /// A job's attempt starts.
@@ -155,19 +153,54 @@ fn parse(bytes: &[u8]) -> Option<Place> {
     Some(Place { job, beats, waiting, crashed, step: parts.next().unwrap_or("").to_string() })
 }
 
-/// Marks the record, then lets the signal end the process with its default action (a core
-/// dump): the mark is all this handler adds.
-extern "C" fn on_fatal(sig: libc::c_int) {
+/// The actions the fatal signals had before [`install_handlers`] (Rust's stack-overflow report
+/// for SIGSEGV and SIGBUS), in [`FATAL`]'s order; the handler hands a fault on to them.
+static PREVIOUS: OnceLock<[libc::sigaction; FATAL.len()]> = OnceLock::new();
+
+/// Sets [`on_fatal`] for every signal of [`FATAL`], on the alternate signal stack: a stack
+/// overflow leaves no room on the thread's own.
+fn install_handlers() {
+    // SAFETY: sigaction with a zeroed, then filled struct; the handler only calls
+    // async-signal-safe functions (pwrite, sigaction, raise).
+    unsafe {
+        let mut mine: libc::sigaction = std::mem::zeroed();
+        mine.sa_sigaction = on_fatal as *const () as libc::sighandler_t;
+        mine.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigemptyset(&mut mine.sa_mask);
+        let mut previous: [libc::sigaction; FATAL.len()] = std::mem::zeroed();
+        for (sig, old) in FATAL.iter().zip(previous.iter_mut()) {
+            libc::sigaction(*sig, &mine, old);
+        }
+        // Armed twice (tests): the first saved actions are the ones to hand on to.
+        let _ = PREVIOUS.set(previous);
+    }
+}
+
+/// Marks the record, then lets the signal end the process as it would have without this
+/// handler: the mark is all it adds. A fault (raised by the kernel at an instruction) goes back
+/// to the previous action and the instruction runs again, so Rust's handler still reports a
+/// stack overflow by name before aborting; a signal sent with kill(2) or raise(3) is raised
+/// again with the default action.
+extern "C" fn on_fatal(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let fd = FD.load(Ordering::SeqCst);
     if fd >= 0 {
         // SAFETY: pwrite is async-signal-safe; the buffer is a static byte.
         unsafe { libc::pwrite(fd, [FAULTED].as_ptr().cast(), 1, FAULT_AT as libc::off_t) };
     }
-    // SAFETY: signal and raise are async-signal-safe. The raised signal stays pending until this
-    // handler returns; then the default action ends the process, for a fault as for a kill(2).
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; sigaction and raise are
+    // async-signal-safe. A raised signal stays pending until this handler returns.
     unsafe {
-        libc::signal(sig, libc::SIG_DFL);
-        libc::raise(sig);
+        let sent = info.is_null() || (*info).si_code <= 0;
+        let previous = PREVIOUS.get().and_then(|p| FATAL.iter().position(|s| *s == sig).map(|i| &p[i]));
+        match previous {
+            Some(old) if !sent => {
+                libc::sigaction(sig, old, std::ptr::null_mut());
+            }
+            _ => {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+            }
+        }
     }
 }
 
@@ -206,5 +239,48 @@ mod tests {
         m.step(&"ä".repeat(300));
         m.clear();
         assert_eq!(CrashMarker::open(dir.path()).unwrap().1, None);
+    }
+
+    /// Recurses until the stack overflows.
+    #[inline(never)]
+    fn deeper(n: u64) -> u64 {
+        let frame = std::hint::black_box([n; 64]);
+        if std::hint::black_box(n) == u64::MAX { frame[0] } else { deeper(n + 1).wrapping_add(frame[1]) }
+    }
+
+    #[test]
+    fn a_stack_overflow_is_marked_and_still_reported_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, _) = CrashMarker::open(dir.path()).unwrap();
+        m.start(4);
+        m.step("summary");
+        let stderr = File::create(dir.path().join("stderr")).unwrap();
+        // SAFETY: the child only redirects stderr, turns core files off, installs the handlers
+        // (no allocation) and overflows its stack; it never returns into the test harness.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe {
+                libc::dup2(stderr.as_raw_fd(), 2);
+                libc::setrlimit(libc::RLIMIT_CORE, &libc::rlimit { rlim_cur: 0, rlim_max: 0 });
+            }
+            m.arm();
+            deeper(0);
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        // SAFETY: waitpid and kill on our own child.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            if std::time::Instant::now() > deadline {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the child did not die of its stack overflow");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let said = std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+        assert!(said.contains("has overflowed its stack"), "Rust's report is kept: {said:?}");
+        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGABRT, "status {status:#x}");
+        let place = parse(&std::fs::read(dir.path().join("running")).unwrap()).unwrap();
+        assert_eq!(place.blame().as_deref(), Some("summary after 0 model steps"), "marked as a crash");
     }
 }

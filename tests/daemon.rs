@@ -102,6 +102,12 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
         let s = sb.status();
         s["recent"].as_array().unwrap().iter().any(|j| j["state"] == "running" && j["stage"] == "summary").then_some(())
     });
+    // Calls that completed are kept for the next attempt (src/stage/journal.rs).
+    let journal = sb.path(&format!("state/journal/{}", sb.status()["recent"][0]["id"]));
+    let kept = wait_for("model calls kept in the job's journal", Duration::from_secs(120), || {
+        let n = std::fs::read_dir(&journal).map_or(0, |d| d.count());
+        (n >= 3).then_some(n)
+    });
     d.child.kill().unwrap();
     d.child.wait().unwrap();
     let s = sb.status();
@@ -111,6 +117,9 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
     let d = sb.serve();
     d.wait_log("were running when deltadoc last stopped", Duration::from_secs(30));
     let (_, r) = wait_for("the result after restart", Duration::from_secs(600), || sb.results().into_iter().next());
+    let reused = d.log().lines().filter(|l| l.contains("from the job's journal")).count();
+    assert!(reused >= kept, "{kept} calls were kept, {reused} taken from the journal");
+    assert!(!journal.exists(), "the journal goes with the job");
     let s = sb.status();
     let job = &s["recent"][0];
     // The kill interrupted the first attempt; it does not count as a failed one.

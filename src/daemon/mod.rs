@@ -41,7 +41,7 @@ use crate::output::DocResult;
 use crate::pipeline::{self, Context};
 use crate::progress::DocProgress;
 use crate::schedule::{Scheduler, SystemClock};
-use crate::stage::{Runner, Stop};
+use crate::stage::{Journal, Runner, Stop};
 use crash_marker::CrashMarker;
 use events::{ConfigReloadRefused, ConfigReloaded, InternalEvent, ModelLoaded};
 use health::Health;
@@ -85,6 +85,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
             recovery.requeued
         );
     }
+    prune_journals(&state_dir, &mut *ledger)?;
     metrics.init_pipelines(&cfg.pipelines, &mut *ledger)?;
     let waiting: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let health = Arc::new(Health::new(cfg.daemon.metrics.stall_after.0));
@@ -148,6 +149,20 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         None => Ok(()),
     };
     r.and(ing)
+}
+
+/// Removes the journals (`stage/journal.rs`) of jobs that have ended or are gone: a job ended
+/// by a daemon that stopped before it removed the journal, or removed from the ledger.
+fn prune_journals(state_dir: &Path, ledger: &mut dyn ledger::Ledger) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(Journal::root(state_dir)) else { return Ok(()) };
+    for e in entries.flatten() {
+        let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()) else { continue };
+        let open = ledger::state::OPEN;
+        if !ledger.job(id)?.is_some_and(|j| open.contains(&j.state.as_str())) {
+            Journal::of_job(state_dir, id).clear();
+        }
+    }
+    Ok(())
 }
 
 /// What every ingest thread of a daemon shares.
@@ -262,6 +277,7 @@ pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::res
         on_prefill: &|n| show.prefilled(n),
         heartbeat: &|| (),
         on_child: &|_| (),
+        journal: None,
     };
     let mut ctx = Context { pipeline: p, limits: worker::limits(cfg), extraction: &extraction, runner };
     let rel = Path::new(file.file_name().unwrap_or(file.as_os_str()));

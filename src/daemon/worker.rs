@@ -25,7 +25,7 @@ use crate::output::{self, ErrorReport};
 use crate::pipeline::{self, Context, DocLimits};
 use crate::progress::DocProgress;
 use crate::schedule::{Clock, Scheduler};
-use crate::stage::{Runner, Stop};
+use crate::stage::{Journal, Runner, Stop};
 
 /// Why [`Worker::run`] returned.
 #[derive(Debug, PartialEq, Eq)]
@@ -159,6 +159,7 @@ impl<'a> Worker<'a> {
         let started = Instant::now();
         let marker = self.marker;
         marker.start(job.id);
+        let journal = Journal::of_job(&cfg.daemon.state_dir, job.id);
         let result = {
             let ledger = &mut self.ledger;
             let metrics = self.metrics;
@@ -179,6 +180,7 @@ impl<'a> Worker<'a> {
                     marker.beat();
                 },
                 on_child: &|waiting| marker.waiting(waiting),
+                journal: Some(&journal),
             };
             let mut ctx = Context { pipeline: p, limits: limits(&cfg), extraction: &self.extraction, runner };
             pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
@@ -199,6 +201,7 @@ impl<'a> Worker<'a> {
             Ok((r, out)) => {
                 let now = unix_s(self.clock.now());
                 self.record(|l| l.done(job.id, &out, now))?;
+                journal.clear();
                 self.scheduler.record(name, true);
                 let outcome = Outcome::Done { result: &r, output: &out };
                 AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
@@ -209,6 +212,10 @@ impl<'a> Worker<'a> {
             }
             Err(Stop::Failed(f)) => {
                 let outcome = self.fail(p, &job, &f)?;
+                // A retry keeps the calls that went through; a quarantined job needs them no more.
+                if matches!(outcome, Outcome::Quarantined { .. }) {
+                    journal.clear();
+                }
                 AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
             }
         }
@@ -242,7 +249,9 @@ impl<'a> Worker<'a> {
         let f = Failure::new(Reason::Crashed, place.step.clone(), msg);
         match cfg.pipeline(&job.pipeline) {
             Ok(p) => {
-                self.fail(p, job, &f)?;
+                if matches!(self.fail(p, job, &f)?, Outcome::Quarantined { .. }) {
+                    Journal::of_job(&cfg.daemon.state_dir, job.id).clear();
+                }
                 DocumentCrashedDaemon { pipeline: p.name(), source: &job.source, failure: &f }.emit(self.metrics);
             }
             // Its pipeline is gone: nowhere to quarantine it, so it waits like its other jobs.

@@ -44,6 +44,8 @@ pub mod state {
     pub const SKIPPED: &str = "skipped";
     /// Every state, for reports.
     pub const ALL: [&str; 6] = [QUEUED, RUNNING, RETRY_WAIT, DONE, QUARANTINED, SKIPPED];
+    /// The states of a job that will run again.
+    pub const OPEN: [&str; 3] = [QUEUED, RUNNING, RETRY_WAIT];
 }
 
 /// One job as stored.

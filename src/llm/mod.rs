@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::constrain::Schema;
 use crate::tokenizer::Tokenizer;
@@ -118,7 +118,7 @@ pub struct OcrOptions {
 }
 
 /// One page's transcription and what it cost.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Transcription {
     /// The text.
     pub text: String,
@@ -150,7 +150,7 @@ pub struct Request<'a> {
 }
 
 /// What one generation produced.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Completion {
     /// Generated text (special tokens and the empty think block removed).
     pub text: String,

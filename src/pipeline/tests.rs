@@ -12,7 +12,7 @@ use crate::extract::ExtractLimits;
 use crate::extract::isolated::Extraction;
 use crate::llm::fake::{Answer, Asked, FakeModel};
 use crate::output::DocResult;
-use crate::stage::{Runner, Stop};
+use crate::stage::{Journal, Runner, Stop};
 
 /// A pipeline file and a document in a temporary folder.
 struct Doc {
@@ -31,6 +31,11 @@ impl Doc {
 
     /// Runs `text` (as a Markdown file) through the pipeline with `model`.
     fn run(&self, text: &str, model: &mut FakeModel) -> Result<DocResult, Stop> {
+        self.run_journaled(text, model, None)
+    }
+
+    /// [`Doc::run`] keeping the model calls in `journal`.
+    fn run_journaled(&self, text: &str, model: &mut FakeModel, journal: Option<&Journal>) -> Result<DocResult, Stop> {
         let source: PathBuf = self.dir.path().join("doc.md");
         std::fs::write(&source, text).unwrap();
         let shutdown = AtomicBool::new(false);
@@ -42,6 +47,7 @@ impl Doc {
             on_prefill: &|_| {},
             heartbeat: &|| {},
             on_child: &|_| {},
+            journal,
         };
         let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget: 1 << 30 };
         let mut ctx = Context {
@@ -188,15 +194,22 @@ fn classify_is_configured_with_two_or_more_distinct_labels() {
     }
 }
 
+/// A summary and a prompt stage (named `names`, the prompt making up to `prompt_tokens`) on
+/// contexts of 1,024 tokens.
+fn summary_and_prompt(names: [&str; 2], prompt_tokens: usize) -> Doc {
+    let [summary, prompt] = names;
+    Doc::new(&format!(
+        "context: {{max_tokens: 1024, overlap: 0}}
+stages:
+  - {{name: {summary}, kind: summarize, max_new_tokens: 16}}
+  - {{name: {prompt}, kind: prompt, instruction: List the parties., max_new_tokens: {prompt_tokens}}}
+"
+    ))
+}
+
 #[test]
 fn the_stages_of_a_chunk_share_its_prefill_and_the_budget_leaves_room_for_every_stage() {
-    let doc = Doc::new(
-        "context: {max_tokens: 1024, overlap: 0}
-stages:
-  - {name: short, kind: summarize, max_new_tokens: 16}
-  - {name: long, kind: prompt, instruction: List the parties., max_new_tokens: 300}
-",
-    );
+    let doc = summary_and_prompt(["short", "long"], 300);
     let mut model = FakeModel::new(262_144, |_| Answer::Text("ok".into()));
     let r = doc.run(&paragraphs(20), &mut model).unwrap();
     // Every chunk plus the largest stage's prompt and output fits the context.
@@ -209,4 +222,38 @@ stages:
         assert_eq!(pair[0].document, pair[1].document, "both stages of a chunk see the same document");
         assert!(pair[0].instruction.contains("Summarise this part") && pair[1].instruction.contains("List the parties."));
     }
+}
+
+#[test]
+fn a_later_attempt_takes_the_calls_an_earlier_one_completed_from_the_journal() {
+    let doc = summary_and_prompt(["summary", "parties"], 16);
+    let text = paragraphs(20);
+    let state = tempfile::tempdir().unwrap();
+    let journal = Journal::of_job(state.path(), 1);
+    // The first attempt fails at its fifth call (the model failed; a kill loses as much).
+    let answer = |a: &Asked| Answer::Text(format!("answer to {} bytes", a.document.len() + a.instruction.len()));
+    let mut first = FakeModel::new(262_144, answer).script((0..4).map(|i| Answer::Text(format!("kept {i}"))));
+    first = first.script([Answer::Fail("the runtime failed".into())]);
+    assert!(matches!(doc.run_journaled(&text, &mut first, Some(&journal)), Err(Stop::Failed(_))));
+    assert_eq!(first.asked.len(), 5);
+
+    let mut second = FakeModel::new(262_144, answer);
+    let r = doc.run_journaled(&text, &mut second, Some(&journal)).unwrap();
+    let uninterrupted = {
+        let mut m = FakeModel::new(262_144, answer);
+        let r = doc.run(&text, &mut m).unwrap();
+        assert_eq!(m.asked.len(), second.asked.len() + 4, "the four completed calls are not asked again");
+        r
+    };
+    assert_eq!(&second.asked[0].document, &first.asked[4].document, "the failed call is the first one asked again");
+    let parts = |r: &DocResult, stage: &str| r.stages[stage].parts.clone();
+    assert_eq!(parts(&r, "summary")[..2], [serde_json::json!("kept 0"), serde_json::json!("kept 2")]);
+    assert_eq!(parts(&r, "parties")[..2], [serde_json::json!("kept 1"), serde_json::json!("kept 3")]);
+    assert_eq!(parts(&r, "summary")[2..], parts(&uninterrupted, "summary")[2..], "the rest as without the failure");
+
+    // A third attempt asks nothing: every call is in the journal.
+    let mut third = FakeModel::new(262_144, answer);
+    let again = doc.run_journaled(&text, &mut third, Some(&journal)).unwrap();
+    assert!(third.asked.is_empty(), "{:?}", third.asked.len());
+    assert_eq!(again.stages["summary"].output, r.stages["summary"].output);
 }

@@ -12,6 +12,7 @@
 
 mod classify;
 mod extract;
+mod journal;
 mod merge;
 mod ocr;
 mod prompt;
@@ -29,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_saphyr::Spanned;
 
+pub use journal::Journal;
 pub use ocr::{DEFAULT_PAGE_TOKENS, OCR_INSTRUCTION};
 pub use runner::{Call, Runner, Stop};
 

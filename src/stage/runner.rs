@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 
+use super::journal::{Journal, Key, KeyBuilder};
 use crate::chat;
 use crate::constrain::Schema;
 use crate::failure::{Failure, Reason};
@@ -60,6 +61,9 @@ pub struct Runner<'a> {
     /// Told when a child process starts (`true`) and stops decoding the document's bytes: the
     /// daemon only waits meanwhile, so if it dies then, the document is not to blame.
     pub on_child: &'a dyn Fn(bool),
+    /// Where the job's completed model calls are kept for its later attempts (the daemon's
+    /// jobs; `None`: every call is computed).
+    pub journal: Option<&'a Journal>,
 }
 
 impl Runner<'_> {
@@ -94,6 +98,11 @@ impl Runner<'_> {
         let model_err = |e: anyhow::Error| Failure::new(Reason::Model, stage, format!("{e:#}"));
         let (prefix, suffix) =
             chat::stage_prompt(self.model.tokenizer(), document, &call.instruction, call.thinking).map_err(model_err)?;
+        let key = self.journal.map(|_| completion_key(&self.model.info().name, &prefix, &suffix, call));
+        if let Some(done) = self.journal.zip(key.as_ref()).and_then(|(j, k)| j.get::<Completion>(k)) {
+            tracing::info!("{stage}: answer of an earlier attempt ({} tokens), from the job's journal", done.generated_tokens);
+            return Ok(done);
+        }
         let (on_prefill, model) = (self.on_prefill, &mut *self.model);
         let result = interruptible(self.shutdown, self.deadline, self.heartbeat, stage, |check| {
             model.complete(&Request {
@@ -107,6 +116,9 @@ impl Runner<'_> {
                 think_budget: call.think_budget,
             })
         })?;
+        if let (Ok(done), Some(j), Some(k)) = (&result, self.journal, &key) {
+            j.put(k, done);
+        }
         result.map_err(|e| model_err(e).into())
     }
 
@@ -119,9 +131,53 @@ impl Runner<'_> {
         label: &str,
         opts: &OcrOptions,
     ) -> Result<anyhow::Result<Transcription>, Stop> {
+        // Images asked for on disk are written by the call itself: it runs.
+        let journal = self.journal.filter(|_| opts.save_images.is_none());
+        let key = journal.map(|_| transcription_key(&self.model.info().name, page, opts));
+        if let Some(done) = journal.zip(key.as_ref()).and_then(|(j, k)| j.get::<Transcription>(k)) {
+            tracing::info!("{stage}: {label} transcribed by an earlier attempt, from the job's journal");
+            return Ok(Ok(done));
+        }
         let model = &mut *self.model;
-        interruptible(self.shutdown, self.deadline, self.heartbeat, stage, |check| model.transcribe(page, label, opts, check))
+        let result = interruptible(self.shutdown, self.deadline, self.heartbeat, stage, |check| {
+            model.transcribe(page, label, opts, check)
+        })?;
+        if let (Ok(done), Some(j), Some(k)) = (&result, journal, &key) {
+            j.put(k, done);
+        }
+        Ok(result)
     }
+}
+
+/// What decides a text call's answer (`stage/journal.rs`).
+fn completion_key(model: &str, prefix: &[u32], suffix: &[u32], call: &Call) -> Key {
+    let (o, s) = (&call.options, &call.options.sampling);
+    KeyBuilder::new("complete", model)
+        .ids(prefix)
+        .ids(suffix)
+        .number(o.max_new_tokens as u64)
+        .ids(&o.stop_tokens)
+        .number(s.temperature.to_bits().into())
+        .number(s.top_k as u64)
+        .number(s.top_p.to_bits().into())
+        .number(s.seed)
+        .text(&call.schema.map(|x| x.value().to_string()).unwrap_or_default())
+        .number(call.think_budget.map_or(u64::MAX, |b| b as u64))
+        .finish()
+}
+
+/// What decides a page's transcription.
+fn transcription_key(model: &str, page: &RgbImage, opts: &OcrOptions) -> Key {
+    KeyBuilder::new("transcribe", model)
+        .number(page.width().into())
+        .number(page.height().into())
+        .bytes(page.as_raw())
+        .number(opts.image.min_pixels)
+        .number(opts.image.max_pixels)
+        .number(opts.tile_tokens.unwrap_or(u64::MAX))
+        .number(opts.max_new_tokens as u64)
+        .text(&opts.instruction)
+        .finish()
 }
 
 /// Why the attempt must stop now (shutdown or past the deadline), if it must.

@@ -9,7 +9,9 @@
 //! installs for those signals marks the record before the process dies. SIGKILL, SIGTERM and
 //! power cuts leave no mark. So an interrupted attempt is never counted, and a job is quarantined
 //! (`crashed`) only when the process crashed under it `max_attempts` times (at least twice) in a
-//! row at the same place, down to the model step (`ledger::Ledger::recover`). A crash while a
+//! row at the same place, down to the model step (`ledger::Ledger::recover`). Calls an attempt
+//! takes from the job's journal (`stage/journal.rs`) make no model steps, so the attempt after a
+//! first crash reaches the same call with fewer: the count in a row starts with it. A crash while a
 //! child process decodes the document (extraction, page images) is not the document's doing
 //! either: the daemon only waits then; the record says so too.
 

@@ -152,7 +152,8 @@ fn text_files_in_legacy_encodings_and_html_fragments() {
 }
 
 /// PDFs whose cross-reference table or trailer is broken are read from a table rebuilt by
-/// scanning the file for objects, as poppler and pdf.js do, and the result says so.
+/// scanning the file for objects (and streams by their `endstream` when their `/Length` misses
+/// it), as poppler and pdf.js do, and the result says so.
 #[test]
 fn damaged_pdfs_are_repaired_and_the_result_says_so() {
     let Some(_corpus) = common::corpus() else { return };
@@ -162,6 +163,9 @@ fn damaged_pdfs_are_repaired_and_the_result_says_so() {
         ("malformed/pdfjs__xref_command_missing.pdf", 1, "Reduced test-case"),
         ("malformed/qpdf__append-xref-loop.pdf", 30, "Potato 0 new"),
         ("malformed/qpdf__issue-202.pdf", 10, "How to compile a .tex"),
+        // Junk before the header, no startxref value, and a stream /Length shorter than the
+        // stream: the true length is found at its `endstream`.
+        ("malformed/pdfjs__issue6069.pdf", 1, "Missing value for startxref and junk before magic header"),
         ("pdf/pdfa20__pdf20-utf8-test.pdf", 1, "PDF 2.0 with UTF-8 test file"),
     ] {
         let v = extract_json(&c.join(f));

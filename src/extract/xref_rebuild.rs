@@ -26,6 +26,15 @@ pub fn rebuild(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
     let mut out = Vec::with_capacity(data.len() + objects.len() * 20 + 256);
     out.extend_from_slice(data);
     out.extend_from_slice(b"\n");
+    // Streams whose `/Length` misses their `endstream` are written again after the file with
+    // their true length, and the table points at the new copy.
+    let mut objects = objects;
+    for (&num, entry) in objects.iter_mut() {
+        if let Some(fixed) = with_true_length(data, num, *entry) {
+            entry.1 = out.len();
+            out.extend_from_slice(&fixed);
+        }
+    }
     let xref_at = out.len();
     let mut table = String::from("xref\n0 1\n0000000000 65535 f \n");
     // One subsection per run of consecutive object numbers, so a hostile number costs nothing.
@@ -161,9 +170,58 @@ fn trailer_keys(data: &[u8], objects: &BTreeMap<u32, (u16, usize)>) -> Option<Tr
 
 /// The dictionary that opens the object whose header is at `at`.
 fn dictionary_of(data: &[u8], at: usize) -> Option<&[u8]> {
+    dictionary_span(data, at).map(|(open, end)| &data[open..end])
+}
+
+/// Where the dictionary that opens the object whose header is at `at` starts and ends.
+fn dictionary_span(data: &[u8], at: usize) -> Option<(usize, usize)> {
     let kw = at + memmem::find(&data[at..(at + 32).min(data.len())], b"obj")?;
     let open = kw + 3 + data[kw + 3..].iter().take(64).position(|c| !c.is_ascii_whitespace())?;
-    data[open..].starts_with(b"<<").then(|| balanced_dictionary(&data[open..]))?
+    let dict = data[open..].starts_with(b"<<").then(|| balanced_dictionary(&data[open..]))??;
+    Some((open, open + dict.len()))
+}
+
+/// The object `num` (generation and header offset in `entry`) written again with its stream's
+/// true `/Length`, when the length it declares as a number does not end at its `endstream`,
+/// as pdf.js and poppler read such streams; `None` when it has no stream or its length holds.
+fn with_true_length(data: &[u8], num: u32, (gen_, at): (u16, usize)) -> Option<Vec<u8>> {
+    let (open, end) = dictionary_span(data, at)?;
+    let dict = &data[open..end];
+    let after = &data[end..];
+    let keyword = after.len() - after.trim_ascii_start().len();
+    if !after[keyword..].starts_with(b"stream") {
+        return None;
+    }
+    let mut start = end + keyword + 6;
+    start +=
+        if data[start..].starts_with(b"\r\n") { 2 } else { usize::from(data.get(start).is_some_and(|c| b"\r\n".contains(c))) };
+    let key = memmem::find(dict, b"/Length")? + 7;
+    let value = dict[key..].iter().take_while(|c| c.is_ascii_whitespace() || c.is_ascii_digit()).count();
+    let declared: usize = std::str::from_utf8(&dict[key..key + value]).ok()?.trim().parse().ok()?;
+    // An indirect length (`5 0 R`) is the parser's to resolve.
+    if dict[key + value..].starts_with(b"R") {
+        return None;
+    }
+    let holds = data.get(start.checked_add(declared)?..).is_some_and(|rest| rest.trim_ascii_start().starts_with(b"endstream"));
+    if holds {
+        return None;
+    }
+    let mut stop = start + memmem::find(&data[start..], b"endstream")?;
+    // The end-of-line before `endstream` belongs to the syntax, not to the data.
+    stop -= if data[..stop].ends_with(b"\r\n") {
+        2
+    } else {
+        usize::from(data[..stop].ends_with(b"\n") || data[..stop].ends_with(b"\r"))
+    };
+    let stop = stop.max(start);
+    let mut out = format!("{num} {gen_} obj\n").into_bytes();
+    out.extend_from_slice(&dict[..key]);
+    out.extend_from_slice(format!(" {} ", stop - start).as_bytes());
+    out.extend_from_slice(&dict[key + value..]);
+    out.extend_from_slice(b"\nstream\n");
+    out.extend_from_slice(&data[start..stop]);
+    out.extend_from_slice(b"\nendstream\nendobj\n");
+    Some(out)
 }
 
 /// `<< … >>` at the start of `s`, nested dictionaries and literal strings included; `None` when
@@ -270,6 +328,24 @@ mod tests {
         assert_eq!(entries[2], format!("{newer:010} 00000 n "), "object 3 is its newer definition: {tail}");
         assert_eq!(entries[0], format!("{:010} 00000 n ", offsets[0]), "{tail}");
         assert!(tail.contains("/Info 5 0 R") && tail.contains("/ID [<AB> <CD>]"), "{tail}");
+    }
+
+    #[test]
+    fn a_stream_whose_length_misses_its_end_is_written_again_with_its_true_length() {
+        let text = "BT /F1 12 Tf 10 10 Td (the whole line of text) Tj ET";
+        let short = format!("<< /Length 12 /Filter [] >>\nstream\r\n{text}\r\nendstream");
+        let (bytes, _) = pdf(&[OBJECTS[0], OBJECTS[1], OBJECTS[2], &short]);
+        let (fixed, _) = rebuild(&bytes).unwrap();
+        let tail = String::from_utf8_lossy(&fixed[bytes.len()..]).into_owned();
+        let copy = format!("4 0 obj\n<< /Length {} /Filter [] >>\nstream\n{text}\nendstream\nendobj\n", text.len());
+        assert!(tail.contains(&copy), "{tail}");
+        let doc = pdf_extract::Document::load_mem(&fixed).unwrap();
+        let content = doc.get_object((4, 0)).unwrap().as_stream().unwrap().content.clone();
+        assert_eq!(content, text.as_bytes());
+        // A length that holds is left alone.
+        let (bytes, _) = pdf(&OBJECTS);
+        let (fixed, _) = rebuild(&bytes).unwrap();
+        assert!(!String::from_utf8_lossy(&fixed[bytes.len()..]).contains("obj"), "no object written again");
     }
 
     #[test]

@@ -179,6 +179,8 @@ def main():
     base = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="deltadoc-campaign-"))
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
+    # A copy: a rebuild of the binary during the campaign must not change what the runs compare.
+    a.deltadoc = str(shutil.copy2(a.deltadoc, base / "deltadoc"))
     model = Path(a.model).resolve() if a.model else base / "model"
     if not a.model:
         subprocess.run([a.deltadoc, "model", "synth", "--shape", "tiny", "--out", str(model)], check=True,

@@ -3,6 +3,7 @@
 # of figures per target: executions, coverage (edges), features, corpus size, findings.
 #
 #   fuzz/run.sh [SECONDS] [TARGET...]
+#   fuzz/run.sh --minimise [TARGET...]
 #
 # Seeds: the committed minimised corpus (fuzz/corpus/TARGET, its smallest 300 inputs within 512 KiB), plus, on the
 # first run of a target, the real documents of ../shared/corpus or $DELTADOC_CORPUS and the
@@ -16,9 +17,9 @@ if ! command -v cargo-fuzz >/dev/null; then
   cargo install cargo-fuzz --version 0.13.2 --locked
 fi
 ALL=(pdf_text pdf_page_images image_file text pipeline_yaml extract_schema snapshot)
-minimise=0
-if [ "${1:-}" = "--minimise" ]; then minimise=1; shift; fi
-seconds="${1:-60}"; shift || true
+minimise=0 seconds=60
+# `--minimise` takes no SECONDS: what follows it are targets.
+if [ "${1:-}" = "--minimise" ]; then minimise=1; shift; elif [ $# -gt 0 ]; then seconds=$1; shift; fi
 targets=("$@"); [ ${#targets[@]} -gt 0 ] || targets=("${ALL[@]}")
 corpus="${DELTADOC_CORPUS:-../../shared/corpus}"
 # `--sanitizer none`: the sanitizers need a nightly compiler; Rust's own checks and libFuzzer's

@@ -14,14 +14,39 @@ use crate::extract::{self, ExtractLimits};
 /// it costs anything.
 const CAP: u64 = 1 << 24;
 
+/// Moves libFuzzer's crash handler onto an alternate signal stack, once. Its handler runs on
+/// the thread's own stack, and the fuzz targets do not start through Rust's `main`, which would
+/// set up one: a stack overflow then killed the process before the input was saved (a second
+/// round of `pdf_text` ended so, with no artifact). On the alternate stack the handler saves
+/// the input like any other crash's.
+fn save_inputs_that_overflow_the_stack() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        const SIZE: usize = 1 << 20;
+        let stack: &'static mut [u8] = Box::leak(vec![0u8; SIZE].into_boxed_slice());
+        // SAFETY: the leaked buffer outlives the process's signal handling; sigaction reads and
+        // writes back libFuzzer's own SIGSEGV action with one more flag.
+        unsafe {
+            let ss = libc::stack_t { ss_sp: stack.as_mut_ptr().cast(), ss_flags: 0, ss_size: SIZE };
+            libc::sigaltstack(&ss, std::ptr::null_mut());
+            let mut act: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGSEGV, std::ptr::null(), &mut act);
+            act.sa_flags |= libc::SA_ONSTACK;
+            libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut());
+        }
+    });
+}
+
 /// PDF text per page (`deltadoc extract`), damaged-file repair included. pdf-extract's own
 /// panics are caught per page there, as they are here.
 pub fn pdf_text(data: &[u8]) {
+    save_inputs_that_overflow_the_stack();
     let _ = extract::pdf::extract(data, ExtractLimits { max_pages: 64 });
 }
 
 /// Page images of a PDF (`deltadoc extract --page N`): placement, composition and every codec.
 pub fn pdf_page_images(data: &[u8]) {
+    save_inputs_that_overflow_the_stack();
     let Ok(images) = PageImages::from_bytes(data.to_vec(), "application/pdf") else { return };
     for page in 1..=4 {
         let _ = images.page(page, CAP);

@@ -7,6 +7,7 @@
 
 pub mod image;
 pub mod isolated;
+mod nesting;
 pub(crate) mod page_image;
 pub(crate) mod pdf;
 pub(crate) mod text;

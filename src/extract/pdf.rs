@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use pdf_extract::{Document, ObjectId, PlainTextOutput};
 
-use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio, xref_rebuild};
+use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio, nesting, xref_rebuild};
 use crate::failure::Reason;
 
 /// Fewer visible characters than this on a page with an image: a scan, not text.
@@ -35,14 +35,19 @@ pub fn extract(bytes: &[u8], limits: ExtractLimits) -> Result<Extracted, (Reason
     let mut out = Vec::with_capacity(pages.len());
     for (&number, &id) in &pages {
         let mut text = String::new();
-        let run = catch_unwind(AssertUnwindSafe(|| {
-            let mut sink = PlainTextOutput::new(&mut text);
-            pdf_extract::output_doc_page(&doc, &mut sink, number)
-        }));
-        let problem = match run {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(p) => Some(panic_message(&p)),
+        let problem = match nesting::text_forms_fit(&doc, id) {
+            Err(why) => Some(why),
+            Ok(()) => {
+                let run = catch_unwind(AssertUnwindSafe(|| {
+                    let mut sink = PlainTextOutput::new(&mut text);
+                    pdf_extract::output_doc_page(&doc, &mut sink, number)
+                }));
+                match run {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(p) => Some(panic_message(&p)),
+                }
+            }
         };
         if let Some(p) = &problem {
             warnings.push(format!("page {number}: text layer could not be read ({p})"));
@@ -87,6 +92,11 @@ fn open(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, S
     }
     if doc.is_encrypted() {
         doc.decrypt("").map_err(|e| (Reason::Encrypted, format!("encrypted PDF: the empty password does not open it ({e})")))?;
+    }
+    let cut = nesting::cut_parent_loops(&mut doc);
+    if cut > 0 {
+        warnings
+            .push(format!("damaged PDF repaired: {cut} /Parent links of the page tree that loop or lead too far up were cut"));
     }
     Ok(doc)
 }

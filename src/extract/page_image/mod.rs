@@ -10,12 +10,16 @@
 //! masks) is composed onto a white canvas at the resolution of its sharpest image, then turned
 //! by the page's `/Rotate`.
 
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use anyhow::{Context, Result, bail};
 use image::{GrayImage, RgbImage};
-use pdf_extract::content::Content;
+use pdf_extract::content::{Content, Operation};
 use pdf_extract::{Dictionary, Document, Object, ObjectId, Stream};
 
 use super::image::load_bytes;
+use super::nesting::{FormBudget, resolve};
 use crate::failure::Reason;
 use codec::{Space, decode};
 
@@ -55,9 +59,6 @@ impl PageImages {
         }
     }
 }
-
-/// Form XObjects nest; a cycle or absurd depth in a damaged file stops here.
-const MAX_FORM_DEPTH: usize = 8;
 
 /// Reads page `page` (1-based) of `doc` as an image.
 /// Images (and the composed page) over `cap` pixels are refused or scaled down.
@@ -142,13 +143,6 @@ fn dim(d: &Dictionary, key: &[u8]) -> u64 {
     d.get(key).and_then(Object::as_i64).map(|v| v.max(0) as u64).unwrap_or(0)
 }
 
-fn resolve<'a>(doc: &'a Document, o: &'a Object) -> &'a Object {
-    match o {
-        Object::Reference(id) => doc.get_object(*id).unwrap_or(o),
-        o => o,
-    }
-}
-
 fn number(o: &Object) -> Option<f64> {
     o.as_float().map(f64::from).ok().or_else(|| o.as_i64().ok().map(|v| v as f64))
 }
@@ -187,47 +181,71 @@ struct Placed<'a> {
 
 /// Every image the page's content draws, in painting order.
 fn placements(doc: &Document, page: ObjectId) -> Vec<Placed<'_>> {
-    let Ok(content) = doc.get_page_content(page) else { return Vec::new() };
-    let mut out = Vec::new();
-    walk(doc, &content, &page_resources(doc, page), [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], 0, &mut out);
-    out
+    let Some(content) = doc.get_page_content(page).ok().and_then(|c| Content::decode(&c).ok()) else { return Vec::new() };
+    let mut walk = Walk { doc, budget: FormBudget::per_page(), forms: HashMap::new(), out: Vec::new() };
+    walk.run(&content.operations, &page_resources(doc, page), [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], 0);
+    walk.out
 }
 
-fn walk<'a>(doc: &'a Document, content: &[u8], res: &[&'a Dictionary], start: Matrix, depth: usize, out: &mut Vec<Placed<'a>>) {
-    let Ok(ops) = Content::decode(content) else { return };
-    let mut stack = Vec::new();
-    let (mut ctm, mut fill) = (start, [0u8; 3]);
-    let unit = |o: &Object| (number(o).unwrap_or(0.0).clamp(0.0, 1.0) * 255.0).round() as u8;
-    for op in &ops.operations {
-        let args = &op.operands;
-        match op.operator.as_str() {
-            "q" => stack.push((ctm, fill)),
-            "Q" => (ctm, fill) = stack.pop().unwrap_or((ctm, fill)),
-            "cm" => {
-                if let Some(m) = matrix(args) {
-                    ctm = then(&m, &ctm);
-                }
-            }
-            "g" if args.len() == 1 => fill = [unit(&args[0]); 3],
-            "rg" if args.len() == 3 => fill = [unit(&args[0]), unit(&args[1]), unit(&args[2])],
-            "k" if args.len() == 4 => fill = Space::Cmyk.rgb(&[unit(&args[0]), unit(&args[1]), unit(&args[2]), unit(&args[3])]),
-            "Do" => {
-                let Some(name) = args.first().and_then(|o| o.as_name().ok()) else { continue };
-                let Some(s) = find_xobject(doc, res, name) else { continue };
-                if is_subtype(s, b"Image") {
-                    out.push(Placed { stream: s, ctm, fill });
-                } else if is_subtype(s, b"Form") && depth < MAX_FORM_DEPTH {
-                    let form_matrix = s.dict.get(b"Matrix").ok().and_then(|m| m.as_array().ok()).and_then(|a| matrix(a));
-                    let m = then(&form_matrix.unwrap_or([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]), &ctm);
-                    let own = s.dict.get(b"Resources").ok().and_then(|r| resolve(doc, r).as_dict().ok());
-                    let res: Vec<&Dictionary> = own.into_iter().chain(res.iter().copied()).collect();
-                    if let Ok(body) = s.decompressed_content() {
-                        walk(doc, &body, &res, m, depth + 1, out);
+/// A page's content run for the images it draws, through the forms it draws. Each form is
+/// decoded once however often it is drawn, and forms that nest too deep or are drawn over and
+/// over (a damaged or hostile file) are left out.
+struct Walk<'a> {
+    doc: &'a Document,
+    budget: FormBudget,
+    /// Per form: its content's length and operations (`None`: it does not decode).
+    forms: HashMap<*const Stream, Option<Rc<(usize, Content)>>>,
+    out: Vec<Placed<'a>>,
+}
+
+impl<'a> Walk<'a> {
+    fn run(&mut self, ops: &[Operation], res: &[&'a Dictionary], start: Matrix, depth: usize) {
+        let doc = self.doc;
+        let mut stack = Vec::new();
+        let (mut ctm, mut fill) = (start, [0u8; 3]);
+        let unit = |o: &Object| (number(o).unwrap_or(0.0).clamp(0.0, 1.0) * 255.0).round() as u8;
+        for op in ops {
+            let args = &op.operands;
+            match op.operator.as_str() {
+                "q" => stack.push((ctm, fill)),
+                "Q" => (ctm, fill) = stack.pop().unwrap_or((ctm, fill)),
+                "cm" => {
+                    if let Some(m) = matrix(args) {
+                        ctm = then(&m, &ctm);
                     }
                 }
+                "g" if args.len() == 1 => fill = [unit(&args[0]); 3],
+                "rg" if args.len() == 3 => fill = [unit(&args[0]), unit(&args[1]), unit(&args[2])],
+                "k" if args.len() == 4 => {
+                    fill = Space::Cmyk.rgb(&[unit(&args[0]), unit(&args[1]), unit(&args[2]), unit(&args[3])])
+                }
+                "Do" => {
+                    let Some(name) = args.first().and_then(|o| o.as_name().ok()) else { continue };
+                    let Some(s) = find_xobject(doc, res, name) else { continue };
+                    if is_subtype(s, b"Image") {
+                        self.out.push(Placed { stream: s, ctm, fill });
+                    } else if is_subtype(s, b"Form")
+                        && let Some(form) = self.form(s)
+                        && self.budget.enter(depth + 1, form.0).is_ok()
+                    {
+                        let form_matrix = s.dict.get(b"Matrix").ok().and_then(|m| m.as_array().ok()).and_then(|a| matrix(a));
+                        let m = then(&form_matrix.unwrap_or([1.0, 0.0, 0.0, 1.0, 0.0, 0.0]), &ctm);
+                        let own = s.dict.get(b"Resources").ok().and_then(|r| resolve(doc, r).as_dict().ok());
+                        let res: Vec<&Dictionary> = own.into_iter().chain(res.iter().copied()).collect();
+                        self.run(&form.1.operations, &res, m, depth + 1);
+                    }
+                }
+                _ => {}
             }
-            _ => {}
         }
+    }
+
+    fn form(&mut self, s: &Stream) -> Option<Rc<(usize, Content)>> {
+        let decode = || {
+            let body = s.decompressed_content().ok()?;
+            Some(Rc::new((body.len(), Content::decode(&body).ok()?)))
+        };
+        self.forms.entry(s).or_insert_with(decode).clone()
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use memchr::memmem;
 use pdf_extract::{Document, ObjectId, PlainTextOutput};
 
 use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio, nesting, xref_rebuild};
@@ -118,20 +119,24 @@ fn with_empty_file_id(bytes: &[u8]) -> Option<Vec<u8>> {
 /// scanning it for objects ([`xref_rebuild`]), with a warning saying so.
 fn load(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, String)> {
     let mut notes = Vec::new();
-    let loaded = load_as_written(bytes, &mut notes);
+    let header = memmem::find(bytes, b"%PDF-");
+    let loaded = load_as_written(bytes, header, &mut notes);
     let damage = match &loaded {
         // An encrypted file shows no pages until decrypted: that is a password, not damage.
         Ok(doc) if doc.get_pages().is_empty() && !doc.trailer.has(b"Encrypt") && !doc.is_encrypted() => {
             "no pages could be found".to_string()
         }
-        Ok(doc) if !xref_offsets_hold(bytes, doc) => "the cross-reference table points at the wrong offsets".to_string(),
+        Ok(doc) if !xref_offsets_hold(&bytes[header.unwrap_or(0)..], doc) => {
+            "the cross-reference table points at the wrong offsets".to_string()
+        }
         Ok(_) => {
             warnings.append(&mut notes);
             return loaded.map_err(|e| (Reason::Parse, e));
         }
         Err(e) => e.clone(),
     };
-    if let Some((fixed, objects)) = xref_rebuild::rebuild(bytes)
+    if let Some(at) = header
+        && let Some((fixed, objects)) = xref_rebuild::rebuild(&bytes[at..])
         && let Ok(Ok(doc)) = catch_unwind(|| Document::load_mem(&fixed))
         && !doc.get_pages().is_empty()
     {
@@ -144,14 +149,14 @@ fn load(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, S
     loaded.map_err(|e| (Reason::Parse, format!("damaged PDF: {e}")))
 }
 
-/// The file as its own cross-reference table describes it.
-fn load_as_written(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, String> {
+/// The file as its own cross-reference table describes it (`header`: where `%PDF-` is).
+fn load_as_written(bytes: &[u8], header: Option<usize>, warnings: &mut Vec<String>) -> Result<Document, String> {
     let first = match catch_unwind(|| Document::load_mem(bytes)) {
         Ok(Ok(d)) => return Ok(d),
         Ok(Err(e)) => e.to_string(),
         Err(p) => panic_message(&p),
     };
-    if let Some(at) = bytes.windows(5).position(|w| w == b"%PDF-").filter(|&at| at > 0)
+    if let Some(at) = header.filter(|&at| at > 0)
         && let Ok(Ok(d)) = catch_unwind(|| Document::load_mem(&bytes[at..]))
     {
         warnings.push(format!("{at} bytes before the PDF header were skipped"));
@@ -162,8 +167,8 @@ fn load_as_written(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document,
 
 /// Whether every in-file entry of the loaded table points at its object's header (lopdf skips an
 /// object it cannot find, so a table with wrong offsets loads with objects silently missing).
-fn xref_offsets_hold(bytes: &[u8], doc: &Document) -> bool {
-    let data = bytes.windows(5).position(|w| w == b"%PDF-").map_or(bytes, |at| &bytes[at..]);
+/// `data` starts at the `%PDF-` header, where offsets count from.
+fn xref_offsets_hold(data: &[u8], doc: &Document) -> bool {
     let entries = doc.reference_table.entries.iter().filter_map(|(&num, e)| match *e {
         pdf_extract::xref::XrefEntry::Normal { offset, generation } => Some((num, generation, offset)),
         _ => None,

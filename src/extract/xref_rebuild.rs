@@ -12,11 +12,9 @@ use std::fmt::Write;
 
 use memchr::memmem;
 
-/// The file with a rebuilt cross-reference section appended, starting at its `%PDF-` header, and
-/// how many objects were found.
-pub fn rebuild(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
-    let base = memmem::find(bytes, b"%PDF-")?;
-    let data = &bytes[base..];
+/// The file (`data`, from its `%PDF-` header on) with a rebuilt cross-reference section
+/// appended, and how many objects were found.
+pub fn rebuild(data: &[u8]) -> Option<(Vec<u8>, usize)> {
     let objects = scan_objects(data);
     let root = trailer_keys(data, &objects).filter(|t| objects.contains_key(&t.root.0)).or_else(|| {
         // No usable trailer: the catalog is the last object that says it is one.
@@ -28,12 +26,12 @@ pub fn rebuild(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
     out.extend_from_slice(b"\n");
     // Streams whose `/Length` misses their `endstream` are written again after the file with
     // their true length, and the table points at the new copy.
+    let fixed: Vec<(u32, Vec<u8>)> =
+        objects.iter().filter_map(|(&num, &entry)| Some((num, with_true_length(data, &objects, num, entry)?))).collect();
     let mut objects = objects;
-    for (&num, entry) in objects.iter_mut() {
-        if let Some(fixed) = with_true_length(data, num, *entry) {
-            entry.1 = out.len();
-            out.extend_from_slice(&fixed);
-        }
+    for (num, copy) in fixed {
+        objects.entry(num).and_modify(|e| e.1 = out.len());
+        out.extend_from_slice(&copy);
     }
     let xref_at = out.len();
     let mut table = String::from("xref\n0 1\n0000000000 65535 f \n");
@@ -120,18 +118,19 @@ fn header_start(data: &[u8], kw: usize) -> Option<usize> {
 
 /// The object number and generation of an `N G obj` header at `at` (leading whitespace allowed).
 fn header_at(data: &[u8], at: usize) -> Option<(u32, u16)> {
-    let mut rest = data.get(at..)?;
-    let mut field = || -> Option<&[u8]> {
-        let start = rest.iter().position(|c| !c.is_ascii_whitespace())?;
-        let len = rest[start..].iter().take_while(|c| c.is_ascii_digit()).count();
-        let f = &rest[start..start + len];
-        rest = &rest[start + len..];
-        (len > 0).then_some(f)
-    };
-    let num: u32 = std::str::from_utf8(field()?).ok()?.parse().ok()?;
-    let gen_: u16 = std::str::from_utf8(field()?).ok()?.parse().ok()?;
-    let rest = rest.trim_ascii_start();
-    (rest.starts_with(b"obj") && rest.get(3).is_none_or(|&c| is_delimiter(c))).then_some((num, gen_))
+    let rest = data.get(at..)?;
+    let (num, a) = number_at(rest)?;
+    let (gen_, b) = number_at(&rest[a..])?;
+    let rest = rest[a + b..].trim_ascii_start();
+    let header = rest.starts_with(b"obj") && rest.get(3).is_none_or(|&c| is_delimiter(c));
+    header.then_some((u32::try_from(num).ok()?, u16::try_from(gen_).ok()?))
+}
+
+/// The unsigned number that `s` starts with after white space, and where it ends.
+fn number_at(s: &[u8]) -> Option<(u64, usize)> {
+    let start = s.iter().position(|c| !c.is_ascii_whitespace())?;
+    let len = s[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+    Some((std::str::from_utf8(&s[start..start + len]).ok()?.parse().ok()?, start + len))
 }
 
 fn is_delimiter(c: u8) -> bool {
@@ -182,9 +181,10 @@ fn dictionary_span(data: &[u8], at: usize) -> Option<(usize, usize)> {
 }
 
 /// The object `num` (generation and header offset in `entry`) written again with its stream's
-/// true `/Length`, when the length it declares as a number does not end at its `endstream`,
-/// as pdf.js and poppler read such streams; `None` when it has no stream or its length holds.
-fn with_true_length(data: &[u8], num: u32, (gen_, at): (u16, usize)) -> Option<Vec<u8>> {
+/// true `/Length`, when the length it declares (a number, or an object of `objects` holding one)
+/// does not end at its `endstream`, as pdf.js and poppler read such streams; `None` when it has
+/// no stream or its length holds.
+fn with_true_length(data: &[u8], objects: &BTreeMap<u32, (u16, usize)>, num: u32, (gen_, at): (u16, usize)) -> Option<Vec<u8>> {
     let (open, end) = dictionary_span(data, at)?;
     let dict = &data[open..end];
     let after = &data[end..];
@@ -196,12 +196,7 @@ fn with_true_length(data: &[u8], num: u32, (gen_, at): (u16, usize)) -> Option<V
     start +=
         if data[start..].starts_with(b"\r\n") { 2 } else { usize::from(data.get(start).is_some_and(|c| b"\r\n".contains(c))) };
     let key = memmem::find(dict, b"/Length")? + 7;
-    let value = dict[key..].iter().take_while(|c| c.is_ascii_whitespace() || c.is_ascii_digit()).count();
-    let declared: usize = std::str::from_utf8(&dict[key..key + value]).ok()?.trim().parse().ok()?;
-    // An indirect length (`5 0 R`) is the parser's to resolve.
-    if dict[key + value..].starts_with(b"R") {
-        return None;
-    }
+    let (declared, value) = declared_length(data, objects, &dict[key..])?;
     let holds = data.get(start.checked_add(declared)?..).is_some_and(|rest| rest.trim_ascii_start().starts_with(b"endstream"));
     if holds {
         return None;
@@ -216,12 +211,31 @@ fn with_true_length(data: &[u8], num: u32, (gen_, at): (u16, usize)) -> Option<V
     let stop = stop.max(start);
     let mut out = format!("{num} {gen_} obj\n").into_bytes();
     out.extend_from_slice(&dict[..key]);
-    out.extend_from_slice(format!(" {} ", stop - start).as_bytes());
+    out.extend_from_slice(format!(" {}", stop - start).as_bytes());
     out.extend_from_slice(&dict[key + value..]);
     out.extend_from_slice(b"\nstream\n");
     out.extend_from_slice(&data[start..stop]);
     out.extend_from_slice(b"\nendstream\nendobj\n");
     Some(out)
+}
+
+/// The length a `/Length` value declares (`v` starts after the key) and how many bytes the value
+/// takes: a number, or a reference (`5 0 R`) to an object of `objects` that holds one.
+fn declared_length(data: &[u8], objects: &BTreeMap<u32, (u16, usize)>, v: &[u8]) -> Option<(usize, usize)> {
+    let (first, a) = number_at(v)?;
+    if let Some((gen_, b)) = number_at(&v[a..])
+        && v[a + b..].trim_ascii_start().starts_with(b"R")
+    {
+        let &(g, at) = objects.get(&u32::try_from(first).ok()?)?;
+        if u64::from(g) != gen_ {
+            return None;
+        }
+        let body = data.get(at..)?;
+        let value = memmem::find(&body[..body.len().min(64)], b"obj")? + 3;
+        let written = a + b + (v[a + b..].len() - v[a + b..].trim_ascii_start().len()) + 1;
+        return Some((usize::try_from(number_at(&body[value..])?.0).ok()?, written));
+    }
+    Some((usize::try_from(first).ok()?, a))
 }
 
 /// `<< … >>` at the start of `s`, nested dictionaries and literal strings included; `None` when
@@ -342,6 +356,15 @@ mod tests {
         let doc = pdf_extract::Document::load_mem(&fixed).unwrap();
         let content = doc.get_object((4, 0)).unwrap().as_stream().unwrap().content.clone();
         assert_eq!(content, text.as_bytes());
+        // A length in an object of its own that misses too.
+        let indirect = format!("<< /Length 5 0 R >>\nstream\n{text}\nendstream");
+        let (bytes, _) = pdf(&[OBJECTS[0], OBJECTS[1], OBJECTS[2], &indirect, "12"]);
+        let (fixed, _) = rebuild(&bytes).unwrap();
+        let tail = String::from_utf8_lossy(&fixed[bytes.len()..]).into_owned();
+        assert!(tail.contains(&format!("4 0 obj\n<< /Length {} >>\nstream\n{text}\n", text.len())), "{tail}");
+        let (bytes, _) = pdf(&[OBJECTS[0], OBJECTS[1], OBJECTS[2], &indirect, &text.len().to_string()]);
+        let (fixed, _) = rebuild(&bytes).unwrap();
+        assert!(!String::from_utf8_lossy(&fixed[bytes.len()..]).contains("obj"), "an indirect length that holds");
         // A length that holds is left alone.
         let (bytes, _) = pdf(&OBJECTS);
         let (fixed, _) = rebuild(&bytes).unwrap();

@@ -232,16 +232,21 @@ fn a_full_state_folder_while_running_holds_the_ledger_until_space_returns() {
         })
     };
 
-    // Full before the file arrives: the ingest thread cannot record it.
+    // Full before the files arrive: the ingest thread cannot record them, and says so once.
     state.fill();
     std::fs::write(sb.path("inbox/first.md"), corpus_file(CONTRACT)).unwrap();
     let line = d.wait_log("first.md: database or disk is full", Duration::from_secs(30));
     assert!(line.contains(&sb.path("inbox/first.md").display().to_string()), "{line}");
+    std::fs::write(sb.path("inbox/first-b.md"), [corpus_file(CONTRACT), b"\n".to_vec()].concat()).unwrap();
     let refused = ledger_refusal();
     assert!(refused.contains(&sb.path("state/ledger.sqlite3").display().to_string()) && refused.contains("full"), "{refused}");
     assert_eq!(d.get("/livez").0, 200, "alive while the state folder is full");
+    std::thread::sleep(Duration::from_secs(3));
+    let said = d.log().lines().filter(|l| l.contains("database or disk is full") && l.contains("inbox/")).count();
+    assert_eq!(said, 1, "one warning for both files:\n{}", d.log());
     state.free();
-    wait_for("the first result", Duration::from_secs(120), || (sb.results().len() == 1).then_some(()));
+    d.wait_log("the state folder takes writes again", Duration::from_secs(60));
+    wait_for("the first results", Duration::from_secs(180), || (sb.results().len() == 2).then_some(()));
 
     // Full while a job runs: its result is written, its ledger update is held.
     std::fs::write(sb.path("inbox/second.md"), corpus_file(CONTRACT).repeat(2)).unwrap();
@@ -258,11 +263,11 @@ fn a_full_state_folder_while_running_holds_the_ledger_until_space_returns() {
     d.wait_log("second.md: done", Duration::from_secs(30));
     wait_for("/readyz to pass", Duration::from_secs(30), || (readyz(&d).0 == 200).then_some(()));
     d.stop();
-    for name in ["first.md", "second.md"] {
+    for name in ["first.md", "first-b.md", "second.md"] {
         let j = job(&sb, name);
         assert_eq!((j["state"].as_str(), j["attempts"].as_u64()), (Some("done"), Some(1)), "{j}");
     }
-    assert_eq!(files(&sb.path("out")), ["p/first.md.json", "p/second.md.json"]);
+    assert_eq!(files(&sb.path("out")), ["p/first-b.md.json", "p/first.md.json", "p/second.md.json"]);
     let integrity = Command::new("python3")
         .args(["-c", "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('PRAGMA integrity_check').fetchone()[0])"])
         .arg(sb.path("state/ledger.sqlite3"))

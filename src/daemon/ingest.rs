@@ -15,6 +15,7 @@ use super::events::{FileNoticed, FileRecorded, InternalEvent};
 use super::inbox::{self, Candidate, Filters, Inbox, Noticed, Seen, Stability, Watch};
 use super::metrics::Metrics;
 use super::signals::Signals;
+use super::storage;
 use crate::config::{Config, DuplicatePolicy};
 use crate::ledger::{self, Ledger, NewJob};
 
@@ -37,6 +38,8 @@ pub(crate) struct Ingest<'a> {
 struct Reported {
     unreachable: HashSet<PathBuf>,
     refused: HashSet<String>,
+    /// Files the ledger could not record since the state folder began refusing writes.
+    unrecorded: Option<usize>,
 }
 
 impl Ingest<'_> {
@@ -102,9 +105,30 @@ impl Ingest<'_> {
                 self.scan(&inboxes, &filters, &mut stability, missed, &mut reported);
             }
             for (c, (size, mtime)) in stability.take_ready(Instant::now()) {
-                if let Err(e) = self.record(&mut *ledger, &c, size, mtime) {
-                    tracing::warn!("{}: {e:#}", c.path().display());
-                    stability.forget(&c);
+                match self.record(&mut *ledger, &c, size, mtime) {
+                    // A state folder that refuses writes refuses them for every file: said once.
+                    // The files are found again by the rescans.
+                    Err(e) if storage::refused(&e) => {
+                        if reported.unrecorded.is_none() {
+                            tracing::warn!(
+                                "{}: {e:#}; files found while the state folder refuses writes are recorded once it takes them again",
+                                c.path().display()
+                            );
+                        }
+                        *reported.unrecorded.get_or_insert(0) += 1;
+                        stability.forget(&c);
+                    }
+                    Err(e) => {
+                        tracing::warn!("{}: {e:#}", c.path().display());
+                        stability.forget(&c);
+                    }
+                    Ok(()) => {
+                        if let Some(n) = reported.unrecorded.take() {
+                            tracing::info!(
+                                "the state folder takes writes again; {n} files that waited are found by the next rescans"
+                            );
+                        }
+                    }
                 }
             }
             let waiting = stability.waiting();

@@ -7,7 +7,8 @@
 #
 # Seeds: the committed minimised corpus (fuzz/corpus/TARGET, its smallest 300 inputs within 512 KiB), plus, on the
 # first run of a target, the real documents of ../shared/corpus or $DELTADOC_CORPUS and the
-# repository's own pipelines, schemas and test files. New inputs go to fuzz/work/TARGET (ignored by git); `fuzz/run.sh
+# repository's own pipelines, schemas and test files. Every run also reads fuzz/regressions/TARGET, the inputs of
+# findings that were fixed. New inputs go to fuzz/work/TARGET (ignored by git); `fuzz/run.sh
 # --minimise` folds them back into fuzz/corpus. A crash, hang or out-of-memory input is written to
 # fuzz/artifacts/TARGET and makes the script exit 1.
 set -euo pipefail
@@ -77,7 +78,10 @@ for t in "${targets[@]}"; do
   mkdir -p "artifacts/$t"
   log="work/$t.log"
   # 10 s per input and 2 GiB of memory at most: beyond that an input is a hang or a bomb.
-  if ! cargo fuzz run --sanitizer none -O "$t" "$work" -- \
+  # Inputs that once crashed or hung a target are read at every start, after the work corpus;
+  # minimising never drops them.
+  extra=(); [ -d "regressions/$t" ] && extra=("regressions/$t")
+  if ! cargo fuzz run --sanitizer none -O "$t" "$work" "${extra[@]}" -- \
       -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=2048 -max_len=1048576 \
       -print_final_stats=1 >"$log" 2>&1; then
     status=1

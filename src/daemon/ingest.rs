@@ -106,21 +106,21 @@ impl Ingest<'_> {
             }
             for (c, (size, mtime)) in stability.take_ready(Instant::now()) {
                 match self.record(&mut *ledger, &c, size, mtime) {
-                    // A state folder that refuses writes refuses them for every file: said once.
-                    // The files are found again by the rescans.
-                    Err(e) if storage::refused(&e) => {
-                        if reported.unrecorded.is_none() {
+                    // The file is found again by the rescans. A state folder that refuses writes
+                    // refuses them for every file: said once.
+                    Err(e) => {
+                        stability.forget(&c);
+                        if !storage::refused(&e) {
+                            tracing::warn!("{}: {e:#}", c.path().display());
+                        } else if let Some(n) = reported.unrecorded.as_mut() {
+                            *n += 1;
+                        } else {
                             tracing::warn!(
                                 "{}: {e:#}; files found while the state folder refuses writes are recorded once it takes them again",
                                 c.path().display()
                             );
+                            reported.unrecorded = Some(1);
                         }
-                        *reported.unrecorded.get_or_insert(0) += 1;
-                        stability.forget(&c);
-                    }
-                    Err(e) => {
-                        tracing::warn!("{}: {e:#}", c.path().display());
-                        stability.forget(&c);
                     }
                     Ok(()) => {
                         if let Some(n) = reported.unrecorded.take() {

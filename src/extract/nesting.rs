@@ -78,12 +78,17 @@ fn parent(doc: &Document, node: ObjectId) -> Option<ObjectId> {
     doc.get_dictionary(node).ok()?.get(b"Parent").ok()?.as_reference().ok()
 }
 
+/// The page's dictionary, then those of the nodes above it in the page tree, nearest first, for
+/// as long as `/Parent` leads on (a loop included: callers take as many as they look at).
+pub(super) fn ancestors(doc: &Document, page: ObjectId) -> impl Iterator<Item = &Dictionary> {
+    std::iter::successors(Some(page), move |&node| parent(doc, node)).map_while(move |id| doc.get_dictionary(id).ok())
+}
+
 /// Checks that the forms the page draws, as pdf-extract draws them, stay within a
 /// [`FormBudget`]; the error says why not.
 pub fn text_forms_fit(doc: &Document, page: ObjectId) -> Result<(), String> {
     let empty = Dictionary::new();
-    let Ok(dict) = doc.get_dictionary(page) else { return Ok(()) };
-    let resources = inherited_resources(doc, dict).unwrap_or(&empty);
+    let resources = inherited_resources(doc, page).unwrap_or(&empty);
     // A page that names no XObject draws no form: its content need not be read twice.
     if xobject_table(doc, resources).is_none_or(|t| t.is_empty()) {
         return Ok(());
@@ -110,12 +115,10 @@ struct Form {
 
 impl<'a> TextWalk<'a> {
     fn visit(&mut self, names: &[Vec<u8>], resources: &'a Dictionary, depth: usize) -> Result<(), String> {
+        let table = xobject_table(self.doc, resources);
         for name in names {
             // Where pdf-extract finds no XObject of that name it panics, which ends the page.
-            let Some(form) = xobject_table(self.doc, resources)
-                .and_then(|t| t.get(name).ok())
-                .and_then(|o| resolve(self.doc, o).as_stream().ok())
-            else {
+            let Some(form) = table.and_then(|t| t.get(name).ok()).and_then(|o| resolve(self.doc, o).as_stream().ok()) else {
                 return Ok(());
             };
             let read = || {
@@ -141,14 +144,8 @@ fn drawn(content: &[u8]) -> Option<Vec<Vec<u8>>> {
 }
 
 /// The page's resources as pdf-extract finds them: the nearest dictionary up the page tree.
-fn inherited_resources<'a>(doc: &'a Document, mut node: &'a Dictionary) -> Option<&'a Dictionary> {
-    for _ in 0..=MAX_TREE_DEPTH {
-        if let Some(r) = node.get(b"Resources").ok().and_then(|r| resolve(doc, r).as_dict().ok()) {
-            return Some(r);
-        }
-        node = doc.get_dictionary(node.get(b"Parent").ok()?.as_reference().ok()?).ok()?;
-    }
-    None
+fn inherited_resources(doc: &Document, page: ObjectId) -> Option<&Dictionary> {
+    ancestors(doc, page).take(MAX_TREE_DEPTH + 1).find_map(|node| resolve(doc, node.get(b"Resources").ok()?).as_dict().ok())
 }
 
 fn xobject_table<'a>(doc: &'a Document, resources: &'a Dictionary) -> Option<&'a Dictionary> {

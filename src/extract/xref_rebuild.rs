@@ -224,7 +224,8 @@ fn with_true_length(data: &[u8], objects: &BTreeMap<u32, (u16, usize)>, num: u32
 fn declared_length(data: &[u8], objects: &BTreeMap<u32, (u16, usize)>, v: &[u8]) -> Option<(usize, usize)> {
     let (first, a) = number_at(v)?;
     if let Some((gen_, b)) = number_at(&v[a..])
-        && v[a + b..].trim_ascii_start().starts_with(b"R")
+        && let r = v[a + b..].trim_ascii_start()
+        && r.starts_with(b"R")
     {
         let &(g, at) = objects.get(&u32::try_from(first).ok()?)?;
         if u64::from(g) != gen_ {
@@ -232,7 +233,8 @@ fn declared_length(data: &[u8], objects: &BTreeMap<u32, (u16, usize)>, v: &[u8])
         }
         let body = data.get(at..)?;
         let value = memmem::find(&body[..body.len().min(64)], b"obj")? + 3;
-        let written = a + b + (v[a + b..].len() - v[a + b..].trim_ascii_start().len()) + 1;
+        // Up to and with the `R`.
+        let written = v.len() - r.len() + 1;
         return Some((usize::try_from(number_at(&body[value..])?.0).ok()?, written));
     }
     Some((usize::try_from(first).ok()?, a))

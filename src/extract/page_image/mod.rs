@@ -19,7 +19,7 @@ use pdf_extract::content::{Content, Operation};
 use pdf_extract::{Dictionary, Document, Object, ObjectId, Stream};
 
 use super::image::load_bytes;
-use super::nesting::{FormBudget, resolve};
+use super::nesting::{FormBudget, ancestors, resolve};
 use crate::failure::Reason;
 use codec::{Space, decode};
 
@@ -262,14 +262,7 @@ fn media_box(doc: &Document, page: ObjectId) -> Option<[f64; 4]> {
 }
 
 fn inherited<'a>(doc: &'a Document, page: ObjectId, key: &[u8]) -> Option<&'a Object> {
-    let mut node = doc.get_dictionary(page).ok()?;
-    for _ in 0..32 {
-        if let Ok(v) = node.get(key) {
-            return Some(resolve(doc, v));
-        }
-        node = doc.get_dictionary(node.get(b"Parent").ok()?.as_reference().ok()?).ok()?;
-    }
-    None
+    ancestors(doc, page).take(32).find_map(|node| node.get(key).ok()).map(|v| resolve(doc, v))
 }
 
 /// A decoded image with what compositing needs.

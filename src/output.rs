@@ -50,6 +50,18 @@ pub(crate) struct DocResult {
     pub warnings: Vec<String>,
     /// RFC 3339 time the result was written.
     pub processed_at: String,
+    /// The ledger job that wrote it (absent from `deltadoc process`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRef>,
+}
+
+/// A result's job in the ledger, and the lease it was written under.
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub(crate) struct JobRef {
+    /// Ledger id.
+    pub id: i64,
+    /// Lease generation of the attempt that wrote it (`ledger/mod.rs`).
+    pub lease: i64,
 }
 
 /// Pipeline identity.
@@ -205,11 +217,81 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     replace_atomically(path, |f| f.write_all(bytes))
 }
 
-/// Writes a result as pretty JSON.
-pub(crate) fn write_result(path: &Path, r: &DocResult) -> Result<()> {
+/// Writes a job's result unless a later lease of the same job wrote one already: `Ok(false)`
+/// then. When no result is there the file is created exclusively (a hard link of the finished
+/// temporary file), so two workers of one job never both write it; an older result under the name
+/// (an earlier version of the document, another job) is replaced atomically. The temporary file
+/// carries the process id: in a fleet, workers on other machines may write beside it.
+pub(crate) fn write_result_once(path: &Path, r: &DocResult) -> Result<bool> {
     let mut bytes = serde_json::to_vec_pretty(r)?;
     bytes.push(b'\n');
-    write_atomic(path, &bytes)
+    write_once(path, &bytes, r.job)
+}
+
+/// [`write_result_once`] of serialised bytes written by `job`.
+fn write_once(path: &Path, bytes: &[u8], job: Option<JobRef>) -> Result<bool> {
+    let later = |path: &Path| -> Result<bool> {
+        let existing = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("{}: cannot read", path.display()))),
+        };
+        #[derive(serde::Deserialize)]
+        struct Written {
+            job: Option<JobRef>,
+        }
+        let theirs = serde_json::from_slice::<Written>(&existing).ok().and_then(|w| w.job);
+        Ok(matches!((theirs, job), (Some(t), Some(m)) if t.id == m.id && t.lease > m.lease))
+    };
+    if later(path)? {
+        return Ok(false);
+    }
+    let dir = path.parent().context("the path has no folder")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    let name = path.file_name().context("the path has no file name")?.to_string_lossy();
+    remove_leftovers(dir, &name);
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<bool> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => std::fs::remove_file(&tmp)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if later(path).map_err(std::io::Error::other)? {
+                    std::fs::remove_file(&tmp)?;
+                    return Ok(false);
+                }
+                std::fs::rename(&tmp, path)?;
+            }
+            // A file system without hard links (some SMB and FUSE mounts): a plain rename.
+            Err(_) => std::fs::rename(&tmp, path)?,
+        }
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(true)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("{}: cannot write", path.display()))
+    })
+}
+
+/// Removes the temporary files of `name` that killed writers left in `dir` (another worker's
+/// write in progress, possible only after it lost its lease, then fails and writes nothing).
+fn remove_leftovers(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        // `.<name>.<pid>.tmp`, or `.<name>.tmp` of older versions: nothing else of the folder.
+        let rest = n.to_str().and_then(|n| n.strip_prefix(&prefix));
+        let ours = rest.is_some_and(|r| {
+            r == "tmp" || r.strip_suffix(".tmp").is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if ours {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Copies `src` to `dest` through a temporary file: a kill mid-copy leaves no partial copy under
@@ -288,5 +370,33 @@ mod tests {
         let copy = dir.path().join("q/a.pdf");
         copy_atomically(&path, &copy).unwrap();
         assert_eq!(std::fs::read(&copy).unwrap(), b"{}\n");
+    }
+
+    #[test]
+    fn a_result_is_written_once_per_lease_and_never_over_a_later_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.pdf.json");
+        let result = |id: i64, lease: i64| {
+            let job = JobRef { id, lease };
+            (serde_json::to_vec(&serde_json::json!({ "job": job, "n": lease })).unwrap(), Some(job))
+        };
+        // Leftovers of killed writers of this name go, whatever process left them; others stay.
+        for leftover in [".a.pdf.json.4242.tmp", ".a.pdf.json.tmp", ".a.pdf.json.x.json.7.tmp", ".a.pdf.json.notes"] {
+            std::fs::write(dir.path().join(leftover), b"{\"half").unwrap();
+        }
+        let (bytes, job) = result(7, 2);
+        assert!(write_once(&path, &bytes, job).unwrap(), "nothing there: created");
+        let (stale, stale_job) = result(7, 1);
+        assert!(!write_once(&path, &stale, stale_job).unwrap(), "an earlier lease of the job writes nothing");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        let (retried, retried_job) = result(7, 3);
+        assert!(write_once(&path, &retried, retried_job).unwrap(), "a later lease replaces it (`deltadoc retry`)");
+        let (other, other_job) = result(9, 1);
+        assert!(write_once(&path, &other, other_job).unwrap(), "another job's result (changed content) is replaced");
+        assert_eq!(std::fs::read(&path).unwrap(), other);
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, [".a.pdf.json.notes", ".a.pdf.json.x.json.7.tmp", "a.pdf.json"]);
     }
 }

@@ -58,21 +58,6 @@ pub fn next_fire(spec: &ScheduleSpec, now: Timestamp) -> Option<Timestamp> {
     spec.cron.cron.find_next_occurrence(&zoned, false).ok().map(|z| z.timestamp())
 }
 
-/// A run in progress.
-#[derive(Clone, Debug)]
-pub struct ActiveRun {
-    /// Ledger id.
-    pub id: i64,
-    /// Window it serves.
-    pub due: Due,
-    /// Documents finished in it.
-    pub documents: u64,
-    /// Documents quarantined in it.
-    pub failures: u64,
-    /// Overrun already reported.
-    pub overrun_reported: bool,
-}
-
 /// What changed in one [`Scheduler::tick`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
@@ -105,46 +90,58 @@ pub enum Event {
     },
 }
 
-/// Tracks the runs of scheduled pipelines.
+/// Which scheduled pipelines are in a run. The runs themselves live in the ledger, so that the
+/// daemons sharing one each see the same runs: a fire starts one run however many daemons
+/// notice it (the ledger keeps one run per pipeline and fire time), every daemon works in it
+/// while it lasts, the first to find it out of work ends it, and the first to find it past its
+/// window reports the overrun. A daemon that restarts during a run joins it again.
 #[derive(Default)]
 pub struct Scheduler {
-    active: HashMap<String, (ActiveRun, f64)>,
+    /// Open runs by pipeline: the run id.
+    open: HashMap<String, i64>,
 }
 
 impl Scheduler {
-    /// Starts due runs and ends finished ones.
+    /// Starts due runs, joins and ends open ones; returns what this daemon did (another
+    /// daemon's start or end is its to report).
     pub fn tick(&mut self, now: Timestamp, ledger: &mut dyn Ledger, pipelines: &[Pipeline]) -> Result<Vec<Event>> {
-        let now_s = now.as_millisecond() as f64 / 1000.0;
+        let now_s = seconds(now);
         let mut events = Vec::new();
+        self.open.retain(|name, _| pipelines.iter().any(|p| p.name() == name && p.spec.schedule.is_some()));
         for p in pipelines {
             let Some(spec) = &p.spec.schedule else { continue };
             let name = p.name().to_string();
-            if let Some((run, started)) = self.active.get_mut(&name) {
+            let last = ledger.last_run(&name)?;
+            if let Some(run) = last.as_ref().filter(|r| r.ended_at.is_none()) {
+                self.open.insert(name.clone(), run.id);
                 if !ledger.has_work(&name, now_s)? {
-                    let overran = now > run.due.deadline;
-                    ledger.end_run(run.id, now_s, run.documents, run.failures == 0, overran)?;
-                    events.push(Event::Ended {
-                        pipeline: name.clone(),
-                        documents: run.documents,
-                        ok: run.failures == 0,
-                        overran,
-                        started: *started,
-                    });
-                    self.active.remove(&name);
-                } else if now > run.due.deadline && !run.overrun_reported {
-                    run.overrun_reported = true;
+                    let overran = now_s > run.deadline;
+                    if let Some(ended) = ledger.end_run(run.id, now_s, overran)? {
+                        events.push(Event::Ended {
+                            pipeline: name.clone(),
+                            documents: ended.documents,
+                            ok: ended.ok.unwrap_or(true),
+                            overran,
+                            started: ended.started_at,
+                        });
+                    }
+                    self.open.remove(&name);
+                } else if now_s > run.deadline && !run.overrun_reported && ledger.report_overrun(run.id)? {
                     events.push(Event::Overrun { pipeline: name.clone() });
                 }
                 continue;
             }
+            self.open.remove(&name);
             let first = ledger.first_seen(&name, now_s)?;
             let first_seen = Timestamp::from_millisecond((first * 1000.0) as i64).unwrap_or(Timestamp::UNIX_EPOCH);
-            let last = ledger.last_run(&name)?.and_then(|r| Timestamp::from_millisecond((r.planned_at * 1000.0) as i64).ok());
-            if let Some(d) = due(spec, now, last, first_seen) {
-                let planned_s = d.planned.as_millisecond() as f64 / 1000.0;
-                let id = ledger.start_run(&name, planned_s, now_s)?;
+            let last = last.and_then(|r| Timestamp::from_millisecond((r.planned_at * 1000.0) as i64).ok());
+            // When the run exists already, another daemon started it a moment ago: the next tick
+            // joins it.
+            if let Some(d) = due(spec, now, last, first_seen)
+                && let Some(id) = ledger.start_run(&name, seconds(d.planned), seconds(d.deadline), now_s)?
+            {
                 events.push(Event::Started { pipeline: name.clone(), planned: d.planned, catch_up: d.catch_up });
-                self.active.insert(name, (ActiveRun { id, due: d, documents: 0, failures: 0, overrun_reported: false }, now_s));
+                self.open.insert(name, id);
             }
         }
         Ok(events)
@@ -152,16 +149,10 @@ impl Scheduler {
 
     /// Whether documents of `pipeline` may run now.
     pub fn open(&self, p: &Pipeline) -> bool {
-        p.spec.schedule.is_none() || self.active.contains_key(p.name())
+        p.spec.schedule.is_none() || self.open.contains_key(p.name())
     }
+}
 
-    /// Counts a finished document towards its pipeline's run.
-    pub fn record(&mut self, pipeline: &str, ok: bool) {
-        if let Some((run, _)) = self.active.get_mut(pipeline) {
-            run.documents += 1;
-            if !ok {
-                run.failures += 1;
-            }
-        }
-    }
+fn seconds(t: Timestamp) -> f64 {
+    t.as_millisecond() as f64 / 1000.0
 }

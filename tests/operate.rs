@@ -577,3 +577,105 @@ fn kubernetes_manifests_validate_and_reference_each_other() {
         _ => skipped("ServiceMonitor CRD schema"),
     }
 }
+
+/// The host and port of a ledger URL (`postgres://user@host:port/db`).
+fn ledger_host(url: &str) -> (String, u16) {
+    let rest = url.strip_prefix("postgres://").unwrap_or_else(|| panic!("{url}: not a postgres:// URL"));
+    let authority = rest.split('/').next().unwrap();
+    let host_port = authority.rsplit('@').next().unwrap();
+    let (host, port) = host_port.split_once(':').unwrap_or((host_port, "5432"));
+    (host.to_string(), port.parse().unwrap())
+}
+
+/// A fleet (docs/fleet.md) as deployed: every daemon reaches the ledger's service with the password
+/// from the ledger's own secret, names itself uniquely and mounts the shared documents; the
+/// Kubernetes manifests pass kubernetes-validate, the compose file's references resolve.
+#[test]
+fn the_fleet_manifests_reference_each_other_and_validate() {
+    let fleet = deploy("k8s/fleet");
+    let kustomization: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(fleet.join("kustomization.yaml")).unwrap()).unwrap();
+    for r in kustomization["resources"].as_array().unwrap() {
+        assert!(fleet.join(r.as_str().unwrap()).exists(), "kustomization resource {r} is missing");
+    }
+    let mut docs = Vec::new();
+    for f in ["deployment.yaml", "postgres.yaml"] {
+        for doc in std::fs::read_to_string(fleet.join(f)).unwrap().split("\n---\n") {
+            docs.push(serde_saphyr::from_str::<Value>(doc).unwrap_or_else(|e| panic!("{f}: {e}")));
+        }
+    }
+    let kind = |k: &str| docs.iter().find(|v| v["kind"] == k).unwrap_or_else(|| panic!("no {k}"));
+    let (daemons, db, db_svc) = (kind("Deployment"), kind("StatefulSet"), kind("Service"));
+    let pod = &daemons["spec"]["template"];
+    let c = &pod["spec"]["containers"][0];
+    let env = |c: &Value, name: &str| c["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
+    let url = env(c, "DELTADOC_LEDGER").unwrap()["value"].as_str().unwrap().to_string();
+    let (host, port) = ledger_host(&url);
+    assert_eq!(db_svc["metadata"]["name"].as_str(), Some(host.as_str()), "the ledger URL names the PostgreSQL Service");
+    assert_eq!(db_svc["spec"]["ports"][0]["port"].as_u64(), Some(port as u64));
+    assert_eq!(env(c, "DELTADOC_WORKER_NAME").unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    // The password file lies in a mounted secret, the one PostgreSQL reads its password from.
+    let secret_of = |spec: &Value, container: &Value, file: &str| -> String {
+        let mount = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| file.starts_with(m["mountPath"].as_str().unwrap()))
+            .unwrap_or_else(|| panic!("{file} is on no mounted volume"));
+        let vol = spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+        vol["secret"]["secretName"].as_str().unwrap_or_else(|| panic!("{file} is not in a secret")).to_string()
+    };
+    let daemon_pw = env(c, "DELTADOC_LEDGER_PASSWORD_FILE").unwrap()["value"].as_str().unwrap().to_string();
+    let pg = &db["spec"]["template"]["spec"]["containers"][0];
+    let pg_pw = env(pg, "POSTGRES_PASSWORD_FILE").unwrap()["value"].as_str().unwrap().to_string();
+    assert_eq!(
+        secret_of(&pod["spec"], c, &daemon_pw),
+        secret_of(&db["spec"]["template"]["spec"], pg, &pg_pw),
+        "the daemons and PostgreSQL read one secret"
+    );
+    // The base's Service (and so its ServiceMonitor) selects the fleet's pods.
+    let base_svc: Value = serde_saphyr::from_str(&std::fs::read_to_string(deploy("k8s/service.yaml")).unwrap()).unwrap();
+    for (k, v) in base_svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod["metadata"]["labels"][k], v, "Service selector {k} does not match the fleet's pods");
+    }
+    let declared: BTreeSet<&str> =
+        pod["spec"]["volumes"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    for m in c["volumeMounts"].as_array().unwrap() {
+        assert!(declared.contains(m["name"].as_str().unwrap()), "volume {} is mounted but not declared", m["name"]);
+    }
+    match tool("kubernetes-validate") {
+        Some(kv) => {
+            let out =
+                run_clean(Command::new(kv).arg("--strict").arg(fleet.join("deployment.yaml")).arg(fleet.join("postgres.yaml")));
+            assert_eq!(out.matches("passed").count(), 3, "{out}");
+        }
+        None => skipped("kubernetes-validate of the fleet"),
+    }
+
+    // Compose: three daemons, one ledger service they wait for, secrets and volumes declared.
+    let compose: Value = serde_saphyr::from_str(&std::fs::read_to_string(deploy("compose/fleet.yaml")).unwrap()).unwrap();
+    let services = compose["services"].as_object().unwrap();
+    let daemons: Vec<(&String, &Value)> =
+        services.iter().filter(|(_, s)| s["environment"]["DELTADOC_LEDGER"].is_string()).collect();
+    assert!(daemons.len() >= 3, "{} daemons", daemons.len());
+    let names: BTreeSet<&str> = daemons.iter().map(|(_, s)| s["environment"]["DELTADOC_WORKER_NAME"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), daemons.len(), "worker names are unique");
+    for (name, s) in &daemons {
+        let (host, _) = ledger_host(s["environment"]["DELTADOC_LEDGER"].as_str().unwrap());
+        assert!(services[&host]["healthcheck"].is_object(), "{name}: the ledger service {host} has no health check");
+        assert_eq!(s["depends_on"][&host]["condition"], "service_healthy", "{name} starts before its ledger");
+        assert!(s["volumes"].as_array().unwrap().iter().any(|v| v.as_str().unwrap().ends_with(":/srv/deltadoc")));
+    }
+    for (name, s) in services {
+        for secret in s["secrets"].as_array().into_iter().flatten() {
+            assert!(compose["secrets"][secret.as_str().unwrap()].is_object(), "{name}: secret {secret} is not declared");
+        }
+        for v in s["volumes"].as_array().into_iter().flatten() {
+            let source = v.as_str().unwrap().split(':').next().unwrap();
+            assert!(
+                source.starts_with('.') || compose["volumes"].get(source).is_some(),
+                "{name}: volume {source} is not declared"
+            );
+        }
+    }
+}

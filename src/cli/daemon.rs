@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
 use super::{DaemonArgs, Outcome};
@@ -65,6 +65,66 @@ pub(super) enum ConfigCmd {
     Check(DaemonArgs),
 }
 
+/// Ledger commands.
+#[derive(Subcommand)]
+pub(super) enum LedgerCmd {
+    /// Bring the ledger's schema up to date (daemons do it at start too; several at once
+    /// migrate once) and say where it is.
+    Migrate(DaemonArgs),
+    /// Write everything the configured ledger holds (jobs, runs, hashes) to a JSON file, to move
+    /// it to another ledger with `import`. Stop the daemons first: running jobs are written as
+    /// queued.
+    Export {
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Fill the configured ledger, which must hold no jobs yet, from a file `export` wrote; jobs
+    /// keep their ids and states, so documents already done are not processed again.
+    Import {
+        /// The file `export` wrote.
+        file: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+}
+
+/// `deltadoc ledger …`.
+pub(super) fn ledger(c: LedgerCmd) -> Result<Outcome> {
+    match c {
+        LedgerCmd::Migrate(d) => {
+            let l = ledger::open(&d.load()?.daemon)?;
+            println!("ledger {}: schema up to date", l.describe());
+        }
+        LedgerCmd::Export { out, daemon } => {
+            let mut l = ledger::open(&daemon.load()?.daemon)?;
+            let contents = l.export()?;
+            let mut bytes = serde_json::to_vec(&contents)?;
+            bytes.push(b'\n');
+            crate::output::write_atomic(&out, &bytes)?;
+            eprintln!(
+                "{}: {} jobs, {} schedule runs, {} hashes from ledger {}",
+                out.display(),
+                contents.jobs.len(),
+                contents.runs.len(),
+                contents.hashes.len(),
+                l.describe()
+            );
+        }
+        LedgerCmd::Import { file, daemon } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+            let contents: ledger::Contents = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not a file `deltadoc ledger export` wrote", file.display()))?;
+            let mut l = ledger::open(&daemon.load()?.daemon)?;
+            l.import(&contents)?;
+            eprintln!("{}: {} jobs imported into ledger {}", file.display(), contents.jobs.len(), l.describe());
+        }
+    }
+    Ok(Outcome::Success)
+}
+
 /// `deltadoc serve`.
 pub(super) fn serve(d: DaemonArgs) -> Result<Outcome> {
     daemon::run(d.load()?, Mode::Serve)?;
@@ -115,7 +175,7 @@ pub(super) fn retry(r: RetryArgs) -> Result<Outcome> {
         bail!("name a job id or give --failed");
     }
     let cfg = r.daemon.load()?;
-    let n = ledger::open(&cfg.daemon.state_dir)?.retry(r.job)?;
+    let n = ledger::open(&cfg.daemon)?.retry(r.job)?;
     if let Some(id) = r.job
         && n == 0
     {
@@ -152,8 +212,9 @@ pub(super) fn config(c: ConfigCmd) -> Result<Outcome> {
 
 /// `deltadoc status`: queue per pipeline and state, schedules, recent jobs.
 fn print_status(cfg: &Config, recent: usize, json: bool) -> Result<()> {
-    let mut l = ledger::open(&cfg.daemon.state_dir)?;
+    let mut l = ledger::open(&cfg.daemon)?;
     let counts = l.counts()?;
+    let workers = l.workers()?;
     let jobs = l.recent(recent)?;
     let now = jiff::Timestamp::now();
     let mut schedules = Vec::new();
@@ -169,11 +230,27 @@ fn print_status(cfg: &Config, recent: usize, json: bool) -> Result<()> {
         let c: Vec<_> = counts.iter().map(|(p, s, n)| serde_json::json!({"pipeline": p, "state": s, "jobs": n})).collect();
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "counts": c, "schedules": schedules, "recent": jobs }))?
+            serde_json::to_string_pretty(&serde_json::json!({ "ledger": l.describe(), "workers": workers, "counts": c,
+                "schedules": schedules, "recent": jobs }))?
         );
         return Ok(());
     }
     println!("ledger {}", l.describe());
+    if workers.is_empty() {
+        println!("no daemon is running");
+    }
+    for w in &workers {
+        let doing = match (&w.document, &w.stage) {
+            (Some(d), Some(s)) => format!("job {} {} [{s}]", w.job.unwrap_or_default(), d.display()),
+            (Some(d), None) => format!("job {} {}", w.job.unwrap_or_default(), d.display()),
+            _ => "idle".into(),
+        };
+        let health = if w.stale() { " STALE: no heartbeat within its lease" } else { "" };
+        println!(
+            "worker {} ({}, pid {}): heartbeat {:.0} s ago, {} document(s) done, {doing}{health}",
+            w.name, w.host, w.pid, w.heartbeat_age_s, w.documents
+        );
+    }
     if counts.is_empty() {
         println!("no jobs yet");
     }

@@ -50,6 +50,9 @@ enum Cmd {
     /// Configuration commands.
     #[command(subcommand)]
     Config(daemon::ConfigCmd),
+    /// The job ledger: schema migrations.
+    #[command(subcommand)]
+    Ledger(daemon::LedgerCmd),
     /// Extract the text of a file per page (what the pipeline's extract step sees).
     Extract(extract::ExtractArgs),
 }
@@ -151,6 +154,7 @@ fn dispatch(cmd: Cmd) -> Result<Outcome> {
         Cmd::Status(s) => daemon::status(s),
         Cmd::Retry(r) => daemon::retry(r),
         Cmd::Config(c) => daemon::config(c),
+        Cmd::Ledger(l) => daemon::ledger(l),
         Cmd::Extract(e) => extract::run(e),
     }
 }

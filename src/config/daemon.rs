@@ -26,8 +26,15 @@ pub struct DaemonConfig {
     pub threads: usize,
     /// Memory a job may plan to use (weights + KV + state + activations).
     pub memory_budget: ByteSize,
-    /// Ledger, checkpoints and other daemon state.
+    /// Ledger (SQLite), checkpoints and other daemon state.
     pub state_dir: PathBuf,
+    /// A PostgreSQL URL (`postgres://user@host:port/database`): the job ledger a fleet of
+    /// daemons shares (`docs/fleet.md`). Absent: SQLite in `state_dir`, for one daemon.
+    pub ledger: Option<String>,
+    /// File holding the ledger's password when the URL has none (else `PGPASSWORD`).
+    pub ledger_password_file: Option<PathBuf>,
+    /// This daemon as a worker of the ledger.
+    pub worker: WorkerConfig,
     /// Folder of pipeline definitions (`*.yaml`).
     pub pipelines: PathBuf,
     /// Relative inbox, output and quarantine paths of pipelines are relative to this folder
@@ -51,6 +58,9 @@ impl Default for DaemonConfig {
             threads: 0,
             memory_budget: ByteSize(20 << 30),
             state_dir: "state".into(),
+            ledger: None,
+            ledger_password_file: None,
+            worker: WorkerConfig::default(),
             pipelines: "pipelines".into(),
             data_dir: None,
             metrics: MetricsConfig::default(),
@@ -78,6 +88,25 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     fn default() -> Self {
         Self { path: "models/current".into(), synth_if_missing: None, prefill_chunk: DEFAULT_PREFILL_CHUNK }
+    }
+}
+
+/// This daemon as a worker of the ledger.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Unique among the live daemons sharing a ledger (absent: the host name). A daemon restarted
+    /// under the same name takes back the jobs its predecessor was running at once; others take
+    /// them once their lease runs out.
+    pub name: Option<String>,
+    /// A worker silent this long (no heartbeat: its machine died, its network was cut, it was
+    /// paused) loses its jobs to the other daemons. Heartbeats go every third of it.
+    pub lease: Dur,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self { name: None, lease: Dur(Duration::from_secs(30)) }
     }
 }
 
@@ -184,6 +213,10 @@ pub fn apply_env_overrides(d: &mut DaemonConfig, var: impl Fn(&str) -> Option<St
     set(&mut d.threads, "DELTADOC_THREADS", &var)?;
     set(&mut d.memory_budget, "DELTADOC_MEMORY_BUDGET", &var)?;
     set(&mut d.state_dir, "DELTADOC_STATE_DIR", &var)?;
+    set(&mut d.ledger, "DELTADOC_LEDGER", &var)?;
+    set(&mut d.ledger_password_file, "DELTADOC_LEDGER_PASSWORD_FILE", &var)?;
+    set(&mut d.worker.name, "DELTADOC_WORKER_NAME", &var)?;
+    set(&mut d.worker.lease, "DELTADOC_WORKER_LEASE", &var)?;
     set(&mut d.pipelines, "DELTADOC_PIPELINES", &var)?;
     set(&mut d.data_dir, "DELTADOC_DATA_DIR", &var)?;
     set(&mut d.metrics.listen, "DELTADOC_METRICS_LISTEN", &var)?;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-pub use daemon::{DaemonConfig, IngestConfig, Limits, LogFormat, MetricsConfig, ModelConfig, apply_env_overrides};
+pub use daemon::{DaemonConfig, IngestConfig, Limits, LogFormat, MetricsConfig, ModelConfig, WorkerConfig, apply_env_overrides};
 pub use pipeline::{
     ContextSpec, DuplicatePolicy, InboxSpec, Pipeline, PipelineSpec, QuarantineMode, ScheduleSpec, load_pipeline, load_pipelines,
 };
@@ -65,6 +65,13 @@ impl Config {
                 daemon.limits.extract_timeout.0
             );
         }
+        if daemon.worker.lease.0 < std::time::Duration::from_secs(3) {
+            bail!(
+                "{shown}: field `worker.lease` ({:?}) must be at least 3s: heartbeats go every third of it, and a \
+                 busy machine or database must not cost a worker its job",
+                daemon.worker.lease.0
+            );
+        }
         // Relative paths are relative to the repository-style layout: the folder holding `config/`.
         let base = match &file {
             Some(f) => absolute(f)?.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or(std::env::current_dir()?),
@@ -75,6 +82,9 @@ impl Config {
         }
         if let Some(d) = &mut daemon.data_dir {
             *d = base.join(&*d);
+        }
+        if let Some(f) = &mut daemon.ledger_password_file {
+            *f = base.join(&*f);
         }
         let pipelines = load_pipelines(&daemon.pipelines, daemon.data_dir.as_deref())?;
         Ok(Self { daemon, file, pipelines })

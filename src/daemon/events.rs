@@ -13,7 +13,7 @@ use super::metrics::Metrics;
 use super::storage::Folder;
 use crate::extract::Method;
 use crate::failure::Failure;
-use crate::ledger::{Discovery, now_s, state};
+use crate::ledger::{Discovery, Takeover, WorkerState, now_s, state};
 use crate::llm::ModelInfo;
 use crate::output::DocResult;
 use crate::progress::DocProgress;
@@ -57,14 +57,19 @@ pub(crate) struct FileRecorded<'a> {
 impl InternalEvent for FileRecorded<'_> {
     fn emit(self, m: &Metrics) {
         let (path, pipeline) = (self.path.display(), self.pipeline);
-        match self.discovery {
-            Discovery::Queued(job) => tracing::info!("{path}: queued as job {job} ({pipeline})"),
+        let result = match self.discovery {
+            Discovery::Queued(job) => {
+                tracing::info!("{path}: queued as job {job} ({pipeline})");
+                "new"
+            }
             Discovery::Duplicate { of } => {
                 m.documents.with_label_values(&[pipeline, "skipped_duplicate"]).inc();
                 tracing::info!("{path}: same content as job {of}; skipped (duplicates: skip)");
+                "duplicate"
             }
-            Discovery::Known => {}
-        }
+            Discovery::Known => "known",
+        };
+        m.files_recorded.with_label_values(&[result]).inc();
     }
 }
 
@@ -143,6 +148,9 @@ pub(crate) enum Outcome<'a> {
     Quarantined { failure: &'a Failure },
     /// Shutdown stopped it; it goes back to the queue without counting an attempt.
     Interrupted,
+    /// Another worker took the job over while this one ran it (`LeaseLost` says so): nothing
+    /// written.
+    Lost,
 }
 
 impl InternalEvent for AttemptEnded<'_> {
@@ -167,6 +175,7 @@ impl InternalEvent for AttemptEnded<'_> {
                 format!("quarantined ({}: {})", f.reason.name(), f.message)
             }
             Outcome::Interrupted => "interrupted; queued again".into(),
+            Outcome::Lost => "taken over by another worker; nothing written".into(),
         };
         self.progress.finish(&line);
     }
@@ -279,13 +288,13 @@ pub(crate) struct WritesBlocked<'a> {
 
 impl InternalEvent for WritesBlocked<'_> {
     fn emit(self, m: &Metrics) {
-        let (folder, path) = (self.folder.name(), self.path.display());
+        let (folder, what, path) = (self.folder.name(), self.folder.what(), self.path.display());
         m.writes_blocked.with_label_values(&[folder]).set(1);
-        self.health.set_blocked(Some(format!("{folder} folder: {:#}", self.error)));
+        self.health.set_blocked(Some(format!("{what}: {:#}", self.error)));
         let retry = self.retry_in.as_secs();
         if self.first {
             tracing::error!(
-                "{:#}; the {folder} folder refuses the write, so deltadoc holds it and tries again in {retry} s \
+                "{:#}; the {what} refuses the write, so deltadoc holds it and tries again in {retry} s \
                  (the document is not run again)",
                 self.error
             );
@@ -307,13 +316,13 @@ pub(crate) struct WritesResumed<'a> {
 
 impl InternalEvent for WritesResumed<'_> {
     fn emit(self, m: &Metrics) {
-        let (folder, path, waited) = (self.folder.name(), self.path.display(), self.waited_s);
+        let (folder, what, path, waited) = (self.folder.name(), self.folder.what(), self.path.display(), self.waited_s);
         m.writes_blocked.with_label_values(&[folder]).set(0);
         self.health.set_blocked(None);
         if self.written {
-            tracing::info!("{path}: written after waiting {waited:.0} s for the {folder} folder");
+            tracing::info!("{path}: written after waiting {waited:.0} s for the {what}");
         } else {
-            tracing::warn!("{path}: the {folder} folder took writes again after {waited:.0} s, but this one failed otherwise");
+            tracing::warn!("{path}: the {what} took writes again after {waited:.0} s, but this one failed otherwise");
         }
     }
 }
@@ -361,6 +370,85 @@ impl InternalEvent for QueueSampled<'_> {
         }
         for (p, t) in self.oldest {
             m.oldest_queued_age.with_label_values(&[&p]).set((now_s() - t).max(0.0));
+        }
+    }
+}
+
+/// A worker sent no heartbeat within its lease: its job went back to the queue for another.
+pub(crate) struct LeaseTakenOver<'a> {
+    pub takeover: &'a Takeover,
+}
+
+impl InternalEvent for LeaseTakenOver<'_> {
+    fn emit(self, m: &Metrics) {
+        let t = self.takeover;
+        m.lease_takeovers.inc();
+        tracing::warn!(
+            "job {} ({}): worker {} sent no heartbeat for {:.0} s; its lease ran out and the job is queued again \
+             for another worker (an interruption, not a failed attempt)",
+            t.job,
+            t.document.display(),
+            t.worker,
+            t.silent_s
+        );
+    }
+}
+
+/// This worker finished a job another had taken over while it was silent: it writes nothing.
+pub(crate) struct LeaseLost<'a> {
+    pub job: i64,
+    pub document: &'a Path,
+    /// What it did not write.
+    pub withheld: &'a str,
+}
+
+impl InternalEvent for LeaseLost<'_> {
+    fn emit(self, m: &Metrics) {
+        m.leases_lost.inc();
+        tracing::warn!(
+            "job {} ({}): this worker lost its lease while it ran (paused, or cut off from the ledger, for longer than \
+             worker.lease) and another worker has the job now; the {} is not written",
+            self.job,
+            self.document.display(),
+            self.withheld
+        );
+    }
+}
+
+/// The heartbeat reached the ledger, or did not.
+pub(crate) struct LedgerReached<'a> {
+    pub ledger: &'a str,
+    /// The error, when it failed.
+    pub error: Option<&'a anyhow::Error>,
+    /// The previous heartbeat failed too (a failure is logged once, a recovery always).
+    pub was_down: bool,
+}
+
+impl InternalEvent for LedgerReached<'_> {
+    fn emit(self, m: &Metrics) {
+        m.ledger_up.set(self.error.is_none() as i64);
+        match (self.error, self.was_down) {
+            (Some(e), false) => tracing::error!("heartbeat: {e:#}; trying again (jobs stay leased to this worker meanwhile)"),
+            (None, true) => tracing::info!("heartbeat: the ledger {} answers again", self.ledger),
+            _ => {}
+        }
+    }
+}
+
+/// The ledger as a scrape found it: whether it took the probe's write, and its workers (`None`
+/// when it did not answer in time: the worker gauges keep their last values).
+pub(crate) struct FleetSampled<'a> {
+    pub workers: Option<&'a [WorkerState]>,
+    pub ledger_ok: bool,
+}
+
+impl InternalEvent for FleetSampled<'_> {
+    fn emit(self, m: &Metrics) {
+        m.ledger_up.set(self.ledger_ok as i64);
+        if let Some(workers) = self.workers {
+            let stale = workers.iter().filter(|w| w.stale()).count();
+            m.fleet_workers.with_label_values(&["live"]).set((workers.len() - stale) as i64);
+            m.fleet_workers.with_label_values(&["stale"]).set(stale as i64);
         }
     }
 }

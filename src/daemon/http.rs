@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::events::{InternalEvent, ProcessSampled, QueueSampled};
+use super::events::{FleetSampled, InternalEvent, ProcessSampled, QueueSampled};
 use super::health::{self, Check, Health, Readiness};
 use super::metrics::Metrics;
 use crate::config::Config;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, WorkerState};
 use crate::util::ProcessMemory;
 
 /// How long `/readyz` and `/metrics` wait for a check that touches a disk.
@@ -44,6 +44,7 @@ struct LedgerView {
     check: Check,
     counts: Vec<(String, String, u64)>,
     oldest: Vec<(String, f64)>,
+    workers: Vec<WorkerState>,
 }
 
 impl Probe {
@@ -91,7 +92,9 @@ impl Probe {
             .blocking("ledger".into(), move || {
                 let mut l = ledger.lock().unwrap_or_else(|p| p.into_inner());
                 let check = health::ledger_check(&mut **l);
-                LedgerView { check, counts: l.counts().unwrap_or_default(), oldest: l.oldest_queued().unwrap_or_default() }
+                let (counts, oldest, workers) =
+                    (l.counts().unwrap_or_default(), l.oldest_queued().unwrap_or_default(), l.workers().unwrap_or_default());
+                LedgerView { check, counts, oldest, workers }
             })
             .await;
         match r {
@@ -138,7 +141,10 @@ impl Probe {
             let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
             let names: Vec<String> = cfg.pipelines.iter().map(|p| p.name().to_string()).collect();
             let waiting = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
+            FleetSampled { workers: Some(&v.workers), ledger_ok: v.check.ok }.emit(&self.metrics);
             QueueSampled { pipelines: &names, counts: v.counts, oldest: v.oldest, waiting: &waiting }.emit(&self.metrics);
+        } else {
+            FleetSampled { workers: None, ledger_ok: false }.emit(&self.metrics);
         }
         self.metrics.render()
     }

@@ -47,7 +47,7 @@ impl Ingest<'_> {
     /// recorded, or until `stop` for a reload).
     pub fn run(&self) -> Result<()> {
         let d = &self.cfg.daemon;
-        let mut ledger = ledger::open(&d.state_dir)?;
+        let mut ledger = ledger::open(d)?;
         let inboxes = inbox::inboxes(&self.cfg.pipelines)?;
         let filters = Filters::new(&d.ingest.ignore)?;
         let mut stability = Stability::new(d.ingest.stable_window.0);

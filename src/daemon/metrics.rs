@@ -107,6 +107,12 @@ const PIPELINE_SCHEDULED: Series = Series::new(
     &["pipeline"],
 );
 const WATCH_EVENTS: Series = Series::new("deltadoc_watch_events_total", "Files noticed, by source.", &["source"]);
+const FILES_RECORDED: Series = Series::new(
+    "deltadoc_files_recorded_total",
+    "Stable files this daemon recorded in the ledger: a new job, a duplicate of one, or already known (in a fleet, \
+     mostly recorded by another daemon first).",
+    &["result"],
+);
 const RESCAN_FOUND: Series = Series::new(
     "deltadoc_rescan_found_total",
     "Files found by a periodic rescan that no filesystem event reported (the watcher misses events).",
@@ -156,6 +162,27 @@ const WRITES_BLOCKED: Series = Series::new(
     "deltadoc_writes_blocked",
     "1 while the worker holds a write that the folder's storage refuses (full, read-only, no permission).",
     &["folder"],
+);
+const LEDGER_UP: Series = Series::new(
+    "deltadoc_ledger_up",
+    "1 when the ledger answered the last heartbeat or probe, 0 while it cannot be reached.",
+    &[],
+);
+const FLEET_WORKERS: Series = Series::new(
+    "deltadoc_fleet_workers",
+    "Workers of the shared ledger by state (live, or stale: no heartbeat within their lease); every daemon reports \
+     the whole fleet, so aggregate with max, not sum.",
+    &["state"],
+);
+const LEASE_TAKEOVERS: Series = Series::new(
+    "deltadoc_lease_takeovers_total",
+    "Jobs this daemon queued again because the worker running them sent no heartbeat within its lease.",
+    &[],
+);
+const LEASES_LOST: Series = Series::new(
+    "deltadoc_leases_lost_total",
+    "Jobs this daemon finished after another took them over (it wrote nothing): it was paused or cut off.",
+    &[],
 );
 const CONFIG_RELOADS: Series =
     Series::new("deltadoc_config_reloads_total", "Configuration reloads on SIGHUP, by outcome.", &["outcome"]);
@@ -226,6 +253,7 @@ pub(crate) struct Metrics {
     pub(crate) pipeline_scheduled: IntGaugeVec,
     pub(crate) watch_events: IntCounterVec,
     pub(crate) rescan_found: IntCounter,
+    pub(crate) files_recorded: IntCounterVec,
     pub(crate) last_run_start: GaugeVec,
     pub(crate) last_run_end: GaugeVec,
     pub(crate) last_run_success: IntGaugeVec,
@@ -243,6 +271,10 @@ pub(crate) struct Metrics {
     pub(crate) worker_heartbeat_age: Gauge,
     pub(crate) config_reloads: IntCounterVec,
     pub(crate) writes_blocked: IntGaugeVec,
+    pub(crate) ledger_up: IntGauge,
+    pub(crate) fleet_workers: IntGaugeVec,
+    pub(crate) lease_takeovers: IntCounter,
+    pub(crate) leases_lost: IntCounter,
 }
 
 impl Metrics {
@@ -273,6 +305,7 @@ impl Metrics {
             pipeline_scheduled: register(&r, &PIPELINE_SCHEDULED)?,
             watch_events: register(&r, &WATCH_EVENTS)?,
             rescan_found: register(&r, &RESCAN_FOUND)?,
+            files_recorded: register(&r, &FILES_RECORDED)?,
             last_run_start: register(&r, &LAST_RUN_START)?,
             last_run_end: register(&r, &LAST_RUN_END)?,
             last_run_success: register(&r, &LAST_RUN_SUCCESS)?,
@@ -290,6 +323,10 @@ impl Metrics {
             worker_heartbeat_age: register(&r, &WORKER_HEARTBEAT_AGE)?,
             config_reloads: register(&r, &CONFIG_RELOADS)?,
             writes_blocked: register(&r, &WRITES_BLOCKED)?,
+            ledger_up: register(&r, &LEDGER_UP)?,
+            fleet_workers: register(&r, &FLEET_WORKERS)?,
+            lease_takeovers: register(&r, &LEASE_TAKEOVERS)?,
+            leases_lost: register(&r, &LEASES_LOST)?,
             registry: r,
         })
     }
@@ -338,6 +375,9 @@ impl Metrics {
         }
         for folder in super::storage::Folder::ALL {
             self.writes_blocked.with_label_values(&[folder.name()]);
+        }
+        for result in ["new", "duplicate", "known"] {
+            self.files_recorded.with_label_values(&[result]);
         }
         Ok(())
     }

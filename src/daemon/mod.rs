@@ -5,12 +5,15 @@
 //! between documents. What happens is reported through [`events`].
 //!
 //! Data flows one way: inbox → ledger → worker → result or quarantine. The ledger is the only
-//! hand-over between the threads, so a crash anywhere loses nothing: on restart running jobs
-//! are queued again and results are overwritten in place, never duplicated.
+//! hand-over between the threads (and, with a PostgreSQL ledger, between the daemons of a
+//! fleet), so a crash anywhere loses nothing: on restart running jobs are queued again, a dead
+//! daemon's jobs go to the others when its lease runs out ([`heartbeat`]), and results are
+//! written once, never duplicated.
 
 mod crash_marker;
 mod events;
 mod health;
+mod heartbeat;
 mod http;
 mod inbox;
 mod ingest;
@@ -35,7 +38,7 @@ pub use signals::Signals;
 use crate::config::Config;
 use crate::extract::isolated::{Extraction, Isolation};
 use crate::failure::Failure;
-use crate::ledger;
+use crate::ledger::{self, WorkerId};
 use crate::llm::TextModel;
 use crate::output::DocResult;
 use crate::pipeline::{self, Context};
@@ -45,6 +48,7 @@ use crate::stage::{Journal, Runner, Stop};
 use crash_marker::CrashMarker;
 use events::{ConfigReloadRefused, ConfigReloaded, InternalEvent, ModelLoaded};
 use health::Health;
+use heartbeat::{Heartbeat, Watch};
 use metrics::Metrics;
 use worker::{Exit, Worker};
 
@@ -74,7 +78,10 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let metrics = Arc::new(Metrics::new()?);
     let state_dir = cfg.daemon.state_dir.clone();
     storage::check_state_folder(&state_dir)?;
-    let mut ledger = ledger::open(&state_dir)?;
+    let mut ledger = ledger::open(&cfg.daemon)?;
+    let me = worker_id(&cfg);
+    let worker_id = ledger.join(&me)?;
+    tracing::info!("ledger {}: joined as worker {} ({}, pid {})", ledger.describe(), me.name, me.host, me.pid);
     let (marker, died_at) = CrashMarker::open(&state_dir)?;
     marker.arm();
     let blamed = died_at.as_ref().and_then(|p| Some((p.job, p.blame()?)));
@@ -86,6 +93,9 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         );
     }
     prune_journals(&state_dir, &mut *ledger)?;
+    let watch = Arc::new(Watch::default());
+    let lease = cfg.daemon.worker.lease.0;
+    let beat = Heartbeat::start(ledger::open(&cfg.daemon)?, worker_id, lease, watch.clone(), metrics.clone())?;
     metrics.init_pipelines(&cfg.pipelines, &mut *ledger)?;
     let waiting: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let health = Arc::new(Health::new(cfg.daemon.metrics.stall_after.0));
@@ -93,7 +103,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let cfg = current_cfg(&current);
     if cfg.daemon.metrics.enabled {
         let probe =
-            http::Probe::new(metrics.clone(), health.clone(), ledger::open(&state_dir)?, current.clone(), waiting.clone());
+            http::Probe::new(metrics.clone(), health.clone(), ledger::open(&cfg.daemon)?, current.clone(), waiting.clone());
         let addr = http::serve(&cfg.daemon.metrics.listen, Arc::new(probe))?;
         tracing::info!("metrics at http://{addr}/metrics, health at /livez and /readyz");
     }
@@ -116,6 +126,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         clock: &SystemClock,
         signals,
         marker: &marker,
+        watch: &watch,
         processed: 0,
     };
     if let (Some((job, in_a_row)), Some(place)) = (recovery.crashed, &died_at) {
@@ -148,7 +159,32 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         Some(t) => t.handle.join().map_err(|_| anyhow!("the ingest thread panicked"))?,
         None => Ok(()),
     };
+    beat.stop();
+    // Only after a clean stop: a worker that stopped under a job leaves it leased, for its next
+    // start (same name) or the other daemons (when the lease runs out) to take back.
+    if r.is_ok() {
+        worker.ledger.leave(worker_id)?;
+    }
     r.and(ing)
+}
+
+/// This daemon as a worker of the ledger: `worker.name` or the host name.
+fn worker_id(cfg: &Config) -> WorkerId {
+    let host = host_name();
+    let name = cfg.daemon.worker.name.clone().unwrap_or_else(|| host.clone());
+    WorkerId { name, host, pid: std::process::id(), lease_s: cfg.daemon.worker.lease.0.as_secs_f64() }
+}
+
+/// The machine's host name (`localhost` if it has none).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if ok && !h.is_empty() => h.to_string(),
+        _ => "localhost".into(),
+    }
 }
 
 /// Removes the journals (`stage/journal.rs`) of jobs that have ended or are gone: a job ended
@@ -247,6 +283,8 @@ fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
         ("model", o.model.path != n.model.path || o.model.prefill_chunk != n.model.prefill_chunk),
         ("threads", o.threads != n.threads),
         ("state_dir", o.state_dir != n.state_dir),
+        ("ledger", o.ledger != n.ledger || o.ledger_password_file != n.ledger_password_file),
+        ("worker", o.worker.name != n.worker.name || o.worker.lease.0 != n.worker.lease.0),
         ("metrics", o.metrics.listen != n.metrics.listen || o.metrics.enabled != n.metrics.enabled),
     ];
     for (field, changed) in fixed {
@@ -257,6 +295,7 @@ fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
     n.model = o.model.clone();
     n.threads = o.threads;
     n.state_dir = o.state_dir.clone();
+    (n.ledger, n.ledger_password_file, n.worker) = (o.ledger.clone(), o.ledger_password_file.clone(), o.worker.clone());
     n.metrics = o.metrics.clone();
     Some(new)
 }
@@ -273,6 +312,7 @@ pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::res
         model: &mut model,
         deadline: Instant::now() + cfg.daemon.limits.document_timeout.0,
         shutdown: signals.shutdown_flag(),
+        abandoned: &AtomicBool::new(false),
         on_step: &mut on_step,
         on_prefill: &|n| show.prefilled(n),
         heartbeat: &|| (),

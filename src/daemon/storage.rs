@@ -2,7 +2,8 @@
 //! permissions or a failing device are not the document's fault: a result or a quarantine entry
 //! that cannot be written is held, and its write is retried with a growing pause until the
 //! storage takes it again (the document is not run again and no attempt is counted). The ledger
-//! is held the same way when its folder refuses writes. Meanwhile `/readyz` fails its `storage`
+//! is held the same way when its folder refuses writes, or when its database (a fleet's
+//! PostgreSQL) cannot be reached. Meanwhile `/readyz` fails its `storage`
 //! check, `deltadoc_writes_blocked{folder}` is 1, and the log says every retry which path
 //! refuses and why. A drain (SIGTERM) ends the wait: the job goes back to the queue.
 //!
@@ -30,8 +31,10 @@ pub(crate) enum Folder {
     Output,
     /// A pipeline's quarantine folder.
     Quarantine,
-    /// The state folder (the ledger).
+    /// The state folder (the SQLite ledger).
     State,
+    /// The ledger database of a fleet.
+    Ledger,
 }
 
 impl Folder {
@@ -41,11 +44,22 @@ impl Folder {
             Folder::Output => "output",
             Folder::Quarantine => "quarantine",
             Folder::State => "state",
+            Folder::Ledger => "ledger",
+        }
+    }
+
+    /// What it is, for people.
+    pub fn what(self) -> &'static str {
+        match self {
+            Folder::Output => "output folder",
+            Folder::Quarantine => "quarantine folder",
+            Folder::State => "state folder",
+            Folder::Ledger => "ledger database",
         }
     }
 
     /// Every value, to create the series at zero.
-    pub const ALL: [Folder; 3] = [Folder::Output, Folder::Quarantine, Folder::State];
+    pub const ALL: [Folder; 4] = [Folder::Output, Folder::Quarantine, Folder::State, Folder::Ledger];
 }
 
 /// How a held write ended without succeeding.
@@ -74,7 +88,7 @@ pub(crate) fn refused(e: &anyhow::Error) -> bool {
             matches!(io.kind(), StorageFull | QuotaExceeded | ReadOnlyFilesystem | PermissionDenied)
                 || io.raw_os_error() == Some(libc::EIO)
         }
-        None => crate::ledger::refused_by_storage(cause),
+        None => crate::ledger::refused_by_storage(cause) || crate::ledger::unreachable(cause),
     })
 }
 

@@ -10,6 +10,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::crash_marker::CrashMarker;
 use super::health::Health;
+use super::heartbeat::Watch;
 use super::inbox::{self, Candidate};
 use super::ingest::Ingest;
 use super::metrics::Metrics;
@@ -47,6 +48,7 @@ impl Clock for FakeClock {
 struct Install {
     dir: tempfile::TempDir,
     marker: CrashMarker,
+    watch: Watch,
     metrics: Metrics,
     health: Health,
     signals: Signals,
@@ -63,6 +65,7 @@ impl Install {
         let i = Self {
             dir,
             marker,
+            watch: Watch::default(),
             metrics: Metrics::new().unwrap(),
             health: Health::new(std::time::Duration::from_secs(900)),
             signals: Signals::new(),
@@ -97,7 +100,7 @@ impl Install {
     fn worker(&self) -> Worker<'_> {
         let cfg = Arc::new(self.config());
         Worker {
-            ledger: ledger::open(&cfg.daemon.state_dir).unwrap(),
+            ledger: ledger::open(&cfg.daemon).unwrap(),
             cfg,
             metrics: &self.metrics,
             health: &self.health,
@@ -106,6 +109,7 @@ impl Install {
             clock: &self.clock,
             signals: &self.signals,
             marker: &self.marker,
+            watch: &self.watch,
             processed: 0,
         }
     }
@@ -178,7 +182,7 @@ fn a_failing_document_is_retried_after_doubling_waits_then_quarantined_and_retry
 
     // `deltadoc retry JOB`: queued again with fresh attempts; the model works now.
     let id = w.ledger.recent(1).unwrap()[0].id;
-    assert_eq!(ledger::open(&install.path("state")).unwrap().retry(Some(id)).unwrap(), 1);
+    assert_eq!(ledger::open(&install.config().daemon).unwrap().retry(Some(id)).unwrap(), 1);
     assert_eq!(job_state(&mut w), (state::QUEUED.into(), 0));
     assert_eq!(tick(&mut w, &mut model, Mode::Serve), Tick::Worked);
     assert_eq!(job_state(&mut w), (state::DONE.into(), 1));

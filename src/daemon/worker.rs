@@ -1,7 +1,13 @@
 //! The worker: claims the next job the schedules allow, runs its document through the pipeline,
 //! writes the result, or retries with doubling backoff, or quarantines. It talks to the ledger
 //! only through [`Ledger`], and reads time from a [`Clock`], so tests drive it with a fake one.
+//!
+//! Every ledger write about a job carries the job's [`Lease`](crate::ledger::Lease), and before it writes a result or
+//! quarantines a document the worker asks the ledger whether the lease is still its own: a
+//! worker that was paused or cut off past its lease, while another daemon took the job over,
+//! writes nothing (`ledger/mod.rs`).
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,8 +17,11 @@ use jiff::Timestamp;
 
 use super::Mode;
 use super::crash_marker::{CrashMarker, Place};
-use super::events::{AttemptEnded, DocumentCrashedDaemon, DocumentStarted, InternalEvent, Outcome, Prefilled, StepStarted};
+use super::events::{
+    AttemptEnded, DocumentCrashedDaemon, DocumentStarted, InternalEvent, LeaseLost, Outcome, Prefilled, StepStarted,
+};
 use super::health::Health;
+use super::heartbeat::Watch;
 use super::metrics::Metrics;
 use super::signals::Signals;
 use super::storage::{Folder, Held, Storage};
@@ -21,7 +30,7 @@ use crate::extract::isolated::Extraction;
 use crate::failure::{Failure, Reason};
 use crate::ledger::{Job, Ledger, state};
 use crate::llm::TextModel;
-use crate::output::{self, ErrorReport};
+use crate::output::{self, ErrorReport, JobRef};
 use crate::pipeline::{self, Context, DocLimits};
 use crate::progress::DocProgress;
 use crate::schedule::{Clock, Scheduler};
@@ -65,6 +74,8 @@ pub(crate) struct Worker<'a> {
     pub signals: &'a Signals,
     /// Where the running job is, for the next start if this process dies under it.
     pub marker: &'a CrashMarker,
+    /// The running job, for the heartbeat, which says when another worker took it over.
+    pub watch: &'a Watch,
     /// Documents run since the last start or reload.
     pub processed: usize,
 }
@@ -109,10 +120,10 @@ impl<'a> Worker<'a> {
         }
         let now = self.clock.now();
         if mode == Mode::Serve {
+            let (folder, place) = self.ledger_place();
             let (storage, cfg, scheduler, ledger) = (self.storage(), &self.cfg, &mut self.scheduler, &mut self.ledger);
-            let events = storage
-                .hold(Folder::State, &cfg.daemon.state_dir, || scheduler.tick(now, &mut **ledger, &cfg.pipelines))
-                .map_err(Held::into_error)?;
+            let events =
+                storage.hold(folder, &place, || scheduler.tick(now, &mut **ledger, &cfg.pipelines)).map_err(Held::into_error)?;
             for ev in events {
                 ev.emit(self.metrics);
             }
@@ -148,9 +159,10 @@ impl<'a> Worker<'a> {
 
     fn run_job(&mut self, model: &mut dyn TextModel, job: Job) -> Result<()> {
         let cfg = self.cfg.clone();
+        let lease = job.lease();
         let Ok(p) = cfg.pipeline(&job.pipeline) else {
             tracing::warn!("job {}: pipeline {:?} is no longer configured; left queued", job.id, job.pipeline);
-            self.ledger.release(job.id)?;
+            self.record(|l| l.release(lease))?;
             return Ok(());
         };
         let now = unix_s(self.clock.now());
@@ -159,6 +171,7 @@ impl<'a> Worker<'a> {
         let started = Instant::now();
         let marker = self.marker;
         marker.start(job.id);
+        self.watch.running(Some(lease));
         let journal = Journal::of_job(&cfg.daemon.state_dir, job.id);
         let result = {
             let ledger = &mut self.ledger;
@@ -166,13 +179,14 @@ impl<'a> Worker<'a> {
             let mut on_step = |s: &str| {
                 StepStarted { step: s, progress: &show }.emit(metrics);
                 marker.step(s);
-                let _ = ledger.set_stage(job.id, s);
+                let _ = ledger.set_stage(lease, s);
             };
             let health = self.health;
             let runner = Runner {
                 model,
                 deadline: Instant::now() + cfg.daemon.limits.document_timeout.0,
                 shutdown: self.signals.shutdown_flag(),
+                abandoned: &self.watch.lost,
                 on_step: &mut on_step,
                 on_prefill: &|n| Prefilled { tokens: n, progress: &show }.emit(metrics),
                 heartbeat: &|| {
@@ -186,28 +200,44 @@ impl<'a> Worker<'a> {
             pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
         };
         let seconds = started.elapsed().as_secs_f64();
+        let (name, progress) = (p.name(), &show);
+        // Asked once the work is done, not before each write: the answer renews the lease for a
+        // whole lease period, far longer than the write takes.
+        let lost = self.watch.lost.load(Ordering::SeqCst);
+        self.watch.running(None);
+        if lost || (result.is_ok() && !self.record(|l| l.holds(lease))?) {
+            LeaseLost { job: job.id, document: &job.rel_path, withheld: "result" }.emit(self.metrics);
+            AttemptEnded { pipeline: name, seconds, outcome: Outcome::Lost, progress }.emit(self.metrics);
+            marker.clear();
+            return Ok(());
+        }
         let storage = self.storage();
-        let written = result.and_then(|r| {
+        let written = result.and_then(|mut r| {
             let out = output::result_path(&p.output, &job.rel_path);
             marker.step("write");
-            storage.hold(Folder::Output, &out, || output::write_result(&out, &r)).map_err(|held| match held {
-                Held::Drained(_) => Stop::Interrupted,
-                Held::Failed(e) => Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))),
-            })?;
-            Ok((r, out))
+            r.job = Some(JobRef { id: job.id, lease: lease.generation });
+            let wrote =
+                storage.hold(Folder::Output, &out, || output::write_result_once(&out, &r)).map_err(|held| match held {
+                    Held::Drained(_) => Stop::Interrupted,
+                    Held::Failed(e) => Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))),
+                })?;
+            Ok((r, out, wrote))
         });
-        let (name, progress) = (p.name(), &show);
         match written {
-            Ok((r, out)) => {
+            Ok((r, out, wrote)) => {
                 let now = unix_s(self.clock.now());
-                self.record(|l| l.done(job.id, &out, now))?;
+                if !wrote || !self.record(|l| l.done(lease, &out, now))? {
+                    LeaseLost { job: job.id, document: &job.rel_path, withheld: "result" }.emit(self.metrics);
+                    AttemptEnded { pipeline: name, seconds, outcome: Outcome::Lost, progress }.emit(self.metrics);
+                    marker.clear();
+                    return Ok(());
+                }
                 journal.clear();
-                self.scheduler.record(name, true);
                 let outcome = Outcome::Done { result: &r, output: &out };
                 AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
             }
             Err(Stop::Interrupted) => {
-                self.record(|l| l.release(job.id))?;
+                self.record(|l| l.release(lease))?;
                 AttemptEnded { pipeline: name, seconds, outcome: Outcome::Interrupted, progress }.emit(self.metrics);
             }
             Err(Stop::Failed(f)) => {
@@ -228,13 +258,22 @@ impl<'a> Worker<'a> {
         Storage { metrics: self.metrics, health: self.health, signals: self.signals }
     }
 
-    /// A ledger write, held while the state folder refuses it (`daemon/storage.rs`). A drain
-    /// during the wait ends the daemon with the error: the next start recovers the job.
+    /// Where the ledger lives, for a held write: the state folder, or the database.
+    fn ledger_place(&self) -> (Folder, PathBuf) {
+        match self.ledger.folder() {
+            Some(dir) => (Folder::State, dir.to_path_buf()),
+            None => (Folder::Ledger, PathBuf::from(self.ledger.describe())),
+        }
+    }
+
+    /// A ledger write, held while the state folder refuses it or the ledger database cannot be
+    /// reached (`daemon/storage.rs`). A drain during the wait ends the daemon with the error: the
+    /// next start recovers the job.
     fn record<T>(&mut self, mut write: impl FnMut(&mut dyn Ledger) -> Result<T>) -> Result<T> {
+        let (folder, place) = self.ledger_place();
         let storage = self.storage();
         let ledger = &mut self.ledger;
-        let state_dir = &self.cfg.daemon.state_dir;
-        storage.hold(Folder::State, state_dir, || write(&mut **ledger)).map_err(Held::into_error)
+        storage.hold(folder, &place, || write(&mut **ledger)).map_err(Held::into_error)
     }
 
     /// Quarantines a job the daemon died under at the same place too many times in a row
@@ -255,7 +294,7 @@ impl<'a> Worker<'a> {
                 DocumentCrashedDaemon { pipeline: p.name(), source: &job.source, failure: &f }.emit(self.metrics);
             }
             // Its pipeline is gone: nowhere to quarantine it, so it waits like its other jobs.
-            Err(_) => self.ledger.release(job.id)?,
+            Err(_) => self.record(|l| l.release(job.lease()))?,
         }
         Ok(())
     }
@@ -265,10 +304,16 @@ impl<'a> Worker<'a> {
     fn fail<'f>(&mut self, p: &Pipeline, job: &Job, f: &'f Failure) -> Result<Outcome<'f>> {
         let limits = self.cfg.daemon.limits.clone();
         let now = unix_s(self.clock.now());
+        let lease = job.lease();
         if !f.reason.is_permanent() && job.attempts < limits.max_attempts {
             let wait = limits.retry_backoff.0.as_secs_f64() * 2f64.powi(job.attempts as i32 - 1);
-            self.record(|l| l.failed(job.id, f, Some(now + wait), None, now))?;
+            if !self.record(|l| l.failed(lease, f, Some(now + wait), None, now))? {
+                return Ok(self.lost(job, "retry"));
+            }
             return Ok(Outcome::Retrying { failure: f, next: job.attempts + 1, max: limits.max_attempts, wait_s: wait });
+        }
+        if !self.record(|l| l.holds(lease))? {
+            return Ok(self.lost(job, "quarantine entry"));
         }
         let report = ErrorReport {
             failure: f,
@@ -289,7 +334,7 @@ impl<'a> Worker<'a> {
             Ok(at) => Some(at),
             Err(Held::Drained(_)) => {
                 // Nothing is lost: the next start runs the document again and quarantines it then.
-                self.record(|l| l.release(job.id))?;
+                self.record(|l| l.release(lease))?;
                 return Ok(Outcome::Interrupted);
             }
             Err(Held::Failed(e)) => {
@@ -298,9 +343,16 @@ impl<'a> Worker<'a> {
             }
         };
         let source = if move_it { moved.as_deref() } else { None };
-        self.record(|l| l.failed(job.id, f, None, source, now))?;
-        self.scheduler.record(p.name(), false);
+        if !self.record(|l| l.failed(lease, f, None, source, now))? {
+            return Ok(self.lost(job, "failure"));
+        }
         Ok(Outcome::Quarantined { failure: f })
+    }
+
+    /// The job went to another worker while this one ran it: `withheld` is not written.
+    fn lost<'f>(&self, job: &Job, withheld: &str) -> Outcome<'f> {
+        LeaseLost { job: job.id, document: &job.rel_path, withheld }.emit(self.metrics);
+        Outcome::Lost
     }
 }
 

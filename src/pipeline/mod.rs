@@ -109,6 +109,7 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
         tokens: books.totals,
         warnings: books.warnings,
         processed_at: crate::output::now_rfc3339(),
+        job: None,
     })
 }
 

@@ -43,6 +43,7 @@ impl Doc {
             model,
             deadline: Instant::now() + Duration::from_secs(60),
             shutdown: &shutdown,
+            abandoned: &shutdown,
             on_step: &mut |_| {},
             on_prefill: &|_| {},
             heartbeat: &|| {},

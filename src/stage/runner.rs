@@ -51,6 +51,9 @@ pub struct Runner<'a> {
     pub deadline: Instant,
     /// Set on shutdown: the attempt stops at the next chunk or token.
     pub shutdown: &'a AtomicBool,
+    /// Set when another worker took the job over (its lease was lost, `daemon/heartbeat.rs`):
+    /// the attempt stops the same way, its work being someone else's now.
+    pub abandoned: &'a AtomicBool,
     /// Told when a step starts (ledger stage, progress display).
     pub on_step: &'a mut dyn FnMut(&str),
     /// Told how many prompt tokens each prefill chunk consumed.
@@ -88,7 +91,7 @@ impl Runner<'_> {
     /// Stops the attempt on timeout or shutdown.
     pub fn check(&self, stage: &str) -> Result<(), Stop> {
         (self.heartbeat)();
-        interruption(self.shutdown, self.deadline, stage).map_or(Ok(()), Err)
+        interruption([self.shutdown, self.abandoned], self.deadline, stage).map_or(Ok(()), Err)
     }
 
     /// Runs `call` on `document` (already tokenised) for stage `stage`; `keep` keeps the
@@ -104,7 +107,7 @@ impl Runner<'_> {
             return Ok(done);
         }
         let (on_prefill, model) = (self.on_prefill, &mut *self.model);
-        let result = interruptible(self.shutdown, self.deadline, self.heartbeat, stage, |check| {
+        let result = interruptible([self.shutdown, self.abandoned], self.deadline, self.heartbeat, stage, |check| {
             model.complete(&Request {
                 prefix: &prefix,
                 suffix: &suffix,
@@ -139,7 +142,7 @@ impl Runner<'_> {
             return Ok(Ok(done));
         }
         let model = &mut *self.model;
-        let result = interruptible(self.shutdown, self.deadline, self.heartbeat, stage, |check| {
+        let result = interruptible([self.shutdown, self.abandoned], self.deadline, self.heartbeat, stage, |check| {
             model.transcribe(page, label, opts, check)
         })?;
         if let (Ok(done), Some(j), Some(k)) = (&result, journal, &key) {
@@ -180,9 +183,9 @@ fn transcription_key(model: &str, page: &RgbImage, opts: &OcrOptions) -> Key {
         .finish()
 }
 
-/// Why the attempt must stop now (shutdown or past the deadline), if it must.
-fn interruption(shutdown: &AtomicBool, deadline: Instant, stage: &str) -> Option<Stop> {
-    if shutdown.load(Ordering::Relaxed) {
+/// Why the attempt must stop now (shutdown, a lost lease, or past the deadline), if it must.
+fn interruption(stop: [&AtomicBool; 2], deadline: Instant, stage: &str) -> Option<Stop> {
+    if stop.iter().any(|s| s.load(Ordering::Relaxed)) {
         return Some(Stop::Interrupted);
     }
     (Instant::now() > deadline)
@@ -198,7 +201,7 @@ struct Stopped(Stop);
 /// Runs a model call that polls `check` between chunks and tokens. The model sees an opaque
 /// error when it is told to stop; the reason (shutdown, timeout) comes back out as a [`Stop`].
 fn interruptible<T>(
-    shutdown: &AtomicBool,
+    stop: [&AtomicBool; 2],
     deadline: Instant,
     heartbeat: &dyn Fn(),
     stage: &str,
@@ -206,7 +209,7 @@ fn interruptible<T>(
 ) -> Result<anyhow::Result<T>, Stop> {
     let check = || -> anyhow::Result<()> {
         heartbeat();
-        interruption(shutdown, deadline, stage).map_or(Ok(()), |stop| Err(Stopped(stop).into()))
+        interruption(stop, deadline, stage).map_or(Ok(()), |stop| Err(Stopped(stop).into()))
     };
     match f(&check) {
         Err(e) => match e.downcast::<Stopped>() {

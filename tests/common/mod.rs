@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod pg_cluster;
 pub mod sandbox;
 
 use std::collections::HashMap;

@@ -118,6 +118,11 @@ context: {{max_tokens: {max_tokens}, overlap: 64}}
 
     /// Starts `deltadoc serve`; returns the process and the metrics URL's address.
     pub fn serve(&self) -> Daemon {
+        self.serve_with(&[])
+    }
+
+    /// [`Sandbox::serve`] with more environment variables (`DELTADOC_<FIELD>` overrides).
+    pub fn serve_with(&self, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_deltadoc"));
         // Tests crash the daemon on purpose (tests/daemon.rs): no core file in the checkout.
         // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
@@ -131,6 +136,7 @@ context: {{max_tokens: {max_tokens}, overlap: 64}}
         let mut child = cmd
             .args(["serve", "--config", self.path("config/deltadoc.yaml").to_str().unwrap()])
             .env("DELTADOC_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -193,7 +193,8 @@ fn config(url: &str, password_file: Option<&Path>) -> Result<postgres::Config> {
     // A transaction left open by a client that stopped (paused, frozen) keeps row locks that would
     // hold back the takeover of its jobs: the server ends it. The ledger's transactions take
     // milliseconds; the shortest lease is 3 s.
-    c.options("-c idle_in_transaction_session_timeout=2s");
+    // The migration's `CREATE TABLE IF NOT EXISTS` notices are not news.
+    c.options("-c idle_in_transaction_session_timeout=2s -c client_min_messages=warning");
     c.connect_timeout(Duration::from_secs(10));
     // A dead peer (machine gone, network cut) is noticed within about a minute.
     c.keepalives_idle(Duration::from_secs(30));

@@ -218,8 +218,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes a job's result unless a later lease of the same job wrote one already: `Ok(false)`
-/// then. When no result is there the file is created exclusively (a hard link of the finished
-/// temporary file), so two workers of one job never both write it; an older result under the name
+/// then. When no result is there the file is created exclusively (the finished temporary file
+/// renamed without replacing, [`rename_new`]), so two workers of one job never both write it; an older result under the name
 /// (an earlier version of the document, another job) is replaced atomically. The temporary file
 /// carries the process id: in a fleet, workers on other machines may write beside it.
 pub(crate) fn write_result_once(path: &Path, r: &DocResult) -> Result<bool> {
@@ -255,8 +255,8 @@ fn write_once(path: &Path, bytes: &[u8], job: Option<JobRef>) -> Result<bool> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        match std::fs::hard_link(&tmp, path) {
-            Ok(()) => std::fs::remove_file(&tmp)?,
+        match rename_new(&tmp, path) {
+            Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 if later(path).map_err(std::io::Error::other)? {
                     std::fs::remove_file(&tmp)?;
@@ -264,8 +264,7 @@ fn write_once(path: &Path, bytes: &[u8], job: Option<JobRef>) -> Result<bool> {
                 }
                 std::fs::rename(&tmp, path)?;
             }
-            // A file system without hard links (some SMB and FUSE mounts): a plain rename.
-            Err(_) => std::fs::rename(&tmp, path)?,
+            Err(e) => return Err(e),
         }
         std::fs::File::open(dir)?.sync_all()?;
         Ok(true)
@@ -274,6 +273,29 @@ fn write_once(path: &Path, bytes: &[u8], job: Option<JobRef>) -> Result<bool> {
         let _ = std::fs::remove_file(&tmp);
         anyhow::Error::new(e).context(format!("{}: cannot write", path.display()))
     })
+}
+
+/// Renames `from` to `to` unless `to` exists (then `AlreadyExists`), in one step
+/// (`renameat2` with `RENAME_NOREPLACE`), so no reader sees both names. File systems without it
+/// (NFS, some FUSE mounts) get a hard link and the removal of `from`; those without hard links
+/// either (some SMB mounts), a plain rename.
+fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let (f, t) = (std::ffi::CString::new(from.as_os_str().as_bytes())?, std::ffi::CString::new(to.as_os_str().as_bytes())?);
+    // SAFETY: two NUL-terminated paths, valid for the call.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) {
+        return Err(e);
+    }
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        Err(_) => std::fs::rename(from, to),
+    }
 }
 
 /// Removes the temporary files of `name` that killed writers left in `dir` (another worker's

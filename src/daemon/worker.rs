@@ -206,8 +206,8 @@ impl<'a> Worker<'a> {
         let lost = self.watch.lost.load(Ordering::SeqCst);
         self.watch.running(None);
         if lost || (result.is_ok() && !self.record(|l| l.holds(lease))?) {
-            LeaseLost { job: job.id, document: &job.rel_path, withheld: "result" }.emit(self.metrics);
-            AttemptEnded { pipeline: name, seconds, outcome: Outcome::Lost, progress }.emit(self.metrics);
+            let outcome = self.lost(&job, "result");
+            AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
             marker.clear();
             return Ok(());
         }
@@ -227,8 +227,8 @@ impl<'a> Worker<'a> {
             Ok((r, out, wrote)) => {
                 let now = unix_s(self.clock.now());
                 if !wrote || !self.record(|l| l.done(lease, &out, now))? {
-                    LeaseLost { job: job.id, document: &job.rel_path, withheld: "result" }.emit(self.metrics);
-                    AttemptEnded { pipeline: name, seconds, outcome: Outcome::Lost, progress }.emit(self.metrics);
+                    let outcome = self.lost(&job, "result");
+                    AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
                     marker.clear();
                     return Ok(());
                 }

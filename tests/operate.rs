@@ -589,7 +589,8 @@ fn ledger_host(url: &str) -> (String, u16) {
 
 /// A fleet (docs/fleet.md) as deployed: every daemon reaches the ledger's service with the password
 /// from the ledger's own secret, names itself uniquely and mounts the shared documents; the
-/// Kubernetes manifests pass kubernetes-validate, the compose file's references resolve.
+/// Kubernetes manifests pass kubernetes-validate, the compose file passes Docker Compose's own
+/// `config` check (the Compose specification's schema and interpolation) and its references resolve.
 #[test]
 fn the_fleet_manifests_reference_each_other_and_validate() {
     let fleet = deploy("k8s/fleet");
@@ -677,5 +678,11 @@ fn the_fleet_manifests_reference_each_other_and_validate() {
                 "{name}: volume {source} is not declared"
             );
         }
+    }
+    match tool("docker-compose") {
+        Some(dc) => {
+            run_clean(Command::new(dc).arg("--file").arg(deploy("compose/fleet.yaml")).args(["config", "--quiet"]));
+        }
+        None => skipped("docker-compose config of the fleet"),
     }
 }

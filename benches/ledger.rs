@@ -31,7 +31,8 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 /// Milliseconds per job (every call of one document) and per heartbeat.
 fn per_job(l: &mut dyn Ledger, jobs: usize) -> anyhow::Result<(f64, f64, f64)> {
-    let worker = l.join(&WorkerId { name: "bench".into(), host: "bench".into(), pid: std::process::id(), lease_s: 30.0 })?;
+    let me = WorkerId { name: "bench".into(), host: "bench".into(), pid: std::process::id(), lease_s: 30.0 };
+    let worker = l.join(&me)?;
     let mut times = Vec::with_capacity(jobs);
     for i in 0..jobs {
         let (key, rel) = (format!("key-{i}"), PathBuf::from(format!("doc-{i}.pdf")));
@@ -57,7 +58,7 @@ fn per_job(l: &mut dyn Ledger, jobs: usize) -> anyhow::Result<(f64, f64, f64)> {
     let mut beats = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
-        l.heartbeat(worker)?;
+        assert!(!l.heartbeat(worker, &me)?);
         l.reap()?;
         beats.push(t.elapsed().as_secs_f64() * 1e3);
     }

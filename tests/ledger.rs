@@ -153,7 +153,8 @@ fn fleet() -> Option<(Cluster, impl Fn() -> PgLedger)> {
 fn a_silent_workers_job_goes_to_another_and_the_silent_one_is_fenced() {
     let Some((_cluster, open)) = fleet() else { return };
     let (mut a, mut b) = (open(), open());
-    let wa = a.join(&worker("a", 1.0)).unwrap();
+    let me = worker("a", 1.0);
+    let wa = a.join(&me).unwrap();
     b.join(&worker("b", 30.0)).unwrap();
     for i in 0..2 {
         let (key, rel) = (format!("k{i}"), PathBuf::from(format!("{i}.pdf")));
@@ -163,7 +164,7 @@ fn a_silent_workers_job_goes_to_another_and_the_silent_one_is_fenced() {
     let kept = a.claim(&["p"], 1.0).unwrap().unwrap();
     for _ in 0..6 {
         std::thread::sleep(Duration::from_millis(300));
-        a.heartbeat(wa).unwrap();
+        assert!(!a.heartbeat(wa, &me).unwrap());
         assert!(b.reap().unwrap().is_empty(), "a live worker's job is not taken");
     }
     assert!(a.done(kept.lease(), Path::new("/out/0.json"), 2.0).unwrap());
@@ -180,7 +181,7 @@ fn a_silent_workers_job_goes_to_another_and_the_silent_one_is_fenced() {
     assert_eq!((j.id, j.lease, j.attempts, j.interruptions), (stalled.id, stalled.lease + 1, 1, 1), "not a failed attempt");
 
     // a wakes up: its heartbeat renews nothing of b's, and it may write nothing.
-    a.heartbeat(wa).unwrap();
+    assert!(!a.heartbeat(wa, &me).unwrap());
     assert!(!a.holds(stalled.lease()).unwrap());
     assert!(!a.done(stalled.lease(), Path::new("/out/1.json"), 5.0).unwrap());
     let f = Failure::new(Reason::Model, "summary", "late");
@@ -189,6 +190,32 @@ fn a_silent_workers_job_goes_to_another_and_the_silent_one_is_fenced() {
     let workers = b.workers().unwrap();
     let docs: Vec<(String, u64)> = workers.iter().map(|w| (w.name.clone(), w.documents)).collect();
     assert_eq!(docs, [("a".to_string(), 1), ("b".to_string(), 1)]);
+}
+
+#[test]
+fn a_worker_forgotten_after_a_day_of_silence_registers_again_at_its_next_heartbeat() {
+    let Some((cluster, open)) = fleet() else { return };
+    let (mut a, mut b) = (open(), open());
+    let me = worker("a", 30.0);
+    let wa = a.join(&me).unwrap();
+    b.join(&worker("b", 30.0)).unwrap();
+    a.discover(&new_job("k", Path::new("k.pdf"))).unwrap();
+    // A day without a heartbeat (a network cut, a paused VM), while it held no job.
+    let mut sql = cluster.client("fleet");
+    sql.execute("UPDATE workers SET heartbeat_at = heartbeat_at - 90000 WHERE id = $1", &[&wa]).unwrap();
+    assert!(b.reap().unwrap().is_empty());
+    let names = |l: &mut PgLedger| l.workers().unwrap().into_iter().map(|w| w.name).collect::<Vec<_>>();
+    assert_eq!(names(&mut b), ["b"], "forgotten");
+    assert!(a.heartbeat(wa, &me).unwrap(), "registered again");
+    assert!(!a.heartbeat(wa, &me).unwrap(), "once");
+    assert_eq!(names(&mut b), ["a", "b"]);
+    // And it works as before: its claims are leased, renewed and finished under its name.
+    let j = a.claim(&["p"], 1.0).unwrap().unwrap();
+    assert!(!a.heartbeat(wa, &me).unwrap());
+    assert!(b.reap().unwrap().is_empty(), "its lease is renewed");
+    assert!(a.done(j.lease(), Path::new("/out/k.json"), 2.0).unwrap());
+    let w = b.workers().unwrap();
+    assert_eq!((w[0].name.as_str(), w[0].documents), ("a", 1));
 }
 
 #[test]

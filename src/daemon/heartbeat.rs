@@ -15,7 +15,7 @@ use anyhow::Result;
 
 use super::events::{InternalEvent, LeaseTakenOver, LedgerReached};
 use super::metrics::Metrics;
-use crate::ledger::{Lease, Ledger};
+use crate::ledger::{Lease, Ledger, WorkerId};
 
 /// The job the worker runs, shared with the heartbeat, which sets [`Watch::lost`] when another
 /// worker took it over.
@@ -54,23 +54,30 @@ pub(crate) struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Starts beating for `worker` every third of `lease`, watching the job in `watch`.
+    /// Starts beating for `worker` (`me`) every third of its lease, watching the job in `watch`.
     pub fn start(
         mut ledger: Box<dyn Ledger>,
-        worker: i64,
-        lease: Duration,
+        (worker, me): (i64, WorkerId),
         watch: Arc<Watch>,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        let every = lease / 3;
+        let every = Duration::from_secs_f64(me.lease_s / 3.0);
         let handle = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
             let shown = ledger.describe();
             let mut was_down = false;
             while !stopped.load(Ordering::SeqCst) {
                 let started = Instant::now();
-                let beat = ledger.heartbeat(worker).and_then(|()| watch.check(&mut *ledger));
+                let beat = ledger.heartbeat(worker, &me).and_then(|rejoined| {
+                    if rejoined {
+                        tracing::warn!(
+                            "{shown}: the ledger had forgotten worker {} (silent for more than a day); registered again",
+                            me.name
+                        );
+                    }
+                    watch.check(&mut *ledger)
+                });
                 match beat.and_then(|()| ledger.reap()) {
                     Ok(takeovers) => {
                         LedgerReached { ledger: &shown, error: None, was_down }.emit(&metrics);

@@ -94,8 +94,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     }
     prune_journals(&state_dir, &mut *ledger)?;
     let watch = Arc::new(Watch::default());
-    let lease = cfg.daemon.worker.lease.0;
-    let beat = Heartbeat::start(ledger::open(&cfg.daemon)?, worker_id, lease, watch.clone(), metrics.clone())?;
+    let beat = Heartbeat::start(ledger::open(&cfg.daemon)?, (worker_id, me), watch.clone(), metrics.clone())?;
     metrics.init_pipelines(&cfg.pipelines, &mut *ledger)?;
     let waiting: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let health = Arc::new(Health::new(cfg.daemon.metrics.stall_after.0));

@@ -364,8 +364,10 @@ pub trait Ledger: Send {
     fn join(&mut self, me: &WorkerId) -> Result<i64>;
     /// The worker stops cleanly: its row goes (its jobs were released before).
     fn leave(&mut self, worker: i64) -> Result<()>;
-    /// Renews the worker's heartbeat and the leases of the jobs it runs.
-    fn heartbeat(&mut self, worker: i64) -> Result<()>;
+    /// Renews the worker's heartbeat and the leases of the jobs it runs. A worker the ledger
+    /// forgot (silent for a day: cut off, paused) is registered again under its id, which no
+    /// other worker can have been given: `Ok(true)` then.
+    fn heartbeat(&mut self, worker: i64, me: &WorkerId) -> Result<bool>;
     /// Queues again the jobs whose lease ran out (their worker died, was cut off or paused),
     /// the attempt counted as an interruption, and forgets workers silent for a day.
     fn reap(&mut self) -> Result<Vec<Takeover>>;

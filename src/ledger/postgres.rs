@@ -300,23 +300,26 @@ impl Ledger for PgLedger {
         Ok(())
     }
 
-    fn heartbeat(&mut self, worker: i64) -> Result<()> {
+    fn heartbeat(&mut self, worker: i64, me: &WorkerId) -> Result<bool> {
         // One statement: a worker paused in the middle of it holds no lock while it is paused.
-        let found: i64 = self
+        // A forgotten worker held no running job (`reap` forgets only those), so there is no
+        // lease to renew when it comes back.
+        let pid = me.pid as i32;
+        let rejoined: i64 = self
             .with(|c| {
                 c.query_one(
                     "WITH w AS (UPDATE workers SET heartbeat_at = deltadoc_now() WHERE id = $1 RETURNING lease_s),
                           j AS (UPDATE jobs SET lease_expires = deltadoc_now() + (SELECT lease_s FROM w)
-                                WHERE lease_owner = $1 AND state = 'running' AND EXISTS(SELECT 1 FROM w))
-                     SELECT COUNT(*) FROM w",
-                    &[&worker],
+                                WHERE lease_owner = $1 AND state = 'running' AND EXISTS(SELECT 1 FROM w)),
+                          back AS (INSERT INTO workers(id, name, host, pid, started_at, heartbeat_at, lease_s)
+                                   SELECT $1, $2, $3, $4, deltadoc_now(), deltadoc_now(), $5
+                                   WHERE NOT EXISTS(SELECT 1 FROM w) RETURNING id)
+                     SELECT COUNT(*) FROM back",
+                    &[&worker, &me.name, &me.host, &pid, &me.lease_s],
                 )
             })?
             .get(0);
-        if found == 0 {
-            bail!("{}: worker {worker} is no longer in the ledger (silent for more than a day)", self.shown);
-        }
-        Ok(())
+        Ok(rejoined > 0)
     }
 
     fn reap(&mut self) -> Result<Vec<Takeover>> {

@@ -210,9 +210,16 @@ impl Ledger for SqliteLedger {
         Ok(())
     }
 
-    fn heartbeat(&mut self, worker: i64) -> Result<()> {
-        self.conn.execute("UPDATE workers SET heartbeat_at = ?2 WHERE id = ?1", params![worker, now_s()])?;
-        Ok(())
+    fn heartbeat(&mut self, worker: i64, me: &WorkerId) -> Result<bool> {
+        let now = now_s();
+        if self.conn.execute("UPDATE workers SET heartbeat_at = ?2 WHERE id = ?1", params![worker, now])? == 1 {
+            return Ok(false);
+        }
+        self.conn.execute(
+            "INSERT INTO workers(id, name, host, pid, started_at, heartbeat_at, lease_s) VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6)",
+            params![worker, me.name, me.host, me.pid, now, me.lease_s],
+        )?;
+        Ok(true)
     }
 
     fn reap(&mut self) -> Result<Vec<Takeover>> {

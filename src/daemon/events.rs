@@ -11,9 +11,10 @@ use super::health::Health;
 use super::inbox::Seen;
 use super::metrics::Metrics;
 use super::storage::Folder;
+use crate::config::Pipeline;
 use crate::extract::Method;
 use crate::failure::Failure;
-use crate::ledger::{Discovery, Takeover, WorkerState, now_s, state};
+use crate::ledger::{Discovery, Ledger, Run, Takeover, WorkerState, now_s, state};
 use crate::llm::ModelInfo;
 use crate::output::DocResult;
 use crate::progress::DocProgress;
@@ -217,7 +218,6 @@ impl InternalEvent for schedule::Event {
     fn emit(self, m: &Metrics) {
         match self {
             schedule::Event::Started { pipeline, planned, catch_up } => {
-                m.last_run_start.with_label_values(&[&pipeline]).set(now_s());
                 if catch_up {
                     tracing::warn!("{pipeline}: the run planned for {planned} was missed; running it now");
                 } else {
@@ -230,14 +230,8 @@ impl InternalEvent for schedule::Event {
             }
             schedule::Event::Ended { pipeline, documents, ok, overran, started } => {
                 let p: &[&str] = &[&pipeline];
-                m.last_run_end.with_label_values(p).set(now_s());
                 m.schedule_run_duration.with_label_values(p).observe((now_s() - started).max(0.0));
                 m.schedule_run_documents.with_label_values(p).observe(documents as f64);
-                m.last_run_success.with_label_values(p).set(ok as i64);
-                m.last_run_documents.with_label_values(p).set(documents as i64);
-                if ok {
-                    m.last_success.with_label_values(p).set(now_s());
-                }
                 tracing::info!(
                     "{pipeline}: scheduled run ended after {:.0} s: {documents} document(s), {}{}",
                     now_s() - started,
@@ -340,6 +334,47 @@ impl InternalEvent for ModelLoaded<'_> {
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), &self.info.name]).set(1);
         if self.info.random_weights {
             tracing::warn!("model {} has random weights: results are placeholders (see README: real weights)", self.info.source);
+        }
+    }
+}
+
+/// The scheduled runs as the ledger knows them, before a scrape and at start. In a fleet the
+/// run a daemon reports may have been started or ended by another, so the `last_run` and
+/// `last_success` gauges are never set from this daemon's own events.
+pub(crate) struct SchedulesSampled {
+    /// Per scheduled pipeline: the end of its last run without quarantine (or when the schedule
+    /// was first seen), and its last run.
+    pub pipelines: Vec<(String, f64, Option<Run>)>,
+}
+
+impl SchedulesSampled {
+    /// Reads the schedules of `pipelines` from the ledger.
+    pub fn read(pipelines: &[Pipeline], ledger: &mut dyn Ledger) -> anyhow::Result<Self> {
+        let mut sampled = Vec::new();
+        for p in pipelines.iter().filter(|p| p.spec.schedule.is_some()) {
+            let n = p.name();
+            let since = match ledger.last_success(n)? {
+                Some(t) => t,
+                None => ledger.first_seen(n, now_s())?,
+            };
+            sampled.push((n.to_string(), since, ledger.last_run(n)?));
+        }
+        Ok(Self { pipelines: sampled })
+    }
+}
+
+impl InternalEvent for SchedulesSampled {
+    fn emit(self, m: &Metrics) {
+        for (n, since, run) in self.pipelines {
+            let p: &[&str] = &[&n];
+            m.last_success.with_label_values(p).set(since);
+            let Some(run) = run else { continue };
+            m.last_run_start.with_label_values(p).set(run.started_at);
+            if let (Some(end), Some(ok)) = (run.ended_at, run.ok) {
+                m.last_run_end.with_label_values(p).set(end);
+                m.last_run_success.with_label_values(p).set(ok as i64);
+                m.last_run_documents.with_label_values(p).set(run.documents as i64);
+            }
         }
     }
 }

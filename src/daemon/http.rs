@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::events::{FleetSampled, InternalEvent, ProcessSampled, QueueSampled};
+use super::events::{FleetSampled, InternalEvent, ProcessSampled, QueueSampled, SchedulesSampled};
 use super::health::{self, Check, Health, Readiness};
 use super::metrics::Metrics;
 use crate::config::Config;
@@ -134,17 +134,30 @@ impl Probe {
         (r, view)
     }
 
-    /// The exposition, after reading the queue from the ledger.
+    /// The exposition, after reading the queue and the schedules from the ledger.
     async fn scrape(self: &Arc<Self>) -> String {
         let (_, view) = self.readiness().await;
+        let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(v) = view {
-            let cfg = self.config.read().unwrap_or_else(|p| p.into_inner()).clone();
             let names: Vec<String> = cfg.pipelines.iter().map(|p| p.name().to_string()).collect();
             let waiting = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
             FleetSampled { workers: Some(&v.workers), ledger_ok: v.check.ok }.emit(&self.metrics);
             QueueSampled { pipelines: &names, counts: v.counts, oldest: v.oldest, waiting: &waiting }.emit(&self.metrics);
         } else {
             FleetSampled { workers: None, ledger_ok: false }.emit(&self.metrics);
+        }
+        // Another daemon of the fleet may have started or ended the last run.
+        let ledger = self.ledger.clone();
+        let schedules = self
+            .blocking("schedules".into(), move || {
+                SchedulesSampled::read(&cfg.pipelines, &mut **ledger.lock().unwrap_or_else(|p| p.into_inner()))
+            })
+            .await;
+        match schedules {
+            Ok(Ok(s)) => s.emit(&self.metrics),
+            // The gauges keep their last values; the readiness check names the ledger's trouble.
+            Ok(Err(e)) => tracing::debug!("metrics: schedules not read from the ledger: {e:#}"),
+            Err(why) => tracing::debug!("metrics: schedules not read from the ledger: {why}"),
         }
         self.metrics.render()
     }

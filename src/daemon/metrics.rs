@@ -8,6 +8,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use super::events::{InternalEvent, SchedulesSampled};
 use crate::config::Pipeline;
 use crate::ledger::Ledger;
 
@@ -332,7 +333,7 @@ impl Metrics {
     }
 
     /// Creates the series of every pipeline at zero, so that a `rate()` or an alert sees 0
-    /// rather than nothing before the first event, and restores the schedule timestamps from the
+    /// rather than nothing before the first event, and reads the schedule timestamps from the
     /// ledger so a restart does not reset them.
     pub(crate) fn init_pipelines(&self, pipelines: &[Pipeline], ledger: &mut dyn Ledger) -> Result<()> {
         for p in pipelines {
@@ -349,21 +350,9 @@ impl Metrics {
             }
             if p.spec.schedule.is_some() {
                 self.schedule_overruns.with_label_values(&[n]);
-                let since = match ledger.last_success(n)? {
-                    Some(t) => t,
-                    None => ledger.first_seen(n, crate::ledger::now_s())?,
-                };
-                self.last_success.with_label_values(&[n]).set(since);
-                if let Some(run) = ledger.last_run(n)? {
-                    self.last_run_start.with_label_values(&[n]).set(run.started_at);
-                    if let (Some(end), Some(ok)) = (run.ended_at, run.ok) {
-                        self.last_run_end.with_label_values(&[n]).set(end);
-                        self.last_run_success.with_label_values(&[n]).set(ok as i64);
-                        self.last_run_documents.with_label_values(&[n]).set(run.documents as i64);
-                    }
-                }
             }
         }
+        SchedulesSampled::read(pipelines, ledger)?.emit(self);
         for kind in ["text", "ocr"] {
             self.pages.with_label_values(&[kind]);
         }

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use jiff::{SignedDuration, Timestamp};
 
 use super::crash_marker::CrashMarker;
+use super::events::{InternalEvent, SchedulesSampled};
 use super::health::Health;
 use super::heartbeat::Watch;
 use super::inbox::{self, Candidate};
@@ -244,6 +245,8 @@ fn a_scheduled_pipeline_waits_for_its_window_then_reports_the_run() {
     assert_eq!(tick(&mut w, &mut model, Mode::Serve), Tick::Worked, "02:00:30: the run starts");
     assert_eq!(tick(&mut w, &mut model, Mode::Serve), Tick::Worked);
     assert!(matches!(tick(&mut w, &mut model, Mode::Serve), Tick::Idle(_)), "the run ends with the work");
+    // What a scrape reads from the ledger (in a fleet, another daemon may have run it).
+    SchedulesSampled::read(&w.cfg.pipelines, &mut *w.ledger).unwrap().emit(&install.metrics);
     assert_eq!(install.series("deltadoc_last_run_documents", &["pipeline=\"p\""]), 2.0);
     assert_eq!(install.series("deltadoc_last_run_success", &["pipeline=\"p\""]), 1.0);
     let end = install.series("deltadoc_last_run_end_timestamp_seconds", &["pipeline=\"p\""]);

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -191,13 +192,12 @@ pub(crate) fn result_path(output: &Path, rel: &Path) -> PathBuf {
 
 /// Fills a temporary file beside `path` with `fill`, syncs it, renames it to `path` and syncs
 /// the folder: readers see the old file or the whole new one, even after a kill or a power cut.
-/// The temporary file's name is fixed (`.<name>.tmp`): the job that owns `path` is its only
-/// writer, so a temporary file a killed attempt left behind is simply overwritten by the next.
+/// Temporary files of `path` that killed writers left behind go ([`remove_leftovers`]).
 fn replace_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().context("the path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    let name = path.file_name().context("the path has no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
+    remove_leftovers(path, STALE_TEMP);
+    let tmp = temp_beside(path)?;
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         fill(&mut f)?;
@@ -220,8 +220,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Writes a job's result unless a later lease of the same job wrote one already: `Ok(false)`
 /// then. When no result is there the file is created exclusively (the finished temporary file
 /// renamed without replacing, [`rename_new`]), so two workers of one job never both write it; an older result under the name
-/// (an earlier version of the document, another job) is replaced atomically. The temporary file
-/// carries the process id: in a fleet, workers on other machines may write beside it.
+/// (an earlier version of the document, another job) is replaced atomically.
 pub(crate) fn write_result_once(path: &Path, r: &DocResult) -> Result<bool> {
     let mut bytes = serde_json::to_vec_pretty(r)?;
     bytes.push(b'\n');
@@ -248,9 +247,8 @@ fn write_once(path: &Path, bytes: &[u8], job: Option<JobRef>) -> Result<bool> {
     }
     let dir = path.parent().context("the path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    let name = path.file_name().context("the path has no file name")?.to_string_lossy();
-    remove_leftovers(dir, &name);
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    remove_leftovers(path, Duration::ZERO);
+    let tmp = temp_beside(path)?;
     let write = || -> std::io::Result<bool> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -298,22 +296,47 @@ fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Removes the temporary files of `name` that killed writers left in `dir` (another worker's
-/// write in progress, possible only after it lost its lease, then fails and writes nothing).
-fn remove_leftovers(dir: &Path, name: &str) {
-    let prefix = format!(".{name}.");
+/// How long a temporary file stays untouched before it counts as a killed writer's: every
+/// writer keeps writing until it renames it, and a kill is the only way to stop for this long.
+pub(crate) const STALE_TEMP: Duration = Duration::from_secs(60);
+
+/// The temporary file a writer fills before renaming it to `path`: `.<name>.<pid>-<nonce>.tmp`
+/// beside it. In a fleet, writers on other machines write into the same folders (a shared
+/// output or resume folder), and process ids repeat across machines (every container's first
+/// process is 1), hence the random part.
+pub(crate) fn temp_beside(path: &Path) -> Result<PathBuf> {
+    let dir = path.parent().context("the path has no folder")?;
+    let name = path.file_name().context("the path has no file name")?.to_string_lossy();
+    Ok(dir.join(format!(".{name}.{}-{:016x}.tmp", std::process::id(), rand::random::<u64>())))
+}
+
+/// Removes the temporary files of `path` ([`temp_beside`]) that killed writers left, among
+/// those untouched for `idle`: a live writer keeps writing (a result, at once; a checkpoint of
+/// gigabytes, for seconds), and one that is removed under it fails and writes nothing.
+pub(crate) fn remove_leftovers(path: &Path, idle: Duration) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let prefix = format!(".{}.", name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
         let n = e.file_name();
-        // `.<name>.<pid>.tmp`, or `.<name>.tmp` of older versions: nothing else of the folder.
-        let rest = n.to_str().and_then(|n| n.strip_prefix(&prefix));
-        let ours = rest.is_some_and(|r| {
-            r == "tmp" || r.strip_suffix(".tmp").is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
-        });
-        if ours {
+        // `.<name>.<pid>-<nonce>.tmp`, `.<name>.<pid>.tmp` and `.<name>.tmp` of older versions:
+        // nothing else of the folder.
+        let rest = n.to_str().and_then(|n| n.strip_prefix(&prefix)).and_then(|r| r.strip_suffix("tmp"));
+        let ours = rest.is_some_and(|r| r.is_empty() || r.strip_suffix('.').is_some_and(is_writer_tag));
+        let idle_for = e.metadata().ok().and_then(|m| m.modified().ok()).and_then(|t| t.elapsed().ok());
+        if ours && idle_for.is_some_and(|t| t >= idle) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// `<pid>` or `<pid>-<hex nonce>`.
+fn is_writer_tag(tag: &str) -> bool {
+    let (pid, nonce) = tag.split_once('-').unwrap_or((tag, "0"));
+    !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && !nonce.is_empty()
+        && nonce.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Copies `src` to `dest` through a temporary file: a kill mid-copy leaves no partial copy under
@@ -380,14 +403,18 @@ mod tests {
     fn an_interrupted_write_leaves_nothing_behind_the_next_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.pdf.json");
-        // What a process killed between create and rename leaves.
-        std::fs::write(dir.path().join(".a.pdf.json.tmp"), b"{\"half").unwrap();
-        std::fs::write(dir.path().join(".b.pdf.json.tmp"), b"another file's").unwrap();
+        // What processes killed between create and rename left a while ago; a live writer's
+        // temporary file (another machine's, in a fleet) beside them.
+        let old = std::time::SystemTime::now() - 2 * STALE_TEMP;
+        for (name, at) in [(".a.pdf.json.tmp", old), (".a.pdf.json.77-00ff.tmp", old), (".b.pdf.json.tmp", old)] {
+            std::fs::File::create(dir.path().join(name)).unwrap().set_modified(at).unwrap();
+        }
+        std::fs::write(dir.path().join(".a.pdf.json.1-abcd.tmp"), b"{\"being written").unwrap();
         write_atomic(&path, b"{}\n").unwrap();
         let mut names: Vec<String> =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
-        assert_eq!(names, [".b.pdf.json.tmp", "a.pdf.json"], "only this file's leftovers go");
+        assert_eq!(names, [".a.pdf.json.1-abcd.tmp", ".b.pdf.json.tmp", "a.pdf.json"], "only this file's dead leftovers go");
         assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
         let copy = dir.path().join("q/a.pdf");
         copy_atomically(&path, &copy).unwrap();
@@ -403,7 +430,9 @@ mod tests {
             (serde_json::to_vec(&serde_json::json!({ "job": job, "n": lease })).unwrap(), Some(job))
         };
         // Leftovers of killed writers of this name go, whatever process left them; others stay.
-        for leftover in [".a.pdf.json.4242.tmp", ".a.pdf.json.tmp", ".a.pdf.json.x.json.7.tmp", ".a.pdf.json.notes"] {
+        for leftover in
+            [".a.pdf.json.4242.tmp", ".a.pdf.json.1-9f3c.tmp", ".a.pdf.json.tmp", ".a.pdf.json.x.json.7.tmp", ".a.pdf.json.notes"]
+        {
             std::fs::write(dir.path().join(leftover), b"{\"half").unwrap();
         }
         let (bytes, job) = result(7, 2);

@@ -33,9 +33,12 @@ impl Fleet {
         let sb = Sandbox::with_stages("", 1024, stages);
         let cfg = sb.path("config/deltadoc.yaml");
         let mut text = std::fs::read_to_string(&cfg).unwrap();
+        // Each daemon has its own state folder (`daemon`) and all share one resume folder, as
+        // on a shared volume.
         text.push_str(&format!(
-            "ledger: {url}\nledger_password_file: {:?}\nworker: {{lease: {LEASE_S}s}}\n",
-            cluster.password_file()
+            "ledger: {url}\nledger_password_file: {:?}\nworker: {{lease: {LEASE_S}s}}\nresume_dir: {:?}\n",
+            cluster.password_file(),
+            sb.path("shared")
         ));
         std::fs::write(&cfg, text).unwrap();
         Some(Fleet { sb, cluster, db: db.into() })
@@ -190,34 +193,44 @@ fn a_dead_daemons_job_is_taken_over_in_time_and_a_paused_one_writes_nothing() {
     let running = |f: &Fleet| {
         let mut c = f.cluster.client(&f.db);
         c.query_opt(
-            "SELECT w.name, j.lease_gen FROM jobs j JOIN workers w ON w.id = j.lease_owner
+            "SELECT w.name, j.lease_gen, j.id FROM jobs j JOIN workers w ON w.id = j.lease_owner
              WHERE j.rel_path = 'ceres.txt' AND j.state = 'running' AND j.stage IS NOT NULL",
             &[],
         )
         .unwrap()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
     };
 
-    // d0 takes the document and is killed mid-run; d1, idle, has it within the lease plus a
-    // heartbeat (with a second for a loaded machine).
+    // d0 takes the document, completes some model calls and is killed mid-run; d1, idle, has it
+    // within the lease plus a heartbeat (with a second for a loaded machine).
     let mut d0 = f.daemon(0);
-    wait_for("d0 to run the contract", Duration::from_secs(120), || running(&f).filter(|(w, _)| w == "d0"));
+    let (.., job) = wait_for("d0 to run the contract", Duration::from_secs(120), || running(&f).filter(|(w, ..)| w == "d0"));
     let d1 = f.daemon(1);
     d1.wait_log("joined as worker d1", Duration::from_secs(120));
-    std::thread::sleep(Duration::from_secs(1));
+    let journal = f.sb.path(&format!("shared/journal/{job}"));
+    let kept = wait_for("d0's model calls in the shared journal", Duration::from_secs(120), || {
+        let n = std::fs::read_dir(&journal).map_or(0, |d| d.count());
+        (n >= 2).then_some(n)
+    });
     d0.child.kill().unwrap();
     d0.child.wait().unwrap();
     let killed = Instant::now();
-    wait_for("d1 to take the contract over", Duration::from_secs(30), || running(&f).filter(|(w, _)| w == "d1"));
+    wait_for("d1 to take the contract over", Duration::from_secs(30), || running(&f).filter(|(w, ..)| w == "d1"));
     let took = killed.elapsed().as_secs_f64();
     assert!(took <= LEASE_S + LEASE_S / 3.0 + 1.0, "taken over after {took:.1} s");
     d1.wait_log("its lease ran out and the job is queued again", Duration::from_secs(5));
+    // d1 resumes: the calls d0 completed are answered from the shared journal, not computed.
+    wait_for("d1 to take d0's calls from the journal", Duration::from_secs(60), || {
+        let reused = d1.log().lines().filter(|l| l.contains("from the job's journal")).count();
+        (reused >= kept).then_some(())
+    });
 
     // d1 is paused (SIGSTOP) past its lease; d2 takes the job over and finishes it.
     let d2 = f.daemon(2);
     d2.wait_log("joined as worker d2", Duration::from_secs(120));
     d1.signal(libc::SIGSTOP);
-    let (_, lease) = wait_for("d2 to take the contract over", Duration::from_secs(60), || running(&f).filter(|(w, _)| w == "d2"));
+    let (_, lease, _) =
+        wait_for("d2 to take the contract over", Duration::from_secs(60), || running(&f).filter(|(w, ..)| w == "d2"));
     let result = f.sb.path("out/p/ceres.txt.json");
     wait_for("d2's result", Duration::from_secs(900), || result.exists().then_some(()));
     let written = std::fs::read(&result).unwrap();

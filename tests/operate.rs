@@ -615,15 +615,23 @@ fn the_fleet_manifests_reference_each_other_and_validate() {
     assert_eq!(db_svc["metadata"]["name"].as_str(), Some(host.as_str()), "the ledger URL names the PostgreSQL Service");
     assert_eq!(db_svc["spec"]["ports"][0]["port"].as_u64(), Some(port as u64));
     assert_eq!(env(c, "DELTADOC_WORKER_NAME").unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
-    // The password file lies in a mounted secret, the one PostgreSQL reads its password from.
-    let secret_of = |spec: &Value, container: &Value, file: &str| -> String {
+    // The pod volume that holds `file` in `container`.
+    let volume_of = |spec: &Value, container: &Value, file: &str| -> Value {
         let mount = container["volumeMounts"]
             .as_array()
             .unwrap()
             .iter()
             .find(|m| file.starts_with(m["mountPath"].as_str().unwrap()))
             .unwrap_or_else(|| panic!("{file} is on no mounted volume"));
-        let vol = spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap();
+        spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == mount["name"]).unwrap().clone()
+    };
+    // Checkpoints and journals on the volume every pod mounts, so a takeover resumes.
+    let resume = env(c, "DELTADOC_RESUME_DIR").unwrap()["value"].as_str().unwrap().to_string();
+    let claim = volume_of(&pod["spec"], c, &resume)["persistentVolumeClaim"]["claimName"].clone();
+    assert_eq!(claim, "deltadoc-documents", "the resume folder is on the shared documents volume");
+    // The password file lies in a mounted secret, the one PostgreSQL reads its password from.
+    let secret_of = |spec: &Value, container: &Value, file: &str| -> String {
+        let vol = volume_of(spec, container, file);
         vol["secret"]["secretName"].as_str().unwrap_or_else(|| panic!("{file} is not in a secret")).to_string()
     };
     let daemon_pw = env(c, "DELTADOC_LEDGER_PASSWORD_FILE").unwrap()["value"].as_str().unwrap().to_string();
@@ -666,6 +674,8 @@ fn the_fleet_manifests_reference_each_other_and_validate() {
         assert!(services[&host]["healthcheck"].is_object(), "{name}: the ledger service {host} has no health check");
         assert_eq!(s["depends_on"][&host]["condition"], "service_healthy", "{name} starts before its ledger");
         assert!(s["volumes"].as_array().unwrap().iter().any(|v| v.as_str().unwrap().ends_with(":/srv/deltadoc")));
+        let resume = s["environment"]["DELTADOC_RESUME_DIR"].as_str().unwrap_or_else(|| panic!("{name}: no resume folder"));
+        assert!(resume.starts_with("/srv/deltadoc/"), "{name}: the resume folder {resume} is not on the shared volume");
     }
     for (name, s) in services {
         for secret in s["secrets"].as_array().into_iter().flatten() {

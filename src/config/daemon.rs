@@ -7,7 +7,7 @@
 //! data_dir: /srv/deltadoc
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
@@ -26,8 +26,13 @@ pub struct DaemonConfig {
     pub threads: usize,
     /// Memory a job may plan to use (weights + KV + state + activations).
     pub memory_budget: ByteSize,
-    /// Ledger (SQLite), checkpoints and other daemon state.
+    /// Ledger (SQLite), crash marker and other state of this daemon.
     pub state_dir: PathBuf,
+    /// Prefill checkpoints and the journals of completed model calls (`stage/journal.rs`), so
+    /// that a later attempt resumes a job. A fleet puts it on a volume every daemon mounts, so a
+    /// job taken over resumes where the dead worker stopped (`docs/fleet.md`). Absent:
+    /// `state_dir`.
+    pub resume_dir: Option<PathBuf>,
     /// A PostgreSQL URL (`postgres://user@host:port/database`): the job ledger a fleet of
     /// daemons shares (`docs/fleet.md`). Absent: SQLite in `state_dir`, for one daemon.
     pub ledger: Option<String>,
@@ -51,6 +56,13 @@ pub struct DaemonConfig {
     pub limits: Limits,
 }
 
+impl DaemonConfig {
+    /// Where prefill checkpoints and job journals live: `resume_dir`, else `state_dir`.
+    pub fn resume_dir(&self) -> &Path {
+        self.resume_dir.as_deref().unwrap_or(&self.state_dir)
+    }
+}
+
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
@@ -58,6 +70,7 @@ impl Default for DaemonConfig {
             threads: 0,
             memory_budget: ByteSize(20 << 30),
             state_dir: "state".into(),
+            resume_dir: None,
             ledger: None,
             ledger_password_file: None,
             worker: WorkerConfig::default(),
@@ -213,6 +226,7 @@ pub fn apply_env_overrides(d: &mut DaemonConfig, var: impl Fn(&str) -> Option<St
     set(&mut d.threads, "DELTADOC_THREADS", &var)?;
     set(&mut d.memory_budget, "DELTADOC_MEMORY_BUDGET", &var)?;
     set(&mut d.state_dir, "DELTADOC_STATE_DIR", &var)?;
+    set(&mut d.resume_dir, "DELTADOC_RESUME_DIR", &var)?;
     set(&mut d.ledger, "DELTADOC_LEDGER", &var)?;
     set(&mut d.ledger_password_file, "DELTADOC_LEDGER_PASSWORD_FILE", &var)?;
     set(&mut d.worker.name, "DELTADOC_WORKER_NAME", &var)?;

@@ -80,7 +80,7 @@ impl Config {
         for p in [&mut daemon.model.path, &mut daemon.state_dir, &mut daemon.pipelines] {
             *p = base.join(&*p);
         }
-        if let Some(d) = &mut daemon.data_dir {
+        for d in [&mut daemon.data_dir, &mut daemon.resume_dir].into_iter().flatten() {
             *d = base.join(&*d);
         }
         if let Some(f) = &mut daemon.ledger_password_file {

@@ -77,7 +77,20 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let signals = signals::install();
     let metrics = Arc::new(Metrics::new()?);
     let state_dir = cfg.daemon.state_dir.clone();
-    storage::check_state_folder(&state_dir)?;
+    storage::check_folder(
+        &state_dir,
+        "state folder",
+        "deltadoc keeps its ledger and crash marker there and cannot run without writing them",
+        "state_dir",
+    )?;
+    if let Some(dir) = &cfg.daemon.resume_dir {
+        storage::check_folder(
+            dir,
+            "resume folder",
+            "prefill checkpoints and the journals of model calls go there",
+            "resume_dir",
+        )?;
+    }
     let mut ledger = ledger::open(&cfg.daemon)?;
     let me = worker_id(&cfg);
     let worker_id = ledger.join(&me)?;
@@ -92,7 +105,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
             recovery.requeued
         );
     }
-    prune_journals(&state_dir, &mut *ledger)?;
+    prune_journals(cfg.daemon.resume_dir(), &mut *ledger)?;
     let watch = Arc::new(Watch::default());
     let beat = Heartbeat::start(ledger::open(&cfg.daemon)?, (worker_id, me), watch.clone(), metrics.clone())?;
     metrics.init_pipelines(&cfg.pipelines, &mut *ledger)?;
@@ -187,14 +200,15 @@ fn host_name() -> String {
 }
 
 /// Removes the journals (`stage/journal.rs`) of jobs that have ended or are gone: a job ended
-/// by a daemon that stopped before it removed the journal, or removed from the ledger.
-fn prune_journals(state_dir: &Path, ledger: &mut dyn ledger::Ledger) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(Journal::root(state_dir)) else { return Ok(()) };
+/// by a daemon that stopped before it removed the journal, or removed from the ledger. In a
+/// fleet's shared `resume_dir` the journals of jobs other daemons run stay: they are open.
+fn prune_journals(resume_dir: &Path, ledger: &mut dyn ledger::Ledger) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(Journal::root(resume_dir)) else { return Ok(()) };
     for e in entries.flatten() {
         let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<i64>().ok()) else { continue };
         let open = ledger::state::OPEN;
         if !ledger.job(id)?.is_some_and(|j| open.contains(&j.state.as_str())) {
-            Journal::of_job(state_dir, id).clear();
+            Journal::of_job(resume_dir, id).clear();
         }
     }
     Ok(())
@@ -282,6 +296,7 @@ fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
         ("model", o.model.path != n.model.path || o.model.prefill_chunk != n.model.prefill_chunk),
         ("threads", o.threads != n.threads),
         ("state_dir", o.state_dir != n.state_dir),
+        ("resume_dir", o.resume_dir != n.resume_dir),
         ("ledger", o.ledger != n.ledger || o.ledger_password_file != n.ledger_password_file),
         ("worker", o.worker.name != n.worker.name || o.worker.lease.0 != n.worker.lease.0),
         ("metrics", o.metrics.listen != n.metrics.listen || o.metrics.enabled != n.metrics.enabled),
@@ -293,7 +308,7 @@ fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
     }
     n.model = o.model.clone();
     n.threads = o.threads;
-    n.state_dir = o.state_dir.clone();
+    (n.state_dir, n.resume_dir) = (o.state_dir.clone(), o.resume_dir.clone());
     (n.ledger, n.ledger_password_file, n.worker) = (o.ledger.clone(), o.ledger_password_file.clone(), o.worker.clone());
     n.metrics = o.metrics.clone();
     Some(new)

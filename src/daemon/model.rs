@@ -39,6 +39,6 @@ pub(crate) fn load(d: &DaemonConfig) -> Result<OrtModel> {
         synth::write(shape, 0, false, ExportOptions::default(), path)?;
     }
     let dir = ModelDir::open(path)?;
-    let settings = RuntimeSettings::new(d.model.prefill_chunk).with_checkpoints(d.state_dir.join("checkpoints"));
+    let settings = RuntimeSettings::new(d.model.prefill_chunk).with_checkpoints(d.resume_dir().join("checkpoints"));
     OrtModel::open(&dir, &SessionOptions::with_threads(d.threads), settings)
 }

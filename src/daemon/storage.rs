@@ -151,11 +151,11 @@ impl Storage<'_> {
     }
 }
 
-/// At start: the state folder exists (or is created) and takes a durable write. A daemon that
-/// cannot keep its ledger there must not start; the message names the folder and the cause.
-pub(crate) fn check_state_folder(dir: &Path) -> Result<()> {
-    let why = "deltadoc keeps its ledger and crash marker there and cannot run without writing them; \
-               free space, make it writable, or point daemon.state_dir elsewhere";
+/// At start: a folder the daemon must write (the state folder, the resume folder) exists (or is
+/// created) and takes a durable write. A daemon that cannot keep its ledger there, or would
+/// silently lose every checkpoint, must not start; the message names the folder, the setting
+/// (`field`) and the cause.
+pub(crate) fn check_folder(dir: &Path, what: &str, why: &str, field: &str) -> Result<()> {
     let probe = dir.join(".deltadoc-write-test");
     let write = || -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -164,7 +164,9 @@ pub(crate) fn check_state_folder(dir: &Path) -> Result<()> {
         f.sync_all()?;
         std::fs::remove_file(&probe)
     };
-    write().with_context(|| format!("state folder {}: cannot write ({why})", dir.display()))
+    write().with_context(|| {
+        format!("{what} {}: cannot write ({why}; free space, make it writable, or point daemon.{field} elsewhere)", dir.display())
+    })
 }
 
 #[cfg(test)]

@@ -172,7 +172,7 @@ impl<'a> Worker<'a> {
         let marker = self.marker;
         marker.start(job.id);
         self.watch.running(Some(lease));
-        let journal = Journal::of_job(&cfg.daemon.state_dir, job.id);
+        let journal = Journal::of_job(cfg.daemon.resume_dir(), job.id);
         let result = {
             let ledger = &mut self.ledger;
             let metrics = self.metrics;

@@ -1,4 +1,4 @@
-//! The model calls a job's attempts have completed, kept on disk (`<state_dir>/journal/<job>/`)
+//! The model calls a job's attempts have completed, kept on disk (`<resume_dir>/journal/<job>/`)
 //! until the job ends, so that an attempt after a kill, a crash, a drain or a retry takes them
 //! from there instead of computing them again. With resumable prefill inside each call
 //! (`generate/resumable.rs`), a document makes progress across restarts however long it is:
@@ -23,14 +23,15 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// The journal of job `job` of the daemon whose state lives in `state_dir`.
-    pub fn of_job(state_dir: &Path, job: i64) -> Self {
-        Self { dir: Self::root(state_dir).join(job.to_string()) }
+    /// The journal of job `job` in `resume_dir` (the daemon's, or a fleet's shared one: job ids
+    /// are the ledger's).
+    pub fn of_job(resume_dir: &Path, job: i64) -> Self {
+        Self { dir: Self::root(resume_dir).join(job.to_string()) }
     }
 
     /// Where every job's journal lives.
-    pub fn root(state_dir: &Path) -> PathBuf {
-        state_dir.join("journal")
+    pub fn root(resume_dir: &Path) -> PathBuf {
+        resume_dir.join("journal")
     }
 
     fn file(&self, key: &Key) -> PathBuf {

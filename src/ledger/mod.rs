@@ -33,6 +33,7 @@ use crate::failure::Failure;
 mod postgres;
 mod rows;
 mod sqlite;
+mod tls;
 
 pub use self::postgres::{PgLedger, unreachable};
 pub use self::sqlite::{SqliteLedger, refused_by_storage};

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, Row};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::rows::{self, HASH_COLUMNS, JOB_COLUMNS, JOB_RECORD_COLUMNS, RUN_COLUMNS, insert_job_sql};
 use super::{Contents, Discovery, Job, Lease, Ledger, NewJob, Recovery, Run, Takeover, WorkerId, WorkerState, state};
@@ -72,6 +73,8 @@ pub fn unreachable(cause: &(dyn std::error::Error + 'static)) -> bool {
 /// A connection to the fleet's ledger.
 pub struct PgLedger {
     config: postgres::Config,
+    /// TLS as the URL's `sslmode` and `sslrootcert` ask (`ledger/tls.rs`).
+    tls: MakeRustlsConnect,
     client: Option<Client>,
     /// The URL without its password.
     shown: String,
@@ -84,9 +87,9 @@ impl PgLedger {
     /// schema. A password missing from the URL comes from `password_file` or `PGPASSWORD`; the
     /// host, port, user and database from `PGHOST`, `PGPORT`, `PGUSER` and `PGDATABASE`.
     pub fn connect(url: &str, password_file: Option<&Path>) -> Result<Self> {
-        let config = config(url, password_file)?;
+        let (config, tls) = config(url, password_file)?;
         let shown = shown(&config);
-        let mut l = Self { config, client: None, shown, me: None };
+        let mut l = Self { config, tls, client: None, shown, me: None };
         l.migrate()?;
         Ok(l)
     }
@@ -127,7 +130,8 @@ impl PgLedger {
         loop {
             if self.client.as_ref().is_none_or(|c| c.is_closed()) {
                 self.client = None;
-                let c = self.config.connect(NoTls).map_err(|source| Unreachable { ledger: self.shown.clone(), source })?;
+                let c =
+                    self.config.connect(self.tls.clone()).map_err(|source| Unreachable { ledger: self.shown.clone(), source })?;
                 self.client = Some(c);
             }
             let Some(client) = self.client.as_mut() else { continue };
@@ -154,13 +158,15 @@ impl PgLedger {
     }
 }
 
-/// The connection settings: the URL, completed from the password file and the `PG*` variables.
-fn config(url: &str, password_file: Option<&Path>) -> Result<postgres::Config> {
+/// The connection settings: the URL, completed from the password file and the `PG*` variables,
+/// and its TLS.
+fn config(url: &str, password_file: Option<&Path>) -> Result<(postgres::Config, MakeRustlsConnect)> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (url, tls) = super::tls::from_url(url, var)?;
     let mut c: postgres::Config = url.parse().with_context(|| {
         // The URL may hold a password: name the setting, not the value.
         "`ledger` is not a PostgreSQL URL (postgres://user@host:port/database)".to_string()
     })?;
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if c.get_hosts().is_empty() {
         match var("PGHOST") {
             Some(h) => c.host(&h),
@@ -198,7 +204,7 @@ fn config(url: &str, password_file: Option<&Path>) -> Result<postgres::Config> {
     c.connect_timeout(Duration::from_secs(10));
     // A dead peer (machine gone, network cut) is noticed within about a minute.
     c.keepalives_idle(Duration::from_secs(30));
-    Ok(c)
+    Ok((c, tls))
 }
 
 /// The connection for people: never the password.
@@ -796,7 +802,7 @@ mod tests {
 
     #[test]
     fn the_url_shown_never_carries_the_password() {
-        let c = config("postgres://fleet:s3cret@db.example:6543/deltadoc", None).unwrap();
+        let (c, _) = config("postgres://fleet:s3cret@db.example:6543/deltadoc", None).unwrap();
         assert_eq!(shown(&c), "postgres://fleet@db.example:6543/deltadoc");
         assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
     }
@@ -806,11 +812,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pw");
         std::fs::write(&f, "from-file\n").unwrap();
-        let c = config("postgres://fleet@db/deltadoc", Some(&f)).unwrap();
+        let (c, _) = config("postgres://fleet@db/deltadoc", Some(&f)).unwrap();
         assert_eq!(c.get_password(), Some(&b"from-file"[..]));
-        let e = config("postgres://fleet@db/deltadoc", Some(&dir.path().join("missing"))).unwrap_err();
-        assert!(format!("{e:#}").contains("cannot read the ledger password"), "{e:#}");
-        let e = format!("{:#}", config("postgres://fleet:s3cret@db/deltadoc?sslmode=bogus", None).unwrap_err());
+        let error = |url: &str, password: Option<&Path>| format!("{:#}", config(url, password).err().expect(url));
+        let e = error("postgres://fleet@db/deltadoc", Some(&dir.path().join("missing")));
+        assert!(e.contains("cannot read the ledger password"), "{e}");
+        let e = error("postgres://fleet:s3cret@db/deltadoc?keepalives=maybe", None);
         assert!(e.contains("not a PostgreSQL URL") && !e.contains("s3cret"), "the password is not echoed: {e}");
+        let e = error("postgres://fleet:s3cret@db/deltadoc?sslmode=bogus", None);
+        assert!(e.contains("sslmode=\"bogus\"") && !e.contains("s3cret"), "the password is not echoed: {e}");
     }
 }

@@ -167,6 +167,25 @@ impl Cluster {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Hands a file the test wrote to the server's user, readable by it alone (as PostgreSQL
+    /// requires of a TLS key).
+    pub fn hand_over(&self, file: &Path) {
+        if self.as_postgres {
+            let chown = Command::new("chown").arg("postgres:postgres").arg(file).status().unwrap();
+            assert!(chown.success(), "chown of {} to postgres failed", file.display());
+        }
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+
+    /// Replaces `pg_hba.conf` and reloads the configuration (and `ALTER SYSTEM` settings).
+    pub fn reload_with_hba(&self, hba: &str) {
+        let file = self.data().join("pg_hba.conf");
+        std::fs::write(&file, hba).unwrap();
+        self.hand_over(&file);
+        let data = self.data();
+        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "reload"]);
+    }
 }
 
 impl Drop for Cluster {

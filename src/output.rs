@@ -192,11 +192,13 @@ pub(crate) fn result_path(output: &Path, rel: &Path) -> PathBuf {
 
 /// Fills a temporary file beside `path` with `fill`, syncs it, renames it to `path` and syncs
 /// the folder: readers see the old file or the whole new one, even after a kill or a power cut.
-/// Temporary files of `path` that killed writers left behind go ([`remove_leftovers`]).
+/// Temporary files of `path` that killed writers left behind go ([`remove_leftovers`]): each
+/// path has one writer at a time (the job's lease holder), or writers of the same bytes (a
+/// journal entry), for whom a lost write only costs time.
 fn replace_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().context("the path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    remove_leftovers(path, STALE_TEMP);
+    remove_leftovers(path, Duration::ZERO);
     let tmp = temp_beside(path)?;
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -296,8 +298,9 @@ fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// How long a temporary file stays untouched before it counts as a killed writer's: every
-/// writer keeps writing until it renames it, and a kill is the only way to stop for this long.
+/// How long a snapshot's temporary file stays untouched before it counts as a killed writer's:
+/// a writer keeps writing until it renames it, and a kill is the only way to stop for this long.
+/// (Two daemons of a fleet may checkpoint one prompt into a shared folder at once, for seconds.)
 pub(crate) const STALE_TEMP: Duration = Duration::from_secs(60);
 
 /// The temporary file a writer fills before renaming it to `path`: `.<name>.<pid>-<nonce>.tmp`
@@ -403,18 +406,24 @@ mod tests {
     fn an_interrupted_write_leaves_nothing_behind_the_next_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.pdf.json");
-        // What processes killed between create and rename left a while ago; a live writer's
-        // temporary file (another machine's, in a fleet) beside them.
-        let old = std::time::SystemTime::now() - 2 * STALE_TEMP;
-        for (name, at) in [(".a.pdf.json.tmp", old), (".a.pdf.json.77-00ff.tmp", old), (".b.pdf.json.tmp", old)] {
-            std::fs::File::create(dir.path().join(name)).unwrap().set_modified(at).unwrap();
+        // What processes killed between create and rename left.
+        for name in [".a.pdf.json.tmp", ".a.pdf.json.77-00ff.tmp", ".b.pdf.json.tmp"] {
+            std::fs::write(dir.path().join(name), b"{\"half").unwrap();
         }
-        std::fs::write(dir.path().join(".a.pdf.json.1-abcd.tmp"), b"{\"being written").unwrap();
         write_atomic(&path, b"{}\n").unwrap();
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        assert_eq!(names, [".a.pdf.json.1-abcd.tmp", ".b.pdf.json.tmp", "a.pdf.json"], "only this file's dead leftovers go");
+        let names = || {
+            let mut n: Vec<String> =
+                std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+            n.sort();
+            n
+        };
+        assert_eq!(names(), [".b.pdf.json.tmp", "a.pdf.json"], "only this file's leftovers go");
+        // A snapshot's leftovers go once untouched for a while: a live writer's stays.
+        let old = std::time::SystemTime::now() - 2 * STALE_TEMP;
+        std::fs::File::create(dir.path().join(".a.pdf.json.5-ab.tmp")).unwrap().set_modified(old).unwrap();
+        std::fs::write(dir.path().join(".a.pdf.json.1-abcd.tmp"), b"{\"being written").unwrap();
+        remove_leftovers(&path, STALE_TEMP);
+        assert_eq!(names(), [".a.pdf.json.1-abcd.tmp", ".b.pdf.json.tmp", "a.pdf.json"]);
         assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
         let copy = dir.path().join("q/a.pdf");
         copy_atomically(&path, &copy).unwrap();

@@ -7,11 +7,12 @@
 //!    lease check before the result, done), JOBS times (default 300) on each ledger, both durable
 //!    (SQLite WAL with synchronous=FULL; PostgreSQL with fsync and synchronous commit on, a
 //!    throwaway cluster on this machine, tests/common/pg_cluster.rs), plus one heartbeat with its
-//!    takeover check.
+//!    takeover check; PostgreSQL both plain and over TLS with the certificate verified.
 //! 2. The demo inbox (examples/) through `deltadoc run --once` with each ledger, fresh state each
 //!    time, the tiny model (built first by the quick start or `model synth`).
 //!
-//! Needs PostgreSQL's server binaries (Debian's `postgresql` package). Prints both tables.
+//! Needs PostgreSQL's server binaries (Debian's `postgresql` package) and `openssl`. Prints both
+//! tables.
 
 // The tests' throwaway cluster; the bench uses part of it.
 #[allow(dead_code)]
@@ -106,16 +107,21 @@ fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut sqlite = SqliteLedger::open(dir.path())?;
     let (s_mean, s_p95, s_beat) = per_job(&mut sqlite, jobs)?;
-    let mut pg = PgLedger::connect(&cluster.database("bench"), Some(&pw))?;
+    let plain = |db: &str| format!("{}?sslmode=disable", cluster.database(db));
+    let mut pg = PgLedger::connect(&plain("bench"), Some(&pw))?;
     let (p_mean, p_p95, p_beat) = per_job(&mut pg, jobs)?;
+    let root = cluster.enable_tls().ok_or_else(|| anyhow::anyhow!("openssl is needed for the TLS certificates"))?;
+    let verified = format!("{}?sslmode=verify-full&sslrootcert={}", cluster.database("bench_tls"), root.display());
+    let (t_mean, t_p95, t_beat) = per_job(&mut PgLedger::connect(&verified, Some(&pw))?, jobs)?;
     println!("ledger time per job ({jobs} jobs: discover, claim, 3 stage notes, lease check, done):");
     println!("| ledger | mean ms/job | p95 ms/job | heartbeat + takeover check, ms |");
     println!("|---|---|---|---|");
     println!("| SQLite (WAL, synchronous=FULL) | {s_mean:.2} | {s_p95:.2} | {s_beat:.2} |");
     println!("| PostgreSQL (local, fsync on) | {p_mean:.2} | {p_p95:.2} | {p_beat:.2} |");
-    println!("PostgreSQL / SQLite per job: {:.2}", p_mean / s_mean);
+    println!("| PostgreSQL over TLS (verify-full) | {t_mean:.2} | {t_p95:.2} | {t_beat:.2} |");
+    println!("PostgreSQL / SQLite per job: {:.2}; TLS / plain: {:.2}", p_mean / s_mean, t_mean / p_mean);
 
-    let url = cluster.database("demo");
+    let url = plain("demo");
     let (s_secs, s_results) = demo(None, &pw)?;
     let (p_secs, p_results) = demo(Some(&url), &pw)?;
     anyhow::ensure!(s_results == p_results, "{s_results} results with SQLite, {p_results} with PostgreSQL");

@@ -337,44 +337,12 @@ fn a_ledger_moves_from_sqlite_to_postgres_and_back_without_redoing_work() {
     assert_eq!(back.export().unwrap(), from_pg, "and back");
 }
 
-/// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[test]
 fn tls_to_the_ledger_encrypts_and_verifies_as_sslmode_and_sslrootcert_say() {
     let Some(cluster) = Cluster::start() else { return };
-    if std::process::Command::new("openssl").arg("version").output().is_err() {
-        assert!(std::env::var("DELTADOC_POSTGRES").as_deref() != Ok("required"), "openssl is required to make certificates");
-        return eprintln!("skipped: no openssl to make the test certificates");
-    }
-    // A certificate authority, a server certificate it signs for 127.0.0.1, and a stranger CA.
-    let dir = cluster.path();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-    for ca in ["ca", "stranger"] {
-        let (key, pem, subj) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=deltadoc test {ca}"));
-        openssl(dir, &[&["req", "-x509"][..], &ec, &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]].concat());
-    }
-    openssl(dir, &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
-    openssl(
-        dir,
-        &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
-            .into_iter()
-            .chain(["-extfile", "san.ext", "-out", "server.pem"])
-            .collect::<Vec<_>>(),
-    );
-    for f in ["server.key", "server.pem"] {
-        cluster.hand_over(&dir.join(f));
-    }
     let url = cluster.database("tls");
-    let mut sql = cluster.client("postgres");
-    for (k, v) in [("ssl_cert_file", "server.pem"), ("ssl_key_file", "server.key")] {
-        sql.batch_execute(&format!("ALTER SYSTEM SET {k} = '{}'", dir.join(v).display())).unwrap();
-    }
-    sql.batch_execute("ALTER SYSTEM SET ssl = on").unwrap();
+    let Some(root) = cluster.enable_tls() else { return };
+    let stranger = cluster.authority("stranger");
     // From here on the server takes encrypted connections only.
     cluster.reload_with_hba(
         "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 127.0.0.1/32 reject\n",
@@ -389,14 +357,12 @@ fn tls_to_the_ledger_encrypts_and_verifies_as_sslmode_and_sslrootcert_say() {
         l.join(&worker("tls", 30.0)).unwrap();
         assert!(matches!(l.discover(&new_job("k", Path::new("k.pdf"))).unwrap(), Discovery::Queued(_) | Discovery::Known));
     }
-    let root = dir.join("ca.pem");
     let verified = format!("sslmode=verify-full&sslrootcert={}", root.display());
     let mut l = connect(&verified).unwrap_or_else(|e| panic!("{verified}: {e}"));
     l.join(&worker("verified", 30.0)).unwrap();
     let j = l.claim(&["p"], 1.0).unwrap().expect("the job recorded over TLS");
     assert!(l.done(j.lease(), Path::new("/out/k.json"), 2.0).unwrap());
     // A server whose certificate the named authority did not sign is refused, whatever the mode.
-    let stranger = dir.join("stranger.pem");
     for mode in ["require", "verify-full"] {
         let e = connect(&format!("sslmode={mode}&sslrootcert={}", stranger.display())).err().expect("an unknown issuer");
         assert!(e.contains("certificate"), "{mode}: {e}");

@@ -178,13 +178,62 @@ impl Cluster {
         std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     }
 
-    /// Replaces `pg_hba.conf` and reloads the configuration (and `ALTER SYSTEM` settings).
+    /// Replaces `pg_hba.conf` and reloads the configuration.
     pub fn reload_with_hba(&self, hba: &str) {
         let file = self.data().join("pg_hba.conf");
         std::fs::write(&file, hba).unwrap();
         self.hand_over(&file);
+        self.reload();
+    }
+
+    fn reload(&self) {
         let data = self.data();
         self.run("pg_ctl", &["-D", data.to_str().unwrap(), "reload"]);
+    }
+
+    /// Turns TLS on with a certificate for 127.0.0.1 signed by a throwaway authority, whose
+    /// certificate it returns (what `sslrootcert` names). Plain connections are still taken.
+    /// `None` (said on stderr) without `openssl`, unless `DELTADOC_POSTGRES=required`.
+    pub fn enable_tls(&self) -> Option<PathBuf> {
+        if Command::new("openssl").arg("version").output().is_err() {
+            assert!(std::env::var("DELTADOC_POSTGRES").as_deref() != Ok("required"), "openssl is required for certificates");
+            eprintln!("skipped: no openssl to make the TLS certificates");
+            return None;
+        }
+        let root = self.authority("ca");
+        let dir = self.path();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(dir, &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
+        openssl(
+            dir,
+            &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
+                .into_iter()
+                .chain(["-extfile", "san.ext", "-out", "server.pem"])
+                .collect::<Vec<_>>(),
+        );
+        let mut sql = self.client("postgres");
+        for file in ["server.key", "server.pem"] {
+            self.hand_over(&dir.join(file));
+        }
+        for (setting, file) in [("ssl_cert_file", "server.pem"), ("ssl_key_file", "server.key")] {
+            sql.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{}'", dir.join(file).display())).unwrap();
+        }
+        sql.batch_execute("ALTER SYSTEM SET ssl = on").unwrap();
+        self.reload();
+        Some(root)
+    }
+
+    /// A throwaway certificate authority `name`: its certificate (`<name>.pem` in the cluster's
+    /// folder).
+    pub fn authority(&self, name: &str) -> PathBuf {
+        let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN=deltadoc test {name}"));
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(
+            self.path(),
+            &[&["req", "-x509"][..], &ec, &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]].concat(),
+        );
+        self.path().join(pem)
     }
 }
 
@@ -199,6 +248,12 @@ impl Drop for Cluster {
             Command::new(&exe).args(args).output()
         };
     }
+}
+
+/// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A port nothing listens on now.

@@ -241,6 +241,8 @@ fn a_dead_daemons_job_is_taken_over_in_time_and_a_paused_one_writes_nothing() {
     d1.signal(libc::SIGCONT);
     d1.wait_log("this worker lost its lease while it ran", Duration::from_secs(900));
     assert_eq!(std::fs::read(&result).unwrap(), written, "the result is d2's, untouched");
+    // What d1 journalled after d2 ended the job goes with d1's stale attempt.
+    wait_for("d1's stale journal entries to go", Duration::from_secs(10), || (!journal.exists()).then_some(()));
     assert_eq!(metric(&d1.scrape(), "deltadoc_leases_lost_total", &[]), Some(1.0));
     let names = vec!["ceres.txt".to_string()];
     f.assert_exactly_once(&names);

@@ -349,9 +349,15 @@ impl<'a> Worker<'a> {
         Ok(Outcome::Quarantined { failure: f })
     }
 
-    /// The job went to another worker while this one ran it: `withheld` is not written.
-    fn lost<'f>(&self, job: &Job, withheld: &str) -> Outcome<'f> {
+    /// The job went to another worker while this one ran it: `withheld` is not written. The
+    /// job's journal stays for the worker that holds it now, unless the job has ended meanwhile:
+    /// then the entries this attempt wrote after its successor removed the journal go.
+    fn lost<'f>(&mut self, job: &Job, withheld: &str) -> Outcome<'f> {
         LeaseLost { job: job.id, document: &job.rel_path, withheld }.emit(self.metrics);
+        let ended = self.ledger.job(job.id).ok().flatten().is_some_and(|j| !state::OPEN.contains(&j.state.as_str()));
+        if ended {
+            Journal::of_job(self.cfg.daemon.resume_dir(), job.id).clear();
+        }
         Outcome::Lost
     }
 }

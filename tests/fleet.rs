@@ -27,10 +27,15 @@ impl Fleet {
     /// A sandbox whose daemons share database `db` of a fresh cluster, or `None` when PostgreSQL
     /// or the corpus is missing (and not required).
     fn new(db: &str, stages: &str) -> Option<Fleet> {
+        Self::with_context(db, stages, 1024)
+    }
+
+    /// [`Fleet::new`] with contexts of `max_tokens`.
+    fn with_context(db: &str, stages: &str, max_tokens: usize) -> Option<Fleet> {
         common::corpus()?;
         let cluster = Cluster::start()?;
         let url = cluster.database(db);
-        let sb = Sandbox::with_stages("", 1024, stages);
+        let sb = Sandbox::with_stages("", max_tokens, stages);
         let cfg = sb.path("config/deltadoc.yaml");
         let mut text = std::fs::read_to_string(&cfg).unwrap();
         // Each daemon has its own state folder (`daemon`) and all share one resume folder, as
@@ -42,6 +47,18 @@ impl Fleet {
         ));
         std::fs::write(&cfg, text).unwrap();
         Some(Fleet { sb, cluster, db: db.into() })
+    }
+
+    /// Who runs document `rel` in a stage now: (worker, lease generation, job id).
+    fn running(&self, rel: &str) -> Option<(String, i64, i64)> {
+        let mut c = self.cluster.client(&self.db);
+        c.query_opt(
+            "SELECT w.name, j.lease_gen, j.id FROM jobs j JOIN workers w ON w.id = j.lease_owner
+             WHERE j.rel_path = $1 AND j.state = 'running' AND j.stage IS NOT NULL",
+            &[&rel],
+        )
+        .unwrap()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
     }
 
     /// Daemon `n` of the fleet: its own name and state folder.
@@ -190,16 +207,7 @@ fn a_dead_daemons_job_is_taken_over_in_time_and_a_paused_one_writes_nothing() {
     // A long contract in small contexts: many model calls.
     let contract = common::corpus_path().join("contracts/CERES,INC_01_25_2012-EX-10.20-Collaboration Agreement.txt");
     std::fs::copy(contract, f.sb.path("inbox/ceres.txt")).unwrap();
-    let running = |f: &Fleet| {
-        let mut c = f.cluster.client(&f.db);
-        c.query_opt(
-            "SELECT w.name, j.lease_gen, j.id FROM jobs j JOIN workers w ON w.id = j.lease_owner
-             WHERE j.rel_path = 'ceres.txt' AND j.state = 'running' AND j.stage IS NOT NULL",
-            &[],
-        )
-        .unwrap()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1), r.get::<_, i64>(2)))
-    };
+    let running = |f: &Fleet| f.running("ceres.txt");
 
     // d0 takes the document, completes some model calls and is killed mid-run; d1, idle, has it
     // within the lease plus a heartbeat (with a second for a loaded machine).
@@ -256,4 +264,33 @@ fn a_dead_daemons_job_is_taken_over_in_time_and_a_paused_one_writes_nothing() {
     assert_eq!((docs.get("d1"), docs.get("d2")), (Some(&0), Some(&1)), "{status}");
     d1.stop();
     d2.stop();
+}
+
+#[test]
+fn a_job_taken_over_resumes_the_dead_daemons_prefill_from_the_shared_checkpoint() {
+    // Contexts of 64,000 tokens: the contract's first chunk is one prompt long enough to be
+    // checkpointed every 16,384 tokens (src/llm/ort.rs) three times, seconds apart.
+    let Some(f) = Fleet::with_context("checkpoint", QUICK_STAGES, 64_000) else { return };
+    let contract = common::corpus_path().join("contracts/CERES,INC_01_25_2012-EX-10.20-Collaboration Agreement.txt");
+    std::fs::copy(contract, f.sb.path("inbox/ceres.txt")).unwrap();
+    let mut d0 = f.daemon(0);
+    wait_for("d0 to run the contract", Duration::from_secs(120), || f.running("ceres.txt").filter(|(w, ..)| w == "d0"));
+    let d1 = f.daemon(1);
+    d1.wait_log("joined as worker d1", Duration::from_secs(120));
+    // d0 dies after its first checkpoint, before its prefill ends.
+    let checkpoints = f.sb.path("shared/checkpoints");
+    let snapshot = || {
+        let files = std::fs::read_dir(&checkpoints).ok()?;
+        files.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "ddsnap"))
+    };
+    let saved = wait_for("d0's first prefill checkpoint", Duration::from_secs(300), snapshot);
+    d0.child.kill().unwrap();
+    d0.child.wait().unwrap();
+    assert!(f.running("ceres.txt").is_some_and(|(w, ..)| w == "d0"), "killed mid-prefill, before the document ended");
+    // d1 takes the job over and resumes the prefill where d0's checkpoint left it.
+    let line = d1.wait_log("resuming prefill at token", Duration::from_secs(120));
+    assert!(line.contains(&saved.display().to_string()), "{line}");
+    let at: usize = line.split("resuming prefill at token ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap();
+    assert!(at > 0 && at.is_multiple_of(16_384), "resumed at a checkpoint: {line}");
+    d1.stop();
 }

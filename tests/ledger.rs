@@ -368,3 +368,20 @@ fn tls_to_the_ledger_encrypts_and_verifies_as_sslmode_and_sslrootcert_say() {
         assert!(e.contains("certificate"), "{mode}: {e}");
     }
 }
+
+#[test]
+fn a_server_that_asks_for_a_client_certificate_gets_the_one_sslcert_and_sslkey_name() {
+    let Some(cluster) = Cluster::start() else { return };
+    let url = cluster.database("mtls");
+    let Some(root) = cluster.enable_tls() else { return };
+    let (cert, key) = cluster.client_certificate(common::pg_cluster::USER);
+    // Certificate authentication: the client proves who it is by its certificate alone.
+    cluster.reload_with_hba("local all all trust\nhostssl all all 127.0.0.1/32 cert\nhostnossl all all 127.0.0.1/32 reject\n");
+    let verified = format!("{url}?sslmode=verify-full&sslrootcert={}", root.display());
+    let connect = |extra: &str| PgLedger::connect(&format!("{verified}{extra}"), None).map_err(|e| format!("{e:#}"));
+    let e = connect("").err().expect("no certificate, no connection");
+    assert!(e.contains("certificate"), "{e}");
+    let mut l = connect(&format!("&sslcert={}&sslkey={}", cert.display(), key.display())).unwrap();
+    l.join(&worker("mtls", 30.0)).unwrap();
+    assert!(matches!(l.discover(&new_job("k", Path::new("k.pdf"))).unwrap(), Discovery::Queued(_)));
+}

@@ -224,6 +224,23 @@ impl Cluster {
         Some(root)
     }
 
+    /// A client certificate for `user` (its common name) signed by [`Cluster::enable_tls`]'s
+    /// authority, which the server is told to trust for clients: the certificate and key files.
+    pub fn client_certificate(&self, user: &str) -> (PathBuf, PathBuf) {
+        let dir = self.path();
+        let (key, csr, pem, subj) = (format!("{user}.key"), format!("{user}.csr"), format!("{user}.pem"), format!("/CN={user}"));
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(dir, &[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &subj]].concat());
+        // An X.509 v3 certificate (rustls takes no other): one with an extension.
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        let sign = ["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"];
+        openssl(dir, &[&sign[..], &["-extfile", "client.ext", "-out", &pem]].concat());
+        let mut sql = self.client("postgres");
+        sql.batch_execute(&format!("ALTER SYSTEM SET ssl_ca_file = '{}'", dir.join("ca.pem").display())).unwrap();
+        self.reload();
+        (dir.join(pem), dir.join(key))
+    }
+
     /// A throwaway certificate authority `name`: its certificate (`<name>.pem` in the cluster's
     /// folder).
     pub fn authority(&self, name: &str) -> PathBuf {

@@ -192,14 +192,13 @@ pub(crate) fn result_path(output: &Path, rel: &Path) -> PathBuf {
 
 /// Fills a temporary file beside `path` with `fill`, syncs it, renames it to `path` and syncs
 /// the folder: readers see the old file or the whole new one, even after a kill or a power cut.
-/// Temporary files of `path` that killed writers left behind go ([`remove_leftovers`]): each
+/// Temporary files of `path` that killed writers left behind go at once ([`temp_beside`]): each
 /// path has one writer at a time (the job's lease holder), or writers of the same bytes (a
 /// journal entry), for whom a lost write only costs time.
 fn replace_atomically(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().context("the path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    remove_leftovers(path, Duration::ZERO);
-    let tmp = temp_beside(path)?;
+    let tmp = temp_beside(path, Duration::ZERO)?;
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         fill(&mut f)?;
@@ -249,8 +248,7 @@ fn write_once(path: &Path, bytes: &[u8], job: Option<JobRef>) -> Result<bool> {
     }
     let dir = path.parent().context("the path has no folder")?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create folder", dir.display()))?;
-    remove_leftovers(path, Duration::ZERO);
-    let tmp = temp_beside(path)?;
+    let tmp = temp_beside(path, Duration::ZERO)?;
     let write = || -> std::io::Result<bool> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -304,19 +302,21 @@ fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
 pub(crate) const STALE_TEMP: Duration = Duration::from_secs(60);
 
 /// The temporary file a writer fills before renaming it to `path`: `.<name>.<pid>-<nonce>.tmp`
-/// beside it. In a fleet, writers on other machines write into the same folders (a shared
-/// output or resume folder), and process ids repeat across machines (every container's first
-/// process is 1), hence the random part.
-pub(crate) fn temp_beside(path: &Path) -> Result<PathBuf> {
+/// beside it, after removing those of killed writers untouched for `idle` ([`remove_leftovers`]).
+/// In a fleet, writers on other machines write into the same folders (a shared output or resume
+/// folder), and process ids repeat across machines (every container's first process is 1),
+/// hence the random part.
+pub(crate) fn temp_beside(path: &Path, idle: Duration) -> Result<PathBuf> {
     let dir = path.parent().context("the path has no folder")?;
     let name = path.file_name().context("the path has no file name")?.to_string_lossy();
+    remove_leftovers(path, idle);
     Ok(dir.join(format!(".{name}.{}-{:016x}.tmp", std::process::id(), rand::random::<u64>())))
 }
 
 /// Removes the temporary files of `path` ([`temp_beside`]) that killed writers left, among
 /// those untouched for `idle`: a live writer keeps writing (a result, at once; a checkpoint of
 /// gigabytes, for seconds), and one that is removed under it fails and writes nothing.
-pub(crate) fn remove_leftovers(path: &Path, idle: Duration) {
+fn remove_leftovers(path: &Path, idle: Duration) {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
     let prefix = format!(".{}.", name.to_string_lossy());
     let Ok(entries) = std::fs::read_dir(dir) else { return };

@@ -83,8 +83,7 @@ impl Snapshot {
     pub fn save(&self, path: &Path) -> Result<()> {
         // A fleet's daemons may checkpoint the same prefix into a shared folder at once: each
         // fills a file of its own, and the last rename wins with a whole snapshot.
-        crate::output::remove_leftovers(path, crate::output::STALE_TEMP);
-        let tmp = crate::output::temp_beside(path)?;
+        let tmp = crate::output::temp_beside(path, crate::output::STALE_TEMP)?;
         let header = serde_json::to_vec(&Header {
             model: self.model.clone(),
             tokens: self.tokens,

@@ -73,7 +73,7 @@ pub fn unreachable(cause: &(dyn std::error::Error + 'static)) -> bool {
 /// A connection to the fleet's ledger.
 pub struct PgLedger {
     config: postgres::Config,
-    /// TLS as the URL's `sslmode` and `sslrootcert` ask (`ledger/tls.rs`).
+    /// TLS as the URL's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` ask (`ledger/tls.rs`).
     tls: MakeRustlsConnect,
     client: Option<Client>,
     /// The URL without its password.

@@ -201,23 +201,12 @@ impl Cluster {
             return None;
         }
         let root = self.authority("ca");
-        let dir = self.path();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        openssl(dir, &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]].concat());
-        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
-        openssl(
-            dir,
-            &["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
-                .into_iter()
-                .chain(["-extfile", "san.ext", "-out", "server.pem"])
-                .collect::<Vec<_>>(),
-        );
+        let (pem, key) =
+            self.signed("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth");
         let mut sql = self.client("postgres");
-        for file in ["server.key", "server.pem"] {
-            self.hand_over(&dir.join(file));
-        }
-        for (setting, file) in [("ssl_cert_file", "server.pem"), ("ssl_key_file", "server.key")] {
-            sql.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{}'", dir.join(file).display())).unwrap();
+        for (setting, file) in [("ssl_cert_file", &pem), ("ssl_key_file", &key)] {
+            self.hand_over(file);
+            sql.batch_execute(&format!("ALTER SYSTEM SET {setting} = '{}'", file.display())).unwrap();
         }
         sql.batch_execute("ALTER SYSTEM SET ssl = on").unwrap();
         self.reload();
@@ -227,17 +216,23 @@ impl Cluster {
     /// A client certificate for `user` (its common name) signed by [`Cluster::enable_tls`]'s
     /// authority, which the server is told to trust for clients: the certificate and key files.
     pub fn client_certificate(&self, user: &str) -> (PathBuf, PathBuf) {
-        let dir = self.path();
-        let (key, csr, pem, subj) = (format!("{user}.key"), format!("{user}.csr"), format!("{user}.pem"), format!("/CN={user}"));
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        openssl(dir, &[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", &subj]].concat());
-        // An X.509 v3 certificate (rustls takes no other): one with an extension.
-        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        let sign = ["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"];
-        openssl(dir, &[&sign[..], &["-extfile", "client.ext", "-out", &pem]].concat());
+        let signed = self.signed(user, &format!("/CN={user}"), "extendedKeyUsage=clientAuth");
         let mut sql = self.client("postgres");
-        sql.batch_execute(&format!("ALTER SYSTEM SET ssl_ca_file = '{}'", dir.join("ca.pem").display())).unwrap();
+        sql.batch_execute(&format!("ALTER SYSTEM SET ssl_ca_file = '{}'", self.path().join("ca.pem").display())).unwrap();
         self.reload();
+        signed
+    }
+
+    /// A certificate `<name>.pem` for `subject` with the X.509 v3 `extensions` (rustls takes no
+    /// older version), signed by the authority `ca` ([`Cluster::authority`]), and its key
+    /// `<name>.key`, in the cluster's folder.
+    fn signed(&self, name: &str, subject: &str, extensions: &str) -> (PathBuf, PathBuf) {
+        let (key, csr, pem, ext) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+        let dir = self.path();
+        std::fs::write(dir.join(&ext), format!("{extensions}\n")).unwrap();
+        openssl(dir, &[&["req"][..], &EC_KEY, &["-keyout", &key, "-out", &csr, "-subj", subject]].concat());
+        let ca = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"];
+        openssl(dir, &[&["x509", "-req", "-in", &csr][..], &ca, &["-days", "2", "-extfile", &ext, "-out", &pem]].concat());
         (dir.join(pem), dir.join(key))
     }
 
@@ -245,10 +240,9 @@ impl Cluster {
     /// folder).
     pub fn authority(&self, name: &str) -> PathBuf {
         let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN=deltadoc test {name}"));
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
         openssl(
             self.path(),
-            &[&["req", "-x509"][..], &ec, &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]].concat(),
+            &[&["req", "-x509"][..], &EC_KEY, &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]].concat(),
         );
         self.path().join(pem)
     }
@@ -266,6 +260,9 @@ impl Drop for Cluster {
         };
     }
 }
+
+/// `openssl req` arguments for a new unencrypted P-256 key (fast to make, and rustls takes it).
+const EC_KEY: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
 
 /// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
 fn openssl(dir: &Path, args: &[&str]) {

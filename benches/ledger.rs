@@ -18,6 +18,10 @@
 #[allow(dead_code)]
 #[path = "../tests/common/pg_cluster.rs"]
 mod pg_cluster;
+// Its certificates.
+#[allow(dead_code)]
+#[path = "../tests/common/certs.rs"]
+mod certs;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

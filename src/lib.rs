@@ -12,6 +12,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bucket;
 pub mod chat;
 pub(crate) mod chunk;
 pub mod cli;

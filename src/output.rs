@@ -182,12 +182,13 @@ pub(crate) struct ErrorReport<'a> {
     pub deltadoc_version: &'static str,
 }
 
-/// The result path of `rel` (relative to its inbox): `<output>/<rel>.json`, keeping the original
-/// extension so `a.pdf` and `a.txt` do not collide.
-pub(crate) fn result_path(output: &Path, rel: &Path) -> PathBuf {
-    let mut name = rel.as_os_str().to_owned();
-    name.push(".json");
-    output.join(name)
+impl ErrorReport<'_> {
+    /// The error JSON's bytes.
+    pub(crate) fn bytes(&self) -> Result<Vec<u8>> {
+        let mut bytes = serde_json::to_vec_pretty(self)?;
+        bytes.push(b'\n');
+        Ok(bytes)
+    }
 }
 
 /// Fills a temporary file beside `path` with `fill`, syncs it, renames it to `path` and syncs
@@ -223,25 +224,35 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// renamed without replacing, [`rename_new`]), so two workers of one job never both write it; an older result under the name
 /// (an earlier version of the document, another job) is replaced atomically.
 pub(crate) fn write_result_once(path: &Path, r: &DocResult) -> Result<bool> {
+    write_once(path, &result_bytes(r)?, r.job)
+}
+
+/// The result file's bytes.
+pub(crate) fn result_bytes(r: &DocResult) -> Result<Vec<u8>> {
     let mut bytes = serde_json::to_vec_pretty(r)?;
     bytes.push(b'\n');
-    write_once(path, &bytes, r.job)
+    Ok(bytes)
+}
+
+/// Whether the result `existing` was written by a later lease of `job` than its own: then a
+/// worker of `job` must not replace it (it lost its lease, and the later one wrote).
+pub(crate) fn written_later(existing: &[u8], job: Option<JobRef>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Written {
+        job: Option<JobRef>,
+    }
+    let theirs = serde_json::from_slice::<Written>(existing).ok().and_then(|w| w.job);
+    matches!((theirs, job), (Some(t), Some(m)) if t.id == m.id && t.lease > m.lease)
 }
 
 /// [`write_result_once`] of serialised bytes written by `job`.
 fn write_once(path: &Path, bytes: &[u8], job: Option<JobRef>) -> Result<bool> {
     let later = |path: &Path| -> Result<bool> {
-        let existing = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("{}: cannot read", path.display()))),
-        };
-        #[derive(serde::Deserialize)]
-        struct Written {
-            job: Option<JobRef>,
+        match std::fs::read(path) {
+            Ok(existing) => Ok(written_later(&existing, job)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("{}: cannot read", path.display()))),
         }
-        let theirs = serde_json::from_slice::<Written>(&existing).ok().and_then(|w| w.job);
-        Ok(matches!((theirs, job), (Some(t), Some(m)) if t.id == m.id && t.lease > m.lease))
     };
     if later(path)? {
         return Ok(false);
@@ -369,9 +380,7 @@ pub(crate) fn quarantine(src: &Path, quarantine: &Path, rel: &Path, move_it: boo
     // again, and finds the same `dest` free because the document is not there yet.
     let mut err = dest.clone().into_os_string();
     err.push(".error.json");
-    let mut bytes = serde_json::to_vec_pretty(report)?;
-    bytes.push(b'\n');
-    write_atomic(Path::new(&err), &bytes)?;
+    write_atomic(Path::new(&err), &report.bytes()?)?;
     if src.exists() && src != dest {
         if move_it {
             if std::fs::rename(src, &dest).is_err() {

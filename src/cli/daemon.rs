@@ -137,11 +137,8 @@ pub(super) fn run_once(r: RunArgs) -> Result<Outcome> {
         bail!("`run` needs --once (use `serve` to keep running)");
     }
     let cfg = r.daemon.load()?;
-    let outputs: Vec<String> = cfg
-        .pipelines
-        .iter()
-        .map(|p| format!("{}: {} (failed documents: {})", p.name(), p.output.display(), p.quarantine.display()))
-        .collect();
+    let outputs: Vec<String> =
+        cfg.pipelines.iter().map(|p| format!("{}: {} (failed documents: {})", p.name(), p.output, p.quarantine)).collect();
     daemon::run(cfg, Mode::Once)?;
     eprintln!("results (one JSON per document):\n  {}", outputs.join("\n  "));
     Ok(Outcome::Success)
@@ -203,7 +200,7 @@ pub(super) fn config(c: ConfigCmd) -> Result<Outcome> {
             p.spec.version,
             p.file.display(),
             p.inboxes.len(),
-            p.output.display(),
+            p.output,
             stages.join(", ")
         );
     }
@@ -226,16 +223,28 @@ fn print_status(cfg: &Config, recent: usize, json: bool) -> Result<()> {
                 "next": next, "last_run": last }));
         }
     }
+    let inboxes = crate::daemon::check_inboxes(cfg);
     if json {
         let c: Vec<_> = counts.iter().map(|(p, s, n)| serde_json::json!({"pipeline": p, "state": s, "jobs": n})).collect();
+        let i: Vec<_> = inboxes
+            .iter()
+            .map(|(p, inbox, ok, detail)| serde_json::json!({"pipeline": p, "inbox": inbox, "reachable": ok, "detail": detail}))
+            .collect();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "ledger": l.describe(), "workers": workers, "counts": c,
-                "schedules": schedules, "recent": jobs }))?
+                "inboxes": i, "schedules": schedules, "recent": jobs }))?
         );
         return Ok(());
     }
     println!("ledger {}", l.describe());
+    for (_, inbox, ok, detail) in &inboxes {
+        if *ok {
+            println!("inbox {inbox}: reachable");
+        } else {
+            println!("inbox {inbox}: UNREACHABLE ({detail})");
+        }
+    }
     if workers.is_empty() {
         println!("no daemon is running");
     }

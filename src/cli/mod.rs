@@ -132,7 +132,9 @@ fn init_logging(cmd: &Cmd) {
         }
         _ => false,
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DELTADOC_LOG").unwrap_or_else(|_| "info".into());
+    // The object store client says every retry of a request at info; deltadoc's own lines say
+    // what matters (a store unreachable, back again, a write held).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DELTADOC_LOG").unwrap_or_else(|_| "info,object_store=warn".into());
     let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
     if json {
         fmt.json().init();

@@ -54,6 +54,8 @@ pub struct DaemonConfig {
     pub ingest: IngestConfig,
     /// Per-document limits and retries.
     pub limits: Limits,
+    /// How `s3://` inboxes, outputs and quarantines are reached (`docs/buckets.md`).
+    pub object_store: ObjectStoreConfig,
 }
 
 impl DaemonConfig {
@@ -80,6 +82,7 @@ impl Default for DaemonConfig {
             log_format: LogFormat::Human,
             ingest: IngestConfig::default(),
             limits: Limits::default(),
+            object_store: ObjectStoreConfig::default(),
         }
     }
 }
@@ -121,6 +124,45 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self { name: None, lease: Dur(Duration::from_secs(30)) }
     }
+}
+
+/// How buckets are reached. Credentials are never here: they come from the AWS environment
+/// (`AWS_ACCESS_KEY_ID`, …), a web identity (`AWS_WEB_IDENTITY_TOKEN_FILE` and `AWS_ROLE_ARN`, as
+/// Kubernetes service accounts set them), the profile files (`AWS_PROFILE`), or the machine's
+/// role (`src/bucket/mod.rs`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectStoreConfig {
+    /// An S3-compatible server (`https://minio.internal:9000`); null: `AWS_ENDPOINT_URL`, the
+    /// profile's `endpoint_url`, else AWS itself.
+    pub endpoint: Option<String>,
+    /// null: `AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's, else `us-east-1`.
+    pub region: Option<String>,
+    /// `path` (`endpoint/bucket/key`: MinIO, SeaweedFS, Ceph, R2) or `virtual`
+    /// (`bucket.endpoint/key`).
+    pub addressing: Addressing,
+    /// PEM file of the certificate authority of a private endpoint (added to the system's;
+    /// certificates are always verified).
+    pub ca_file: Option<PathBuf>,
+    /// A request that does not connect, or a download that stalls, this long fails; it is
+    /// retried a few times within this long, then the daemon waits for the store.
+    pub timeout: Dur,
+}
+
+impl Default for ObjectStoreConfig {
+    fn default() -> Self {
+        Self { endpoint: None, region: None, addressing: Addressing::Path, ca_file: None, timeout: Dur(Duration::from_secs(30)) }
+    }
+}
+
+/// Where the bucket's name goes in a request.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Addressing {
+    /// In the path.
+    Path,
+    /// In the host name.
+    Virtual,
 }
 
 /// Prometheus endpoint settings.

@@ -13,9 +13,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-pub use daemon::{DaemonConfig, IngestConfig, Limits, LogFormat, MetricsConfig, ModelConfig, WorkerConfig, apply_env_overrides};
+pub use daemon::{
+    Addressing, DaemonConfig, IngestConfig, Limits, LogFormat, MetricsConfig, ModelConfig, ObjectStoreConfig, WorkerConfig,
+    apply_env_overrides,
+};
 pub use pipeline::{
-    ContextSpec, DuplicatePolicy, InboxSpec, Pipeline, PipelineSpec, QuarantineMode, ScheduleSpec, load_pipeline, load_pipelines,
+    ContextSpec, DuplicatePolicy, InboxSpec, Location, Pipeline, PipelineSpec, QuarantineMode, ScheduleSpec, load_pipeline,
+    load_pipelines,
 };
 pub use values::{ByteSize, CronExpr, Dur, GlobPattern, TimeZoneName, parse_yaml};
 
@@ -80,7 +84,7 @@ impl Config {
         for p in [&mut daemon.model.path, &mut daemon.state_dir, &mut daemon.pipelines] {
             *p = base.join(&*p);
         }
-        for d in [&mut daemon.data_dir, &mut daemon.resume_dir].into_iter().flatten() {
+        for d in [&mut daemon.data_dir, &mut daemon.resume_dir, &mut daemon.object_store.ca_file].into_iter().flatten() {
             *d = base.join(&*d);
         }
         if let Some(f) = &mut daemon.ledger_password_file {
@@ -185,5 +189,32 @@ mod tests {
         std::fs::write(dir.path().join("pipelines/p.yaml"), yaml).unwrap();
         let e = format!("{:#}", load_pipelines(&dir.path().join("pipelines"), Some(dir.path())).unwrap_err());
         assert!(e.contains("p.yaml:4:") && e.contains("field `quarantine`"), "{e}");
+    }
+
+    #[test]
+    fn bucket_inboxes_and_outputs_resolve_and_are_checked_like_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("pipelines")).unwrap();
+        let write = |yaml: &str| std::fs::write(dir.path().join("pipelines/p.yaml"), yaml).unwrap();
+        let load = || load_pipelines(&dir.path().join("pipelines"), Some(dir.path()));
+        let stages = "stages: [{name: s, kind: summarize}]\n";
+        write(&format!("name: x\ninboxes: [{{url: \"s3://docs/in\"}}, {{path: in}}]\noutput: s3://docs/results/2026/\n{stages}"));
+        let p = load().unwrap().remove(0);
+        assert_eq!(p.inboxes[0].to_string(), "s3://docs/in/");
+        assert_eq!(p.inboxes[1], Location::Folder(dir.path().join("in")));
+        assert_eq!(p.quarantine.to_string(), "s3://docs/results/quarantine/x/", "beside the output, as for folders");
+        assert_eq!(p.output.join(Path::new("a/b.pdf"), ".json"), Path::new("s3://docs/results/2026/a/b.pdf.json"));
+        for (yaml, says) in [
+            ("name: x\ninboxes: [{url: \"s3://docs/\"}]\noutput: s3://docs/out/\n", "overlaps inbox s3://docs/"),
+            ("name: x\ninboxes: [{path: in, url: \"s3://docs/\"}]\noutput: out\n", "one of the two"),
+            ("name: x\ninboxes: [{path: \"s3://docs/\"}]\noutput: out\n", "written `url: s3://docs/`"),
+            ("name: x\ninboxes: [{url: \"s3://AK:SECRET@docs/\"}]\noutput: out\n", "credentials"),
+            ("name: x\ninboxes: [{url: \"gs://docs/\"}]\noutput: out\n", "only s3://"),
+        ] {
+            write(&format!("{yaml}{stages}"));
+            let e = format!("{:#}", load().unwrap_err());
+            assert!(e.contains("p.yaml") && e.contains(says), "{yaml}: {e}");
+            assert!(!e.contains("SECRET"), "a secret in an error: {e}");
+        }
     }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 
 use super::values::{CronExpr, Dur, GlobPattern, TimeZoneName, at, parse_yaml};
+use crate::bucket::BucketUrl;
 use crate::stage::{self, PipelineFile, Stage, StageEntry};
 use crate::util::absolute;
 
@@ -26,11 +27,12 @@ pub struct PipelineSpec {
     /// Higher runs first when several pipelines have work.
     #[serde(default)]
     pub priority: i32,
-    /// Watched folders.
+    /// Watched folders and bucket prefixes.
     pub inboxes: Vec<InboxSpec>,
-    /// Result folder (mirrors the inbox layout).
+    /// Result folder, or `s3://bucket/prefix/` (mirrors the inbox layout).
     pub output: Spanned<PathBuf>,
-    /// Failed documents and their error JSON (default: `<output>/../quarantine/<name>`).
+    /// Failed documents and their error JSON, a folder or a bucket prefix (default:
+    /// `<output>/../quarantine/<name>`).
     #[serde(default)]
     pub quarantine: Option<Spanned<PathBuf>>,
     /// Move failed documents out of the inbox or leave them and copy.
@@ -57,19 +59,23 @@ fn yes() -> bool {
     true
 }
 
-/// One inbox folder.
+/// One inbox: a folder (`path`) or a bucket prefix (`url`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboxSpec {
     /// The folder.
-    pub path: Spanned<PathBuf>,
-    /// Only paths (relative to the folder) matching one of these are taken; empty = all.
+    #[serde(default)]
+    pub path: Option<Spanned<PathBuf>>,
+    /// `s3://bucket/prefix/` (`docs/buckets.md`).
+    #[serde(default)]
+    pub url: Option<Spanned<String>>,
+    /// Only paths (relative to the folder or prefix) matching one of these are taken; empty = all.
     #[serde(default)]
     pub include: Vec<GlobPattern>,
     /// Paths matching any of these are never taken.
     #[serde(default)]
     pub exclude: Vec<GlobPattern>,
-    /// Descend into sub-folders.
+    /// Descend into sub-folders (keys with more `/`-separated parts under the prefix).
     #[serde(default = "yes")]
     pub recursive: bool,
 }
@@ -129,6 +135,54 @@ impl Default for ContextSpec {
     }
 }
 
+/// Where documents come from or results go: a folder (absolute) or a bucket prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Location {
+    /// A folder.
+    Folder(PathBuf),
+    /// `s3://bucket/prefix/`.
+    Bucket(BucketUrl),
+}
+
+impl Location {
+    /// A folder (relative to `root`) or an `s3://` URL.
+    fn resolve(root: &Path, written: &Path) -> Result<Self> {
+        match written.to_str().filter(|s| BucketUrl::is_url(s)) {
+            Some(url) => Ok(Location::Bucket(BucketUrl::parse(url)?)),
+            None => Ok(Location::Folder(root.join(written))),
+        }
+    }
+
+    /// Whether one holds the other: results written there would be taken as documents.
+    fn overlaps(&self, other: &Location) -> bool {
+        match (self, other) {
+            (Location::Folder(a), Location::Folder(b)) => a.starts_with(b) || b.starts_with(a),
+            (Location::Bucket(a), Location::Bucket(b)) => a.overlaps(b),
+            _ => false,
+        }
+    }
+
+    /// Where a document's result or copy goes: `<self>/<rel>` with `suffix` appended, as a path
+    /// (bucket places as `s3://bucket/key`, which is also how they show).
+    pub fn join(&self, rel: &Path, suffix: &str) -> PathBuf {
+        let mut name = match self {
+            Location::Folder(f) => f.join(rel).into_os_string(),
+            Location::Bucket(b) => b.object(&b.key(rel)).into(),
+        };
+        name.push(suffix);
+        PathBuf::from(name)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Folder(p) => write!(f, "{}", p.display()),
+            Location::Bucket(b) => write!(f, "{b}"),
+        }
+    }
+}
+
 /// A pipeline with its source file and resolved paths.
 #[derive(Clone, Debug)]
 pub struct Pipeline {
@@ -136,12 +190,12 @@ pub struct Pipeline {
     pub spec: PipelineSpec,
     /// The YAML file it came from.
     pub file: PathBuf,
-    /// Inbox folders, absolute.
-    pub inboxes: Vec<PathBuf>,
-    /// Output folder, absolute.
-    pub output: PathBuf,
-    /// Quarantine folder, absolute.
-    pub quarantine: PathBuf,
+    /// Inboxes: folders (absolute) and bucket prefixes.
+    pub inboxes: Vec<Location>,
+    /// Where results go.
+    pub output: Location,
+    /// Where failed documents go.
+    pub quarantine: Location,
     /// The stages, built and checked.
     pub(crate) stages: Vec<Stage>,
 }
@@ -181,12 +235,11 @@ pub fn load_pipelines(dir: &Path, data_dir: Option<&Path>) -> Result<Vec<Pipelin
         {
             for q in &out {
                 for inbox in &q.inboxes {
-                    if dir.starts_with(inbox) || inbox.starts_with(dir) {
+                    if dir.overlaps(inbox) {
                         bail!(
-                            "{}: field `{what}`: {} overlaps inbox {} of pipeline {:?}; results would be taken as new documents",
+                            "{}: field `{what}`: {dir} overlaps inbox {inbox} of pipeline {:?}; results would be taken as new \
+                             documents",
                             place,
-                            dir.display(),
-                            inbox.display(),
                             q.name()
                         );
                     }
@@ -218,11 +271,29 @@ pub fn load_pipeline(file: &Path, data_dir: Option<&Path>) -> Result<Pipeline> {
         bail!("{}: field `context`: max_tokens must be ≥ 1024 and overlap less than half of it", file.display());
     }
     let stages = stage::build_all(&PipelineFile { path: file, context_tokens: spec.context.max_tokens }, &spec.stages)?;
-    let inboxes: Vec<PathBuf> = spec.inboxes.iter().map(|i| root.join(&i.path.value)).collect();
-    let output = root.join(&spec.output.value);
-    let quarantine = match &spec.quarantine {
-        Some(q) => root.join(&q.value),
-        None => output.parent().unwrap_or(&output).join("quarantine").join(name),
+    let mut inboxes = Vec::new();
+    for (n, i) in spec.inboxes.iter().enumerate() {
+        inboxes.push(match (&i.path, &i.url) {
+            (Some(p), None) if p.value.to_str().is_some_and(BucketUrl::is_url) => {
+                bail!("{}: field `inboxes[{n}].path`: a bucket inbox is written `url: {}`", at(file, p), p.value.display())
+            }
+            (Some(p), None) => Location::Folder(root.join(&p.value)),
+            (None, Some(u)) => Location::Bucket(
+                BucketUrl::parse(&u.value).with_context(|| format!("{}: field `inboxes[{n}].url`", at(file, u)))?,
+            ),
+            _ => bail!("{}: field `inboxes[{n}]`: give a folder `path` or a bucket `url`, one of the two", file.display()),
+        });
+    }
+    let output =
+        Location::resolve(&root, &spec.output.value).with_context(|| format!("{}: field `output`", at(file, &spec.output)))?;
+    let quarantine = match (&spec.quarantine, &output) {
+        (Some(q), _) => Location::resolve(&root, &q.value).with_context(|| format!("{}: field `quarantine`", at(file, q)))?,
+        (None, Location::Folder(out)) => Location::Folder(out.parent().unwrap_or(out).join("quarantine").join(name)),
+        (None, Location::Bucket(out)) => {
+            let parent = out.prefix.trim_end_matches('/').rsplit_once('/').map_or("", |(p, _)| p);
+            let prefix = if parent.is_empty() { format!("quarantine/{name}/") } else { format!("{parent}/quarantine/{name}/") };
+            Location::Bucket(BucketUrl { bucket: out.bucket.clone(), prefix })
+        }
     };
     Ok(Pipeline { spec, file: file.to_path_buf(), inboxes, output, quarantine, stages })
 }

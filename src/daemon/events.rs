@@ -11,6 +11,7 @@ use super::health::Health;
 use super::inbox::Seen;
 use super::metrics::Metrics;
 use super::storage::Folder;
+use crate::bucket::StoreError;
 use crate::config::Pipeline;
 use crate::extract::Method;
 use crate::failure::Failure;
@@ -44,6 +45,18 @@ impl InternalEvent for FileNoticed {
         if self.missed_by_watcher {
             m.rescan_found.inc();
         }
+    }
+}
+
+/// A round of the periodic rescan ended: every folder inbox walked, every bucket inbox listed.
+pub(crate) struct InboxesRescanned {
+    pub seconds: f64,
+}
+
+impl InternalEvent for InboxesRescanned {
+    fn emit(self, m: &Metrics) {
+        m.inbox_rescans.inc();
+        tracing::debug!("rescan of every inbox took {:.2} s", self.seconds);
     }
 }
 
@@ -283,17 +296,44 @@ pub(crate) struct WritesBlocked<'a> {
 impl InternalEvent for WritesBlocked<'_> {
     fn emit(self, m: &Metrics) {
         let (folder, what, path) = (self.folder.name(), self.folder.what(), self.path.display());
+        count_store_error(m, self.error);
         m.writes_blocked.with_label_values(&[folder]).set(1);
         self.health.set_blocked(Some(format!("{what}: {:#}", self.error)));
-        let retry = self.retry_in.as_secs();
+        let (retry, (act, _)) = (self.retry_in.as_secs(), self.folder.act());
         if self.first {
             tracing::error!(
-                "{:#}; the {what} refuses the write, so deltadoc holds it and tries again in {retry} s \
+                "{:#}; the {what} refuses the {act}, so deltadoc holds it and tries again in {retry} s \
                  (the document is not run again)",
                 self.error
             );
         } else {
             tracing::warn!("{path}: still refused after {:.0} s ({:#}); next try in {retry} s", self.blocked_s, self.error);
+        }
+    }
+}
+
+/// Counts `e` in `deltadoc_object_store_errors_total` when an object store request failed.
+fn count_store_error(m: &Metrics, e: &anyhow::Error) {
+    if let Some(e) = e.chain().find_map(|c| c.downcast_ref::<StoreError>()) {
+        m.object_store_errors.with_label_values(&[e.op.name()]).inc();
+    }
+}
+
+/// A request to an object store failed (after the client's own retries) where nothing waits
+/// for it: a listing or a download of the ingest, which the next rescan makes again.
+pub(crate) struct ObjectStoreFailed<'a> {
+    pub error: &'a anyhow::Error,
+    /// The first failure of this inbox in a row: said as a warning; later ones are counted.
+    pub first: bool,
+}
+
+impl InternalEvent for ObjectStoreFailed<'_> {
+    fn emit(self, m: &Metrics) {
+        count_store_error(m, self.error);
+        if self.first {
+            tracing::warn!("{:#}; tried again at the next rescan", self.error);
+        } else {
+            tracing::debug!("{:#}", self.error);
         }
     }
 }
@@ -313,10 +353,11 @@ impl InternalEvent for WritesResumed<'_> {
         let (folder, what, path, waited) = (self.folder.name(), self.folder.what(), self.path.display(), self.waited_s);
         m.writes_blocked.with_label_values(&[folder]).set(0);
         self.health.set_blocked(None);
+        let (act, done) = self.folder.act();
         if self.written {
-            tracing::info!("{path}: written after waiting {waited:.0} s for the {what}");
+            tracing::info!("{path}: {done} after waiting {waited:.0} s for the {what}");
         } else {
-            tracing::warn!("{path}: the {what} took writes again after {waited:.0} s, but this one failed otherwise");
+            tracing::warn!("{path}: the {what} took the {act} after {waited:.0} s, but it failed otherwise");
         }
     }
 }

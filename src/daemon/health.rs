@@ -7,13 +7,14 @@
 //! The ledger and inbox checks touch disks and networks; [`super::http`] runs them off the
 //! async runtime with a deadline, so a hung mount fails its check instead of the endpoint.
 
-use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::bucket::Stores;
+use crate::config::Location;
 use crate::ledger::{Ledger, now_s, state};
 
 /// State shared by the worker (which beats) and the HTTP endpoint (which checks).
@@ -135,10 +136,15 @@ pub(crate) fn queued_or_running(counts: &[(String, String, u64)]) -> u64 {
 }
 
 /// The inbox folder of `pipeline` can be listed.
-pub(crate) fn inbox_check(pipeline: &str, dir: &Path) -> Check {
-    match std::fs::read_dir(dir) {
-        Ok(_) => Check { check: "inbox", ok: true, detail: format!("{pipeline}: {}", dir.display()) },
-        Err(e) => Check { check: "inbox", ok: false, detail: format!("{pipeline}: {}: {e}", dir.display()) },
+pub(crate) fn inbox_check(pipeline: &str, inbox: &Location, stores: &Stores) -> Check {
+    // A store's error names the bucket; a file system's does not name the folder.
+    let listed = match inbox {
+        Location::Folder(dir) => std::fs::read_dir(dir).map(drop).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display())),
+        Location::Bucket(url) => stores.bucket(&url.bucket).and_then(|b| Ok(b.reachable(&url.prefix)?)),
+    };
+    match listed {
+        Ok(()) => Check { check: "inbox", ok: true, detail: format!("{pipeline}: {inbox}") },
+        Err(e) => Check { check: "inbox", ok: false, detail: format!("{pipeline}: {e:#}") },
     }
 }
 
@@ -148,13 +154,17 @@ fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::ledger::SqliteLedger;
 
     fn readiness(h: &Health, ledger: &mut dyn Ledger, inbox: &Path) -> Readiness {
         let l = ledger_check(ledger);
         let queued = queued_or_running(&ledger.counts().unwrap());
-        Readiness::of(vec![h.model_check(), l, inbox_check("p", inbox), h.worker_check(queued)])
+        let stores = Stores::new(&Default::default());
+        let inbox = Location::Folder(inbox.to_path_buf());
+        Readiness::of(vec![h.model_check(), l, inbox_check("p", &inbox, &stores), h.worker_check(queued)])
     }
 
     #[test]

@@ -9,7 +9,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,8 @@ use anyhow::{Context, Result};
 use super::events::{FleetSampled, InternalEvent, ProcessSampled, QueueSampled, SchedulesSampled};
 use super::health::{self, Check, Health, Readiness};
 use super::metrics::Metrics;
-use crate::config::Config;
+use crate::bucket::Stores;
+use crate::config::{Config, Location};
 use crate::ledger::{Ledger, WorkerState};
 use crate::util::ProcessMemory;
 
@@ -37,6 +37,8 @@ pub(crate) struct Probe {
     pub waiting: Arc<Mutex<HashMap<String, usize>>>,
     /// Checks still running, by name, and since when.
     running: Mutex<HashMap<String, Instant>>,
+    /// The bucket inboxes' stores (`object_store` takes effect at start).
+    stores: Arc<Stores>,
 }
 
 /// What the ledger said, for readiness and the queue gauges.
@@ -56,7 +58,8 @@ impl Probe {
         config: Arc<RwLock<Arc<Config>>>,
         waiting: Arc<Mutex<HashMap<String, usize>>>,
     ) -> Self {
-        Self { metrics, health, ledger: Arc::new(Mutex::new(ledger)), config, waiting, running: Mutex::default() }
+        let stores = Arc::new(Stores::new(&config.read().unwrap_or_else(|p| p.into_inner()).daemon.object_store));
+        Self { metrics, health, ledger: Arc::new(Mutex::new(ledger)), config, waiting, running: Mutex::default(), stores }
     }
 
     /// Runs `check` on a blocking thread unless one named `name` still runs; waits at most
@@ -115,17 +118,17 @@ impl Probe {
             Some(v) => checks.extend([v.check.clone(), self.health.worker_check(health::queued_or_running(&v.counts))]),
             None => checks.push(Check { check: "ledger", ok: false, detail: "no answer in time".into() }),
         }
-        let inboxes: HashSet<(String, PathBuf)> =
+        let inboxes: HashSet<(String, Location)> =
             cfg.pipelines.iter().flat_map(|p| p.inboxes.iter().map(|i| (p.name().to_string(), i.clone()))).collect();
         let mut inboxes: Vec<_> = inboxes.into_iter().collect();
         inboxes.sort();
-        for (pipeline, dir) in inboxes {
-            let (p, d) = (pipeline.clone(), dir.clone());
-            let check = self.blocking(format!("inbox {}", dir.display()), move || health::inbox_check(&p, &d)).await;
+        for (pipeline, inbox) in inboxes {
+            let (p, i, stores) = (pipeline.clone(), inbox.clone(), self.stores.clone());
+            let check = self.blocking(format!("inbox {inbox}"), move || health::inbox_check(&p, &i, &stores)).await;
             checks.push(check.unwrap_or_else(|why| Check {
                 check: "inbox",
                 ok: false,
-                detail: format!("{pipeline}: {}: {why}", dir.display()),
+                detail: format!("{pipeline}: {inbox}: {why}"),
             }));
         }
         let r = Readiness::of(checks);

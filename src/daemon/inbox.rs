@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use globset::{GlobSet, GlobSetBuilder};
 use sha2::{Digest, Sha256};
 
-use crate::config::{GlobPattern, Pipeline};
+use crate::config::{GlobPattern, Location, Pipeline};
 
 /// How a file was noticed (a metrics label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -38,8 +38,8 @@ impl Seen {
 pub struct Inbox {
     /// The pipeline's name.
     pub pipeline: String,
-    /// The folder (absolute).
-    pub root: PathBuf,
+    /// The folder (absolute) or bucket prefix.
+    pub root: Location,
     include: Option<GlobSet>,
     exclude: GlobSet,
     /// Sub-folders are watched and scanned.
@@ -105,17 +105,22 @@ impl Filters {
         rel.components().any(|c| self.ignore.is_match(Path::new(c.as_os_str())))
     }
 
-    /// The candidate for `path` if it belongs to `inbox` and passes its filters; `Err` names a
-    /// refused file (symlink, special file) worth a warning.
+    /// Whether the name `rel` (relative to the inbox, a file's or an object's) passes the
+    /// inbox's filters.
+    pub fn wanted(&self, inbox: &Inbox, rel: &Path) -> bool {
+        !(rel.as_os_str().is_empty()
+            || (!inbox.recursive && rel.components().count() > 1)
+            || self.ignored(rel)
+            || inbox.include.as_ref().is_some_and(|g| !g.is_match(rel))
+            || inbox.exclude.is_match(rel))
+    }
+
+    /// The candidate for `path` if it belongs to the folder inbox `inbox` and passes its
+    /// filters; `Err` names a refused file (symlink, special file) worth a warning.
     pub fn admit(&self, inbox: &Inbox, path: &Path) -> Result<Option<Candidate>, String> {
-        let Ok(rel) = path.strip_prefix(&inbox.root) else { return Ok(None) };
-        if rel.as_os_str().is_empty() || (!inbox.recursive && rel.components().count() > 1) {
-            return Ok(None);
-        }
-        if self.ignored(rel) {
-            return Ok(None);
-        }
-        if inbox.include.as_ref().is_some_and(|g| !g.is_match(rel)) || inbox.exclude.is_match(rel) {
+        let Location::Folder(root) = &inbox.root else { return Ok(None) };
+        let Ok(rel) = path.strip_prefix(root) else { return Ok(None) };
+        if !self.wanted(inbox, rel) {
             return Ok(None);
         }
         let Ok(meta) = std::fs::symlink_metadata(path) else { return Ok(None) };
@@ -129,19 +134,19 @@ impl Filters {
         if !ft.is_file() {
             return Err(format!("{}: not a regular file (device, socket or FIFO); refused", path.display()));
         }
-        Ok(Some(Candidate { pipeline: inbox.pipeline.clone(), inbox: inbox.root.clone(), rel: rel.to_path_buf() }))
+        Ok(Some(Candidate { pipeline: inbox.pipeline.clone(), inbox: root.clone(), rel: rel.to_path_buf() }))
     }
 
-    /// Every admissible file under `inbox`; refusals go to `refused`.
-    pub fn scan(&self, inbox: &Inbox, out: &mut Vec<Candidate>, refused: &mut Vec<String>) -> Result<()> {
-        let mut stack = vec![inbox.root.clone()];
+    /// Every admissible file under the folder inbox `root`; refusals go to `refused`.
+    pub fn scan(&self, inbox: &Inbox, root: &Path, out: &mut Vec<Candidate>, refused: &mut Vec<String>) -> Result<()> {
+        let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
             let entries = std::fs::read_dir(&dir).with_context(|| format!("{}: cannot read inbox folder", dir.display()))?;
             for e in entries.flatten() {
                 let path = e.path();
                 let Ok(ft) = e.file_type() else { continue };
                 if ft.is_dir() {
-                    if inbox.recursive && path.strip_prefix(&inbox.root).is_ok_and(|r| !self.ignored(r)) {
+                    if inbox.recursive && path.strip_prefix(root).is_ok_and(|r| !self.ignored(r)) {
                         stack.push(path);
                     }
                     continue;

@@ -1,22 +1,28 @@
 //! The ingest thread: watches the inboxes (inotify plus a full rescan every `rescan_interval`),
 //! waits until each file is stable, hashes it and records it in the ledger, which hands it to
 //! the worker. Nothing else passes between the two threads.
+//!
+//! Bucket inboxes are listed at each rescan (object stores send no events to a poller). An
+//! object is whole once it is listed, so it needs no stability window: a new key, or a new
+//! version (ETag) of a known one, is hashed as it streams from the store and recorded.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use sha2::{Digest, Sha256};
 
 use super::Mode;
-use super::events::{FileNoticed, FileRecorded, InternalEvent};
+use super::events::{FileNoticed, FileRecorded, InboxesRescanned, InternalEvent, ObjectStoreFailed};
 use super::inbox::{self, Candidate, Filters, Inbox, Noticed, Seen, Stability, Watch};
 use super::metrics::Metrics;
 use super::signals::Signals;
 use super::storage;
-use crate::config::{Config, DuplicatePolicy};
+use crate::bucket::{Bucket, BucketUrl, Listed, Stores};
+use crate::config::{Config, DuplicatePolicy, Location, Pipeline};
 use crate::ledger::{self, Ledger, NewJob};
 
 /// What the ingest thread works with.
@@ -36,7 +42,7 @@ pub(crate) struct Ingest<'a> {
 /// Inboxes that failed to list, and refusals already reported, so each is said once.
 #[derive(Default)]
 struct Reported {
-    unreachable: HashSet<PathBuf>,
+    unreachable: HashSet<Location>,
     refused: HashSet<String>,
     /// Files the ledger could not record since the state folder began refusing writes.
     unrecorded: Option<usize>,
@@ -50,11 +56,18 @@ impl Ingest<'_> {
         let mut ledger = ledger::open(d)?;
         let inboxes = inbox::inboxes(&self.cfg.pipelines)?;
         let filters = Filters::new(&d.ingest.ignore)?;
+        let mut buckets = Buckets { stores: Stores::new(&d.object_store), recorded: HashMap::new() };
         let mut stability = Stability::new(d.ingest.stable_window.0);
         let (tx, rx) = mpsc::channel();
         // Kept alive for the loop's lifetime: dropping it stops the events.
         let mut watch = if self.mode == Mode::Serve && !d.ingest.poll_only {
-            let roots: Vec<(PathBuf, bool)> = inboxes.iter().map(|i| (i.root.clone(), i.recursive)).collect();
+            let roots: Vec<(PathBuf, bool)> = inboxes
+                .iter()
+                .filter_map(|i| match &i.root {
+                    Location::Folder(root) => Some((root.clone(), i.recursive)),
+                    Location::Bucket(_) => None,
+                })
+                .collect();
             Watch::start(&roots, tx)
                 .map_err(|e| tracing::warn!("{e}; relying on rescans every {:?}", d.ingest.rescan_interval.0))
                 .ok()
@@ -85,7 +98,7 @@ impl Ingest<'_> {
                         if let Some(w) = watch.as_mut() {
                             w.lost(&root);
                         }
-                        if reported.unreachable.insert(root.clone()) {
+                        if reported.unreachable.insert(Location::Folder(root.clone())) {
                             tracing::warn!(
                                 "inbox {} was removed or moved away; files dropped into it are found once it is back",
                                 root.display()
@@ -103,6 +116,8 @@ impl Ingest<'_> {
                 let missed = watching && last_scan.is_some();
                 last_scan = Some(Instant::now());
                 self.scan(&inboxes, &filters, &mut stability, missed, &mut reported);
+                self.list_buckets(&mut *ledger, &inboxes, &filters, &mut buckets, &mut reported);
+                InboxesRescanned { seconds: last_scan.map_or(0.0, |t| t.elapsed().as_secs_f64()) }.emit(self.metrics);
             }
             for (c, (size, mtime)) in stability.take_ready(Instant::now()) {
                 match self.record(&mut *ledger, &c, size, mtime) {
@@ -150,10 +165,11 @@ impl Ingest<'_> {
         let mut found = Vec::new();
         let mut refused = Vec::new();
         for inbox in inboxes {
-            match filters.scan(inbox, &mut found, &mut refused) {
+            let Location::Folder(root) = &inbox.root else { continue };
+            match filters.scan(inbox, root, &mut found, &mut refused) {
                 Ok(()) => {
                     if reported.unreachable.remove(&inbox.root) {
-                        tracing::info!("inbox {} is reachable again", inbox.root.display());
+                        tracing::info!("inbox {} is reachable again", inbox.root);
                     }
                 }
                 Err(e) => {
@@ -175,6 +191,60 @@ impl Ingest<'_> {
         }
     }
 
+    /// Lists every bucket inbox and records its new objects and new versions.
+    fn list_buckets(
+        &self,
+        ledger: &mut dyn Ledger,
+        inboxes: &[Inbox],
+        filters: &Filters,
+        buckets: &mut Buckets,
+        reported: &mut Reported,
+    ) {
+        for inbox in inboxes {
+            let Location::Bucket(url) = &inbox.root else { continue };
+            let listed = buckets.stores.bucket(&url.bucket).and_then(|b| Ok((b.list(&url.prefix)?, b)));
+            let (objects, bucket) = match listed {
+                Ok(l) => l,
+                Err(error) => {
+                    let first = reported.unreachable.insert(inbox.root.clone());
+                    ObjectStoreFailed { error: &error.context(format!("inbox {url}")), first }.emit(self.metrics);
+                    continue;
+                }
+            };
+            if reported.unreachable.remove(&inbox.root) {
+                tracing::info!("inbox {url} is reachable again");
+            }
+            let known = buckets.recorded.remove(&inbox.root).unwrap_or_default();
+            let mut recorded = HashMap::new();
+            for o in objects {
+                // Keys ending in `/` are the folder markers some tools create.
+                let Some(rel) = o.key.strip_prefix(&url.prefix).filter(|r| !r.ends_with('/')) else { continue };
+                if !filters.wanted(inbox, Path::new(rel)) {
+                    continue;
+                }
+                if known.get(&o.key) == Some(&o.version) {
+                    recorded.insert(o.key, o.version);
+                    continue;
+                }
+                FileNoticed { source: Seen::Scan, missed_by_watcher: false }.emit(self.metrics);
+                match self.record_object(ledger, &inbox.pipeline, &bucket, url, rel, &o) {
+                    Ok(true) => {
+                        recorded.insert(o.key, o.version);
+                    }
+                    // Replaced or removed since the listing: the next one shows what is there.
+                    Ok(false) => {}
+                    Err(error) if storage::refused(&error) => {
+                        let first = reported.unreachable.insert(inbox.root.clone());
+                        ObjectStoreFailed { error: &error, first }.emit(self.metrics);
+                        break;
+                    }
+                    Err(e) => tracing::warn!("{}: {e:#}", url.object(&o.key)),
+                }
+            }
+            buckets.recorded.insert(inbox.root.clone(), recorded);
+        }
+    }
+
     /// Hashes a stable file and records it in the ledger.
     pub(super) fn record(&self, ledger: &mut dyn Ledger, c: &Candidate, size: u64, mtime: i64) -> Result<()> {
         let p = self.cfg.pipeline(&c.pipeline)?;
@@ -187,19 +257,68 @@ impl Ingest<'_> {
                 s
             }
         };
-        let key = inbox::job_key(&sha, p.name(), p.spec.version, self.model);
+        self.discover(ledger, p, &c.inbox, &c.rel, &sha, size)
+    }
+
+    /// Hashes an object as it streams from the store (unless this version's hash is known) and
+    /// records it; `Ok(false)` when the object changed or went away since it was listed.
+    fn record_object(
+        &self,
+        ledger: &mut dyn Ledger,
+        pipeline: &str,
+        bucket: &Bucket,
+        url: &BucketUrl,
+        rel: &str,
+        o: &Listed,
+    ) -> Result<bool> {
+        let p = self.cfg.pipeline(pipeline)?;
+        let source = PathBuf::from(url.object(&o.key));
+        // The hash cache is keyed by size and modification time; an object's version is its
+        // modification, and 64 bits of its digest tell versions apart.
+        let version = i64::from_le_bytes(Sha256::digest(o.version.as_bytes())[..8].try_into().expect("8 bytes"));
+        let sha = match ledger.cached_hash(p.name(), &source, o.size, version)? {
+            Some(s) => s,
+            None => {
+                if o.size >= BIG_OBJECT {
+                    tracing::info!("{}: hashing {} MiB as it downloads", source.display(), o.size >> 20);
+                }
+                let Some(read) = bucket.read(&o.key, Some(&o.version), u64::MAX, &mut std::io::sink())? else {
+                    return Ok(false);
+                };
+                let s = read.sha256;
+                ledger.remember_hash(p.name(), &source, o.size, version, &s)?;
+                s
+            }
+        };
+        self.discover(ledger, p, Path::new(&url.to_string()), Path::new(rel), &sha, o.size)?;
+        Ok(true)
+    }
+
+    /// Records a document of `inbox` in the ledger: a new job, a duplicate, or known already.
+    fn discover(&self, ledger: &mut dyn Ledger, p: &Pipeline, inbox: &Path, rel: &Path, sha: &str, size: u64) -> Result<()> {
+        let key = inbox::job_key(sha, p.name(), p.spec.version, self.model);
         let job = NewJob {
             key: &key,
             pipeline: p.name(),
             priority: p.spec.priority,
-            inbox: &c.inbox,
-            rel_path: &c.rel,
-            sha256: &sha,
+            inbox,
+            rel_path: rel,
+            sha256: sha,
             size,
             reprocess_duplicates: p.spec.duplicates == DuplicatePolicy::Reprocess,
         };
         let discovery = ledger.discover(&job)?;
-        FileRecorded { path: &path, pipeline: p.name(), discovery }.emit(self.metrics);
+        FileRecorded { path: &inbox.join(rel), pipeline: p.name(), discovery }.emit(self.metrics);
         Ok(())
     }
+}
+
+/// Objects this size or larger get a log line while they are hashed.
+const BIG_OBJECT: u64 = 64 << 20;
+
+/// The bucket inboxes' stores, and what each inbox's last listing recorded (key → version), so
+/// that a rescan hashes only what is new.
+struct Buckets {
+    stores: Stores,
+    recorded: HashMap<Location, HashMap<String, String>>,
 }

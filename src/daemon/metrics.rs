@@ -114,6 +114,11 @@ const FILES_RECORDED: Series = Series::new(
      mostly recorded by another daemon first).",
     &["result"],
 );
+const INBOX_RESCANS: Series = Series::new(
+    "deltadoc_inbox_rescans_total",
+    "Rounds of the periodic rescan: every folder inbox walked and every bucket inbox listed.",
+    &[],
+);
 const RESCAN_FOUND: Series = Series::new(
     "deltadoc_rescan_found_total",
     "Files found by a periodic rescan that no filesystem event reported (the watcher misses events).",
@@ -163,6 +168,12 @@ const WRITES_BLOCKED: Series = Series::new(
     "deltadoc_writes_blocked",
     "1 while the worker holds a write that the folder's storage refuses (full, read-only, no permission).",
     &["folder"],
+);
+const OBJECT_STORE_ERRORS: Series = Series::new(
+    "deltadoc_object_store_errors_total",
+    "Requests to an object store (s3:// inboxes, outputs, quarantines) that failed after the client's own retries, by \
+     operation.",
+    &["op"],
 );
 const LEDGER_UP: Series = Series::new(
     "deltadoc_ledger_up",
@@ -254,6 +265,7 @@ pub(crate) struct Metrics {
     pub(crate) pipeline_scheduled: IntGaugeVec,
     pub(crate) watch_events: IntCounterVec,
     pub(crate) rescan_found: IntCounter,
+    pub(crate) inbox_rescans: IntCounter,
     pub(crate) files_recorded: IntCounterVec,
     pub(crate) last_run_start: GaugeVec,
     pub(crate) last_run_end: GaugeVec,
@@ -272,6 +284,7 @@ pub(crate) struct Metrics {
     pub(crate) worker_heartbeat_age: Gauge,
     pub(crate) config_reloads: IntCounterVec,
     pub(crate) writes_blocked: IntGaugeVec,
+    pub(crate) object_store_errors: IntCounterVec,
     pub(crate) ledger_up: IntGauge,
     pub(crate) fleet_workers: IntGaugeVec,
     pub(crate) lease_takeovers: IntCounter,
@@ -306,6 +319,7 @@ impl Metrics {
             pipeline_scheduled: register(&r, &PIPELINE_SCHEDULED)?,
             watch_events: register(&r, &WATCH_EVENTS)?,
             rescan_found: register(&r, &RESCAN_FOUND)?,
+            inbox_rescans: register(&r, &INBOX_RESCANS)?,
             files_recorded: register(&r, &FILES_RECORDED)?,
             last_run_start: register(&r, &LAST_RUN_START)?,
             last_run_end: register(&r, &LAST_RUN_END)?,
@@ -324,6 +338,7 @@ impl Metrics {
             worker_heartbeat_age: register(&r, &WORKER_HEARTBEAT_AGE)?,
             config_reloads: register(&r, &CONFIG_RELOADS)?,
             writes_blocked: register(&r, &WRITES_BLOCKED)?,
+            object_store_errors: register(&r, &OBJECT_STORE_ERRORS)?,
             ledger_up: register(&r, &LEDGER_UP)?,
             fleet_workers: register(&r, &FLEET_WORKERS)?,
             lease_takeovers: register(&r, &LEASE_TAKEOVERS)?,
@@ -364,6 +379,9 @@ impl Metrics {
         }
         for folder in super::storage::Folder::ALL {
             self.writes_blocked.with_label_values(&[folder.name()]);
+        }
+        for op in crate::bucket::Op::ALL {
+            self.object_store_errors.with_label_values(&[op.name()]);
         }
         for result in ["new", "duplicate", "known"] {
             self.files_recorded.with_label_values(&[result]);

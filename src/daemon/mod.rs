@@ -11,6 +11,7 @@
 //! written once, never duplicated.
 
 mod crash_marker;
+mod documents;
 mod events;
 mod health;
 mod heartbeat;
@@ -91,6 +92,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
             "resume_dir",
         )?;
     }
+    check_buckets(&cfg)?;
     let mut ledger = ledger::open(&cfg.daemon)?;
     let me = worker_id(&cfg);
     let worker_id = ledger.join(&me)?;
@@ -128,6 +130,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
 
     let ingest = IngestShared { model: info.name, metrics: metrics.clone(), waiting, done: Arc::default(), mode, signals };
     let mut thread = Some(ingest.start(cfg.clone())?);
+    let places = documents::Places::new(&cfg.daemon);
     let mut worker = Worker {
         extraction: isolation(&cfg)?,
         cfg,
@@ -140,6 +143,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         marker: &marker,
         watch: &watch,
         processed: 0,
+        places,
     };
     if let (Some((job, in_a_row)), Some(place)) = (recovery.crashed, &died_at) {
         worker.crashed(&job, place, in_a_row)?;
@@ -178,6 +182,21 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
         worker.ledger.leave(worker_id)?;
     }
     r.and(ing)
+}
+
+/// Sets up the client of every bucket the pipelines name, so that settings and credentials the
+/// client cannot use (an endpoint without a scheme, an unreadable `ca_file`, an AWS profile that
+/// is missing or only has single sign-on) stop the start, not the first document.
+fn check_buckets(cfg: &Config) -> Result<()> {
+    let stores = crate::bucket::Stores::new(&cfg.daemon.object_store);
+    for p in &cfg.pipelines {
+        for place in p.inboxes.iter().chain([&p.output, &p.quarantine]) {
+            if let crate::config::Location::Bucket(url) = place {
+                stores.bucket(&url.bucket).with_context(|| format!("{}: pipeline {:?}: {url}", p.file.display(), p.name()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// This daemon as a worker of the ledger: `worker.name` or the host name.
@@ -300,6 +319,7 @@ fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
         ("ledger", o.ledger != n.ledger || o.ledger_password_file != n.ledger_password_file),
         ("worker", o.worker.name != n.worker.name || o.worker.lease.0 != n.worker.lease.0),
         ("metrics", o.metrics.listen != n.metrics.listen || o.metrics.enabled != n.metrics.enabled),
+        ("object_store", o.object_store != n.object_store),
     ];
     for (field, changed) in fixed {
         if changed {
@@ -311,7 +331,26 @@ fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
     (n.state_dir, n.resume_dir) = (o.state_dir.clone(), o.resume_dir.clone());
     (n.ledger, n.ledger_password_file, n.worker) = (o.ledger.clone(), o.ledger_password_file.clone(), o.worker.clone());
     n.metrics = o.metrics.clone();
+    n.object_store = o.object_store.clone();
+    if let Err(error) = check_buckets(&new) {
+        ConfigReloadRefused { error: &error }.emit(metrics);
+        return None;
+    }
     Some(new)
+}
+
+/// Whether each inbox of `cfg` can be listed now, for `deltadoc status`: (pipeline, inbox,
+/// listed, what was seen or why not).
+pub(crate) fn check_inboxes(cfg: &Config) -> Vec<(String, String, bool, String)> {
+    let stores = crate::bucket::Stores::new(&cfg.daemon.object_store);
+    let mut out = Vec::new();
+    for p in &cfg.pipelines {
+        for inbox in &p.inboxes {
+            let c = health::inbox_check(p.name(), inbox, &stores);
+            out.push((p.name().to_string(), inbox.to_string(), c.ok, c.detail));
+        }
+    }
+    out
 }
 
 /// `deltadoc process FILE --pipeline NAME`: one file, no ledger; the result JSON or the error.

@@ -27,6 +27,8 @@ const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// Which folder refused (a metrics label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Folder {
+    /// A bucket inbox the worker downloads a document from.
+    Inbox,
     /// A pipeline's output folder (results).
     Output,
     /// A pipeline's quarantine folder.
@@ -41,6 +43,7 @@ impl Folder {
     /// The label value.
     pub fn name(self) -> &'static str {
         match self {
+            Folder::Inbox => "inbox",
             Folder::Output => "output",
             Folder::Quarantine => "quarantine",
             Folder::State => "state",
@@ -51,6 +54,7 @@ impl Folder {
     /// What it is, for people.
     pub fn what(self) -> &'static str {
         match self {
+            Folder::Inbox => "inbox bucket",
             Folder::Output => "output folder",
             Folder::Quarantine => "quarantine folder",
             Folder::State => "state folder",
@@ -58,8 +62,17 @@ impl Folder {
         }
     }
 
+    /// What is held, and what it is once it went through: a download from an inbox bucket, a
+    /// write elsewhere.
+    pub fn act(self) -> (&'static str, &'static str) {
+        match self {
+            Folder::Inbox => ("download", "downloaded"),
+            _ => ("write", "written"),
+        }
+    }
+
     /// Every value, to create the series at zero.
-    pub const ALL: [Folder; 4] = [Folder::Output, Folder::Quarantine, Folder::State, Folder::Ledger];
+    pub const ALL: [Folder; 5] = [Folder::Inbox, Folder::Output, Folder::Quarantine, Folder::State, Folder::Ledger];
 }
 
 /// How a held write ended without succeeding.
@@ -88,7 +101,11 @@ pub(crate) fn refused(e: &anyhow::Error) -> bool {
             matches!(io.kind(), StorageFull | QuotaExceeded | ReadOnlyFilesystem | PermissionDenied)
                 || io.raw_os_error() == Some(libc::EIO)
         }
-        None => crate::ledger::refused_by_storage(cause) || crate::ledger::unreachable(cause),
+        None => {
+            crate::ledger::refused_by_storage(cause)
+                || crate::ledger::unreachable(cause)
+                || cause.downcast_ref::<crate::bucket::StoreError>().is_some_and(crate::bucket::StoreError::waits)
+        }
     })
 }
 

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use jiff::{SignedDuration, Timestamp};
 
 use super::crash_marker::CrashMarker;
+use super::documents::Places;
 use super::events::{InternalEvent, SchedulesSampled};
 use super::health::Health;
 use super::heartbeat::Watch;
@@ -100,6 +101,7 @@ impl Install {
 
     fn worker(&self) -> Worker<'_> {
         let cfg = Arc::new(self.config());
+        let places = Places::new(&cfg.daemon);
         Worker {
             ledger: ledger::open(&cfg.daemon).unwrap(),
             cfg,
@@ -112,6 +114,7 @@ impl Install {
             marker: &self.marker,
             watch: &self.watch,
             processed: 0,
+            places,
         }
     }
 

@@ -17,6 +17,7 @@ use jiff::Timestamp;
 
 use super::Mode;
 use super::crash_marker::{CrashMarker, Place};
+use super::documents::{Document, Places};
 use super::events::{
     AttemptEnded, DocumentCrashedDaemon, DocumentStarted, InternalEvent, LeaseLost, Outcome, Prefilled, StepStarted,
 };
@@ -78,6 +79,8 @@ pub(crate) struct Worker<'a> {
     pub watch: &'a Watch,
     /// Documents run since the last start or reload.
     pub processed: usize,
+    /// Where documents are read and results written (folders and buckets).
+    pub places: Places,
 }
 
 fn unix_s(t: Timestamp) -> f64 {
@@ -173,7 +176,8 @@ impl<'a> Worker<'a> {
         marker.start(job.id);
         self.watch.running(Some(lease));
         let journal = Journal::of_job(cfg.daemon.resume_dir(), job.id);
-        let result = {
+        let fetched = self.fetch(&job);
+        let result = fetched.map(|doc| {
             let ledger = &mut self.ledger;
             let metrics = self.metrics;
             let mut on_step = |s: &str| {
@@ -197,7 +201,25 @@ impl<'a> Worker<'a> {
                 journal: Some(&journal),
             };
             let mut ctx = Context { pipeline: p, limits: limits(&cfg), extraction: &self.extraction, runner };
-            pipeline::process(&mut ctx, &job.source, &job.rel_path, Some(&job.sha256))
+            let local = doc.local(&job);
+            let processed = pipeline::process(&mut ctx, local, &job.rel_path, Some(&job.sha256));
+            // A download is read under its local name; people know the document by its URL.
+            let processed = match processed {
+                Ok(mut r) => {
+                    r.source.path = job.source.clone();
+                    Ok(r)
+                }
+                Err(Stop::Failed(mut f)) if local != job.source => {
+                    f.message = f.message.replace(&*local.to_string_lossy(), &job.source.to_string_lossy());
+                    Err(Stop::Failed(f))
+                }
+                Err(e) => Err(e),
+            };
+            (processed, doc)
+        });
+        let (result, doc) = match result {
+            Ok((r, doc)) => (r, Some(doc)),
+            Err(stop) => (Err(stop), None),
         };
         let seconds = started.elapsed().as_secs_f64();
         let (name, progress) = (p.name(), &show);
@@ -208,18 +230,22 @@ impl<'a> Worker<'a> {
         if lost || (result.is_ok() && !self.record(|l| l.holds(lease))?) {
             let outcome = self.lost(&job, "result");
             AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
+            self.places.done(&job);
             marker.clear();
             return Ok(());
         }
         let storage = self.storage();
+        let places = &self.places;
         let written = result.and_then(|mut r| {
-            let out = output::result_path(&p.output, &job.rel_path);
+            let out = p.output.join(&job.rel_path, ".json");
             marker.step("write");
             r.job = Some(JobRef { id: job.id, lease: lease.generation });
             let wrote =
-                storage.hold(Folder::Output, &out, || output::write_result_once(&out, &r)).map_err(|held| match held {
-                    Held::Drained(_) => Stop::Interrupted,
-                    Held::Failed(e) => Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))),
+                storage.hold(Folder::Output, &out, || places.write_result(&p.output, &job.rel_path, &r)).map_err(|held| {
+                    match held {
+                        Held::Drained(_) => Stop::Interrupted,
+                        Held::Failed(e) => Stop::Failed(Failure::new(Reason::Io, "write", format!("{e:#}"))),
+                    }
                 })?;
             Ok((r, out, wrote))
         });
@@ -229,6 +255,7 @@ impl<'a> Worker<'a> {
                 if !wrote || !self.record(|l| l.done(lease, &out, now))? {
                     let outcome = self.lost(&job, "result");
                     AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
+                    self.places.done(&job);
                     marker.clear();
                     return Ok(());
                 }
@@ -241,7 +268,7 @@ impl<'a> Worker<'a> {
                 AttemptEnded { pipeline: name, seconds, outcome: Outcome::Interrupted, progress }.emit(self.metrics);
             }
             Err(Stop::Failed(f)) => {
-                let outcome = self.fail(p, &job, &f)?;
+                let outcome = self.fail(p, &job, doc.as_ref(), &f)?;
                 // A retry keeps the calls that went through; a quarantined job needs them no more.
                 if matches!(outcome, Outcome::Quarantined { .. }) {
                     journal.clear();
@@ -249,8 +276,21 @@ impl<'a> Worker<'a> {
                 AttemptEnded { pipeline: name, seconds, outcome, progress }.emit(self.metrics);
             }
         }
+        self.places.done(&job);
         marker.clear();
         Ok(())
+    }
+
+    /// The job's document where the pipeline can read it: the file, or the object downloaded.
+    /// A store that cannot be reached is waited for like a full disk (`daemon/storage.rs`).
+    fn fetch(&self, job: &Job) -> Result<Document, Stop> {
+        self.marker.step("fetch");
+        match self.storage().hold(Folder::Inbox, &job.source, || self.places.fetch(job)) {
+            Ok(Ok(doc)) => Ok(doc),
+            Ok(Err(f)) => Err(Stop::Failed(f)),
+            Err(Held::Drained(_)) => Err(Stop::Interrupted),
+            Err(Held::Failed(e)) => Err(Stop::Failed(Failure::new(Reason::Io, "detect", format!("{e:#}")))),
+        }
     }
 
     /// How this worker holds writes the storage refuses.
@@ -288,7 +328,7 @@ impl<'a> Worker<'a> {
         let f = Failure::new(Reason::Crashed, place.step.clone(), msg);
         match cfg.pipeline(&job.pipeline) {
             Ok(p) => {
-                if matches!(self.fail(p, job, &f)?, Outcome::Quarantined { .. }) {
+                if matches!(self.fail(p, job, None, &f)?, Outcome::Quarantined { .. }) {
                     Journal::of_job(&cfg.daemon.state_dir, job.id).clear();
                 }
                 DocumentCrashedDaemon { pipeline: p.name(), source: &job.source, failure: &f }.emit(self.metrics);
@@ -301,7 +341,7 @@ impl<'a> Worker<'a> {
 
     /// A failed attempt: retried after a backoff that doubles with each attempt while attempts
     /// are left and the reason is transient, otherwise quarantined.
-    fn fail<'f>(&mut self, p: &Pipeline, job: &Job, f: &'f Failure) -> Result<Outcome<'f>> {
+    fn fail<'f>(&mut self, p: &Pipeline, job: &Job, doc: Option<&Document>, f: &'f Failure) -> Result<Outcome<'f>> {
         let limits = self.cfg.daemon.limits.clone();
         let now = unix_s(self.clock.now());
         let lease = job.lease();
@@ -326,10 +366,9 @@ impl<'a> Worker<'a> {
         };
         self.marker.step("quarantine");
         let move_it = p.spec.quarantine_mode == QuarantineMode::Move;
-        let into = p.quarantine.join(&job.rel_path);
-        let moved = match self
-            .storage()
-            .hold(Folder::Quarantine, &into, || output::quarantine(&job.source, &p.quarantine, &job.rel_path, move_it, &report))
+        let into = p.quarantine.join(&job.rel_path, "");
+        let (storage, places) = (self.storage(), &self.places);
+        let moved = match storage.hold(Folder::Quarantine, &into, || places.quarantine(job, doc, &p.quarantine, move_it, &report))
         {
             Ok(at) => Some(at),
             Err(Held::Drained(_)) => {

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod pg_cluster;
+pub mod s3_server;
 pub mod sandbox;
 
 use std::collections::HashMap;

@@ -195,14 +195,13 @@ impl Cluster {
     /// certificate it returns (what `sslrootcert` names). Plain connections are still taken.
     /// `None` (said on stderr) without `openssl`, unless `DELTADOC_POSTGRES=required`.
     pub fn enable_tls(&self) -> Option<PathBuf> {
-        if Command::new("openssl").arg("version").output().is_err() {
+        if !super::certs::available() {
             assert!(std::env::var("DELTADOC_POSTGRES").as_deref() != Ok("required"), "openssl is required for certificates");
             eprintln!("skipped: no openssl to make the TLS certificates");
             return None;
         }
         let root = self.authority("ca");
-        let (pem, key) =
-            self.signed("server", "/CN=127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth");
+        let (pem, key) = super::certs::localhost(self.path(), "server");
         let mut sql = self.client("postgres");
         for (setting, file) in [("ssl_cert_file", &pem), ("ssl_key_file", &key)] {
             self.hand_over(file);
@@ -223,28 +222,16 @@ impl Cluster {
         signed
     }
 
-    /// A certificate `<name>.pem` for `subject` with the X.509 v3 `extensions` (rustls takes no
-    /// older version), signed by the authority `ca` ([`Cluster::authority`]), and its key
-    /// `<name>.key`, in the cluster's folder.
+    /// A certificate `<name>.pem` for `subject`, signed by the authority `ca`
+    /// ([`Cluster::authority`]), and its key `<name>.key`, in the cluster's folder.
     fn signed(&self, name: &str, subject: &str, extensions: &str) -> (PathBuf, PathBuf) {
-        let (key, csr, pem, ext) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
-        let dir = self.path();
-        std::fs::write(dir.join(&ext), format!("{extensions}\n")).unwrap();
-        openssl(dir, &[&["req"][..], &EC_KEY, &["-keyout", &key, "-out", &csr, "-subj", subject]].concat());
-        let ca = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"];
-        openssl(dir, &[&["x509", "-req", "-in", &csr][..], &ca, &["-days", "2", "-extfile", &ext, "-out", &pem]].concat());
-        (dir.join(pem), dir.join(key))
+        super::certs::signed(self.path(), name, subject, extensions)
     }
 
     /// A throwaway certificate authority `name`: its certificate (`<name>.pem` in the cluster's
     /// folder).
     pub fn authority(&self, name: &str) -> PathBuf {
-        let (key, pem, subj) = (format!("{name}.key"), format!("{name}.pem"), format!("/CN=deltadoc test {name}"));
-        openssl(
-            self.path(),
-            &[&["req", "-x509"][..], &EC_KEY, &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]].concat(),
-        );
-        self.path().join(pem)
+        super::certs::authority(self.path(), name)
     }
 }
 
@@ -259,15 +246,6 @@ impl Drop for Cluster {
             Command::new(&exe).args(args).output()
         };
     }
-}
-
-/// `openssl req` arguments for a new unencrypted P-256 key (fast to make, and rustls takes it).
-const EC_KEY: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-
-/// Runs `openssl` with `args` in `dir`; panics with its output when it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A port nothing listens on now.

@@ -110,10 +110,19 @@ context: {{max_tokens: {max_tokens}, overlap: 64}}
 
     /// `deltadoc <args> --config <sandbox config>`, whatever its status.
     pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.run_with(args, &[])
+    }
+
+    /// [`Sandbox::run`] with more environment variables.
+    pub fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let cfg = self.path("config/deltadoc.yaml");
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--config", cfg.to_str().unwrap()]);
-        super::deltadoc_output(&all)
+        Command::new(env!("CARGO_BIN_EXE_deltadoc"))
+            .args(args)
+            .args(["--config", cfg.to_str().unwrap()])
+            .env("DELTADOC_LOG", "warn")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
     }
 
     /// Starts `deltadoc serve`; returns the process and the metrics URL's address.

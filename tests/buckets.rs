@@ -276,6 +276,28 @@ fn a_store_stopped_for_30_s_mid_run_loses_and_duplicates_nothing() {
     d.stop();
 }
 
+#[test]
+fn a_stores_notification_lists_the_bucket_before_the_next_rescan() {
+    let Some(mut s) = Setup::new("") else { return };
+    // No rescan within the test: only the start-up listing and notifications list the bucket.
+    let d = s.serve(&[("DELTADOC_RESCAN_INTERVAL", "1h")]);
+    s.s3.notify(&format!("http://{}/notify/s3", d.metrics_addr));
+    let docs = documents(3);
+    for (name, bytes) in &docs {
+        s.s3.put(BUCKET, &format!("in/{name}"), bytes.clone());
+    }
+    let names: Vec<String> = docs.iter().map(|(n, _)| n.clone()).collect();
+    wait_for("the notified documents to end", Duration::from_secs(300), || s.ended(&names).then_some(()));
+    s.assert_exactly_once(&names);
+    let m = d.scrape();
+    assert_eq!(metric(&m, "deltadoc_inbox_rescans_total", &[]), Some(1.0), "only the start-up rescan ran");
+    assert!(metric(&m, "deltadoc_watch_events_total", &["source=\"notification\""]).unwrap_or(0.0) >= 3.0, "{m}");
+    // Something that is not a notification lists every bucket inbox, and is answered alike.
+    let (code, _) = d.post("/notify/s3", "{}");
+    assert_eq!(code, 204);
+    d.stop();
+}
+
 fn bucket_ops() -> [&'static str; 5] {
     ["op=\"list\"", "op=\"get\"", "op=\"put\"", "op=\"head\"", "op=\"delete\""]
 }

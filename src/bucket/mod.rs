@@ -179,6 +179,21 @@ pub struct OverLimit {
     max: u64,
 }
 
+/// The buckets a store's event notification names: S3 and MinIO event records
+/// (`Records[].s3.bucket.name`), or a SeaweedFS filer event (`key: /buckets/<name>/…`). `None`
+/// when the body is neither: the caller then lists every bucket inbox. A notification only
+/// makes the daemon list sooner, so nothing in it is trusted beyond the bucket's name.
+pub fn notified_buckets(body: &[u8]) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if let Some(records) = v.get("Records").and_then(|r| r.as_array()) {
+        let names = records.iter().filter_map(|r| r.pointer("/s3/bucket/name")?.as_str().map(str::to_string)).collect();
+        return Some(names);
+    }
+    let key = v.get("key")?.as_str()?;
+    let bucket = key.strip_prefix("/buckets/")?.split('/').next().filter(|b| !b.is_empty())?;
+    Some(vec![bucket.to_string()])
+}
+
 /// `e` and its sources, each said once.
 fn causes(e: &object_store::Error) -> String {
     let mut said = e.to_string();
@@ -541,6 +556,17 @@ pub(crate) mod tests {
             let winner = wrote.iter().position(|w| *w).unwrap() as u8;
             assert_eq!(bucket.get(&key).unwrap().unwrap().0, vec![winner; 1000], "{key}: the winner's bytes stay");
         }
+    }
+
+    #[test]
+    fn notifications_name_their_buckets_in_either_format() {
+        let minio = br#"{"EventName":"s3:ObjectCreated:Put","Key":"inbox/a.pdf","Records":[{"eventName":"s3:ObjectCreated:Put",
+            "s3":{"bucket":{"name":"inbox"},"object":{"key":"a.pdf","eTag":"x"}}}]}"#;
+        assert_eq!(notified_buckets(minio), Some(vec!["inbox".to_string()]));
+        let seaweed = br#"{"event_type":"create","key":"/buckets/docs/in/n.toml","message":{}}"#;
+        assert_eq!(notified_buckets(seaweed), Some(vec!["docs".to_string()]));
+        assert_eq!(notified_buckets(br#"{"event_type":"create","key":"/etc/x"}"#), None);
+        assert_eq!(notified_buckets(b"not json"), None);
     }
 
     #[test]

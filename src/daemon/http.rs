@@ -1,4 +1,5 @@
-//! The HTTP endpoint: `GET /metrics`, `/livez` and `/readyz` on a thread of its own.
+//! The HTTP endpoint: `GET /metrics`, `/livez` and `/readyz`, and `POST /notify/s3` (store
+//! notifications, `daemon/ingest.rs`), on a thread of its own.
 //!
 //! `/livez` answers from memory, whatever the disks do: a daemon busy with a six-hour prefill
 //! is alive, and restarting it would only lose the prefill. `/readyz` and `/metrics` need the
@@ -16,6 +17,7 @@ use anyhow::{Context, Result};
 
 use super::events::{FleetSampled, InternalEvent, ProcessSampled, QueueSampled, SchedulesSampled};
 use super::health::{self, Check, Health, Readiness};
+use super::ingest::Notified;
 use super::metrics::Metrics;
 use crate::bucket::Stores;
 use crate::config::{Config, Location};
@@ -39,6 +41,8 @@ pub(crate) struct Probe {
     running: Mutex<HashMap<String, Instant>>,
     /// The bucket inboxes' stores (`object_store` takes effect at start).
     stores: Arc<Stores>,
+    /// Where store notifications go, for the ingest thread.
+    notified: Arc<Notified>,
 }
 
 /// What the ledger said, for readiness and the queue gauges.
@@ -57,9 +61,11 @@ impl Probe {
         ledger: Box<dyn Ledger>,
         config: Arc<RwLock<Arc<Config>>>,
         waiting: Arc<Mutex<HashMap<String, usize>>>,
+        notified: Arc<Notified>,
     ) -> Self {
         let stores = Arc::new(Stores::new(&config.read().unwrap_or_else(|p| p.into_inner()).daemon.object_store));
-        Self { metrics, health, ledger: Arc::new(Mutex::new(ledger)), config, waiting, running: Mutex::default(), stores }
+        let ledger = Arc::new(Mutex::new(ledger));
+        Self { metrics, health, ledger, config, waiting, running: Mutex::default(), stores, notified }
     }
 
     /// Runs `check` on a blocking thread unless one named `name` still runs; waits at most
@@ -169,7 +175,7 @@ impl Probe {
 /// Serves the endpoint on `addr` from a thread of its own; returns the bound address.
 pub(crate) fn serve(addr: &str, probe: Arc<Probe>) -> Result<SocketAddr> {
     use axum::http::{StatusCode, header::CONTENT_TYPE};
-    use axum::routing::get;
+    use axum::routing::{get, post};
 
     let addr: SocketAddr =
         addr.parse().with_context(|| format!("metrics.listen {addr:?} is not an address like 127.0.0.1:9464"))?;
@@ -177,12 +183,24 @@ pub(crate) fn serve(addr: &str, probe: Arc<Probe>) -> Result<SocketAddr> {
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
     let scrape = probe.clone();
+    let notified = probe.notified.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
             get(move || async move { ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], scrape.scrape().await) }),
         )
         .route("/livez", get(|| async { ([(CONTENT_TYPE, "application/json")], "{\"status\":\"alive\"}\n") }))
+        // A store's event notification (MinIO or S3 event records, a SeaweedFS filer webhook):
+        // the bucket it names is listed now instead of at the next rescan.
+        .route(
+            "/notify/s3",
+            post(move |body: axum::body::Bytes| async move {
+                let buckets = crate::bucket::notified_buckets(&body);
+                tracing::debug!("store notification for {buckets:?}");
+                notified.add(buckets);
+                StatusCode::NO_CONTENT
+            }),
+        )
         .route(
             "/readyz",
             get(move || async move {

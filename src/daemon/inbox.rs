@@ -22,6 +22,8 @@ pub enum Seen {
     Event,
     /// A periodic or start-up scan.
     Scan,
+    /// A listing of a bucket its store's notification asked for (`POST /notify/s3`).
+    Notification,
 }
 
 impl Seen {
@@ -30,6 +32,7 @@ impl Seen {
         match self {
             Seen::Event => "inotify",
             Seen::Scan => "rescan",
+            Seen::Notification => "notification",
         }
     }
 }

@@ -2,11 +2,13 @@
 //! waits until each file is stable, hashes it and records it in the ledger, which hands it to
 //! the worker. Nothing else passes between the two threads.
 //!
-//! Bucket inboxes are listed at each rescan (object stores send no events to a poller). An
-//! object is whole once it is listed, so it needs no stability window: a new key, or a new
-//! version (ETag) of a known one, is hashed as it streams from the store and recorded.
+//! Bucket inboxes are listed at each rescan (object stores send no events to a poller), and at
+//! once when their store's event notification names the bucket ([`Notified`], at most once a
+//! second): the rescan stays the guarantee, a notification only comes sooner. An object is whole
+//! once it is listed, so it needs no stability window: a new key, or a new version (ETag) of a
+//! known one, is hashed as it streams from the store and recorded.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
@@ -25,6 +27,37 @@ use crate::bucket::{Bucket, BucketUrl, Listed, Stores};
 use crate::config::{Config, DuplicatePolicy, Location, Pipeline};
 use crate::ledger::{self, Ledger, NewJob};
 
+/// Buckets named by store notifications (`POST /notify/s3`, `daemon/http.rs`) since the ingest
+/// thread last looked.
+#[derive(Debug, Default)]
+pub(crate) struct Notified {
+    /// `None` inside: a notification that named no bucket deltadoc could read, so all.
+    buckets: Mutex<Option<BTreeSet<String>>>,
+    pending: AtomicBool,
+}
+
+impl Notified {
+    /// A notification naming `buckets` (`None`: unreadable, list every bucket inbox).
+    pub fn add(&self, buckets: Option<Vec<String>>) {
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let was_pending = self.pending.swap(true, Ordering::SeqCst);
+        *b = match (was_pending, b.take(), buckets) {
+            (true, None, _) | (_, _, None) => None,
+            (true, Some(mut have), Some(new)) => {
+                have.extend(new);
+                Some(have)
+            }
+            (false, _, Some(new)) => Some(new.into_iter().collect()),
+        };
+    }
+
+    /// What was notified since the last call: `None` when nothing was, `Some(None)` for all.
+    fn take(&self) -> Option<Option<BTreeSet<String>>> {
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending.swap(false, Ordering::SeqCst).then(|| b.take())
+    }
+}
+
 /// What the ingest thread works with.
 pub(crate) struct Ingest<'a> {
     pub cfg: &'a Config,
@@ -37,6 +70,8 @@ pub(crate) struct Ingest<'a> {
     pub signals: &'a Signals,
     /// Set when a reload replaces this thread.
     pub stop: &'a AtomicBool,
+    /// Buckets whose stores said something changed.
+    pub notified: &'a Notified,
 }
 
 /// Inboxes that failed to list, and refusals already reported, so each is said once.
@@ -76,6 +111,7 @@ impl Ingest<'_> {
         };
         let watching = watch.is_some();
         let mut last_scan: Option<Instant> = None;
+        let mut last_notified = Instant::now();
         let mut reported = Reported::default();
         loop {
             if self.signals.shutdown_requested() || self.stop.load(Ordering::Relaxed) {
@@ -116,8 +152,16 @@ impl Ingest<'_> {
                 let missed = watching && last_scan.is_some();
                 last_scan = Some(Instant::now());
                 self.scan(&inboxes, &filters, &mut stability, missed, &mut reported);
-                self.list_buckets(&mut *ledger, &inboxes, &filters, &mut buckets, &mut reported);
+                let all = Listing { only: None, source: Seen::Scan };
+                self.list_buckets(&mut *ledger, &inboxes, &filters, &mut buckets, &mut reported, &all);
                 InboxesRescanned { seconds: last_scan.map_or(0.0, |t| t.elapsed().as_secs_f64()) }.emit(self.metrics);
+            }
+            if last_notified.elapsed() >= Duration::from_secs(1)
+                && let Some(only) = self.notified.take()
+            {
+                last_notified = Instant::now();
+                let listing = Listing { only: only.as_ref(), source: Seen::Notification };
+                self.list_buckets(&mut *ledger, &inboxes, &filters, &mut buckets, &mut reported, &listing);
             }
             for (c, (size, mtime)) in stability.take_ready(Instant::now()) {
                 match self.record(&mut *ledger, &c, size, mtime) {
@@ -191,7 +235,7 @@ impl Ingest<'_> {
         }
     }
 
-    /// Lists every bucket inbox and records its new objects and new versions.
+    /// Lists the bucket inboxes `listing` names and records their new objects and new versions.
     fn list_buckets(
         &self,
         ledger: &mut dyn Ledger,
@@ -199,9 +243,13 @@ impl Ingest<'_> {
         filters: &Filters,
         buckets: &mut Buckets,
         reported: &mut Reported,
+        listing: &Listing,
     ) {
         for inbox in inboxes {
             let Location::Bucket(url) = &inbox.root else { continue };
+            if listing.only.is_some_and(|only| !only.contains(&url.bucket)) {
+                continue;
+            }
             let listed = buckets.stores.bucket(&url.bucket).and_then(|b| Ok((b.list(&url.prefix)?, b)));
             let (objects, bucket) = match listed {
                 Ok(l) => l,
@@ -226,7 +274,7 @@ impl Ingest<'_> {
                     recorded.insert(o.key, o.version);
                     continue;
                 }
-                FileNoticed { source: Seen::Scan, missed_by_watcher: false }.emit(self.metrics);
+                FileNoticed { source: listing.source, missed_by_watcher: false }.emit(self.metrics);
                 match self.record_object(ledger, &inbox.pipeline, &bucket, url, rel, &o) {
                     Ok(true) => {
                         recorded.insert(o.key, o.version);
@@ -311,6 +359,13 @@ impl Ingest<'_> {
         FileRecorded { path: &inbox.join(rel), pipeline: p.name(), discovery }.emit(self.metrics);
         Ok(())
     }
+}
+
+/// Which bucket inboxes a listing covers, and why it happens (a metrics label).
+struct Listing<'a> {
+    /// Only inboxes of these buckets; `None`: all.
+    only: Option<&'a BTreeSet<String>>,
+    source: Seen,
 }
 
 /// Objects this size or larger get a log line while they are hashed.

@@ -371,7 +371,7 @@ impl Metrics {
         for kind in ["text", "ocr"] {
             self.pages.with_label_values(&[kind]);
         }
-        for source in ["inotify", "rescan"] {
+        for source in ["inotify", "rescan", "notification"] {
             self.watch_events.with_label_values(&[source]);
         }
         for outcome in ["ok", "failed"] {

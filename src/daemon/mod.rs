@@ -112,12 +112,13 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let beat = Heartbeat::start(ledger::open(&cfg.daemon)?, (worker_id, me), watch.clone(), metrics.clone())?;
     metrics.init_pipelines(&cfg.pipelines, &mut *ledger)?;
     let waiting: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let notified: Arc<ingest::Notified> = Arc::default();
     let health = Arc::new(Health::new(cfg.daemon.metrics.stall_after.0));
     let current = Arc::new(RwLock::new(Arc::new(cfg)));
     let cfg = current_cfg(&current);
     if cfg.daemon.metrics.enabled {
-        let probe =
-            http::Probe::new(metrics.clone(), health.clone(), ledger::open(&cfg.daemon)?, current.clone(), waiting.clone());
+        let ledger = ledger::open(&cfg.daemon)?;
+        let probe = http::Probe::new(metrics.clone(), health.clone(), ledger, current.clone(), waiting.clone(), notified.clone());
         let addr = http::serve(&cfg.daemon.metrics.listen, Arc::new(probe))?;
         tracing::info!("metrics at http://{addr}/metrics, health at /livez and /readyz");
     }
@@ -128,7 +129,8 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     log_memory_plan(&model, cfg.daemon.memory_budget.0);
     health.model_loaded();
 
-    let ingest = IngestShared { model: info.name, metrics: metrics.clone(), waiting, done: Arc::default(), mode, signals };
+    let ingest =
+        IngestShared { model: info.name, metrics: metrics.clone(), waiting, done: Arc::default(), mode, signals, notified };
     let mut thread = Some(ingest.start(cfg.clone())?);
     let places = documents::Places::new(&cfg.daemon);
     let mut worker = Worker {
@@ -243,6 +245,8 @@ struct IngestShared {
     done: Arc<AtomicBool>,
     mode: Mode,
     signals: &'static Signals,
+    /// Buckets store notifications named (`POST /notify/s3`).
+    notified: Arc<ingest::Notified>,
 }
 
 /// A running ingest thread.
@@ -256,10 +260,18 @@ impl IngestShared {
     fn start(&self, cfg: Arc<Config>) -> Result<IngestThread> {
         let stop = Arc::new(AtomicBool::new(false));
         let (model, metrics, waiting, done) = (self.model.clone(), self.metrics.clone(), self.waiting.clone(), self.done.clone());
-        let (mode, signals, stopped) = (self.mode, self.signals, stop.clone());
+        let (mode, signals, stopped, notified) = (self.mode, self.signals, stop.clone(), self.notified.clone());
         let handle = std::thread::Builder::new().name("ingest".into()).spawn(move || {
-            let ingest =
-                ingest::Ingest { cfg: &cfg, model: &model, metrics: &metrics, waiting: &waiting, mode, signals, stop: &stopped };
+            let ingest = ingest::Ingest {
+                cfg: &cfg,
+                model: &model,
+                metrics: &metrics,
+                waiting: &waiting,
+                mode,
+                signals,
+                stop: &stopped,
+                notified: &notified,
+            };
             let r = ingest.run();
             done.store(true, Ordering::SeqCst);
             r

@@ -132,6 +132,7 @@ impl Install {
             mode: Mode::Serve,
             signals: &self.signals,
             stop: &stop,
+            notified: &Default::default(),
         };
         ingest.record(&mut *w.ledger, &c, size, mtime).unwrap();
     }

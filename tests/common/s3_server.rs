@@ -103,6 +103,8 @@ impl S3Server {
             cmd.arg(format!("-s3.cert.file={}", t.cert.display())).arg(format!("-s3.key.file={}", t.key.display()));
         }
         let child = cmd
+            // Where it reads `notification.toml` ([`S3Server::notify`]).
+            .current_dir(self.dir.path())
             .arg(format!("-dir={}", data.display()))
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-s3"])
             // Small volumes, created as needed: by default each is 30 GB and their number follows
@@ -146,6 +148,17 @@ impl S3Server {
     pub fn restart(&mut self) {
         self.stop();
         self.run();
+    }
+
+    /// Restarts the server posting every change of its files to `url` (the filer's webhook
+    /// notifications: `{"event_type": "create", "key": "/buckets/<bucket>/<key>", …}`).
+    pub fn notify(&mut self, url: &str) {
+        let toml = format!(
+            "[notification.webhook]\nenabled = true\nendpoint = {url:?}\ntimeout_seconds = 5\nmax_retries = 3\n\
+             backoff_seconds = 1\nmax_backoff_seconds = 5\nworkers = 1\nbuffer_size = 1000\n"
+        );
+        std::fs::write(self.dir.path().join("notification.toml"), toml).unwrap();
+        self.restart();
     }
 
     /// A plain HTTP request to port `base + offset`; its status, `None` without an answer.

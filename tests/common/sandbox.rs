@@ -228,8 +228,18 @@ impl Daemon {
 
     /// `GET path` on the metrics listener: status code and body.
     pub fn get(&self, path: &str) -> (u16, String) {
+        self.request(&format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n"))
+    }
+
+    /// `POST path` of `body` (JSON) on the metrics listener: status code and body.
+    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+        let head = format!("POST {path} HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}", body.len());
+        self.request(&format!("{head}\r\n\r\n{body}"))
+    }
+
+    fn request(&self, request: &str) -> (u16, String) {
         let mut s = std::net::TcpStream::connect(&self.metrics_addr).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(request.as_bytes()).unwrap();
         let mut response = String::new();
         s.read_to_string(&mut response).unwrap();
         let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));

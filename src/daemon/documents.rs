@@ -97,6 +97,9 @@ impl Places {
         let local = dir.join(name);
         let mut file = std::fs::File::create(&local).with_context(|| format!("{}: cannot create", local.display()))?;
         let shown = job.source.display();
+        if job.size >= super::ingest::BIG_OBJECT {
+            tracing::info!("{shown}: downloading {} MiB", job.size >> 20);
+        }
         let fail = |reason, msg: String| -> Result<Result<Document, Failure>> {
             let _ = std::fs::remove_dir_all(&dir);
             Ok(Err(Failure::new(reason, "detect", msg)))

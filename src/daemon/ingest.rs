@@ -368,8 +368,8 @@ struct Listing<'a> {
     source: Seen,
 }
 
-/// Objects this size or larger get a log line while they are hashed.
-const BIG_OBJECT: u64 = 64 << 20;
+/// Objects this size or larger get a log line while they are hashed or downloaded.
+pub(super) const BIG_OBJECT: u64 = 64 << 20;
 
 /// The bucket inboxes' stores, and what each inbox's last listing recorded (key → version), so
 /// that a rescan hashes only what is new.

@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
@@ -357,18 +358,26 @@ fn path(key: &str) -> Path {
 }
 
 impl Bucket {
+    fn url(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.name)
+    }
+
     fn err(&self, op: Op, key: &str, error: object_store::Error) -> StoreError {
-        StoreError { op, url: format!("s3://{}/{key}", self.name), error }
+        StoreError { op, url: self.url(key), error }
+    }
+
+    /// The listing of everything under `prefix`, page after page.
+    fn listing(&self, prefix: &str) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let at = Path::from(prefix.trim_end_matches('/'));
+        self.store.list(if prefix.is_empty() { None } else { Some(&at) })
     }
 
     /// Every object under `prefix`, all pages of the listing. Only complete objects are listed:
     /// S3 shows a multipart upload once it is completed, in one step.
     pub fn list(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
-        let store = self.store.clone();
-        let at = Path::from(prefix.trim_end_matches('/'));
-        runtime().block_on(async move {
+        runtime().block_on(async {
             let mut out = Vec::new();
-            let mut stream = store.list(if prefix.is_empty() { None } else { Some(&at) });
+            let mut stream = self.listing(prefix);
             while let Some(meta) = stream.next().await {
                 let meta = meta.map_err(|e| self.err(Op::List, prefix, e))?;
                 out.push(Listed { key: meta.location.to_string(), size: meta.size, version: version_of(&meta) });
@@ -379,11 +388,8 @@ impl Bucket {
 
     /// Whether the store answers a listing of `prefix` (one page).
     pub fn reachable(&self, prefix: &str) -> Result<(), StoreError> {
-        let store = self.store.clone();
-        let at = Path::from(prefix.trim_end_matches('/'));
-        runtime().block_on(async move {
-            let mut stream = store.list(if prefix.is_empty() { None } else { Some(&at) });
-            match stream.next().await {
+        runtime().block_on(async {
+            match self.listing(prefix).next().await {
                 Some(Err(e)) => Err(self.err(Op::List, prefix, e)),
                 _ => Ok(()),
             }
@@ -395,10 +401,9 @@ impl Bucket {
     /// version now (a newer upload, found by the next listing). Over `max`, an error naming the
     /// limit.
     pub fn read(&self, key: &str, version: Option<&str>, max: u64, sink: &mut dyn Write) -> Result<Option<Read>> {
-        let store = self.store.clone();
         let path = path(key);
-        runtime().block_on(async move {
-            let got = match store.get_opts(&path, GetOptions::default()).await {
+        runtime().block_on(async {
+            let got = match self.store.get_opts(&path, GetOptions::default()).await {
                 Ok(g) => g,
                 Err(e) => {
                     let e = self.err(Op::Get, key, e);
@@ -409,7 +414,7 @@ impl Bucket {
             if version.is_some_and(|v| v != read_version) {
                 return Ok(None);
             }
-            let over = |size| OverLimit { url: format!("s3://{}/{key}", self.name), size, max };
+            let over = |size| OverLimit { url: self.url(key), size, max };
             if got.meta.size > max {
                 return Err(over(got.meta.size).into());
             }
@@ -431,10 +436,9 @@ impl Bucket {
 
     /// The object's bytes and version, if it is there.
     pub fn get(&self, key: &str) -> Result<Option<(Vec<u8>, ObjectVersion)>, StoreError> {
-        let store = self.store.clone();
         let path = path(key);
-        runtime().block_on(async move {
-            let got = match store.get(&path).await {
+        runtime().block_on(async {
+            let got = match self.store.get(&path).await {
                 Ok(g) => g,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
                 Err(e) => return Err(self.err(Op::Get, key, e)),
@@ -464,11 +468,10 @@ impl Bucket {
     }
 
     fn put(&self, key: &str, bytes: Vec<u8>, mode: PutMode) -> Result<bool, StoreError> {
-        let store = self.store.clone();
         let path = path(key);
-        runtime().block_on(async move {
+        runtime().block_on(async {
             let opts = PutOptions { mode, ..Default::default() };
-            match store.put_opts(&path, PutPayload::from(bytes), opts).await {
+            match self.store.put_opts(&path, PutPayload::from(bytes), opts).await {
                 Ok(_) => Ok(true),
                 Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
                 Err(e) => Err(self.err(Op::Put, key, e)),
@@ -478,10 +481,9 @@ impl Bucket {
 
     /// Size and version of the object `key`, if it is there.
     pub fn head(&self, key: &str) -> Result<Option<(u64, String)>, StoreError> {
-        let store = self.store.clone();
         let path = path(key);
-        runtime().block_on(async move {
-            match store.head(&path).await {
+        runtime().block_on(async {
+            match self.store.head(&path).await {
                 Ok(m) => Ok(Some((m.size, version_of(&m)))),
                 Err(object_store::Error::NotFound { .. }) => Ok(None),
                 Err(e) => Err(self.err(Op::Head, key, e)),
@@ -491,10 +493,9 @@ impl Bucket {
 
     /// Deletes the object `key` (gone already is fine).
     pub fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let store = self.store.clone();
         let path = path(key);
-        runtime().block_on(async move {
-            match store.delete(&path).await {
+        runtime().block_on(async {
+            match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(self.err(Op::Delete, key, e)),
             }

@@ -13,6 +13,7 @@
 //!   object only if it is still the version that was downloaded.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -47,7 +48,7 @@ impl Document {
 
 /// The folders and buckets of one worker.
 pub(crate) struct Places {
-    stores: Stores,
+    stores: Arc<Stores>,
     downloads: PathBuf,
     max_bytes: u64,
 }
@@ -74,12 +75,12 @@ fn object_of(source: &Path) -> Option<(String, String)> {
 }
 
 impl Places {
-    /// With the daemon's object store settings; downloads go under `state_dir`. Downloads a
-    /// stopped daemon left behind are removed (each daemon has its own `state_dir`).
-    pub fn new(cfg: &DaemonConfig) -> Self {
+    /// Through the daemon's bucket clients; downloads go under `state_dir`. Downloads a stopped
+    /// daemon left behind are removed (each daemon has its own `state_dir`).
+    pub fn new(cfg: &DaemonConfig, stores: Arc<Stores>) -> Self {
         let downloads = cfg.state_dir.join("downloads");
         let _ = std::fs::remove_dir_all(&downloads);
-        Self { stores: Stores::new(&cfg.object_store), downloads, max_bytes: cfg.limits.max_file_bytes.0 }
+        Self { stores, downloads, max_bytes: cfg.limits.max_file_bytes.0 }
     }
 
     fn bucket(&self, name: &str) -> Result<Bucket> {
@@ -262,7 +263,8 @@ mod tests {
     fn quarantine_in_a_bucket_keeps_other_documents_copies_and_writes_the_error_beside() {
         let Some((_s3, bucket)) = server("quarantine") else { return };
         let dir = tempfile::tempdir().unwrap();
-        let places = Places { stores: Stores::seeded(bucket.clone()), downloads: dir.path().join("d"), max_bytes: 1 << 20 };
+        let places =
+            Places { stores: Arc::new(Stores::seeded(bucket.clone())), downloads: dir.path().join("d"), max_bytes: 1 << 20 };
         let url = BucketUrl::parse("s3://quarantine/q/").unwrap();
         let f = Failure::new(Reason::Parse, "extract", "broken");
         let report = |source: &'static Path| ErrorReport {

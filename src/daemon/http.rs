@@ -62,8 +62,8 @@ impl Probe {
         config: Arc<RwLock<Arc<Config>>>,
         waiting: Arc<Mutex<HashMap<String, usize>>>,
         notified: Arc<Notified>,
+        stores: Arc<Stores>,
     ) -> Self {
-        let stores = Arc::new(Stores::new(&config.read().unwrap_or_else(|p| p.into_inner()).daemon.object_store));
         let ledger = Arc::new(Mutex::new(ledger));
         Self { metrics, health, ledger, config, waiting, running: Mutex::default(), stores, notified }
     }

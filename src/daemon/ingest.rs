@@ -72,6 +72,8 @@ pub(crate) struct Ingest<'a> {
     pub stop: &'a AtomicBool,
     /// Buckets whose stores said something changed.
     pub notified: &'a Notified,
+    /// The daemon's bucket clients.
+    pub stores: &'a Stores,
 }
 
 /// Inboxes that failed to list, and refusals already reported, so each is said once.
@@ -91,7 +93,7 @@ impl Ingest<'_> {
         let mut ledger = ledger::open(d)?;
         let inboxes = inbox::inboxes(&self.cfg.pipelines)?;
         let filters = Filters::new(&d.ingest.ignore)?;
-        let mut buckets = Buckets { stores: Stores::new(&d.object_store), recorded: HashMap::new() };
+        let mut buckets = Buckets { stores: self.stores, recorded: HashMap::new() };
         let mut stability = Stability::new(d.ingest.stable_window.0);
         let (tx, rx) = mpsc::channel();
         // Kept alive for the loop's lifetime: dropping it stops the events.
@@ -241,7 +243,7 @@ impl Ingest<'_> {
         ledger: &mut dyn Ledger,
         inboxes: &[Inbox],
         filters: &Filters,
-        buckets: &mut Buckets,
+        buckets: &mut Buckets<'_>,
         reported: &mut Reported,
         listing: &Listing,
     ) {
@@ -373,7 +375,7 @@ pub(super) const BIG_OBJECT: u64 = 64 << 20;
 
 /// The bucket inboxes' stores, and what each inbox's last listing recorded (key → version), so
 /// that a rescan hashes only what is new.
-struct Buckets {
-    stores: Stores,
+struct Buckets<'a> {
+    stores: &'a Stores,
     recorded: HashMap<Location, HashMap<String, String>>,
 }

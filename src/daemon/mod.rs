@@ -92,7 +92,9 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
             "resume_dir",
         )?;
     }
-    check_buckets(&cfg)?;
+    // One client per bucket for the whole daemon: `object_store` takes effect at start.
+    let stores = Arc::new(crate::bucket::Stores::new(&cfg.daemon.object_store));
+    check_buckets(&cfg, &stores)?;
     let mut ledger = ledger::open(&cfg.daemon)?;
     let me = worker_id(&cfg);
     let worker_id = ledger.join(&me)?;
@@ -118,7 +120,8 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let cfg = current_cfg(&current);
     if cfg.daemon.metrics.enabled {
         let ledger = ledger::open(&cfg.daemon)?;
-        let probe = http::Probe::new(metrics.clone(), health.clone(), ledger, current.clone(), waiting.clone(), notified.clone());
+        let (notified, stores) = (notified.clone(), stores.clone());
+        let probe = http::Probe::new(metrics.clone(), health.clone(), ledger, current.clone(), waiting.clone(), notified, stores);
         let addr = http::serve(&cfg.daemon.metrics.listen, Arc::new(probe))?;
         tracing::info!("metrics at http://{addr}/metrics, health at /livez and /readyz");
     }
@@ -129,10 +132,18 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     log_memory_plan(&model, cfg.daemon.memory_budget.0);
     health.model_loaded();
 
-    let ingest =
-        IngestShared { model: info.name, metrics: metrics.clone(), waiting, done: Arc::default(), mode, signals, notified };
+    let ingest = IngestShared {
+        model: info.name,
+        metrics: metrics.clone(),
+        waiting,
+        done: Arc::default(),
+        mode,
+        signals,
+        notified,
+        stores: stores.clone(),
+    };
     let mut thread = Some(ingest.start(cfg.clone())?);
-    let places = documents::Places::new(&cfg.daemon);
+    let places = documents::Places::new(&cfg.daemon, stores.clone());
     let mut worker = Worker {
         extraction: isolation(&cfg)?,
         cfg,
@@ -153,7 +164,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let r = loop {
         match worker.run(&mut model, mode, &ingest.done) {
             Ok(Exit::Reload) => {
-                let Some(new) = reload(&worker.cfg, &metrics) else { continue };
+                let Some(new) = reload(&worker.cfg, &metrics, &stores) else { continue };
                 // The old ingest thread stops at its next turn; files it saw but had not yet
                 // recorded are found again by the new one's start-up scan.
                 if thread.take().is_some_and(|t| t.stop_and_join().is_err()) {
@@ -189,8 +200,7 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
 /// Sets up the client of every bucket the pipelines name, so that settings and credentials the
 /// client cannot use (an endpoint without a scheme, an unreadable `ca_file`, an AWS profile that
 /// is missing or only has single sign-on) stop the start, not the first document.
-fn check_buckets(cfg: &Config) -> Result<()> {
-    let stores = crate::bucket::Stores::new(&cfg.daemon.object_store);
+fn check_buckets(cfg: &Config, stores: &crate::bucket::Stores) -> Result<()> {
     for p in &cfg.pipelines {
         for place in p.inboxes.iter().chain([&p.output, &p.quarantine]) {
             if let crate::config::Location::Bucket(url) = place {
@@ -247,6 +257,8 @@ struct IngestShared {
     signals: &'static Signals,
     /// Buckets store notifications named (`POST /notify/s3`).
     notified: Arc<ingest::Notified>,
+    /// The daemon's bucket clients.
+    stores: Arc<crate::bucket::Stores>,
 }
 
 /// A running ingest thread.
@@ -261,6 +273,7 @@ impl IngestShared {
         let stop = Arc::new(AtomicBool::new(false));
         let (model, metrics, waiting, done) = (self.model.clone(), self.metrics.clone(), self.waiting.clone(), self.done.clone());
         let (mode, signals, stopped, notified) = (self.mode, self.signals, stop.clone(), self.notified.clone());
+        let stores = self.stores.clone();
         let handle = std::thread::Builder::new().name("ingest".into()).spawn(move || {
             let ingest = ingest::Ingest {
                 cfg: &cfg,
@@ -271,6 +284,7 @@ impl IngestShared {
                 signals,
                 stop: &stopped,
                 notified: &notified,
+                stores: &stores,
             };
             let r = ingest.run();
             done.store(true, Ordering::SeqCst);
@@ -314,7 +328,7 @@ fn log_memory_plan(model: &dyn TextModel, budget: u64) {
 /// Re-reads the configuration file and the pipelines (SIGHUP). Settings that only take effect at
 /// start (the loaded model, the open ledger, the bound listener) keep their values, with a
 /// warning when the file changed them. `None` (reported) when the new files do not load.
-fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
+fn reload(old: &Config, metrics: &Metrics, stores: &crate::bucket::Stores) -> Option<Config> {
     let mut new = match Config::load(old.file.as_deref()) {
         Ok(c) => c,
         Err(error) => {
@@ -344,7 +358,7 @@ fn reload(old: &Config, metrics: &Metrics) -> Option<Config> {
     (n.ledger, n.ledger_password_file, n.worker) = (o.ledger.clone(), o.ledger_password_file.clone(), o.worker.clone());
     n.metrics = o.metrics.clone();
     n.object_store = o.object_store.clone();
-    if let Err(error) = check_buckets(&new) {
+    if let Err(error) = check_buckets(&new, stores) {
         ConfigReloadRefused { error: &error }.emit(metrics);
         return None;
     }

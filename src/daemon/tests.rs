@@ -18,6 +18,7 @@ use super::ingest::Ingest;
 use super::metrics::Metrics;
 use super::worker::{Exit, Tick, Worker};
 use super::{Mode, Signals, reload};
+use crate::bucket::Stores;
 use crate::config::Config;
 use crate::extract::ExtractLimits;
 use crate::extract::isolated::Extraction;
@@ -101,7 +102,7 @@ impl Install {
 
     fn worker(&self) -> Worker<'_> {
         let cfg = Arc::new(self.config());
-        let places = Places::new(&cfg.daemon);
+        let places = Places::new(&cfg.daemon, Arc::new(Stores::new(&cfg.daemon.object_store)));
         Worker {
             ledger: ledger::open(&cfg.daemon).unwrap(),
             cfg,
@@ -133,6 +134,7 @@ impl Install {
             signals: &self.signals,
             stop: &stop,
             notified: &Default::default(),
+            stores: &Stores::new(&Default::default()),
         };
         ingest.record(&mut *w.ledger, &c, size, mtime).unwrap();
     }
@@ -224,14 +226,14 @@ fn sighup_ends_the_serving_worker_for_a_reload_that_keeps_start_up_settings_or_r
     install
         .write("pipelines/q.yaml", "name: q\ninboxes: [{path: inbox-q}]\noutput: out-q\nstages: [{name: s, kind: summarize}]\n");
     install.write("config/deltadoc.yaml", &CONFIG.replace("path: model", "path: other-model"));
-    let new = reload(&old, &install.metrics).expect("the new files load");
+    let new = reload(&old, &install.metrics, &Stores::new(&old.daemon.object_store)).expect("the new files load");
     let names: Vec<&str> = new.pipelines.iter().map(|p| p.name()).collect();
     assert_eq!(names, ["p", "q"]);
     assert_eq!(new.daemon.model.path, old.daemon.model.path, "the loaded model stays until a restart");
 
     install
         .write("pipelines/q.yaml", "name: q\ninboxes: [{path: inbox-q}]\noutput: out-q\nstages: [{name: s, kind: sumarize}]\n");
-    assert!(reload(&old, &install.metrics).is_none(), "a broken file is refused");
+    assert!(reload(&old, &install.metrics, &Stores::new(&old.daemon.object_store)).is_none(), "a broken file is refused");
     assert_eq!(install.series("deltadoc_config_reloads_total", &["outcome=\"failed\""]), 1.0);
 }
 

@@ -22,6 +22,9 @@ mod pg_cluster;
 #[allow(dead_code)]
 #[path = "../tests/common/certs.rs"]
 mod certs;
+// Their ports.
+#[path = "../tests/common/ports.rs"]
+mod ports;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

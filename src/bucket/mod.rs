@@ -11,6 +11,9 @@
 //! is the daemon's to wait for (`daemon/storage.rs`), and [`StoreError::waits`] says which
 //! errors waiting can fix.
 
+#[cfg(test)]
+#[path = "../../tests/common/ports.rs"]
+mod ports;
 mod profile;
 /// The integration tests' throwaway server, for the tests here and in `daemon/documents.rs`.
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod pg_cluster;
+pub mod ports;
 pub mod s3_server;
 pub mod sandbox;
 

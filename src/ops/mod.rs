@@ -7,11 +7,14 @@
 //! - `CausalAttention` / `CausalAttentionF16(q, k, v, past_key, past_value) -> (out, present_key,
 //!   present_value)`
 //!
+//! and the small-M matmul of block-quantised weights (decode steps):
+//! - `QuantMatMul(x, codes, scales) -> y`
+//!
 //! The op contract (shapes, attributes, state layout) is written down in onnx/README.md; the
 //! numerical kernels live in the `deltadoc-kernels` crate ([`attention`], [`conv`],
-//! [`gated_delta`]) and know nothing of ONNX Runtime.
+//! [`gated_delta`], [`quant_matmul`]) and know nothing of ONNX Runtime.
 
-pub use deltadoc_kernels::{attention, conv, gated_delta};
+pub use deltadoc_kernels::{attention, conv, gated_delta, quant_matmul};
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
@@ -21,6 +24,7 @@ use ort::operator::{ComputeContext, OperatorDomain};
 pub use causal_attention::{AttentionKernel, CacheType, CausalAttention};
 pub use causal_conv::{CausalConv1dWithState, ConvKernel};
 pub use delta_rule::{GatedDeltaRule, RuleAlgorithm, RuleKernel};
+pub use quant_linear::{QuantMatMul, QuantMatMulKernel};
 
 /// Custom-op domain of the exported graphs.
 pub const DOMAIN: &str = "ai.deltadoc";
@@ -34,7 +38,8 @@ pub fn domain() -> ort::Result<OperatorDomain> {
         .add(GatedDeltaRule)?
         .add(CausalAttention::<f32>::default())?
         .add(CausalAttention::<half::f16>::default())?
-        .add(CausalAttention::<half::bf16>::default())
+        .add(CausalAttention::<half::bf16>::default())?
+        .add(QuantMatMul)
 }
 
 fn err(msg: impl Into<String>) -> ort::Error {
@@ -153,3 +158,4 @@ impl<T> Drop for Pooled<T> {
 mod causal_attention;
 mod causal_conv;
 mod delta_rule;
+mod quant_linear;

@@ -193,7 +193,10 @@ pub struct Activations {
     codes: Aligned<i8>,
     /// Scale per row and block, `[m, blocks]`.
     scales: Vec<f32>,
-    /// Per row, group and lane, the scale of the block the lane sums, `[m, groups, lanes]`.
+    /// Per row, group and lane, the scale of the block the lane sums, `[m, groups, lanes]`; empty
+    /// where a group is one block, whose scale the kernels broadcast from `scales` (a vector of
+    /// 16 equal scales per group made int8 at K = 12288 1.4x as slow: more activation bytes to
+    /// keep in L1).
     lane_scales: Aligned<f32>,
     /// Per row, group and lane, −midpoint · Σ of the codes the lane multiplies: the sum starts
     /// there, so that it ends as Σ (code − midpoint) · x. Empty where the ISA subtracts the
@@ -324,7 +327,7 @@ impl Activations {
         let mut codes = Aligned::new(m * kp);
         let mut scales = vec![0f32; m * blocks];
         let lanes = walk.lanes;
-        let mut lane_scales = Aligned::new(m * walk.groups * lanes);
+        let mut lane_scales = Aligned::new(if walk.group_blocks > 1 { m * walk.groups * lanes } else { 0 });
         let subtract_mid = !(isa == Isa::Avx2 && w.bits == 8);
         let mut offsets = Aligned::new(if subtract_mid { m * walk.groups * lanes } else { 0 });
         let per_lane = walk.vector_elems / lanes;
@@ -354,7 +357,9 @@ impl Activations {
                         // and of the odds, elements 2·4l.. of the natural order either way.
                         let first = start + l * per_lane;
                         let at = (r * walk.groups + g) * lanes + l;
-                        lane_scales[at] = scales[r * blocks + first / block];
+                        if walk.group_blocks > 1 {
+                            lane_scales[at] = scales[r * blocks + first / block];
+                        }
                         if subtract_mid {
                             let sum: i32 = natural[first..first + per_lane].iter().map(|&c| i32::from(c)).sum();
                             offsets[at] -= w.mid() * sum;
@@ -514,7 +519,9 @@ mod vnni {
                 let idx = _mm512_loadu_si512(lanes.as_ptr().cast());
                 let xp: [*const i8; MR] = std::array::from_fn(|i| a.codes.as_ptr().add((m0 + i) * kp));
                 let op: [*const i32; MR] = std::array::from_fn(|i| a.offsets.as_ptr().add((m0 + i) * walk.groups * 16));
-                let sp: [*const f32; MR] = std::array::from_fn(|i| a.lane_scales.as_ptr().add((m0 + i) * walk.groups * 16));
+                // Not read where a group is one block (`lane_scales` is empty then).
+                let sp: [*const f32; MR] =
+                    std::array::from_fn(|i| a.lane_scales.as_ptr().wrapping_add((m0 + i) * walk.groups * 16));
                 let wrow = w.codes.as_ptr().add(n * w.row_bytes());
                 let srow = w.scales.as_ptr().add(n * w.blocks());
                 let mut acc = [_mm512_setzero_ps(); MR];
@@ -544,7 +551,11 @@ mod vnni {
                         _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(scale_mask, srow.add(g * walk.group_blocks)))
                     };
                     for i in 0..MR {
-                        let xs = _mm512_loadu_ps(sp[i].add(g * 16));
+                        let xs = if walk.group_blocks == 1 {
+                            _mm512_set1_ps(*a.scales.as_ptr().add((m0 + i) * w.blocks() + g))
+                        } else {
+                            _mm512_loadu_ps(sp[i].add(g * 16))
+                        };
                         acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(ws, xs), acc[i]);
                     }
                 }
@@ -594,7 +605,9 @@ mod avx2 {
                 let idx = _mm256_loadu_si256(lanes.as_ptr().cast());
                 let scale_mask = _mm256_loadu_si256(first_lanes.as_ptr().cast());
                 let xp: [*const i8; MR] = std::array::from_fn(|i| a.codes.as_ptr().add((m0 + i) * kp));
-                let sp: [*const f32; MR] = std::array::from_fn(|i| a.lane_scales.as_ptr().add((m0 + i) * walk.groups * 8));
+                // Not read where a group is one block (`lane_scales` is empty then).
+                let sp: [*const f32; MR] =
+                    std::array::from_fn(|i| a.lane_scales.as_ptr().wrapping_add((m0 + i) * walk.groups * 8));
                 let wrow = w.codes.as_ptr().add(n * w.row_bytes());
                 let srow = w.scales.as_ptr().add(n * w.blocks());
                 let mut acc = [_mm256_setzero_ps(); MR];
@@ -634,7 +647,11 @@ mod avx2 {
                         _mm256_permutevar8x32_ps(_mm256_maskload_ps(srow.add(g * walk.group_blocks), scale_mask), idx)
                     };
                     for i in 0..MR {
-                        let xs = _mm256_loadu_ps(sp[i].add(g * 8));
+                        let xs = if walk.group_blocks == 1 {
+                            _mm256_set1_ps(*a.scales.as_ptr().add((m0 + i) * w.blocks() + g))
+                        } else {
+                            _mm256_loadu_ps(sp[i].add(g * 8))
+                        };
                         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(ws, xs), acc[i]);
                     }
                 }

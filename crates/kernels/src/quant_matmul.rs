@@ -118,16 +118,6 @@ impl<'a> Weights<'a> {
         Ok(w)
     }
 
-    /// Output rows.
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Input columns.
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
     fn blocks(&self) -> usize {
         self.k.div_ceil(self.block)
     }
@@ -236,19 +226,12 @@ impl<T> std::ops::DerefMut for Aligned<T> {
     }
 }
 
-/// `(scale, codes)` of one block of activations: symmetric int8, `max|x| / 127` per step. A block
-/// holding NaN or an infinity gets a NaN scale, so that the outputs it reaches are NaN as a
-/// float product's would be.
-pub fn quantise_block(x: &[f32], codes: &mut [i8]) -> f32 {
-    let mut scale = [0f32];
-    quantise_row(x, x.len().max(1), codes, &mut scale);
-    scale[0]
-}
-
 dispatch!(
-    /// [`quantise_block`] for each block of `block` elements of `x` (the last may be shorter):
-    /// codes into `codes`, scales into `scales`. One call per row, so that the feature check
-    /// and the loop set-up are paid once, not per block.
+    /// Quantises each block of `block` elements of `x` (the last may be shorter) to symmetric
+    /// int8, `max|x| / 127` per step: codes into `codes`, scales into `scales`. A block holding
+    /// NaN or an infinity gets a NaN scale, so that the outputs it reaches are NaN as a float
+    /// product's would be. One call per row, so that the feature check and the loop set-up are
+    /// paid once, not per block.
     quantise_row(x: &[f32], block: usize, codes: &mut [i8], scales: &mut [f32]) -> () = quantise_row_lanes
 );
 
@@ -371,11 +354,6 @@ impl Activations {
         Activations { walk, m, codes, scales, lane_scales, offsets }
     }
 
-    /// Rows of `x`.
-    pub fn m(&self) -> usize {
-        self.m
-    }
-
     /// Output columns `rows` of `y = x · wᵀ` into `out [m, rows.len()]` (row-major). `w` must be
     /// the weights these activations were quantised for.
     pub fn matmul_rows(&self, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
@@ -395,12 +373,11 @@ impl Activations {
             // this CPU; the rows are in range and `out` is [m, rows].
             unsafe { part(self, w, rows.clone(), out) };
         }
-        self.add_tail(w, 0, self.m, rows, out);
+        self.add_tail(w, rows, out);
     }
 
-    /// Adds the blocks the vector loop leaves (all of them for [`Isa::Scalar`]) one by one, for
-    /// activation rows `m0..m0 + mr`.
-    fn add_tail(&self, w: &Weights, m0: usize, mr: usize, rows: Range<usize>, out: &mut [f32]) {
+    /// Adds the blocks the vector loop leaves (all of them for [`Isa::Scalar`]) one by one.
+    fn add_tail(&self, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
         let (blocks, block, mid) = (w.blocks(), w.block, w.mid());
         let first = self.walk.tail_block();
         if first == blocks {
@@ -414,8 +391,7 @@ impl Activations {
             for b in first..blocks {
                 let wb = &row[b * block_bytes..(b + 1) * block_bytes];
                 let ws = w.scales[n * blocks + b];
-                for i in 0..mr {
-                    let r = m0 + i;
+                for r in 0..self.m {
                     let xb = &self.codes[r * kp + b * block..r * kp + (b + 1) * block];
                     let sum: i32 = if w.bits == 8 {
                         wb.iter().zip(xb).map(|(&c, &x)| (i32::from(c) - mid) * i32::from(x)).sum()
@@ -427,7 +403,7 @@ impl Activations {
                             })
                             .sum()
                     };
-                    out[i * width + j] += sum as f32 * (ws * self.scales[r * blocks + b]);
+                    out[r * width + j] += sum as f32 * (ws * self.scales[r * blocks + b]);
                 }
             }
         }
@@ -694,14 +670,16 @@ mod tests {
         let mut out = Vec::new();
         for r in 0..m {
             let xr = &x[r * w.k..(r + 1) * w.k];
+            let (mut codes, mut scales) = (vec![0i8; w.k], vec![0f32; blocks]);
+            quantise_row(xr, block, &mut codes, &mut scales);
             for n in 0..w.n {
                 let [mut exact, mut size, mut float, mut bound] = [0f64; 4];
                 for b in 0..blocks {
                     let xb = &xr[b * block..((b + 1) * block).min(w.k)];
-                    let mut q = vec![0i8; xb.len()];
-                    let xs = quantise_block(xb, &mut q) as f64;
+                    let q = &codes[b * block..b * block + xb.len()];
+                    let xs = scales[b] as f64;
                     let ws = w.scales[n * blocks + b] as f64;
-                    for (j, (&xv, &qv)) in xb.iter().zip(&q).enumerate() {
+                    for (j, (&xv, &qv)) in xb.iter().zip(q).enumerate() {
                         let c = (code(w.codes, w.bits, n * blocks * block + b * block + j) - mid) as f64;
                         exact += ws * xs * c * qv as f64;
                         size += (ws * xs * c * qv as f64).abs();

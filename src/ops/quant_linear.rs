@@ -138,13 +138,16 @@ impl QuantMatMulKernel {
         let tasks = split(&runs, MIN_TASK_ROWS, MAX_TASKS);
         let yp = SharedMut(y.as_mut_ptr());
         ctx.par_for(tasks.len(), tasks.len(), |t| {
+            // Several rows of x come back `[m, run]` and are scattered into y; one buffer serves
+            // every run of the task (a constrained head's rows can be hundreds of short runs).
+            let mut out = Vec::new();
             for rows in &tasks[t] {
                 if m == 1 {
                     // SAFETY: the tasks' row ranges are disjoint; this one writes only its own.
                     let out = unsafe { std::slice::from_raw_parts_mut(yp.at(rows.start), rows.len()) };
                     a.matmul_rows(&w, rows.clone(), out);
                 } else {
-                    let mut out = vec![0f32; m * rows.len()];
+                    out.resize(m * rows.len(), 0.0);
                     a.matmul_rows(&w, rows.clone(), &mut out);
                     for (r, part) in out.chunks_exact(rows.len()).enumerate() {
                         for (j, &v) in part.iter().enumerate() {

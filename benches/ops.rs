@@ -7,12 +7,14 @@
 //!   `GroupQueryAttention` (f32 cache) (8 query heads, 2 KV heads, head width 256).
 //!
 //! - block-quantised matmul: deltadoc's `QuantMatMul` against ORT's `MatMulNBits` (the same codes
-//!   and scales, activations quantised to int8 by both) at the 0.8B and 9B layer shapes for
+//!   and scales, activations quantised to int8 by both) at the 0.8B head and 0.8B and 9B layer shapes for
 //!   M = 1, 4 and 16 rows, int8 in blocks of 128 and int4 in blocks of 32, each as weight GB/s and
 //!   as a fraction of this machine's read bandwidth (measured in the same run).
 //!
 //!   cargo bench --bench ops [-- TOKENS [CALL_TOKENS [CONTEXT...]]]   (defaults 4096, 512, 4096 32768)
-//!   cargo bench --bench ops -- matmul                                 (the matmul section alone)
+//!   cargo bench --bench ops -- matmul [SHAPE]                         (the matmul section alone)
+//!
+//! SHAPE picks the matmul shapes whose name contains it (e.g. `head`).
 //!
 //! Each DeltaNet op runs on TOKENS tokens in calls of CALL_TOKENS (state carried between calls),
 //! as the model's chunked prefill feeds it; plus single-token decode steps. Attention runs one
@@ -374,8 +376,9 @@ fn read_bandwidth() -> f64 {
     (data.len() * 4) as f64 / best
 }
 
-/// The matmul section: both operators at each shape, precision and M.
-fn matmul_section(dir: &std::path::Path) {
+/// The matmul section: both operators at each shape whose name contains `only` (all for ""),
+/// precision and M.
+fn matmul_section(dir: &std::path::Path, only: &str) {
     let ceiling = read_bandwidth();
     println!(
         "block-quantised matmul, 2 threads, {} MB of weights per run; read bandwidth {:.1} GB/s; deltadoc isa {:?}",
@@ -387,14 +390,15 @@ fn matmul_section(dir: &std::path::Path) {
         "{:<34} {:>12} {:>12} {:>8} {:>16} {:>16}",
         "shape (N x K), precision, M", "deltadoc ms", "ORT ms", "ratio", "deltadoc GB/s", "ORT GB/s"
     );
-    let shapes: [(&str, (usize, usize)); 5] = [
+    let shapes: [(&str, (usize, usize)); 6] = [
+        ("0.8B head", (248320, 1024)),
         ("0.8B qkv", (6144, 1024)),
         ("0.8B mlp up", (3584, 1024)),
         ("0.8B mlp down", (1024, 3584)),
         ("9B mlp up", (12288, 4096)),
         ("9B mlp down", (4096, 12288)),
     ];
-    for (name, (n, k)) in shapes {
+    for (name, (n, k)) in shapes.into_iter().filter(|(name, _)| name.contains(only)) {
         for (bits, block) in [(8u32, 128usize), (4, 32)] {
             let bytes = n * k.div_ceil(block) * (block * bits as usize / 8 + 4);
             let copies = STREAMED_BYTES.div_ceil(bytes);
@@ -430,11 +434,12 @@ fn row(what: &str, ours: f64, ort: f64, per: usize) {
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    if std::env::args().any(|a| a == "matmul") {
-        matmul_section(dir.path());
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if let Some(at) = args.iter().position(|a| a == "matmul") {
+        matmul_section(dir.path(), args.get(at + 1).map_or("", |s| s.as_str()));
         return;
     }
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let tokens = args.first().copied().unwrap_or(4096);
     let call = args.get(1).copied().unwrap_or(512);
     println!("one 0.8B DeltaNet layer (16 heads, 128x128 state, conv 6144 ch), 2 threads; {tokens} tokens in calls of {call}");
@@ -466,6 +471,6 @@ fn main() {
             }
         }
     }
-    matmul_section(dir.path());
+    matmul_section(dir.path(), "");
     println!("ratio = ORT time / deltadoc time (> 1: deltadoc faster)");
 }

@@ -256,13 +256,17 @@ impl Vocabulary {
         if let Some(e) = m.get_error() {
             bail!("llguidance: {e}");
         }
-        Ok(Constraint { matcher: m, mask_time: Duration::ZERO, steps: 0 })
+        Ok(Constraint { matcher: m, mask: None, mask_time: Duration::ZERO, steps: 0 })
     }
 }
 
 /// One generation's constraint: which tokens may come next.
 pub struct Constraint {
     matcher: Matcher,
+    /// The mask of the grammar's current state, computed once between two commits: the decode
+    /// loop asks for the allowed tokens before the step (so the head computes only those) and
+    /// masks the step's logits with the same set.
+    mask: Option<toktrie::SimpleVob>,
     /// Time spent computing masks.
     pub mask_time: Duration,
     /// Masks computed.
@@ -270,24 +274,39 @@ pub struct Constraint {
 }
 
 impl Constraint {
+    fn mask(&mut self) -> Result<&toktrie::SimpleVob> {
+        if self.mask.is_none() {
+            let t = Instant::now();
+            self.mask = Some(self.matcher.compute_mask_or_eos().map_err(|e| anyhow!("llguidance: {e}"))?);
+            self.mask_time += t.elapsed();
+            self.steps += 1;
+        }
+        Ok(self.mask.as_ref().expect("computed above"))
+    }
+
     /// Sets the logits of every token the grammar does not allow now to −∞ (the end token is
     /// allowed exactly when the output is complete; padding rows past the vocabulary never).
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<()> {
-        let t = Instant::now();
-        let mask = self.matcher.compute_mask_or_eos().map_err(|e| anyhow!("llguidance: {e}"))?;
+        let mask = self.mask()?;
         let n = mask.len();
         for (i, l) in logits.iter_mut().enumerate() {
             if i >= n || !mask.is_allowed(i as u32) {
                 *l = f32::NEG_INFINITY;
             }
         }
-        self.mask_time += t.elapsed();
-        self.steps += 1;
+        Ok(())
+    }
+
+    /// The tokens the grammar allows now, ascending, into `out`.
+    pub fn allowed(&mut self, out: &mut Vec<u32>) -> Result<()> {
+        out.clear();
+        self.mask()?.iter_set_entries(|i| out.push(i as u32));
         Ok(())
     }
 
     /// Advances the grammar by the chosen token.
     pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.mask = None;
         self.matcher.consume_token(token).map_err(|e| anyhow!("llguidance: {e}"))
     }
 

@@ -1,12 +1,16 @@
 //! The JSON Schema constraint over the real Qwen3.5 vocabulary (248,077 tokens): tokens that
 //! span JSON structure, unicode, numbers, enums, required fields and maxLength, and random
-//! walks through the mask that must always end in a valid document within the schema's bound.
+//! walks through the mask that must always end in a valid document within the schema's bound;
+//! and a quantised model's head computing only the allowed tokens' logits, exactly.
 
 mod common;
 
 use std::sync::OnceLock;
 
 use deltadoc::constrain::{Constraint, Schema, Vocabulary};
+use deltadoc::generate::{DecodeOptions, Decoder, Logits, Sampling, TokenFilter};
+use deltadoc::model::quant::Precision;
+use deltadoc::runtime::SessionOptions;
 use deltadoc::tokenizer::{IM_END, SPECIAL_START, SPECIALS, Tokenizer};
 use serde_json::{Value, json};
 
@@ -171,4 +175,84 @@ fn random_walks_always_end_valid_within_the_bound() {
         steps += c.steps;
     }
     eprintln!("mask: {:.3} ms per token over {steps} tokens", 1e3 * mask_secs / steps as f64);
+}
+
+/// A filter over the schema that tells the decode loop its allowed tokens, or keeps them to
+/// itself (the full head computes every logit).
+struct SchemaRows {
+    constraint: Constraint,
+    tell: bool,
+}
+
+impl TokenFilter for SchemaRows {
+    fn allowed(&mut self, out: &mut Vec<u32>) -> anyhow::Result<()> {
+        out.clear();
+        if self.tell { self.constraint.allowed(out) } else { Ok(()) }
+    }
+
+    fn mask(&mut self, logits: &mut [f32]) -> anyhow::Result<()> {
+        self.constraint.apply(logits)
+    }
+
+    fn accept(&mut self, token: u32) -> anyhow::Result<()> {
+        self.constraint.commit(token)
+    }
+}
+
+#[test]
+fn a_head_that_computes_only_the_allowed_rows_gives_the_full_heads_logits_for_them() {
+    let s = contract_like();
+    let opts = SessionOptions { threads: 2, spin: false };
+    for precision in [Precision::Int8, Precision::Int4] {
+        let dir = common::open(&common::imported("fullvocab", precision));
+        let prompt = tokenizer().encode("Extract the contract's fields as JSON.").unwrap();
+        let (mut some, mut all) = (Decoder::open(&dir, &opts).unwrap(), Decoder::open(&dir, &opts).unwrap());
+        let first = some.prefill(&prompt, 16, |_, _| Ok(())).unwrap();
+        assert_eq!(first, all.prefill(&prompt, 16, |_, _| Ok(())).unwrap());
+
+        // Step by step: the allowed rows bit for bit as the full head has them, −∞ elsewhere.
+        let mut c = vocabulary().constraint(&s).unwrap();
+        let (mut logits, mut rows) = (first.clone(), Vec::new());
+        let mut sparse_steps = 0;
+        for step in 0..48 {
+            c.apply(&mut logits).unwrap();
+            let t = deltadoc::generate::argmax(&logits);
+            if t == IM_END {
+                break;
+            }
+            c.commit(t).unwrap();
+            c.allowed(&mut rows).unwrap();
+            sparse_steps += usize::from(rows.len() < VOCAB / 2);
+            let got = some.forward_rows(&[t], &rows).unwrap().row(0).to_vec();
+            let full = all.forward(&[t], Logits::Last).unwrap().row(0).to_vec();
+            assert_eq!(got.len(), full.len());
+            let mut next = 0;
+            for (i, (&g, &f)) in got.iter().zip(&full).enumerate() {
+                if rows.get(next) == Some(&(i as u32)) {
+                    next += 1;
+                    assert_eq!(g.to_bits(), f.to_bits(), "{precision:?} step {step}: token {i} {g} vs the full head's {f}");
+                } else {
+                    assert_eq!(g, f32::NEG_INFINITY, "{precision:?} step {step}: token {i} was not asked for");
+                }
+            }
+            logits = full;
+        }
+        assert!(sparse_steps >= 10, "{precision:?}: only {sparse_steps} steps allowed few tokens");
+
+        // Through the decode loop: the same tokens whether or not the filter tells its rows.
+        let decode = |tell: bool| {
+            let mut dec = Decoder::open(&dir, &opts).unwrap();
+            let logits = dec.prefill(&prompt, 16, |_, _| Ok(())).unwrap();
+            let mut f = SchemaRows { constraint: vocabulary().constraint(&s).unwrap(), tell };
+            let o = DecodeOptions {
+                max_new_tokens: 64,
+                sampling: Sampling { temperature: 0.8, seed: 7, ..Sampling::default() },
+                stop_tokens: vec![IM_END],
+            };
+            deltadoc::generate::decode(&mut dec, logits, &o, Some(&mut f), |_| Ok(())).unwrap().0
+        };
+        let told = decode(true);
+        assert_eq!(told, decode(false), "{precision:?}");
+        assert!(told.len() > 10, "{precision:?}: {} tokens", told.len());
+    }
 }

@@ -10,7 +10,7 @@ use ort::value::Tensor;
 use super::carried::{Carried, append, overwrite, reserve_exact, state_value};
 use crate::model::ModelDir;
 use crate::model::config::{LayerKind, TextConfig};
-use crate::model::graph::{KvCache, present_name};
+use crate::model::graph::{HEAD_ROWS, KvCache, head_takes_rows, present_name};
 use crate::model::quant::Precision;
 use crate::model::state::{Elem, StateData};
 use crate::runtime::{self, Prepack, SessionOptions};
@@ -32,6 +32,8 @@ pub struct Decoder {
     identity: String,
     /// Element type of the attention caches.
     kv_cache: KvCache,
+    /// Whether the graph takes [`HEAD_ROWS`] (the int8/int4 heads).
+    head_rows: bool,
 }
 
 /// Which positions of a call produce logits.
@@ -54,7 +56,9 @@ impl Decoder {
         let cfg = model.manifest.config.clone();
         let identity = model.manifest.identity();
         let kv_cache = model.manifest.kv_cache;
-        let mut d = Self { session, cfg, state: Vec::new(), past_len: 0, reserved: 0, rope_delta: 0, identity, kv_cache };
+        let head_rows = head_takes_rows(model.manifest.precision);
+        let mut d =
+            Self { session, cfg, state: Vec::new(), past_len: 0, reserved: 0, rope_delta: 0, identity, kv_cache, head_rows };
         d.reset()?;
         Ok(d)
     }
@@ -185,6 +189,19 @@ impl Decoder {
         self.forward_with(ids, None, None, which)
     }
 
+    /// Whether [`Self::forward_rows`] computes only the rows asked for (the int8/int4 heads).
+    pub fn head_takes_rows(&self) -> bool {
+        self.head_rows
+    }
+
+    /// Feeds `ids` and returns the last position's logits `[1, vocab]`, computed only for the
+    /// tokens `rows` (ascending; empty: all) where the graph can skip the others (the int8/int4
+    /// heads; they come out −∞), and for every token otherwise. What a constrained step asks for:
+    /// the caller masks the logits to the same tokens either way.
+    pub fn forward_rows(&mut self, ids: &[u32], rows: &[u32]) -> Result<Array2<f32>> {
+        self.run(ids, None, None, Logits::Last, rows)
+    }
+
     /// [`Self::forward`] with explicit rotary positions `[3, S]` (T/H/W rows; default: the next
     /// text positions) and the vision features `[M, H]` of the M `<|image_pad|>` tokens in
     /// `ids`, in order.
@@ -194,6 +211,17 @@ impl Decoder {
         positions: Option<ndarray::ArrayView2<'_, i64>>,
         image_rows: Option<ndarray::ArrayView2<'_, f32>>,
         which: Logits,
+    ) -> Result<Array2<f32>> {
+        self.run(ids, positions, image_rows, which, &[])
+    }
+
+    fn run(
+        &mut self,
+        ids: &[u32],
+        positions: Option<ndarray::ArrayView2<'_, i64>>,
+        image_rows: Option<ndarray::ArrayView2<'_, f32>>,
+        which: Logits,
+        rows: &[u32],
     ) -> Result<Array2<f32>> {
         if ids.is_empty() {
             bail!("forward called with no tokens");
@@ -232,6 +260,10 @@ impl Decoder {
             ("logits_index".into(), Tensor::from_array(Array::from_vec(index))?.into_dyn().into()),
             ("image_embeds".into(), Tensor::from_array(image_embeds)?.into_dyn().into()),
         ];
+        if self.head_rows {
+            let rows = Array::from_iter(rows.iter().map(|&r| r as i64));
+            inputs.push((HEAD_ROWS.into(), Tensor::from_array(rows)?.into_dyn().into()));
+        }
         for (name, v) in &self.state {
             inputs.push((name.clone(), v.input()?));
         }

@@ -57,15 +57,24 @@ mod secs {
 
 /// Restricts which tokens may come next (constrained decoding).
 pub trait TokenFilter {
+    /// The tokens that may come next, ascending, into `out`; left empty where every token may
+    /// (or where the filter cannot tell before seeing the logits).
+    fn allowed(&mut self, out: &mut Vec<u32>) -> Result<()>;
     /// Sets the logits of tokens that may not come next to −∞.
     fn mask(&mut self, logits: &mut [f32]) -> Result<()>;
     /// Records the token that was chosen.
     fn accept(&mut self, token: u32) -> Result<()>;
 }
 
+/// Allowed tokens above this share of the vocabulary are computed as the full head: the head
+/// then reads nearly every row anyway, and one run over all rows streams them best
+/// (benches/RESULTS.md, "Constrained decode steps").
+pub const ROWS_WORTH_SKIPPING: f64 = 0.5;
+
 /// Decodes from the logits of the last prompt token until a stop token or the token limit;
-/// `filter` (if any) masks every step; `on_token` sees every generated token and may abort by
-/// returning an error. Returns the tokens and why generation ended.
+/// `filter` (if any) masks every step, and where it allows few tokens the next step computes
+/// only their logits; `on_token` sees every generated token and may abort by returning an
+/// error. Returns the tokens and why generation ended.
 pub fn decode(
     dec: &mut Decoder,
     mut logits: Vec<f32>,
@@ -76,6 +85,7 @@ pub fn decode(
     let vocab_limit = crate::tokenizer::SPECIAL_START as usize + crate::tokenizer::SPECIALS.len();
     let mut sampler = Sampler::new(opts.sampling.clone());
     let mut out = Vec::new();
+    let mut rows = Vec::new();
     while out.len() < opts.max_new_tokens {
         if let Some(f) = filter.as_deref_mut() {
             f.mask(&mut logits)?;
@@ -92,7 +102,14 @@ pub fn decode(
         if out.len() == opts.max_new_tokens {
             break;
         }
-        logits = dec.forward(&[tok], Logits::Last)?.row(0).to_vec();
+        rows.clear();
+        if let Some(f) = filter.as_deref_mut() {
+            f.allowed(&mut rows)?;
+            if rows.len() as f64 > ROWS_WORTH_SKIPPING * logits.len() as f64 {
+                rows.clear();
+            }
+        }
+        logits = dec.forward_rows(&[tok], &rows)?.row(0).to_vec();
     }
     Ok((out, "max_new_tokens".into()))
 }

@@ -49,6 +49,17 @@ struct SchemaFilter {
 }
 
 impl TokenFilter for SchemaFilter {
+    fn allowed(&mut self, out: &mut Vec<u32>) -> Result<()> {
+        out.clear();
+        match self.thinking {
+            None => self.constraint.allowed(out)?,
+            Some(0) => out.push(THINK_END),
+            // Everything but the stop tokens: as good as all.
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
     fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
         match self.thinking {
             None => self.constraint.apply(logits),

@@ -4,8 +4,9 @@
 //! Interface (batch is symbolic, the generator uses 1):
 //! - inputs: `input_ids [B,S] i64`, `position_ids [3,B,S] i64` (T/H/W rows; equal for text),
 //!   `logits_index [N] i64` (positions of this call whose logits are wanted), `image_embeds
-//!   [M,H] f32` (vision features for this call's M `<|image_pad|>` tokens, in order), and per layer i
-//!   either `past.i.key`/`past.i.value [B,P,nkv,hd]` (attention, f32, f16 or bf16 per [`KvCache`];
+//!   [M,H] f32` (vision features for this call's M `<|image_pad|>` tokens, in order), for int8/int4
+//!   `head_rows [R] i64` (the only vocabulary rows whose logits are computed, the rest −∞; empty:
+//!   all), and per layer i either `past.i.key`/`past.i.value [B,P,nkv,hd]` (attention, f32, f16 or bf16 per [`KvCache`];
 //!   position-major) or `past.i.conv [B,conv_dim,K−1]` and `past.i.recurrent [B,Hv,Dk,Dv]`
 //!   (DeltaNet, f32);
 //! - outputs: `logits [B,N,V]`, `present.i.conv`/`present.i.recurrent` (the DeltaNet states after
@@ -115,6 +116,16 @@ pub fn present_name(past_name: &str) -> String {
     past_name.replacen("past.", "present.", 1)
 }
 
+/// Graph input of the int8/int4 graphs: the head's rows to compute (i64, ascending, each below
+/// the vocabulary; every other logit comes out −∞), empty for all of them.
+pub const HEAD_ROWS: &str = "head_rows";
+
+/// Whether the graph of `precision` takes [`HEAD_ROWS`]: the quantised heads run on deltadoc's
+/// `QuantMatMul`, which can skip rows; a float head is one ONNX `Gemm`, which cannot.
+pub fn head_takes_rows(precision: Precision) -> bool {
+    matches!(precision, Precision::Int8 | Precision::Int4)
+}
+
 /// Writes the decoder graph into `builder`; progress is reported per layer through `on_layer`.
 pub fn build(
     mut b: GraphBuilder,
@@ -130,6 +141,9 @@ pub fn build(
     b.input("position_ids", data_type::INT64, &[Dim::Fixed(3), batch.clone(), Dim::Named("seq")]);
     b.input("logits_index", data_type::INT64, &[Dim::Named("n_logits")]);
     b.input("image_embeds", data_type::FLOAT, &[Dim::Named("image_rows"), Dim::Fixed(h as i64)]);
+    if head_takes_rows(opts.precision) {
+        b.input(HEAD_ROWS, data_type::INT64, &[Dim::Named(HEAD_ROWS)]);
+    }
     for i in 0..cfg.num_hidden_layers {
         let ty = match cfg.layer_kind(i) {
             LayerKind::Full => opts.kv_cache.data_type(),
@@ -262,7 +276,12 @@ impl Ctx<'_> {
     fn lm_head(&mut self, x: &str, stored: Option<&str>, table: Vec<f32>) -> Result<String> {
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
         match self.opts.precision {
-            Precision::Int8 | Precision::Int4 => self.linear(x, "lm_head", &table, v, h),
+            // Our own matmul, which takes the rows to compute: a constrained step reads only the
+            // allowed tokens' rows of the head, a quarter of a 0.8B decode step's bytes.
+            Precision::Int8 | Precision::Int4 => {
+                let q = Quantised::new(&mut self.b, self.opts.precision, self.opts.quant_block, "lm_head", &table, v, h)?;
+                Ok(q.node(&mut self.b, ("QuantMatMul", ops::DOMAIN), &[x, &q.codes, &q.scales, HEAD_ROWS]))
+            }
             _ => {
                 let name = match stored {
                     Some(n) => n.to_string(),
@@ -519,28 +538,51 @@ pub(super) fn linear(
             Ok(b.op("MatMul", &[x, &init], vec![]))
         }
         Precision::Int8 | Precision::Int4 => {
-            let bits = if precision == Precision::Int8 { 8 } else { 4 };
-            let block = block.unwrap_or_else(|| quant::default_block(precision));
-            let q = quant::block_quantize(w, out, inp, bits, block);
-            let qn = b.fresh(&format!("{name}.q"));
-            let qn = b.initializer(&qn, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
-            let sn = b.fresh(&format!("{name}.scales"));
-            let sn = b.f32s(&sn, &[(out * q.blocks) as i64], &q.scales)?;
-            Ok(b.node_in(
-                "MatMulNBits",
-                "com.microsoft",
-                &[x, &qn, &sn],
-                1,
-                vec![
-                    ("K", Attr::Int(inp as i64)),
-                    ("N", Attr::Int(out as i64)),
-                    ("bits", Attr::Int(bits as i64)),
-                    ("block_size", Attr::Int(block as i64)),
-                    ("accuracy_level", Attr::Int(4)),
-                ],
-            )
-            .remove(0))
+            let q = Quantised::new(b, precision, block, name, w, out, inp)?;
+            Ok(q.node(b, ("MatMulNBits", "com.microsoft"), &[x, &q.codes, &q.scales]))
         }
+    }
+}
+
+/// A weight's block-quantised initialisers in `MatMulNBits`'s layout, which `QuantMatMul` takes
+/// unchanged.
+struct Quantised {
+    codes: String,
+    scales: String,
+    attrs: [(i64, &'static str); 4],
+}
+
+impl Quantised {
+    /// Quantises `w [out, in]` in blocks of `block` along `in` ([`quant::default_block`] when
+    /// `None`).
+    fn new(
+        b: &mut GraphBuilder,
+        precision: Precision,
+        block: Option<usize>,
+        name: &str,
+        w: &[f32],
+        out: usize,
+        inp: usize,
+    ) -> Result<Self> {
+        let bits = if precision == Precision::Int8 { 8 } else { 4 };
+        let block = block.unwrap_or_else(|| quant::default_block(precision));
+        let q = quant::block_quantize(w, out, inp, bits, block);
+        let codes = b.fresh(&format!("{name}.q"));
+        let codes = b.initializer(&codes, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
+        let scales = b.fresh(&format!("{name}.scales"));
+        let scales = b.f32s(&scales, &[(out * q.blocks) as i64], &q.scales)?;
+        let attrs = [(inp as i64, "K"), (out as i64, "N"), (bits as i64, "bits"), (block as i64, "block_size")];
+        Ok(Self { codes, scales, attrs })
+    }
+
+    /// The matmul node `(op, domain)` over `inputs` (x, codes, scales, ...); its output.
+    fn node(&self, b: &mut GraphBuilder, (op, domain): (&str, &str), inputs: &[&str]) -> String {
+        let mut attrs: Vec<(&str, Attr)> = self.attrs.iter().map(|&(v, k)| (k, Attr::Int(v))).collect();
+        if op == "MatMulNBits" {
+            // Activations quantised to int8 per block, as QuantMatMul does: the integer kernels.
+            attrs.push(("accuracy_level", Attr::Int(4)));
+        }
+        b.node_in(op, domain, inputs, 1, attrs).remove(0)
     }
 }
 

@@ -24,7 +24,9 @@ const MAX_TASKS: usize = 64;
 /// `x [..., K] · Wᵀ` with `W` as `codes [N, ⌈K/block⌉, block·bits/8]` (u8) and `scales [N ·
 /// ⌈K/block⌉]` (f32); attributes `K`, `N`, `bits` (4 or 8) and `block_size`. With `rows [R]`
 /// (i64, ascending, each below N; optional) only those output columns are computed, and every
-/// other one is −∞: what a token mask would make of it.
+/// other one is −∞: what a token mask would make of it. An empty `rows` asks for every column, so
+/// a graph input can always be fed: no constrained step allows nothing (the constraint reports
+/// the dead end before the model runs).
 pub struct QuantMatMul;
 
 /// Kernel of [`QuantMatMul`] for one graph node: its attributes.
@@ -126,12 +128,12 @@ impl QuantMatMulKernel {
             Some(v) => Some(v.try_extract_tensor::<i64>()?.1.to_vec()),
             None => None,
         };
-        let runs = match &wanted {
-            Some(rows) => {
+        let runs = match wanted.as_deref() {
+            Some(rows) if !rows.is_empty() => {
                 y.fill(f32::NEG_INFINITY);
                 runs(rows, self.n).map_err(|e| err(format!("{DOMAIN}::{OP}: rows: {e}")))?
             }
-            None => std::iter::once(0..self.n).collect(),
+            _ => std::iter::once(0..self.n).collect(),
         };
         let a = Activations::new(x, m, &w);
         let n = self.n;

@@ -303,6 +303,29 @@ impl Ctx<'_> {
         linear(&mut self.b, self.opts.precision, self.opts.quant_block, x, name, w, out, inp)
     }
 
+    /// The projections `parts` (`(checkpoint name, outputs)`, each `{name}.weight [outputs,
+    /// inp]`) of the same `x` as one matmul named `name`, its output split back into the parts.
+    /// A decode step then reads `x` once, quantises it once and runs one node instead of several
+    /// (each node costs ONNX Runtime a fixed few microseconds, and the smallest projections, 16
+    /// rows, are nearly all fixed cost); every part's rows are quantised as they would be alone.
+    fn fused_linear(
+        &mut self,
+        x: &str,
+        name: &str,
+        parts: &[(String, usize)],
+        inp: usize,
+        w: &mut dyn WeightSource,
+    ) -> Result<Vec<String>> {
+        let out: usize = parts.iter().map(|(_, n)| n).sum();
+        let mut all = Vec::with_capacity(out * inp);
+        for (part, n) in parts {
+            all.extend(w.get(&format!("{part}.weight"), &[*n, inp])?);
+        }
+        let y = self.linear(x, name, &all, out, inp)?;
+        let sizes: Vec<i64> = parts.iter().map(|(_, n)| *n as i64).collect();
+        self.b.split(&y, &sizes, -1)
+    }
+
     /// RMSNorm over the last axis; `one_plus` selects Qwen3.5's zero-centred `(1 + w)` weight.
     fn rms_norm(&mut self, x: &str, w: &[f32], one_plus: bool) -> Result<String> {
         let scale: Vec<f32> = if one_plus { w.iter().map(|&v| 1.0 + v).collect() } else { w.to_vec() };
@@ -332,16 +355,15 @@ impl Ctx<'_> {
         let cfg = self.cfg;
         let (h, nq, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let p = format!("layers.{i}.self_attn.");
-        let qg =
-            self.linear(x, &format!("{p}q_proj"), &w.get(&format!("{p}q_proj.weight"), &[2 * nq * hd, h])?, 2 * nq * hd, h)?;
-        let qg = self.b.reshape(&qg, &[0, 0, nq as i64, 2 * hd as i64])?;
+        let parts = [(format!("{p}q_proj"), 2 * nq * hd), (format!("{p}k_proj"), nkv * hd), (format!("{p}v_proj"), nkv * hd)];
+        let ys = self.fused_linear(x, &format!("{p}qkv_proj"), &parts, h, w)?;
+        let (qg, k, v) = (&ys[0], &ys[1], &ys[2]);
+        let qg = self.b.reshape(qg, &[0, 0, nq as i64, 2 * hd as i64])?;
         let qs = self.b.split(&qg, &[hd as i64, hd as i64], -1)?;
         let q = self.rms_norm(&qs[0], &w.get(&format!("{p}q_norm.weight"), &[hd])?, true)?;
-        let k = self.linear(x, &format!("{p}k_proj"), &w.get(&format!("{p}k_proj.weight"), &[nkv * hd, h])?, nkv * hd, h)?;
-        let k = self.b.reshape(&k, &[0, 0, nkv as i64, hd as i64])?;
+        let k = self.b.reshape(k, &[0, 0, nkv as i64, hd as i64])?;
         let k = self.rms_norm(&k, &w.get(&format!("{p}k_norm.weight"), &[hd])?, true)?;
-        let v = self.linear(x, &format!("{p}v_proj"), &w.get(&format!("{p}v_proj.weight"), &[nkv * hd, h])?, nkv * hd, h)?;
-        let v = self.b.reshape(&v, &[0, 0, nkv as i64, hd as i64])?;
+        let v = self.b.reshape(v, &[0, 0, nkv as i64, hd as i64])?;
         let q = self.rope(&q)?;
         let k = self.rope(&k)?;
         // Blockwise causal attention over the cache (ops::attention): no [heads, S, P+S] scores.
@@ -371,33 +393,35 @@ impl Ctx<'_> {
         let (hv, dv) = (cfg.linear_num_value_heads, cfg.linear_value_head_dim);
         let (key_dim, value_dim, conv_dim, kw) = (cfg.key_dim(), cfg.value_dim(), cfg.conv_dim(), cfg.linear_conv_kernel_dim);
         let p = format!("layers.{i}.linear_attn.");
-        let qkv =
-            self.linear(x, &format!("{p}in_proj_qkv"), &w.get(&format!("{p}in_proj_qkv.weight"), &[conv_dim, h])?, conv_dim, h)?;
-        let z =
-            self.linear(x, &format!("{p}in_proj_z"), &w.get(&format!("{p}in_proj_z.weight"), &[value_dim, h])?, value_dim, h)?;
-        let bl = self.linear(x, &format!("{p}in_proj_b"), &w.get(&format!("{p}in_proj_b.weight"), &[hv, h])?, hv, h)?;
-        let al = self.linear(x, &format!("{p}in_proj_a"), &w.get(&format!("{p}in_proj_a.weight"), &[hv, h])?, hv, h)?;
+        let parts = [
+            (format!("{p}in_proj_qkv"), conv_dim),
+            (format!("{p}in_proj_z"), value_dim),
+            (format!("{p}in_proj_b"), hv),
+            (format!("{p}in_proj_a"), hv),
+        ];
+        let ys = self.fused_linear(x, &format!("{p}in_proj"), &parts, h, w)?;
+        let (qkv, z, bl, al) = (&ys[0], &ys[1], &ys[2], &ys[3]);
         let conv_w = w.get(&format!("{p}conv1d.weight"), &[conv_dim, 1, kw])?;
         let conv_w = self.b.f32s(&format!("{p}conv1d.weight"), &[conv_dim as i64, kw as i64], &conv_w)?;
         let [past_conv, past_rec] = cfg.layer_states(i).map(|s| s.name);
         let (pc, pr) = (present_name(&past_conv), present_name(&past_rec));
-        let mixed = self.causal_conv(&qkv, &conv_w, &past_conv, &pc, conv_dim, kw)?;
+        let mixed = self.causal_conv(qkv, &conv_w, &past_conv, &pc, conv_dim, kw)?;
         let parts = self.b.split(&mixed, &[key_dim as i64, key_dim as i64, value_dim as i64], -1)?;
         // beta = sigmoid(b); g = −exp(A_log) · softplus(a + dt_bias), in f32 as the reference.
-        let beta = self.b.op("Sigmoid", &[&bl], vec![]);
+        let beta = self.b.op("Sigmoid", &[bl], vec![]);
         let a_log = w.get(&format!("{p}A_log"), &[hv])?;
         let neg_a: Vec<f32> = a_log.iter().map(|&a| -((a as f64).exp()) as f32).collect();
         let neg_a = self.b.f32s(&format!("{p}neg_exp_A"), &[hv as i64], &neg_a)?;
         let dt_bias = w.get(&format!("{p}dt_bias"), &[hv])?;
         let dt_bias = self.b.f32s(&format!("{p}dt_bias"), &[hv as i64], &dt_bias)?;
-        let a = self.b.op("Add", &[&al, &dt_bias], vec![]);
+        let a = self.b.op("Add", &[al, &dt_bias], vec![]);
         let sp = self.b.op("Softplus", &[&a], vec![]);
         let g = self.b.op("Mul", &[&sp, &neg_a], vec![]);
         let o = self.delta_rule([&parts[0], &parts[1], &parts[2]], &g, &beta, [&past_rec, &pr])?;
         // Gated RMSNorm per value head (plain weight, not 1 + w), then the silu(z) gate.
         let o4 = self.b.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
         let n = self.rms_norm(&o4, &w.get(&format!("{p}norm.weight"), &[dv])?, false)?;
-        let z4 = self.b.reshape(&z, &[0, 0, hv as i64, dv as i64])?;
+        let z4 = self.b.reshape(z, &[0, 0, hv as i64, dv as i64])?;
         let gate = self.silu(&z4);
         let y = self.b.op("Mul", &[&n, &gate], vec![]);
         let y = self.b.reshape(&y, &[0, 0, value_dim as i64])?;
@@ -493,10 +517,10 @@ impl Ctx<'_> {
 
     fn mlp(&mut self, p: &str, x: &str, w: &mut dyn WeightSource) -> Result<String> {
         let (h, im) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        let gate = self.linear(x, &format!("{p}mlp.gate_proj"), &w.get(&format!("{p}mlp.gate_proj.weight"), &[im, h])?, im, h)?;
-        let up = self.linear(x, &format!("{p}mlp.up_proj"), &w.get(&format!("{p}mlp.up_proj.weight"), &[im, h])?, im, h)?;
-        let act = self.silu(&gate);
-        let y = self.b.op("Mul", &[&act, &up], vec![]);
+        let parts = [(format!("{p}mlp.gate_proj"), im), (format!("{p}mlp.up_proj"), im)];
+        let ys = self.fused_linear(x, &format!("{p}mlp.gate_up_proj"), &parts, h, w)?;
+        let act = self.silu(&ys[0]);
+        let y = self.b.op("Mul", &[&act, &ys[1]], vec![]);
         self.linear(&y, &format!("{p}mlp.down_proj"), &w.get(&format!("{p}mlp.down_proj.weight"), &[h, im])?, h, im)
     }
 }

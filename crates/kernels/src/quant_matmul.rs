@@ -410,133 +410,159 @@ impl Activations {
     }
 }
 
-/// Defines an ISA module's [`Part`], `part`, and the function it calls per weight row and group of
-/// at most [`ROWS_AT_ONCE`] activation rows, `part_of::<MR, INT4>` (MR rows, int4 or int8
-/// weights), whose body sums that row's vector groups for activation rows `m0..m0 + MR` into
-/// `sums`. Both are compiled with `features`, so that `part_of` inlines into the loop; `LANES`,
-/// the vector's 32-bit lanes, must be defined in the module.
-macro_rules! part_kernel {
-    (
-        features: $features:literal,
-        fn part_of($a:ident, $w:ident, $lanes:ident, $n:ident, $m0:ident, $sums:ident) $body:block
-    ) => {
-        #[target_feature(enable = $features)]
-        pub(super) unsafe fn part(a: &Activations, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
-            // A weight row at a time for every activation row, so that each row is read from
-            // memory once (walking K in L1-sized segments instead, to keep the activations in
-            // L1, was slower: the weight rows then streamed in pieces).
-            let width = rows.len();
-            let lanes: [i32; LANES] = std::array::from_fn(|l| (l * a.walk.group_blocks / LANES) as i32);
-            for (j, n) in rows.enumerate() {
-                let mut m0 = 0;
-                while m0 < a.m {
-                    let mr = (a.m - m0).min(super::ROWS_AT_ONCE);
-                    let mut sums = [0f32; super::ROWS_AT_ONCE];
-                    // SAFETY: the caller checked the CPU's features and the rows.
-                    unsafe {
-                        match (mr, w.bits == 4) {
-                            (1, true) => part_of::<1, true>(a, w, &lanes, n, m0, &mut sums),
-                            (2, true) => part_of::<2, true>(a, w, &lanes, n, m0, &mut sums),
-                            (3, true) => part_of::<3, true>(a, w, &lanes, n, m0, &mut sums),
-                            (_, true) => part_of::<4, true>(a, w, &lanes, n, m0, &mut sums),
-                            (1, false) => part_of::<1, false>(a, w, &lanes, n, m0, &mut sums),
-                            (2, false) => part_of::<2, false>(a, w, &lanes, n, m0, &mut sums),
-                            (3, false) => part_of::<3, false>(a, w, &lanes, n, m0, &mut sums),
-                            (_, false) => part_of::<4, false>(a, w, &lanes, n, m0, &mut sums),
-                        }
-                    }
-                    for (i, s) in sums[..mr].iter().enumerate() {
-                        out[(m0 + i) * width + j] += s;
-                    }
-                    m0 += mr;
-                }
-            }
-        }
-
-        #[target_feature(enable = $features)]
-        #[inline]
-        unsafe fn part_of<const MR: usize, const INT4: bool>(
-            $a: &Activations,
-            $w: &Weights,
-            $lanes: &[i32; LANES],
-            $n: usize,
-            $m0: usize,
-            $sums: &mut [f32; super::ROWS_AT_ONCE],
-        ) $body
-    };
-}
-
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Activations, Weights};
+    use super::{Activations, ROWS_AT_ONCE, Weights};
 
     /// 32-bit lanes of a vector.
     const LANES: usize = 16;
 
-    /// How far ahead in the weights to prefetch: 10-15 % faster than the hardware prefetcher
-    /// alone on a Zen 4 EPYC (9B MLP shapes, one thread), 4096 a little more than 1024.
-    const PREFETCH: usize = 4096;
+    /// How far ahead in each weight row to prefetch: 256 bytes ran 1.1x faster than none on a
+    /// Zen 4 EPYC, 1–4 KB slower than none (the hardware prefetcher follows a few sequential
+    /// streams, and more than that thrashes).
+    const PREFETCH: usize = 256;
 
-    part_kernel! {
-        features: "avx512f,avx512bw,avx512vnni,avx2,fma",
-        fn part_of(a, w, lanes, n, m0, sums) {
-            let walk = a.walk;
-            let kp = w.blocks() * w.block;
-            let group_bytes = walk.vectors * 64;
-            let scale_mask: __mmask16 = if walk.group_blocks >= 16 { 0xffff } else { (1u16 << walk.group_blocks) - 1 };
-            // SAFETY: every pointer stays inside its slice: `n` is a row of `w`, the groups and
-            // their vectors lie within a row's bytes and the activations' codes, offsets and lane
-            // scales (`Walk`); the caller checked the CPU's features.
-            unsafe {
-                let nib = _mm512_set1_epi8(0x0f);
-                let idx = _mm512_loadu_si512(lanes.as_ptr().cast());
-                let xp: [*const i8; MR] = std::array::from_fn(|i| a.codes.as_ptr().add((m0 + i) * kp));
-                let op: [*const i32; MR] = std::array::from_fn(|i| a.offsets.as_ptr().add((m0 + i) * walk.groups * 16));
-                // Not read where a group is one block (`lane_scales` is empty then).
-                let sp: [*const f32; MR] =
-                    std::array::from_fn(|i| a.lane_scales.as_ptr().wrapping_add((m0 + i) * walk.groups * 16));
-                let wrow = w.codes.as_ptr().add(n * w.row_bytes());
-                let srow = w.scales.as_ptr().add(n * w.blocks());
-                let mut acc = [_mm512_setzero_ps(); MR];
-                for g in 0..walk.groups {
-                    let mut isum: [__m512i; MR] = std::array::from_fn(|i| _mm512_loadu_si512(op[i].add(g * 16).cast()));
-                    for v in 0..walk.vectors {
-                        _mm_prefetch::<_MM_HINT_T0>(wrow.add(g * group_bytes + v * 64 + PREFETCH).cast());
-                        let wv = _mm512_loadu_si512(wrow.add(g * group_bytes + v * 64).cast());
-                        let at = (g * walk.vectors + v) * walk.vector_elems;
+    /// Weight rows `rows` for every activation row, into `out [m, rows.len()]`.
+    ///
+    /// `R` weight rows at a time, each activation vector, offset and scale loaded once serving
+    /// them all, and the `R` rows taken from as many evenly spaced places of `rows`, so that
+    /// memory sees `R` sequential streams; every activation row is summed against them while
+    /// they are in L1, two at a time against four weight rows, four at a time against two (the
+    /// integer and float accumulators, R · MR of each, must fit the 32 vector registers).
+    ///
+    /// Measured (2 threads, 6144x1024, the weights from memory, against one weight row at a time
+    /// for four activation rows): on an Intel Xeon with AVX-512 VNNI, M = 1 1.15x (int8) and
+    /// 1.1x (int4), M = 2 1.18x / 1.13x, M = 4 1.11x / 1.12x, M = 16 1.28x / 1.17x; four weight
+    /// rows for M = 3 and 4 ran 1.07–1.12x two, for M = 7 and 16 0.85–1.0x. On a Zen 4 EPYC, one
+    /// thread, M = 1: 1.3x from memory, 1.4–1.65x in cache. Four neighbouring rows instead, one 4
+    /// KB stretch read in four interleaved pieces, made M = 1 1.7x slower from memory on the
+    /// EPYC, and 2 or 8 streams were slower than 4.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    pub(super) unsafe fn part(a: &Activations, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
+        let width = rows.len();
+        // SAFETY (all three): the caller checked the CPU's features; the rows are in range.
+        let done = if a.m <= 4 {
+            unsafe { streams::<4>(a, w, rows.clone(), out, width) }
+        } else {
+            unsafe { streams::<2>(a, w, rows.clone(), out, width) }
+        };
+        unsafe { streams::<1>(a, w, rows.start + done..rows.end, &mut out[done..], width) };
+    }
+
+    /// The first multiple of `R` of weight rows `rows` in `R` streams, into `out [m, width]`
+    /// from its first column on; returns how many.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    unsafe fn streams<const R: usize>(a: &Activations, w: &Weights, rows: Range<usize>, out: &mut [f32], width: usize) -> usize {
+        let lanes: [i32; LANES] = std::array::from_fn(|l| (l * a.walk.group_blocks / LANES) as i32);
+        let per_stream = rows.len() / R;
+        for i in 0..per_stream {
+            let ns: [usize; R] = std::array::from_fn(|r| rows.start + r * per_stream + i);
+            // Every activation row against these weight rows while they are in L1.
+            let mut m0 = 0;
+            while m0 < a.m {
+                let mr = (a.m - m0).min(ROWS_AT_ONCE * 2 / R.max(2));
+                let mut sums = [[0f32; ROWS_AT_ONCE]; R];
+                // SAFETY: the rows are in range; the caller checked the CPU's features.
+                unsafe {
+                    match (mr, w.bits == 4) {
+                        (1, true) => rows_at::<R, 1, true>(a, w, &lanes, ns, m0, &mut sums),
+                        (2, true) => rows_at::<R, 2, true>(a, w, &lanes, ns, m0, &mut sums),
+                        (3, true) => rows_at::<R, 3, true>(a, w, &lanes, ns, m0, &mut sums),
+                        (_, true) => rows_at::<R, 4, true>(a, w, &lanes, ns, m0, &mut sums),
+                        (1, false) => rows_at::<R, 1, false>(a, w, &lanes, ns, m0, &mut sums),
+                        (2, false) => rows_at::<R, 2, false>(a, w, &lanes, ns, m0, &mut sums),
+                        (3, false) => rows_at::<R, 3, false>(a, w, &lanes, ns, m0, &mut sums),
+                        (_, false) => rows_at::<R, 4, false>(a, w, &lanes, ns, m0, &mut sums),
+                    }
+                }
+                for (r, row) in sums.iter().enumerate() {
+                    for (j, s) in row[..mr].iter().enumerate() {
+                        out[(m0 + j) * width + r * per_stream + i] += s;
+                    }
+                }
+                m0 += mr;
+            }
+        }
+        per_stream * R
+    }
+
+    /// The vector groups of weight rows `ns` against activation rows `m0..m0 + MR`, into
+    /// `sums [R][MR]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    #[inline]
+    unsafe fn rows_at<const R: usize, const MR: usize, const INT4: bool>(
+        a: &Activations,
+        w: &Weights,
+        lanes: &[i32; LANES],
+        ns: [usize; R],
+        m0: usize,
+        sums: &mut [[f32; ROWS_AT_ONCE]; R],
+    ) {
+        let walk = a.walk;
+        let kp = w.blocks() * w.block;
+        let group_bytes = walk.vectors * 64;
+        let scale_mask: __mmask16 = if walk.group_blocks >= 16 { 0xffff } else { (1u16 << walk.group_blocks) - 1 };
+        // SAFETY: every pointer stays inside its slice: `ns` are rows of `w`, the groups and
+        // their vectors lie within a row's bytes and the activations' codes, offsets and lane
+        // scales (`Walk`); the caller checked the CPU's features.
+        unsafe {
+            let nib = _mm512_set1_epi8(0x0f);
+            let idx = _mm512_loadu_si512(lanes.as_ptr().cast());
+            let xp: [*const i8; MR] = std::array::from_fn(|i| a.codes.as_ptr().add((m0 + i) * kp));
+            let op: [*const i32; MR] = std::array::from_fn(|i| a.offsets.as_ptr().add((m0 + i) * walk.groups * 16));
+            // Not read where a group is one block (`lane_scales` is empty then).
+            let sp: [*const f32; MR] = std::array::from_fn(|i| a.lane_scales.as_ptr().wrapping_add((m0 + i) * walk.groups * 16));
+            let wrow: [*const u8; R] = std::array::from_fn(|r| w.codes.as_ptr().add(ns[r] * w.row_bytes()));
+            let srow: [*const f32; R] = std::array::from_fn(|r| w.scales.as_ptr().add(ns[r] * w.blocks()));
+            let mut acc = [[_mm512_setzero_ps(); MR]; R];
+            for g in 0..walk.groups {
+                let off: [__m512i; MR] = std::array::from_fn(|i| _mm512_loadu_si512(op[i].add(g * 16).cast()));
+                let mut isum = [off; R];
+                for v in 0..walk.vectors {
+                    let at = (g * walk.vectors + v) * walk.vector_elems;
+                    let wb = g * group_bytes + v * 64;
+                    for r in 0..R {
+                        _mm_prefetch::<_MM_HINT_T0>(wrow[r].add(wb + PREFETCH).cast());
+                        let wv = _mm512_loadu_si512(wrow[r].add(wb).cast());
                         if INT4 {
                             let lo = _mm512_and_si512(wv, nib);
                             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(wv), nib);
                             for i in 0..MR {
                                 let x = xp[i].add(at);
-                                isum[i] = _mm512_dpbusd_epi32(isum[i], lo, _mm512_loadu_si512(x.cast()));
-                                isum[i] = _mm512_dpbusd_epi32(isum[i], hi, _mm512_loadu_si512(x.add(64).cast()));
+                                isum[r][i] = _mm512_dpbusd_epi32(isum[r][i], lo, _mm512_loadu_si512(x.cast()));
+                                isum[r][i] = _mm512_dpbusd_epi32(isum[r][i], hi, _mm512_loadu_si512(x.add(64).cast()));
                             }
                         } else {
                             for i in 0..MR {
-                                isum[i] = _mm512_dpbusd_epi32(isum[i], wv, _mm512_loadu_si512(xp[i].add(at).cast()));
+                                isum[r][i] = _mm512_dpbusd_epi32(isum[r][i], wv, _mm512_loadu_si512(xp[i].add(at).cast()));
                             }
                         }
                     }
-                    let ws = if walk.group_blocks == 1 {
-                        _mm512_set1_ps(*srow.add(g))
+                }
+                let xs: [__m512; MR] = std::array::from_fn(|i| {
+                    if walk.group_blocks == 1 {
+                        _mm512_set1_ps(*a.scales.as_ptr().add((m0 + i) * w.blocks() + g))
                     } else {
-                        _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(scale_mask, srow.add(g * walk.group_blocks)))
+                        _mm512_loadu_ps(sp[i].add(g * 16))
+                    }
+                });
+                for r in 0..R {
+                    let ws = if walk.group_blocks == 1 {
+                        _mm512_set1_ps(*srow[r].add(g))
+                    } else {
+                        _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(scale_mask, srow[r].add(g * walk.group_blocks)))
                     };
                     for i in 0..MR {
-                        let xs = if walk.group_blocks == 1 {
-                            _mm512_set1_ps(*a.scales.as_ptr().add((m0 + i) * w.blocks() + g))
-                        } else {
-                            _mm512_loadu_ps(sp[i].add(g * 16))
-                        };
-                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), _mm512_mul_ps(ws, xs), acc[i]);
+                        acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][i]), _mm512_mul_ps(ws, xs[i]), acc[r][i]);
                     }
                 }
+            }
+            for r in 0..R {
                 for i in 0..MR {
-                    sums[i] = _mm512_reduce_add_ps(acc[i]);
+                    sums[r][i] = _mm512_reduce_add_ps(acc[r][i]);
                 }
             }
         }
@@ -565,75 +591,114 @@ mod avx2 {
     // u8 · i8 pairs into i16 (`vpmaddubsw`, which saturates, so int8 weights go in signed with
     // the sign of x moved onto them, int4 ones as their unsigned nibbles), then pairs of those
     // into i32.
-    part_kernel! {
-        features: "avx2,fma",
-        fn part_of(a, w, lanes, n, m0, sums) {
-            let walk = a.walk;
-            let kp = w.blocks() * w.block;
-            let group_bytes = walk.vectors * 32;
-            // The group's scales, loaded without reading past them (the row's last group).
-            let first_lanes: [i32; 8] = std::array::from_fn(|l| if l < walk.group_blocks { -1 } else { 0 });
-            // SAFETY: as for the AVX-512 variant.
-            unsafe {
-                let nib = _mm256_set1_epi8(0x0f);
-                let flip = _mm256_set1_epi8(-128);
-                let ones = _mm256_set1_epi16(1);
-                let idx = _mm256_loadu_si256(lanes.as_ptr().cast());
-                let scale_mask = _mm256_loadu_si256(first_lanes.as_ptr().cast());
-                let xp: [*const i8; MR] = std::array::from_fn(|i| a.codes.as_ptr().add((m0 + i) * kp));
-                // Not read where a group is one block (`lane_scales` is empty then).
-                let sp: [*const f32; MR] =
-                    std::array::from_fn(|i| a.lane_scales.as_ptr().wrapping_add((m0 + i) * walk.groups * 8));
-                let wrow = w.codes.as_ptr().add(n * w.row_bytes());
-                let srow = w.scales.as_ptr().add(n * w.blocks());
-                let mut acc = [_mm256_setzero_ps(); MR];
-                for g in 0..walk.groups {
-                    let mut isum: [__m256i; MR] = if INT4 {
-                        std::array::from_fn(|i| _mm256_loadu_si256(a.offsets.as_ptr().add(((m0 + i) * walk.groups + g) * 8).cast()))
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn part(a: &Activations, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
+        // A weight row at a time for every activation row, so that each row is read from
+        // memory once (walking K in L1-sized segments instead, to keep the activations in
+        // L1, was slower: the weight rows then streamed in pieces).
+        let width = rows.len();
+        let lanes: [i32; LANES] = std::array::from_fn(|l| (l * a.walk.group_blocks / LANES) as i32);
+        for (j, n) in rows.enumerate() {
+            let mut m0 = 0;
+            while m0 < a.m {
+                let mr = (a.m - m0).min(super::ROWS_AT_ONCE);
+                let mut sums = [0f32; super::ROWS_AT_ONCE];
+                // SAFETY: the caller checked the CPU's features and the rows.
+                unsafe {
+                    match (mr, w.bits == 4) {
+                        (1, true) => part_of::<1, true>(a, w, &lanes, n, m0, &mut sums),
+                        (2, true) => part_of::<2, true>(a, w, &lanes, n, m0, &mut sums),
+                        (3, true) => part_of::<3, true>(a, w, &lanes, n, m0, &mut sums),
+                        (_, true) => part_of::<4, true>(a, w, &lanes, n, m0, &mut sums),
+                        (1, false) => part_of::<1, false>(a, w, &lanes, n, m0, &mut sums),
+                        (2, false) => part_of::<2, false>(a, w, &lanes, n, m0, &mut sums),
+                        (3, false) => part_of::<3, false>(a, w, &lanes, n, m0, &mut sums),
+                        (_, false) => part_of::<4, false>(a, w, &lanes, n, m0, &mut sums),
+                    }
+                }
+                for (i, s) in sums[..mr].iter().enumerate() {
+                    out[(m0 + i) * width + j] += s;
+                }
+                m0 += mr;
+            }
+        }
+    }
+
+    /// The vector groups of weight row `n` against activation rows `m0..m0 + MR`, into `sums`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn part_of<const MR: usize, const INT4: bool>(
+        a: &Activations,
+        w: &Weights,
+        lanes: &[i32; LANES],
+        n: usize,
+        m0: usize,
+        sums: &mut [f32; super::ROWS_AT_ONCE],
+    ) {
+        let walk = a.walk;
+        let kp = w.blocks() * w.block;
+        let group_bytes = walk.vectors * 32;
+        // The group's scales, loaded without reading past them (the row's last group).
+        let first_lanes: [i32; 8] = std::array::from_fn(|l| if l < walk.group_blocks { -1 } else { 0 });
+        // SAFETY: as for the AVX-512 variant.
+        unsafe {
+            let nib = _mm256_set1_epi8(0x0f);
+            let flip = _mm256_set1_epi8(-128);
+            let ones = _mm256_set1_epi16(1);
+            let idx = _mm256_loadu_si256(lanes.as_ptr().cast());
+            let scale_mask = _mm256_loadu_si256(first_lanes.as_ptr().cast());
+            let xp: [*const i8; MR] = std::array::from_fn(|i| a.codes.as_ptr().add((m0 + i) * kp));
+            // Not read where a group is one block (`lane_scales` is empty then).
+            let sp: [*const f32; MR] = std::array::from_fn(|i| a.lane_scales.as_ptr().wrapping_add((m0 + i) * walk.groups * 8));
+            let wrow = w.codes.as_ptr().add(n * w.row_bytes());
+            let srow = w.scales.as_ptr().add(n * w.blocks());
+            let mut acc = [_mm256_setzero_ps(); MR];
+            for g in 0..walk.groups {
+                let mut isum: [__m256i; MR] = if INT4 {
+                    std::array::from_fn(|i| _mm256_loadu_si256(a.offsets.as_ptr().add(((m0 + i) * walk.groups + g) * 8).cast()))
+                } else {
+                    [_mm256_setzero_si256(); MR]
+                };
+                for v in 0..walk.vectors {
+                    let wv = _mm256_loadu_si256(wrow.add(g * group_bytes + v * 32).cast());
+                    let at = (g * walk.vectors + v) * walk.vector_elems;
+                    if INT4 {
+                        let lo = _mm256_and_si256(wv, nib);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
+                        for i in 0..MR {
+                            let x = xp[i].add(at);
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())),
+                                _mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(32).cast())),
+                            );
+                            isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, ones));
+                        }
                     } else {
-                        [_mm256_setzero_si256(); MR]
-                    };
-                    for v in 0..walk.vectors {
-                        let wv = _mm256_loadu_si256(wrow.add(g * group_bytes + v * 32).cast());
-                        let at = (g * walk.vectors + v) * walk.vector_elems;
-                        if INT4 {
-                            let lo = _mm256_and_si256(wv, nib);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), nib);
-                            for i in 0..MR {
-                                let x = xp[i].add(at);
-                                let p = _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256(x.cast())),
-                                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256(x.add(32).cast())),
-                                );
-                                isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, ones));
-                            }
-                        } else {
-                            // code − 128 as i8: codes are 1..=255, so −127..=127.
-                            let signed = _mm256_xor_si256(wv, flip);
-                            for i in 0..MR {
-                                let x = _mm256_loadu_si256(xp[i].add(at).cast());
-                                let p = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(signed, x));
-                                isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, ones));
-                            }
+                        // code − 128 as i8: codes are 1..=255, so −127..=127.
+                        let signed = _mm256_xor_si256(wv, flip);
+                        for i in 0..MR {
+                            let x = _mm256_loadu_si256(xp[i].add(at).cast());
+                            let p = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(signed, x));
+                            isum[i] = _mm256_add_epi32(isum[i], _mm256_madd_epi16(p, ones));
                         }
                     }
-                    let ws = if walk.group_blocks == 1 {
-                        _mm256_set1_ps(*srow.add(g))
-                    } else {
-                        _mm256_permutevar8x32_ps(_mm256_maskload_ps(srow.add(g * walk.group_blocks), scale_mask), idx)
-                    };
-                    for i in 0..MR {
-                        let xs = if walk.group_blocks == 1 {
-                            _mm256_set1_ps(*a.scales.as_ptr().add((m0 + i) * w.blocks() + g))
-                        } else {
-                            _mm256_loadu_ps(sp[i].add(g * 8))
-                        };
-                        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(ws, xs), acc[i]);
-                    }
                 }
+                let ws = if walk.group_blocks == 1 {
+                    _mm256_set1_ps(*srow.add(g))
+                } else {
+                    _mm256_permutevar8x32_ps(_mm256_maskload_ps(srow.add(g * walk.group_blocks), scale_mask), idx)
+                };
                 for i in 0..MR {
-                    sums[i] = sum8(acc[i]);
+                    let xs = if walk.group_blocks == 1 {
+                        _mm256_set1_ps(*a.scales.as_ptr().add((m0 + i) * w.blocks() + g))
+                    } else {
+                        _mm256_loadu_ps(sp[i].add(g * 8))
+                    };
+                    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i]), _mm256_mul_ps(ws, xs), acc[i]);
                 }
+            }
+            for i in 0..MR {
+                sums[i] = sum8(acc[i]);
             }
         }
     }
@@ -702,10 +767,11 @@ mod tests {
         for (bits, block, k) in [4u32, 8].into_iter().flat_map(|b| {
             [16usize, 32, 64, 128, 256].into_iter().flat_map(move |s| [(b, s, 1024), (b, s, 3 * s + 512), (b, s, 200)])
         }) {
-            let n = 37;
+            // 33 rows: 32 in 4 or 2 streams and one left over.
+            let n = 38;
             let (codes, scales) = weights(n, k, bits, block, &mut rng);
             let w = Weights::new(&codes, &scales, n, k, bits, block).unwrap();
-            for m in [1, 3, 4, 7, 16] {
+            for m in [1, 2, 3, 4, 7, 16] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2f32..2.0)).collect();
                 let want = reference(&x, m, &w);
                 for &isa in &isas {

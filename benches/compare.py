@@ -174,11 +174,41 @@ def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
     return models
 
 
+# cpuinfo flag -> ggml's CMake option for it, for the explicit builds of `llama_arch_options`.
+GGML_FEATURES = {
+    "sse4_2": "SSE42",
+    "f16c": "F16C",
+    "fma": "FMA",
+    "bmi2": "BMI2",
+    "avx": "AVX",
+    "avx2": "AVX2",
+    "avx_vnni": "AVX_VNNI",
+    "avx512bw": "AVX512",
+    "avx512vbmi": "AVX512_VBMI",
+    "avx512_vnni": "AVX512_VNNI",
+    "avx512_bf16": "AVX512_BF16",
+}
+
+
+def llama_arch_options() -> list[str]:
+    """CMake options for llama.cpp's CPU backend: every instruction set this CPU has. Where it has
+    AMX, every one but AMX, named one by one instead of -march=native: llama.cpp's AMX matmul
+    crashed (SIGSEGV in ggml_backend_amx_mul_mat, llama-cpp-python 0.3.36) on every prompt of more
+    than one token on a 2-vCPU Xeon with AMX, so without this no prefill or decode at a depth could
+    be measured there. deltadoc uses no AMX either."""
+    flags = next((l.split(":", 1)[1].split() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), [])
+    if "amx_int8" not in flags and "amx_tile" not in flags:
+        return ["-DGGML_NATIVE=ON"]
+    chosen = [f"-DGGML_{opt}={'ON' if flag in flags else 'OFF'}" for flag, opt in GGML_FEATURES.items()]
+    return ["-DGGML_NATIVE=OFF", *chosen, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
+
 def build_llama(work: Path) -> tuple[Path, str]:
     """Compiles llama-bench and llama-quantize from the llama-cpp-python sdist (CPU backend)."""
     src = work / "llama.cpp"
     if shutil.which("cmake") is None:
         sys.exit("compare.py: cmake is needed to build llama.cpp (Debian: apt-get install cmake)")
+    arch = llama_arch_options()
 
     def fetch_and_build():
         sdist = work / "sdist"
@@ -188,14 +218,14 @@ def build_llama(work: Path) -> tuple[Path, str]:
         run(["tar", "xzf", archive, "-C", sdist])
         shutil.copytree(sdist / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp", src, symlinks=True)
         run(
-            ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF"]
+            ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", *arch, "-DBUILD_SHARED_LIBS=OFF"]
             + [f"-DLLAMA_{o}=OFF" for o in ("BUILD_TESTS", "BUILD_SERVER", "BUILD_APP", "BUILD_UI", "USE_PREBUILT_UI", "OPENSSL")],
             cwd=src,
         )
         log("compiling llama.cpp (about 12-25 minutes on 2 cores)")
         run(["cmake", "--build", "build", f"-j{os.cpu_count() or 2}", "--target", "llama-bench", "llama-quantize"], cwd=src)
 
-    step(src, f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}", fetch_and_build)
+    step(src, f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}", fetch_and_build, key=" ".join(arch))
     changelog = (work / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "CHANGELOG.md").read_text(errors="replace")
     m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", changelog)
     return src, (m.group(1) if m else "unknown")
@@ -611,7 +641,7 @@ def main() -> None:
         f"can pass it. The run took {minutes:.0f} minutes.",
         "",
         f"Versions: deltadoc {rev} (ONNX Runtime {ort.group(1) if ort else '?'}), llama.cpp {llama_commit or '–'} "
-        f"(llama-cpp-python {LLAMA_CPP_PYTHON} sdist, -DGGML_NATIVE=ON), torch {versions.get('torch', 'not run')}, "
+        f"(llama-cpp-python {LLAMA_CPP_PYTHON} sdist, {' '.join(llama_arch_options())}), torch {versions.get('torch', 'not run')}, "
         f"transformers {versions.get('transformers', 'not run')}.",
         "",
         "Weights: one random 0.8B-shape checkpoint (`deltadoc model synth --seed "

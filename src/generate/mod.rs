@@ -103,7 +103,8 @@ pub fn decode(
             break;
         }
         rows.clear();
-        if let Some(f) = filter.as_deref_mut() {
+        // A float head computes every row whatever it is given: no list to build for it.
+        if let Some(f) = filter.as_deref_mut().filter(|_| dec.head_takes_rows()) {
             f.allowed(&mut rows)?;
             if rows.len() as f64 > ROWS_WORTH_SKIPPING * logits.len() as f64 {
                 rows.clear();

@@ -24,8 +24,8 @@ use crate::simd::{LANES, dispatch, sum_lanes};
 /// Largest magnitude of an activation code.
 const X_MAX: f32 = 127.0;
 
-/// Activation rows computed together against each loaded weight row: their accumulators fill
-/// about half the vector registers.
+/// The most activation rows computed together against the weight rows loaded: their
+/// accumulators fill about half the vector registers.
 const ROWS_AT_ONCE: usize = 4;
 
 /// One ISA's vector groups of weight rows `rows` for every activation row, added to `out [m,
@@ -420,6 +420,10 @@ mod vnni {
     /// 32-bit lanes of a vector.
     const LANES: usize = 16;
 
+    /// Pairs of accumulators (integer and float) one pass keeps in registers: weight rows ×
+    /// activation rows; more than this spills out of the 32 vector registers.
+    const ACCUMULATORS: usize = 8;
+
     /// How far ahead in each weight row to prefetch: 256 bytes ran 1.1x faster than none on a
     /// Zen 4 EPYC, 1–4 KB slower than none (the hardware prefetcher follows a few sequential
     /// streams, and more than that thrashes).
@@ -463,7 +467,7 @@ mod vnni {
             // Every activation row against these weight rows while they are in L1.
             let mut m0 = 0;
             while m0 < a.m {
-                let mr = (a.m - m0).min(ROWS_AT_ONCE * 2 / R.max(2));
+                let mr = (a.m - m0).min(ROWS_AT_ONCE).min(ACCUMULATORS / R);
                 let mut sums = [[0f32; ROWS_AT_ONCE]; R];
                 // SAFETY: the rows are in range; the caller checked the CPU's features.
                 unsafe {

@@ -79,8 +79,10 @@ pub fn default_threads() -> usize {
 /// Whether ONNX Runtime may copy constant weights into its packed GEMM layout at load.
 ///
 /// Measured on the 0.8B shape (benches/RESULTS.md): for f32 `MatMul` weights prepacking costs
-/// ~1 GiB of RAM and 4–6 s of load and made prefill and decode *slower*; `MatMulNBits` (int8/int4)
-/// needs it for its fast path (decode 0.3 tok/s without it against 7–14 with it).
+/// ~1 GiB of RAM and 4–6 s of load and made prefill and decode *slower*; ORT's `MatMulNBits`
+/// needs it for its fast path (decode 0.3 tok/s without it against 7–14 with it), which matters
+/// only where a graph runs it: the operator tests and benchmarks that compare it with deltadoc's
+/// `QuantMatMul`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prepack {
     /// Let ORT prepack constant weights (its default).

@@ -101,14 +101,15 @@ fn block_size_is_checked_and_recorded() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m = open(&out);
     assert_eq!((m.manifest.quant_block, m.manifest.precision_label().as_str()), (Some(64), "int8 (blocks of 64)"));
-    // Every MatMulNBits node of the graph carries it too.
+    // Every matmul of the graph, all deltadoc's QuantMatMul since format 5, carries it too.
     use prost::Message;
     let bytes = std::fs::read(out.join("model.onnx")).unwrap();
     let graph = deltadoc::onnx::proto::ModelProto::decode(bytes.as_slice()).unwrap().graph.unwrap();
+    assert!(!graph.node.iter().any(|n| n.op_type == "MatMulNBits"), "a projection on MatMulNBits");
     let blocks: Vec<i64> = graph
         .node
         .iter()
-        .filter(|n| n.op_type == "MatMulNBits")
+        .filter(|n| n.op_type == "QuantMatMul")
         .flat_map(|n| n.attribute.iter().filter(|a| a.name == "block_size").map(|a| a.i))
         .collect();
     assert!(!blocks.is_empty() && blocks.iter().all(|&b| b == 64), "{blocks:?}");

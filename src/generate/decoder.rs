@@ -11,7 +11,6 @@ use super::carried::{Carried, append, overwrite, reserve_exact, state_value};
 use crate::model::ModelDir;
 use crate::model::config::{LayerKind, TextConfig};
 use crate::model::graph::{HEAD_ROWS, KvCache, head_takes_rows, present_name};
-use crate::model::quant::Precision;
 use crate::model::state::{Elem, StateData};
 use crate::runtime::{self, Prepack, SessionOptions};
 use crate::snapshot::{Snapshot, StateTensor};
@@ -48,11 +47,10 @@ pub enum Logits {
 impl Decoder {
     /// Opens the model folder's graph with deltadoc's operators and starts an empty sequence.
     pub fn open(model: &ModelDir, opts: &SessionOptions) -> Result<Self> {
-        let prepack = match model.manifest.precision {
-            Precision::Int8 | Precision::Int4 => Prepack::Yes,
-            Precision::Fp32 | Precision::Fp16 => Prepack::No,
-        };
-        let session = runtime::open_session_with(&model.graph_path(), opts, prepack)?;
+        // Nothing in the decoder graphs gains from a prepacked copy: f32 `MatMul` lost by it
+        // (`Prepack`), and the int8/int4 projections run deltadoc's `QuantMatMul` on the weights
+        // as stored.
+        let session = runtime::open_session_with(&model.graph_path(), opts, Prepack::No)?;
         let cfg = model.manifest.config.clone();
         let identity = model.manifest.identity();
         let kv_cache = model.manifest.kv_cache;

@@ -280,7 +280,7 @@ impl Ctx<'_> {
             // allowed tokens' rows of the head, a quarter of a 0.8B decode step's bytes.
             Precision::Int8 | Precision::Int4 => {
                 let q = Quantised::new(&mut self.b, self.opts.precision, self.opts.quant_block, "lm_head", &table, v, h)?;
-                Ok(q.node(&mut self.b, ("QuantMatMul", ops::DOMAIN), &[x, &q.codes, &q.scales, HEAD_ROWS]))
+                Ok(q.node(&mut self.b, &[x, &q.codes, &q.scales, HEAD_ROWS]))
             }
             _ => {
                 let name = match stored {
@@ -561,15 +561,18 @@ pub(super) fn linear(
             };
             Ok(b.op("MatMul", &[x, &init], vec![]))
         }
+        // deltadoc's own matmul at every M: level with or ahead of `MatMulNBits` from one row to
+        // prefill's hundreds, and nothing for ORT to prepack, so the weights are held once
+        // (onnx/README.md, "QuantMatMul").
         Precision::Int8 | Precision::Int4 => {
             let q = Quantised::new(b, precision, block, name, w, out, inp)?;
-            Ok(q.node(b, ("MatMulNBits", "com.microsoft"), &[x, &q.codes, &q.scales]))
+            Ok(q.node(b, &[x, &q.codes, &q.scales]))
         }
     }
 }
 
 /// A weight's block-quantised initialisers in `MatMulNBits`'s layout, which `QuantMatMul` takes
-/// unchanged.
+/// unchanged (so a graph can hand them to either, as the operator tests and benchmarks do).
 struct Quantised {
     codes: String,
     scales: String,
@@ -599,14 +602,10 @@ impl Quantised {
         Ok(Self { codes, scales, attrs })
     }
 
-    /// The matmul node `(op, domain)` over `inputs` (x, codes, scales, ...); its output.
-    fn node(&self, b: &mut GraphBuilder, (op, domain): (&str, &str), inputs: &[&str]) -> String {
-        let mut attrs: Vec<(&str, Attr)> = self.attrs.iter().map(|&(v, k)| (k, Attr::Int(v))).collect();
-        if op == "MatMulNBits" {
-            // Activations quantised to int8 per block, as QuantMatMul does: the integer kernels.
-            attrs.push(("accuracy_level", Attr::Int(4)));
-        }
-        b.node_in(op, domain, inputs, 1, attrs).remove(0)
+    /// The `QuantMatMul` node over `inputs` (x, codes, scales, and the head's rows); its output.
+    fn node(&self, b: &mut GraphBuilder, inputs: &[&str]) -> String {
+        let attrs: Vec<(&str, Attr)> = self.attrs.iter().map(|&(v, k)| (k, Attr::Int(v))).collect();
+        b.node_in("QuantMatMul", ops::DOMAIN, inputs, 1, attrs).remove(0)
     }
 }
 

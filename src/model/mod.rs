@@ -30,7 +30,8 @@ use crate::progress::Progress;
 /// 2: the decoder graph takes `image_embeds`; `vision.onnx` when the checkpoint has the tower.
 /// 3: KV caches are position-major and the attention layers return only a call's new rows.
 /// 4: the int8/int4 head is `ai.deltadoc::QuantMatMul` and the graph takes `head_rows`.
-pub const FORMAT_VERSION: u32 = 4;
+/// 5: the int8/int4 layers' projections are `QuantMatMul` too (no `MatMulNBits`).
+pub const FORMAT_VERSION: u32 = 5;
 /// Default ONNX opset of exported graphs (RMSNormalization needs 23).
 pub const ONNX_OPSET: i64 = 23;
 

@@ -2,8 +2,8 @@
 //! fit the configured budget is refused (or chunked smaller) instead of being OOM-killed hours
 //! into a prefill.
 //!
-//! The terms follow what the graph allocates: weights (the external-data file, loaded once: ORT's
-//! prepacked `MatMulNBits` blocks replace the int8/int4 initializers they are made from) and the
+//! The terms follow what the graph allocates: weights (the external-data file, mapped once and
+//! read in place: nothing is prepacked, src/generate/decoder.rs) and the
 //! vision tower's once it has read a page, the KV cache of the attention layers (f32, f16 or
 //! bf16) once (the decoder reserves it for the whole context and appends each call's rows in
 //! place), the DeltaNet conv and recurrent state, the per-call activations (the MLP's and the

@@ -137,7 +137,7 @@ impl QuantMatMulKernel {
         };
         let a = Activations::new(x, m, &w);
         let n = self.n;
-        let tasks = split(&runs, MIN_TASK_ROWS, MAX_TASKS);
+        let tasks = split(&runs, MIN_TASK_ROWS, MAX_TASKS, a.row_grain());
         let yp = SharedMut(y.as_mut_ptr());
         ctx.par_for(tasks.len(), tasks.len(), |t| {
             // Several rows of x come back `[m, run]` and are scattered into y; one buffer serves
@@ -184,10 +184,11 @@ fn runs(rows: &[i64], n: usize) -> Result<Vec<Range<usize>>, String> {
 }
 
 /// `runs` cut into at most `max_tasks` tasks of about equal rows (at least `min_rows` each, bar
-/// the last).
-fn split(runs: &[Range<usize>], min_rows: usize, max_tasks: usize) -> Vec<Vec<Range<usize>>> {
+/// the last), a multiple of `grain` rows each (bar the last).
+fn split(runs: &[Range<usize>], min_rows: usize, max_tasks: usize, grain: usize) -> Vec<Vec<Range<usize>>> {
     let total: usize = runs.iter().map(|r| r.len()).sum();
-    let per_task = total.div_ceil((total / min_rows).clamp(1, max_tasks)).max(1);
+    let tasks = (total / min_rows.max(grain)).clamp(1, max_tasks);
+    let per_task = (total.div_ceil(grain).div_ceil(tasks) * grain).max(1);
     let mut tasks = vec![Vec::new()];
     let mut filled = 0;
     for run in runs {
@@ -216,12 +217,20 @@ mod tests {
         assert!(runs(&[3, 3], 11).unwrap_err().contains("ascending"));
         assert!(runs(&[11], 11).unwrap_err().contains("not among the 11 outputs"));
         assert!(runs(&[-1], 11).unwrap_err().contains("row -1"));
-        let tasks = split(&[0..50, 60..110], 16, 4);
+        let tasks = split(&[0..50, 60..110], 16, 4, 1);
         assert_eq!(tasks.len(), 4);
         assert_eq!(tasks[0], vec![0..25]);
         assert_eq!(tasks[1], vec![25..50]);
         assert_eq!(tasks[2], vec![60..85]);
-        assert_eq!(split(&[3..8, 9..9], 16, 64), vec![vec![3..8]]);
-        assert_eq!(split(&[], 16, 64), vec![Vec::<Range<usize>>::new()]);
+        assert_eq!(split(&[3..8, 9..9], 16, 64, 1), vec![vec![3..8]]);
+        assert_eq!(split(&[], 16, 64, 1), vec![Vec::<Range<usize>>::new()]);
+        // Panels of 32: 1024 rows in 32 tasks, not 64 of 16; 1000 in 15 of 64 and one of 40.
+        let tasks = split(std::slice::from_ref(&(0..1024)), 16, 64, 32);
+        assert_eq!(tasks.len(), 32);
+        assert!(tasks.iter().all(|t| t.iter().map(|r| r.len()).sum::<usize>() == 32));
+        let tasks = split(std::slice::from_ref(&(0..1000)), 16, 64, 32);
+        assert_eq!(tasks.len(), 16);
+        assert_eq!(tasks[1], vec![64..128]);
+        assert_eq!(tasks[15], vec![960..1000]);
     }
 }

@@ -19,6 +19,7 @@
 
 use std::ops::Range;
 
+use crate::gemm::gemm;
 use crate::simd::{LANES, dispatch, sum_lanes};
 
 /// Largest magnitude of an activation code.
@@ -27,6 +28,22 @@ const X_MAX: f32 = 127.0;
 /// The most activation rows computed together against the weight rows loaded: their
 /// accumulators fill about half the vector registers.
 const ROWS_AT_ONCE: usize = 4;
+
+/// From this many activation rows on (prefill), the product is a GEMM instead of row by row. With
+/// AVX-512 VNNI: over panels of weight rows repacked per call ([`Activations::panelled`],
+/// `vnni::panels`), the repacking paid once for all rows, each activation byte serving 32 weight
+/// rows instead of 4 or 2. Elsewhere: an f32 GEMM on the weight rows dequantised a few at a time
+/// ([`Activations::dequantised`]), as the integer sums without VNNI cost more per product than
+/// f32 multiply-adds (on the 2-vCPU Xeon the AVX2 row-by-row kernel, forced, ran 1.8–3.8x behind
+/// ORT's `MatMulNBits` with its AVX-512 kernels at M = 64 and 512). On the Xeon, panels overtook
+/// the rows between 12 and 16 activation rows (0.8B shapes, from memory).
+pub const GEMM_ROWS: usize = 16;
+
+/// Weight rows the f32 path dequantises at a time: 64 rows of K = 12,288 are 3 MB.
+const FLOAT_ROWS: usize = 64;
+
+/// Weight rows one panel holds: two AVX-512 vectors of 16 output columns.
+const PANEL_WIDTH: usize = 32;
 
 /// One ISA's vector groups of weight rows `rows` for every activation row, added to `out [m,
 /// rows.len()]`. Unsafe: the CPU must have the ISA.
@@ -190,8 +207,16 @@ pub struct Activations {
     lane_scales: Aligned<f32>,
     /// Per row, group and lane, −midpoint · Σ of the codes the lane multiplies: the sum starts
     /// there, so that it ends as Σ (code − midpoint) · x. Empty where the ISA subtracts the
-    /// midpoint itself (int8 on AVX2).
+    /// midpoint itself (int8 on AVX2). Per row and block, `[m, blocks]`, where `panel`.
     offsets: Aligned<i32>,
+    /// Laid out for `vnni::panels`: `codes` in the order of the elements (int4: each 8 stored as
+    /// the 4 evens, then the 4 odds, as the panels hold the low and high nibbles), no lane scales.
+    panel: bool,
+    /// The f32 path's activations `[m, k]` as given (and nothing else); empty otherwise.
+    floats: Vec<f32>,
+    /// Per row of `floats`, whether it holds a NaN or an infinity: its outputs are NaN, as the
+    /// integer paths make them (an f32 product could give ±∞ or a number instead).
+    poisoned: Vec<bool>,
 }
 
 /// A zeroed buffer whose first element sits on a 64-byte boundary: a vector load across two
@@ -234,6 +259,32 @@ dispatch!(
     /// paid once, not per block.
     quantise_row(x: &[f32], block: usize, codes: &mut [i8], scales: &mut [f32]) -> () = quantise_row_lanes
 );
+
+dispatch!(
+    /// One weight row's codes (`MatMulNBits` layout) times their blocks' scales: its first
+    /// `out.len()` (= K) elements in f32.
+    dequantise_row(codes: &[u8], scales: &[f32], bits: u32, block: usize, out: &mut [f32]) -> () = dequantise_row_lanes
+);
+
+#[inline(always)]
+fn dequantise_row_lanes<const FMA: bool>(codes: &[u8], scales: &[f32], bits: u32, block: usize, out: &mut [f32]) {
+    let mid = 1i32 << (bits - 1);
+    let block_bytes = block * bits as usize / 8;
+    for ((dst, &s), src) in out.chunks_mut(block).zip(scales).zip(codes.chunks_exact(block_bytes)) {
+        if bits == 8 {
+            for (o, &c) in dst.iter_mut().zip(src) {
+                *o = (i32::from(c) - mid) as f32 * s;
+            }
+        } else {
+            for (pair, &c) in dst.chunks_mut(2).zip(src) {
+                pair[0] = (i32::from(c & 0x0f) - mid) as f32 * s;
+                if let Some(odd) = pair.get_mut(1) {
+                    *odd = (i32::from(c >> 4) - mid) as f32 * s;
+                }
+            }
+        }
+    }
+}
 
 #[inline(always)]
 fn quantise_row_lanes<const FMA: bool>(x: &[f32], block: usize, codes: &mut [i8], scales: &mut [f32]) {
@@ -284,13 +335,19 @@ fn block_range_lanes<const FMA: bool>(x: &[f32]) -> f32 {
     top[0]
 }
 
-/// `codes ← round(x · inv)`, half away from zero; `|x · inv|` must be at most 127.
+/// `codes ← round(x · inv)`, ties to even as ONNX Runtime's `MatMulNBits` rounds its
+/// activations (a vector conversion in the default rounding mode): with half away from zero
+/// instead, three weight layouts of four at M = 133 and K = 3584 came out up to 1.3e-4 from it,
+/// where an activation sat exactly halfway between two codes (`tests/quant_ops.rs`). `|x · inv|`
+/// must be at most 127.
 #[inline(always)]
 fn round_codes_lanes<const FMA: bool>(x: &[f32], inv: f32, codes: &mut [i8]) {
-    // Truncating x · inv ± 0.5: `f32::round` is a libm call per element without SSE4.1 in the
-    // baseline target.
+    // Adding and taking away 1.5 · 2^23 leaves no bits below the units, so the sum is rounded as
+    // the float unit rounds, to even; `f32::round_ties_even` would be a libm call per element
+    // without SSE4.1 in the baseline target.
+    const SHIFT: f32 = 12_582_912.0;
     for (c, &v) in codes.iter_mut().zip(x) {
-        *c = (v * inv + 0.5f32.copysign(v)) as i32 as i8;
+        *c = ((v * inv + SHIFT) - SHIFT) as i32 as i8;
     }
 }
 
@@ -304,6 +361,9 @@ impl Activations {
     pub fn for_isa(x: &[f32], m: usize, w: &Weights, isa: Isa) -> Activations {
         assert_eq!(x.len(), m * w.k, "x must be [m, k]");
         let walk = Walk::new(isa, w);
+        if m >= GEMM_ROWS {
+            return if isa == Isa::Vnni512 { Self::panelled(x, m, w, walk) } else { Self::dequantised(x, m, w, walk) };
+        }
         let (blocks, block) = (w.blocks(), w.block);
         let kp = blocks * block;
         let mut natural = vec![0i8; kp];
@@ -351,7 +411,74 @@ impl Activations {
                 }
             }
         }
-        Activations { walk, m, codes, scales, lane_scales, offsets }
+        Activations { walk, m, codes, scales, lane_scales, offsets, panel: false, floats: Vec::new(), poisoned: Vec::new() }
+    }
+
+    /// [`Activations::for_isa`] for the f32 path: `x` kept as it is.
+    fn dequantised(x: &[f32], m: usize, w: &Weights, walk: Walk) -> Activations {
+        let poisoned = x.chunks_exact(w.k).map(|r| r.iter().any(|v| !v.is_finite())).collect();
+        Activations {
+            walk,
+            m,
+            codes: Aligned::new(0),
+            scales: Vec::new(),
+            lane_scales: Aligned::new(0),
+            offsets: Aligned::new(0),
+            panel: false,
+            floats: x.to_vec(),
+            poisoned,
+        }
+    }
+
+    /// [`Activations::for_isa`] for `vnni::panels`.
+    fn panelled(x: &[f32], m: usize, w: &Weights, walk: Walk) -> Activations {
+        let (blocks, block) = (w.blocks(), w.block);
+        let kp = blocks * block;
+        let mut codes = Aligned::new(m * kp);
+        let mut scales = vec![0f32; m * blocks];
+        let mut offsets = Aligned::new(m * blocks);
+        let mut natural = vec![0i8; kp];
+        for r in 0..m {
+            // The padding past k stays 0 (`natural` is only written below k).
+            quantise_row(&x[r * w.k..(r + 1) * w.k], block, &mut natural[..w.k], &mut scales[r * blocks..(r + 1) * blocks]);
+            let out = &mut codes[r * kp..(r + 1) * kp];
+            if w.bits == 4 {
+                for (dst, src) in out.chunks_exact_mut(8).zip(natural.chunks_exact(8)) {
+                    for t in 0..4 {
+                        dst[t] = src[2 * t];
+                        dst[4 + t] = src[2 * t + 1];
+                    }
+                }
+            } else {
+                out.copy_from_slice(&natural);
+            }
+            for (b, codes) in natural.chunks_exact(block).enumerate() {
+                offsets[r * blocks + b] = -w.mid() * codes.iter().map(|&c| i32::from(c)).sum::<i32>();
+            }
+        }
+        Activations {
+            walk,
+            m,
+            codes,
+            scales,
+            lane_scales: Aligned::new(0),
+            offsets,
+            panel: true,
+            floats: Vec::new(),
+            poisoned: Vec::new(),
+        }
+    }
+
+    /// Output rows best given to one [`Activations::matmul_rows`] together: ranges of a multiple
+    /// of this fill the panels of the GEMM path (a range of 16 rows costs as much as one of 32).
+    pub fn row_grain(&self) -> usize {
+        if self.panel {
+            PANEL_WIDTH
+        } else if !self.floats.is_empty() {
+            FLOAT_ROWS
+        } else {
+            1
+        }
     }
 
     /// Output columns `rows` of `y = x · wᵀ` into `out [m, rows.len()]` (row-major). `w` must be
@@ -359,7 +486,21 @@ impl Activations {
     pub fn matmul_rows(&self, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
         assert!(rows.end <= w.n, "rows {rows:?} of {} outputs", w.n);
         assert_eq!(out.len(), self.m * rows.len(), "out must be [m, rows]");
-        assert_eq!(self.codes.len(), self.m * w.blocks() * w.block, "activations quantised for other weights");
+        let held = if self.floats.is_empty() { self.codes.len() } else { self.floats.len() / w.k * w.blocks() * w.block };
+        assert_eq!(held, self.m * w.blocks() * w.block, "activations quantised for other weights");
+        if self.panel {
+            // SAFETY: only `for_isa` with `Isa::Vnni512`, which `Isa::available` found on this
+            // CPU, makes panelled activations; the rows are in range and `out` is [m, rows].
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                vnni::panels(self, w, rows, out)
+            };
+            return;
+        }
+        if !self.floats.is_empty() {
+            self.float_product(w, rows, out);
+            return;
+        }
         out.fill(0.0);
         let part: Option<Part> = match self.walk.isa {
             #[cfg(target_arch = "x86_64")]
@@ -374,6 +515,26 @@ impl Activations {
             unsafe { part(self, w, rows.clone(), out) };
         }
         self.add_tail(w, rows, out);
+    }
+
+    /// The f32 path of [`Activations::matmul_rows`]: `FLOAT_ROWS` weight rows at a time
+    /// dequantised, then one SGEMM of every activation row against them.
+    fn float_product(&self, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
+        let (width, k) = (rows.len(), w.k);
+        let mut wf = vec![0f32; FLOAT_ROWS.min(width) * k];
+        for start in rows.clone().step_by(FLOAT_ROWS) {
+            let n = (rows.end - start).min(FLOAT_ROWS);
+            for (j, dst) in wf[..n * k].chunks_exact_mut(k).enumerate() {
+                let row = start + j;
+                let codes = &w.codes[row * w.row_bytes()..(row + 1) * w.row_bytes()];
+                dequantise_row(codes, &w.scales[row * w.blocks()..(row + 1) * w.blocks()], w.bits, w.block, dst);
+            }
+            // out[:, start..start + n] = x · wfᵀ, wfᵀ read column by column from wf's rows.
+            gemm(self.m, k, n, 1.0, &self.floats, k, 1, &wf, 1, k, 0.0, &mut out[start - rows.start..], width);
+        }
+        for (r, _) in self.poisoned.iter().enumerate().filter(|(_, p)| **p) {
+            out[r * width..(r + 1) * width].fill(f32::NAN);
+        }
     }
 
     /// Adds the blocks the vector loop leaves (all of them for [`Isa::Scalar`]) one by one.
@@ -415,10 +576,208 @@ mod vnni {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Activations, ROWS_AT_ONCE, Weights};
+    use super::{Activations, Aligned, ROWS_AT_ONCE, Weights};
 
     /// 32-bit lanes of a vector.
     const LANES: usize = 16;
+
+    const PANEL: usize = super::PANEL_WIDTH;
+    const _: () = assert!(PANEL == 2 * LANES, "a panel is two vectors of output columns");
+
+    /// Activation rows one pass over a panel computes: with the panel's two vectors, 2 · 6 integer
+    /// and 2 · 6 float accumulators, the weights and the broadcast fill the 32 vector registers.
+    const PANEL_MR: usize = 6;
+
+    /// Weight rows `rows` for every activation row of panelled activations, into `out [m,
+    /// rows.len()]`: a small GEMM. Each run of 32 rows is repacked ([`pack`]) so that one vector
+    /// holds 4 consecutive codes of 16 rows, matching the lanes of `vpdpbusd`; then every 4
+    /// activation codes, broadcast, meet 32 rows in two instructions, and each block's sums are
+    /// scaled once per vector of 16 rows. The row-by-row kernel ([`part`]) instead reloads every
+    /// activation vector for each 2 weight rows, and scales every row's sums alone.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    pub(super) unsafe fn panels(a: &Activations, w: &Weights, rows: Range<usize>, out: &mut [f32]) {
+        let width = rows.len();
+        let steps = w.blocks() * w.block / 4;
+        let mut packed = Aligned::<u8>::new(steps * PANEL * 4);
+        let mut scales = vec![0f32; w.blocks() * PANEL];
+        let mut col = 0;
+        while col < width {
+            let cols = (width - col).min(PANEL);
+            // SAFETY: the rows are in range; the caller checked the CPU's features.
+            unsafe { pack(w, rows.start + col, cols, &mut packed, &mut scales) };
+            let mut m0 = 0;
+            while m0 < a.m {
+                let mr = (a.m - m0).min(PANEL_MR);
+                let at = Panel { packed: &packed, scales: &scales, m0, col, cols, width };
+                // SAFETY: as above; `out` is [m, width].
+                unsafe {
+                    match mr {
+                        1 => panel::<1>(a, w, &at, out),
+                        2 => panel::<2>(a, w, &at, out),
+                        3 => panel::<3>(a, w, &at, out),
+                        4 => panel::<4>(a, w, &at, out),
+                        5 => panel::<5>(a, w, &at, out),
+                        _ => panel::<6>(a, w, &at, out),
+                    }
+                }
+                m0 += mr;
+            }
+            col += cols;
+        }
+    }
+
+    /// Where one pass of [`panel`] reads and writes.
+    struct Panel<'a> {
+        /// `[steps, 2, 64]`: per step of 4 codes along K, a vector of 16 rows' 4 codes for each
+        /// half of the panel.
+        packed: &'a [u8],
+        /// `[blocks, 32]`: the panel's rows' scales, block by block.
+        scales: &'a [f32],
+        /// First activation row.
+        m0: usize,
+        /// First output column, and how many of the panel's 32 rows are real.
+        col: usize,
+        cols: usize,
+        /// Columns of `out`.
+        width: usize,
+    }
+
+    /// Repacks weight rows `first..first + cols` (at most 32; the last is repeated to fill) into
+    /// `packed` and `scales` as [`Panel`] describes. A step takes one 32-bit word of each row:
+    /// int8 codes 4s..4s+4; for int4 a word holds 8 codes, and its low nibbles (the evens) make
+    /// one step, its high nibbles (the odds) the next, which is why panelled activations store
+    /// each 8 codes evens first. Words are read 16 per row at a time (a cache line of each of
+    /// 16 rows) and transposed in registers; the rest of a row, if any, is gathered word by word
+    /// (gathering every word ran the 0.8B qkv matrix at M = 512 about 10 % slower).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    unsafe fn pack(w: &Weights, first: usize, cols: usize, packed: &mut [u8], scales: &mut [f32]) {
+        let row_bytes = w.row_bytes();
+        let blocks = w.blocks();
+        let words = row_bytes / 4;
+        for half in 0..2 {
+            let row = |j: usize| (half * LANES + j).min(cols - 1);
+            for b in 0..blocks {
+                for j in 0..LANES {
+                    scales[b * PANEL + half * LANES + j] = w.scales[(first + row(j)) * blocks + b];
+                }
+            }
+            // SAFETY: the words read lie within rows `first..first + cols` of `w` (row_bytes is a
+            // multiple of 4: blocks hold at least 16 codes); the stores within `packed`, [steps, 2,
+            // 64]; the caller checked the CPU's features.
+            unsafe {
+                let base = w.codes.as_ptr().add(first * row_bytes);
+                let rows: [*const u8; LANES] = std::array::from_fn(|j| base.add(row(j) * row_bytes));
+                let dst = packed.as_mut_ptr().add(half * 64);
+                let store = |word: usize, v: __m512i| {
+                    if w.bits == 8 {
+                        _mm512_storeu_si512(dst.add(word * 128).cast(), v);
+                    } else {
+                        let nib = _mm512_set1_epi8(0x0f);
+                        _mm512_storeu_si512(dst.add(2 * word * 128).cast(), _mm512_and_si512(v, nib));
+                        _mm512_storeu_si512(
+                            dst.add((2 * word + 1) * 128).cast(),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib),
+                        );
+                    }
+                };
+                let whole = words / LANES * LANES;
+                for w0 in (0..whole).step_by(LANES) {
+                    let lines: [__m512i; LANES] = std::array::from_fn(|j| _mm512_loadu_si512(rows[j].add(4 * w0).cast()));
+                    for (s, v) in transpose(lines).into_iter().enumerate() {
+                        store(w0 + s, v);
+                    }
+                }
+                let offsets: [i32; LANES] = std::array::from_fn(|j| (row(j) * row_bytes) as i32);
+                let idx = _mm512_loadu_si512(offsets.as_ptr().cast());
+                for word in whole..words {
+                    store(word, _mm512_i32gather_epi32::<1>(idx, base.add(4 * word).cast()));
+                }
+            }
+        }
+    }
+
+    /// The 16 × 16 transpose of 32-bit words: word s of vector j becomes word j of vector s.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    #[inline]
+    fn transpose(r: [__m512i; LANES]) -> [__m512i; LANES] {
+        // Within each 128-bit lane: pairs of rows interleaved by words, then groups of four rows
+        // by pairs of words, so that u[g][e] holds word 4L + e of rows 4g..4g + 4 in lane L.
+        let t: [__m512i; LANES] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 { _mm512_unpacklo_epi32(a, b) } else { _mm512_unpackhi_epi32(a, b) }
+        });
+        let u: [[__m512i; 4]; 4] = std::array::from_fn(|g| {
+            let (lo, hi) = ((t[4 * g], t[4 * g + 2]), (t[4 * g + 1], t[4 * g + 3]));
+            [
+                _mm512_unpacklo_epi64(lo.0, lo.1),
+                _mm512_unpackhi_epi64(lo.0, lo.1),
+                _mm512_unpacklo_epi64(hi.0, hi.1),
+                _mm512_unpackhi_epi64(hi.0, hi.1),
+            ]
+        });
+        // Then lane L of u[0..4][e], in order, is output vector 4L + e.
+        let mut out = [_mm512_setzero_si512(); LANES];
+        for e in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[0][e], u[1][e]);
+            let v1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[0][e], u[1][e]);
+            let v2 = _mm512_shuffle_i32x4::<0b01_00_01_00>(u[2][e], u[3][e]);
+            let v3 = _mm512_shuffle_i32x4::<0b11_10_11_10>(u[2][e], u[3][e]);
+            out[e] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2);
+            out[4 + e] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2);
+            out[8 + e] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3);
+            out[12 + e] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3);
+        }
+        out
+    }
+
+    /// One pass of [`panels`]: activation rows `m0..m0 + MR` against the panel, into `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    #[inline]
+    unsafe fn panel<const MR: usize>(a: &Activations, w: &Weights, at: &Panel, out: &mut [f32]) {
+        let blocks = w.blocks();
+        let per_block = w.block / 4;
+        let kp = blocks * w.block;
+        // SAFETY: the activation rows `m0..m0 + MR` exist (codes [m, kp], scales and offsets [m,
+        // blocks]); the steps lie within `packed`; the stores within `out`'s rows `m0..m0 + MR`,
+        // columns `col..col + cols`; the caller checked the CPU's features.
+        unsafe {
+            let xp: [*const u8; MR] = std::array::from_fn(|i| a.codes.as_ptr().add((at.m0 + i) * kp).cast());
+            let pp = at.packed.as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); MR]; 2];
+            for b in 0..blocks {
+                let off: [__m512i; MR] =
+                    std::array::from_fn(|i| _mm512_set1_epi32(*a.offsets.as_ptr().add((at.m0 + i) * blocks + b)));
+                let mut isum = [off; 2];
+                for s in b * per_block..(b + 1) * per_block {
+                    let w0 = _mm512_loadu_si512(pp.add(s * 128).cast());
+                    let w1 = _mm512_loadu_si512(pp.add(s * 128 + 64).cast());
+                    for i in 0..MR {
+                        let x = _mm512_set1_epi32(xp[i].add(4 * s).cast::<i32>().read_unaligned());
+                        isum[0][i] = _mm512_dpbusd_epi32(isum[0][i], w0, x);
+                        isum[1][i] = _mm512_dpbusd_epi32(isum[1][i], w1, x);
+                    }
+                }
+                let ws = [
+                    _mm512_loadu_ps(at.scales.as_ptr().add(b * PANEL)),
+                    _mm512_loadu_ps(at.scales.as_ptr().add(b * PANEL + LANES)),
+                ];
+                for i in 0..MR {
+                    let xs = _mm512_set1_ps(*a.scales.as_ptr().add((at.m0 + i) * blocks + b));
+                    for h in 0..2 {
+                        acc[h][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[h][i]), _mm512_mul_ps(ws[h], xs), acc[h][i]);
+                    }
+                }
+            }
+            for (h, half) in acc.iter().enumerate() {
+                let Some(left) = at.cols.checked_sub(h * LANES).filter(|&l| l > 0) else { break };
+                let mask: __mmask16 = if left >= LANES { 0xffff } else { (1u16 << left) - 1 };
+                for (i, &v) in half.iter().enumerate() {
+                    let dst = out.as_mut_ptr().add((at.m0 + i) * at.width + at.col + h * LANES);
+                    _mm512_mask_storeu_ps(dst, mask, v);
+                }
+            }
+        }
+    }
 
     /// Pairs of accumulators (integer and float) one pass keeps in registers: weight rows ×
     /// activation rows; more than this spills out of the 32 vector registers.
@@ -731,10 +1090,11 @@ mod tests {
         if bits == 8 { i32::from(codes[at]) } else { i32::from((codes[at / 2] >> (at % 2 * 4)) & 0x0f) }
     }
 
-    /// Per output, in f64: the sum the kernel must reproduce (the same int8 activations), its
-    /// scale (Σ |terms|), the float product of the dequantised weights with x, and the most the
-    /// activations' rounding may move the result from that product.
-    fn reference(x: &[f32], m: usize, w: &Weights) -> Vec<[f64; 4]> {
+    /// Per output, in f64: the sum the integer paths must reproduce (the same int8 activations),
+    /// its scale (Σ |terms|), the float product of the dequantised weights with x (what the f32
+    /// path must reproduce), the most the activations' rounding may move the result from that
+    /// product, and the float product's scale.
+    fn reference(x: &[f32], m: usize, w: &Weights) -> Vec<[f64; 5]> {
         let (blocks, block, mid) = (w.blocks(), w.block, w.mid());
         let mut out = Vec::new();
         for r in 0..m {
@@ -742,7 +1102,7 @@ mod tests {
             let (mut codes, mut scales) = (vec![0i8; w.k], vec![0f32; blocks]);
             quantise_row(xr, block, &mut codes, &mut scales);
             for n in 0..w.n {
-                let [mut exact, mut size, mut float, mut bound] = [0f64; 4];
+                let [mut exact, mut size, mut float, mut bound, mut float_size] = [0f64; 5];
                 for b in 0..blocks {
                     let xb = &xr[b * block..((b + 1) * block).min(w.k)];
                     let q = &codes[b * block..b * block + xb.len()];
@@ -753,10 +1113,11 @@ mod tests {
                         exact += ws * xs * c * qv as f64;
                         size += (ws * xs * c * qv as f64).abs();
                         float += ws * c * xv as f64;
+                        float_size += (ws * c * xv as f64).abs();
                         bound += ws * c.abs() * xs / 2.0;
                     }
                 }
-                out.push([exact, size, float, bound]);
+                out.push([exact, size, float, bound, float_size]);
             }
         }
         out
@@ -771,11 +1132,12 @@ mod tests {
         for (bits, block, k) in [4u32, 8].into_iter().flat_map(|b| {
             [16usize, 32, 64, 128, 256].into_iter().flat_map(move |s| [(b, s, 1024), (b, s, 3 * s + 512), (b, s, 200)])
         }) {
-            // 33 rows: 32 in 4 or 2 streams and one left over.
+            // 33 rows: 32 in 4 or 2 streams and one left over, or a panel of 32 and one of 1.
             let n = 38;
             let (codes, scales) = weights(n, k, bits, block, &mut rng);
             let w = Weights::new(&codes, &scales, n, k, bits, block).unwrap();
-            for m in [1, 2, 3, 4, 7, 16] {
+            // From 16 rows on in panels, 6 at a time (6 + 6 + 4 and 6 + 6 + 6 + 5), or in f32.
+            for m in [1, 2, 3, 4, 7, 16, 23] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2f32..2.0)).collect();
                 let want = reference(&x, m, &w);
                 for &isa in &isas {
@@ -785,11 +1147,24 @@ mod tests {
                     a.matmul_rows(&w, rows.clone(), &mut y);
                     for r in 0..m {
                         for (j, nn) in rows.clone().enumerate() {
-                            let [exact, size, float, bound] = want[r * n + nn];
+                            let [exact, size, float, bound, float_size] = want[r * n + nn];
                             let got = y[r * rows.len() + j] as f64;
                             let what = format!("{isa:?}, {bits} bits, block {block}, k {k}, m {m}: y[{r}, {nn}]");
-                            assert!((got - exact).abs() <= 1e-5 * size + 1e-9, "{what} = {got}, the integer sums give {exact}");
-                            assert!((got - float).abs() <= bound + 1e-5 * size + 1e-9, "{what} = {got}, float {float} ± {bound}");
+                            if a.floats.is_empty() {
+                                assert!(
+                                    (got - exact).abs() <= 1e-5 * size + 1e-9,
+                                    "{what} = {got}, the integer sums give {exact}"
+                                );
+                                assert!(
+                                    (got - float).abs() <= bound + 1e-5 * size + 1e-9,
+                                    "{what} = {got}, float {float} ± {bound}"
+                                );
+                            } else {
+                                assert!(
+                                    (got - float).abs() <= 1e-5 * float_size + 1e-9,
+                                    "{what} = {got}, the f32 product gives {float}"
+                                );
+                            }
                         }
                     }
                 }
@@ -803,13 +1178,16 @@ mod tests {
         let (n, k) = (8, 256);
         let (codes, scales) = weights(n, k, 4, 32, &mut rng);
         let w = Weights::new(&codes, &scales, n, k, 4, 32).unwrap();
-        let mut x = vec![0f32; 2 * k];
-        x[k + 40] = f32::INFINITY;
-        for isa in Isa::available() {
-            let mut y = vec![1f32; 2 * n];
-            Activations::for_isa(&x, 2, &w, isa).matmul_rows(&w, 0..n, &mut y);
-            assert!(y[..n].iter().all(|&v| v == 0.0), "{isa:?}: {y:?}");
-            assert!(y[n..].iter().all(|v| v.is_nan()), "{isa:?}: {y:?}");
+        // Row by row (2) and in panels (GEMM_ROWS).
+        for m in [2, GEMM_ROWS] {
+            let mut x = vec![0f32; m * k];
+            x[k + 40] = f32::INFINITY;
+            for isa in Isa::available() {
+                let mut y = vec![1f32; m * n];
+                Activations::for_isa(&x, m, &w, isa).matmul_rows(&w, 0..n, &mut y);
+                assert!(y[..n].iter().chain(&y[2 * n..]).all(|&v| v == 0.0), "{isa:?}, m {m}: {y:?}");
+                assert!(y[n..2 * n].iter().all(|v| v.is_nan()), "{isa:?}, m {m}: {y:?}");
+            }
         }
     }
 

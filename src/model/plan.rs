@@ -103,8 +103,9 @@ impl Footprint {
         let chunk = chunk.min(context).max(1) as u64;
         let t = context as u64;
         // Measured 2026-11-25 (0.8B shape, peak RSS after a 512-token prefill, file size):
-        // fp32 3.25 / 2.9 GB, int8 1.51 / 1.2 GB, int4 in blocks of 128 1.15 / 0.87 GB; the
-        // prepacked blocks do not double the quantised weights as once assumed.
+        // fp32 3.25 / 2.9 GB, int8 1.51 / 1.2 GB, int4 in blocks of 128 1.15 / 0.87 GB; since
+        // format 5 nothing is prepacked (2026-12-05: int8 1.36 / 1.3 GB, int4 0.92 / 1.0 GB,
+        // benches/RESULTS.md "Prefill on `QuantMatMul`").
         let weights_bytes = self.weights_file;
         let kv = self.kv_bytes_per_token() * t;
         let state_bytes = cfg.linear_state_bytes() as u64;

@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
 
     // Decode steps of the same model, 2 threads: for each sampled step the full head and the head
     // computing only that step's allowed tokens, one after the other.
-    let opts = SessionOptions { threads: 2, ..SessionOptions::default() };
+    let opts = SessionOptions::with_threads(2);
     let mut dec = Decoder::open(&model, &opts)?;
     let prompt = tok.encode("The parties agree as follows. ")?;
     dec.prefill(&prompt, 512, |_, _| Ok(()))?;

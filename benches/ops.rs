@@ -94,7 +94,7 @@ fn rule_graph(dir: &std::path::Path, builtin: bool) -> Session {
         );
     }
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
-    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+    runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()
 }
 
 /// Graph with one conv op: x [1,T,C] channels last (the model's layout), state [1,C,K−1].
@@ -118,7 +118,7 @@ fn conv_graph(dir: &std::path::Path, builtin: bool) -> Session {
         b.node_named("CausalConv1dWithState", deltadoc::ops::DOMAIN, &["x", &w2, "state"], &["y", "state_out"], silu());
     }
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
-    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+    runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()
 }
 
 fn l2norm_rows(x: &mut [f32]) {
@@ -248,7 +248,7 @@ fn attention_graph(dir: &std::path::Path, cache: Cache) -> Session {
         b.node_named("Identity", "", &[&out], &["out"], vec![]);
     }
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
-    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+    runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()
 }
 
 /// Seconds of one attention call of `n` new tokens after `past` cached ones; best of 3.
@@ -329,7 +329,7 @@ fn matmul_graph(dir: &std::path::Path, (n, k): (usize, usize), bits: u32, block:
         b.node_named(op, domain, &["x", &q, &sc], &[&out], attrs);
     }
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
-    runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap()
+    runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()
 }
 
 /// Seconds for one run of all the matmuls of `s` on `m` rows; best of 5 after a warm-up.

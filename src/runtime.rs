@@ -48,15 +48,13 @@ pub fn environment() -> Result<&'static Environment> {
 /// How a session runs.
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
-    /// Intra-op threads; also the pool our custom kernels parallelise on. 0 = ORT's default.
+    /// Intra-op threads; also the pool our custom kernels parallelise on. 0 = every core.
     pub threads: usize,
-    /// Spin-wait between ops: faster decode, but burns CPU while idle. Off for the daemon.
-    pub spin: bool,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { threads: default_threads(), spin: false }
+        Self { threads: default_threads() }
     }
 }
 
@@ -116,14 +114,21 @@ pub fn open_session(model: &Path, opts: &SessionOptions) -> Result<Session> {
 pub fn open_session_with(model: &Path, opts: &SessionOptions, prepack: Prepack) -> Result<Session> {
     prefetch_weights(model);
     let env = environment()?;
-    let domain = crate::ops::domain().map_err(|e| anyhow!("cannot build the {} operator domain: {e}", crate::ops::DOMAIN))?;
+    let threads = if opts.threads == 0 { default_threads() } else { opts.threads };
+    let domain =
+        crate::ops::domain(threads).map_err(|e| anyhow!("cannot build the {} operator domain: {e}", crate::ops::DOMAIN))?;
     let build = || -> std::result::Result<Session, ort::Error> {
         let mut b = Session::builder(env)?
             .with_operators(domain)?
             .with_optimization_level(GraphOptimizationLevel::All)?
-            .with_intra_threads(opts.threads)?
+            .with_intra_threads(threads)?
             .with_inter_threads(1)?
-            .with_intra_op_spinning(opts.spin)?
+            // The pool's threads spin between the ops of a run instead of sleeping, and stop when
+            // the run returns, so an idle session burns nothing: waking a sleeping thread for each
+            // of a decode step's ~200 ops made the step 1.12x (int8) and 1.17x (int4) as slow on
+            // the 0.8B shape (benches/RESULTS.md, "Decode step").
+            .with_intra_op_spinning(true)?
+            .with_config_entry("session.force_spinning_stop", "1")?
             .with_memory_pattern(false)?
             // Subnormal floats (from the DeltaNet decays) cost x86 ~100× per operation; ORT's own
             // kernels get the same flush as deltadoc's (simd::FlushDenormals).

@@ -202,7 +202,7 @@ impl TokenFilter for SchemaRows {
 #[test]
 fn a_head_that_computes_only_the_allowed_rows_gives_the_full_heads_logits_for_them() {
     let s = contract_like();
-    let opts = SessionOptions { threads: 2, spin: false };
+    let opts = SessionOptions::with_threads(2);
     for precision in [Precision::Int8, Precision::Int4] {
         let dir = common::open(&common::imported("fullvocab", precision));
         let prompt = tokenizer().encode("Extract the contract's fields as JSON.").unwrap();

@@ -19,7 +19,7 @@ const FIXTURES: [&str; 2] = ["dense4", "gqa8"];
 const FP32_TOL: f32 = 1e-4;
 
 fn decoder(fixture: &str, precision: Precision) -> Decoder {
-    Decoder::open(&open(&imported(fixture, precision)), &SessionOptions { threads: 2, spin: false }).unwrap()
+    Decoder::open(&open(&imported(fixture, precision)), &SessionOptions::with_threads(2)).unwrap()
 }
 
 #[test]
@@ -113,7 +113,7 @@ fn builtin_linear_attention_graph_matches_transformers_too() {
                 kv_cache: KvCache::F32,
             },
         );
-        let mut dec = Decoder::open(&open(&dir), &SessionOptions { threads: 2, spin: false }).unwrap();
+        let mut dec = Decoder::open(&open(&dir), &SessionOptions::with_threads(2)).unwrap();
         let ids = g.ids("ids.long");
         let (_, want) = g.f32("logits.long");
         let err = max_abs(&logits_in_chunks(&mut dec, &ids, ids.len()), &want);
@@ -147,7 +147,7 @@ fn half_width_kv_cache_stays_close_to_transformers(kv_cache: KvCache, tol: f32) 
     for fx in FIXTURES {
         let g = Golden::load(fx);
         let opts = ExportOptions { precision: Precision::Fp32, quant_block: None, linear_attn: LinearAttn::Deltadoc, kv_cache };
-        let mut dec = Decoder::open(&open(&imported_with(fx, opts)), &SessionOptions { threads: 2, spin: false }).unwrap();
+        let mut dec = Decoder::open(&open(&imported_with(fx, opts)), &SessionOptions::with_threads(2)).unwrap();
         let ids = g.ids("ids.long");
         let (_, want) = g.f32("logits.long");
         let got = logits_in_chunks(&mut dec, &ids, 48);

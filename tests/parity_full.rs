@@ -22,7 +22,7 @@ fn fixture() -> String {
 fn real_08b_shape_matches_transformers() {
     let fx = fixture();
     let g = Golden::load(&fx);
-    let opts = SessionOptions { threads: 2, spin: false };
+    let opts = SessionOptions::with_threads(2);
     for p in [Precision::Fp32, Precision::Fp16, Precision::Int8, Precision::Int4] {
         let t0 = std::time::Instant::now();
         let dir = imported(&fx, p);

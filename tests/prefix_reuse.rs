@@ -14,7 +14,7 @@ use deltadoc::tokenizer::STOP_TOKENS;
 #[test]
 fn restored_prefix_generates_what_a_fresh_prefill_does() {
     let dir = common::open(&common::imported("fullvocab", Precision::Fp32));
-    let opts = SessionOptions { threads: 1, ..Default::default() };
+    let opts = SessionOptions::with_threads(1);
     let mut reused = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
     let mut fresh = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
     // Sampling makes the output depend on every logit, so any state difference shows.

@@ -73,7 +73,7 @@ fn outputs(
     }
     b.node_named(name, domain, &inputs, &["y"], attrs);
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
-    let mut s = runtime::open_session(&path, &SessionOptions { threads: 2, spin: false }).unwrap();
+    let mut s = runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap();
     let xin = Tensor::from_array(Array2::from_shape_vec((m, k), x.clone()).unwrap()).unwrap();
     let mut feed = vec![("x", xin.into_dyn())];
     if let Some(rows) = rows {

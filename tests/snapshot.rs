@@ -17,7 +17,7 @@ fn decoder(fx: &str) -> Decoder {
 
 fn decoder_with(fx: &str, kv_cache: KvCache) -> Decoder {
     let opts = ExportOptions { precision: Precision::Fp32, quant_block: None, linear_attn: LinearAttn::Deltadoc, kv_cache };
-    Decoder::open(&open(&imported_with(fx, opts)), &SessionOptions { threads: 2, spin: false }).unwrap()
+    Decoder::open(&open(&imported_with(fx, opts)), &SessionOptions::with_threads(2)).unwrap()
 }
 
 /// Logits of `tail` (prefilled in one call, then two decode steps) after the current state.
@@ -144,7 +144,7 @@ fn a_resumed_bench_adds_the_earlier_runs_time_and_peak() {
     let model = open(&imported("gqa8", Precision::Fp32));
     let (chunk, every, tokens) = (16, 32, 150);
     let prompt = bench::random_prompt(&model.manifest.config, tokens, 7);
-    let session = SessionOptions { threads: 2, spin: false };
+    let session = SessionOptions::with_threads(2);
     let opts = BenchOptions {
         prompt_tokens: tokens,
         gen_tokens: 2,

@@ -26,7 +26,7 @@ use ndarray::Array2;
 const TOL: f32 = 1e-4;
 
 fn opts() -> SessionOptions {
-    SessionOptions { threads: 2, spin: false }
+    SessionOptions::with_threads(2)
 }
 
 /// A golden u8 image `[h, w, 3]` as an RGB image.

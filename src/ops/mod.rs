@@ -31,15 +31,16 @@ pub const DOMAIN: &str = "ai.deltadoc";
 /// Version of [`DOMAIN`] the importer writes into `opset_import`.
 pub const DOMAIN_VERSION: i64 = 1;
 
-/// Builds the operator domain to register on every session that runs a deltadoc graph.
-pub fn domain() -> ort::Result<OperatorDomain> {
+/// Builds the operator domain to register on every session that runs a deltadoc graph, one
+/// whose intra-op pool has `threads` threads.
+pub fn domain(threads: usize) -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(CausalConv1dWithState)?
         .add(GatedDeltaRule)?
         .add(CausalAttention::<f32>::default())?
         .add(CausalAttention::<half::f16>::default())?
         .add(CausalAttention::<half::bf16>::default())?
-        .add(QuantMatMul)
+        .add(QuantMatMul { threads })
 }
 
 fn err(msg: impl Into<String>) -> ort::Error {

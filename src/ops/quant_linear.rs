@@ -14,12 +14,16 @@ use super::{DOMAIN, SharedMut, dims, err, guarded, input, output};
 
 const OP: &str = "QuantMatMul";
 
-/// Output rows one task of ORT's pool computes at the least: fewer make the hand-offs cost more
-/// than the rows.
-const MIN_TASK_ROWS: usize = 16;
+/// Weight bytes of one task, about: each thread streams a whole number of them, so the threads
+/// finish together, and a thread the OS holds up can leave its last ones to the others. Smaller
+/// tasks cost more than they balance: 64 tasks per call (16 rows of a 1024 x 2048 int4 matrix
+/// each) made a 0.8B int4 decode step 1.1x as slow as two, as each task starts its memory streams
+/// anew (benches/RESULTS.md, "Decode step").
+const TASK_BYTES: usize = 1 << 20;
 
-/// Tasks per call at the most: enough that the threads finish together.
-const MAX_TASKS: usize = 64;
+/// Below this many weight bytes a call is one task: handing it to another thread costs more than
+/// the bytes.
+const ONE_TASK_BYTES: usize = 64 << 10;
 
 /// `x [..., K] · Wᵀ` with `W` as `codes [N, ⌈K/block⌉, block·bits/8]` (u8) and `scales [N ·
 /// ⌈K/block⌉]` (f32); attributes `K`, `N`, `bits` (4 or 8) and `block_size`. With `rows [R]`
@@ -27,7 +31,10 @@ const MAX_TASKS: usize = 64;
 /// other one is −∞: what a token mask would make of it. An empty `rows` asks for every column, so
 /// a graph input can always be fed: no constrained step allows nothing (the constraint reports
 /// the dead end before the model runs).
-pub struct QuantMatMul;
+pub struct QuantMatMul {
+    /// The session's intra-op threads, over which a call's rows are shared out evenly.
+    pub threads: usize,
+}
 
 /// Kernel of [`QuantMatMul`] for one graph node: its attributes.
 pub struct QuantMatMulKernel {
@@ -35,6 +42,7 @@ pub struct QuantMatMulKernel {
     n: usize,
     bits: u32,
     block: usize,
+    threads: usize,
 }
 
 impl Operator for QuantMatMul {
@@ -69,6 +77,7 @@ impl Operator for QuantMatMul {
             n: positive("N")?,
             bits: positive("bits")? as u32,
             block: positive("block_size")?,
+            threads: self.threads.max(1),
         };
         // The layout check of an empty weight, to refuse bad attributes when the session loads.
         Weights::new(&[], &[], 0, kernel.k, kernel.bits, kernel.block).map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?;
@@ -137,7 +146,8 @@ impl QuantMatMulKernel {
         };
         let a = Activations::new(x, m, &w);
         let n = self.n;
-        let tasks = split(&runs, MIN_TASK_ROWS, MAX_TASKS, a.row_grain());
+        let rows: usize = runs.iter().map(|r| r.len()).sum();
+        let tasks = split(&runs, task_count(rows * w.bytes_per_row(), self.threads), a.row_grain());
         let yp = SharedMut(y.as_mut_ptr());
         ctx.par_for(tasks.len(), tasks.len(), |t| {
             // Several rows of x come back `[m, run]` and are scattered into y; one buffer serves
@@ -183,12 +193,20 @@ fn runs(rows: &[i64], n: usize) -> Result<Vec<Range<usize>>, String> {
     Ok(out)
 }
 
-/// `runs` cut into at most `max_tasks` tasks of about equal rows (at least `min_rows` each, bar
-/// the last), a multiple of `grain` rows each (bar the last).
-fn split(runs: &[Range<usize>], min_rows: usize, max_tasks: usize, grain: usize) -> Vec<Vec<Range<usize>>> {
+/// Tasks for a call that streams `bytes` of weights on `threads` threads: a multiple of the
+/// threads, of about [`TASK_BYTES`] each; one for a call too small to share.
+fn task_count(bytes: usize, threads: usize) -> usize {
+    if bytes < ONE_TASK_BYTES {
+        return 1;
+    }
+    threads * (bytes / threads / TASK_BYTES).max(1)
+}
+
+/// `runs` cut into `tasks` tasks of about equal rows, a multiple of `grain` rows each (bar the
+/// last); fewer where the rows run out first.
+fn split(runs: &[Range<usize>], tasks: usize, grain: usize) -> Vec<Vec<Range<usize>>> {
     let total: usize = runs.iter().map(|r| r.len()).sum();
-    let tasks = (total / min_rows.max(grain)).clamp(1, max_tasks);
-    let per_task = (total.div_ceil(grain).div_ceil(tasks) * grain).max(1);
+    let per_task = (total.div_ceil(grain).div_ceil(tasks.max(1)) * grain).max(1);
     let mut tasks = vec![Vec::new()];
     let mut filled = 0;
     for run in runs {
@@ -217,20 +235,32 @@ mod tests {
         assert!(runs(&[3, 3], 11).unwrap_err().contains("ascending"));
         assert!(runs(&[11], 11).unwrap_err().contains("not among the 11 outputs"));
         assert!(runs(&[-1], 11).unwrap_err().contains("row -1"));
-        let tasks = split(&[0..50, 60..110], 16, 4, 1);
+        let tasks = split(&[0..50, 60..110], 4, 1);
         assert_eq!(tasks.len(), 4);
         assert_eq!(tasks[0], vec![0..25]);
         assert_eq!(tasks[1], vec![25..50]);
         assert_eq!(tasks[2], vec![60..85]);
-        assert_eq!(split(&[3..8, 9..9], 16, 64, 1), vec![vec![3..8]]);
-        assert_eq!(split(&[], 16, 64, 1), vec![Vec::<Range<usize>>::new()]);
-        // Panels of 32: 1024 rows in 32 tasks, not 64 of 16; 1000 in 15 of 64 and one of 40.
-        let tasks = split(std::slice::from_ref(&(0..1024)), 16, 64, 32);
+        assert_eq!(split(&[3..8, 9..9], 1, 1), vec![vec![3..8]]);
+        assert_eq!(split(&[], 2, 1), vec![Vec::<Range<usize>>::new()]);
+        // More tasks than rows: one row each.
+        assert_eq!(split(std::slice::from_ref(&(3..5)), 4, 1), vec![vec![3..4], vec![4..5]]);
+        // Panels of 32: 1024 rows in 32 tasks of one panel; 1000 in 2 of 512 and 488.
+        let tasks = split(std::slice::from_ref(&(0..1024)), 32, 32);
         assert_eq!(tasks.len(), 32);
         assert!(tasks.iter().all(|t| t.iter().map(|r| r.len()).sum::<usize>() == 32));
-        let tasks = split(std::slice::from_ref(&(0..1000)), 16, 64, 32);
-        assert_eq!(tasks.len(), 16);
-        assert_eq!(tasks[1], vec![64..128]);
-        assert_eq!(tasks[15], vec![960..1000]);
+        let tasks = split(std::slice::from_ref(&(0..1000)), 2, 32);
+        assert_eq!(tasks, vec![vec![0..512], vec![512..1000]]);
+    }
+
+    #[test]
+    fn tasks_are_a_multiple_of_the_threads_and_about_a_mebibyte() {
+        // A 0.8B decode step's matrices (int4 in blocks of 32) and its head.
+        assert_eq!(task_count(1_310_720, 2), 2);
+        assert_eq!(task_count(4_587_520, 2), 4);
+        assert_eq!(task_count(158_924_800, 2), 150);
+        assert_eq!(task_count(4_587_520, 16), 16);
+        assert_eq!(task_count(4_587_520, 3), 3);
+        // A constrained head's few rows: not worth a hand-off.
+        assert_eq!(task_count(20 * 1280, 2), 1);
     }
 }

@@ -134,7 +134,7 @@ fn main() -> anyhow::Result<()> {
     }
     // The walk's steps as the decode loop runs them: rows below its threshold, the full head
     // above; each step's time the median of its share bucket's sampled steps.
-    let policy = |frac: f64| frac <= deltadoc::generate::ROWS_WORTH_SKIPPING;
+    let policy = deltadoc::generate::computes_allowed_rows;
     let median_of = |sparse: bool, pick: fn(&(f64, f64, f64)) -> f64| {
         let mut v: Vec<f64> = steps.iter().filter(|s| policy(s.0) == sparse).map(pick).collect();
         if v.is_empty() { 0.0 } else { percentile(&mut v, 0.5) }

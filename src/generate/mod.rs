@@ -71,6 +71,12 @@ pub trait TokenFilter {
 /// (benches/RESULTS.md, "Constrained decode steps").
 pub const ROWS_WORTH_SKIPPING: f64 = 0.5;
 
+/// Whether a constrained step that allows `share` of the vocabulary (0 to 1) computes only the
+/// allowed rows of the head, not all of them ([`ROWS_WORTH_SKIPPING`]).
+pub fn computes_allowed_rows(share: f64) -> bool {
+    share <= ROWS_WORTH_SKIPPING
+}
+
 /// Decodes from the logits of the last prompt token until a stop token or the token limit;
 /// `filter` (if any) masks every step, and where it allows few tokens the next step computes
 /// only their logits; `on_token` sees every generated token and may abort by returning an
@@ -106,7 +112,7 @@ pub fn decode(
         // A float head computes every row whatever it is given: no list to build for it.
         if let Some(f) = filter.as_deref_mut().filter(|_| dec.head_takes_rows()) {
             f.allowed(&mut rows)?;
-            if rows.len() as f64 > ROWS_WORTH_SKIPPING * logits.len() as f64 {
+            if !computes_allowed_rows(rows.len() as f64 / logits.len() as f64) {
                 rows.clear();
             }
         }

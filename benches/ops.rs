@@ -25,6 +25,7 @@ use std::time::Instant;
 
 use deltadoc::onnx::proto::data_type;
 use deltadoc::onnx::{Attr, Dim, GraphBuilder};
+use deltadoc::ops::quant_matmul::Weights;
 use deltadoc::runtime::{self, SessionOptions};
 use ndarray::{ArrayD, IxDyn};
 use ort::session::Session;
@@ -310,8 +311,6 @@ fn matmul_graph(dir: &std::path::Path, (n, k): (usize, usize), bits: u32, block:
     for c in 0..copies {
         let codes: Vec<u8> = (0..n * blocks * blob).map(|_| rng.random()).collect();
         let scales: Vec<f32> = (0..n * blocks).map(|_| rng.random_range(0.001f32..0.01)).collect();
-        let q = b.initializer(&format!("codes{c}"), data_type::UINT8, &[n as i64, blocks as i64, blob as i64], &codes).unwrap();
-        let sc = b.f32s(&format!("scales{c}"), &[(n * blocks) as i64], &scales).unwrap();
         let out = format!("y{c}");
         b.output(&out, data_type::FLOAT, &[Dim::Named("m"), Dim::Fixed(n as i64)]);
         let mut attrs = vec![
@@ -320,13 +319,20 @@ fn matmul_graph(dir: &std::path::Path, (n, k): (usize, usize), bits: u32, block:
             ("bits", Attr::Int(bits as i64)),
             ("block_size", Attr::Int(block as i64)),
         ];
-        let (op, domain) = if ours {
-            ("QuantMatMul", deltadoc::ops::DOMAIN)
+        // The same codes and scales: as they are for MatMulNBits, packed in panels for ours.
+        let (op, domain, weights) = if ours {
+            let packed = Weights::pack(&codes, &scales, n, k, bits, block).unwrap();
+            let p = b.initializer(&format!("packed{c}"), data_type::UINT8, &[packed.len() as i64], &packed).unwrap();
+            ("QuantMatMul", deltadoc::ops::DOMAIN, vec![p])
         } else {
             attrs.push(("accuracy_level", Attr::Int(4)));
-            ("MatMulNBits", "com.microsoft")
+            let q =
+                b.initializer(&format!("codes{c}"), data_type::UINT8, &[n as i64, blocks as i64, blob as i64], &codes).unwrap();
+            let sc = b.f32s(&format!("scales{c}"), &[(n * blocks) as i64], &scales).unwrap();
+            ("MatMulNBits", "com.microsoft", vec![q, sc])
         };
-        b.node_named(op, domain, &["x", &q, &sc], &[&out], attrs);
+        let inputs: Vec<&str> = std::iter::once("x").chain(weights.iter().map(String::as_str)).collect();
+        b.node_named(op, domain, &inputs, &[&out], attrs);
     }
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
     runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()

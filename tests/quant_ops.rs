@@ -6,7 +6,7 @@
 use deltadoc::model::quant;
 use deltadoc::onnx::proto::data_type;
 use deltadoc::onnx::{Attr, Dim, GraphBuilder};
-use deltadoc::ops::quant_matmul::{GEMM_ROWS, Isa};
+use deltadoc::ops::quant_matmul::{GEMM_ROWS, Isa, Weights};
 use deltadoc::runtime::{self, SessionOptions};
 use ndarray::Array2;
 use ort::value::Tensor;
@@ -51,22 +51,27 @@ fn outputs(
     let mut b = GraphBuilder::new("nbits", &path).unwrap();
     b.input("x", data_type::FLOAT, &[Dim::Fixed(m as i64), Dim::Fixed(k as i64)]);
     b.output("y", data_type::FLOAT, &[Dim::Fixed(m as i64), Dim::Fixed(n as i64)]);
-    let qn = b.initializer("w_q", data_type::UINT8, &[n as i64, q.blocks as i64, q.blob as i64], &q.data).unwrap();
-    let sn = b.f32s("w_scales", &[(n * q.blocks) as i64], &q.scales).unwrap();
     let mut attrs = vec![
         ("K", Attr::Int(k as i64)),
         ("N", Attr::Int(n as i64)),
         ("bits", Attr::Int(bits)),
         ("block_size", Attr::Int(block as i64)),
     ];
-    let (name, domain) = match op {
+    // MatMulNBits takes the quantiser's codes and scales; QuantMatMul the same packed in panels.
+    let (name, domain, weights) = match op {
         Op::NBits(level) => {
             attrs.push(("accuracy_level", Attr::Int(level)));
-            ("MatMulNBits", "com.microsoft")
+            let qn = b.initializer("w_q", data_type::UINT8, &[n as i64, q.blocks as i64, q.blob as i64], &q.data).unwrap();
+            let sn = b.f32s("w_scales", &[(n * q.blocks) as i64], &q.scales).unwrap();
+            ("MatMulNBits", "com.microsoft", vec![qn, sn])
         }
-        Op::Ours => ("QuantMatMul", deltadoc::ops::DOMAIN),
+        Op::Ours => {
+            let packed = Weights::pack(&q.data, &q.scales, n, k, bits as u32, block).unwrap();
+            let pn = b.initializer("w_packed", data_type::UINT8, &[packed.len() as i64], &packed).unwrap();
+            ("QuantMatMul", deltadoc::ops::DOMAIN, vec![pn])
+        }
     };
-    let mut inputs = vec!["x", &qn, &sn];
+    let mut inputs: Vec<&str> = std::iter::once("x").chain(weights.iter().map(String::as_str)).collect();
     if rows.is_some() {
         b.input("rows", data_type::INT64, &[Dim::Named("r")]);
         inputs.push("rows");

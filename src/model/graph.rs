@@ -13,7 +13,7 @@
 //!   the call, same layouts) and `present.i.key`/`present.i.value [B,S,nkv,hd]`: only this call's
 //!   rows, which the caller appends to its cache (the attention op never copies the cache).
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 
 use super::config::{LayerKind, LayerState, StateDim, TextConfig};
 use super::quant::{self, Precision};
@@ -21,6 +21,7 @@ use super::state::Elem;
 use crate::onnx::proto::data_type;
 use crate::onnx::{Attr, Dim, GraphBuilder};
 use crate::ops;
+use crate::ops::quant_matmul::{PANEL_ROWS, Weights};
 
 /// Where the DeltaNet layers' conv and rule run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -280,7 +281,7 @@ impl Ctx<'_> {
             // allowed tokens' rows of the head, a quarter of a 0.8B decode step's bytes.
             Precision::Int8 | Precision::Int4 => {
                 let q = Quantised::new(&mut self.b, self.opts.precision, self.opts.quant_block, "lm_head", &table, v, h)?;
-                Ok(q.node(&mut self.b, &[x, &q.codes, &q.scales, HEAD_ROWS]))
+                Ok(q.node(&mut self.b, &[x, &q.packed, HEAD_ROWS]))
             }
             _ => {
                 let name = match stored {
@@ -566,16 +567,15 @@ pub(super) fn linear(
         // (onnx/README.md, "QuantMatMul").
         Precision::Int8 | Precision::Int4 => {
             let q = Quantised::new(b, precision, block, name, w, out, inp)?;
-            Ok(q.node(b, &[x, &q.codes, &q.scales]))
+            Ok(q.node(b, &[x, &q.packed]))
         }
     }
 }
 
-/// A weight's block-quantised initialisers in `MatMulNBits`'s layout, which `QuantMatMul` takes
-/// unchanged (so a graph can hand them to either, as the operator tests and benchmarks do).
+/// A weight block-quantised as for `MatMulNBits` and packed in panels for `QuantMatMul`
+/// (`Weights::pack` in crates/kernels/src/quant_matmul.rs): one initialiser.
 struct Quantised {
-    codes: String,
-    scales: String,
+    packed: String,
     attrs: [(i64, &'static str); 4],
 }
 
@@ -594,15 +594,16 @@ impl Quantised {
         let bits = if precision == Precision::Int8 { 8 } else { 4 };
         let block = block.unwrap_or_else(|| quant::default_block(precision));
         let q = quant::block_quantize(w, out, inp, bits, block);
-        let codes = b.fresh(&format!("{name}.q"));
-        let codes = b.initializer(&codes, data_type::UINT8, &[out as i64, q.blocks as i64, q.blob as i64], &q.data)?;
-        let scales = b.fresh(&format!("{name}.scales"));
-        let scales = b.f32s(&scales, &[(out * q.blocks) as i64], &q.scales)?;
+        let packed = Weights::pack(&q.data, &q.scales, out, inp, bits, block).map_err(|e| anyhow!("{name}: {e}"))?;
+        let panels = out.div_ceil(PANEL_ROWS);
+        let packed_name = b.fresh(&format!("{name}.packed"));
+        let shape = [panels as i64, (packed.len() / panels) as i64];
+        let packed = b.initializer(&packed_name, data_type::UINT8, &shape, &packed)?;
         let attrs = [(inp as i64, "K"), (out as i64, "N"), (bits as i64, "bits"), (block as i64, "block_size")];
-        Ok(Self { codes, scales, attrs })
+        Ok(Self { packed, attrs })
     }
 
-    /// The `QuantMatMul` node over `inputs` (x, codes, scales, and the head's rows); its output.
+    /// The `QuantMatMul` node over `inputs` (x, the packed weights, and the head's rows); its output.
     fn node(&self, b: &mut GraphBuilder, inputs: &[&str]) -> String {
         let attrs: Vec<(&str, Attr)> = self.attrs.iter().map(|&(v, k)| (k, Attr::Int(v))).collect();
         b.node_in("QuantMatMul", ops::DOMAIN, inputs, 1, attrs).remove(0)

@@ -31,7 +31,8 @@ use crate::progress::Progress;
 /// 3: KV caches are position-major and the attention layers return only a call's new rows.
 /// 4: the int8/int4 head is `ai.deltadoc::QuantMatMul` and the graph takes `head_rows`.
 /// 5: the int8/int4 layers' projections are `QuantMatMul` too (no `MatMulNBits`).
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: `QuantMatMul` takes its weights packed in panels of 16 rows (one initialiser, no scales).
+pub const FORMAT_VERSION: u32 = 6;
 /// Default ONNX opset of exported graphs (RMSNormalization needs 23).
 pub const ONNX_OPSET: i64 = 23;
 

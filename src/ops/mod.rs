@@ -7,8 +7,8 @@
 //! - `CausalAttention` / `CausalAttentionF16(q, k, v, past_key, past_value) -> (out, present_key,
 //!   present_value)`
 //!
-//! and the small-M matmul of block-quantised weights (decode steps):
-//! - `QuantMatMul(x, codes, scales) -> y`
+//! and the matmul of block-quantised weights, packed in panels at import:
+//! - `QuantMatMul(x, packed[, rows]) -> y`
 //!
 //! The op contract (shapes, attributes, state layout) is written down in onnx/README.md; the
 //! numerical kernels live in the `deltadoc-kernels` crate ([`attention`], [`conv`],

@@ -1,15 +1,16 @@
-//! `QuantMatMul`: `y = x · Wᵀ` for block-quantised int8/int4 weights, the small-M matmul of decode
-//! steps (the kernel: `deltadoc_kernels::quant_matmul`). It takes the same inputs and attributes
-//! as ONNX Runtime's `com.microsoft::MatMulNBits` without zero points, so the graph can hand a
-//! node's initialisers to either; an optional fourth input names the only output columns wanted
-//! (the tokens a constrained decode step allows), so the model's head reads only their rows.
+//! `QuantMatMul`: `y = x · Wᵀ` for block-quantised int8/int4 weights, the matmul of every int8/int4
+//! graph from decode steps to prefill (the kernel: `deltadoc_kernels::quant_matmul`). It takes
+//! ONNX Runtime's `com.microsoft::MatMulNBits` attributes (no zero points), its weights packed in
+//! panels of 16 rows (`Weights::pack` of `MatMulNBits`'s codes and scales, done at import); an
+//! optional third input names the only output columns wanted (the tokens a constrained decode step
+//! allows), so the model's head reads only the panels that hold them.
 
 use std::ops::Range;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput, ShapeInferenceContext};
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
-use super::quant_matmul::{Activations, Weights};
+use super::quant_matmul::{Activations, PANEL_ROWS, Weights};
 use super::{DOMAIN, SharedMut, dims, err, guarded, input, output};
 
 const OP: &str = "QuantMatMul";
@@ -25,12 +26,11 @@ const TASK_BYTES: usize = 1 << 20;
 /// the bytes.
 const ONE_TASK_BYTES: usize = 64 << 10;
 
-/// `x [..., K] · Wᵀ` with `W` as `codes [N, ⌈K/block⌉, block·bits/8]` (u8) and `scales [N ·
-/// ⌈K/block⌉]` (f32); attributes `K`, `N`, `bits` (4 or 8) and `block_size`. With `rows [R]`
-/// (i64, ascending, each below N; optional) only those output columns are computed, and every
-/// other one is −∞: what a token mask would make of it. An empty `rows` asks for every column, so
-/// a graph input can always be fed: no constrained step allows nothing (the constraint reports
-/// the dead end before the model runs).
+/// `x [..., K] · Wᵀ` with `W` as `packed` (u8, `Weights::pack`'s bytes, any shape); attributes
+/// `K`, `N`, `bits` (4 or 8) and `block_size`. With `rows [R]` (i64, ascending, each below N;
+/// optional) only those output columns are computed, and every other one is −∞: what a token mask
+/// would make of it. An empty `rows` asks for every column, so a graph input can always be fed:
+/// no constrained step allows nothing (the constraint reports the dead end before the model runs).
 pub struct QuantMatMul {
     /// The session's intra-op threads, over which a call's rows are shared out evenly.
     pub threads: usize,
@@ -56,7 +56,6 @@ impl Operator for QuantMatMul {
         [
             OperatorInput::required(TensorElementType::Float32),
             OperatorInput::required(TensorElementType::Uint8),
-            OperatorInput::required(TensorElementType::Float32),
             OperatorInput::optional(TensorElementType::Int64),
         ]
     }
@@ -79,8 +78,8 @@ impl Operator for QuantMatMul {
             block: positive("block_size")?,
             threads: self.threads.max(1),
         };
-        // The layout check of an empty weight, to refuse bad attributes when the session loads.
-        Weights::new(&[], &[], 0, kernel.k, kernel.bits, kernel.block).map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?;
+        // To refuse bad attributes when the session loads.
+        Weights::packed_len(kernel.n, kernel.k, kernel.bits, kernel.block).map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?;
         Ok(kernel)
     }
 
@@ -115,15 +114,13 @@ impl Kernel for QuantMatMulKernel {
 impl QuantMatMulKernel {
     fn run(&self, ctx: &ComputeContext) -> ort::Result<()> {
         inputs!(ctx, OP; (xs, x): f32 = 0 "x");
-        let codes_value = input(ctx, 1, OP, "codes")?;
-        let (_, codes) = codes_value.try_extract_tensor::<u8>()?;
-        inputs!(ctx, OP; (_ss, scales): f32 = 2 "scales");
+        let packed_value = input(ctx, 1, OP, "packed")?;
+        let (_, packed) = packed_value.try_extract_tensor::<u8>()?;
         let xd = dims(xs);
         if xd.last() != Some(&self.k) {
             return Err(err(format!("{DOMAIN}::{OP}: x {xd:?} must end in K = {}", self.k)));
         }
-        let w = Weights::new(codes, scales, self.n, self.k, self.bits, self.block)
-            .map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?;
+        let w = Weights::new(packed, self.n, self.k, self.bits, self.block).map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?;
         let m = x.len() / self.k;
         let mut shape = xs.to_vec();
         *shape.last_mut().expect("x has an axis") = self.n as i64;
@@ -132,40 +129,51 @@ impl QuantMatMulKernel {
         if m == 0 {
             return Ok(());
         }
-        // A node of three inputs has no fourth to ask for; one given as "" asks and gets none.
-        let wanted = match if ctx.num_inputs()? > 3 { ctx.input(3)? } else { None } {
+        // A node of two inputs has no third to ask for; one given as "" asks and gets none.
+        let wanted = match if ctx.num_inputs()? > 2 { ctx.input(2)? } else { None } {
             Some(v) => Some(v.try_extract_tensor::<i64>()?.1.to_vec()),
             None => None,
         };
-        let runs = match wanted.as_deref() {
+        let n = self.n;
+        let (runs, wanted) = match wanted.as_deref() {
             Some(rows) if !rows.is_empty() => {
                 y.fill(f32::NEG_INFINITY);
-                runs(rows, self.n).map_err(|e| err(format!("{DOMAIN}::{OP}: rows: {e}")))?
+                let rows = checked(rows, n).map_err(|e| err(format!("{DOMAIN}::{OP}: rows: {e}")))?;
+                (panel_runs(&rows), Some(rows))
             }
-            _ => std::iter::once(0..self.n).collect(),
+            _ => (std::iter::once(0..w.panels()).collect(), None),
         };
         let a = Activations::new(x, m, &w);
-        let n = self.n;
-        let rows: usize = runs.iter().map(|r| r.len()).sum();
-        let tasks = split(&runs, task_count(rows * w.bytes_per_row(), self.threads), a.row_grain());
+        let panels: usize = runs.iter().map(|r| r.len()).sum();
+        let tasks = split(&runs, task_count(panels * w.panel_bytes(), self.threads), a.panel_grain());
         let yp = SharedMut(y.as_mut_ptr());
         ctx.par_for(tasks.len(), tasks.len(), |t| {
-            // Several rows of x come back `[m, run]` and are scattered into y; one buffer serves
-            // every run of the task (a constrained head's rows can be hundreds of short runs).
+            // Each run comes back `[m, 16·run]` and its columns are copied into y; one buffer
+            // serves every run of the task (a constrained head's can be hundreds of short ones).
             let mut out = Vec::new();
-            for rows in &tasks[t] {
-                if m == 1 {
-                    // SAFETY: the tasks' row ranges are disjoint; this one writes only its own.
-                    let out = unsafe { std::slice::from_raw_parts_mut(yp.at(rows.start), rows.len()) };
-                    a.matmul_rows(&w, rows.clone(), out);
-                } else {
-                    out.resize(m * rows.len(), 0.0);
-                    a.matmul_rows(&w, rows.clone(), &mut out);
-                    for (r, part) in out.chunks_exact(rows.len()).enumerate() {
-                        for (j, &v) in part.iter().enumerate() {
-                            // SAFETY: as above, columns `rows` of each row.
-                            unsafe { *yp.at(r * n + rows.start + j) = v };
-                        }
+            for run in &tasks[t] {
+                let cols = PANEL_ROWS * run.start..PANEL_ROWS * run.end;
+                if m == 1 && wanted.is_none() && cols.end <= n {
+                    // SAFETY: the tasks' panels are disjoint; this one writes only its own columns.
+                    let out = unsafe { std::slice::from_raw_parts_mut(yp.at(cols.start), cols.len()) };
+                    a.matmul_panels(&w, run.clone(), out);
+                    continue;
+                }
+                out.resize(m * cols.len(), 0.0);
+                a.matmul_panels(&w, run.clone(), &mut out);
+                let keep: &[usize] = match &wanted {
+                    Some(rows) => &rows[rows.partition_point(|&r| r < cols.start)..rows.partition_point(|&r| r < cols.end)],
+                    None => &[],
+                };
+                for (r, part) in out.chunks_exact(cols.len()).enumerate() {
+                    let mut put = |c: usize| {
+                        // SAFETY: as above, columns of this task's panels in each row of y.
+                        unsafe { *yp.at(r * n + c) = part[c - cols.start] };
+                    };
+                    if wanted.is_some() {
+                        keep.iter().for_each(|&c| put(c));
+                    } else {
+                        (cols.start..cols.end.min(n)).for_each(&mut put);
                     }
                 }
             }
@@ -173,24 +181,32 @@ impl QuantMatMulKernel {
     }
 }
 
-/// The ascending, in-range `rows` as runs of consecutive rows.
-fn runs(rows: &[i64], n: usize) -> Result<Vec<Range<usize>>, String> {
-    let mut out: Vec<Range<usize>> = Vec::new();
-    let mut last: Option<usize> = None;
+/// `rows` checked to be ascending and below `n`.
+fn checked(rows: &[i64], n: usize) -> Result<Vec<usize>, String> {
+    let mut out: Vec<usize> = Vec::with_capacity(rows.len());
     for &r in rows {
         let Some(r) = usize::try_from(r).ok().filter(|&r| r < n) else {
             return Err(format!("row {r} is not among the {n} outputs"));
         };
-        if last.is_some_and(|l| r <= l) {
-            return Err(format!("row {r} after row {}: rows must be ascending", last.unwrap_or(0)));
+        if let Some(&last) = out.last().filter(|&&l| r <= l) {
+            return Err(format!("row {r} after row {last}: rows must be ascending"));
         }
-        match out.last_mut() {
-            Some(run) if run.end == r => run.end = r + 1,
-            _ => out.push(r..r + 1),
-        }
-        last = Some(r);
+        out.push(r);
     }
     Ok(out)
+}
+
+/// The panels that hold the ascending `rows`, as runs of consecutive panels.
+fn panel_runs(rows: &[usize]) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for p in rows.iter().map(|r| r / PANEL_ROWS) {
+        match out.last_mut() {
+            Some(run) if run.end > p => {}
+            Some(run) if run.end == p => run.end = p + 1,
+            _ => out.push(p..p + 1),
+        }
+    }
+    out
 }
 
 /// Tasks for a call that streams `bytes` of weights on `threads` threads: a multiple of the
@@ -202,8 +218,8 @@ fn task_count(bytes: usize, threads: usize) -> usize {
     threads * (bytes / threads / TASK_BYTES).max(1)
 }
 
-/// `runs` cut into `tasks` tasks of about equal rows, a multiple of `grain` rows each (bar the
-/// last); fewer where the rows run out first.
+/// `runs` (of panels) cut into `tasks` tasks of about equal panels, a multiple of `grain` each
+/// (bar the last); fewer where the panels run out first.
 fn split(runs: &[Range<usize>], tasks: usize, grain: usize) -> Vec<Vec<Range<usize>>> {
     let total: usize = runs.iter().map(|r| r.len()).sum();
     let per_task = (total.div_ceil(grain).div_ceil(tasks.max(1)) * grain).max(1);
@@ -230,11 +246,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_become_runs_and_runs_tasks_of_equal_rows() {
-        assert_eq!(runs(&[0, 1, 2, 7, 9, 10], 11).unwrap(), vec![0..3, 7..8, 9..11]);
-        assert!(runs(&[3, 3], 11).unwrap_err().contains("ascending"));
-        assert!(runs(&[11], 11).unwrap_err().contains("not among the 11 outputs"));
-        assert!(runs(&[-1], 11).unwrap_err().contains("row -1"));
+    fn rows_become_runs_of_panels_and_runs_tasks_of_equal_panels() {
+        assert_eq!(checked(&[0, 1, 2, 70], 71).unwrap(), vec![0, 1, 2, 70]);
+        assert!(checked(&[3, 3], 11).unwrap_err().contains("ascending"));
+        assert!(checked(&[11], 11).unwrap_err().contains("not among the 11 outputs"));
+        assert!(checked(&[-1], 11).unwrap_err().contains("row -1"));
+        assert_eq!(panel_runs(&[0, 1, 15, 16, 40, 100, 111, 112]), vec![0..3, 6..8]);
         let tasks = split(&[0..50, 60..110], 4, 1);
         assert_eq!(tasks.len(), 4);
         assert_eq!(tasks[0], vec![0..25]);
@@ -244,12 +261,12 @@ mod tests {
         assert_eq!(split(&[], 2, 1), vec![Vec::<Range<usize>>::new()]);
         // More tasks than rows: one row each.
         assert_eq!(split(std::slice::from_ref(&(3..5)), 4, 1), vec![vec![3..4], vec![4..5]]);
-        // Panels of 32: 1024 rows in 32 tasks of one panel; 1000 in 2 of 512 and 488.
-        let tasks = split(std::slice::from_ref(&(0..1024)), 32, 32);
+        // Pairs: 64 panels in 32 tasks of a pair; 63 in 2 of 32 and 31.
+        let tasks = split(std::slice::from_ref(&(0..64)), 32, 2);
         assert_eq!(tasks.len(), 32);
-        assert!(tasks.iter().all(|t| t.iter().map(|r| r.len()).sum::<usize>() == 32));
-        let tasks = split(std::slice::from_ref(&(0..1000)), 2, 32);
-        assert_eq!(tasks, vec![vec![0..512], vec![512..1000]]);
+        assert!(tasks.iter().all(|t| t.iter().map(|r| r.len()).sum::<usize>() == 2));
+        let tasks = split(std::slice::from_ref(&(0..63)), 2, 2);
+        assert_eq!(tasks, vec![vec![0..32], vec![32..63]]);
     }
 
     #[test]

@@ -579,7 +579,7 @@ mod vnni {
     ///
     /// `R` panels at a time, each activation code broadcast once serving them all, the `R` taken
     /// from as many evenly spaced places of `panels`, so that memory sees `R` sequential streams
-    /// (one stream per thread left memory idle: M = 1 ran 1.2x slower than from four places,
+    /// (one stream per thread left memory idle: M = 1 ran 1.1-1.35x slower than from four places,
     /// benches/RESULTS.md, "Weights in panels"); then the activation rows `MR` at a time while
     /// the panels are in L1 or L2. Accumulators: `R · MR` float vectors and as many or twice as
     /// many integer ones (the second set halves the chain of dependent `vpdpbusd`, which bounds

@@ -161,19 +161,18 @@ impl QuantMatMulKernel {
                 }
                 out.resize(m * cols.len(), 0.0);
                 a.matmul_panels(&w, run.clone(), &mut out);
-                let keep: &[usize] = match &wanted {
-                    Some(rows) => &rows[rows.partition_point(|&r| r < cols.start)..rows.partition_point(|&r| r < cols.end)],
-                    None => &[],
-                };
+                // The wanted columns of these panels, or all of them below N.
+                let keep = wanted
+                    .as_ref()
+                    .map(|rows| &rows[rows.partition_point(|&r| r < cols.start)..rows.partition_point(|&r| r < cols.end)]);
                 for (r, part) in out.chunks_exact(cols.len()).enumerate() {
                     let mut put = |c: usize| {
                         // SAFETY: as above, columns of this task's panels in each row of y.
                         unsafe { *yp.at(r * n + c) = part[c - cols.start] };
                     };
-                    if wanted.is_some() {
-                        keep.iter().for_each(|&c| put(c));
-                    } else {
-                        (cols.start..cols.end.min(n)).for_each(&mut put);
+                    match keep {
+                        Some(keep) => keep.iter().for_each(|&c| put(c)),
+                        None => (cols.start..cols.end.min(n)).for_each(&mut put),
                     }
                 }
             }

@@ -126,9 +126,9 @@ impl<'a> Weights<'a> {
     /// ⌈k/block⌉]`) into panels, as the module documentation describes; rows past `n` in the
     /// last panel are zero (codes and scales), so their outputs are 0 and ignored.
     pub fn pack(codes: &[u8], scales: &[f32], n: usize, k: usize, bits: u32, block: usize) -> Result<Vec<u8>, String> {
+        let mut out = vec![0u8; Self::packed_len(n, k, bits, block)?];
         let w = Weights { packed: &[], n, k, bits, block };
         let (blocks, blob) = (w.blocks(), block * bits as usize / 8);
-        let mut out = vec![0u8; Self::packed_len(n, k, bits, block)?];
         if codes.len() != n * blocks * blob || scales.len() != n * blocks {
             return Err(format!(
                 "{n}x{k} weights in blocks of {block} need {} code bytes and {} scales, got {} and {}",
@@ -175,9 +175,20 @@ impl<'a> Weights<'a> {
         self.block_codes() + PANEL_ROWS * std::mem::size_of::<f32>()
     }
 
+    /// Block `b` of panel `p`: its codes, and its 16 scales' bytes ([`lane_scale`]).
+    fn panel_block(&self, p: usize, b: usize) -> (&'a [u8], &'a [u8]) {
+        let at = p * self.panel_bytes() + b * self.block_bytes();
+        self.packed[at..at + self.block_bytes()].split_at(self.block_codes())
+    }
+
     fn mid(&self) -> i32 {
         1 << (self.bits - 1)
     }
+}
+
+/// Row `lane`'s scale among a panel block's scale bytes.
+fn lane_scale(scales: &[u8], lane: usize) -> f32 {
+    f32::from_le_bytes(scales[4 * lane..4 * lane + 4].try_into().expect("4 bytes"))
 }
 
 /// 4 or 8 bits, a block of 16 to 256 (a power of two: whole 32-bit words of codes).
@@ -353,9 +364,8 @@ dispatch!(
 );
 
 dispatch!(
-    /// One panel's codes and scales (`panel`: [`Weights::panel_bytes`] bytes) as f32 rows
-    /// `out [PANEL_ROWS, k]`.
-    dequantise_panel(panel: &[u8], bits: u32, block: usize, k: usize, out: &mut [f32]) -> () = dequantise_panel_lanes
+    /// Panel `p` of `w` as f32 rows `out [PANEL_ROWS, k]`.
+    dequantise_panel(w: &Weights, p: usize, out: &mut [f32]) -> () = dequantise_panel_lanes
 );
 
 // The bodies work on arrays of a fixed length so that the compiler moves whole vectors: as
@@ -392,19 +402,18 @@ fn block_sums_lanes<const FMA: bool>(block: usize, codes: &[i8], sums: &mut [i32
 }
 
 #[inline(always)]
-fn dequantise_panel_lanes<const FMA: bool>(panel: &[u8], bits: u32, block: usize, k: usize, out: &mut [f32]) {
-    let mid = 1i32 << (bits - 1);
-    let codes_len = PANEL_ROWS * block * bits as usize / 8;
-    let per_word = 32 / bits as usize;
-    for (b, bytes) in panel.chunks_exact(codes_len + 4 * PANEL_ROWS).enumerate() {
-        let (codes, scales) = bytes.split_at(codes_len);
+fn dequantise_panel_lanes<const FMA: bool>(w: &Weights, p: usize, out: &mut [f32]) {
+    let (mid, k) = (w.mid(), w.k);
+    let per_word = 32 / w.bits as usize;
+    for b in 0..w.blocks() {
+        let (codes, scales) = w.panel_block(p, b);
         for (s, step) in codes.chunks_exact(STEP_BYTES).enumerate() {
-            for (j, (word, scale)) in step.chunks_exact(4).zip(scales.chunks_exact(4)).enumerate() {
-                let scale = f32::from_le_bytes(scale.try_into().expect("4 bytes"));
-                let first = b * block + s * per_word;
+            for (j, word) in step.chunks_exact(4).enumerate() {
+                let scale = lane_scale(scales, j);
+                let first = b * w.block + s * per_word;
                 let row = &mut out[j * k..(j + 1) * k];
                 for (t, &c) in word.iter().enumerate() {
-                    let pair = if bits == 8 { [i32::from(c), 0] } else { [i32::from(c & 0x0f), i32::from(c >> 4)] };
+                    let pair = if w.bits == 8 { [i32::from(c), 0] } else { [i32::from(c & 0x0f), i32::from(c >> 4)] };
                     for (e, &code) in pair[..per_word / 4].iter().enumerate() {
                         if let Some(o) = row.get_mut(first + t * per_word / 4 + e) {
                             *o = (code - mid) as f32 * scale;
@@ -513,8 +522,7 @@ fn float_product(x: &[f32], m: usize, w: &Weights, panels: Range<usize>, out: &m
         let count = (panels.end - first).min(FLOAT_PANELS);
         let rows = PANEL_ROWS * count;
         for (p, dst) in wf[..rows * k].chunks_exact_mut(PANEL_ROWS * k).enumerate() {
-            let at = (first + p) * w.panel_bytes();
-            dequantise_panel(&w.packed[at..at + w.panel_bytes()], w.bits, w.block, k, dst);
+            dequantise_panel(w, first + p, dst);
         }
         // out[:, cols] = x · wfᵀ, wfᵀ read column by column from wf's rows.
         let col = PANEL_ROWS * (first - panels.start);
@@ -528,11 +536,10 @@ fn scalar_panels(a: &Ints, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
     let (kp, width) = (blocks * block, PANEL_ROWS * panels.len());
     let per_word = 32 / w.bits as usize;
     for (p, panel) in panels.enumerate() {
-        let bytes = &w.packed[panel * w.panel_bytes()..(panel + 1) * w.panel_bytes()];
-        for (b, bytes) in bytes.chunks_exact(w.block_bytes()).enumerate() {
-            let (codes, scales) = bytes.split_at(w.block_codes());
+        for b in 0..blocks {
+            let (codes, scales) = w.panel_block(panel, b);
             for j in 0..PANEL_ROWS {
-                let ws = f32::from_le_bytes(scales[4 * j..4 * j + 4].try_into().expect("4 bytes"));
+                let ws = lane_scale(scales, j);
                 for r in 0..a.m {
                     let x = &a.codes[r * kp + b * block..r * kp + (b + 1) * block];
                     let sum: i32 = codes
@@ -608,7 +615,9 @@ mod vnni {
     /// M = 512 1.15-1.3x slower (0.8B shapes).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     unsafe fn unpacked(a: &Ints, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
-        let bytes = Weights { packed: &[], n: PANEL_ROWS, k: w.k, bits: 8, block: w.block }.panel_bytes();
+        // The layout the scratch's panels have: int8 codes of the same blocks.
+        let int8 = Weights { packed: &[], n: PANEL_ROWS, k: w.k, bits: 8, block: w.block };
+        let bytes = int8.panel_bytes();
         let mut scratch = Aligned::<u8>::new(2 * bytes);
         let nib = _mm512_set1_epi8(0x0f);
         for pair in panels.clone().step_by(2) {
@@ -621,7 +630,7 @@ mod vnni {
                     let src = w.packed.as_ptr().add((pair + p) * w.panel_bytes());
                     let dst = scratch.as_mut_ptr().add(p * bytes);
                     for b in 0..w.blocks() {
-                        let (src, dst) = (src.add(b * w.block_bytes()), dst.add(b * (2 * w.block_codes() + 4 * PANEL_ROWS)));
+                        let (src, dst) = (src.add(b * w.block_bytes()), dst.add(b * int8.block_bytes()));
                         for s in 0..w.block_codes() / STEP_BYTES {
                             let v = _mm512_loadu_si512(src.add(s * STEP_BYTES).cast());
                             _mm512_storeu_si512(dst.add(2 * s * STEP_BYTES).cast(), _mm512_and_si512(v, nib));
@@ -629,11 +638,11 @@ mod vnni {
                             _mm512_storeu_si512(dst.add((2 * s + 1) * STEP_BYTES).cast(), hi);
                         }
                         let scales = _mm512_loadu_si512(src.add(w.block_codes()).cast());
-                        _mm512_storeu_si512(dst.add(2 * w.block_codes()).cast(), scales);
+                        _mm512_storeu_si512(dst.add(int8.block_codes()).cast(), scales);
                     }
                 }
             }
-            let w8 = Weights { packed: &scratch[..count * bytes], n: count * PANEL_ROWS, k: w.k, bits: 8, block: w.block };
+            let w8 = Weights { packed: &scratch[..count * bytes], n: count * PANEL_ROWS, ..int8 };
             // SAFETY: as for `panels`; the scratch's panels land in columns of `pair`.
             unsafe {
                 if count == 2 {
@@ -1061,7 +1070,7 @@ mod tests {
             let w = Weights::new(&packed, n, k, bits, block).unwrap();
             let mut wf = vec![f32::NAN; PANEL_ROWS * k];
             for p in 0..w.panels() {
-                dequantise_panel(&packed[p * w.panel_bytes()..(p + 1) * w.panel_bytes()], bits, block, k, &mut wf);
+                dequantise_panel(&w, p, &mut wf);
                 for j in 0..PANEL_ROWS {
                     let row = PANEL_ROWS * p + j;
                     for e in 0..k {
@@ -1085,5 +1094,7 @@ mod tests {
         assert!(e.contains("need 64 code bytes and 4 scales, got 10 and 2"), "{e}");
         assert!(Weights::new(&[], 0, 64, 3, 32).unwrap_err().contains("bits"));
         assert!(Weights::new(&[], 0, 64, 4, 48).unwrap_err().contains("block"));
+        // Checked before any size is computed from it.
+        assert!(Weights::pack(&[], &[], 0, 64, 4, 0).unwrap_err().contains("block"));
     }
 }

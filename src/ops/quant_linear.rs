@@ -10,7 +10,7 @@ use std::ops::Range;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput, ShapeInferenceContext};
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
-use super::quant_matmul::{Activations, PANEL_ROWS, Weights};
+use super::quant_matmul::{Activations, PANEL_ROWS, Panels, Weights};
 use super::{DOMAIN, SharedMut, dims, err, guarded, input, output};
 
 const OP: &str = "QuantMatMul";
@@ -135,45 +135,57 @@ impl QuantMatMulKernel {
             None => None,
         };
         let n = self.n;
-        let (runs, wanted) = match wanted.as_deref() {
+        let wanted = match wanted.as_deref() {
             Some(rows) if !rows.is_empty() => {
                 y.fill(f32::NEG_INFINITY);
                 let rows = checked(rows, n).map_err(|e| err(format!("{DOMAIN}::{OP}: rows: {e}")))?;
-                (panel_runs(&rows), Some(rows))
+                Some((panels_of(&rows), rows))
             }
-            _ => (std::iter::once(0..w.panels()).collect(), None),
+            _ => None,
+        };
+        // The wanted rows' panels as one list, which the kernel reads as several streams at
+        // once: one call per run of panels left each isolated panel's reads waiting on memory
+        // one after another (benches/RESULTS.md, "The constrained head on panels").
+        let panels = match &wanted {
+            Some((panels, _)) => Panels::List(panels),
+            None => Panels::from(0..w.panels()),
         };
         let a = Activations::new(x, m, &w);
-        let panels: usize = runs.iter().map(|r| r.len()).sum();
-        let tasks = split(&runs, task_count(panels * w.panel_bytes(), self.threads), a.panel_grain());
+        let tasks = split(panels.len(), task_count(panels.len() * w.panel_bytes(), self.threads), a.panel_grain());
         let yp = SharedMut(y.as_mut_ptr());
         ctx.par_for(tasks.len(), tasks.len(), |t| {
-            // Each run comes back `[m, 16·run]` and its columns are copied into y; one buffer
-            // serves every run of the task (a constrained head's can be hundreds of short ones).
-            let mut out = Vec::new();
-            for run in &tasks[t] {
-                let cols = PANEL_ROWS * run.start..PANEL_ROWS * run.end;
-                if m == 1 && wanted.is_none() && cols.end <= n {
+            let panels = panels.slice(tasks[t].clone());
+            let width = PANEL_ROWS * panels.len();
+            let Some((_, rows)) = &wanted else {
+                let cols = PANEL_ROWS * panels.at(0)..PANEL_ROWS * panels.at(0) + width;
+                if m == 1 && cols.end <= n {
                     // SAFETY: the tasks' panels are disjoint; this one writes only its own columns.
-                    let out = unsafe { std::slice::from_raw_parts_mut(yp.at(cols.start), cols.len()) };
-                    a.matmul_panels(&w, run.clone(), out);
-                    continue;
+                    let out = unsafe { std::slice::from_raw_parts_mut(yp.at(cols.start), width) };
+                    return a.matmul_panels(&w, panels, out);
                 }
-                out.resize(m * cols.len(), 0.0);
-                a.matmul_panels(&w, run.clone(), &mut out);
-                // The wanted columns of these panels, or all of them below N.
-                let keep = wanted
-                    .as_ref()
-                    .map(|rows| &rows[rows.partition_point(|&r| r < cols.start)..rows.partition_point(|&r| r < cols.end)]);
-                for (r, part) in out.chunks_exact(cols.len()).enumerate() {
-                    let mut put = |c: usize| {
-                        // SAFETY: as above, columns of this task's panels in each row of y.
-                        unsafe { *yp.at(r * n + c) = part[c - cols.start] };
-                    };
-                    match keep {
-                        Some(keep) => keep.iter().for_each(|&c| put(c)),
-                        None => (cols.start..cols.end.min(n)).for_each(&mut put),
-                    }
+                let mut out = vec![0.0; m * width];
+                a.matmul_panels(&w, panels, &mut out);
+                for (r, part) in out.chunks_exact(width).enumerate() {
+                    let real = cols.end.min(n) - cols.start;
+                    // SAFETY: as above, columns of this task's panels in each row of y.
+                    unsafe { std::slice::from_raw_parts_mut(yp.at(r * n + cols.start), real) }.copy_from_slice(&part[..real]);
+                }
+                return;
+            };
+            let mut out = vec![0.0; m * width];
+            a.matmul_panels(&w, panels, &mut out);
+            // The wanted rows these panels hold, each at its panel's position in `out`.
+            let first = PANEL_ROWS * panels.at(0);
+            let last = PANEL_ROWS * (panels.at(panels.len() - 1) + 1);
+            let keep = &rows[rows.partition_point(|&c| c < first)..rows.partition_point(|&c| c < last)];
+            let mut at = 0;
+            for &c in keep {
+                while panels.at(at) < c / PANEL_ROWS {
+                    at += 1;
+                }
+                for (r, part) in out.chunks_exact(width).enumerate() {
+                    // SAFETY: as above: rows of this task's panels only, in each row of y.
+                    unsafe { *yp.at(r * n + c) = part[PANEL_ROWS * at + c % PANEL_ROWS] };
                 }
             }
         })
@@ -195,16 +207,10 @@ fn checked(rows: &[i64], n: usize) -> Result<Vec<usize>, String> {
     Ok(out)
 }
 
-/// The panels that hold the ascending `rows`, as runs of consecutive panels.
-fn panel_runs(rows: &[usize]) -> Vec<Range<usize>> {
-    let mut out: Vec<Range<usize>> = Vec::new();
-    for p in rows.iter().map(|r| r / PANEL_ROWS) {
-        match out.last_mut() {
-            Some(run) if run.end > p => {}
-            Some(run) if run.end == p => run.end = p + 1,
-            _ => out.push(p..p + 1),
-        }
-    }
+/// The panels that hold the ascending `rows`, ascending.
+fn panels_of(rows: &[usize]) -> Vec<usize> {
+    let mut out: Vec<usize> = rows.iter().map(|r| r / PANEL_ROWS).collect();
+    out.dedup();
     out
 }
 
@@ -217,27 +223,11 @@ fn task_count(bytes: usize, threads: usize) -> usize {
     threads * (bytes / threads / TASK_BYTES).max(1)
 }
 
-/// `runs` (of panels) cut into `tasks` tasks of about equal panels, a multiple of `grain` each
-/// (bar the last); fewer where the panels run out first.
-fn split(runs: &[Range<usize>], tasks: usize, grain: usize) -> Vec<Vec<Range<usize>>> {
-    let total: usize = runs.iter().map(|r| r.len()).sum();
-    let per_task = (total.div_ceil(grain).div_ceil(tasks.max(1)) * grain).max(1);
-    let mut tasks = vec![Vec::new()];
-    let mut filled = 0;
-    for run in runs {
-        let mut run = run.clone();
-        while !run.is_empty() {
-            if filled == per_task {
-                tasks.push(Vec::new());
-                filled = 0;
-            }
-            let take = run.len().min(per_task - filled);
-            tasks.last_mut().expect("one task at least").push(run.start..run.start + take);
-            run.start += take;
-            filled += take;
-        }
-    }
-    tasks
+/// `panels` (positions) cut into `tasks` ranges of about equal panels, a multiple of `grain`
+/// each (bar the last); fewer where the panels run out first.
+fn split(panels: usize, tasks: usize, grain: usize) -> Vec<Range<usize>> {
+    let per_task = (panels.div_ceil(grain).div_ceil(tasks.max(1)) * grain).max(1);
+    (0..panels).step_by(per_task).map(|start| start..(start + per_task).min(panels)).collect()
 }
 
 #[cfg(test)]
@@ -245,27 +235,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_become_runs_of_panels_and_runs_tasks_of_equal_panels() {
+    fn rows_become_their_panels_and_panels_tasks_of_equal_length() {
         assert_eq!(checked(&[0, 1, 2, 70], 71).unwrap(), vec![0, 1, 2, 70]);
         assert!(checked(&[3, 3], 11).unwrap_err().contains("ascending"));
         assert!(checked(&[11], 11).unwrap_err().contains("not among the 11 outputs"));
         assert!(checked(&[-1], 11).unwrap_err().contains("row -1"));
-        assert_eq!(panel_runs(&[0, 1, 15, 16, 40, 100, 111, 112]), vec![0..3, 6..8]);
-        let tasks = split(&[0..50, 60..110], 4, 1);
-        assert_eq!(tasks.len(), 4);
-        assert_eq!(tasks[0], vec![0..25]);
-        assert_eq!(tasks[1], vec![25..50]);
-        assert_eq!(tasks[2], vec![60..85]);
-        assert_eq!(split(&[3..8, 9..9], 1, 1), vec![vec![3..8]]);
-        assert_eq!(split(&[], 2, 1), vec![Vec::<Range<usize>>::new()]);
-        // More tasks than rows: one row each.
-        assert_eq!(split(std::slice::from_ref(&(3..5)), 4, 1), vec![vec![3..4], vec![4..5]]);
+        assert_eq!(panels_of(&[0, 1, 15, 16, 40, 100, 111, 112]), vec![0, 1, 2, 6, 7]);
+        assert_eq!(split(100, 4, 1), vec![0..25, 25..50, 50..75, 75..100]);
+        assert_eq!(split(5, 1, 1), vec![0..5]);
+        assert_eq!(split(0, 2, 1), Vec::<Range<usize>>::new());
+        // More tasks than panels: one panel each.
+        assert_eq!(split(2, 4, 1), vec![0..1, 1..2]);
         // Pairs: 64 panels in 32 tasks of a pair; 63 in 2 of 32 and 31.
-        let tasks = split(std::slice::from_ref(&(0..64)), 32, 2);
+        let tasks = split(64, 32, 2);
         assert_eq!(tasks.len(), 32);
-        assert!(tasks.iter().all(|t| t.iter().map(|r| r.len()).sum::<usize>() == 2));
-        let tasks = split(std::slice::from_ref(&(0..63)), 2, 2);
-        assert_eq!(tasks, vec![vec![0..32], vec![32..63]]);
+        assert!(tasks.iter().all(|t| t.len() == 2));
+        assert_eq!(split(63, 2, 2), vec![0..32, 32..63]);
     }
 
     #[test]

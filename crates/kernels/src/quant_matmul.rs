@@ -202,6 +202,69 @@ fn check(bits: u32, block: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// The panels one call computes, in the order of its output's columns: a run of consecutive
+/// panels (a whole matrix, or a thread's share of it), or a list of any (the panels of a
+/// constrained head's allowed tokens, scattered over the vocabulary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Panels<'p> {
+    /// Panels `start..start + len`.
+    Run { start: usize, len: usize },
+    /// These panels.
+    List(&'p [usize]),
+}
+
+impl<'p> Panels<'p> {
+    pub fn len(&self) -> usize {
+        match self {
+            Panels::Run { len, .. } => *len,
+            Panels::List(list) => list.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The panel at position `i` (its columns in the output are `16·i..16·(i + 1)`).
+    pub fn at(&self, i: usize) -> usize {
+        match self {
+            Panels::Run { start, .. } => start + i,
+            Panels::List(list) => list[i],
+        }
+    }
+
+    /// Positions `r` of these panels.
+    pub fn slice(&self, r: Range<usize>) -> Panels<'p> {
+        match self {
+            Panels::Run { start, len } => {
+                assert!(r.start <= r.end && r.end <= *len, "positions {r:?} of {len}");
+                Panels::Run { start: start + r.start, len: r.len() }
+            }
+            Panels::List(list) => Panels::List(&list[r]),
+        }
+    }
+
+    /// Whether every panel is below `panels`.
+    fn within(&self, panels: usize) -> bool {
+        match self {
+            Panels::Run { start, len } => start + len <= panels,
+            Panels::List(list) => list.iter().all(|&p| p < panels),
+        }
+    }
+}
+
+impl From<Range<usize>> for Panels<'static> {
+    fn from(r: Range<usize>) -> Self {
+        Panels::Run { start: r.start, len: r.len() }
+    }
+}
+
+impl<'p> From<&'p [usize]> for Panels<'p> {
+    fn from(list: &'p [usize]) -> Self {
+        Panels::List(list)
+    }
+}
+
 /// Activation rows prepared for one call against weights of one shape.
 pub struct Activations<'x> {
     isa: Isa,
@@ -470,16 +533,17 @@ impl<'x> Activations<'x> {
         }
     }
 
-    /// Output columns of `panels` (rows `16·panels.start..16·panels.end` of `w`, the last panel's
-    /// padding included) of `y = x · wᵀ` into `out [m, 16·panels.len()]` (row-major). `w` must be
-    /// the weights these activations were prepared for.
-    pub fn matmul_panels(&self, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
-        assert!(panels.end <= w.panels(), "panels {panels:?} of {}", w.panels());
+    /// Output columns of `panels` (rows `16·p..16·(p + 1)` of `w` for each panel `p`, the last
+    /// panel's padding included) of `y = x · wᵀ` into `out [m, 16·panels.len()]` (row-major),
+    /// in the order of `panels`. `w` must be the weights these activations were prepared for.
+    pub fn matmul_panels<'p>(&self, w: &Weights, panels: impl Into<Panels<'p>>, out: &mut [f32]) {
+        let panels = panels.into();
+        assert!(panels.within(w.panels()), "panels {panels:?} of {}", w.panels());
         assert_eq!(out.len(), self.m * PANEL_ROWS * panels.len(), "out must be [m, 16·panels]");
         match &self.held {
             Held::Floats { x, poisoned } => {
                 assert_eq!(x.len(), self.m * w.k, "activations for other weights");
-                float_product(x, self.m, w, panels.clone(), out);
+                float_product(x, self.m, w, panels, out);
                 let width = PANEL_ROWS * panels.len();
                 for (r, _) in poisoned.iter().enumerate().filter(|(_, p)| **p) {
                     out[r * width..(r + 1) * width].fill(f32::NAN);
@@ -515,27 +579,27 @@ struct Ints<'a> {
 
 /// The f32 path of [`Activations::matmul_panels`]: [`FLOAT_PANELS`] panels at a time
 /// dequantised, then one SGEMM of every activation row against them.
-fn float_product(x: &[f32], m: usize, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
+fn float_product(x: &[f32], m: usize, w: &Weights, panels: Panels, out: &mut [f32]) {
     let (width, k) = (PANEL_ROWS * panels.len(), w.k);
     let mut wf = vec![0f32; PANEL_ROWS * FLOAT_PANELS.min(panels.len()) * k];
-    for first in panels.clone().step_by(FLOAT_PANELS) {
-        let count = (panels.end - first).min(FLOAT_PANELS);
+    for first in (0..panels.len()).step_by(FLOAT_PANELS) {
+        let count = (panels.len() - first).min(FLOAT_PANELS);
         let rows = PANEL_ROWS * count;
         for (p, dst) in wf[..rows * k].chunks_exact_mut(PANEL_ROWS * k).enumerate() {
-            dequantise_panel(w, first + p, dst);
+            dequantise_panel(w, panels.at(first + p), dst);
         }
         // out[:, cols] = x · wfᵀ, wfᵀ read column by column from wf's rows.
-        let col = PANEL_ROWS * (first - panels.start);
+        let col = PANEL_ROWS * first;
         gemm(m, k, rows, 1.0, x, k, 1, &wf, 1, k, 0.0, &mut out[col..], width);
     }
 }
 
 /// The integer sums without vector instructions, panel by panel and row by row.
-fn scalar_panels(a: &Ints, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
+fn scalar_panels(a: &Ints, w: &Weights, panels: Panels, out: &mut [f32]) {
     let (blocks, block, mid) = (w.blocks(), w.block, w.mid());
     let (kp, width) = (blocks * block, PANEL_ROWS * panels.len());
     let per_word = 32 / w.bits as usize;
-    for (p, panel) in panels.enumerate() {
+    for (p, panel) in (0..panels.len()).map(|p| (p, panels.at(p))) {
         for b in 0..blocks {
             let (codes, scales) = w.panel_block(panel, b);
             for j in 0..PANEL_ROWS {
@@ -570,9 +634,8 @@ fn scalar_panels(a: &Ints, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod vnni {
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
-    use super::{Aligned, GEMM_ROWS, Ints, PANEL_ROWS, STEP_BYTES, Weights};
+    use super::{Aligned, GEMM_ROWS, Ints, PANEL_ROWS, Panels, STEP_BYTES, Weights};
 
     /// From this many activation rows on, int4 panels are unpacked once per call ([`unpacked`]):
     /// at 16 rows (three passes) unpacking cost the 0.8B qkv matrix 1.25x, at 64 it broke even,
@@ -592,7 +655,7 @@ mod vnni {
     /// many integer ones (the second set halves the chain of dependent `vpdpbusd`, which bounds
     /// one or two rows), within the 32 vector registers.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    pub(super) unsafe fn panels(a: &Ints, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
+    pub(super) unsafe fn panels(a: &Ints, w: &Weights, panels: Panels, out: &mut [f32]) {
         // SAFETY (all): the caller checked the CPU's features, the panels and `out`.
         unsafe {
             match (a.m, w.bits == 4) {
@@ -614,20 +677,20 @@ mod vnni {
     /// summed as int8 by every pass of six activation rows. Unpacking in each pass instead made
     /// M = 512 1.15-1.3x slower (0.8B shapes).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    unsafe fn unpacked(a: &Ints, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
+    unsafe fn unpacked(a: &Ints, w: &Weights, panels: Panels, out: &mut [f32]) {
         // The layout the scratch's panels have: int8 codes of the same blocks.
         let int8 = Weights { packed: &[], n: PANEL_ROWS, k: w.k, bits: 8, block: w.block };
         let bytes = int8.panel_bytes();
         let mut scratch = Aligned::<u8>::new(2 * bytes);
         let nib = _mm512_set1_epi8(0x0f);
-        for pair in panels.clone().step_by(2) {
-            let count = (panels.end - pair).min(2);
+        for pair in (0..panels.len()).step_by(2) {
+            let count = (panels.len() - pair).min(2);
             for p in 0..count {
-                // SAFETY: the reads lie within panel `pair + p` of `w`, the writes within the
-                // scratch's `p`th panel (twice the code bytes, the same scales); the caller
-                // checked the CPU's features.
+                // SAFETY: the reads lie within panel `panels.at(pair + p)` of `w`, the writes
+                // within the scratch's `p`th panel (twice the code bytes, the same scales); the
+                // caller checked the CPU's features.
                 unsafe {
-                    let src = w.packed.as_ptr().add((pair + p) * w.panel_bytes());
+                    let src = w.packed.as_ptr().add(panels.at(pair + p) * w.panel_bytes());
                     let dst = scratch.as_mut_ptr().add(p * bytes);
                     for b in 0..w.blocks() {
                         let (src, dst) = (src.add(b * w.block_bytes()), dst.add(b * int8.block_bytes()));
@@ -646,9 +709,9 @@ mod vnni {
             // SAFETY: as for `panels`; the scratch's panels land in columns of `pair`.
             unsafe {
                 if count == 2 {
-                    rows::<2, 6, false>(a, &w8, [0, 1], [pair - panels.start, pair + 1 - panels.start], out);
+                    rows::<2, 6, false>(a, &w8, [0, 1], [pair, pair + 1], out);
                 } else {
-                    rows::<1, 6, false>(a, &w8, [0], [pair - panels.start], out);
+                    rows::<1, 6, false>(a, &w8, [0], [pair], out);
                 }
             }
         }
@@ -657,21 +720,16 @@ mod vnni {
     /// [`panels`] with `R` streams and up to `MR` activation rows a pass; the panels left over
     /// after the multiple of `R` go one at a time.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    unsafe fn streams<const R: usize, const MR: usize, const INT4: bool>(
-        a: &Ints,
-        w: &Weights,
-        panels: Range<usize>,
-        out: &mut [f32],
-    ) {
+    unsafe fn streams<const R: usize, const MR: usize, const INT4: bool>(a: &Ints, w: &Weights, panels: Panels, out: &mut [f32]) {
         let per_stream = panels.len() / R;
         for i in 0..per_stream {
-            let ps: [usize; R] = std::array::from_fn(|r| panels.start + r * per_stream + i);
+            let cols: [usize; R] = std::array::from_fn(|r| r * per_stream + i);
             // SAFETY: as for `panels`.
-            unsafe { rows::<R, MR, INT4>(a, w, ps, ps.map(|p| p - panels.start), out) };
+            unsafe { rows::<R, MR, INT4>(a, w, cols.map(|c| panels.at(c)), cols, out) };
         }
-        for p in panels.start + R * per_stream..panels.end {
+        for c in R * per_stream..panels.len() {
             // SAFETY: as for `panels`.
-            unsafe { rows::<1, MR, INT4>(a, w, [p], [p - panels.start], out) };
+            unsafe { rows::<1, MR, INT4>(a, w, [panels.at(c)], [c], out) };
         }
     }
 
@@ -802,9 +860,8 @@ mod vnni {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
-    use std::ops::Range;
 
-    use super::{Ints, PANEL_ROWS, STEP_BYTES, Weights};
+    use super::{Ints, PANEL_ROWS, Panels, STEP_BYTES, Weights};
 
     /// Rows of a panel in one 8-lane vector: each panel is two halves.
     const HALF: usize = 8;
@@ -817,17 +874,18 @@ mod avx2 {
     /// the sign of x moved onto them, int4 ones as their unsigned nibbles), then pairs of those
     /// into i32.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn panels(a: &Ints, w: &Weights, panels: Range<usize>, out: &mut [f32]) {
-        for p in panels.clone() {
+    pub(super) unsafe fn panels(a: &Ints, w: &Weights, panels: Panels, out: &mut [f32]) {
+        for col in 0..panels.len() {
+            let p = panels.at(col);
             let mut m0 = 0;
             while m0 < a.m {
                 // SAFETY: the caller checked the CPU's features, the panels and `out`.
                 unsafe {
                     match (a.m - m0 >= 2, w.bits == 4) {
-                        (true, true) => pass::<2, true>(a, w, p, panels.start, m0, out),
-                        (true, false) => pass::<2, false>(a, w, p, panels.start, m0, out),
-                        (false, true) => pass::<1, true>(a, w, p, panels.start, m0, out),
-                        (false, false) => pass::<1, false>(a, w, p, panels.start, m0, out),
+                        (true, true) => pass::<2, true>(a, w, p, col, m0, out),
+                        (true, false) => pass::<2, false>(a, w, p, col, m0, out),
+                        (false, true) => pass::<1, true>(a, w, p, col, m0, out),
+                        (false, false) => pass::<1, false>(a, w, p, col, m0, out),
                     }
                 }
                 m0 += 2;
@@ -835,10 +893,10 @@ mod avx2 {
         }
     }
 
-    /// Activation rows `m0..m0 + MR` against panel `p`, into its columns of `out`.
+    /// Activation rows `m0..m0 + MR` against panel `p`, into `out`'s panel of columns `col`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn pass<const MR: usize, const INT4: bool>(a: &Ints, w: &Weights, p: usize, first: usize, m0: usize, out: &mut [f32]) {
+    unsafe fn pass<const MR: usize, const INT4: bool>(a: &Ints, w: &Weights, p: usize, col: usize, m0: usize, out: &mut [f32]) {
         let (blocks, block) = (w.blocks(), w.block);
         let kp = blocks * block;
         let width = out.len() / a.m;
@@ -900,7 +958,7 @@ mod avx2 {
             }
             for (h, acc) in acc.iter().enumerate() {
                 for (i, &v) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(out.as_mut_ptr().add((m0 + i) * width + (p - first) * PANEL_ROWS + h * HALF), v);
+                    _mm256_storeu_ps(out.as_mut_ptr().add((m0 + i) * width + col * PANEL_ROWS + h * HALF), v);
                 }
             }
         }
@@ -1003,13 +1061,22 @@ mod tests {
                 let want = reference(&x, m, &rows);
                 for &isa in &isas {
                     let a = Activations::for_isa(&x, m, &w, isa);
-                    for panels in [0..w.panels(), 1..w.panels()] {
+                    // Runs, and lists: scattered panels (the padded last among them) for
+                    // streams of single panels, one panel, and every panel backwards.
+                    let backwards: Vec<usize> = (0..w.panels()).rev().collect();
+                    for panels in [
+                        Panels::from(0..w.panels()),
+                        Panels::from(1..w.panels()),
+                        Panels::List(&[9, 0, 3, 4, 7, 2]),
+                        Panels::List(&[5]),
+                        Panels::List(&backwards),
+                    ] {
                         let width = PANEL_ROWS * panels.len();
                         let mut y = vec![f32::NAN; m * width];
-                        a.matmul_panels(&w, panels.clone(), &mut y);
+                        a.matmul_panels(&w, panels, &mut y);
                         for r in 0..m {
                             for j in 0..width {
-                                let nn = PANEL_ROWS * panels.start + j;
+                                let nn = PANEL_ROWS * panels.at(j / PANEL_ROWS) + j % PANEL_ROWS;
                                 let got = y[r * width + j] as f64;
                                 let Some(&[exact, size, float, bound, float_size]) = want.get(r * n + nn).filter(|_| nn < n)
                                 else {

@@ -76,6 +76,7 @@ simd::dispatch!(
 fn recurrent_lanes<const FMA: bool>(inp: &HeadInputs<'_>, past: &[f32], state: &mut [f32], out: &mut [f32]) {
     let (dk, dv) = (inp.dk, inp.dv);
     let mut sk = vec![0f32; dv];
+    let mut next = vec![0f32; dv];
     for t in 0..inp.len() {
         let q = &inp.q[t * dk..(t + 1) * dk];
         let k = &inp.k[t * dk..(t + 1) * dk];
@@ -100,21 +101,26 @@ fn recurrent_lanes<const FMA: bool>(inp: &HeadInputs<'_>, past: &[f32], state: &
             *d = beta * (vj - decay * *d);
             *oj = madd::<FMA>(*d, kq, decay * *oj);
         }
-        // Pass 2: S ← e^g S + k δᵀ.
-        if t == 0 {
-            for ((row, old), &ki) in state.chunks_exact_mut(dv).zip(past.chunks_exact(dv)).zip(k) {
-                for ((s, &o), &d) in row.iter_mut().zip(old).zip(sk.iter()) {
-                    *s = madd::<FMA>(ki, d, decay * o);
-                }
+        // Pass 2: S ← e^g S + k δᵀ. The last token's state is read next by the next call, after
+        // the rest of the step has gone through the caches, so it is streamed to memory: an
+        // ordinary store reads each line before writing it (1 MB a 0.8B layer): a single-token
+        // step of a 0.8B layer's 16 heads took 264 µs with that read, 191-196 without (one
+        // thread, states not in cache).
+        let last = t + 1 == inp.len();
+        for (i, &ki) in k.iter().enumerate() {
+            let old = if t == 0 { &past[i * dv..(i + 1) * dv] } else { &state[i * dv..(i + 1) * dv] };
+            for ((s, &o), &d) in next.iter_mut().zip(old).zip(sk.iter()) {
+                *s = madd::<FMA>(ki, d, decay * o);
             }
-        } else {
-            for (row, &ki) in state.chunks_exact_mut(dv).zip(k) {
-                for (s, &d) in row.iter_mut().zip(sk.iter()) {
-                    *s = madd::<FMA>(ki, d, decay * *s);
-                }
+            let row = &mut state[i * dv..(i + 1) * dv];
+            if last {
+                simd::stream_copy(row, &next);
+            } else {
+                row.copy_from_slice(&next);
             }
         }
     }
+    simd::stream_fence();
     if inp.len() == 0 {
         state.copy_from_slice(past);
     }

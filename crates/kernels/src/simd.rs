@@ -180,6 +180,39 @@ fn widen_bf16_lanes<const FMA: bool>(src: &[u16], dst: &mut [f32]) {
     }
 }
 
+/// `dst ← src` with stores that bypass the caches where the CPU has them (x86-64's `movntps`,
+/// for a 16-byte aligned `dst`), for data no one reads again soon: an ordinary store first reads
+/// the line it writes. Call [`stream_fence`] before the data is handed on.
+#[inline(always)]
+pub(crate) fn stream_copy(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "stream_copy of unequal lengths");
+    #[cfg(target_arch = "x86_64")]
+    if dst.as_ptr().align_offset(16) == 0 {
+        use std::arch::x86_64::{_mm_loadu_ps, _mm_stream_ps};
+        let mut d = dst.chunks_exact_mut(4);
+        let mut s = src.chunks_exact(4);
+        for (d, s) in (&mut d).zip(&mut s) {
+            // SAFETY: SSE is part of x86-64; `d` is 4 floats at a 16-byte boundary (dst is, and
+            // every chunk is 16 bytes on), `s` 4 readable floats.
+            unsafe { _mm_stream_ps(d.as_mut_ptr(), _mm_loadu_ps(s.as_ptr())) };
+        }
+        d.into_remainder().copy_from_slice(s.remainder());
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
+/// Orders the [`stream_copy`] stores before every later store of this thread, so that whoever
+/// is handed the data next sees it.
+#[inline(always)]
+pub(crate) fn stream_fence() {
+    // SAFETY: SSE is part of x86-64.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
 /// Flush-to-zero and denormals-are-zero on this thread while alive, restored on drop.
 ///
 /// The DeltaNet rule multiplies by decays `e^{c_i − c_j}` that reach 1e-38 under strong gating:

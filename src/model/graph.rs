@@ -204,6 +204,18 @@ pub fn build(
     Ok(c.b)
 }
 
+/// A DeltaNet layer's gate inputs (graph names): `a`, `b` `[B, T, Hv]` from the input
+/// projection, the heads' `−exp(A_log)` and `dt_bias` `[Hv]`, the output gate `z` `[B, T,
+/// Hv·Dv]` and the gated RMSNorm's weight `[Dv]`.
+struct Gates<'a> {
+    a: &'a str,
+    b: &'a str,
+    neg_exp_a: &'a str,
+    dt_bias: &'a str,
+    z: &'a str,
+    norm: &'a str,
+}
+
 impl Ctx<'_> {
     /// cos/sin tables `[B,S,1,rot]` for the interleaved multi-axis RoPE: rotary frequency i takes
     /// its position from axis i mod 3 (T, H, W), exactly as the reference's interleaved MRoPE.
@@ -332,11 +344,16 @@ impl Ctx<'_> {
         let scale: Vec<f32> = if one_plus { w.iter().map(|&v| 1.0 + v).collect() } else { w.to_vec() };
         let name = self.b.fresh("norm");
         let s = self.b.f32s(&name, &[scale.len() as i64], &scale)?;
-        Ok(self.b.op(
+        Ok(self.rms_norm_by(x, &s))
+    }
+
+    /// RMSNorm over the last axis with the weight initialiser `scale`.
+    fn rms_norm_by(&mut self, x: &str, scale: &str) -> String {
+        self.b.op(
             "RMSNormalization",
-            &[x, &s],
+            &[x, scale],
             vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(self.cfg.rms_norm_eps as f32))],
-        ))
+        )
     }
 
     fn silu(&mut self, x: &str) -> String {
@@ -408,24 +425,16 @@ impl Ctx<'_> {
         let (pc, pr) = (present_name(&past_conv), present_name(&past_rec));
         let mixed = self.causal_conv(qkv, &conv_w, &past_conv, &pc, conv_dim, kw)?;
         let parts = self.b.split(&mixed, &[key_dim as i64, key_dim as i64, value_dim as i64], -1)?;
-        // beta = sigmoid(b); g = −exp(A_log) · softplus(a + dt_bias), in f32 as the reference.
-        let beta = self.b.op("Sigmoid", &[bl], vec![]);
         let a_log = w.get(&format!("{p}A_log"), &[hv])?;
         let neg_a: Vec<f32> = a_log.iter().map(|&a| -((a as f64).exp()) as f32).collect();
         let neg_a = self.b.f32s(&format!("{p}neg_exp_A"), &[hv as i64], &neg_a)?;
         let dt_bias = w.get(&format!("{p}dt_bias"), &[hv])?;
         let dt_bias = self.b.f32s(&format!("{p}dt_bias"), &[hv as i64], &dt_bias)?;
-        let a = self.b.op("Add", &[al, &dt_bias], vec![]);
-        let sp = self.b.op("Softplus", &[&a], vec![]);
-        let g = self.b.op("Mul", &[&sp, &neg_a], vec![]);
-        let o = self.delta_rule([&parts[0], &parts[1], &parts[2]], &g, &beta, [&past_rec, &pr])?;
-        // Gated RMSNorm per value head (plain weight, not 1 + w), then the silu(z) gate.
-        let o4 = self.b.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
-        let n = self.rms_norm(&o4, &w.get(&format!("{p}norm.weight"), &[dv])?, false)?;
-        let z4 = self.b.reshape(z, &[0, 0, hv as i64, dv as i64])?;
-        let gate = self.silu(&z4);
-        let y = self.b.op("Mul", &[&n, &gate], vec![]);
-        let y = self.b.reshape(&y, &[0, 0, value_dim as i64])?;
+        // The gated RMSNorm's weight is plain, not 1 + w.
+        let norm = w.get(&format!("{p}norm.weight"), &[dv])?;
+        let norm = self.b.f32s(&format!("{p}norm.weight"), &[dv as i64], &norm)?;
+        let gates = Gates { a: al, b: bl, neg_exp_a: &neg_a, dt_bias: &dt_bias, z, norm: &norm };
+        let y = self.delta_rule([&parts[0], &parts[1], &parts[2]], gates, [&past_rec, &pr])?;
         self.linear(&y, &format!("{p}out_proj"), &w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?, h, value_dim)
     }
 
@@ -459,27 +468,41 @@ impl Ctx<'_> {
         Ok(mixed)
     }
 
-    /// The gated delta rule over `[q, k, v]` with its carried state (`[past, present]`):
-    /// deltadoc's operator, or ORT's LinearAttention for comparisons.
-    fn delta_rule(&mut self, [q, k, v]: [&str; 3], g: &str, beta: &str, [past, present]: [&str; 2]) -> Result<String> {
+    /// The gated delta rule over `[q, k, v]` with its carried state (`[past, present]`), its
+    /// gates from `a` and `b`, and its output through the gated RMSNorm: deltadoc's operator,
+    /// which does all of it in one node, or ORT's LinearAttention between the graph's own nodes
+    /// for comparisons.
+    fn delta_rule(&mut self, [q, k, v]: [&str; 3], gates: Gates, [past, present]: [&str; 2]) -> Result<String> {
         let cfg = self.cfg;
-        let (hk, hv, dk) = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim);
+        let (hk, hv, dk, dv) =
+            (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim);
         let o = self.b.fresh("rule_out");
         let scale = Attr::Float((dk as f32).powf(-0.5));
         match self.opts.linear_attn {
-            LinearAttn::Deltadoc => self.b.node_named(
-                "GatedDeltaRule",
-                ops::DOMAIN,
-                &[q, k, v, g, beta, past],
-                &[&o, present],
-                vec![
-                    ("num_k_heads", Attr::Int(hk as i64)),
-                    ("num_v_heads", Attr::Int(hv as i64)),
-                    ("scale", scale),
-                    ("use_qk_l2norm", Attr::Int(1)),
-                ],
-            ),
+            LinearAttn::Deltadoc => {
+                let Gates { a, b, neg_exp_a, dt_bias, z, norm } = gates;
+                self.b.node_named(
+                    "GatedDeltaRule",
+                    ops::DOMAIN,
+                    &[q, k, v, a, b, past, neg_exp_a, dt_bias, z, norm],
+                    &[&o, present],
+                    vec![
+                        ("num_k_heads", Attr::Int(hk as i64)),
+                        ("num_v_heads", Attr::Int(hv as i64)),
+                        ("scale", scale),
+                        ("use_qk_l2norm", Attr::Int(1)),
+                        ("norm_epsilon", Attr::Float(cfg.rms_norm_eps as f32)),
+                    ],
+                );
+                Ok(o)
+            }
             LinearAttn::Builtin => {
+                // beta = sigmoid(b); g = −exp(A_log) · softplus(a + dt_bias), in f32 as the
+                // reference.
+                let beta = self.b.op("Sigmoid", &[gates.b], vec![]);
+                let a = self.b.op("Add", &[gates.a, gates.dt_bias], vec![]);
+                let sp = self.b.op("Softplus", &[&a], vec![]);
+                let g = self.b.op("Mul", &[&sp, gates.neg_exp_a], vec![]);
                 // ORT's op expects L2-normalised q/k and applies `scale` itself; with fewer key
                 // heads than state heads it shares key head h·Hk/Hv, as the reference's
                 // repeat_interleave does.
@@ -488,7 +511,7 @@ impl Ctx<'_> {
                 self.b.node_named(
                     "LinearAttention",
                     "com.microsoft",
-                    &[&q, &k, v, past, g, beta],
+                    &[&q, &k, v, past, &g, &beta],
                     &[&o, present],
                     vec![
                         ("q_num_heads", Attr::Int(hk as i64)),
@@ -499,9 +522,15 @@ impl Ctx<'_> {
                         ("chunk_size", Attr::Int(64)),
                     ],
                 );
+                // Gated RMSNorm per value head, then the silu(z) gate.
+                let o4 = self.b.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
+                let n = self.rms_norm_by(&o4, gates.norm);
+                let z4 = self.b.reshape(gates.z, &[0, 0, hv as i64, dv as i64])?;
+                let gate = self.silu(&z4);
+                let y = self.b.op("Mul", &[&n, &gate], vec![]);
+                self.b.reshape(&y, &[0, 0, (hv * dv) as i64])
             }
         }
-        Ok(o)
     }
 
     /// `x · rsqrt(Σx² + 1e-6)` per head of a packed `[B, T, heads·d]` tensor (the reference's l2norm).

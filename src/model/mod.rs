@@ -32,7 +32,9 @@ use crate::progress::Progress;
 /// 4: the int8/int4 head is `ai.deltadoc::QuantMatMul` and the graph takes `head_rows`.
 /// 5: the int8/int4 layers' projections are `QuantMatMul` too (no `MatMulNBits`).
 /// 6: `QuantMatMul` takes its weights packed in panels of 16 rows (one initialiser, no scales).
-pub const FORMAT_VERSION: u32 = 6;
+/// 7: `GatedDeltaRule` computes the DeltaNet's gates from `a` and `b` and applies the gated
+///    RMSNorm to its output (inputs `neg_exp_a`, `dt_bias`, `z`, `norm_weight`).
+pub const FORMAT_VERSION: u32 = 7;
 /// Default ONNX opset of exported graphs (RMSNormalization needs 23).
 pub const ONNX_OPSET: i64 = 23;
 

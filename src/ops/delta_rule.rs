@@ -6,7 +6,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::TensorElementType;
 
 use super::gated_delta::{self, ChunkScratch, HeadInputs};
-use super::{DOMAIN, Pool, SharedMut, dims, err, guarded, input, output};
+use super::{DOMAIN, Pool, SharedMut, dims, err, guarded, input, optional_input, output};
 
 /// Which gated-delta kernel a call uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,7 +20,10 @@ pub enum RuleAlgorithm {
 }
 
 /// Gated delta rule over packed heads: `q, k: [B, T, Hk·Dk]`, `v: [B, T, Hv·Dv]`,
-/// `g, beta: [B, T, Hv]`, `past_state: [B, Hv, Dk, Dv]` (f32).
+/// `g, beta: [B, T, Hv]`, `past_state: [B, Hv, Dk, Dv]` (f32). Optionally the gates come raw
+/// (inputs `neg_exp_a`, `dt_bias`: then `g` and `beta` are Qwen3.5's `a` and `b`), and the output
+/// goes through the layer's gated RMSNorm (inputs `z`, `norm_weight`), so that a decode step runs
+/// one node where the graph would run a dozen small ones (onnx/README.md, "GatedDeltaRule").
 pub struct GatedDeltaRule;
 
 /// Kernel of [`GatedDeltaRule`] for one graph node: its attributes.
@@ -30,6 +33,7 @@ pub struct RuleKernel {
     scale: f32,
     l2norm: bool,
     algorithm: RuleAlgorithm,
+    norm_epsilon: f32,
 }
 
 /// Buffers of one rule call, reused from call to call (fresh multi-megabyte allocations every
@@ -63,7 +67,9 @@ impl Operator for GatedDeltaRule {
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        (0..6).map(|_| OperatorInput::required(TensorElementType::Float32))
+        let required = (0..6).map(|_| OperatorInput::required(TensorElementType::Float32));
+        // neg_exp_a, dt_bias, z, norm_weight.
+        required.chain((0..4).map(|_| OperatorInput::optional(TensorElementType::Float32)))
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
@@ -94,6 +100,7 @@ impl Operator for GatedDeltaRule {
             scale: kctx.get::<f32>("scale").unwrap_or(0.0),
             l2norm: kctx.get::<i64>("use_qk_l2norm").unwrap_or(1) != 0,
             algorithm,
+            norm_epsilon: kctx.get::<f32>("norm_epsilon").unwrap_or(1e-6),
         })
     }
 
@@ -127,17 +134,47 @@ impl RuleKernel {
             (qs, q): f32 = 0 "q",
             (ks, k): f32 = 1 "k",
             (vs, v): f32 = 2 "v",
-            (gs, g): f32 = 3 "g",
-            (bs, beta): f32 = 4 "beta",
+            (gs, g): f32 = 3 "g (or a)",
+            (bs, beta): f32 = 4 "beta (or b)",
             (ss, s): f32 = 5 "past_state",
         );
         let c = self.sizes([&qs[..], &ks[..], &vs[..], &gs[..], &bs[..], &ss[..]])?;
+        let extra = (6..10).map(|i| optional_input(ctx, i)).collect::<ort::Result<Vec<_>>>()?;
+        let mut opt = Vec::with_capacity(extra.len());
+        for (value, name) in extra.iter().zip(["neg_exp_a", "dt_bias", "z", "norm_weight"]) {
+            opt.push(match value {
+                Some(v) => Some((name, v.try_extract_tensor::<f32>()?)),
+                None => None,
+            });
+        }
+        let (b, t, hv, dv) = (c.b, c.t, self.num_v_heads, c.dv);
+        let mut pair = |at: usize, shapes: [Vec<usize>; 2]| -> ort::Result<Option<[&[f32]; 2]>> {
+            match (opt[at].take(), opt[at + 1].take()) {
+                (None, None) => Ok(None),
+                (Some(x), Some(y)) => {
+                    for ((name, (shape, _)), want) in [&x, &y].into_iter().zip(&shapes) {
+                        if dims(shape) != *want {
+                            return Err(err(format!("{OP}: {name} has shape {:?}, expected {want:?}", dims(shape))));
+                        }
+                    }
+                    Ok(Some([x.1.1, y.1.1]))
+                }
+                (Some((name, _)), None) | (None, Some((name, _))) => {
+                    Err(err(format!("{OP}: {name} needs its partner input (neg_exp_a with dt_bias, z with norm_weight)")))
+                }
+            }
+        };
+        let gates = match pair(0, [vec![hv], vec![hv]])? {
+            None => Gates::Given { g, beta },
+            Some([neg_exp_a, dt_bias]) => Gates::Raw { a: g, b: beta, neg_exp_a, dt_bias },
+        };
+        let norm = pair(2, [vec![b, t, hv * dv], vec![dv]])?.map(|[z, w]| Norm { z, w, eps: self.norm_epsilon });
         let (mut o, mut ns) = (output(ctx, 0, vs.to_vec(), OP)?, output(ctx, 1, ss.to_vec(), OP)?);
         let (_, o) = o.try_extract_tensor_mut::<f32>()?;
         let (_, ns) = ns.try_extract_tensor_mut::<f32>()?;
         let mut scratch = RULE_SCRATCH.take();
         self.normalise_qk(ctx, c, q, k, &mut scratch)?;
-        self.heads(ctx, c, HeadsIo { v, g, beta, past: s, out: o, state: ns }, &mut scratch)
+        self.heads(ctx, c, HeadsIo { v, gates, norm, past: s, out: o, state: ns }, &mut scratch)
     }
 
     /// The call's sizes, once every input's shape agrees with them.
@@ -204,7 +241,7 @@ impl RuleKernel {
     /// The rule per (batch row, value head), each on a worker of its own.
     fn heads(&self, ctx: &ComputeContext, c: Call, io: HeadsIo, sc: &mut RuleScratch) -> ort::Result<()> {
         let (hk, hv, Call { b, t, dk, dv }) = (self.num_k_heads, self.num_v_heads, c);
-        let HeadsIo { v, g, beta, past, out, state } = io;
+        let HeadsIo { v, gates, norm, past, out, state } = io;
         let use_recurrent = match self.algorithm {
             RuleAlgorithm::Auto => t == 1,
             RuleAlgorithm::Recurrent => true,
@@ -228,8 +265,7 @@ impl RuleKernel {
             for ti in 0..t {
                 let row = bi * t + ti;
                 hs.v[ti * dv..(ti + 1) * dv].copy_from_slice(&v[row * hv * dv + h * dv..row * hv * dv + (h + 1) * dv]);
-                hs.g[ti] = g[row * hv + h];
-                hs.beta[ti] = beta[row * hv + h];
+                (hs.g[ti], hs.beta[ti]) = gates.at(row * hv + h, h);
             }
             let inp = HeadInputs {
                 q: &qn[kh * t * dk..(kh + 1) * t * dk],
@@ -252,6 +288,9 @@ impl RuleKernel {
             }
             for ti in 0..t {
                 let dst = (bi * t + ti) * hv * dv + h * dv;
+                if let Some(n) = &norm {
+                    gated_delta::gated_norm(&mut hs.out[ti * dv..(ti + 1) * dv], &n.z[dst..dst + dv], n.w, n.eps);
+                }
                 // SAFETY: as above, these columns of this row are worker i's alone.
                 unsafe { std::slice::from_raw_parts_mut(out_ptr.at(dst), dv) }.copy_from_slice(&hs.out[ti * dv..(ti + 1) * dv]);
             }
@@ -259,11 +298,39 @@ impl RuleKernel {
     }
 }
 
+/// Where a call's gates come from, per token and value head.
+#[derive(Clone, Copy)]
+enum Gates<'a> {
+    /// `g` and `beta` `[B, T, Hv]`, computed by the graph.
+    Given { g: &'a [f32], beta: &'a [f32] },
+    /// Qwen3.5's `a` and `b` `[B, T, Hv]` and the heads' `−exp(A_log)` and `dt_bias` `[Hv]`.
+    Raw { a: &'a [f32], b: &'a [f32], neg_exp_a: &'a [f32], dt_bias: &'a [f32] },
+}
+
+impl Gates<'_> {
+    /// `(g, beta)` at flat position `i` of `[B, T, Hv]`, value head `h`.
+    fn at(&self, i: usize, h: usize) -> (f32, f32) {
+        match *self {
+            Gates::Given { g, beta } => (g[i], beta[i]),
+            Gates::Raw { a, b, neg_exp_a, dt_bias } => {
+                (gated_delta::log_decay(a[i], neg_exp_a[h], dt_bias[h]), gated_delta::write_strength(b[i]))
+            }
+        }
+    }
+}
+
+/// The layer's gated RMSNorm on the rule's output: `z [B, T, Hv·Dv]`, its weight `w [Dv]`.
+struct Norm<'a> {
+    z: &'a [f32],
+    w: &'a [f32],
+    eps: f32,
+}
+
 /// The per-head inputs and the outputs of one call.
 struct HeadsIo<'a> {
     v: &'a [f32],
-    g: &'a [f32],
-    beta: &'a [f32],
+    gates: Gates<'a>,
+    norm: Option<Norm<'a>>,
     past: &'a [f32],
     out: &'a mut [f32],
     state: &'a mut [f32],

@@ -89,6 +89,11 @@ fn input<'a>(ctx: &'a ComputeContext, idx: usize, op: &str, what: &str) -> ort::
     ctx.input(idx)?.ok_or_else(|| err(format!("{DOMAIN}::{op}: missing input {idx} ({what})")))
 }
 
+/// Input `idx` where the node has one there and it is not left empty ("").
+fn optional_input<'a>(ctx: &'a ComputeContext, idx: usize) -> ort::Result<Option<ort::value::ValueRef<'a>>> {
+    if ctx.num_inputs()? > idx { ctx.input(idx) } else { Ok(None) }
+}
+
 /// Binds `(shape, data)` of inputs 0, 1, … in order, as element type `$ty`; a missing input or
 /// another element type is an error naming the op and the input. A macro because the data
 /// borrows from a value that must live in the caller's scope.

@@ -11,7 +11,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use super::quant_matmul::{Activations, PANEL_ROWS, Panels, Weights};
-use super::{DOMAIN, SharedMut, dims, err, guarded, input, output};
+use super::{DOMAIN, SharedMut, dims, err, guarded, input, optional_input, output};
 
 const OP: &str = "QuantMatMul";
 
@@ -130,7 +130,7 @@ impl QuantMatMulKernel {
             return Ok(());
         }
         // A node of two inputs has no third to ask for; one given as "" asks and gets none.
-        let wanted = match if ctx.num_inputs()? > 2 { ctx.input(2)? } else { None } {
+        let wanted = match optional_input(ctx, 2)? {
             Some(v) => Some(v.try_extract_tensor::<i64>()?.1.to_vec()),
             None => None,
         };

@@ -65,6 +65,34 @@ fn prepare_qk_lanes<const FMA: bool>(x: &mut [f32], d: usize, scale: f32) {
     }
 }
 
+/// A head's log-decay for one token, `g = −exp(A_log)·softplus(a + dt_bias)` (≤ 0), from the
+/// head's `neg_exp_a = −exp(A_log)` and `dt_bias`: Qwen3.5's gate, in f32 as the reference
+/// computes it. Softplus as `max(x, 0) + ln(1 + e^−|x|)`, which neither overflows nor loses
+/// the small values far below 0.
+pub fn log_decay(a: f32, neg_exp_a: f32, dt_bias: f32) -> f32 {
+    let x = a + dt_bias;
+    neg_exp_a * (x.max(0.0) + (-x.abs()).exp().ln_1p())
+}
+
+/// A head's write strength for one token, `β = sigmoid(b)`.
+pub fn write_strength(b: f32) -> f32 {
+    1.0 / (1.0 + (-b).exp())
+}
+
+simd::dispatch!(
+    /// Qwen3.5's gated RMSNorm of one head's output row: `o ← o · rsqrt(mean(o²) + eps) · w ·
+    /// silu(z)`, with `z` the row's gate and `w` the norm's weight (plain, not `1 + w`).
+    pub gated_norm(o: &mut [f32], z: &[f32], w: &[f32], eps: f32) -> () = gated_norm_lanes
+);
+
+#[inline(always)]
+fn gated_norm_lanes<const FMA: bool>(o: &mut [f32], z: &[f32], w: &[f32], eps: f32) {
+    let inv = 1.0 / (simd::dot_lanes::<FMA>(o, o) / o.len() as f32 + eps).sqrt();
+    for ((v, &z), &w) in o.iter_mut().zip(z).zip(w) {
+        *v = w * (*v * inv) * simd::silu_lane::<FMA>(z);
+    }
+}
+
 simd::dispatch!(
     /// Token-by-token rule from the state `past` to `state`; `out` is `[T, Dv]`. The first token
     /// reads `past` and writes `state`, so a decode step streams the state twice in all, not twice
@@ -275,6 +303,33 @@ fn chunked_lanes<const FMA: bool>(inp: &HeadInputs<'_>, state: &mut [f32], out: 
 mod tests {
     use super::*;
     use rand::{RngExt, SeedableRng, rngs::StdRng};
+
+    #[test]
+    fn gates_and_gated_norm_follow_their_formulas() {
+        for (a, neg, bias) in [(0.3f32, -0.5f32, 1.2f32), (-40.0, -2.0, 0.5), (35.0, -0.1, 0.0), (-1.0, -1.0, -1.0)] {
+            let x = (a + bias) as f64;
+            let want = neg as f64 * if x > 30.0 { x } else { x.exp().ln_1p() };
+            let got = log_decay(a, neg, bias) as f64;
+            assert!((got - want).abs() <= 1e-6 * want.abs() + 1e-30, "g({a}, {neg}, {bias}) = {got}, want {want}");
+        }
+        for b in [-30.0f32, -2.0, 0.0, 0.7, 25.0] {
+            let want = 1.0 / (1.0 + (-b as f64).exp());
+            assert!((write_strength(b) as f64 - want).abs() <= 1e-7, "beta({b})");
+        }
+        let mut rng = StdRng::seed_from_u64(3);
+        let d = 128;
+        let o: Vec<f32> = (0..d).map(|_| rng.random_range(-3f32..3.0)).collect();
+        let z: Vec<f32> = (0..d).map(|_| rng.random_range(-4f32..4.0)).collect();
+        let w: Vec<f32> = (0..d).map(|_| rng.random_range(0.5f32..1.5)).collect();
+        let mut got = o.clone();
+        gated_norm(&mut got, &z, &w, 1e-6);
+        let ms = o.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+        for i in 0..d {
+            let (zi, oi) = (z[i] as f64, o[i] as f64);
+            let want = w[i] as f64 * oi / (ms + 1e-6).sqrt() * zi / (1.0 + (-zi).exp());
+            assert!((got[i] as f64 - want).abs() <= 1e-5 * want.abs().max(1e-3), "{i}: {} vs {want}", got[i]);
+        }
+    }
 
     /// The recurrence written out directly from the formulas in f64: the reference both kernels
     /// are held to.

@@ -263,6 +263,15 @@ def from_disk(path: Path) -> None:
             os.close(fd)
 
 
+def weight_stream(r: dict) -> float | None:
+    """GB/s at which deltadoc's QuantMatMul read its weights inside its calls over the decode steps
+    of one `deltadoc bench` report (its decode_ops): the weight stream without the rest of a step."""
+    for t in r.get("decode_ops", []):
+        if t["op"] == "QuantMatMul" and t["seconds"] > 0:
+            return t["weight_bytes"] / t["seconds"] / 1e9
+    return None
+
+
 def deltadoc_bench(dd: Path, model: Path, prompt: int, gen: int, threads: int) -> dict:
     from_disk(model)
     cmd = [dd, "bench", "--model", model, "--prompt-tokens", prompt, "--gen-tokens", gen, "--threads", threads, "--json"]
@@ -458,6 +467,17 @@ def report(rows: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wb
             rows, "decode", depths, "### Decode tokens/s at a context depth (fraction of the bandwidth ceiling)", bandwidth_ceiling
         )
 
+        # The int classes' weight stream inside the matmul calls, apart from the rest of a step.
+        streams = {k: row for k, row in rows.items() if row.get("stream")}
+        if streams:
+            lines += [""] + speed_table(
+                streams,
+                "stream",
+                depths,
+                "### deltadoc's weights read inside its QuantMatMul calls while decoding, GB/s (fraction of the read ceiling)",
+                lambda _key, _d: ceil["read_bytes_per_s"] / 1e9,
+            )
+
     def get(key, kind, n):
         return rows.get(key, {}).get(kind, {}).get(n)
 
@@ -587,7 +607,7 @@ def main() -> None:
     # slows a run down).
     dd_keys = [k for k in rows if k.startswith(("deltadoc-", "ort-ops-"))]
     llama_keys = [k for k in rows if k.startswith("llama-")]
-    runs = {k: {"prefill": {}, "decode": {}, "peak_rss_bytes": {}} for k in rows}
+    runs = {k: {"prefill": {}, "decode": {}, "stream": {}, "peak_rss_bytes": {}} for k in rows}
 
     def record(key, kind, x, value):
         if value is not None:
@@ -604,13 +624,16 @@ def main() -> None:
                 record(k, "peak_rss_bytes", n, r.get("peak_rss_bytes"))
                 if n in depths:
                     record(k, "decode", n, r.get("decode_tokens_per_s"))
+                    record(k, "stream", n, weight_stream(r))
             for k in llama_keys:
                 record(k, "prefill", n, llama_bench(llama_src, ggufs[rows[k]["weights"]], n, 0, 0, args.threads))
         for d in depths:
             for k in dd_keys:
                 if d not in lengths:
                     # Depth 0 is a 16-token prompt.
-                    record(k, "decode", d, deltadoc_bench(dd, dd_model(k), max(d, 16), args.gen, args.threads).get("decode_tokens_per_s"))
+                    r = deltadoc_bench(dd, dd_model(k), max(d, 16), args.gen, args.threads)
+                    record(k, "decode", d, r.get("decode_tokens_per_s"))
+                    record(k, "stream", d, weight_stream(r))
             for k in llama_keys:
                 record(k, "decode", d, llama_bench(llama_src, ggufs[rows[k]["weights"]], 0, args.gen, d, args.threads))
         if "transformers-fp32" in rows:
@@ -626,7 +649,7 @@ def main() -> None:
                 if t:
                     versions["torch"], versions["transformers"] = t["torch"], t["transformers"]
     for k, row in rows.items():
-        for kind in ("prefill", "decode"):
+        for kind in ("prefill", "decode", "stream"):
             row[kind] = {x: max(v) for x, v in runs[k][kind].items()}
         row["runs"] = runs[k]
 

@@ -14,6 +14,7 @@ use crate::model::ModelDir;
 use crate::model::config::TextConfig;
 use crate::model::graph::KvCache;
 use crate::model::plan::{Footprint, StateCopy};
+use crate::ops::op_time::{self, OpTime};
 use crate::progress::Progress;
 use crate::runtime::SessionOptions;
 use crate::util::ProcessMemory;
@@ -95,6 +96,11 @@ pub struct BenchReport {
     /// Memory the plan of `deltadoc model info` expects for this run (context = prompt +
     /// generated tokens; the stages' snapshot of the prompt, or the largest checkpoint).
     pub planned_bytes: u64,
+    /// Seconds of the decode steps after the first token.
+    pub decode_s: f64,
+    /// deltadoc's operators over those decode steps: where the steps' time went, and the weight
+    /// bytes `QuantMatMul` read (its rate inside the calls is the weight stream's).
+    pub decode_ops: Vec<OpTime>,
 }
 
 /// One line of a resumable run's timing log: after `tokens` prompt tokens, the prefill had taken
@@ -256,9 +262,11 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         }
         Ok(())
     };
+    op_time::take();
     let t1 = Instant::now();
     decode(&mut dec, tok)?;
     let decode_s = t1.elapsed().as_secs_f64();
+    let decode_ops = op_time::take();
     let decoded = opts.gen_tokens.saturating_sub(1);
     let kv_state_bytes = dec.state_bytes() as u64;
 
@@ -279,6 +287,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     Ok(BenchReport {
         prefill_tokens_per_s: (opts.prompt_tokens - pre.timed_from) as f64 / prefill_s,
         decode_tokens_per_s: if decoded > 0 { decoded as f64 / decode_s } else { 0.0 },
+        decode_s,
+        decode_ops,
         ttft_s,
         peak_rss_bytes: pre.earlier_peak.max(ProcessMemory::read().peak_bytes),
         kv_state_bytes,

@@ -113,8 +113,29 @@ fn block_size_is_checked_and_recorded() {
         .flat_map(|n| n.attribute.iter().filter(|a| a.name == "block_size").map(|a| a.i))
         .collect();
     assert!(!blocks.is_empty() && blocks.iter().all(|&b| b == 64), "{blocks:?}");
-    let v = bench_json(&out, &["--gen-tokens", "2"]);
+    let v = bench_json(&out, &["--gen-tokens", "3"]);
     assert_eq!(v["quant_block"], 64);
+    // The two decode steps ran every QuantMatMul node once each and read all of its packed
+    // weights (no constraint: the head's every panel).
+    let attr = |n: &deltadoc::onnx::proto::NodeProto, name: &str| n.attribute.iter().find(|a| a.name == name).unwrap().i as usize;
+    let packed: usize = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "QuantMatMul")
+        .map(|n| {
+            deltadoc::ops::quant_matmul::Weights::packed_len(
+                attr(n, "N"),
+                attr(n, "K"),
+                attr(n, "bits") as u32,
+                attr(n, "block_size"),
+            )
+            .unwrap()
+        })
+        .sum();
+    let ops = v["decode_ops"].as_array().unwrap();
+    let matmul = ops.iter().find(|t| t["op"] == "QuantMatMul").expect("QuantMatMul in decode_ops");
+    assert_eq!(matmul["calls"].as_u64().unwrap() as usize, 2 * blocks.len(), "{matmul}");
+    assert_eq!(matmul["weight_bytes"].as_u64().unwrap() as usize, 2 * packed, "{matmul}");
 }
 
 /// `deltadoc bench --json` on `model` with 130 random prompt tokens, plus `extra` flags.
@@ -137,6 +158,18 @@ fn bench_reports_the_documented_json_keys() {
     let want = f.kv_bytes_per_token() as usize * (130 + 4) + f.cfg.linear_state_bytes();
     assert_eq!(v["kv_state_bytes"].as_u64().unwrap() as usize, want);
     assert!(v["prefix_reuse_ratio"].is_null());
+    // The four decode steps' time by deltadoc's operators: each DeltaNet layer (6 of gqa8's 8)
+    // ran its conv and rule once a step, each attention layer its attention; an fp32 graph has no
+    // QuantMatMul. Together they took part of the steps' time, not more.
+    let ops = v["decode_ops"].as_array().unwrap();
+    let calls = |op: &str| ops.iter().find(|t| t["op"] == op).map(|t| t["calls"].as_u64().unwrap());
+    assert_eq!(
+        [calls("GatedDeltaRule"), calls("CausalConv1dWithState"), calls("CausalAttention"), calls("QuantMatMul")],
+        [Some(24), Some(24), Some(8), None],
+        "{ops:?}"
+    );
+    let ours: f64 = ops.iter().map(|t| t["seconds"].as_f64().unwrap()).sum();
+    assert!(ours > 0.0 && ours < v["decode_s"].as_f64().unwrap(), "{ops:?} in {}", v["decode_s"]);
     // Three stages on one prefilled prompt: each pays only its instruction and decode.
     let v = bench_json(&model, &["--gen-tokens", "3", "--stages", "3", "--stage-tokens", "8"]);
     assert_eq!(v["stage_s"].as_array().unwrap().len(), 3);

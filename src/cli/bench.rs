@@ -92,6 +92,7 @@ fn print_table(m: &ModelDir, r: &BenchReport) {
     }
     println!("first token    {:.3} s", r.ttft_s);
     println!("decode         {} tokens, {:.2} tok/s", r.gen_tokens, r.decode_tokens_per_s);
+    print_step(r);
     println!("KV + state     {:.1} MiB", mib(r.kv_state_bytes));
     println!("peak RSS       {:.1} MiB (plan {:.1} MiB)", mib(r.peak_rss_bytes), mib(r.planned_bytes));
     if let Some(ratio) = r.prefix_reuse_ratio {
@@ -99,4 +100,28 @@ fn print_table(m: &ModelDir, r: &BenchReport) {
         println!("stages         {} s each after one shared prefill; total / one stage = {ratio:.2}", stages.join(", "));
         println!("snapshot       {:.1} MiB", mib(r.snapshot_bytes as u64));
     }
+}
+
+/// A decode step's time by deltadoc's operators, the weight stream's rate inside the matmul
+/// calls, and what is left: ONNX Runtime's own nodes, the run's fixed cost and the greedy pick.
+fn print_step(r: &BenchReport) {
+    let steps = r.gen_tokens.saturating_sub(1);
+    if steps == 0 || r.decode_ops.is_empty() {
+        return;
+    }
+    let per_step = |s: f64| s * 1e3 / steps as f64;
+    for t in &r.decode_ops {
+        let stream = if t.weight_bytes > 0 {
+            format!(
+                ", weights {:.1} MB/step at {:.1} GB/s",
+                t.weight_bytes as f64 / 1e6 / steps as f64,
+                t.weight_bytes as f64 / t.seconds / 1e9
+            )
+        } else {
+            String::new()
+        };
+        println!("  {:<22} {:6.2} ms/step, {} calls{stream}", t.op, per_step(t.seconds), t.calls / steps as u64);
+    }
+    let ours: f64 = r.decode_ops.iter().map(|t| t.seconds).sum();
+    println!("  {:<22} {:6.2} ms/step", "other nodes, run, pick", per_step(r.decode_s - ours));
 }

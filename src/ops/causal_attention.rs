@@ -5,7 +5,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use super::attention;
-use super::{DOMAIN, Pool, SharedMut, dims, err, guarded, input, output};
+use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, output};
 
 /// Causal grouped-query attention with a growing KV cache, computed blockwise
 /// ([`attention`]): `q: [B, S, Hq, D]`, `k, v: [B, S, Hkv, D]` (f32, positions already rotated),
@@ -135,7 +135,7 @@ impl<T: CacheType> Operator for CausalAttention<T> {
 
 impl<T: CacheType> Kernel for AttentionKernel<T> {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        guarded(T::OP, || self.run(ctx))
+        guarded(T::OP, OpKind::CausalAttention, || self.run(ctx))
     }
 }
 

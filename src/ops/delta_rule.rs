@@ -6,7 +6,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::TensorElementType;
 
 use super::gated_delta::{self, ChunkScratch, HeadInputs};
-use super::{DOMAIN, Pool, SharedMut, dims, err, guarded, input, optional_input, output};
+use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, optional_input, output};
 
 /// Which gated-delta kernel a call uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,7 +113,7 @@ impl Operator for GatedDeltaRule {
 
 impl Kernel for RuleKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        guarded("GatedDeltaRule", || self.run(ctx))
+        guarded(OP, OpKind::GatedDeltaRule, || self.run(ctx))
     }
 }
 

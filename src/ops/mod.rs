@@ -18,6 +18,7 @@ pub use deltadoc_kernels::{attention, conv, gated_delta, quant_matmul};
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use ort::operator::{ComputeContext, OperatorDomain};
 
@@ -25,6 +26,8 @@ pub use causal_attention::{AttentionKernel, CacheType, CausalAttention};
 pub use causal_conv::{CausalConv1dWithState, ConvKernel};
 pub use delta_rule::{GatedDeltaRule, RuleAlgorithm, RuleKernel};
 pub use quant_linear::{QuantMatMul, QuantMatMulKernel};
+
+use op_time::OpKind;
 
 /// Custom-op domain of the exported graphs.
 pub const DOMAIN: &str = "ai.deltadoc";
@@ -47,10 +50,14 @@ fn err(msg: impl Into<String>) -> ort::Error {
     ort::Error::new(msg.into())
 }
 
-/// Runs a kernel body and turns a panic into an ORT error: a panic unwinding through ORT's C
-/// frames would abort the whole daemon (docs/model.md, "Operators").
-fn guarded(name: &str, body: impl FnOnce() -> ort::Result<()>) -> ort::Result<()> {
-    match catch_unwind(AssertUnwindSafe(body)) {
+/// Runs a kernel body of the operator `name` (of `kind`), counts its time ([`op_time`]) and
+/// turns a panic into an ORT error: a panic unwinding through ORT's C frames would abort the whole
+/// daemon (docs/model.md, "Operators").
+fn guarded(name: &str, kind: OpKind, body: impl FnOnce() -> ort::Result<()>) -> ort::Result<()> {
+    let since = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(body));
+    op_time::record(kind, since);
+    match result {
         Ok(r) => r,
         Err(p) => {
             let what = p
@@ -164,4 +171,5 @@ impl<T> Drop for Pooled<T> {
 mod causal_attention;
 mod causal_conv;
 mod delta_rule;
+pub mod op_time;
 mod quant_linear;

@@ -11,7 +11,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use super::quant_matmul::{Activations, PANEL_ROWS, Panels, Weights};
-use super::{DOMAIN, SharedMut, dims, err, guarded, input, optional_input, output};
+use super::{DOMAIN, OpKind, SharedMut, dims, err, guarded, input, optional_input, output};
 
 const OP: &str = "QuantMatMul";
 
@@ -107,7 +107,7 @@ impl Operator for QuantMatMul {
 
 impl Kernel for QuantMatMulKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        guarded(OP, || self.run(ctx))
+        guarded(OP, OpKind::QuantMatMul, || self.run(ctx))
     }
 }
 
@@ -150,6 +150,7 @@ impl QuantMatMulKernel {
             Some((panels, _)) => Panels::List(panels),
             None => Panels::from(0..w.panels()),
         };
+        super::op_time::read_weights(panels.len() * w.panel_bytes());
         let a = Activations::new(x, m, &w);
         let tasks = split(panels.len(), task_count(panels.len() * w.panel_bytes(), self.threads), a.panel_grain());
         let yp = SharedMut(y.as_mut_ptr());

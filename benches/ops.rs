@@ -23,13 +23,16 @@
 
 use std::time::Instant;
 
+#[path = "../tests/common/quant_node.rs"]
+mod quant_node;
+
 use deltadoc::onnx::proto::data_type;
 use deltadoc::onnx::{Attr, Dim, GraphBuilder};
-use deltadoc::ops::quant_matmul::Weights;
 use deltadoc::runtime::{self, SessionOptions};
 use ndarray::{ArrayD, IxDyn};
 use ort::session::Session;
 use ort::value::Tensor;
+use quant_node::{Codes, Op};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 
 const HEADS: usize = 16;
@@ -313,26 +316,10 @@ fn matmul_graph(dir: &std::path::Path, (n, k): (usize, usize), bits: u32, block:
         let scales: Vec<f32> = (0..n * blocks).map(|_| rng.random_range(0.001f32..0.01)).collect();
         let out = format!("y{c}");
         b.output(&out, data_type::FLOAT, &[Dim::Named("m"), Dim::Fixed(n as i64)]);
-        let mut attrs = vec![
-            ("K", Attr::Int(k as i64)),
-            ("N", Attr::Int(n as i64)),
-            ("bits", Attr::Int(bits as i64)),
-            ("block_size", Attr::Int(block as i64)),
-        ];
-        // The same codes and scales: as they are for MatMulNBits, packed in panels for ours.
-        let (op, domain, weights) = if ours {
-            let packed = Weights::pack(&codes, &scales, n, k, bits, block).unwrap();
-            let p = b.initializer(&format!("packed{c}"), data_type::UINT8, &[packed.len() as i64], &packed).unwrap();
-            ("QuantMatMul", deltadoc::ops::DOMAIN, vec![p])
-        } else {
-            attrs.push(("accuracy_level", Attr::Int(4)));
-            let q =
-                b.initializer(&format!("codes{c}"), data_type::UINT8, &[n as i64, blocks as i64, blob as i64], &codes).unwrap();
-            let sc = b.f32s(&format!("scales{c}"), &[(n * blocks) as i64], &scales).unwrap();
-            ("MatMulNBits", "com.microsoft", vec![q, sc])
-        };
-        let inputs: Vec<&str> = std::iter::once("x").chain(weights.iter().map(String::as_str)).collect();
-        b.node_named(op, domain, &inputs, &[&out], attrs);
+        // The same codes and scales: as they are for MatMulNBits (accuracy level 4, as the
+        // model graph had it), packed in panels for ours.
+        let op = if ours { Op::Ours } else { Op::NBits(4) };
+        quant_node::add(&mut b, op, &Codes { codes: &codes, scales: &scales, n, k, bits, block }, "x", None, &out);
     }
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
     runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()

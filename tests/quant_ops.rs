@@ -3,23 +3,18 @@
 //! against an f32 product with the dequantised weights (K = 1024 and 3584, the 0.8B hidden and
 //! MLP widths), and the two operators against each other.
 
+#[path = "common/quant_node.rs"]
+mod quant_node;
+
 use deltadoc::model::quant;
 use deltadoc::onnx::proto::data_type;
-use deltadoc::onnx::{Attr, Dim, GraphBuilder};
-use deltadoc::ops::quant_matmul::{GEMM_ROWS, Isa, Weights};
+use deltadoc::onnx::{Dim, GraphBuilder};
+use deltadoc::ops::quant_matmul::{GEMM_ROWS, Isa};
 use deltadoc::runtime::{self, SessionOptions};
 use ndarray::Array2;
 use ort::value::Tensor;
+use quant_node::{Codes, Op};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
-
-/// Which operator multiplies.
-#[derive(Clone, Copy)]
-enum Op {
-    /// ORT's `MatMulNBits` at an accuracy level.
-    NBits(i64),
-    /// deltadoc's `QuantMatMul`.
-    Ours,
-}
 
 /// The largest difference from the dequantised product over `m` rows, and the outputs.
 fn run(bits: i64, block: usize, op: Op, k: usize, n: usize, m: usize) -> (f32, Vec<f32>) {
@@ -51,32 +46,11 @@ fn outputs(
     let mut b = GraphBuilder::new("nbits", &path).unwrap();
     b.input("x", data_type::FLOAT, &[Dim::Fixed(m as i64), Dim::Fixed(k as i64)]);
     b.output("y", data_type::FLOAT, &[Dim::Fixed(m as i64), Dim::Fixed(n as i64)]);
-    let mut attrs = vec![
-        ("K", Attr::Int(k as i64)),
-        ("N", Attr::Int(n as i64)),
-        ("bits", Attr::Int(bits)),
-        ("block_size", Attr::Int(block as i64)),
-    ];
-    // MatMulNBits takes the quantiser's codes and scales; QuantMatMul the same packed in panels.
-    let (name, domain, weights) = match op {
-        Op::NBits(level) => {
-            attrs.push(("accuracy_level", Attr::Int(level)));
-            let qn = b.initializer("w_q", data_type::UINT8, &[n as i64, q.blocks as i64, q.blob as i64], &q.data).unwrap();
-            let sn = b.f32s("w_scales", &[(n * q.blocks) as i64], &q.scales).unwrap();
-            ("MatMulNBits", "com.microsoft", vec![qn, sn])
-        }
-        Op::Ours => {
-            let packed = Weights::pack(&q.data, &q.scales, n, k, bits as u32, block).unwrap();
-            let pn = b.initializer("w_packed", data_type::UINT8, &[packed.len() as i64], &packed).unwrap();
-            ("QuantMatMul", deltadoc::ops::DOMAIN, vec![pn])
-        }
-    };
-    let mut inputs: Vec<&str> = std::iter::once("x").chain(weights.iter().map(String::as_str)).collect();
     if rows.is_some() {
         b.input("rows", data_type::INT64, &[Dim::Named("r")]);
-        inputs.push("rows");
     }
-    b.node_named(name, domain, &inputs, &["y"], attrs);
+    let w = Codes { codes: &q.data, scales: &q.scales, n, k, bits: bits as u32, block };
+    quant_node::add(&mut b, op, &w, "x", rows.map(|_| "rows"), "y");
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
     let mut s = runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap();
     let xin = Tensor::from_array(Array2::from_shape_vec((m, k), x.clone()).unwrap()).unwrap();

@@ -9,6 +9,8 @@ use super::{DOMAIN, OpKind, SharedMut, dims, err, guarded, input, output};
 /// Causal depthwise conv over `x: [B, T, C]` with `weight: [C, K]` and `past_state: [B, C, K − 1]`.
 pub struct CausalConv1dWithState;
 
+const OP: &str = "CausalConv1dWithState";
+
 /// Parts of the channels a decode step's conv is cut into, each a task on the pool.
 const DECODE_PARTS: usize = 2;
 
@@ -21,7 +23,7 @@ impl Operator for CausalConv1dWithState {
     type Kernel<'a> = ConvKernel;
 
     fn name(&self) -> &str {
-        "CausalConv1dWithState"
+        OP
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
@@ -34,8 +36,7 @@ impl Operator for CausalConv1dWithState {
 
     fn create_kernel<'a>(&self, kctx: &KernelContext<'a>) -> ort::Result<ConvKernel> {
         let name = kctx.get::<String>("activation").unwrap_or_else(|| "silu".into());
-        let act = Activation::parse(&name)
-            .ok_or_else(|| err(format!("{DOMAIN}::CausalConv1dWithState: unknown activation {name:?}")))?;
+        let act = Activation::parse(&name).ok_or_else(|| err(format!("{DOMAIN}::{OP}: unknown activation {name:?}")))?;
         Ok(ConvKernel { act })
     }
 
@@ -48,8 +49,7 @@ impl Operator for CausalConv1dWithState {
 
 impl Kernel for ConvKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        guarded(OpKind::CausalConv.name(), OpKind::CausalConv, || {
-            const OP: &str = "CausalConv1dWithState";
+        guarded(OP, OpKind::CausalConv, || {
             inputs!(ctx, OP; (xs, x): f32 = 0 "x", (ws, w): f32 = 1 "weight", (ss, s): f32 = 2 "past_state");
             let (xd, wd, sd) = (dims(xs), dims(ws), dims(ss));
             if xd.len() != 3 || wd.len() != 2 || sd.len() != 3 {

@@ -150,9 +150,10 @@ impl QuantMatMulKernel {
             Some((panels, _)) => Panels::List(panels),
             None => Panels::from(0..w.panels()),
         };
-        super::op_time::read_weights(panels.len() * w.panel_bytes());
+        let bytes = panels.len() * w.panel_bytes();
+        super::op_time::read_weights(bytes);
         let a = Activations::new(x, m, &w);
-        let tasks = split(panels.len(), task_count(panels.len() * w.panel_bytes(), self.threads), a.panel_grain());
+        let tasks = split(panels.len(), task_count(bytes, self.threads), a.panel_grain());
         let yp = SharedMut(y.as_mut_ptr());
         ctx.par_for(tasks.len(), tasks.len(), |t| {
             let panels = panels.slice(tasks[t].clone());
@@ -166,8 +167,8 @@ impl QuantMatMulKernel {
                 }
                 let mut out = vec![0.0; m * width];
                 a.matmul_panels(&w, panels, &mut out);
+                let real = cols.end.min(n) - cols.start;
                 for (r, part) in out.chunks_exact(width).enumerate() {
-                    let real = cols.end.min(n) - cols.start;
                     // SAFETY: as above, columns of this task's panels in each row of y.
                     unsafe { std::slice::from_raw_parts_mut(yp.at(r * n + cols.start), real) }.copy_from_slice(&part[..real]);
                 }

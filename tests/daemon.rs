@@ -105,7 +105,10 @@ fn kill_9_during_a_stage_then_restart_gives_exactly_one_result() {
     // Calls that completed are kept for the next attempt (src/stage/journal.rs).
     let journal = sb.path(&format!("state/journal/{}", sb.status()["recent"][0]["id"]));
     let kept = wait_for("model calls kept in the job's journal", Duration::from_secs(120), || {
-        let n = std::fs::read_dir(&journal).map_or(0, |d| d.count());
+        // Finished entries only: one being written is a temporary file beside them, which the
+        // kill can leave unfinished (src/output.rs, `replace_atomically`).
+        let n = std::fs::read_dir(&journal)
+            .map_or(0, |d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count());
         (n >= 3).then_some(n)
     });
     d.child.kill().unwrap();

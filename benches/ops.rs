@@ -319,7 +319,7 @@ fn matmul_graph(dir: &std::path::Path, (n, k): (usize, usize), bits: u32, block:
         // The same codes and scales: as they are for MatMulNBits (accuracy level 4, as the
         // model graph had it), packed in panels for ours.
         let op = if ours { Op::Ours } else { Op::NBits(4) };
-        quant_node::add(&mut b, op, &Codes { codes: &codes, scales: &scales, n, k, bits, block }, "x", None, &out);
+        quant_node::add(&mut b, op, &Codes { codes: &codes, scales: &scales, n, k, bits, block }, "x", &[], vec![], &out);
     }
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
     runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()

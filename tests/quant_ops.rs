@@ -8,7 +8,7 @@ mod quant_node;
 
 use deltadoc::model::quant;
 use deltadoc::onnx::proto::data_type;
-use deltadoc::onnx::{Dim, GraphBuilder};
+use deltadoc::onnx::{Attr, Dim, GraphBuilder};
 use deltadoc::ops::quant_matmul::{GEMM_ROWS, Isa};
 use deltadoc::runtime::{self, SessionOptions};
 use ndarray::Array2;
@@ -50,7 +50,8 @@ fn outputs(
         b.input("rows", data_type::INT64, &[Dim::Named("r")]);
     }
     let w = Codes { codes: &q.data, scales: &q.scales, n, k, bits: bits as u32, block };
-    quant_node::add(&mut b, op, &w, "x", rows.map(|_| "rows"), "y");
+    let after = if rows.is_some() { ["rows"].as_slice() } else { &[] };
+    quant_node::add(&mut b, op, &w, "x", after, vec![], "y");
     b.finish(&path, &[("", 23), ("com.microsoft", 1), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
     let mut s = runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap();
     let xin = Tensor::from_array(Array2::from_shape_vec((m, k), x.clone()).unwrap()).unwrap();
@@ -124,7 +125,135 @@ fn with_rows_only_those_are_computed_and_equal_the_full_product() {
         assert!(every.iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits()), "bits {bits}: empty rows");
     }
     for (bad, why) in [(vec![3i64, 2], "rows must be ascending"), (vec![256], "row 256 is not among the 256 outputs")] {
-        let e = outputs(4, 32, Op::Ours, 1024, 256, 1, Some(&bad)).unwrap_err().to_string();
+        let e = outputs(4, 32, Op::Ours, 1024, 256, 1, Some(&bad)).unwrap_err();
+        let e = format!("{e:#}");
         assert!(e.contains("QuantMatMul: rows") && e.contains(why), "{e}");
     }
+}
+
+/// Weights, input, norm weight and residual of the folding tests below, and the graph's
+/// outputs for them.
+struct Folded {
+    codes: quant::Blocks,
+    x: Vec<f32>,
+    norm: Vec<f32>,
+    residual: Vec<f32>,
+    k: usize,
+    n: usize,
+    m: usize,
+    bits: u32,
+    block: usize,
+}
+
+impl Folded {
+    fn new(bits: u32, block: usize, k: usize, n: usize, m: usize) -> Self {
+        let mut rng = StdRng::seed_from_u64(bits as u64 + k as u64 * 7 + m as u64);
+        let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0) / (k as f32).sqrt()).collect();
+        // Rows of different scales and off zero, so the norm matters.
+        let x = (0..m * k).map(|i| (rng.random_range(-1.0f32..1.0) + 0.3) * (1 + i / k) as f32).collect();
+        let norm = (0..k).map(|_| rng.random_range(0.5f32..1.5)).collect();
+        let residual = (0..m * n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        Self { codes: quant::block_quantize(&w, n, k, bits, block), x, norm, residual, k, n, m, bits, block }
+    }
+
+    /// `y [m, out]` of a graph over inputs `x` and `residual` (`[m, out]`) and the initialiser
+    /// `norm`, whose nodes `body` adds.
+    fn run(&self, out: usize, body: impl FnOnce(&mut GraphBuilder, &Codes<'_>)) -> anyhow::Result<Vec<f32>> {
+        let (k, m) = (self.k, self.m);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        let mut b = GraphBuilder::new("folded", &path).unwrap();
+        b.input("x", data_type::FLOAT, &[Dim::Fixed(m as i64), Dim::Fixed(k as i64)]);
+        b.input("residual", data_type::FLOAT, &[Dim::Fixed(m as i64), Dim::Fixed(out as i64)]);
+        b.output("y", data_type::FLOAT, &[Dim::Fixed(m as i64), Dim::Fixed(out as i64)]);
+        b.f32s("norm", &[k as i64], &self.norm).unwrap();
+        let w = Codes { codes: &self.codes.data, scales: &self.codes.scales, n: self.n, k, bits: self.bits, block: self.block };
+        body(&mut b, &w);
+        b.finish(&path, &[("", 23), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
+        let mut s = runtime::open_session(&path, &SessionOptions::with_threads(2))?;
+        let x = Tensor::from_array(Array2::from_shape_vec((m, k), self.x.clone()).unwrap()).unwrap();
+        let r = Tensor::from_array(Array2::from_shape_vec((m, out), self.residual[..m * out].to_vec()).unwrap()).unwrap();
+        let got = s.run(vec![("x", x.into_dyn()), ("residual", r.into_dyn())])?;
+        Ok(got["y"].try_extract_tensor::<f32>()?.1.to_vec())
+    }
+
+    /// The formulas in f64 on the dequantised weights.
+    fn reference(&self, swiglu: bool) -> Vec<f64> {
+        let (k, n) = (self.k, self.n);
+        let dq = quant::block_dequantize(&self.codes, n, k, self.bits, self.block);
+        let out = if swiglu { n / 2 } else { n };
+        let mut y = Vec::with_capacity(self.m * out);
+        for (r, row) in self.x.chunks_exact(k).enumerate() {
+            let rms = (row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / k as f64 + 1e-6).sqrt();
+            let xn: Vec<f64> = row.iter().zip(&self.norm).map(|(&v, &s)| f64::from(v) / rms * f64::from(s)).collect();
+            let p: Vec<f64> = (0..n).map(|j| (0..k).map(|i| xn[i] * f64::from(dq[j * k + i])).sum()).collect();
+            for j in 0..out {
+                let v = if swiglu { p[j] / (1.0 + (-p[j]).exp()) * p[j + out] } else { p[j] };
+                y.push(v + f64::from(self.residual[r * out + j]));
+            }
+        }
+        y
+    }
+}
+
+fn worst(a: &[f32], b: impl IntoIterator<Item = f64>) -> f64 {
+    a.iter().zip(b).map(|(&x, y)| (f64::from(x) - y).abs()).fold(0.0, f64::max)
+}
+
+#[test]
+fn folded_norm_swiglu_and_residual_match_the_nodes_they_replace() {
+    let eps = || ("epsilon", Attr::Float(1e-6));
+    // Decode (M = 1), a batch, and prefill's panels; K cut short of a block.
+    for (bits, block, k, n, m) in [(8, 128, 1024, 512, 1), (4, 32, 1000, 256, 3), (8, 64, 1024, 256, 40)] {
+        let f = Folded::new(bits, block, k, n, m);
+        for swiglu in [false, true] {
+            let out = if swiglu { n / 2 } else { n };
+            let act = || if swiglu { vec![eps(), ("activation", Attr::Str("swiglu".into()))] } else { vec![eps()] };
+            let folded = f.run(out, |b, w| quant_node::add(b, Op::Ours, w, "x", &["", "norm", "residual"], act(), "y")).unwrap();
+            // The same steps as ONNX nodes around a plain QuantMatMul: the float graphs'
+            // spelling, and the int8/int4 graphs' before model-folder format 8.
+            let nodes = f
+                .run(out, |b, w| {
+                    let normed = b.op("RMSNormalization", &["x", "norm"], vec![("axis", Attr::Int(-1)), eps()]);
+                    quant_node::add(b, Op::Ours, w, &normed, &[], vec![], "p");
+                    let y = if swiglu {
+                        let halves = b.split("p", &[out as i64, out as i64], -1).unwrap();
+                        let s = b.op("Sigmoid", &[&halves[0]], vec![]);
+                        let silu = b.op("Mul", &[&halves[0], &s], vec![]);
+                        b.op("Mul", &[&silu, &halves[1]], vec![])
+                    } else {
+                        "p".to_string()
+                    };
+                    b.node_named("Add", "", &[&y, "residual"], &["y"], vec![]);
+                })
+                .unwrap();
+            // Outputs are O(1). The norm's sum in f32 lanes against ORT's f64 can move an
+            // activation code across a rounding edge: one code step of one product term.
+            let apart = worst(&folded, nodes.iter().map(|&v| f64::from(v)));
+            assert!(apart < 2e-3, "bits {bits} K {k} M {m} swiglu {swiglu}: {apart:e} from the separate nodes");
+            // Both quantise the activations to int8 per block (the bound of the tests above).
+            let off = worst(&folded, f.reference(swiglu));
+            assert!(off < 3e-2, "bits {bits} K {k} M {m} swiglu {swiglu}: {off:e} from the formulas");
+            println!("folded bits={bits} K={k} M={m} swiglu={swiglu}: max |Δ| {apart:.1e} from the nodes, {off:.1e} from f64");
+        }
+    }
+}
+
+#[test]
+fn folding_refuses_what_it_cannot_do() {
+    let f = Folded::new(8, 128, 1024, 255, 1);
+    let swiglu = || vec![("activation", Attr::Str("swiglu".into()))];
+    let e = f.run(127, |b, w| quant_node::add(b, Op::Ours, w, "x", &[], swiglu(), "y")).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("QuantMatMul: swiglu needs an even N, got 255"), "{e}");
+    let e = f
+        .run(255, |b, w| quant_node::add(b, Op::Ours, w, "x", &[], vec![("activation", Attr::Str("gelu".into()))], "y"))
+        .unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("unknown activation \"gelu\""), "{e}");
+    // A residual of another shape than the output.
+    let f = Folded::new(8, 128, 1024, 256, 1);
+    let e = f.run(64, |b, w| quant_node::add(b, Op::Ours, w, "x", &["", "", "residual"], vec![], "y")).unwrap_err();
+    let e = format!("{e:#}");
+    assert!(e.contains("QuantMatMul: residual has 64 values for an output of 256"), "{e}");
 }

@@ -178,27 +178,26 @@ pub fn build(
     let x = c.gather_embedding(&embed_name)?;
     let mut x = c.scatter_image_rows(&x)?;
 
+    // Each block is `x + block(RMSNorm(x))`: the norm goes to the block's first projection and
+    // the residual to its last, which int8/int4 graphs fold into their `QuantMatMul` nodes.
     for i in 0..cfg.num_hidden_layers {
         let p = format!("layers.{i}.");
-        let normed = c.rms_norm(&x, &w.get(&format!("{p}input_layernorm.weight"), &[h])?, true)?;
-        let mixed = match cfg.layer_kind(i) {
-            LayerKind::Full => c.attention(i, &normed, w)?,
-            LayerKind::Linear => c.delta_net(i, &normed, w)?,
+        let norm = c.norm_weight(&w.get(&format!("{p}input_layernorm.weight"), &[h])?, true)?;
+        x = match cfg.layer_kind(i) {
+            LayerKind::Full => c.attention(i, &x, &norm, w)?,
+            LayerKind::Linear => c.delta_net(i, &x, &norm, w)?,
         };
-        x = c.b.op("Add", &[&x, &mixed], vec![]);
-        let normed = c.rms_norm(&x, &w.get(&format!("{p}post_attention_layernorm.weight"), &[h])?, true)?;
-        let mlp = c.mlp(&p, &normed, w)?;
-        x = c.b.op("Add", &[&x, &mlp], vec![]);
+        let norm = c.norm_weight(&w.get(&format!("{p}post_attention_layernorm.weight"), &[h])?, true)?;
+        x = c.mlp(&p, &x, &norm, w)?;
         on_layer(i);
     }
-    let x = c.rms_norm(&x, &w.get("norm.weight", &[h])?, true)?;
-    let picked = c.b.op("Gather", &[&x, "logits_index"], vec![("axis", Attr::Int(1))]);
+    let norm = c.norm_weight(&w.get("norm.weight", &[h])?, true)?;
     let logits = if cfg.tie_word_embeddings {
-        c.lm_head(&picked, Some(&embed_name), embed)?
+        c.lm_head(&x, &norm, Some(&embed_name), embed)?
     } else {
         drop(embed);
         let head = w.get("lm_head.weight", &[v, h])?;
-        c.lm_head(&picked, None, head)?
+        c.lm_head(&x, &norm, None, head)?
     };
     c.b.node_named("Identity", "", &[&logits], &["logits"], vec![]);
     Ok(c.b)
@@ -283,19 +282,26 @@ impl Ctx<'_> {
         }
     }
 
-    /// `logits = x · tableᵀ`. `stored` names the table when it is already an initialiser (the
-    /// tied embedding), so float precisions share it; quantised precisions get their own
+    /// `logits = RMSNorm(x) · tableᵀ` at the positions `logits_index`, the norm's weight
+    /// initialiser `norm`. `stored` names the table when it is already an initialiser (the tied
+    /// embedding), so float precisions share it; quantised precisions get their own
     /// block-quantised copy either way.
-    fn lm_head(&mut self, x: &str, stored: Option<&str>, table: Vec<f32>) -> Result<String> {
+    fn lm_head(&mut self, x: &str, norm: &str, stored: Option<&str>, table: Vec<f32>) -> Result<String> {
         let (v, h) = (self.cfg.vocab_size, self.cfg.hidden_size);
+        let eps = self.cfg.rms_norm_eps as f32;
         match self.opts.precision {
             // Our own matmul, which takes the rows to compute: a constrained step reads only the
-            // allowed tokens' rows of the head, a quarter of a 0.8B decode step's bytes.
+            // allowed tokens' rows of the head, a quarter of a 0.8B decode step's bytes. It
+            // normalises only the positions picked.
             Precision::Int8 | Precision::Int4 => {
+                let picked = self.pick_logit_positions(x);
                 let q = Quantised::new(&mut self.b, self.opts.precision, self.opts.quant_block, "lm_head", &table, v, h)?;
-                Ok(q.node(&mut self.b, &[x, &q.packed, HEAD_ROWS]))
+                let around = Around { norm: Some((norm, eps)), ..Around::default() };
+                Ok(q.node(&mut self.b, &picked, Some(HEAD_ROWS), around))
             }
             _ => {
+                let x = rms_norm_node(&mut self.b, x, norm, eps);
+                let x = &self.pick_logit_positions(&x);
                 let name = match stored {
                     Some(n) => n.to_string(),
                     None => self.store_embedding(&table)?,
@@ -312,8 +318,23 @@ impl Ctx<'_> {
         }
     }
 
-    fn linear(&mut self, x: &str, name: &str, w: &[f32], out: usize, inp: usize) -> Result<String> {
-        linear(&mut self.b, self.opts.precision, self.opts.quant_block, x, name, w, out, inp)
+    fn pick_logit_positions(&mut self, x: &str) -> String {
+        self.b.op("Gather", &[x, "logits_index"], vec![("axis", Attr::Int(1))])
+    }
+
+    fn linear(&mut self, x: &str, name: &str, w: &[f32], out: usize, inp: usize, around: Around) -> Result<String> {
+        linear(&mut self.b, self.opts.precision, self.opts.quant_block, x, name, w, out, inp, around)
+    }
+
+    /// The weights `{part}.weight [outputs, inp]` of `parts` (`(checkpoint name, outputs)`)
+    /// stacked into one `[Σ outputs, inp]`.
+    fn stacked(parts: &[(String, usize)], inp: usize, w: &mut dyn WeightSource) -> Result<Vec<f32>> {
+        let out: usize = parts.iter().map(|(_, n)| n).sum();
+        let mut all = Vec::with_capacity(out * inp);
+        for (part, n) in parts {
+            all.extend(w.get(&format!("{part}.weight"), &[*n, inp])?);
+        }
+        Ok(all)
     }
 
     /// The projections `parts` (`(checkpoint name, outputs)`, each `{name}.weight [outputs,
@@ -328,37 +349,31 @@ impl Ctx<'_> {
         parts: &[(String, usize)],
         inp: usize,
         w: &mut dyn WeightSource,
+        around: Around,
     ) -> Result<Vec<String>> {
         let out: usize = parts.iter().map(|(_, n)| n).sum();
-        let mut all = Vec::with_capacity(out * inp);
-        for (part, n) in parts {
-            all.extend(w.get(&format!("{part}.weight"), &[*n, inp])?);
-        }
-        let y = self.linear(x, name, &all, out, inp)?;
+        let all = Self::stacked(parts, inp, w)?;
+        let y = self.linear(x, name, &all, out, inp, around)?;
         let sizes: Vec<i64> = parts.iter().map(|(_, n)| *n as i64).collect();
         self.b.split(&y, &sizes, -1)
     }
 
-    /// RMSNorm over the last axis; `one_plus` selects Qwen3.5's zero-centred `(1 + w)` weight.
-    fn rms_norm(&mut self, x: &str, w: &[f32], one_plus: bool) -> Result<String> {
+    /// An RMSNorm weight as an initialiser; `one_plus` selects Qwen3.5's zero-centred `(1 + w)`.
+    fn norm_weight(&mut self, w: &[f32], one_plus: bool) -> Result<String> {
         let scale: Vec<f32> = if one_plus { w.iter().map(|&v| 1.0 + v).collect() } else { w.to_vec() };
         let name = self.b.fresh("norm");
-        let s = self.b.f32s(&name, &[scale.len() as i64], &scale)?;
+        self.b.f32s(&name, &[scale.len() as i64], &scale)
+    }
+
+    /// RMSNorm over the last axis (weight as [`Ctx::norm_weight`]).
+    fn rms_norm(&mut self, x: &str, w: &[f32], one_plus: bool) -> Result<String> {
+        let s = self.norm_weight(w, one_plus)?;
         Ok(self.rms_norm_by(x, &s))
     }
 
     /// RMSNorm over the last axis with the weight initialiser `scale`.
     fn rms_norm_by(&mut self, x: &str, scale: &str) -> String {
-        self.b.op(
-            "RMSNormalization",
-            &[x, scale],
-            vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(self.cfg.rms_norm_eps as f32))],
-        )
-    }
-
-    fn silu(&mut self, x: &str) -> String {
-        let s = self.b.op("Sigmoid", &[x], vec![]);
-        self.b.op("Mul", &[x, &s], vec![])
+        rms_norm_node(&mut self.b, x, scale, self.cfg.rms_norm_eps as f32)
     }
 
     /// NeoX rotary on the first `rot` dims of each head of `x [B,S,heads,hd]`.
@@ -369,12 +384,13 @@ impl Ctx<'_> {
         if rot < hd { Ok(self.b.op("Concat", &[&r, &parts[1]], vec![("axis", Attr::Int(-1))])) } else { Ok(r) }
     }
 
-    fn attention(&mut self, i: usize, x: &str, w: &mut dyn WeightSource) -> Result<String> {
+    /// `x + attention(RMSNorm(x))`, the norm's weight initialiser `norm`.
+    fn attention(&mut self, i: usize, x: &str, norm: &str, w: &mut dyn WeightSource) -> Result<String> {
         let cfg = self.cfg;
         let (h, nq, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let p = format!("layers.{i}.self_attn.");
         let parts = [(format!("{p}q_proj"), 2 * nq * hd), (format!("{p}k_proj"), nkv * hd), (format!("{p}v_proj"), nkv * hd)];
-        let ys = self.fused_linear(x, &format!("{p}qkv_proj"), &parts, h, w)?;
+        let ys = self.fused_linear(x, &format!("{p}qkv_proj"), &parts, h, w, self.normed(norm))?;
         let (qg, k, v) = (&ys[0], &ys[1], &ys[2]);
         let qg = self.b.reshape(qg, &[0, 0, nq as i64, 2 * hd as i64])?;
         let qs = self.b.split(&qg, &[hd as i64, hd as i64], -1)?;
@@ -402,10 +418,12 @@ impl Ctx<'_> {
         let gate = self.b.reshape(&qs[1], &[0, 0, (nq * hd) as i64])?;
         let gate = self.b.op("Sigmoid", &[&gate], vec![]);
         let gated = self.b.op("Mul", &[&ctx, &gate], vec![]);
-        self.linear(&gated, &format!("{p}o_proj"), &w.get(&format!("{p}o_proj.weight"), &[h, nq * hd])?, h, nq * hd)
+        let o = w.get(&format!("{p}o_proj.weight"), &[h, nq * hd])?;
+        self.linear(&gated, &format!("{p}o_proj"), &o, h, nq * hd, Around::added_to(x))
     }
 
-    fn delta_net(&mut self, i: usize, x: &str, w: &mut dyn WeightSource) -> Result<String> {
+    /// `x + delta_net(RMSNorm(x))`, the norm's weight initialiser `norm`.
+    fn delta_net(&mut self, i: usize, x: &str, norm: &str, w: &mut dyn WeightSource) -> Result<String> {
         let cfg = self.cfg;
         let h = cfg.hidden_size;
         let (hv, dv) = (cfg.linear_num_value_heads, cfg.linear_value_head_dim);
@@ -417,7 +435,7 @@ impl Ctx<'_> {
             (format!("{p}in_proj_b"), hv),
             (format!("{p}in_proj_a"), hv),
         ];
-        let ys = self.fused_linear(x, &format!("{p}in_proj"), &parts, h, w)?;
+        let ys = self.fused_linear(x, &format!("{p}in_proj"), &parts, h, w, self.normed(norm))?;
         let (qkv, z, bl, al) = (&ys[0], &ys[1], &ys[2], &ys[3]);
         let conv_w = w.get(&format!("{p}conv1d.weight"), &[conv_dim, 1, kw])?;
         let conv_w = self.b.f32s(&format!("{p}conv1d.weight"), &[conv_dim as i64, kw as i64], &conv_w)?;
@@ -435,7 +453,8 @@ impl Ctx<'_> {
         let norm = self.b.f32s(&format!("{p}norm.weight"), &[dv as i64], &norm)?;
         let gates = Gates { a: al, b: bl, neg_exp_a: &neg_a, dt_bias: &dt_bias, z, norm: &norm };
         let y = self.delta_rule([&parts[0], &parts[1], &parts[2]], gates, [&past_rec, &pr])?;
-        self.linear(&y, &format!("{p}out_proj"), &w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?, h, value_dim)
+        let out = w.get(&format!("{p}out_proj.weight"), &[h, value_dim])?;
+        self.linear(&y, &format!("{p}out_proj"), &out, h, value_dim, Around::added_to(x))
     }
 
     /// The DeltaNet's causal depthwise conv over `[q | k | v]` with its carried window: deltadoc's
@@ -526,7 +545,7 @@ impl Ctx<'_> {
                 let o4 = self.b.reshape(&o, &[0, 0, hv as i64, dv as i64])?;
                 let n = self.rms_norm_by(&o4, gates.norm);
                 let z4 = self.b.reshape(gates.z, &[0, 0, hv as i64, dv as i64])?;
-                let gate = self.silu(&z4);
+                let gate = silu(&mut self.b, &z4);
                 let y = self.b.op("Mul", &[&n, &gate], vec![]);
                 self.b.reshape(&y, &[0, 0, (hv * dv) as i64])
             }
@@ -545,14 +564,50 @@ impl Ctx<'_> {
         self.b.reshape(&y, &[0, 0, (heads * d) as i64])
     }
 
-    fn mlp(&mut self, p: &str, x: &str, w: &mut dyn WeightSource) -> Result<String> {
+    /// `x + down(silu(gate(RMSNorm(x))) · up(RMSNorm(x)))`, the norm's weight initialiser `norm`.
+    fn mlp(&mut self, p: &str, x: &str, norm: &str, w: &mut dyn WeightSource) -> Result<String> {
         let (h, im) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let parts = [(format!("{p}mlp.gate_proj"), im), (format!("{p}mlp.up_proj"), im)];
-        let ys = self.fused_linear(x, &format!("{p}mlp.gate_up_proj"), &parts, h, w)?;
-        let act = self.silu(&ys[0]);
-        let y = self.b.op("Mul", &[&act, &ys[1]], vec![]);
-        self.linear(&y, &format!("{p}mlp.down_proj"), &w.get(&format!("{p}mlp.down_proj.weight"), &[h, im])?, h, im)
+        let gate_up = Self::stacked(&parts, h, w)?;
+        let around = Around { swiglu: true, ..self.normed(norm) };
+        let y = self.linear(x, &format!("{p}mlp.gate_up_proj"), &gate_up, 2 * im, h, around)?;
+        let down = w.get(&format!("{p}mlp.down_proj.weight"), &[h, im])?;
+        self.linear(&y, &format!("{p}mlp.down_proj"), &down, h, im, Around::added_to(x))
     }
+
+    /// A projection's input RMS-normalised by the weight initialiser `norm`.
+    fn normed<'n>(&self, norm: &'n str) -> Around<'n> {
+        Around { norm: Some((norm, self.cfg.rms_norm_eps as f32)), ..Around::default() }
+    }
+}
+
+/// What a projection does around its product. The int8/int4 graphs fold all of it into their
+/// `QuantMatMul` node, where it was up to six ONNX nodes, each a fixed few microseconds of a
+/// decode step; float graphs spell it out in ONNX nodes.
+#[derive(Clone, Copy, Default)]
+pub(super) struct Around<'a> {
+    /// RMSNorm of the input first, by this weight initialiser and epsilon.
+    norm: Option<(&'a str, f32)>,
+    /// `silu(first half) · second half` of the product, which it halves.
+    swiglu: bool,
+    /// Added to the result.
+    residual: Option<&'a str>,
+}
+
+impl<'a> Around<'a> {
+    /// The product added to `residual`.
+    fn added_to(residual: &'a str) -> Self {
+        Self { residual: Some(residual), ..Self::default() }
+    }
+}
+
+fn rms_norm_node(b: &mut GraphBuilder, x: &str, scale: &str, epsilon: f32) -> String {
+    b.op("RMSNormalization", &[x, scale], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(epsilon))])
+}
+
+fn silu(b: &mut GraphBuilder, x: &str) -> String {
+    let s = b.op("Sigmoid", &[x], vec![]);
+    b.op("Mul", &[x, &s], vec![])
 }
 
 /// NeoX rotary over the last axis (`width` values) of `x`: `x·cos + rotate_half(x)·sin`, where
@@ -567,7 +622,8 @@ pub(super) fn neox_rotary(b: &mut GraphBuilder, x: &str, cos: &str, sin: &str, w
 }
 
 /// `y = x · Wᵀ` for a PyTorch-layout weight `[out, in]`, in the configured precision (int8/int4
-/// in blocks of `block` along `in`, [`quant::default_block`] when `None`).
+/// in blocks of `block` along `in`, [`quant::default_block`] when `None`), with what `around`
+/// asks before and after it.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
     b: &mut GraphBuilder,
@@ -578,9 +634,14 @@ pub(super) fn linear(
     w: &[f32],
     out: usize,
     inp: usize,
+    around: Around,
 ) -> Result<String> {
     match precision {
         Precision::Fp32 | Precision::Fp16 => {
+            let x = match around.norm {
+                Some((scale, eps)) => rms_norm_node(b, x, scale, eps),
+                None => x.to_string(),
+            };
             let wt = quant::transpose(w, out, inp);
             let wname = b.fresh(name);
             let init = if precision == Precision::Fp32 {
@@ -589,14 +650,24 @@ pub(super) fn linear(
                 let half = b.initializer(&wname, data_type::FLOAT16, &[inp as i64, out as i64], &quant::to_f16_bytes(&wt))?;
                 b.op("Cast", &[&half], vec![("to", Attr::Int(data_type::FLOAT as i64))])
             };
-            Ok(b.op("MatMul", &[x, &init], vec![]))
+            let mut y = b.op("MatMul", &[&x, &init], vec![]);
+            if around.swiglu {
+                let half = (out / 2) as i64;
+                let halves = b.split(&y, &[half, half], -1)?;
+                let act = silu(b, &halves[0]);
+                y = b.op("Mul", &[&act, &halves[1]], vec![]);
+            }
+            Ok(match around.residual {
+                Some(r) => b.op("Add", &[r, &y], vec![]),
+                None => y,
+            })
         }
         // deltadoc's own matmul at every M: level with or ahead of `MatMulNBits` from one row to
         // prefill's hundreds, and nothing for ORT to prepack, so the weights are held once
         // (onnx/README.md, "QuantMatMul").
         Precision::Int8 | Precision::Int4 => {
             let q = Quantised::new(b, precision, block, name, w, out, inp)?;
-            Ok(q.node(b, &[x, &q.packed]))
+            Ok(q.node(b, x, None, around))
         }
     }
 }
@@ -632,10 +703,23 @@ impl Quantised {
         Ok(Self { packed, attrs })
     }
 
-    /// The `QuantMatMul` node over `inputs` (x, the packed weights, and the head's rows); its output.
-    fn node(&self, b: &mut GraphBuilder, inputs: &[&str]) -> String {
-        let attrs: Vec<(&str, Attr)> = self.attrs.iter().map(|&(v, k)| (k, Attr::Int(v))).collect();
-        b.node_in("QuantMatMul", ops::DOMAIN, inputs, 1, attrs).remove(0)
+    /// The `QuantMatMul` node of `x` (and the head's `rows`), `around` folded in; its output.
+    fn node(&self, b: &mut GraphBuilder, x: &str, rows: Option<&str>, around: Around) -> String {
+        let mut attrs: Vec<(&str, Attr)> = self.attrs.iter().map(|&(v, k)| (k, Attr::Int(v))).collect();
+        if let Some((_, eps)) = around.norm {
+            attrs.push(("epsilon", Attr::Float(eps)));
+        }
+        if around.swiglu {
+            attrs.push(("activation", Attr::Str("swiglu".into())));
+        }
+        // Inputs by position (onnx/README.md, "QuantMatMul"): "" for one left out, none after
+        // the last given.
+        let mut inputs =
+            vec![x, &self.packed, rows.unwrap_or(""), around.norm.map_or("", |(s, _)| s), around.residual.unwrap_or("")];
+        while inputs.last() == Some(&"") {
+            inputs.pop();
+        }
+        b.node_in("QuantMatMul", ops::DOMAIN, &inputs, 1, attrs).remove(0)
     }
 }
 

@@ -34,7 +34,9 @@ use crate::progress::Progress;
 /// 6: `QuantMatMul` takes its weights packed in panels of 16 rows (one initialiser, no scales).
 /// 7: `GatedDeltaRule` computes the DeltaNet's gates from `a` and `b` and applies the gated
 ///    RMSNorm to its output (inputs `neg_exp_a`, `dt_bias`, `z`, `norm_weight`).
-pub const FORMAT_VERSION: u32 = 7;
+/// 8: int8/int4 `QuantMatMul` nodes take the RMSNorm before them (`norm`), SwiGLU and the
+///    residual add after them (`activation`, `residual`).
+pub const FORMAT_VERSION: u32 = 8;
 /// Default ONNX opset of exported graphs (RMSNormalization needs 23).
 pub const ONNX_OPSET: i64 = 23;
 

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::config::Shape;
-use super::graph::{WeightSource, linear, neox_rotary};
+use super::graph::{Around, WeightSource, linear, neox_rotary};
 use super::quant::Precision;
 use crate::onnx::proto::data_type;
 use crate::onnx::{Attr, Dim, GraphBuilder};
@@ -269,7 +269,7 @@ impl Vision {
         let wt = w.get(&format!("{name}.weight"), shape)?;
         let bias = w.get(&format!("{name}.bias"), &[out])?;
         // Never int8/int4: export_vision stores fp32 or fp16.
-        let y = linear(&mut self.b, self.precision, None, x, name, &wt, out, inp)?;
+        let y = linear(&mut self.b, self.precision, None, x, name, &wt, out, inp, Around::default())?;
         let bn = self.b.f32s(&format!("{name}.bias"), &[out as i64], &bias)?;
         Ok(self.b.op("Add", &[&y, &bn], vec![]))
     }

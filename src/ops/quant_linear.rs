@@ -3,7 +3,10 @@
 //! ONNX Runtime's `com.microsoft::MatMulNBits` attributes (no zero points), its weights packed in
 //! panels of 16 rows (`Weights::pack` of `MatMulNBits`'s codes and scales, done at import); an
 //! optional third input names the only output columns wanted (the tokens a constrained decode step
-//! allows), so the model's head reads only the panels that hold them.
+//! allows), so the model's head reads only the panels that hold them. It also does the decoder's
+//! small steps around a projection, an RMSNorm of `x` before it, SwiGLU and the residual add after
+//! it: each was an ONNX node of its own, and a 0.8B decode step spent 8–10 µs of ONNX Runtime's
+//! per node on ~190 of them (benches/RESULTS.md, "Where a decode step's time goes").
 
 use std::ops::Range;
 
@@ -11,9 +14,14 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use super::quant_matmul::{Activations, PANEL_ROWS, Panels, Weights};
-use super::{DOMAIN, OpKind, SharedMut, dims, err, guarded, input, optional_input, output};
+use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, optional_input, output};
+use deltadoc_kernels::simd;
 
 const OP: &str = "QuantMatMul";
+
+/// The whole product of a SwiGLU node, before it is halved; one buffer for all such nodes, as
+/// they run one after another.
+static FULL_ROWS: Pool<Vec<f32>> = Pool::new();
 
 /// Weight bytes of one task, about: each thread streams a whole number of them, so the threads
 /// finish together, and a thread the OS holds up can leave its last ones to the others. Smaller
@@ -31,6 +39,11 @@ const ONE_TASK_BYTES: usize = 64 << 10;
 /// optional) only those output columns are computed, and every other one is −∞: what a token mask
 /// would make of it. An empty `rows` asks for every column, so a graph input can always be fed:
 /// no constrained step allows nothing (the constraint reports the dead end before the model runs).
+///
+/// Around the product, all optional: `norm [K]` (f32) RMS-normalises each row of `x` first,
+/// `x · rsqrt(mean(x²) + epsilon) · norm` (attribute `epsilon`, default 1e-6); attribute
+/// `activation = "swiglu"` turns the N columns into N/2, `silu(y[:N/2]) · y[N/2:]`; `residual`
+/// (f32, the output's shape) is added last.
 pub struct QuantMatMul {
     /// The session's intra-op threads, over which a call's rows are shared out evenly.
     pub threads: usize,
@@ -43,6 +56,29 @@ pub struct QuantMatMulKernel {
     bits: u32,
     block: usize,
     threads: usize,
+    epsilon: f32,
+    swiglu: bool,
+}
+
+/// Inputs after `x` and `packed`, by position.
+const ROWS: usize = 2;
+const NORM: usize = 3;
+const RESIDUAL: usize = 4;
+
+impl QuantMatMulKernel {
+    /// Output columns: N, or N/2 after SwiGLU.
+    fn n_out(&self) -> usize {
+        if self.swiglu { self.n / 2 } else { self.n }
+    }
+}
+
+/// The value of the `activation` attribute, `Ok(true)` for SwiGLU.
+fn parse_activation(name: Option<String>) -> Result<bool, String> {
+    match name.as_deref() {
+        None | Some("") | Some("none") => Ok(false),
+        Some("swiglu") => Ok(true),
+        Some(other) => Err(format!("unknown activation {other:?} (\"swiglu\" or none)")),
+    }
 }
 
 impl Operator for QuantMatMul {
@@ -57,6 +93,8 @@ impl Operator for QuantMatMul {
             OperatorInput::required(TensorElementType::Float32),
             OperatorInput::required(TensorElementType::Uint8),
             OperatorInput::optional(TensorElementType::Int64),
+            OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
         ]
     }
 
@@ -77,9 +115,14 @@ impl Operator for QuantMatMul {
             bits: positive("bits")? as u32,
             block: positive("block_size")?,
             threads: self.threads.max(1),
+            epsilon: kctx.get::<f32>("epsilon").unwrap_or(1e-6),
+            swiglu: parse_activation(kctx.get::<String>("activation")).map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?,
         };
         // To refuse bad attributes when the session loads.
         Weights::packed_len(kernel.n, kernel.k, kernel.bits, kernel.block).map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?;
+        if kernel.swiglu && kernel.n % 2 == 1 {
+            return Err(err(format!("{DOMAIN}::{OP}: swiglu needs an even N, got {}", kernel.n)));
+        }
         Ok(kernel)
     }
 
@@ -90,6 +133,10 @@ impl Operator for QuantMatMul {
             return Err(err(format!("{OP}: x must be a tensor")));
         };
         let n = ctx.attr::<i64>("N").unwrap_or(-1);
+        let n = match parse_activation(ctx.attr::<String>("activation").ok()) {
+            Ok(true) if n > 0 => n / 2,
+            _ => n,
+        };
         let mut dims: Vec<i64> = shape.iter().copied().collect();
         let mut symbols: Vec<String> = dimension_symbols.iter().cloned().collect();
         if let (Some(d), Some(s)) = (dims.last_mut(), symbols.last_mut()) {
@@ -123,26 +170,46 @@ impl QuantMatMulKernel {
         let w = Weights::new(packed, self.n, self.k, self.bits, self.block).map_err(|e| err(format!("{DOMAIN}::{OP}: {e}")))?;
         let m = x.len() / self.k;
         let mut shape = xs.to_vec();
-        *shape.last_mut().expect("x has an axis") = self.n as i64;
+        *shape.last_mut().expect("x has an axis") = self.n_out() as i64;
         let mut y = output(ctx, 0, shape, OP)?;
         let (_, y) = y.try_extract_tensor_mut::<f32>()?;
         if m == 0 {
             return Ok(());
         }
         // A node of two inputs has no third to ask for; one given as "" asks and gets none.
-        let wanted = match optional_input(ctx, 2)? {
+        let wanted = match optional_input(ctx, ROWS)? {
             Some(v) => Some(v.try_extract_tensor::<i64>()?.1.to_vec()),
             None => None,
         };
         let n = self.n;
         let wanted = match wanted.as_deref() {
             Some(rows) if !rows.is_empty() => {
+                if self.swiglu {
+                    return Err(err(format!("{DOMAIN}::{OP}: rows cannot be asked of a swiglu node")));
+                }
                 y.fill(f32::NEG_INFINITY);
                 let rows = checked(rows, n).map_err(|e| err(format!("{DOMAIN}::{OP}: rows: {e}")))?;
                 Some((panels_of(&rows), rows))
             }
             _ => None,
         };
+        let normed = match optional_input(ctx, NORM)? {
+            Some(v) => {
+                let (_, scale) = v.try_extract_tensor::<f32>()?;
+                if scale.len() != self.k {
+                    return Err(err(format!("{DOMAIN}::{OP}: norm has {} values for K = {}", scale.len(), self.k)));
+                }
+                Some(rms_norm(x, scale, self.epsilon))
+            }
+            None => None,
+        };
+        let x = normed.as_deref().unwrap_or(x);
+        // SwiGLU needs both halves of a row at once: the product goes to a buffer of its own.
+        let mut full = FULL_ROWS.take();
+        if self.swiglu {
+            full.resize(m * n, 0.0);
+        }
+        let dst: &mut [f32] = if self.swiglu { &mut full[..m * n] } else { y };
         // The wanted rows' panels as one list, which the kernel reads as several streams at
         // once: one call per run of panels left each isolated panel's reads waiting on memory
         // one after another (benches/RESULTS.md, "The constrained head on panels").
@@ -154,7 +221,7 @@ impl QuantMatMulKernel {
         super::op_time::read_weights(bytes);
         let a = Activations::new(x, m, &w);
         let tasks = split(panels.len(), task_count(bytes, self.threads), a.panel_grain());
-        let yp = SharedMut(y.as_mut_ptr());
+        let yp = SharedMut(dst.as_mut_ptr());
         ctx.par_for(tasks.len(), tasks.len(), |t| {
             let panels = panels.slice(tasks[t].clone());
             let width = PANEL_ROWS * panels.len();
@@ -190,7 +257,35 @@ impl QuantMatMulKernel {
                     unsafe { *yp.at(r * n + c) = part[PANEL_ROWS * at + c % PANEL_ROWS] };
                 }
             }
-        })
+        })?;
+        if self.swiglu {
+            swiglu(&full, n / 2, y);
+        }
+        if let Some(v) = optional_input(ctx, RESIDUAL)? {
+            let (_, residual) = v.try_extract_tensor::<f32>()?;
+            if residual.len() != y.len() {
+                return Err(err(format!("{DOMAIN}::{OP}: residual has {} values for an output of {}", residual.len(), y.len())));
+            }
+            y.iter_mut().zip(residual).for_each(|(o, r)| *o += r);
+        }
+        Ok(())
+    }
+}
+
+/// Each row of `x` (rows of `scale.len()`) RMS-normalised and scaled.
+fn rms_norm(x: &[f32], scale: &[f32], epsilon: f32) -> Vec<f32> {
+    let mut out = vec![0.0; x.len()];
+    for (row, o) in x.chunks_exact(scale.len()).zip(out.chunks_exact_mut(scale.len())) {
+        simd::rms_norm(row, scale, epsilon, o);
+    }
+    out
+}
+
+/// `silu(gate) · up` per row of `full` (rows of `gate ‖ up`, `half` values each) into `y`.
+fn swiglu(full: &[f32], half: usize, y: &mut [f32]) {
+    for (row, out) in full.chunks_exact(2 * half).zip(y.chunks_exact_mut(half)) {
+        let (gate, up) = row.split_at(half);
+        simd::swiglu(gate, up, out);
     }
 }
 

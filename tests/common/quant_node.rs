@@ -27,9 +27,10 @@ pub struct Codes<'a> {
     pub block: usize,
 }
 
-/// Adds `out = x · Wᵀ` by `op`, the weights as initialisers named after `out`; `rows` becomes
-/// `QuantMatMul`'s third input (the only output columns wanted).
-pub fn add(b: &mut GraphBuilder, op: Op, w: &Codes<'_>, x: &str, rows: Option<&str>, out: &str) {
+/// Adds `out = x · Wᵀ` by `op`, the weights as initialisers named after `out`. `after` follows
+/// the weights among the inputs (`QuantMatMul`'s `rows`, `norm` and `residual`), `extra` joins
+/// the shape attributes.
+pub fn add(b: &mut GraphBuilder, op: Op, w: &Codes<'_>, x: &str, after: &[&str], extra: Vec<(&str, Attr)>, out: &str) {
     let blocks = w.k.div_ceil(w.block);
     let mut attrs = vec![
         ("K", Attr::Int(w.k as i64)),
@@ -37,6 +38,7 @@ pub fn add(b: &mut GraphBuilder, op: Op, w: &Codes<'_>, x: &str, rows: Option<&s
         ("bits", Attr::Int(w.bits as i64)),
         ("block_size", Attr::Int(w.block as i64)),
     ];
+    attrs.extend(extra);
     let (name, domain, weights) = match op {
         Op::NBits(level) => {
             attrs.push(("accuracy_level", Attr::Int(level)));
@@ -51,6 +53,6 @@ pub fn add(b: &mut GraphBuilder, op: Op, w: &Codes<'_>, x: &str, rows: Option<&s
             ("QuantMatMul", deltadoc::ops::DOMAIN, vec![packed])
         }
     };
-    let inputs: Vec<&str> = std::iter::once(x).chain(weights.iter().map(String::as_str)).chain(rows).collect();
+    let inputs: Vec<&str> = std::iter::once(x).chain(weights.iter().map(String::as_str)).chain(after.iter().copied()).collect();
     b.node_named(name, domain, &inputs, &[out], attrs);
 }

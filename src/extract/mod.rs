@@ -11,6 +11,7 @@ mod nesting;
 pub(crate) mod page_image;
 pub(crate) mod pdf;
 pub(crate) mod text;
+mod unicode_maps;
 mod xref_rebuild;
 
 use std::path::Path;

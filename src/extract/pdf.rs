@@ -6,7 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use memchr::memmem;
 use pdf_extract::{Document, ObjectId, PlainTextOutput};
 
-use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio, nesting, xref_rebuild};
+use super::{ExtractLimits, Extracted, Method, Page, garbage_ratio, nesting, unicode_maps, xref_rebuild};
 use crate::failure::Reason;
 
 /// Fewer visible characters than this on a page with an image: a scan, not text.
@@ -98,6 +98,15 @@ fn open(bytes: &[u8], warnings: &mut Vec<String>) -> Result<Document, (Reason, S
     if cut > 0 {
         warnings
             .push(format!("damaged PDF repaired: {cut} /Parent links of the page tree that loop or lead too far up were cut"));
+    }
+    if let Some(d) = unicode_maps::drop_oversized(&mut doc) {
+        let (n, codes) = (d.fonts, d.largest);
+        let what = if n == 1 {
+            format!("1 font names a ToUnicode map of {codes} codes")
+        } else {
+            format!("{n} fonts name ToUnicode maps of up to {codes} codes")
+        };
+        warnings.push(format!("damaged PDF: {what} (a font has at most 65,536); their text is read through their encodings"));
     }
     Ok(doc)
 }

@@ -5,8 +5,8 @@
 //! optional third input names the only output columns wanted (the tokens a constrained decode step
 //! allows), so the model's head reads only the panels that hold them. It also does the decoder's
 //! small steps around a projection, an RMSNorm of `x` before it, SwiGLU and the residual add after
-//! it: each was an ONNX node of its own, and a 0.8B decode step spent 8–10 µs of ONNX Runtime's
-//! per node on ~190 of them (benches/RESULTS.md, "Where a decode step's time goes").
+//! it: each was an ONNX node of its own, 193 of them in a 0.8B decode step at 2–4.5 µs each
+//! (benches/RESULTS.md, "Norms, SwiGLU and residuals inside the matmul").
 
 use std::ops::Range;
 
@@ -205,11 +205,15 @@ impl QuantMatMulKernel {
         };
         let x = normed.as_deref().unwrap_or(x);
         // SwiGLU needs both halves of a row at once: the product goes to a buffer of its own.
-        let mut full = FULL_ROWS.take();
-        if self.swiglu {
-            full.resize(m * n, 0.0);
-        }
-        let dst: &mut [f32] = if self.swiglu { &mut full[..m * n] } else { y };
+        // Taken only by SwiGLU nodes: the pool's lock is not free, and every other call skips it.
+        let mut full = self.swiglu.then(|| FULL_ROWS.take());
+        let dst: &mut [f32] = match full.as_mut() {
+            Some(full) => {
+                full.resize(m * n, 0.0);
+                &mut full[..m * n]
+            }
+            None => y,
+        };
         // The wanted rows' panels as one list, which the kernel reads as several streams at
         // once: one call per run of panels left each isolated panel's reads waiting on memory
         // one after another (benches/RESULTS.md, "The constrained head on panels").
@@ -258,8 +262,8 @@ impl QuantMatMulKernel {
                 }
             }
         })?;
-        if self.swiglu {
-            swiglu(&full, n / 2, y);
+        if let Some(full) = &full {
+            swiglu(&full[..m * n], n / 2, y);
         }
         if let Some(v) = optional_input(ctx, RESIDUAL)? {
             let (_, residual) = v.try_extract_tensor::<f32>()?;

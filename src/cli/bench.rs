@@ -121,6 +121,15 @@ fn print_step(r: &BenchReport) {
             String::new()
         };
         println!("  {:<22} {:6.2} ms/step, {} calls{stream}", t.op, per_step(t.seconds), t.calls / steps as u64);
+        if t.sections > 0 {
+            println!(
+                "  {:<22} {:6.2} ms/step in {} parallel sections, {:.2} ms of it the pool's own cost",
+                "",
+                per_step(t.section_seconds),
+                t.sections / steps as u64,
+                per_step(t.pool_seconds(r.threads))
+            );
+        }
     }
     let ours: f64 = r.decode_ops.iter().map(|t| t.seconds).sum();
     println!("  {:<22} {:6.2} ms/step", "other nodes, run, pick", per_step(r.decode_s - ours));

@@ -5,7 +5,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use super::attention;
-use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, output};
+use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, output, parallel};
 
 /// Causal grouped-query attention with a growing KV cache, computed blockwise
 /// ([`attention`]): `q: [B, S, Hq, D]`, `k, v: [B, S, Hkv, D]` (f32, positions already rotated),
@@ -243,7 +243,7 @@ impl<T: CacheType> Layout<'_, T> {
             let kv: Vec<_> = (0..d.kv_heads).map(|h| self.head_cache(bi, h)).collect();
             let qb = self.queries(bi);
             let parts_ptr = SharedMut(scratch.as_mut_ptr());
-            ctx.par_for(parts.len(), parts.len(), |i| {
+            parallel(ctx, OpKind::CausalAttention, parts.len(), |i| {
                 // SAFETY: item i is the only user of part i's scratch.
                 let heads = unsafe { &mut *parts_ptr.at(i) };
                 attention::split_keys(qb, &kv, d, parts[i].clone(), heads);
@@ -271,7 +271,7 @@ impl<T: CacheType> Layout<'_, T> {
         let mut tiles = TILE_SCRATCH.take();
         tiles.resize_with(items, Default::default);
         let (tiles_ptr, out_ptr) = (SharedMut(tiles.as_mut_ptr()), SharedMut(out.as_mut_ptr()));
-        ctx.par_for(items, items, |i| {
+        parallel(ctx, OpKind::CausalAttention, items, |i| {
             let (bi, h, t) = (i / (hkv * tiles_per_head), i / tiles_per_head % hkv, i % tiles_per_head);
             let rows = t * attention::QUERY_TILE..((t + 1) * attention::QUERY_TILE).min(s);
             // SAFETY: item i is the only user of scratch i.

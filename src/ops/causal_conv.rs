@@ -4,7 +4,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::TensorElementType;
 
 use super::conv::{self, Activation};
-use super::{DOMAIN, OpKind, SharedMut, dims, err, guarded, input, output};
+use super::{DOMAIN, OpKind, SharedMut, dims, err, guarded, input, output, parallel};
 
 /// Causal depthwise conv over `x: [B, T, C]` with `weight: [C, K]` and `past_state: [B, C, K − 1]`.
 pub struct CausalConv1dWithState;
@@ -73,7 +73,7 @@ impl Kernel for ConvKernel {
                 let per = c.div_ceil(DECODE_PARTS);
                 let (yp, np) = (SharedMut(y.as_mut_ptr()), SharedMut(ns.as_mut_ptr()));
                 let act = self.act;
-                return ctx.par_for(b * DECODE_PARTS, b * DECODE_PARTS, |i| {
+                return parallel(ctx, OpKind::CausalConv, b * DECODE_PARTS, |i| {
                     let (bi, ch) = (i / DECODE_PARTS, i % DECODE_PARTS * per..((i % DECODE_PARTS + 1) * per).min(c));
                     if ch.is_empty() {
                         // Fewer channels than parts.
@@ -100,7 +100,7 @@ impl Kernel for ConvKernel {
                 let xb = &x[bi * row..(bi + 1) * row];
                 let prep = conv::Prepared::new(w, &s[bi * srow..(bi + 1) * srow], c);
                 let act = self.act;
-                ctx.par_for(blocks, blocks, |blk| {
+                parallel(ctx, OpKind::CausalConv, blocks, |blk| {
                     let rows = blk * BLOCK_ROWS..((blk + 1) * BLOCK_ROWS).min(t);
                     // SAFETY: block `blk` writes only its own rows of batch row `bi`.
                     let out = unsafe { std::slice::from_raw_parts_mut(yp.at(bi * row + rows.start * c), rows.len() * c) };

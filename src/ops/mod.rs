@@ -18,6 +18,7 @@ pub use deltadoc_kernels::{attention, conv, gated_delta, quant_matmul};
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use ort::operator::{ComputeContext, OperatorDomain};
@@ -68,6 +69,23 @@ fn guarded(name: &str, kind: OpKind, body: impl FnOnce() -> ort::Result<()>) -> 
             Err(err(format!("{DOMAIN}::{name} panicked: {what}")))
         }
     }
+}
+
+/// Runs `task(i)` for every `i` in `0..n` on the session's intra-op pool, the calling thread
+/// included. Every operator parallelises through here, so that [`op_time`] counts each section
+/// beside its tasks' own time: on the 2-vCPU machine a section costs 10-15 µs more than its
+/// tasks shared evenly (the other thread starts ~5 µs late and reports its end ~2 µs late),
+/// 1.5-2 ms of a 0.8B decode step's ~120 sections (benches/RESULTS.md, "The pool's cost").
+fn parallel(ctx: &ComputeContext, kind: OpKind, n: usize, task: impl Fn(usize) + Sync + Send) -> ort::Result<()> {
+    let since = Instant::now();
+    let busy = AtomicU64::new(0);
+    ctx.par_for(n, n, |i| {
+        let start = Instant::now();
+        task(i);
+        busy.fetch_add(start.elapsed().as_nanos() as u64, Relaxed);
+    })?;
+    op_time::section(kind, since, busy.into_inner());
+    Ok(())
 }
 
 /// A raw pointer shared by the parallel workers; each worker touches a disjoint region.

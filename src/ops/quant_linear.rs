@@ -14,7 +14,7 @@ use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInp
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use super::quant_matmul::{Activations, PANEL_ROWS, Panels, Weights};
-use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, optional_input, output};
+use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, optional_input, output, parallel};
 use deltadoc_kernels::simd;
 
 const OP: &str = "QuantMatMul";
@@ -226,7 +226,7 @@ impl QuantMatMulKernel {
         let a = Activations::new(x, m, &w);
         let tasks = split(panels.len(), task_count(bytes, self.threads), a.panel_grain());
         let yp = SharedMut(dst.as_mut_ptr());
-        ctx.par_for(tasks.len(), tasks.len(), |t| {
+        parallel(ctx, OpKind::QuantMatMul, tasks.len(), |t| {
             let panels = panels.slice(tasks[t].clone());
             let width = PANEL_ROWS * panels.len();
             let Some((_, rows)) = &wanted else {

@@ -50,11 +50,14 @@ pub fn environment() -> Result<&'static Environment> {
 pub struct SessionOptions {
     /// Intra-op threads; also the pool our custom kernels parallelise on. 0 = every core.
     pub threads: usize,
+    /// Where ONNX Runtime writes its own profile (every node's time in every run, as Chrome
+    /// trace JSON) when the session closes: this path plus the date and `.json`.
+    pub profile: Option<PathBuf>,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { threads: default_threads() }
+        Self { threads: default_threads(), profile: None }
     }
 }
 
@@ -133,6 +136,9 @@ pub fn open_session_with(model: &Path, opts: &SessionOptions, prepack: Prepack) 
             // Subnormal floats (from the DeltaNet decays) cost x86 ~100× per operation; ORT's own
             // kernels get the same flush as deltadoc's (simd::FlushDenormals).
             .with_config_entry("session.set_denormal_as_zero", "1")?;
+        if let Some(prefix) = &opts.profile {
+            b = b.with_profiling(prefix)?;
+        }
         if prepack == Prepack::No {
             b = b.with_config_entry("session.disable_prepacking", "1")?;
         }

@@ -170,6 +170,24 @@ fn bench_reports_the_documented_json_keys() {
     );
     let ours: f64 = ops.iter().map(|t| t["seconds"].as_f64().unwrap()).sum();
     assert!(ours > 0.0 && ours < v["decode_s"].as_f64().unwrap(), "{ops:?} in {}", v["decode_s"]);
+    // Each call handed its work to the pool in parallel sections (the rule once: a single token's
+    // q/k normalisation stays on the calling thread), which took part of the calls' time, and
+    // their tasks ran for some of it.
+    for t in ops {
+        let (calls, sections) = (t["calls"].as_u64().unwrap(), t["sections"].as_u64().unwrap());
+        assert!(sections >= calls, "{t}");
+        assert!(t["op"] != "GatedDeltaRule" || sections == calls, "{t}");
+        let [seconds, in_sections, tasks] = ["seconds", "section_seconds", "task_seconds"].map(|k| t[k].as_f64().unwrap());
+        assert!(0.0 < in_sections && in_sections <= seconds && tasks > 0.0, "{t}");
+    }
+    // ONNX Runtime's own profile, asked for: a trace with every run and node.
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("ort");
+    bench_json(&model, &["--gen-tokens", "2", "--ort-profile", prefix.to_str().unwrap()]);
+    let traces: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(traces.len(), 1, "{traces:?}");
+    let trace = std::fs::read_to_string(&traces[0]).unwrap();
+    assert!(trace.contains("\"model_run\"") && trace.contains("GatedDeltaRule"), "{}", &trace[..trace.len().min(500)]);
     // Three stages on one prefilled prompt: each pays only its instruction and decode.
     let v = bench_json(&model, &["--gen-tokens", "3", "--stages", "3", "--stage-tokens", "8"]);
     assert_eq!(v["stage_s"].as_array().unwrap().len(), 3);

@@ -50,6 +50,10 @@ pub(super) struct BenchArgs {
     /// Tokens between checkpoints; 0 saves none and only writes the timing log.
     #[arg(long, default_value_t = 8192)]
     checkpoint_every: usize,
+    /// Have ONNX Runtime profile every node of every run (its own nodes among deltadoc's) and
+    /// write the trace to PREFIX_<date>.json (Chrome trace format) when the bench ends.
+    #[arg(long, value_name = "PREFIX")]
+    ort_profile: Option<PathBuf>,
 }
 
 /// Measures and prints the report (a table, or one JSON object).
@@ -64,7 +68,8 @@ pub(super) fn run(a: BenchArgs) -> Result<Outcome> {
         stage_tokens: a.stage_tokens,
         checkpoint: a.checkpoint.map(|p| (p, a.checkpoint_every)),
     };
-    let r = crate::bench::run(&m, &SessionOptions::with_threads(a.threads), &opts)?;
+    let session = SessionOptions { profile: a.ort_profile, ..SessionOptions::with_threads(a.threads) };
+    let r = crate::bench::run(&m, &session, &opts)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

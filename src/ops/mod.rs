@@ -73,9 +73,9 @@ fn guarded(name: &str, kind: OpKind, body: impl FnOnce() -> ort::Result<()>) -> 
 
 /// Runs `task(i)` for every `i` in `0..n` on the session's intra-op pool, the calling thread
 /// included. Every operator parallelises through here, so that [`op_time`] counts each section
-/// beside its tasks' own time: on the 2-vCPU machine a section costs 10-15 µs more than its
+/// beside its tasks' own time: on the 2-vCPU machine a section costs 5-12 µs more than its
 /// tasks shared evenly (the other thread starts ~5 µs late and reports its end ~2 µs late),
-/// 1.5-2 ms of a 0.8B decode step's ~120 sections (benches/RESULTS.md, "The pool's cost").
+/// 1.2-1.5 ms of a 0.8B decode step's 139 sections (benches/RESULTS.md, "The pool's cost").
 fn parallel(ctx: &ComputeContext, kind: OpKind, n: usize, task: impl Fn(usize) + Sync + Send) -> ort::Result<()> {
     let since = Instant::now();
     let busy = AtomicU64::new(0);

@@ -10,8 +10,8 @@
 //! other threads, waiting for the last task to end).
 //!
 //! Counting costs two clock reads and two or three relaxed atomic adds a call and a task, about
-//! 0.1 µs against the 10-400 µs of a call. The totals are shared by every session in the process: they describe one
-//! run only where one session runs at a time, as in `deltadoc bench`.
+//! 0.1 µs against the 10-400 µs of a call. The totals are shared by every session in the process:
+//! they describe one run only where one session runs at a time, as in `deltadoc bench`.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;

@@ -365,23 +365,9 @@ impl Ctx<'_> {
         self.b.f32s(&name, &[scale.len() as i64], &scale)
     }
 
-    /// RMSNorm over the last axis (weight as [`Ctx::norm_weight`]).
-    fn rms_norm(&mut self, x: &str, w: &[f32], one_plus: bool) -> Result<String> {
-        let s = self.norm_weight(w, one_plus)?;
-        Ok(self.rms_norm_by(x, &s))
-    }
-
     /// RMSNorm over the last axis with the weight initialiser `scale`.
     fn rms_norm_by(&mut self, x: &str, scale: &str) -> String {
         rms_norm_node(&mut self.b, x, scale, self.cfg.rms_norm_eps as f32)
-    }
-
-    /// NeoX rotary on the first `rot` dims of each head of `x [B,S,heads,hd]`.
-    fn rope(&mut self, x: &str) -> Result<String> {
-        let (hd, rot) = (self.cfg.head_dim as i64, self.cfg.rotary_dim() as i64);
-        let parts = if rot < hd { self.b.split(x, &[rot, hd - rot], -1)? } else { vec![x.to_string()] };
-        let r = neox_rotary(&mut self.b, &parts[0], &self.cos, &self.sin, rot)?;
-        if rot < hd { Ok(self.b.op("Concat", &[&r, &parts[1]], vec![("axis", Attr::Int(-1))])) } else { Ok(r) }
     }
 
     /// `x + attention(RMSNorm(x))`, the norm's weight initialiser `norm`.
@@ -390,34 +376,28 @@ impl Ctx<'_> {
         let (h, nq, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let p = format!("layers.{i}.self_attn.");
         let parts = [(format!("{p}q_proj"), 2 * nq * hd), (format!("{p}k_proj"), nkv * hd), (format!("{p}v_proj"), nkv * hd)];
-        let ys = self.fused_linear(x, &format!("{p}qkv_proj"), &parts, h, w, self.normed(norm))?;
-        let (qg, k, v) = (&ys[0], &ys[1], &ys[2]);
-        let qg = self.b.reshape(qg, &[0, 0, nq as i64, 2 * hd as i64])?;
-        let qs = self.b.split(&qg, &[hd as i64, hd as i64], -1)?;
-        let q = self.rms_norm(&qs[0], &w.get(&format!("{p}q_norm.weight"), &[hd])?, true)?;
-        let k = self.b.reshape(k, &[0, 0, nkv as i64, hd as i64])?;
-        let k = self.rms_norm(&k, &w.get(&format!("{p}k_norm.weight"), &[hd])?, true)?;
-        let v = self.b.reshape(v, &[0, 0, nkv as i64, hd as i64])?;
-        let q = self.rope(&q)?;
-        let k = self.rope(&k)?;
+        let out: usize = parts.iter().map(|(_, n)| n).sum();
+        let qgkv = self.linear(x, &format!("{p}qkv_proj"), &Self::stacked(&parts, h, w)?, out, h, self.normed(norm))?;
+        let q_norm = self.norm_weight(&w.get(&format!("{p}q_norm.weight"), &[hd])?, true)?;
+        let k_norm = self.norm_weight(&w.get(&format!("{p}k_norm.weight"), &[hd])?, true)?;
         // Blockwise causal attention over the cache (ops::attention): no [heads, S, P+S] scores.
+        // The op takes the projection whole and does the head norms, the rotary and the output
+        // gate itself (src/ops/causal_attention.rs).
         let [past_k, past_v] = cfg.layer_states(i).map(|s| s.name);
         let (pk, pv) = (present_name(&past_k), present_name(&past_v));
-        let ctx = self.b.fresh("attn_out");
+        let gated = self.b.fresh("attn_out");
         self.b.node_named(
             self.opts.kv_cache.op(),
             ops::DOMAIN,
-            &[&q, &k, &v, &past_k, &past_v],
-            &[&ctx, &pk, &pv],
+            &[&qgkv, "", "", &past_k, &past_v, &q_norm, &k_norm, &self.cos, &self.sin],
+            &[&gated, &pk, &pv],
             vec![
                 ("num_heads", Attr::Int(nq as i64)),
                 ("kv_num_heads", Attr::Int(nkv as i64)),
                 ("scale", Attr::Float((hd as f32).powf(-0.5))),
+                ("epsilon", Attr::Float(cfg.rms_norm_eps as f32)),
             ],
         );
-        let gate = self.b.reshape(&qs[1], &[0, 0, (nq * hd) as i64])?;
-        let gate = self.b.op("Sigmoid", &[&gate], vec![]);
-        let gated = self.b.op("Mul", &[&ctx, &gate], vec![]);
         let o = w.get(&format!("{p}o_proj.weight"), &[h, nq * hd])?;
         self.linear(&gated, &format!("{p}o_proj"), &o, h, nq * hd, Around::added_to(x))
     }

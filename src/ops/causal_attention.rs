@@ -1,11 +1,13 @@
 //! `CausalAttention` (f32, f16 and bf16 caches): blockwise causal grouped-query attention over
-//! a position-major KV cache the caller appends to.
+//! a position-major KV cache the caller appends to, either of prepared queries and keys or
+//! straight from the attention layer's projection (its norms, rotary and output gate done here).
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput, ShapeInferenceContext};
 use ort::value::{Shape, SymbolicDimensions, TensorElementType, ValueType};
 
 use super::attention;
-use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, output, parallel};
+use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, optional_input, output, parallel};
+use deltadoc_kernels::simd;
 
 /// Causal grouped-query attention with a growing KV cache, computed blockwise
 /// ([`attention`]): `q: [B, S, Hq, D]`, `k, v: [B, S, Hkv, D]` (f32, positions already rotated),
@@ -17,6 +19,14 @@ use super::{DOMAIN, OpKind, Pool, SharedMut, dims, err, guarded, input, output, 
 /// traffic). The cache is f32 for `CausalAttention`, f16 for `CausalAttentionF16` and bf16 for
 /// `CausalAttentionBF16` (which computes in bf16 where the CPU can): ORT binds one element type
 /// per input of a custom op.
+///
+/// The graph's form gives instead of `q, k, v` the attention layer's whole projection `qgkv: [B,
+/// S, Hq·2D + 2·Hkv·D]` (each query head's D values then its D gate values, then the keys, then
+/// the values; `k` and `v` left empty) and after the cache `q_norm, k_norm: [D]` and `cos, sin:
+/// [B, S, 1, R]`: the op RMS-normalises each query and key head (attribute `epsilon`), rotates
+/// its first R values (NeoX halves) and multiplies the output by `σ(gate)`. These were 21 ONNX
+/// nodes per layer, 126 of a 0.8B decode step, each a few microseconds of ORT's own cost on a
+/// few kilobytes (benches/RESULTS.md, "Attention's small nodes inside the operator").
 pub struct CausalAttention<T>(std::marker::PhantomData<T>);
 
 impl<T> Default for CausalAttention<T> {
@@ -48,8 +58,26 @@ pub struct AttentionKernel<T> {
     q_heads: usize,
     kv_heads: usize,
     scale: f32,
+    /// RMSNorm epsilon of the graph's form.
+    epsilon: f32,
     _cache: std::marker::PhantomData<T>,
 }
+
+/// Input of the graph's form whose presence selects it; `k_norm`, `cos` and `sin` follow.
+const Q_NORM: usize = 5;
+
+/// Tokens of one task when a long call of the graph's form prepares its heads or gates its
+/// output; a decode step's one token stays on the calling thread.
+const PREPARE_TOKENS: usize = 32;
+
+/// The queries, keys and values a call of the graph's form prepares; one set for all layers.
+#[derive(Default)]
+struct Prepared {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+static PREPARED: Pool<Prepared> = Pool::new();
 
 /// One scratch per work item of an attention call.
 static TILE_SCRATCH: Pool<Vec<attention::TileScratch>> = Pool::new();
@@ -69,10 +97,14 @@ impl<T: CacheType> Operator for CausalAttention<T> {
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
         [
             OperatorInput::required(TensorElementType::Float32),
-            OperatorInput::required(TensorElementType::Float32),
-            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
             OperatorInput::required(T::into_tensor_element_type()),
             OperatorInput::required(T::into_tensor_element_type()),
+            OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Float32),
         ]
     }
 
@@ -99,6 +131,7 @@ impl<T: CacheType> Operator for CausalAttention<T> {
             q_heads,
             kv_heads,
             scale: kctx.get::<f32>("scale").unwrap_or(0.0),
+            epsilon: kctx.get::<f32>("epsilon").unwrap_or(1e-6),
             _cache: std::marker::PhantomData,
         })
     }
@@ -113,10 +146,13 @@ impl<T: CacheType> Operator for CausalAttention<T> {
         else {
             return Err(err(format!("{}: q and past_key must be tensors", T::OP)));
         };
-        if qs.len() != 4 || ks.len() != 4 {
-            return Err(err(format!("{}: q and past_key must have rank 4", T::OP)));
-        }
-        let width = if qs[2] > 0 && qs[3] > 0 { qs[2] * qs[3] } else { -1 };
+        // Rank 3: the graph's form, whose output is Hq·D wide.
+        let width = match (qs.len(), ks.len()) {
+            (4, 4) if qs[2] > 0 && qs[3] > 0 => qs[2] * qs[3],
+            (3, 4) if ks[3] > 0 => ctx.attr::<i64>("num_heads")? * ks[3],
+            (3 | 4, 4) => -1,
+            _ => return Err(err(format!("{}: q (or qgkv) must have rank 4 (3) and past_key rank 4", T::OP))),
+        };
         let out = ValueType::Tensor {
             ty: TensorElementType::Float32,
             shape: Shape::new([qs[0], qs[1], width]),
@@ -150,12 +186,59 @@ impl<T: CacheType> AttentionKernel<T> {
         let op = T::OP;
         inputs!(ctx, op;
             (qs, q): f32 = 0 "q",
-            (ks, k): f32 = 1 "k",
-            (vs, v): f32 = 2 "v",
             (pks, pk): T = 3 "past_key",
             (pvs, pv): T = 4 "past_value",
         );
-        let c = self.sizes([&qs[..], &ks[..], &vs[..], &pks[..], &pvs[..]])?;
+        let Some(q_norm) = optional_input(ctx, Q_NORM)? else {
+            inputs!(ctx, op; (ks, k): f32 = 1 "k", (vs, v): f32 = 2 "v");
+            let c = self.sizes([&qs[..], &ks[..], &vs[..], &pks[..], &pvs[..]])?;
+            return self.attend(ctx, &c, [q, k, v], [pk, pv], None);
+        };
+        inputs!(ctx, op; (_kns, k_norm): f32 = 6 "k_norm", (_coss, cos): f32 = 7 "cos", (_sins, sin): f32 = 8 "sin");
+        let (_, q_norm) = q_norm.try_extract_tensor::<f32>()?;
+        let pd = dims(pks);
+        let (hq, hkv) = (self.q_heads, self.kv_heads);
+        let xd = dims(qs);
+        let hd = pd.get(3).copied().unwrap_or(0);
+        if xd.len() != 3 || xd[2] != (2 * hq + 2 * hkv) * hd {
+            return Err(err(format!("{op}: qgkv must be [B, S, {}] for head width {hd}, got {xd:?}", (2 * hq + 2 * hkv) * hd)));
+        }
+        let (b, s) = (xd[0], xd[1]);
+        let rot = cos.len().checked_div(b * s).unwrap_or(0);
+        if q_norm.len() != hd
+            || k_norm.len() != hd
+            || sin.len() != cos.len()
+            || cos.len() != b * s * rot
+            || rot % 2 == 1
+            || rot > hd
+        {
+            return Err(err(format!(
+                "{op}: q_norm, k_norm must be [{hd}] and cos, sin [{b}, {s}, 1, R] with R even and at most {hd}; got {}, {}, {}, {} values",
+                q_norm.len(),
+                k_norm.len(),
+                cos.len(),
+                sin.len()
+            )));
+        }
+        let mut p = PREPARED.take();
+        let heads = Heads { x: q, hq, hkv, hd, rot, norms: [q_norm, k_norm], rope: [cos, sin], epsilon: self.epsilon };
+        heads.prepare(ctx, b * s, &mut p)?;
+        let (q4, k4) = ([b as i64, s as i64, hq as i64, hd as i64], [b as i64, s as i64, hkv as i64, hd as i64]);
+        let c = self.sizes([&q4, &k4, &k4, &pks[..], &pvs[..]])?;
+        self.attend(ctx, &c, [&p.q, &p.k, &p.v], [pk, pv], Some(&heads))
+    }
+
+    /// Attention of prepared `q, k, v` over the cache `[pk, pv]`; the output gated by `gate`'s
+    /// projection where the call has the graph's form.
+    fn attend(
+        &self,
+        ctx: &ComputeContext,
+        c: &Call,
+        [q, k, v]: [&[f32]; 3],
+        [pk, pv]: [&[T]; 2],
+        gate: Option<&Heads>,
+    ) -> ort::Result<()> {
+        let op = T::OP;
         let (b, d) = (c.batch, &c.dims);
         let (s, hq, hkv, hd) = (d.new, d.q_heads, d.kv_heads, d.head_dim);
         let rows_dims = vec![b as i64, s as i64, hkv as i64, hd as i64];
@@ -170,7 +253,11 @@ impl<T: CacheType> AttentionKernel<T> {
         T::store(k, nk);
         T::store(v, nv);
         let call = Layout { q, cache: [pk, pv], new: [nk, nv], batch: b, d };
-        if attention::splits(d) { call.split(ctx, out) } else { call.tiled(ctx, out) }
+        if attention::splits(d) { call.split(ctx, out) } else { call.tiled(ctx, out) }?;
+        match gate {
+            Some(heads) => heads.gate(ctx, b * s, out),
+            None => Ok(()),
+        }
     }
 
     /// The call's sizes, once every input's shape agrees with them.
@@ -193,6 +280,99 @@ impl<T: CacheType> AttentionKernel<T> {
         }
         let scale = if self.scale > 0.0 { self.scale } else { (hd as f32).powf(-0.5) };
         Ok(Call { batch: b, dims: attention::Dims { q_heads: hq, kv_heads: hkv, head_dim: hd, past: pd[1], new: s, scale } })
+    }
+}
+
+/// A call of the graph's form: its projection rows and what prepares them.
+struct Heads<'a> {
+    /// `[tokens, Hq·2D + 2·Hkv·D]`.
+    x: &'a [f32],
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+    /// Rotated values at the start of each head.
+    rot: usize,
+    /// RMSNorm scales of query and key heads.
+    norms: [&'a [f32]; 2],
+    /// `[tokens, rot]` each.
+    rope: [&'a [f32]; 2],
+    epsilon: f32,
+}
+
+impl Heads<'_> {
+    fn width(&self) -> usize {
+        (2 * self.hq + 2 * self.hkv) * self.hd
+    }
+
+    /// Runs `task(tokens)` over every token of the call, in stretches of [`PREPARE_TOKENS`]
+    /// across the threads when there is more than one stretch.
+    fn over_tokens(ctx: &ComputeContext, tokens: usize, task: impl Fn(std::ops::Range<usize>) + Sync + Send) -> ort::Result<()> {
+        let parts = tokens.div_ceil(PREPARE_TOKENS);
+        if parts <= 1 {
+            task(0..tokens);
+            return Ok(());
+        }
+        parallel(ctx, OpKind::CausalAttention, parts, |i| task(i * PREPARE_TOKENS..((i + 1) * PREPARE_TOKENS).min(tokens)))
+    }
+
+    /// Fills `p` with the call's queries and keys (normalised and rotated) and values, `[tokens,
+    /// heads, D]` each.
+    fn prepare(&self, ctx: &ComputeContext, tokens: usize, p: &mut Prepared) -> ort::Result<()> {
+        let (hq, hkv, hd) = (self.hq, self.hkv, self.hd);
+        p.q.resize(tokens * hq * hd, 0.0);
+        p.k.resize(tokens * hkv * hd, 0.0);
+        p.v.resize(tokens * hkv * hd, 0.0);
+        let (q, k, v) = (SharedMut(p.q.as_mut_ptr()), SharedMut(p.k.as_mut_ptr()), SharedMut(p.v.as_mut_ptr()));
+        Self::over_tokens(ctx, tokens, |range| {
+            for t in range {
+                let row = &self.x[t * self.width()..(t + 1) * self.width()];
+                let (keys, values) = row[2 * hq * hd..].split_at(hkv * hd);
+                // SAFETY: token t's rows of q, k and v are written by this task alone.
+                let (qt, kt, vt) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(q.at(t * hq * hd), hq * hd),
+                        std::slice::from_raw_parts_mut(k.at(t * hkv * hd), hkv * hd),
+                        std::slice::from_raw_parts_mut(v.at(t * hkv * hd), hkv * hd),
+                    )
+                };
+                for (h, out) in qt.chunks_exact_mut(hd).enumerate() {
+                    self.norm_and_rotate(t, &row[2 * h * hd..(2 * h + 1) * hd], self.norms[0], out);
+                }
+                for (src, out) in keys.chunks_exact(hd).zip(kt.chunks_exact_mut(hd)) {
+                    self.norm_and_rotate(t, src, self.norms[1], out);
+                }
+                vt.copy_from_slice(values);
+            }
+        })
+    }
+
+    /// One head of token `t`: RMS-normalised by `scale`, its first `rot` values rotated by the
+    /// token's angles (NeoX: value i pairs with value i + rot/2), `x·cos + rotate_half(x)·sin`.
+    fn norm_and_rotate(&self, t: usize, src: &[f32], scale: &[f32], out: &mut [f32]) {
+        simd::rms_norm(src, scale, self.epsilon, out);
+        let (half, rot) = (self.rot / 2, self.rot);
+        let (cos, sin) = (&self.rope[0][t * rot..(t + 1) * rot], &self.rope[1][t * rot..(t + 1) * rot]);
+        for i in 0..half {
+            let (a, b) = (out[i], out[i + half]);
+            out[i] = a * cos[i] + -b * sin[i];
+            out[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+
+    /// `out [tokens, Hq·D]` times σ of each query head's gate.
+    fn gate(&self, ctx: &ComputeContext, tokens: usize, out: &mut [f32]) -> ort::Result<()> {
+        let (hq, hd) = (self.hq, self.hd);
+        let out = SharedMut(out.as_mut_ptr());
+        Self::over_tokens(ctx, tokens, |range| {
+            for t in range {
+                let row = &self.x[t * self.width()..];
+                // SAFETY: token t's output row is gated by this task alone.
+                let o = unsafe { std::slice::from_raw_parts_mut(out.at(t * hq * hd), hq * hd) };
+                for (h, oh) in o.chunks_exact_mut(hd).enumerate() {
+                    simd::sigmoid_gate(&row[(2 * h + 1) * hd..(2 * h + 2) * hd], oh);
+                }
+            }
+        })
     }
 }
 

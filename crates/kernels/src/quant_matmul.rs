@@ -26,7 +26,7 @@
 use std::ops::Range;
 
 use crate::gemm::gemm;
-use crate::simd::{LANES, dispatch, sum_lanes};
+use crate::simd::{LANES, dispatch};
 
 /// Largest magnitude of an activation code.
 const X_MAX: f32 = 127.0;
@@ -352,41 +352,46 @@ fn quantise_row_lanes<const FMA: bool>(x: &[f32], block: usize, codes: &mut [i8]
     }
 }
 
+/// The largest `|x|` of a block, NaN if any value is not finite. Computed as the largest bit
+/// pattern with the sign cleared: for floats of one sign the patterns order as the values do, and
+/// infinities and NaN lie above every finite one, so one integer maximum finds both.
 #[inline(always)]
 fn block_range_lanes<const FMA: bool>(x: &[f32]) -> f32 {
-    let mut top = [0f32; LANES];
-    // x · 0 is 0 for every finite x and NaN otherwise: one sum tells whether all were finite.
-    let mut poison = [0f32; LANES];
-    // Arrays of LANES, not slices, so that the compiler sees whole vectors (with `chunks_exact`
-    // it did not, and quantising one row of K = 2048 took 6 µs, a tenth of its matmul).
-    let (chunks, tail) = x.as_chunks::<LANES>();
+    let largest = block_magnitude(x);
+    if largest >= f32::INFINITY.to_bits() { f32::NAN } else { f32::from_bits(largest) }
+}
+
+const MAGNITUDE: u32 = 0x7fff_ffff;
+
+/// The largest of `x`'s bit patterns with the sign cleared. Written out in AVX-512 where the CPU
+/// has it: the compiler vectorised the plain loop across the chunks of a block instead of within
+/// one, and a block of 32 or 128 values has too few chunks for that, so most of it ran scalar
+/// (quantising a row of K = 3584 took 2.4 µs; benches/RESULTS.md, "Where `QuantMatMul` spends
+/// its time outside the sections").
+#[inline(always)]
+fn block_magnitude(x: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { block_magnitude_avx512(x) };
+    }
+    x.iter().map(|v| v.to_bits() & MAGNITUDE).max().unwrap_or(0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn block_magnitude_avx512(x: &[f32]) -> u32 {
+    use std::arch::x86_64::*;
+    let mask = _mm512_set1_epi32(MAGNITUDE as i32);
+    let mut top = _mm512_setzero_si512();
+    let (chunks, tail) = x.as_chunks::<16>();
     for c in chunks {
-        for l in 0..LANES {
-            let a = c[l].abs();
-            top[l] = if a > top[l] { a } else { top[l] };
-            poison[l] += c[l] * 0.0;
-        }
+        // SAFETY: `c` is 16 floats, 64 bytes, read unaligned.
+        let v = unsafe { _mm512_loadu_si512(c.as_ptr().cast()) };
+        top = _mm512_max_epu32(top, _mm512_and_si512(v, mask));
     }
-    // The tail apart, so that the lanes stay in registers instead of being indexed at run time.
-    let mut tail_top = 0f32;
-    let mut tail_poison = 0f32;
-    for &v in tail {
-        tail_top = if v.abs() > tail_top { v.abs() } else { tail_top };
-        tail_poison += v * 0.0;
-    }
-    top[0] = if tail_top > top[0] { tail_top } else { top[0] };
-    if (sum_lanes(&poison) + tail_poison).is_nan() {
-        return f32::NAN;
-    }
-    // Pairwise, as `sum_lanes`: log₂ 16 vector steps instead of 15 scalar ones.
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            top[l] = if top[l + width] > top[l] { top[l + width] } else { top[l] };
-        }
-        width /= 2;
-    }
-    top[0]
+    let largest = _mm512_reduce_max_epu32(top);
+    tail.iter().map(|v| v.to_bits() & MAGNITUDE).fold(largest, u32::max)
 }
 
 /// `codes ← round(x · inv)`, ties to even as ONNX Runtime's `MatMulNBits` rounds its
@@ -1123,6 +1128,24 @@ mod tests {
                 let row = |r: usize| &y[r * PANEL_ROWS..r * PANEL_ROWS + n];
                 assert!((0..m).filter(|&r| r != 1).all(|r| row(r).iter().all(|&v| v == 0.0)), "{isa:?}, m {m}: {y:?}");
                 assert!(row(1).iter().all(|v| v.is_nan()), "{isa:?}, m {m}: {y:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn block_range_is_the_largest_magnitude_and_nan_for_any_non_finite() {
+        let mut rng = StdRng::seed_from_u64(9);
+        for len in [0, 1, 15, 16, 17, 32, 128, 200] {
+            let x: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let want = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(block_range_lanes::<true>(&x).to_bits(), want.to_bits(), "len {len}");
+            assert_eq!(block_range_lanes::<true>(&vec![-0.0; len]).to_bits(), 0, "len {len}: -0 is 0");
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+                for at in [0, len / 2, len.saturating_sub(1)].into_iter().filter(|&at| at < len) {
+                    let mut y = x.clone();
+                    y[at] = bad;
+                    assert!(block_range_lanes::<true>(&y).is_nan(), "len {len}, {bad} at {at}");
+                }
             }
         }
     }

@@ -338,11 +338,11 @@ impl Ctx<'_> {
     }
 
     /// The projections `parts` (`(checkpoint name, outputs)`, each `{name}.weight [outputs,
-    /// inp]`) of the same `x` as one matmul named `name`, its output split back into the parts.
-    /// A decode step then reads `x` once, quantises it once and runs one node instead of several
-    /// (each node costs ONNX Runtime a fixed few microseconds, and the smallest projections, 16
-    /// rows, are nearly all fixed cost); every part's rows are quantised as they would be alone.
-    fn fused_linear(
+    /// inp]`) of the same `x` as one matmul named `name`, their outputs side by side. A decode
+    /// step then reads `x` once, quantises it once and runs one node instead of several (each
+    /// node costs ONNX Runtime a fixed few microseconds, and the smallest projections, 16 rows,
+    /// are nearly all fixed cost); every part's rows are quantised as they would be alone.
+    fn stacked_linear(
         &mut self,
         x: &str,
         name: &str,
@@ -350,12 +350,10 @@ impl Ctx<'_> {
         inp: usize,
         w: &mut dyn WeightSource,
         around: Around,
-    ) -> Result<Vec<String>> {
+    ) -> Result<String> {
         let out: usize = parts.iter().map(|(_, n)| n).sum();
         let all = Self::stacked(parts, inp, w)?;
-        let y = self.linear(x, name, &all, out, inp, around)?;
-        let sizes: Vec<i64> = parts.iter().map(|(_, n)| *n as i64).collect();
-        self.b.split(&y, &sizes, -1)
+        self.linear(x, name, &all, out, inp, around)
     }
 
     /// An RMSNorm weight as an initialiser; `one_plus` selects Qwen3.5's zero-centred `(1 + w)`.
@@ -376,8 +374,7 @@ impl Ctx<'_> {
         let (h, nq, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let p = format!("layers.{i}.self_attn.");
         let parts = [(format!("{p}q_proj"), 2 * nq * hd), (format!("{p}k_proj"), nkv * hd), (format!("{p}v_proj"), nkv * hd)];
-        let out: usize = parts.iter().map(|(_, n)| n).sum();
-        let qgkv = self.linear(x, &format!("{p}qkv_proj"), &Self::stacked(&parts, h, w)?, out, h, self.normed(norm))?;
+        let qgkv = self.stacked_linear(x, &format!("{p}qkv_proj"), &parts, h, w, self.normed(norm))?;
         let q_norm = self.norm_weight(&w.get(&format!("{p}q_norm.weight"), &[hd])?, true)?;
         let k_norm = self.norm_weight(&w.get(&format!("{p}k_norm.weight"), &[hd])?, true)?;
         // Blockwise causal attention over the cache (ops::attention): no [heads, S, P+S] scores.
@@ -415,7 +412,9 @@ impl Ctx<'_> {
             (format!("{p}in_proj_b"), hv),
             (format!("{p}in_proj_a"), hv),
         ];
-        let ys = self.fused_linear(x, &format!("{p}in_proj"), &parts, h, w, self.normed(norm))?;
+        let y = self.stacked_linear(x, &format!("{p}in_proj"), &parts, h, w, self.normed(norm))?;
+        let sizes: Vec<i64> = parts.iter().map(|(_, n)| *n as i64).collect();
+        let ys = self.b.split(&y, &sizes, -1)?;
         let (qkv, z, bl, al) = (&ys[0], &ys[1], &ys[2], &ys[3]);
         let conv_w = w.get(&format!("{p}conv1d.weight"), &[conv_dim, 1, kw])?;
         let conv_w = self.b.f32s(&format!("{p}conv1d.weight"), &[conv_dim as i64, kw as i64], &conv_w)?;
@@ -548,9 +547,8 @@ impl Ctx<'_> {
     fn mlp(&mut self, p: &str, x: &str, norm: &str, w: &mut dyn WeightSource) -> Result<String> {
         let (h, im) = (self.cfg.hidden_size, self.cfg.intermediate_size);
         let parts = [(format!("{p}mlp.gate_proj"), im), (format!("{p}mlp.up_proj"), im)];
-        let gate_up = Self::stacked(&parts, h, w)?;
         let around = Around { swiglu: true, ..self.normed(norm) };
-        let y = self.linear(x, &format!("{p}mlp.gate_up_proj"), &gate_up, 2 * im, h, around)?;
+        let y = self.stacked_linear(x, &format!("{p}mlp.gate_up_proj"), &parts, h, w, around)?;
         let down = w.get(&format!("{p}mlp.down_proj.weight"), &[h, im])?;
         self.linear(&y, &format!("{p}mlp.down_proj"), &down, h, im, Around::added_to(x))
     }

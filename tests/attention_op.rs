@@ -26,7 +26,8 @@ fn session(dir: &std::path::Path, whole: bool) -> Session {
     let t = |rest: &[usize]| -> Vec<Dim> {
         [Dim::Fixed(1), Dim::Named("t")].into_iter().chain(rest.iter().map(|&d| Dim::Fixed(d as i64))).collect()
     };
-    let past = [Dim::Fixed(1), Dim::Named("p"), Dim::Fixed(HKV as i64), Dim::Fixed(D as i64)];
+    // Heads and width left open too, so that a cache of the wrong shape reaches the op.
+    let past = [Dim::Fixed(1), Dim::Named("p"), Dim::Named("kv_heads"), Dim::Named("d")];
     let inputs: Vec<&str> = if whole {
         // Width left open, so that a wrong one reaches the op.
         b.input("qgkv", data_type::FLOAT, &[Dim::Fixed(1), Dim::Named("t"), Dim::Named("w")]);
@@ -148,18 +149,18 @@ fn the_projection_form_equals_its_formulas_around_the_prepared_form() {
     }
 }
 
-#[test]
-fn a_projection_of_the_wrong_width_is_refused_with_its_shape() {
+/// The projection form's error for a projection `[1, 1, width]` over a cache of `[1, 0, heads, d]`.
+fn refusal(width: usize, heads: usize, d: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
     let mut whole = session(dir.path(), true);
     let values: Vec<(&str, ort::value::DynValue)> = [
-        ("qgkv", vec![1, 1, WIDTH - D]),
+        ("qgkv", vec![1, 1, width]),
         ("q_norm", vec![D]),
         ("k_norm", vec![D]),
         ("cos", vec![1, 1, 1, R]),
         ("sin", vec![1, 1, 1, R]),
-        ("past_key", vec![1, 0, HKV, D]),
-        ("past_value", vec![1, 0, HKV, D]),
+        ("past_key", vec![1, 0, heads, d]),
+        ("past_value", vec![1, 0, heads, d]),
     ]
     .into_iter()
     .map(|(name, shape)| {
@@ -167,7 +168,23 @@ fn a_projection_of_the_wrong_width_is_refused_with_its_shape() {
         (name, Tensor::from_array(ArrayD::from_shape_vec(IxDyn(&shape), vec![0.5f32; n]).unwrap()).unwrap().into_dyn())
     })
     .collect();
-    let Err(e) = whole.run(values) else { panic!("a short projection is refused") };
-    let e = e.to_string();
+    let Err(e) = whole.run(values) else { panic!("a projection of width {width} over a cache of {heads} x {d} is refused") };
+    e.to_string()
+}
+
+#[test]
+fn a_projection_of_the_wrong_width_is_refused_with_its_shape() {
+    let e = refusal(WIDTH - D, HKV, D);
     assert!(e.contains("qgkv must be [B, S, 384]") && e.contains("[1, 1, 352]"), "{e}");
+}
+
+#[test]
+fn a_cache_of_the_wrong_shape_is_named_before_the_projection_is_judged_by_it() {
+    // The head width is read from the cache, so a wrong cache must not be reported as a wrong
+    // projection (for a width of 0, "qgkv must be [B, S, 0]").
+    for (heads, d) in [(HKV + 1, D), (HKV, 0)] {
+        let e = refusal(WIDTH, heads, d);
+        assert!(e.contains("past_key must be [B, P, 2, D] with D > 0") && e.contains(&format!("[1, 0, {heads}, {d}]")), "{e}");
+        assert!(!e.contains("qgkv"), "{e}");
+    }
 }

@@ -199,7 +199,12 @@ impl<T: CacheType> AttentionKernel<T> {
         let pd = dims(pks);
         let (hq, hkv) = (self.q_heads, self.kv_heads);
         let xd = dims(qs);
-        let hd = pd.get(3).copied().unwrap_or(0);
+        // The head width comes from the cache, so the cache's shape is checked before the
+        // projection's width is judged by it.
+        let hd = match pd[..] {
+            [_, _, heads, hd] if heads == hkv && hd > 0 => hd,
+            _ => return Err(err(format!("{op}: past_key must be [B, P, {hkv}, D] with D > 0, got {pd:?}"))),
+        };
         if xd.len() != 3 || xd[2] != (2 * hq + 2 * hkv) * hd {
             return Err(err(format!("{op}: qgkv must be [B, S, {}] for head width {hd}, got {xd:?}", (2 * hq + 2 * hkv) * hd)));
         }

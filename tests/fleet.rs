@@ -217,7 +217,11 @@ fn a_dead_daemons_job_is_taken_over_in_time_and_a_paused_one_writes_nothing() {
     d1.wait_log("joined as worker d1", Duration::from_secs(120));
     let journal = f.sb.path(&format!("shared/journal/{job}"));
     let kept = wait_for("d0's model calls in the shared journal", Duration::from_secs(120), || {
-        let n = std::fs::read_dir(&journal).map_or(0, |d| d.count());
+        // Finished entries only: a writer's temporary file (`.<name>.<pid>-<nonce>.tmp`,
+        // src/output.rs) becomes an entry at its rename, and the kill below may come first.
+        let entries = std::fs::read_dir(&journal)
+            .map(|d| d.flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).count());
+        let n = entries.unwrap_or(0);
         (n >= 2).then_some(n)
     });
     d0.child.kill().unwrap();

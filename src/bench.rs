@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
-use crate::generate::{Decoder, Logits, argmax, last_checkpoint};
+use crate::generate::{Batch, Decoder, Logits, argmax, last_checkpoint};
 use crate::model::ModelDir;
 use crate::model::config::TextConfig;
 use crate::model::graph::KvCache;
@@ -34,6 +34,9 @@ pub struct BenchOptions {
     pub stages: usize,
     /// Instruction tokens each stage prefills after the restored prompt.
     pub stage_tokens: usize,
+    /// Sequences decoded together in one step after the single sequence's decode (1 = none):
+    /// copies of the prompt's state, each from a first token of its own.
+    pub batch: usize,
     /// Make the prefill resumable: checkpoint file and interval in tokens. Rerunning the same
     /// command after the process died resumes the prefill, and the report adds the time spent
     /// before (kept per chunk in [`timing_log`]).
@@ -98,6 +101,13 @@ pub struct BenchReport {
     pub planned_bytes: u64,
     /// Seconds of the decode steps after the first token.
     pub decode_s: f64,
+    /// Sequences of the batched decode (1: not measured).
+    pub batch: usize,
+    /// With `batch > 1`: generated tokens per second of all the batch's sequences together, as
+    /// many steps as the single sequence's decode.
+    pub batch_decode_tokens_per_s: Option<f64>,
+    /// deltadoc's operators over the batch's steps, as `decode_ops`.
+    pub batch_decode_ops: Vec<OpTime>,
     /// deltadoc's operators over those decode steps: where the steps' time went, and the weight
     /// bytes `QuantMatMul` read (its rate inside the calls is the weight stream's).
     pub decode_ops: Vec<OpTime>,
@@ -254,7 +264,7 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let tok = pick(&pre.logits);
     let ttft_s = prefill_s + t_pick.elapsed().as_secs_f64();
 
-    let snap = if opts.stages > 1 { Some(dec.snapshot()?) } else { None };
+    let snap = if opts.stages > 1 || opts.batch > 1 { Some(dec.snapshot()?) } else { None };
     let decode = |dec: &mut Decoder, mut tok: u32| -> Result<()> {
         for _ in 1..opts.gen_tokens {
             let l = dec.forward(&[tok], Logits::Last)?;
@@ -281,6 +291,22 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
             decode(&mut dec, pick(l.row(0).as_slice().expect("contiguous logits")))?;
             stage_s.push(t.elapsed().as_secs_f64());
         }
+    }
+    // Batched decode: the same steps for `batch` sequences at once.
+    let (mut batch_decode_tokens_per_s, mut batch_decode_ops) = (None, Vec::new());
+    if let Some(snap) = snap.as_ref().filter(|_| opts.batch > 1) {
+        let mut batch = Batch::new(&dec, &vec![snap.clone(); opts.batch], opts.gen_tokens)?;
+        let mut tokens: Vec<u32> = (0..opts.batch).map(|i| if i == 0 { tok } else { rng.random_range(0..limit) }).collect();
+        op_time::take();
+        let t = Instant::now();
+        for _ in 1..opts.gen_tokens {
+            let l = batch.step(&mut dec, &tokens, &[])?;
+            for (i, t) in tokens.iter_mut().enumerate() {
+                *t = pick(l.row(i).as_slice().expect("contiguous logits"));
+            }
+        }
+        batch_decode_tokens_per_s = (decoded > 0).then(|| (opts.batch * decoded) as f64 / t.elapsed().as_secs_f64());
+        batch_decode_ops = op_time::take();
     }
     let prefix_reuse_ratio = (!stage_s.is_empty()).then(|| (prefill_s + stage_s.iter().sum::<f64>()) / (prefill_s + stage_s[0]));
     let m = &model.manifest;
@@ -311,6 +337,9 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         resumed_from_token: pre.resumed_from,
         timed_from_token: pre.timed_from,
         planned_bytes: planned_bytes(model, opts),
+        batch: opts.batch.max(1),
+        batch_decode_tokens_per_s,
+        batch_decode_ops,
     })
 }
 
@@ -350,10 +379,10 @@ fn timed_prefill(dec: &mut Decoder, prompt: &[u32], opts: &BenchOptions) -> Resu
     Ok(pre)
 }
 
-/// The memory plan of the run: its context, and the state copy it holds (the snapshot stages
-/// share, or the last checkpoint of a resumable prefill).
+/// The memory plan of the run: its context, the state copy it holds (the snapshot stages and the
+/// batch share, or the last checkpoint of a resumable prefill) and the batch's sequences.
 fn planned_bytes(model: &ModelDir, opts: &BenchOptions) -> u64 {
-    let copy = if opts.stages > 1 {
+    let copy = if opts.stages > 1 || opts.batch > 1 {
         StateCopy::Kept(opts.prompt_tokens)
     } else {
         let at = |every: usize| StateCopy::Checkpoint(last_checkpoint(opts.prompt_tokens, opts.prefill_chunk, every));
@@ -361,5 +390,12 @@ fn planned_bytes(model: &ModelDir, opts: &BenchOptions) -> u64 {
     };
     // The bench reads no images, so the vision tower never loads.
     let footprint = Footprint { vision_file: 0, ..Footprint::of(model) };
-    footprint.plan(opts.prompt_tokens + opts.gen_tokens, opts.prefill_chunk, copy).total_bytes
+    let context = opts.prompt_tokens + opts.gen_tokens;
+    // A batch holds each sequence's state and a cache row of the whole context beside the
+    // single sequence's.
+    let batch = match opts.batch {
+        0 | 1 => 0,
+        b => b as u64 * (footprint.kv_bytes_per_token() * context as u64 + footprint.cfg.linear_state_bytes() as u64),
+    };
+    footprint.plan(context, opts.prefill_chunk, copy).total_bytes + batch
 }

@@ -256,3 +256,67 @@ fn a_head_that_computes_only_the_allowed_rows_gives_the_full_heads_logits_for_th
         assert!(told.len() > 10, "{precision:?}: {} tokens", told.len());
     }
 }
+
+#[test]
+fn constrained_and_free_sequences_decoded_as_one_batch_give_what_each_gives_alone() {
+    use deltadoc::generate::{Batch, Member, decode, decode_batch};
+    let s = contract_like();
+    let opts = SessionOptions::with_threads(2);
+    let dir = common::open(&common::imported("fullvocab", Precision::Int8));
+    let mut dec = Decoder::open(&dir, &opts).unwrap();
+    // (prompt, constrained, sampling, token limit): the free sequence ends first and leaves.
+    let members = [
+        ("Extract the contract's fields as JSON.", true, Sampling { temperature: 0.8, seed: 7, ..Sampling::default() }, 40),
+        ("Summarise the agreement in one sentence, please.", false, Sampling::default(), 12),
+        ("Fields:", true, Sampling::default(), 40),
+    ];
+    let options = |&(_, _, ref sampling, max): &(&str, bool, Sampling, usize)| DecodeOptions {
+        max_new_tokens: max,
+        sampling: sampling.clone(),
+        stop_tokens: vec![IM_END],
+    };
+    let filter =
+        |constrained: bool| constrained.then(|| SchemaRows { constraint: vocabulary().constraint(&s).unwrap(), tell: true });
+    let mut starts = Vec::new();
+    for m in &members {
+        dec.reset().unwrap();
+        let logits = dec.prefill(&tokenizer().encode(m.0).unwrap(), 16, |_, _| Ok(())).unwrap();
+        starts.push((dec.snapshot().unwrap(), logits));
+    }
+    let alone: Vec<(Vec<u32>, String)> = members
+        .iter()
+        .zip(&starts)
+        .map(|(m, (snap, logits))| {
+            dec.restore(snap).unwrap();
+            let mut f = filter(m.1);
+            decode(&mut dec, logits.clone(), &options(m), f.as_mut().map(|f| f as &mut dyn TokenFilter), |_| Ok(())).unwrap()
+        })
+        .collect();
+
+    let snaps: Vec<_> = starts.iter().map(|(s, _)| s.clone()).collect();
+    let batch = Batch::new(&dec, &snaps, 64).unwrap();
+    let mut filters: Vec<Option<SchemaRows>> = members.iter().map(|m| filter(m.1)).collect();
+    let batch_members: Vec<Member> = members
+        .iter()
+        .zip(&starts)
+        .zip(filters.iter_mut())
+        .map(|((m, (_, logits)), f)| Member {
+            logits: logits.clone(),
+            opts: options(m),
+            filter: f.as_mut().map(|f| f as &mut (dyn TokenFilter + Send)),
+        })
+        .collect();
+    let mut seen = vec![Vec::new(); members.len()];
+    let together = decode_batch(&mut dec, batch, batch_members, |i, t| {
+        seen[i].push(t);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(together, alone);
+    for (i, (tokens, why)) in together.iter().enumerate() {
+        assert_eq!(&seen[i], tokens, "member {i}: the tokens as they came");
+        println!("member {i}: {} tokens, {why}: {:?}", tokens.len(), tokenizer().decode(tokens).unwrap_or_default());
+    }
+    assert_eq!(together[1].0.len(), 12, "the free sequence runs to its limit, before the others end");
+    assert!(together[0].0.len() > 12 && together[2].0.len() > 12, "the constrained ones go on after it leaves");
+}

@@ -152,6 +152,7 @@ fn a_resumed_bench_adds_the_earlier_runs_time_and_peak() {
         seed: 7,
         stages: 1,
         stage_tokens: 1,
+        batch: 1,
         checkpoint: Some((ckpt.clone(), every)),
     };
     // An earlier run of the same bench died after token 112; its last checkpoint is at 96, where

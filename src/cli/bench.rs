@@ -42,6 +42,10 @@ pub(super) struct BenchArgs {
     /// Instruction tokens per stage.
     #[arg(long, default_value_t = 32)]
     stage_tokens: usize,
+    /// Also decode this many sequences together, one step for all (copies of the prompt's state,
+    /// each from its own first token), and report their tokens per second together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Make the prefill resumable (a 262K prompt is hours): save the state to this file every
     /// --checkpoint-every tokens; rerunning the same command resumes, and the report counts
     /// the time of the earlier runs (FILE.timing.jsonl keeps it, and the rate at every depth).
@@ -66,6 +70,7 @@ pub(super) fn run(a: BenchArgs) -> Result<Outcome> {
         seed: a.seed,
         stages: a.stages,
         stage_tokens: a.stage_tokens,
+        batch: a.batch,
         checkpoint: a.checkpoint.map(|p| (p, a.checkpoint_every)),
     };
     let session = SessionOptions { profile: a.ort_profile, ..SessionOptions::with_threads(a.threads) };
@@ -98,6 +103,13 @@ fn print_table(m: &ModelDir, r: &BenchReport) {
     println!("first token    {:.3} s", r.ttft_s);
     println!("decode         {} tokens, {:.2} tok/s", r.gen_tokens, r.decode_tokens_per_s);
     print_step(r);
+    if let Some(rate) = r.batch_decode_tokens_per_s {
+        println!(
+            "batch decode   {} sequences, {rate:.2} tok/s together ({:.2}x one sequence)",
+            r.batch,
+            rate / r.decode_tokens_per_s
+        );
+    }
     println!("KV + state     {:.1} MiB", mib(r.kv_state_bytes));
     println!("peak RSS       {:.1} MiB (plan {:.1} MiB)", mib(r.peak_rss_bytes), mib(r.planned_bytes));
     if let Some(ratio) = r.prefix_reuse_ratio {

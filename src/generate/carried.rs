@@ -39,14 +39,20 @@ impl Carried {
 
     /// The value as the next call's input; a cache is lent, not copied.
     pub(super) fn input(&self) -> Result<SessionInputValue<'_>> {
-        let shape = self.layout()?.0;
-        Ok(match self {
-            Self::Whole(v) => v.into(),
-            Self::Rows { data: StateData::F32(v), .. } => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
-            Self::Rows { data: StateData::F16(v), .. } => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
-            Self::Rows { data: StateData::Bf16(v), .. } => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
-        })
+        match self {
+            Self::Whole(v) => Ok(v.into()),
+            Self::Rows { data, .. } => lend(data, self.layout()?.0),
+        }
     }
+}
+
+/// `data` as a graph input of `shape`, lent, not copied.
+pub(super) fn lend(data: &StateData, shape: Vec<usize>) -> Result<SessionInputValue<'_>> {
+    Ok(match data {
+        StateData::F32(v) => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+        StateData::F16(v) => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+        StateData::Bf16(v) => TensorRef::from_array_view((shape, v.as_slice()))?.into(),
+    })
 }
 
 /// Appends a call's rows (an attention output) to a cache, growing it by a quarter when full

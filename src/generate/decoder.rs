@@ -4,23 +4,23 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use ndarray::{Array, Array2, Array3};
-use ort::session::Session;
+use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::Tensor;
 
 use super::carried::{Carried, append, overwrite, reserve_exact, state_value};
 use crate::model::ModelDir;
 use crate::model::config::{LayerKind, TextConfig};
-use crate::model::graph::{HEAD_ROWS, KvCache, head_takes_rows, present_name};
+use crate::model::graph::{HEAD_ROWS, KvCache, PAST_LENGTHS, head_takes_rows, present_name};
 use crate::model::state::{Elem, StateData};
 use crate::runtime::{self, Prepack, SessionOptions};
 use crate::snapshot::{Snapshot, StateTensor};
 
 /// A decoder session with its carried state (one sequence).
 pub struct Decoder {
-    session: Session,
-    cfg: TextConfig,
+    pub(super) session: Session,
+    pub(super) cfg: TextConfig,
     /// (input name, current value) for every per-layer state input.
-    state: Vec<(String, Carried)>,
+    pub(super) state: Vec<(String, Carried)>,
     past_len: usize,
     /// Tokens the attention caches are reserved for ([`Self::reserve`]).
     reserved: usize,
@@ -28,11 +28,11 @@ pub struct Decoder {
     /// reference's `rope_delta` (an image advances positions by its grid side, not its tokens).
     rope_delta: i64,
     /// [`crate::model::Manifest::identity`] of the model, stamped on snapshots.
-    identity: String,
+    pub(super) identity: String,
     /// Element type of the attention caches.
     kv_cache: KvCache,
     /// Whether the graph takes [`HEAD_ROWS`] (the int8/int4 heads).
-    head_rows: bool,
+    pub(super) head_rows: bool,
 }
 
 /// Which positions of a call produce logits.
@@ -251,25 +251,10 @@ impl Decoder {
             Logits::Last => vec![s as i64 - 1],
             Logits::All => (0..s as i64).collect(),
         };
-        let n = index.len();
-        let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = vec![
-            ("input_ids".into(), Tensor::from_array(input_ids)?.into_dyn().into()),
-            ("position_ids".into(), Tensor::from_array(position_ids)?.into_dyn().into()),
-            ("logits_index".into(), Tensor::from_array(Array::from_vec(index))?.into_dyn().into()),
-            ("image_embeds".into(), Tensor::from_array(image_embeds)?.into_dyn().into()),
-        ];
-        if self.head_rows {
-            let rows = Array::from_iter(rows.iter().map(|&r| r as i64));
-            inputs.push((HEAD_ROWS.into(), Tensor::from_array(rows)?.into_dyn().into()));
-        }
-        for (name, v) in &self.state {
-            inputs.push((name.clone(), v.input()?));
-        }
-        let mut out = self.session.run(inputs).map_err(|e| anyhow!("decoder run failed: {e}"))?;
-        let logits = out.remove("logits").context("graph has no logits output")?;
-        let (shape, data) = logits.try_extract_tensor::<f32>()?;
-        let v = *shape.last().unwrap_or(&0) as usize;
-        let logits = Array2::from_shape_vec((n, v), data.to_vec())?;
+        let call =
+            Call { ids: input_ids, positions: position_ids, lengths: vec![self.past_len as i64], index, image_embeds, rows };
+        let state = self.state.iter().map(|(name, v)| Ok((name.clone(), v.input()?)));
+        let (logits, mut out) = call.run(&mut self.session, self.head_rows, state)?;
         for (name, carried) in &mut self.state {
             let present = present_name(name);
             let value = out.remove(&present).with_context(|| format!("graph has no output {present}"))?;
@@ -333,6 +318,54 @@ impl Decoder {
             on_chunk(done, part.len())?;
         }
         Ok(last)
+    }
+}
+
+/// What one call of the graph takes besides the carried state.
+pub(super) struct Call<'r> {
+    /// `[B, S]`.
+    pub ids: Array2<i64>,
+    /// `[3, B, S]`.
+    pub positions: Array3<i64>,
+    /// Each batch row's tokens in the attention caches.
+    pub lengths: Vec<i64>,
+    /// Positions of each row whose logits are wanted.
+    pub index: Vec<i64>,
+    /// `[M, H]`.
+    pub image_embeds: Array2<f32>,
+    /// The head rows to compute where the graph takes them (empty: all).
+    pub rows: &'r [u32],
+}
+
+impl Call<'_> {
+    /// Runs the graph with `state` (input name, value) beside the call's own inputs; returns the
+    /// logits `[B·N, V]` and the outputs, the states after the call among them.
+    pub(super) fn run<'s, 'v>(
+        self,
+        session: &'s mut Session,
+        head_rows: bool,
+        state: impl Iterator<Item = Result<(String, SessionInputValue<'v>)>>,
+    ) -> Result<(Array2<f32>, SessionOutputs<'s>)> {
+        let n = self.ids.nrows() * self.index.len();
+        let mut inputs: Vec<(String, SessionInputValue<'v>)> = vec![
+            ("input_ids".into(), Tensor::from_array(self.ids)?.into_dyn().into()),
+            ("position_ids".into(), Tensor::from_array(self.positions)?.into_dyn().into()),
+            (PAST_LENGTHS.into(), Tensor::from_array(Array::from_vec(self.lengths))?.into_dyn().into()),
+            ("logits_index".into(), Tensor::from_array(Array::from_vec(self.index))?.into_dyn().into()),
+            ("image_embeds".into(), Tensor::from_array(self.image_embeds)?.into_dyn().into()),
+        ];
+        if head_rows {
+            let rows = Array::from_iter(self.rows.iter().map(|&r| r as i64));
+            inputs.push((HEAD_ROWS.into(), Tensor::from_array(rows)?.into_dyn().into()));
+        }
+        for s in state {
+            inputs.push(s?);
+        }
+        let mut out = session.run(inputs).map_err(|e| anyhow!("decoder run failed: {e}"))?;
+        let logits = out.remove("logits").context("graph has no logits output")?;
+        let (shape, data) = logits.try_extract_tensor::<f32>()?;
+        let v = *shape.last().unwrap_or(&0) as usize;
+        Ok((Array2::from_shape_vec((n, v), data.to_vec())?, out))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Running the decoder graph: chunked prefill carrying KV cache and DeltaNet state between calls
 //! ([`Decoder`]), crash-safe prefill (`resumable`), token-by-token decode and sampling.
 
+mod batch;
 mod carried;
 mod decoder;
 mod resumable;
@@ -8,8 +9,10 @@ mod sampling;
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, anyhow, bail};
+use ndarray::Array2;
 
+pub use batch::Batch;
 pub use decoder::{Decoder, Logits, PromptFeed};
 pub use resumable::{Resumed, last_checkpoint};
 pub use sampling::{Sampler, argmax};
@@ -88,26 +91,13 @@ pub fn decode(
     mut filter: Option<&mut dyn TokenFilter>,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<(Vec<u32>, String)> {
-    let vocab_limit = crate::tokenizer::SPECIAL_START as usize + crate::tokenizer::SPECIALS.len();
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut out = Vec::new();
+    let mut seq = Sequence::new(opts);
     let mut rows = Vec::new();
-    while out.len() < opts.max_new_tokens {
-        if let Some(f) = filter.as_deref_mut() {
-            f.mask(&mut logits)?;
-        }
-        let tok = sampler.pick(&logits, vocab_limit);
-        if opts.stop_tokens.contains(&tok) {
-            return Ok((out, format!("stop token {tok}")));
-        }
-        if let Some(f) = filter.as_deref_mut() {
-            f.accept(tok)?;
-        }
-        out.push(tok);
-        on_token(tok)?;
-        if out.len() == opts.max_new_tokens {
-            break;
-        }
+    loop {
+        let tok = match seq.choose(&mut logits, filter.as_deref_mut(), &mut on_token)? {
+            Next::Feed(tok) => tok,
+            Next::Ended(why) => return Ok((seq.out, why)),
+        };
         rows.clear();
         // A float head computes every row whatever it is given: no list to build for it.
         if let Some(f) = filter.as_deref_mut().filter(|_| dec.head_takes_rows()) {
@@ -118,7 +108,125 @@ pub fn decode(
         }
         logits = dec.forward_rows(&[tok], &rows)?.row(0).to_vec();
     }
-    Ok((out, "max_new_tokens".into()))
+}
+
+/// One sequence of [`decode_batch`]: the logits of its last prompt token, its settings and its
+/// constraint.
+pub struct Member<'f> {
+    /// Logits of the sequence's last prompt token.
+    pub logits: Vec<f32>,
+    /// Token limit, sampling and stop tokens of this sequence.
+    pub opts: DecodeOptions,
+    /// Its constraint, if any.
+    pub filter: Option<&'f mut (dyn TokenFilter + Send)>,
+}
+
+/// [`decode`] for the sequences of `batch` (member i in row i) at once: one model call a step
+/// for all that have not ended, each with its own sampling, stop tokens, limit and constraint.
+/// A sequence leaves the batch when it ends. The constraints compute the next step's masks on
+/// a thread of their own while the model runs the step (so the head computes every row: the
+/// rows the sequences allow differ); `on_token(i, token)` sees member i's tokens. Returns each
+/// member's tokens and why it ended, in the members' order.
+pub fn decode_batch(
+    dec: &mut Decoder,
+    mut batch: Batch,
+    mut members: Vec<Member<'_>>,
+    mut on_token: impl FnMut(usize, u32) -> Result<()>,
+) -> Result<Vec<(Vec<u32>, String)>> {
+    if members.len() != batch.len() {
+        bail!("{} members for a batch of {} sequences", members.len(), batch.len());
+    }
+    let mut seqs: Vec<Sequence> = members.iter().map(|m| Sequence::new(&m.opts)).collect();
+    let mut ended: Vec<Option<String>> = vec![None; members.len()];
+    // The member each batch row holds.
+    let mut held: Vec<usize> = (0..members.len()).collect();
+    loop {
+        let mut tokens = Vec::with_capacity(held.len());
+        for &i in &held {
+            let m = &mut members[i];
+            match seqs[i].choose(&mut m.logits, m.filter.as_deref_mut(), &mut |t| on_token(i, t))? {
+                Next::Feed(tok) => tokens.push(tok),
+                Next::Ended(why) => ended[i] = Some(why),
+            }
+        }
+        for row in (0..held.len()).rev() {
+            if ended[held[row]].is_some() {
+                batch.remove(row)?;
+                held.remove(row);
+            }
+        }
+        if held.is_empty() {
+            break;
+        }
+        let logits = std::thread::scope(|s| -> Result<Array2<f32>> {
+            let masks = s.spawn(|| -> Result<()> {
+                let mut scratch = Vec::new();
+                for m in members.iter_mut() {
+                    if let Some(f) = m.filter.as_deref_mut() {
+                        f.allowed(&mut scratch)?;
+                    }
+                }
+                Ok(())
+            });
+            let logits = batch.step(dec, &tokens, &[]);
+            masks.join().map_err(|_| anyhow!("the constraints' mask thread panicked"))??;
+            logits
+        })?;
+        for (row, &i) in held.iter().enumerate() {
+            members[i].logits = logits.row(row).to_vec();
+        }
+    }
+    Ok(seqs.into_iter().zip(ended).map(|(s, why)| (s.out, why.unwrap_or_default())).collect())
+}
+
+/// What a sequence does after a step: feed a token to the next, or end.
+enum Next {
+    Feed(u32),
+    Ended(String),
+}
+
+/// One sequence's side of a decode loop: its sampler, settings and tokens so far.
+struct Sequence {
+    opts: DecodeOptions,
+    sampler: Sampler,
+    out: Vec<u32>,
+}
+
+impl Sequence {
+    fn new(opts: &DecodeOptions) -> Self {
+        Self { opts: opts.clone(), sampler: Sampler::new(opts.sampling.clone()), out: Vec::new() }
+    }
+
+    /// Picks the token after `logits` (masked by `filter` first), records it, and says whether
+    /// the sequence goes on with it: a stop token (not recorded) or the token limit ends it.
+    fn choose<F: TokenFilter + ?Sized>(
+        &mut self,
+        logits: &mut [f32],
+        filter: Option<&mut F>,
+        on_token: &mut impl FnMut(u32) -> Result<()>,
+    ) -> Result<Next> {
+        if self.out.len() >= self.opts.max_new_tokens {
+            return Ok(Next::Ended("max_new_tokens".into()));
+        }
+        let vocab_limit = crate::tokenizer::SPECIAL_START as usize + crate::tokenizer::SPECIALS.len();
+        let mut filter = filter;
+        if let Some(f) = filter.as_deref_mut() {
+            f.mask(logits)?;
+        }
+        let tok = self.sampler.pick(logits, vocab_limit);
+        if self.opts.stop_tokens.contains(&tok) {
+            return Ok(Next::Ended(format!("stop token {tok}")));
+        }
+        if let Some(f) = filter {
+            f.accept(tok)?;
+        }
+        self.out.push(tok);
+        on_token(tok)?;
+        if self.out.len() == self.opts.max_new_tokens {
+            return Ok(Next::Ended("max_new_tokens".into()));
+        }
+        Ok(Next::Feed(tok))
+    }
 }
 
 /// Prefills `prompt` and decodes until a stop token or the token limit; `on_token` sees every

@@ -1,13 +1,14 @@
 //! The Qwen3.5 text decoder as one ONNX graph (docs/model.md, "Decoder" to "Positions"): the one place where the
 //! architecture is written down for the runtime.
 //!
-//! Interface (batch is symbolic, the generator uses 1):
+//! Interface (batch is symbolic: one sequence per row, [`crate::generate::Batch`] decodes several):
 //! - inputs: `input_ids [B,S] i64`, `position_ids [3,B,S] i64` (T/H/W rows; equal for text),
+//!   `past_lengths [B] i64` (each row's tokens in the attention caches, at most `P`),
 //!   `logits_index [N] i64` (positions of this call whose logits are wanted), `image_embeds
 //!   [M,H] f32` (vision features for this call's M `<|image_pad|>` tokens, in order), for int8/int4
 //!   `head_rows [R] i64` (the only vocabulary rows whose logits are computed, the rest −∞; empty:
 //!   all), and per layer i either `past.i.key`/`past.i.value [B,P,nkv,hd]` (attention, f32, f16 or bf16 per [`KvCache`];
-//!   position-major) or `past.i.conv [B,conv_dim,K−1]` and `past.i.recurrent [B,Hv,Dk,Dv]`
+//!   position-major; row b's first `past_lengths[b]` positions are its sequence's) or `past.i.conv [B,conv_dim,K−1]` and `past.i.recurrent [B,Hv,Dk,Dv]`
 //!   (DeltaNet, f32);
 //! - outputs: `logits [B,N,V]`, `present.i.conv`/`present.i.recurrent` (the DeltaNet states after
 //!   the call, same layouts) and `present.i.key`/`present.i.value [B,S,nkv,hd]`: only this call's
@@ -121,6 +122,9 @@ pub fn present_name(past_name: &str) -> String {
 /// the vocabulary; every other logit comes out −∞), empty for all of them.
 pub const HEAD_ROWS: &str = "head_rows";
 
+/// Input holding each batch row's cache length: the rows of a batch are sequences of their own.
+pub const PAST_LENGTHS: &str = "past_lengths";
+
 /// Whether the graph of `precision` takes [`HEAD_ROWS`]: the quantised heads run on deltadoc's
 /// `QuantMatMul`, which can skip rows; a float head is one ONNX `Gemm`, which cannot.
 pub fn head_takes_rows(precision: Precision) -> bool {
@@ -140,6 +144,7 @@ pub fn build(
     let batch = Dim::Named("batch");
     b.input("input_ids", data_type::INT64, &[batch.clone(), Dim::Named("seq")]);
     b.input("position_ids", data_type::INT64, &[Dim::Fixed(3), batch.clone(), Dim::Named("seq")]);
+    b.input(PAST_LENGTHS, data_type::INT64, std::slice::from_ref(&batch));
     b.input("logits_index", data_type::INT64, &[Dim::Named("n_logits")]);
     b.input("image_embeds", data_type::FLOAT, &[Dim::Named("image_rows"), Dim::Fixed(h as i64)]);
     if head_takes_rows(opts.precision) {
@@ -386,7 +391,7 @@ impl Ctx<'_> {
         self.b.node_named(
             self.opts.kv_cache.op(),
             ops::DOMAIN,
-            &[&qgkv, "", "", &past_k, &past_v, &q_norm, &k_norm, &self.cos, &self.sin],
+            &[&qgkv, "", "", &past_k, &past_v, &q_norm, &k_norm, &self.cos, &self.sin, PAST_LENGTHS],
             &[&gated, &pk, &pv],
             vec![
                 ("num_heads", Attr::Int(nq as i64)),

@@ -36,7 +36,8 @@ use crate::progress::Progress;
 ///    RMSNorm to its output (inputs `neg_exp_a`, `dt_bias`, `z`, `norm_weight`).
 /// 8: int8/int4 `QuantMatMul` nodes take the RMSNorm before them (`norm`), SwiGLU and the
 ///    residual add after them (`activation`, `residual`).
-pub const FORMAT_VERSION: u32 = 8;
+/// 9: the decoder graph takes `past_lengths`, each batch row's cache length.
+pub const FORMAT_VERSION: u32 = 9;
 /// Default ONNX opset of exported graphs (RMSNormalization needs 23).
 pub const ONNX_OPSET: i64 = 23;
 

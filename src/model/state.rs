@@ -57,6 +57,22 @@ impl StateData {
         self.len() == 0
     }
 
+    /// Copies `src`'s values `from` over this buffer's from value `at` on; `None` where the
+    /// element types differ or either range falls outside its buffer.
+    pub fn copy_from(&mut self, at: usize, src: &StateData, from: std::ops::Range<usize>) -> Option<()> {
+        fn copy<T: Copy>(dst: &mut [T], at: usize, src: &[T], from: std::ops::Range<usize>) -> Option<()> {
+            let src = src.get(from)?;
+            dst.get_mut(at..at + src.len())?.copy_from_slice(src);
+            Some(())
+        }
+        match (self, src) {
+            (Self::F32(d), Self::F32(s)) => copy(d, at, s, from),
+            (Self::F16(d), Self::F16(s)) => copy(d, at, s, from),
+            (Self::Bf16(d), Self::Bf16(s)) => copy(d, at, s, from),
+            _ => None,
+        }
+    }
+
     /// Element type of the values.
     pub fn elem(&self) -> Elem {
         match self {

@@ -27,6 +27,11 @@ use deltadoc_kernels::simd;
 /// its first R values (NeoX halves) and multiplies the output by `σ(gate)`. These were 21 ONNX
 /// nodes per layer, 126 of a 0.8B decode step, each a few microseconds of ORT's own cost on a
 /// few kilobytes (benches/RESULTS.md, "Attention's small nodes inside the operator").
+///
+/// A batch of sequences of different lengths shares one call through the optional last input
+/// `past_lengths: [B]` (int64): the cache then holds `P` rows per batch row of which row `b`'s
+/// first `past_lengths[b]` are its sequence's (the rest are never read), so each sequence keeps
+/// its own positions in one padded buffer. Without it every batch row has all `P`.
 pub struct CausalAttention<T>(std::marker::PhantomData<T>);
 
 impl<T> Default for CausalAttention<T> {
@@ -65,6 +70,9 @@ pub struct AttentionKernel<T> {
 
 /// Input of the graph's form whose presence selects it; `k_norm`, `cos` and `sin` follow.
 const Q_NORM: usize = 5;
+
+/// Input of each batch row's cache length, after `sin`.
+const PAST_LENGTHS: usize = 9;
 
 /// Tokens of one task when a long call of the graph's form prepares its heads or gates its
 /// output; a decode step's one token stays on the calling thread.
@@ -105,6 +113,7 @@ impl<T: CacheType> Operator for CausalAttention<T> {
             OperatorInput::optional(TensorElementType::Float32),
             OperatorInput::optional(TensorElementType::Float32),
             OperatorInput::optional(TensorElementType::Float32),
+            OperatorInput::optional(TensorElementType::Int64),
         ]
     }
 
@@ -178,7 +187,9 @@ impl<T: CacheType> Kernel for AttentionKernel<T> {
 /// Sizes of one call.
 struct Call {
     batch: usize,
+    /// `past` is the cache's rows per batch row (its stride), `lengths` what each row reads.
     dims: attention::Dims,
+    lengths: Vec<usize>,
 }
 
 impl<T: CacheType> AttentionKernel<T> {
@@ -191,7 +202,7 @@ impl<T: CacheType> AttentionKernel<T> {
         );
         let Some(q_norm) = optional_input(ctx, Q_NORM)? else {
             inputs!(ctx, op; (ks, k): f32 = 1 "k", (vs, v): f32 = 2 "v");
-            let c = self.sizes([&qs[..], &ks[..], &vs[..], &pks[..], &pvs[..]])?;
+            let c = self.sizes(ctx, [&qs[..], &ks[..], &vs[..], &pks[..], &pvs[..]])?;
             return self.attend(ctx, &c, [q, k, v], [pk, pv], None);
         };
         inputs!(ctx, op; (_kns, k_norm): f32 = 6 "k_norm", (_coss, cos): f32 = 7 "cos", (_sins, sin): f32 = 8 "sin");
@@ -229,7 +240,7 @@ impl<T: CacheType> AttentionKernel<T> {
         let heads = Heads { x: q, hq, hkv, hd, rot, norms: [q_norm, k_norm], rope: [cos, sin], epsilon: self.epsilon };
         heads.prepare(ctx, b * s, &mut p)?;
         let (q4, k4) = ([b as i64, s as i64, hq as i64, hd as i64], [b as i64, s as i64, hkv as i64, hd as i64]);
-        let c = self.sizes([&q4, &k4, &k4, &pks[..], &pvs[..]])?;
+        let c = self.sizes(ctx, [&q4, &k4, &k4, &pks[..], &pvs[..]])?;
         self.attend(ctx, &c, [&p.q, &p.k, &p.v], [pk, pv], Some(&heads))
     }
 
@@ -257,16 +268,18 @@ impl<T: CacheType> AttentionKernel<T> {
         // was prefilled in this call or an earlier one.
         T::store(k, nk);
         T::store(v, nv);
-        let call = Layout { q, cache: [pk, pv], new: [nk, nv], batch: b, d };
-        if attention::splits(d) { call.split(ctx, out) } else { call.tiled(ctx, out) }?;
+        let call = Layout { q, cache: [pk, pv], new: [nk, nv], batch: b, d, lengths: &c.lengths };
+        let longest = attention::Dims { past: c.lengths.iter().copied().max().unwrap_or(0), ..*d };
+        if attention::splits(&longest) { call.split(ctx, out) } else { call.tiled(ctx, out) }?;
         match gate {
             Some(heads) => heads.gate(ctx, b * s, out),
             None => Ok(()),
         }
     }
 
-    /// The call's sizes, once every input's shape agrees with them.
-    fn sizes(&self, [qs, ks, vs, pks, pvs]: [&[i64]; 5]) -> ort::Result<Call> {
+    /// The call's sizes, once every input's shape agrees with them and each batch row's cache
+    /// length (all `P` without `past_lengths`) lies within the cache.
+    fn sizes(&self, ctx: &ComputeContext, [qs, ks, vs, pks, pvs]: [&[i64]; 5]) -> ort::Result<Call> {
         let (op, hq, hkv) = (T::OP, self.q_heads, self.kv_heads);
         let qd = dims(qs);
         if qd.len() != 4 || qd[2] != hq {
@@ -283,8 +296,22 @@ impl<T: CacheType> AttentionKernel<T> {
                 return Err(err(format!("{op}: {name} has shape {got:?}, expected {want:?}")));
             }
         }
+        let lengths = match optional_input(ctx, PAST_LENGTHS)? {
+            None => vec![pd[1]; b],
+            Some(v) => {
+                let (_, lengths) = v.try_extract_tensor::<i64>()?;
+                if lengths.len() != b || lengths.iter().any(|&l| l < 0 || l as usize > pd[1]) {
+                    return Err(err(format!(
+                        "{op}: past_lengths must hold {b} lengths of at most the cache's {} rows, got {lengths:?}",
+                        pd[1]
+                    )));
+                }
+                lengths.iter().map(|&l| l as usize).collect()
+            }
+        };
         let scale = if self.scale > 0.0 { self.scale } else { (hd as f32).powf(-0.5) };
-        Ok(Call { batch: b, dims: attention::Dims { q_heads: hq, kv_heads: hkv, head_dim: hd, past: pd[1], new: s, scale } })
+        let dims = attention::Dims { q_heads: hq, kv_heads: hkv, head_dim: hd, past: pd[1], new: s, scale };
+        Ok(Call { batch: b, dims, lengths })
     }
 }
 
@@ -387,7 +414,10 @@ struct Layout<'a, T> {
     cache: [&'a [T]; 2],
     new: [&'a [T]; 2],
     batch: usize,
+    /// `past` is the cache's stride per batch row.
     d: &'a attention::Dims,
+    /// Cache rows each batch row reads.
+    lengths: &'a [usize],
 }
 
 impl<T: CacheType> Layout<'_, T> {
@@ -397,13 +427,18 @@ impl<T: CacheType> Layout<'_, T> {
         &self.q[bi * n..(bi + 1) * n]
     }
 
+    /// Batch row `bi`'s sizes: its own cache length.
+    fn dims(&self, bi: usize) -> attention::Dims {
+        attention::Dims { past: self.lengths[bi], ..*self.d }
+    }
+
     /// KV head `h`'s cache and new rows in batch row `bi`.
     fn head_cache(&self, bi: usize, h: usize) -> attention::HeadCache<'_, T> {
         let d = self.d;
         let (row_past, row_in) = (d.past * d.kv_heads * d.head_dim, d.new * d.kv_heads * d.head_dim);
         let (past, new) = (bi * row_past..(bi + 1) * row_past, bi * row_in..(bi + 1) * row_in);
         let ([pk, pv], [nk, nv]) = (self.cache, self.new);
-        attention::HeadCache::new([&pk[past.clone()], &pv[past]], [&nk[new.clone()], &nv[new]], d, h)
+        attention::HeadCache::new([&pk[past.clone()], &pv[past]], [&nk[new.clone()], &nv[new]], &self.dims(bi), h)
     }
 
     /// Where query head `g` of KV head `h` at the call's position `pos` of batch row `bi` goes.
@@ -416,15 +451,15 @@ impl<T: CacheType> Layout<'_, T> {
     /// (flash-decoding) rather than a KV head each, so each reads the position-major cache
     /// contiguously.
     fn split(&self, ctx: &ComputeContext, out: &mut [f32]) -> ort::Result<()> {
-        let d = self.d;
-        let (hd, group) = (d.head_dim, d.q_heads / d.kv_heads);
-        let parts = attention::key_parts(d, MAX_PARTS);
+        let (hd, group) = (self.d.head_dim, self.d.q_heads / self.d.kv_heads);
         let mut scratch = SPLIT_SCRATCH.take();
-        scratch.resize_with(parts.len(), Vec::new);
-        for heads in scratch.iter_mut() {
-            heads.resize_with(d.kv_heads, Default::default);
-        }
         for bi in 0..self.batch {
+            let d = &self.dims(bi);
+            let parts = attention::key_parts(d, MAX_PARTS);
+            scratch.resize_with(parts.len(), Vec::new);
+            for heads in scratch.iter_mut() {
+                heads.resize_with(d.kv_heads, Default::default);
+            }
             let kv: Vec<_> = (0..d.kv_heads).map(|h| self.head_cache(bi, h)).collect();
             let qb = self.queries(bi);
             let parts_ptr = SharedMut(scratch.as_mut_ptr());
@@ -461,7 +496,7 @@ impl<T: CacheType> Layout<'_, T> {
             let rows = t * attention::QUERY_TILE..((t + 1) * attention::QUERY_TILE).min(s);
             // SAFETY: item i is the only user of scratch i.
             let sc = unsafe { &mut *tiles_ptr.at(i) };
-            attention::tile(self.queries(bi), self.head_cache(bi, h), d, h, rows.clone(), sc);
+            attention::tile(self.queries(bi), self.head_cache(bi, h), &self.dims(bi), h, rows.clone(), sc);
             for g in 0..group {
                 for (j, pos) in rows.clone().enumerate() {
                     let at = self.out_at(bi, pos, h, g);

@@ -1,7 +1,8 @@
 //! `ai.deltadoc::CausalAttention`'s two forms, one node each: prepared queries, keys and values,
 //! against the attention layer's projection taken whole (what the model graph runs), whose head
 //! norms, partial rotary and output gate are held here to their formulas in f64 around the
-//! prepared form. The attention itself is held to transformers by tests/parity.rs.
+//! prepared form. The attention itself is held to transformers by tests/parity.rs. A batch of
+//! rows reading their own lengths of one padded cache (`past_lengths`) is held to each row alone.
 
 use deltadoc::onnx::proto::data_type;
 use deltadoc::onnx::{Attr, Dim, GraphBuilder};
@@ -186,5 +187,82 @@ fn a_cache_of_the_wrong_shape_is_named_before_the_projection_is_judged_by_it() {
         let e = refusal(WIDTH, heads, d);
         assert!(e.contains("past_key must be [B, P, 2, D] with D > 0") && e.contains(&format!("[1, 0, {heads}, {d}]")), "{e}");
         assert!(!e.contains("qgkv"), "{e}");
+    }
+}
+
+/// The prepared form over a batch whose rows read `past_lengths` of one padded cache.
+fn batch_session(dir: &std::path::Path) -> Session {
+    let path = dir.join("attention-lengths.onnx");
+    let mut b = GraphBuilder::new("attention", &path).unwrap();
+    let dims = |rest: &[usize]| -> Vec<Dim> {
+        [Dim::Named("b"), Dim::Named("t")].into_iter().chain(rest.iter().map(|&d| Dim::Fixed(d as i64))).collect()
+    };
+    let past = [Dim::Named("b"), Dim::Named("p"), Dim::Fixed(HKV as i64), Dim::Fixed(D as i64)];
+    b.input("q", data_type::FLOAT, &dims(&[HQ, D]));
+    b.input("k", data_type::FLOAT, &dims(&[HKV, D]));
+    b.input("v", data_type::FLOAT, &dims(&[HKV, D]));
+    b.input("past_key", data_type::FLOAT, &past);
+    b.input("past_value", data_type::FLOAT, &past);
+    b.input("past_lengths", data_type::INT64, &[Dim::Named("rows")]);
+    b.output("out", data_type::FLOAT, &dims(&[HQ * D]));
+    b.output("new_key", data_type::FLOAT, &dims(&[HKV, D]));
+    b.output("new_value", data_type::FLOAT, &dims(&[HKV, D]));
+    b.node_named(
+        "CausalAttention",
+        deltadoc::ops::DOMAIN,
+        &["q", "k", "v", "past_key", "past_value", "", "", "", "", "past_lengths"],
+        &["out", "new_key", "new_value"],
+        vec![("num_heads", Attr::Int(HQ as i64)), ("kv_num_heads", Attr::Int(HKV as i64))],
+    );
+    b.finish(&path, &[("", 23), (deltadoc::ops::DOMAIN, 1)], &[]).unwrap();
+    runtime::open_session(&path, &SessionOptions::with_threads(2)).unwrap()
+}
+
+/// `s` on batch rows of one new token each over caches `[B, P, HKV, D]` of which row b reads
+/// `lengths[b]`: the output, or the op's error.
+fn attend_rows(
+    s: &mut Session,
+    q: &[f32],
+    kv: [&[f32]; 2],
+    cache: [&[f32]; 2],
+    p: usize,
+    lengths: &[i64],
+) -> Result<Vec<f32>, String> {
+    let b = q.len() / (HQ * D);
+    let t = |shape: Vec<usize>, data: &[f32]| {
+        Tensor::from_array(ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec()).unwrap()).unwrap().into_dyn()
+    };
+    let values: Vec<(&str, ort::value::DynValue)> = vec![
+        ("q", t(vec![b, 1, HQ, D], q)),
+        ("k", t(vec![b, 1, HKV, D], kv[0])),
+        ("v", t(vec![b, 1, HKV, D], kv[1])),
+        ("past_key", t(vec![b, p, HKV, D], cache[0])),
+        ("past_value", t(vec![b, p, HKV, D], cache[1])),
+        ("past_lengths", Tensor::from_array(ndarray::Array1::from_vec(lengths.to_vec())).unwrap().into_dyn()),
+    ];
+    let out = s.run(values).map_err(|e| e.to_string())?;
+    Ok(out["out"].try_extract_tensor::<f32>().unwrap().1.to_vec())
+}
+
+#[test]
+fn each_batch_row_reads_only_its_own_length_of_the_cache_and_a_length_past_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = batch_session(dir.path());
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let (p, row) = (6, HKV * D);
+    let (q, k, v) = (draw(2 * HQ * D), draw(2 * row), draw(2 * row));
+    let (pk, pv) = (draw(2 * p * row), draw(2 * p * row));
+    // Row 0 reads all six positions, row 1 its first two; the rest of row 1 is never read.
+    let both = attend_rows(&mut s, &q, [&k, &v], [&pk, &pv], p, &[6, 2]).unwrap();
+    let first = attend_rows(&mut s, &q[..HQ * D], [&k[..row], &v[..row]], [&pk[..p * row], &pv[..p * row]], p, &[6]).unwrap();
+    let (rk, rv) = (&pk[p * row..(p + 2) * row], &pv[p * row..(p + 2) * row]);
+    let second = attend_rows(&mut s, &q[HQ * D..], [&k[row..], &v[row..]], [rk, rv], 2, &[2]).unwrap();
+    assert_eq!(both[..HQ * D], first[..], "row 0");
+    assert_eq!(both[HQ * D..], second[..], "row 1");
+
+    for lengths in [&[7, 2][..], &[-1, 2], &[6]] {
+        let e = attend_rows(&mut s, &q, [&k, &v], [&pk, &pv], p, lengths).unwrap_err();
+        assert!(e.contains("past_lengths must hold 2 lengths of at most the cache's 6 rows"), "{lengths:?}: {e}");
     }
 }

@@ -1,5 +1,6 @@
 //! The model stage's prefix reuse: a stage that restores the document's saved state must
-//! generate exactly what a fresh prefill of the same prompt generates.
+//! generate exactly what a fresh prefill of the same prompt generates; stages decoded together
+//! (`TextModel::complete_batch`) exactly what each generates in turn.
 
 mod common;
 
@@ -45,4 +46,64 @@ fn restored_prefix_generates_what_a_fresh_prefill_does() {
     assert_eq!(second.text, want.text, "reused prefix changed the output");
     assert_eq!(second.generated_tokens, want.generated_tokens);
     assert_ne!(first.text, second.text, "the instruction matters");
+}
+
+#[test]
+fn stages_decoded_as_one_batch_give_what_each_gives_in_turn() {
+    use deltadoc::constrain::Schema;
+    let dir = common::open(&common::imported("fullvocab", Precision::Int8));
+    let opts = SessionOptions::with_threads(2);
+    let mut together = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
+    let mut in_turn = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
+    let doc = together
+        .tokenizer()
+        .encode("This Supply Agreement is made between Acme GmbH and Beta Ltd. on 1 March 2027 for 40,000 EUR.")
+        .unwrap();
+    let schema = Schema::new(serde_json::json!({
+        "type": "object", "additionalProperties": false, "required": ["parties", "amount"],
+        "properties": {
+            "parties": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 12}},
+            "amount": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9, "multipleOf": 0.01}
+        }
+    }))
+    .unwrap();
+    // A sampled summary, a greedy list, and a constrained extraction (the shortest limit first,
+    // so a sequence leaves while the others decode).
+    let stages = [
+        ("Summarise the agreement.", Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 }, 24, None),
+        ("List the parties.", Sampling::default(), 8, None),
+        ("Extract the parties and the amount as JSON.", Sampling::default(), 48, Some(&schema)),
+    ];
+    let prompts: Vec<(Vec<u32>, Vec<u32>)> =
+        stages.iter().map(|s| stage_prompt(together.tokenizer(), &doc, s.0, false).unwrap()).collect();
+    let options: Vec<DecodeOptions> = stages
+        .iter()
+        .map(|s| DecodeOptions { max_new_tokens: s.2, sampling: s.1.clone(), stop_tokens: STOP_TOKENS.to_vec() })
+        .collect();
+    let requests: Vec<Request> = prompts
+        .iter()
+        .zip(&options)
+        .zip(&stages)
+        .map(|(((p, s), o), stage)| Request {
+            prefix: p,
+            suffix: s,
+            keep_prefix: true,
+            options: o,
+            check: &|| Ok(()),
+            on_prefill: &|_| {},
+            schema: stage.3,
+            think_budget: None,
+        })
+        .collect();
+    let batched = together.complete_batch(&requests).unwrap();
+    let alone: Vec<_> = requests.iter().map(|r| in_turn.complete(r).unwrap()).collect();
+    for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+        println!("stage {i}: {} tokens, {}: {:?}", b.generated_tokens, b.stopped_by, b.text);
+        assert_eq!((&b.text, b.generated_tokens, &b.stopped_by), (&a.text, a.generated_tokens, &a.stopped_by), "stage {i}");
+        assert_eq!(b.prefilled_tokens, a.prefilled_tokens, "stage {i}: the document prefilled once in both");
+    }
+    assert_eq!(batched[0].prefilled_tokens, prompts[0].0.len() + prompts[0].1.len());
+    assert_eq!(batched[2].prefilled_tokens, prompts[2].1.len());
+    assert!(batched[2].mask_steps > 0, "the extraction was constrained");
+    assert!(serde_json::from_str::<serde_json::Value>(&batched[2].text).is_ok(), "{:?}", batched[2].text);
 }

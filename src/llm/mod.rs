@@ -186,6 +186,12 @@ pub trait TextModel {
     fn tokenizer(&self) -> &Tokenizer;
     /// Generates a reply to `prefix ++ suffix`.
     fn complete(&mut self, req: &Request) -> Result<Completion>;
+    /// Generates a reply to each request, as [`Self::complete`] on each in turn would. A model
+    /// may decode them together, one step for all: what requests on one document (the same
+    /// prefix, prefilled once) gain, since a decode step costs about the same for several.
+    fn complete_batch(&mut self, reqs: &[Request]) -> Result<Vec<Completion>> {
+        reqs.iter().map(|r| self.complete(r)).collect()
+    }
     /// Transcribes one page image (`label` names it in saved images and errors); `check` is
     /// polled between prefill chunks and tokens and stops the call when it fails.
     fn transcribe(&mut self, page: &RgbImage, label: &str, opts: &OcrOptions, check: StopCheck) -> Result<Transcription>;

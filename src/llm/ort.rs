@@ -9,7 +9,7 @@ use image::RgbImage;
 
 use super::{Completion, ModelInfo, OcrOptions, Request, StopCheck, TextModel, Transcription};
 use crate::constrain::{Constraint, Vocabulary};
-use crate::generate::{self, Decoder, TokenFilter};
+use crate::generate::{self, Batch, Decoder, Member, TokenFilter};
 use crate::model::plan::{Footprint, StateCopy};
 use crate::model::vision::VisionConfig;
 use crate::model::{Manifest, ModelDir};
@@ -139,6 +139,67 @@ impl OrtModel {
         state_copy(context, s.prefill_chunk, snapshot, every)
     }
 
+    /// Prefills `req`'s whole prompt, its prefix from the kept state where it can: the logits of
+    /// the last prompt token and the prompt tokens computed.
+    fn prefill_request(&mut self, req: &Request) -> Result<(Vec<f32>, usize)> {
+        let total = req.prefix.len() + req.suffix.len();
+        if total >= self.info.max_context {
+            bail!("prompt of {total} tokens does not fit the model context of {}", self.info.max_context);
+        }
+        self.decoder.reserve(total + req.options.max_new_tokens);
+        let (mut logits, mut prefilled) = self.prefill_prefix(req)?;
+        if !req.suffix.is_empty() {
+            logits = self.decoder.prefill(req.suffix, self.settings.prefill_chunk, |_, n| {
+                (req.on_prefill)(n);
+                (req.check)()
+            })?;
+            prefilled += req.suffix.len();
+        }
+        Ok((logits, prefilled))
+    }
+
+    /// The constraint `req` asks for (its schema after its think block), if any.
+    fn filter_for(&mut self, req: &Request) -> Result<Option<SchemaFilter>> {
+        let Some(schema) = req.schema else { return Ok(None) };
+        if self.vocabulary.is_none() {
+            self.vocabulary = Some(Vocabulary::new(&self.tokenizer)?);
+        }
+        let constraint = self.vocabulary.as_ref().map(|v| v.constraint(schema)).transpose()?;
+        Ok(constraint.map(|constraint| SchemaFilter { constraint, thinking: req.think_budget }))
+    }
+
+    /// What `req` produced: the reply of the tokens `ids`, and the call's figures.
+    fn completion(
+        &self,
+        req: &Request,
+        ids: Vec<u32>,
+        stopped_by: String,
+        filter: Option<SchemaFilter>,
+        prefilled: usize,
+        times: Times,
+    ) -> Result<Completion> {
+        let raw = self.tokenizer.decode(&ids)?;
+        let reasoning = match (req.think_budget, raw.find("</think>")) {
+            (Some(_), Some(at)) => Some(raw[..at].trim().to_string()),
+            _ => None,
+        };
+        let (mask_s, mask_steps) = filter.map_or((0.0, 0), |f| (f.constraint.mask_time.as_secs_f64(), f.constraint.steps));
+        Ok(Completion {
+            reasoning,
+            mask_s,
+            mask_steps,
+            text: clean_reply(&raw),
+            prompt_tokens: req.prefix.len() + req.suffix.len(),
+            prefilled_tokens: prefilled,
+            generated_tokens: ids.len(),
+            stopped_by,
+            ttft_s: times.ttft.as_secs_f64(),
+            prefill_s: times.prefill_s,
+            decode_s: times.decode_s,
+            state_bytes: self.decoder.state_bytes(),
+        })
+    }
+
     fn prefill_prefix(&mut self, req: &Request) -> Result<(Vec<f32>, usize)> {
         let digest = ids_digest(req.prefix);
         if let Some((d, snap)) = &self.kept
@@ -183,31 +244,10 @@ impl TextModel for OrtModel {
     }
 
     fn complete(&mut self, req: &Request) -> Result<Completion> {
-        let total = req.prefix.len() + req.suffix.len();
-        if total >= self.info.max_context {
-            bail!("prompt of {total} tokens does not fit the model context of {}", self.info.max_context);
-        }
-        self.decoder.reserve(total + req.options.max_new_tokens);
         let t0 = Instant::now();
-        let (mut logits, mut prefilled) = self.prefill_prefix(req)?;
-        if !req.suffix.is_empty() {
-            logits = self.decoder.prefill(req.suffix, self.settings.prefill_chunk, |_, n| {
-                (req.on_prefill)(n);
-                (req.check)()
-            })?;
-            prefilled += req.suffix.len();
-        }
+        let (logits, prefilled) = self.prefill_request(req)?;
         let prefill_s = t0.elapsed().as_secs_f64();
-        let mut filter = match req.schema {
-            Some(schema) => {
-                if self.vocabulary.is_none() {
-                    self.vocabulary = Some(Vocabulary::new(&self.tokenizer)?);
-                }
-                let constraint = self.vocabulary.as_ref().map(|v| v.constraint(schema)).transpose()?;
-                constraint.map(|constraint| SchemaFilter { constraint, thinking: req.think_budget })
-            }
-            None => None,
-        };
+        let mut filter = self.filter_for(req)?;
         let mut ttft = None;
         let t1 = Instant::now();
         let (ids, stopped_by) =
@@ -215,27 +255,50 @@ impl TextModel for OrtModel {
                 ttft.get_or_insert_with(|| t0.elapsed());
                 (req.check)()
             })?;
-        let raw = self.tokenizer.decode(&ids)?;
-        let reasoning = match (req.think_budget, raw.find("</think>")) {
-            (Some(_), Some(at)) => Some(raw[..at].trim().to_string()),
-            _ => None,
-        };
-        let text = clean_reply(&raw);
-        let (mask_s, mask_steps) = filter.map_or((0.0, 0), |f| (f.constraint.mask_time.as_secs_f64(), f.constraint.steps));
-        Ok(Completion {
-            reasoning,
-            mask_s,
-            mask_steps,
-            text,
-            prompt_tokens: total,
-            prefilled_tokens: prefilled,
-            generated_tokens: ids.len(),
-            stopped_by,
-            ttft_s: ttft.unwrap_or(Duration::ZERO).as_secs_f64(),
-            prefill_s,
-            decode_s: t1.elapsed().as_secs_f64(),
-            state_bytes: self.decoder.state_bytes(),
-        })
+        let times = Times { prefill_s, ttft: ttft.unwrap_or(Duration::ZERO), decode_s: t1.elapsed().as_secs_f64() };
+        self.completion(req, ids, stopped_by, filter, prefilled, times)
+    }
+
+    fn complete_batch(&mut self, reqs: &[Request]) -> Result<Vec<Completion>> {
+        if reqs.len() < 2 {
+            return reqs.iter().map(|r| self.complete(r)).collect();
+        }
+        // Each prompt prefilled by itself (a shared prefix once, kept), then all decoded together.
+        let t0 = Instant::now();
+        let mut starts = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let t = Instant::now();
+            let (logits, prefilled) = self.prefill_request(req)?;
+            starts.push((self.decoder.snapshot()?, logits, prefilled, t.elapsed().as_secs_f64()));
+        }
+        let mut filters: Vec<Option<SchemaFilter>> = reqs.iter().map(|r| self.filter_for(r)).collect::<Result<_>>()?;
+        let room = reqs.iter().map(|r| r.options.max_new_tokens).max().unwrap_or(0);
+        let snaps: Vec<Snapshot> = starts.iter().map(|s| s.0.clone()).collect();
+        let batch = Batch::new(&self.decoder, &snaps, room)?;
+        let members = reqs
+            .iter()
+            .zip(&mut starts)
+            .zip(filters.iter_mut())
+            .map(|((r, start), f)| Member {
+                logits: std::mem::take(&mut start.1),
+                opts: r.options.clone(),
+                filter: f.as_mut().map(|f| f as &mut (dyn TokenFilter + Send)),
+            })
+            .collect();
+        let mut ttft = vec![None; reqs.len()];
+        let t1 = Instant::now();
+        let ended = generate::decode_batch(&mut self.decoder, batch, members, |i, _| {
+            ttft[i].get_or_insert_with(|| t0.elapsed());
+            (reqs[i].check)()
+        })?;
+        let decode_s = t1.elapsed().as_secs_f64();
+        let per_request = reqs.iter().zip(ended).zip(filters).zip(starts.iter().zip(ttft));
+        per_request
+            .map(|(((req, (ids, stopped_by)), filter), (start, ttft))| {
+                let times = Times { prefill_s: start.3, ttft: ttft.unwrap_or(Duration::ZERO), decode_s };
+                self.completion(req, ids, stopped_by, filter, start.2, times)
+            })
+            .collect()
     }
 
     fn planned_bytes(&self, context: usize, snapshot: bool) -> u64 {
@@ -259,6 +322,13 @@ impl TextModel for OrtModel {
         };
         crate::ocr::transcribe(&mut self.decoder, encoder, &self.tokenizer, page, opts, self.settings.prefill_chunk, label, check)
     }
+}
+
+/// A call's times: its prefill, its first token since the call began, its decode.
+struct Times {
+    prefill_s: f64,
+    ttft: Duration,
+    decode_s: f64,
 }
 
 /// Drops a leftover think block and surrounding whitespace from a reply.

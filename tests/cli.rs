@@ -193,4 +193,13 @@ fn bench_reports_the_documented_json_keys() {
     assert_eq!(v["stage_s"].as_array().unwrap().len(), 3);
     assert!(v["prefix_reuse_ratio"].as_f64().unwrap() >= 1.0);
     assert!(v["snapshot_bytes"].as_u64().unwrap() > 0);
+    // Three sequences decoded together for as many steps as the one: each step runs every
+    // operator once for all three, so the calls are the single sequence's.
+    let v = bench_json(&model, &["--gen-tokens", "5", "--batch", "3"]);
+    assert_eq!(v["batch"], 3);
+    assert!(v["batch_decode_tokens_per_s"].as_f64().is_some_and(|x| x > 0.0), "{}", v["batch_decode_tokens_per_s"]);
+    let ops = v["batch_decode_ops"].as_array().unwrap();
+    let rule = ops.iter().find(|t| t["op"] == "GatedDeltaRule").expect("GatedDeltaRule in batch_decode_ops");
+    assert_eq!(rule["calls"], 24, "{rule}");
+    assert!(bench_json(&model, &["--gen-tokens", "2"])["batch_decode_tokens_per_s"].is_null());
 }

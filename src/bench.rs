@@ -87,6 +87,11 @@ pub struct BenchReport {
     pub stage_s: Vec<f64>,
     /// With `stages > 1`: (prefill + all stages) / (prefill + one stage); 1.0 would be free reuse.
     pub prefix_reuse_ratio: Option<f64>,
+    /// With `stages > 1`: seconds of all stages as the pipeline runs them (each instruction
+    /// prefilled after the restored prompt in turn, then all decoded together, `worker.max_batch`).
+    pub stages_together_s: Option<f64>,
+    /// With `stages > 1`: (prefill + the stages together) / (prefill + one stage).
+    pub stages_together_ratio: Option<f64>,
     /// Bytes of the prompt's snapshot.
     pub snapshot_bytes: usize,
     /// Bytes of each prefill checkpoint on disk (0 without `--checkpoint`).
@@ -281,34 +286,42 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     let kv_state_bytes = dec.state_bytes() as u64;
 
     // Prefix reuse: every stage continues the prefilled prompt with its own instruction.
-    let mut stage_s = Vec::new();
-    if let Some(snap) = &snap {
-        for _ in 0..opts.stages {
-            let instruction: Vec<u32> = (0..opts.stage_tokens.max(1)).map(|_| rng.random_range(0..limit)).collect();
+    let (mut stage_s, mut stages_together_s) = (Vec::new(), None);
+    if let Some(snap) = snap.as_ref().filter(|_| opts.stages > 1) {
+        let instructions: Vec<Vec<u32>> =
+            (0..opts.stages).map(|_| (0..opts.stage_tokens.max(1)).map(|_| rng.random_range(0..limit)).collect()).collect();
+        for instruction in &instructions {
             let t = Instant::now();
             dec.restore(snap)?;
-            let l = dec.forward(&instruction, Logits::Last)?;
+            let l = dec.forward(instruction, Logits::Last)?;
             decode(&mut dec, pick(l.row(0).as_slice().expect("contiguous logits")))?;
             stage_s.push(t.elapsed().as_secs_f64());
         }
+        let t = Instant::now();
+        let (mut members, mut tokens) = (Vec::new(), Vec::new());
+        for instruction in &instructions {
+            dec.restore(snap)?;
+            let l = dec.forward(instruction, Logits::Last)?;
+            tokens.push(pick(l.row(0).as_slice().expect("contiguous logits")));
+            members.push(dec.snapshot()?);
+        }
+        let mut batch = Batch::new(&dec, members, opts.gen_tokens)?;
+        decode_together(&mut dec, &mut batch, &mut tokens, opts.gen_tokens, pick)?;
+        stages_together_s = Some(t.elapsed().as_secs_f64());
     }
     // Batched decode: the same steps for `batch` sequences at once.
     let (mut batch_decode_tokens_per_s, mut batch_decode_ops) = (None, Vec::new());
     if let Some(snap) = snap.as_ref().filter(|_| opts.batch > 1) {
-        let mut batch = Batch::new(&dec, &vec![snap.clone(); opts.batch], opts.gen_tokens)?;
+        let mut batch = Batch::new(&dec, vec![snap.clone(); opts.batch], opts.gen_tokens)?;
         let mut tokens: Vec<u32> = (0..opts.batch).map(|i| if i == 0 { tok } else { rng.random_range(0..limit) }).collect();
         op_time::take();
         let t = Instant::now();
-        for _ in 1..opts.gen_tokens {
-            let l = batch.step(&mut dec, &tokens, &[])?;
-            for (i, t) in tokens.iter_mut().enumerate() {
-                *t = pick(l.row(i).as_slice().expect("contiguous logits"));
-            }
-        }
+        decode_together(&mut dec, &mut batch, &mut tokens, opts.gen_tokens, pick)?;
         batch_decode_tokens_per_s = (decoded > 0).then(|| (opts.batch * decoded) as f64 / t.elapsed().as_secs_f64());
         batch_decode_ops = op_time::take();
     }
     let prefix_reuse_ratio = (!stage_s.is_empty()).then(|| (prefill_s + stage_s.iter().sum::<f64>()) / (prefill_s + stage_s[0]));
+    let stages_together_ratio = stages_together_s.map(|s| (prefill_s + s) / (prefill_s + stage_s[0]));
     let m = &model.manifest;
     Ok(BenchReport {
         prefill_tokens_per_s: (opts.prompt_tokens - pre.timed_from) as f64 / prefill_s,
@@ -332,6 +345,8 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
         source: m.source.clone(),
         stage_s,
         prefix_reuse_ratio,
+        stages_together_s,
+        stages_together_ratio,
         snapshot_bytes: snap.as_ref().map(|s| s.bytes()).unwrap_or(0),
         checkpoint_bytes: pre.checkpoint_bytes,
         resumed_from_token: pre.resumed_from,
@@ -379,6 +394,23 @@ fn timed_prefill(dec: &mut Decoder, prompt: &[u32], opts: &BenchOptions) -> Resu
     Ok(pre)
 }
 
+/// Decodes greedily from `tokens` (one a sequence of `batch`) until each has `gen_tokens`.
+fn decode_together(
+    dec: &mut Decoder,
+    batch: &mut Batch,
+    tokens: &mut [u32],
+    gen_tokens: usize,
+    pick: impl Fn(&[f32]) -> u32,
+) -> Result<()> {
+    for _ in 1..gen_tokens {
+        let l = batch.step(dec, tokens, &[])?;
+        for (i, t) in tokens.iter_mut().enumerate() {
+            *t = pick(l.row(i).as_slice().expect("contiguous logits"));
+        }
+    }
+    Ok(())
+}
+
 /// The memory plan of the run: its context, the state copy it holds (the snapshot stages and the
 /// batch share, or the last checkpoint of a resumable prefill) and the batch's sequences.
 fn planned_bytes(model: &ModelDir, opts: &BenchOptions) -> u64 {
@@ -391,11 +423,11 @@ fn planned_bytes(model: &ModelDir, opts: &BenchOptions) -> u64 {
     // The bench reads no images, so the vision tower never loads.
     let footprint = Footprint { vision_file: 0, ..Footprint::of(model) };
     let context = opts.prompt_tokens + opts.gen_tokens;
-    // A batch holds each sequence's state and a cache row of the whole context beside the
-    // single sequence's.
-    let batch = match opts.batch {
+    // A batch (the stages decoded together, or `--batch`'s) holds each sequence's state and a
+    // cache row of the whole context beside the single sequence's.
+    let batch = match opts.batch.max(opts.stages) {
         0 | 1 => 0,
-        b => b as u64 * (footprint.kv_bytes_per_token() * context as u64 + footprint.cfg.linear_state_bytes() as u64),
+        b => b as u64 * footprint.sequence_bytes(context),
     };
     footprint.plan(context, opts.prefill_chunk, copy).total_bytes + batch
 }

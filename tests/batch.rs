@@ -59,7 +59,7 @@ fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
         let want: Vec<Vec<Vec<f32>>> = members.iter().map(|(s, t)| alone(&mut dec, s, *t, STEPS)).collect();
         let snaps: Vec<Snapshot> = members.iter().map(|(s, _)| s.clone()).collect();
         // Room for two tokens only: the caches grow on the way.
-        let mut batch = Batch::new(&dec, &snaps, 2).unwrap();
+        let mut batch = Batch::new(&dec, snaps, 2).unwrap();
         let mut tokens: Vec<u32> = members.iter().map(|(_, t)| *t).collect();
         // Which sequence each batch row holds; the second leaves after three steps.
         let mut seqs: Vec<usize> = (0..LENGTHS.len()).collect();
@@ -103,14 +103,14 @@ fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
 #[test]
 fn a_batch_refuses_what_does_not_fit_it() {
     let mut dec = Decoder::open(&open(&imported("gqa8", Precision::Fp32)), &SessionOptions::with_threads(2)).unwrap();
-    let e = Batch::new(&dec, &[], 4).err().unwrap();
+    let e = Batch::new(&dec, Vec::new(), 4).err().unwrap();
     assert!(e.to_string().contains("at least one sequence"), "{e}");
     dec.forward(&prompt(4, 0), Logits::Last).unwrap();
     let mut other = dec.snapshot().unwrap();
     other.model = "another model".into();
-    let e = Batch::new(&dec, &[dec.snapshot().unwrap(), other], 4).err().unwrap();
+    let e = Batch::new(&dec, vec![dec.snapshot().unwrap(), other], 4).err().unwrap();
     assert!(e.to_string().contains("sequence 1 of the batch belongs to model another model"), "{e}");
-    let mut batch = Batch::new(&dec, &[dec.snapshot().unwrap()], 4).unwrap();
+    let mut batch = Batch::new(&dec, vec![dec.snapshot().unwrap()], 4).unwrap();
     let e = batch.step(&mut dec, &[1, 2], &[]).unwrap_err();
     assert!(e.to_string().contains("2 tokens for a batch of 1 sequences"), "{e}");
     assert!(batch.remove(3).unwrap_err().to_string().contains("no sequence 3"));

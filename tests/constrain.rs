@@ -294,7 +294,7 @@ fn constrained_and_free_sequences_decoded_as_one_batch_give_what_each_gives_alon
         .collect();
 
     let snaps: Vec<_> = starts.iter().map(|(s, _)| s.clone()).collect();
-    let batch = Batch::new(&dec, &snaps, 64).unwrap();
+    let batch = Batch::new(&dec, snaps, 64).unwrap();
     let mut filters: Vec<Option<SchemaRows>> = members.iter().map(|m| filter(m.1)).collect();
     let batch_members: Vec<Member> = members
         .iter()

@@ -340,3 +340,53 @@ fn memory_budget_caps_the_context_or_refuses_naming_the_limit() {
     assert!(warnings.contains("memory_budget 850 MiB caps the context"), "{warnings}");
     assert_valid_result(&ceres, &v);
 }
+
+/// A document's stage calls on all its parts, prefilled in turn and decoded together (here as a
+/// batch of eight and one of four), give exactly what one call at a time gives: a greedy summary,
+/// a sampled one (same seed, same text) and a schema-constrained extraction, part by part, and
+/// the reduce calls after them.
+#[test]
+fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
+    let Some(_corpus) = common::corpus() else { return };
+    let stages = "stages:
+  - {name: summary, kind: summarize, max_new_tokens: 12}
+  - {name: gist, kind: summarize, max_new_tokens: 10, temperature: 0.9, top_p: 0.95, seed: 11,
+     instruction: In one sentence what this is.}
+  - name: terms
+    kind: extract
+    instruction: Extract the parties, the effective date and the governing law.
+    schema:
+      type: object
+      additionalProperties: false
+      required: [parties, effective_date, governing_law]
+      properties:
+        parties: {type: array, maxItems: 2, items: {type: string, maxLength: 16}}
+        effective_date: {type: [string, 'null'], maxLength: 10}
+        governing_law: {type: [string, 'null'], maxLength: 16}
+";
+    // int8: a batch's logits are bit-identical to each sequence's alone (tests/batch.rs), which
+    // sampling needs; with f32 weights they differ by about 1e-5 and top-p may order near-ties
+    // differently.
+    let sb = Sandbox::with_model(&common::sandbox::tiny_model_int8(), "", 1024, stages);
+    let doc = common::corpus_path().join("contracts/commonpaper__Mutual-NDA.md");
+    let run = |max_batch: &str| -> Value {
+        let out =
+            sb.run_with(&["process", doc.to_str().unwrap(), "--pipeline", "p"], &[("DELTADOC_WORKER_MAX_BATCH", max_batch)]);
+        assert!(out.status.success(), "max_batch {max_batch}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (alone, together) = (run("1"), run("8"));
+    let parts = together["chunks"].as_array().unwrap().len();
+    assert_eq!(parts, 4, "four parts: twelve map calls, a batch of eight and one of four");
+    for stage in ["summary", "gist", "terms"] {
+        let (a, t) = (&alone["stages"][stage], &together["stages"][stage]);
+        for field in ["parts", "output", "generated_tokens", "prompt_tokens", "calls", "stopped_by"] {
+            assert_eq!(a[field], t[field], "{stage}.{field}");
+        }
+        assert!(t["generated_tokens"].as_u64().unwrap() > 0, "{stage}: {t}");
+    }
+    assert_eq!(alone["tokens"], together["tokens"], "the same prompt tokens prefilled, the prefix once a part");
+    let out = sb.run_with(&["process", doc.to_str().unwrap(), "--pipeline", "p"], &[("DELTADOC_WORKER_MAX_BATCH", "0")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("field `worker.max_batch`: must be at least 1"), "{stderr}");
+}

@@ -95,7 +95,10 @@ fn stages_decoded_as_one_batch_give_what_each_gives_in_turn() {
             think_budget: None,
         })
         .collect();
-    let batched = together.complete_batch(&requests).unwrap();
+    let mut told = Vec::new();
+    let batched = together.complete_batch(&requests, &mut |i, c| told.push((i, c.text.clone()))).unwrap();
+    let replies: Vec<(usize, String)> = batched.iter().map(|c| c.text.clone()).enumerate().collect();
+    assert_eq!(told, replies, "each reply told once, with its request's index");
     let alone: Vec<_> = requests.iter().map(|r| in_turn.complete(r).unwrap()).collect();
     for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
         println!("stage {i}: {} tokens, {}: {:?}", b.generated_tokens, b.stopped_by, b.text);

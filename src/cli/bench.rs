@@ -36,7 +36,8 @@ pub(super) struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-    /// Run this many stages on the prompt through a snapshot (prefix reuse).
+    /// Run this many stages on the prompt through a snapshot (prefix reuse): one after another,
+    /// then as the pipeline runs them, decoded together.
     #[arg(long, default_value_t = 1)]
     stages: usize,
     /// Instruction tokens per stage.
@@ -115,6 +116,9 @@ fn print_table(m: &ModelDir, r: &BenchReport) {
     if let Some(ratio) = r.prefix_reuse_ratio {
         let stages: Vec<String> = r.stage_s.iter().map(|s| format!("{s:.2}")).collect();
         println!("stages         {} s each after one shared prefill; total / one stage = {ratio:.2}", stages.join(", "));
+        if let (Some(s), Some(together)) = (r.stages_together_s, r.stages_together_ratio) {
+            println!("stages batched {s:.2} s for all, decoded together; total / one stage = {together:.2}");
+        }
         println!("snapshot       {:.1} MiB", mib(r.snapshot_bytes as u64));
     }
 }

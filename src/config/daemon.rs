@@ -118,11 +118,15 @@ pub struct WorkerConfig {
     /// A worker silent this long (no heartbeat: its machine died, its network was cut, it was
     /// paused) loses its jobs to the other daemons. Heartbeats go every third of it.
     pub lease: Dur,
+    /// Most sequences decoded in one step: a document's stage calls (and its parts' calls) each
+    /// prefill in turn, then decode together, reading the weights once a step for all of them;
+    /// the memory plan may allow fewer (docs/model.md, "State and memory").
+    pub max_batch: usize,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        Self { name: None, lease: Dur(Duration::from_secs(30)) }
+        Self { name: None, lease: Dur(Duration::from_secs(30)), max_batch: 8 }
     }
 }
 
@@ -273,6 +277,7 @@ pub fn apply_env_overrides(d: &mut DaemonConfig, var: impl Fn(&str) -> Option<St
     set(&mut d.ledger_password_file, "DELTADOC_LEDGER_PASSWORD_FILE", &var)?;
     set(&mut d.worker.name, "DELTADOC_WORKER_NAME", &var)?;
     set(&mut d.worker.lease, "DELTADOC_WORKER_LEASE", &var)?;
+    set(&mut d.worker.max_batch, "DELTADOC_WORKER_MAX_BATCH", &var)?;
     set(&mut d.pipelines, "DELTADOC_PIPELINES", &var)?;
     set(&mut d.data_dir, "DELTADOC_DATA_DIR", &var)?;
     set(&mut d.metrics.listen, "DELTADOC_METRICS_LISTEN", &var)?;

@@ -404,5 +404,9 @@ impl<'a> Worker<'a> {
 /// A document's limits under the configuration.
 pub(crate) fn limits(cfg: &Config) -> DocLimits {
     let l = &cfg.daemon.limits;
-    DocLimits { max_file_bytes: l.max_file_bytes.0, memory_budget: cfg.daemon.memory_budget.0 }
+    DocLimits {
+        max_file_bytes: l.max_file_bytes.0,
+        memory_budget: cfg.daemon.memory_budget.0,
+        max_batch: cfg.daemon.worker.max_batch,
+    }
 }

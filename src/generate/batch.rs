@@ -9,6 +9,8 @@
 //! snapshots of single sequences (after their own prefills, which differ in length) and leave as
 //! they finish.
 
+use std::borrow::Cow;
+
 use anyhow::{Context, Result, anyhow, bail};
 use ndarray::{Array2, Array3};
 use ort::value::DynValue;
@@ -52,8 +54,11 @@ impl Slot {
 
 impl Batch {
     /// A batch of the sequences `members` (snapshots of `dec`'s model, one sequence each), with
-    /// room in the attention caches for `room` more tokens a sequence before they grow.
-    pub fn new(dec: &Decoder, members: &[Snapshot], room: usize) -> Result<Batch> {
+    /// room in the attention caches for `room` more tokens a sequence before they grow. Each
+    /// snapshot's tensors are freed as they are copied in, so building the batch holds little
+    /// more than the snapshots did (the memory plan counts one copy a sequence,
+    /// [`crate::model::plan::Footprint::sequence_bytes`]).
+    pub fn new(dec: &Decoder, mut members: Vec<Snapshot>, room: usize) -> Result<Batch> {
         if members.is_empty() {
             bail!("a batch needs at least one sequence");
         }
@@ -71,7 +76,13 @@ impl Batch {
         let mut state = Vec::with_capacity(dec.state.len());
         for (k, (name, current)) in dec.state.iter().enumerate() {
             let (shape, elem) = current.layout()?;
-            let tensors: Vec<&StateTensor> = members.iter().map(|m| &m.tensors[k]).collect();
+            let tensors: Vec<StateTensor> = members
+                .iter_mut()
+                .map(|m| {
+                    let empty = StateTensor { name: String::new(), shape: Vec::new(), data: StateData::zeros(elem, 0) };
+                    std::mem::replace(&mut m.tensors[k], empty)
+                })
+                .collect();
             for (i, t) in tensors.iter().enumerate() {
                 let fits = match current {
                     Carried::Rows { .. } => t.shape.len() == 4 && t.shape[1] == members[i].tokens && t.shape[2..] == shape[2..],
@@ -189,12 +200,12 @@ impl Batch {
                         let (mut shape, data) = copy_state(v)?;
                         let n = data.len() / shape[0];
                         shape[0] = 1;
-                        (shape, data, i * n..(i + 1) * n)
+                        (shape, Cow::Owned(data), i * n..(i + 1) * n)
                     }
                     Slot::Rows { data, heads, head_dim } => {
                         let w = Slot::width(*heads, *head_dim);
                         let at = i * self.capacity * w;
-                        (vec![1, r.tokens, *heads, *head_dim], data.clone(), at..at + r.tokens * w)
+                        (vec![1, r.tokens, *heads, *head_dim], Cow::Borrowed(data), at..at + r.tokens * w)
                     }
                 };
                 let mut one = StateData::zeros(data.elem(), range.len());

@@ -161,7 +161,8 @@ pub fn decode_batch(
         let logits = std::thread::scope(|s| -> Result<Array2<f32>> {
             let masks = s.spawn(|| -> Result<()> {
                 let mut scratch = Vec::new();
-                for m in members.iter_mut() {
+                // Only the sequences still in the batch: an ended one's constraint is done.
+                for (m, _) in members.iter_mut().zip(&ended).filter(|(_, e)| e.is_none()) {
                     if let Some(f) = m.filter.as_deref_mut() {
                         f.allowed(&mut scratch)?;
                     }

@@ -105,6 +105,12 @@ impl TextModel for FakeModel {
         context as u64 * 1024
     }
 
+    /// As much again as one context, as a model that decodes a batch together would hold (this
+    /// one answers its requests in turn).
+    fn sequence_bytes(&self, context: usize) -> u64 {
+        context as u64 * 1024
+    }
+
     fn max_context_within(&self, budget: u64, _: bool) -> Option<usize> {
         let fit = (budget / 1024) as usize;
         (fit >= 512).then_some(fit.min(self.info.max_context))

@@ -186,11 +186,18 @@ pub trait TextModel {
     fn tokenizer(&self) -> &Tokenizer;
     /// Generates a reply to `prefix ++ suffix`.
     fn complete(&mut self, req: &Request) -> Result<Completion>;
-    /// Generates a reply to each request, as [`Self::complete`] on each in turn would. A model
-    /// may decode them together, one step for all: what requests on one document (the same
-    /// prefix, prefilled once) gain, since a decode step costs about the same for several.
-    fn complete_batch(&mut self, reqs: &[Request]) -> Result<Vec<Completion>> {
-        reqs.iter().map(|r| self.complete(r)).collect()
+    /// Generates a reply to each request, as [`Self::complete`] on each in turn would, and tells
+    /// `done` each reply (with its request's index) as soon as it has it. A model may decode
+    /// them together, one step for all: what requests on one document (the same prefix,
+    /// prefilled once) gain, since a decode step costs about the same for several.
+    fn complete_batch(&mut self, reqs: &[Request], done: &mut dyn FnMut(usize, &Completion)) -> Result<Vec<Completion>> {
+        let mut replies = Vec::with_capacity(reqs.len());
+        for (i, r) in reqs.iter().enumerate() {
+            let reply = self.complete(r)?;
+            done(i, &reply);
+            replies.push(reply);
+        }
+        Ok(replies)
     }
     /// Transcribes one page image (`label` names it in saved images and errors); `check` is
     /// polled between prefill chunks and tokens and stops the call when it fails.
@@ -200,4 +207,7 @@ pub trait TextModel {
     fn planned_bytes(&self, context: usize, snapshot: bool) -> u64;
     /// The longest context within `budget` bytes, `None` when not even one prefill chunk fits.
     fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize>;
+    /// Bytes each request of a [`Self::complete_batch`] adds to the plan of one context of
+    /// `context` tokens (0: the model answers a batch one request at a time).
+    fn sequence_bytes(&self, context: usize) -> u64;
 }

@@ -259,28 +259,30 @@ impl TextModel for OrtModel {
         self.completion(req, ids, stopped_by, filter, prefilled, times)
     }
 
-    fn complete_batch(&mut self, reqs: &[Request]) -> Result<Vec<Completion>> {
-        if reqs.len() < 2 {
-            return reqs.iter().map(|r| self.complete(r)).collect();
+    fn complete_batch(&mut self, reqs: &[Request], done: &mut dyn FnMut(usize, &Completion)) -> Result<Vec<Completion>> {
+        if let [req] = reqs {
+            let reply = self.complete(req)?;
+            done(0, &reply);
+            return Ok(vec![reply]);
         }
         // Each prompt prefilled by itself (a shared prefix once, kept), then all decoded together.
         let t0 = Instant::now();
-        let mut starts = Vec::with_capacity(reqs.len());
+        let (mut starts, mut snaps) = (Vec::with_capacity(reqs.len()), Vec::with_capacity(reqs.len()));
         for req in reqs {
             let t = Instant::now();
             let (logits, prefilled) = self.prefill_request(req)?;
-            starts.push((self.decoder.snapshot()?, logits, prefilled, t.elapsed().as_secs_f64()));
+            snaps.push(self.decoder.snapshot()?);
+            starts.push((logits, prefilled, t.elapsed().as_secs_f64()));
         }
         let mut filters: Vec<Option<SchemaFilter>> = reqs.iter().map(|r| self.filter_for(r)).collect::<Result<_>>()?;
         let room = reqs.iter().map(|r| r.options.max_new_tokens).max().unwrap_or(0);
-        let snaps: Vec<Snapshot> = starts.iter().map(|s| s.0.clone()).collect();
-        let batch = Batch::new(&self.decoder, &snaps, room)?;
+        let batch = Batch::new(&self.decoder, snaps, room)?;
         let members = reqs
             .iter()
             .zip(&mut starts)
             .zip(filters.iter_mut())
             .map(|((r, start), f)| Member {
-                logits: std::mem::take(&mut start.1),
+                logits: std::mem::take(&mut start.0),
                 opts: r.options.clone(),
                 filter: f.as_mut().map(|f| f as &mut (dyn TokenFilter + Send)),
             })
@@ -294,15 +296,22 @@ impl TextModel for OrtModel {
         let decode_s = t1.elapsed().as_secs_f64();
         let per_request = reqs.iter().zip(ended).zip(filters).zip(starts.iter().zip(ttft));
         per_request
-            .map(|(((req, (ids, stopped_by)), filter), (start, ttft))| {
-                let times = Times { prefill_s: start.3, ttft: ttft.unwrap_or(Duration::ZERO), decode_s };
-                self.completion(req, ids, stopped_by, filter, start.2, times)
+            .enumerate()
+            .map(|(i, (((req, (ids, stopped_by)), filter), (start, ttft)))| {
+                let times = Times { prefill_s: start.2, ttft: ttft.unwrap_or(Duration::ZERO), decode_s };
+                let reply = self.completion(req, ids, stopped_by, filter, start.1, times)?;
+                done(i, &reply);
+                Ok(reply)
             })
             .collect()
     }
 
     fn planned_bytes(&self, context: usize, snapshot: bool) -> u64 {
         self.footprint.plan(context, self.settings.prefill_chunk, self.state_copy(context, snapshot)).total_bytes
+    }
+
+    fn sequence_bytes(&self, context: usize) -> u64 {
+        self.footprint.sequence_bytes(context)
     }
 
     fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize> {

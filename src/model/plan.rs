@@ -92,6 +92,14 @@ impl Footprint {
         (self.cfg.kv_elements_per_token() * self.kv_cache.elem().width()) as u64
     }
 
+    /// Bytes each sequence of a batched decode holds beside a single sequence's plan at a context
+    /// of `context` tokens: its own cache rows for the whole context and its DeltaNet state
+    /// (src/generate/batch.rs; before the batch forms, the snapshot it joins from, which is no
+    /// larger and is freed as it is copied in).
+    pub fn sequence_bytes(&self, context: usize) -> u64 {
+        self.kv_bytes_per_token() * context as u64 + self.cfg.linear_state_bytes() as u64
+    }
+
     /// Plans a context of `context` tokens prefilled `chunk` tokens per call, with `copy` of the
     /// state held beside it. A document kept for further stages is snapshotted whole; a
     /// resumable prefill's largest checkpoint is taken before the prompt's end

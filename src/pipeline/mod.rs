@@ -17,7 +17,7 @@ use crate::extract::isolated::Extraction;
 use crate::extract::{Extracted, Method};
 use crate::failure::{Failure, Reason};
 use crate::output::{DocResult, PageResult, PipelineRef, Source, StageResult, TokenTotals};
-use crate::stage::{Answers, Body, PageDoc, Part, Runner, Stage, Stop, TextStage};
+use crate::stage::{Answers, Asked, Body, PageDoc, Part, Runner, Stage, Stop, TextStage};
 
 /// Per-document limits.
 #[derive(Clone, Copy, Debug)]
@@ -26,6 +26,8 @@ pub struct DocLimits {
     pub max_file_bytes: u64,
     /// Bytes a model call may plan to use; the context is capped to fit (`too_large` if nothing fits).
     pub memory_budget: u64,
+    /// Most model calls decoded together (the memory budget may allow fewer).
+    pub max_batch: usize,
 }
 
 /// What a document run needs besides the document.
@@ -210,20 +212,38 @@ fn chunk(ctx: &Context, source: &Path, ex: &Extracted, warnings: &mut Vec<String
     Ok((chunked, budget))
 }
 
-/// Runs the text stages chunk by chunk (every stage of a chunk reuses the chunk's prefill),
-/// then has each stage finish with its answers. Returns how many inputs had to be cut.
+/// Runs the text stages on every chunk, then has each stage finish with its answers. The calls
+/// go chunk by chunk (every stage of a chunk reuses the chunk's prefill) in batches that decode
+/// together as far as `max_batch` and the memory plan allow. Returns how many inputs had to be
+/// cut.
 fn run_text_stages(ctx: &mut Context, chunked: &Chunked, budget: usize, books: &mut Books) -> Result<usize, Stop> {
     let stages = text_stages(ctx.pipeline);
     let n = chunked.chunks.len();
-    let mut calls: Vec<(Vec<_>, f64)> = stages.iter().map(|_| (Vec::new(), 0.0)).collect();
+    // (stage, chunk, call) in the order they prefill.
+    let mut asked = Vec::with_capacity(n * stages.len());
     for c in &chunked.chunks {
         for (si, s) in stages.iter().enumerate() {
-            let part = (n > 1).then_some(Part { index: c.index + 1, of: n });
-            let keep = si + 1 < stages.len();
-            let t = Instant::now();
-            let done = ctx.runner.call(s.0.name(), &c.ids, &s.1.call(part), keep)?;
-            calls[si].1 += t.elapsed().as_secs_f64();
-            calls[si].0.push(done);
+            asked.push((si, c, s.1.call((n > 1).then_some(Part { index: c.index + 1, of: n }))));
+        }
+    }
+    let reserves = budget::reserves(ctx, &stages)?;
+    let contexts: Vec<usize> = asked.iter().map(|(si, c, _)| c.ids.len() + reserves[*si]).collect();
+    let mut calls: Vec<(Vec<_>, f64)> = stages.iter().map(|_| (Vec::new(), 0.0)).collect();
+    for group in budget::batches(ctx, &contexts, stages.len() > 1) {
+        let batch: Vec<Asked> = asked[group.clone()]
+            .iter()
+            .map(|(si, c, call)| Asked { stage: stages[*si].0.name(), document: &c.ids, call, keep: *si + 1 < stages.len() })
+            .collect();
+        let t = Instant::now();
+        let done = ctx.runner.call_batch(&batch)?;
+        // Calls decoded together each took the batch's time.
+        let secs = t.elapsed().as_secs_f64();
+        let mut timed = vec![false; stages.len()];
+        for ((si, _, _), d) in asked[group].iter().zip(done) {
+            calls[*si].0.push(d);
+            if !std::mem::replace(&mut timed[*si], true) {
+                calls[*si].1 += secs;
+            }
         }
     }
     let mut truncated = 0;

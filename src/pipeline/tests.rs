@@ -38,6 +38,18 @@ impl Doc {
     fn run_journaled(&self, text: &str, model: &mut FakeModel, journal: Option<&Journal>) -> Result<DocResult, Stop> {
         let source: PathBuf = self.dir.path().join("doc.md");
         std::fs::write(&source, text).unwrap();
+        let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget: 1 << 30, max_batch: 8 };
+        self.with_context(model, limits, journal, |ctx| process(ctx, &source, Path::new("doc.md"), None))
+    }
+
+    /// Runs `f` with this pipeline's context around `model`.
+    fn with_context<T>(
+        &self,
+        model: &mut FakeModel,
+        limits: DocLimits,
+        journal: Option<&Journal>,
+        f: impl FnOnce(&mut Context) -> T,
+    ) -> T {
         let shutdown = AtomicBool::new(false);
         let runner = Runner {
             model,
@@ -50,14 +62,8 @@ impl Doc {
             on_child: &|_| {},
             journal,
         };
-        let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget: 1 << 30 };
-        let mut ctx = Context {
-            pipeline: &self.pipeline,
-            limits,
-            extraction: &Extraction::InProcess(ExtractLimits { max_pages: 100 }),
-            runner,
-        };
-        process(&mut ctx, &source, Path::new("doc.md"), None)
+        let extraction = Extraction::InProcess(ExtractLimits { max_pages: 100 });
+        f(&mut Context { pipeline: &self.pipeline, limits, extraction: &extraction, runner })
     }
 }
 
@@ -257,4 +263,22 @@ fn a_later_attempt_takes_the_calls_an_earlier_one_completed_from_the_journal() {
     let again = doc.run_journaled(&text, &mut third, Some(&journal)).unwrap();
     assert!(third.asked.is_empty(), "{:?}", third.asked.len());
     assert_eq!(again.stages["summary"].output, r.stages["summary"].output);
+}
+
+#[test]
+fn calls_decode_together_up_to_max_batch_and_as_far_as_the_memory_plan_allows() {
+    let doc = Doc::new("stages:\n  - {name: summary, kind: summarize}\n");
+    let mut model = FakeModel::new(262_144, |_| Answer::Text(String::new()));
+    let runs = |model: &mut FakeModel, max_batch: usize, memory_budget: u64, contexts: &[usize]| {
+        let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget, max_batch };
+        doc.with_context(model, limits, None, |ctx| super::budget::batches(ctx, contexts, true))
+    };
+    // The fake plans a kilobyte a token, and as much again for each sequence of a batch.
+    assert_eq!(runs(&mut model, 3, 1 << 30, &[1000; 7]), [0..3, 3..6, 6..7]);
+    assert_eq!(runs(&mut model, 1, 1 << 30, &[1000; 3]), [0..1, 1..2, 2..3]);
+    // 3,072 KiB hold one context of 1,000 tokens and two sequences, not three.
+    assert_eq!(runs(&mut model, 8, 3 << 20, &[1000; 5]), [0..2, 2..4, 4..5]);
+    // A long call runs alone where it does not fit beside the others; one alone always runs.
+    assert_eq!(runs(&mut model, 8, 3 << 20, &[100, 100, 2000, 100]), [0..2, 2..3, 3..4]);
+    assert_eq!(runs(&mut model, 8, 3 << 20, &[]), Vec::<std::ops::Range<usize>>::new());
 }

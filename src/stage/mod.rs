@@ -32,7 +32,7 @@ use serde_saphyr::Spanned;
 
 pub use journal::Journal;
 pub use ocr::{DEFAULT_PAGE_TOKENS, OCR_INSTRUCTION};
-pub use runner::{Call, Runner, Stop};
+pub use runner::{Asked, Call, Runner, Stop};
 
 use crate::chunk::Chunked;
 use crate::extract::Page;

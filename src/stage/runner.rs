@@ -43,6 +43,18 @@ pub struct Call<'a> {
     pub think_budget: Option<usize>,
 }
 
+/// One call of a [`Runner::call_batch`].
+pub struct Asked<'a> {
+    /// The stage asking (progress, errors).
+    pub stage: &'a str,
+    /// The document's tokens.
+    pub document: &'a [u32],
+    /// What it asks.
+    pub call: &'a Call<'a>,
+    /// Keep the document's prefill for the call after it, which is on the same document.
+    pub keep: bool,
+}
+
 /// The model and the attempt's limits, as stages see them.
 pub struct Runner<'a> {
     /// The model.
@@ -97,32 +109,79 @@ impl Runner<'_> {
     /// Runs `call` on `document` (already tokenised) for stage `stage`; `keep` keeps the
     /// document's prefill for the next call on the same document.
     pub fn call(&mut self, stage: &str, document: &[u32], call: &Call, keep: bool) -> Result<Completion, Stop> {
-        self.step(stage);
-        let model_err = |e: anyhow::Error| Failure::new(Reason::Model, stage, format!("{e:#}"));
-        let (prefix, suffix) =
-            chat::stage_prompt(self.model.tokenizer(), document, &call.instruction, call.thinking).map_err(model_err)?;
-        let key = self.journal.map(|_| completion_key(&self.model.info().name, &prefix, &suffix, call));
-        if let Some(done) = self.journal.zip(key.as_ref()).and_then(|(j, k)| j.get::<Completion>(k)) {
-            tracing::info!("{stage}: answer of an earlier attempt ({} tokens), from the job's journal", done.generated_tokens);
-            return Ok(done);
+        let mut done = self.call_batch(&[Asked { stage, document, call, keep }])?;
+        Ok(done.remove(0))
+    }
+
+    /// Runs every call of `asked` and returns their answers in order: each prompt is prefilled
+    /// in turn (a document shared with the call before it reused, as `keep` says), then all are
+    /// decoded together (`TextModel::complete_batch`), giving what each would give alone. Calls
+    /// an earlier attempt answered come from the job's journal; the others are kept there.
+    pub fn call_batch(&mut self, asked: &[Asked]) -> Result<Vec<Completion>, Stop> {
+        let mut stages: Vec<&str> = Vec::new();
+        for a in asked {
+            if !stages.contains(&a.stage) {
+                stages.push(a.stage);
+            }
         }
-        let (on_prefill, model) = (self.on_prefill, &mut *self.model);
-        let result = interruptible([self.shutdown, self.abandoned], self.deadline, self.heartbeat, stage, |check| {
-            model.complete(&Request {
-                prefix: &prefix,
-                suffix: &suffix,
-                keep_prefix: keep,
-                options: &call.options,
-                check,
-                on_prefill,
-                schema: call.schema,
-                think_budget: call.think_budget,
+        let step = stages.join("+");
+        self.step(&step);
+        let model_err = |stage: &str, e: anyhow::Error| Failure::new(Reason::Model, stage, format!("{e:#}"));
+        let mut prompts = Vec::with_capacity(asked.len());
+        for a in asked {
+            let tok = self.model.tokenizer();
+            let p =
+                chat::stage_prompt(tok, a.document, &a.call.instruction, a.call.thinking).map_err(|e| model_err(a.stage, e))?;
+            prompts.push(p);
+        }
+        let name = &self.model.info().name;
+        let keys: Vec<Option<Key>> =
+            prompts.iter().zip(asked).map(|((p, s), a)| self.journal.map(|_| completion_key(name, p, s, a.call))).collect();
+        let mut answers: Vec<Option<Completion>> = keys
+            .iter()
+            .zip(asked)
+            .map(|(k, a)| {
+                let done = self.journal.zip(k.as_ref()).and_then(|(j, k)| j.get::<Completion>(k))?;
+                tracing::info!(
+                    "{}: answer of an earlier attempt ({} tokens), from the job's journal",
+                    a.stage,
+                    done.generated_tokens
+                );
+                Some(done)
             })
-        })?;
-        if let (Ok(done), Some(j), Some(k)) = (&result, self.journal, &key) {
-            j.put(k, done);
+            .collect();
+        let pending: Vec<usize> = (0..asked.len()).filter(|&i| answers[i].is_none()).collect();
+        if !pending.is_empty() {
+            let (on_prefill, model) = (self.on_prefill, &mut *self.model);
+            let result = interruptible([self.shutdown, self.abandoned], self.deadline, self.heartbeat, &step, |check| {
+                let requests: Vec<Request> = pending
+                    .iter()
+                    .map(|&i| Request {
+                        prefix: &prompts[i].0,
+                        suffix: &prompts[i].1,
+                        keep_prefix: asked[i].keep,
+                        options: &asked[i].call.options,
+                        check,
+                        on_prefill,
+                        schema: asked[i].call.schema,
+                        think_budget: asked[i].call.think_budget,
+                    })
+                    .collect();
+                // Each answer is kept as soon as it is there: should a later one fail, or the
+                // process die, the next attempt asks only for what is missing.
+                let journal = self.journal;
+                model.complete_batch(&requests, &mut |r, c| {
+                    if let (Some(j), Some(k)) = (journal, &keys[pending[r]]) {
+                        j.put(k, c);
+                    }
+                })
+            })?;
+            let done = result.map_err(|e| model_err(&step, e))?;
+            for (i, c) in pending.into_iter().zip(done) {
+                answers[i] = Some(c);
+            }
         }
-        result.map_err(|e| model_err(e).into())
+        Ok(answers.into_iter().flatten().collect())
     }
 
     /// Transcribes one page image for stage `stage`; a page that cannot be read is the inner

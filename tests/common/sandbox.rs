@@ -13,16 +13,23 @@ use serde_json::Value;
 /// The tiny model (full vocabulary, random weights), synthesised once per test binary.
 pub fn tiny_model() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = super::root().join("target/test-models/tiny");
-        // Rebuilt when missing or written by an older deltadoc (model-folder format changed).
-        if deltadoc::model::ModelDir::open(&dir).is_err() {
-            let _ = std::fs::remove_dir_all(&dir);
-            super::deltadoc(&["model", "synth", "--shape", "tiny", "--out", dir.to_str().unwrap()]);
-        }
-        dir
-    })
-    .clone()
+    DIR.get_or_init(|| synth_tiny("tiny", "fp32")).clone()
+}
+
+/// [`tiny_model`] with int8 weights.
+pub fn tiny_model_int8() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| synth_tiny("tiny-int8", "int8")).clone()
+}
+
+fn synth_tiny(name: &str, precision: &str) -> PathBuf {
+    let dir = super::root().join("target/test-models").join(name);
+    // Rebuilt when missing or written by an older deltadoc (model-folder format changed).
+    if deltadoc::model::ModelDir::open(&dir).is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+        super::deltadoc(&["model", "synth", "--shape", "tiny", "--precision", precision, "--out", dir.to_str().unwrap()]);
+    }
+    dir
 }
 
 /// A pipeline stage list that keeps the tiny model's work small.
@@ -47,8 +54,12 @@ impl Sandbox {
 
     /// [`Sandbox::new`] with other stages (`stages:` and its list).
     pub fn with_stages(pipeline_extra: &str, max_tokens: usize, stages: &str) -> Self {
+        Self::with_model(&tiny_model(), pipeline_extra, max_tokens, stages)
+    }
+
+    /// [`Sandbox::with_stages`] with another model folder.
+    pub fn with_model(model: &Path, pipeline_extra: &str, max_tokens: usize, stages: &str) -> Self {
         let s = Self { dir: tempfile::tempdir().unwrap() };
-        let model = tiny_model();
         s.write(
             "config/deltadoc.yaml",
             &format!(

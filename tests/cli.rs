@@ -138,6 +138,30 @@ fn block_size_is_checked_and_recorded() {
     assert_eq!(matmul["weight_bytes"].as_u64().unwrap() as usize, 2 * packed, "{matmul}");
 }
 
+/// `deltadoc model info` plans a context and says how many calls on it the budget holds decoded
+/// together: each beside the plan with its own cache and state.
+#[test]
+fn model_info_plans_a_context_and_the_calls_decoded_together() {
+    let model = imported("gqa8", deltadoc::model::quant::Precision::Int8);
+    let info = |budget: &str| -> serde_json::Value {
+        let args = ["model", "info", "--model", model.to_str().unwrap(), "--context", "1000", "--budget", budget];
+        serde_json::from_slice(&deltadoc(&args).stdout).unwrap()
+    };
+    let v = info("64GiB");
+    let mem = &v["memory"];
+    let sequence = mem["kv_bytes_per_token"].as_u64().unwrap() * 1000 + mem["linear_state_bytes"].as_u64().unwrap();
+    assert_eq!(v["batch"]["sequence_bytes"].as_u64(), Some(sequence), "{v}");
+    let plan = v["plan"]["total_bytes"].as_u64().unwrap();
+    assert_eq!(v["plan"]["context_tokens"], 1000);
+    // Two and a half sequences' room beside the plan: two together; none: one at a time; less
+    // than the plan: nothing runs.
+    for (budget, together) in [(plan + 5 * sequence / 2, 2), (plan, 1), (plan - 1, 0)] {
+        let v = info(&budget.to_string());
+        assert_eq!(v["batch"]["calls_together_within_budget"], together, "budget {budget}: {}", v["batch"]);
+        assert_eq!(v["fits_budget"], together > 0);
+    }
+}
+
 /// `deltadoc bench --json` on `model` with 130 random prompt tokens, plus `extra` flags.
 fn bench_json(model: &std::path::Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec!["bench", "--model", model.to_str().unwrap(), "--prompt-tokens", "130", "--json"];

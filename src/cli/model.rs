@@ -183,11 +183,22 @@ fn info(model: &Path, verify: bool, context: Option<usize>, budget: ByteSize, pr
     let context = context.unwrap_or(c.max_position_embeddings);
     let p = f.plan(context, prefill_chunk, plan::StateCopy::Kept(context));
     let fit = f.max_context_within(budget.0, c.max_position_embeddings, prefill_chunk, plan::StateCopy::Kept);
+    // Calls on contexts of this length decoded together (worker.max_batch): beside the plan,
+    // each holds its own cache and state; one alone needs only the plan.
+    let sequence = f.sequence_bytes(context);
+    let together = match budget.0.checked_sub(p.total_bytes) {
+        None => 0,
+        Some(room) => (room / sequence.max(1)).max(1),
+    };
     let info = serde_json::json!({
         "plan": p,
         "budget_bytes": budget.0,
         "fits_budget": p.total_bytes <= budget.0,
         "max_context_within_budget": fit,
+        "batch": {
+            "sequence_bytes": sequence,
+            "calls_together_within_budget": together,
+        },
         "manifest": m.manifest,
         "memory": {
             "weights_file_bytes": f.weights_file,

@@ -290,19 +290,22 @@ pub fn run(model: &ModelDir, session: &SessionOptions, opts: &BenchOptions) -> R
     if let Some(snap) = snap.as_ref().filter(|_| opts.stages > 1) {
         let instructions: Vec<Vec<u32>> =
             (0..opts.stages).map(|_| (0..opts.stage_tokens.max(1)).map(|_| rng.random_range(0..limit)).collect()).collect();
-        for instruction in &instructions {
-            let t = Instant::now();
+        // A stage's first token: its instruction prefilled after the restored prompt.
+        let start = |dec: &mut Decoder, instruction: &[u32]| -> Result<u32> {
             dec.restore(snap)?;
             let l = dec.forward(instruction, Logits::Last)?;
-            decode(&mut dec, pick(l.row(0).as_slice().expect("contiguous logits")))?;
+            Ok(pick(l.row(0).as_slice().expect("contiguous logits")))
+        };
+        for instruction in &instructions {
+            let t = Instant::now();
+            let first = start(&mut dec, instruction)?;
+            decode(&mut dec, first)?;
             stage_s.push(t.elapsed().as_secs_f64());
         }
         let t = Instant::now();
         let (mut members, mut tokens) = (Vec::new(), Vec::new());
         for instruction in &instructions {
-            dec.restore(snap)?;
-            let l = dec.forward(instruction, Logits::Last)?;
-            tokens.push(pick(l.row(0).as_slice().expect("contiguous logits")));
+            tokens.push(start(&mut dec, instruction)?);
             members.push(dec.snapshot()?);
         }
         let mut batch = Batch::new(&dec, members, opts.gen_tokens)?;

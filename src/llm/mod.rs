@@ -178,6 +178,22 @@ pub struct Completion {
     pub mask_steps: usize,
 }
 
+/// [`TextModel::complete_batch`] one request after another: the default, and what a model that
+/// batches does with fewer than two requests.
+pub fn complete_in_turn<M: TextModel + ?Sized>(
+    model: &mut M,
+    reqs: &[Request],
+    done: &mut dyn FnMut(usize, &Completion),
+) -> Result<Vec<Completion>> {
+    let mut replies = Vec::with_capacity(reqs.len());
+    for (i, r) in reqs.iter().enumerate() {
+        let reply = model.complete(r)?;
+        done(i, &reply);
+        replies.push(reply);
+    }
+    Ok(replies)
+}
+
 /// A text model the pipeline can run.
 pub trait TextModel {
     /// Identity for results.
@@ -191,13 +207,7 @@ pub trait TextModel {
     /// them together, one step for all: what requests on one document (the same prefix,
     /// prefilled once) gain, since a decode step costs about the same for several.
     fn complete_batch(&mut self, reqs: &[Request], done: &mut dyn FnMut(usize, &Completion)) -> Result<Vec<Completion>> {
-        let mut replies = Vec::with_capacity(reqs.len());
-        for (i, r) in reqs.iter().enumerate() {
-            let reply = self.complete(r)?;
-            done(i, &reply);
-            replies.push(reply);
-        }
-        Ok(replies)
+        complete_in_turn(self, reqs, done)
     }
     /// Transcribes one page image (`label` names it in saved images and errors); `check` is
     /// polled between prefill chunks and tokens and stops the call when it fails.

@@ -260,10 +260,8 @@ impl TextModel for OrtModel {
     }
 
     fn complete_batch(&mut self, reqs: &[Request], done: &mut dyn FnMut(usize, &Completion)) -> Result<Vec<Completion>> {
-        if let [req] = reqs {
-            let reply = self.complete(req)?;
-            done(0, &reply);
-            return Ok(vec![reply]);
+        if reqs.len() < 2 {
+            return super::complete_in_turn(self, reqs, done);
         }
         // Each prompt prefilled by itself (a shared prefix once, kept), then all decoded together.
         let t0 = Instant::now();

@@ -250,16 +250,23 @@ fn each_batch_row_reads_only_its_own_length_of_the_cache_and_a_length_past_it_is
     let mut s = batch_session(dir.path());
     let mut rng = StdRng::seed_from_u64(9);
     let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
-    let (p, row) = (6, HKV * D);
+    let row = HKV * D;
     let (q, k, v) = (draw(2 * HQ * D), draw(2 * row), draw(2 * row));
+    // Row 0 reads all p positions, row 1 its first `short`; the rest of row 1 is never read. At
+    // 2,100 positions row 0's keys are split across the threads (decode over a long cache) while
+    // row 1's 1,500 are not, as when each is alone: bit for bit what each gives alone.
+    for (p, short) in [(6, 2), (2100, 1500)] {
+        let (pk, pv) = (draw(2 * p * row), draw(2 * p * row));
+        let both = attend_rows(&mut s, &q, [&k, &v], [&pk, &pv], p, &[p as i64, short as i64]).unwrap();
+        let (fk, fv) = (&pk[..p * row], &pv[..p * row]);
+        let first = attend_rows(&mut s, &q[..HQ * D], [&k[..row], &v[..row]], [fk, fv], p, &[p as i64]).unwrap();
+        let (rk, rv) = (&pk[p * row..(p + short) * row], &pv[p * row..(p + short) * row]);
+        let second = attend_rows(&mut s, &q[HQ * D..], [&k[row..], &v[row..]], [rk, rv], short, &[short as i64]).unwrap();
+        assert_eq!(both[..HQ * D], first[..], "{p} positions: row 0");
+        assert_eq!(both[HQ * D..], second[..], "{p} positions: row 1");
+    }
+    let p = 6;
     let (pk, pv) = (draw(2 * p * row), draw(2 * p * row));
-    // Row 0 reads all six positions, row 1 its first two; the rest of row 1 is never read.
-    let both = attend_rows(&mut s, &q, [&k, &v], [&pk, &pv], p, &[6, 2]).unwrap();
-    let first = attend_rows(&mut s, &q[..HQ * D], [&k[..row], &v[..row]], [&pk[..p * row], &pv[..p * row]], p, &[6]).unwrap();
-    let (rk, rv) = (&pk[p * row..(p + 2) * row], &pv[p * row..(p + 2) * row]);
-    let second = attend_rows(&mut s, &q[HQ * D..], [&k[row..], &v[row..]], [rk, rv], 2, &[2]).unwrap();
-    assert_eq!(both[..HQ * D], first[..], "row 0");
-    assert_eq!(both[HQ * D..], second[..], "row 1");
 
     for lengths in [&[7, 2][..], &[-1, 2], &[6]] {
         let e = attend_rows(&mut s, &q, [&k, &v], [&pk, &pv], p, lengths).unwrap_err();

@@ -269,8 +269,7 @@ impl<T: CacheType> AttentionKernel<T> {
         T::store(k, nk);
         T::store(v, nv);
         let call = Layout { q, cache: [pk, pv], new: [nk, nv], batch: b, d, lengths: &c.lengths };
-        let longest = attention::Dims { past: c.lengths.iter().copied().max().unwrap_or(0), ..*d };
-        if attention::splits(&longest) { call.split(ctx, out) } else { call.tiled(ctx, out) }?;
+        call.attend(ctx, out)?;
         match gate {
             Some(heads) => heads.gate(ctx, b * s, out),
             None => Ok(()),
@@ -447,13 +446,27 @@ impl<T: CacheType> Layout<'_, T> {
         ((bi * d.new + pos) * d.q_heads + h * (d.q_heads / d.kv_heads) + g) * d.head_dim
     }
 
-    /// Decode over a long cache: threads take stretches of positions for every KV head
-    /// (flash-decoding) rather than a KV head each, so each reads the position-major cache
-    /// contiguously.
-    fn split(&self, ctx: &ComputeContext, out: &mut [f32]) -> ort::Result<()> {
+    /// Every batch row the way it is attended alone, by its own cache length: split where that
+    /// is long, tiled otherwise. The two paths sum in different orders, so choosing by the
+    /// longest row would give a short row other logits beside a long one than alone.
+    fn attend(&self, ctx: &ComputeContext, out: &mut [f32]) -> ort::Result<()> {
+        let (long, short): (Vec<usize>, Vec<usize>) = (0..self.batch).partition(|&bi| attention::splits(&self.dims(bi)));
+        if !long.is_empty() {
+            self.split(ctx, out, &long)?;
+        }
+        if !short.is_empty() {
+            self.tiled(ctx, out, &short)?;
+        }
+        Ok(())
+    }
+
+    /// Decode over a long cache (batch rows `rows`): threads take stretches of positions for
+    /// every KV head (flash-decoding) rather than a KV head each, so each reads the
+    /// position-major cache contiguously.
+    fn split(&self, ctx: &ComputeContext, out: &mut [f32], rows: &[usize]) -> ort::Result<()> {
         let (hd, group) = (self.d.head_dim, self.d.q_heads / self.d.kv_heads);
         let mut scratch = SPLIT_SCRATCH.take();
-        for bi in 0..self.batch {
+        for &bi in rows {
             let d = &self.dims(bi);
             let parts = attention::key_parts(d, MAX_PARTS);
             scratch.resize_with(parts.len(), Vec::new);
@@ -482,17 +495,18 @@ impl<T: CacheType> Layout<'_, T> {
         Ok(())
     }
 
-    /// Prefill: tiles of queries per KV head, each tile on a worker of its own.
-    fn tiled(&self, ctx: &ComputeContext, out: &mut [f32]) -> ort::Result<()> {
+    /// Prefill, and decode over a short cache (batch rows `batch_rows`): tiles of queries per KV
+    /// head, each tile on a worker of its own.
+    fn tiled(&self, ctx: &ComputeContext, out: &mut [f32], batch_rows: &[usize]) -> ort::Result<()> {
         let d = self.d;
         let (s, hkv, hd, group) = (d.new, d.kv_heads, d.head_dim, d.q_heads / d.kv_heads);
         let tiles_per_head = s.div_ceil(attention::QUERY_TILE);
-        let items = self.batch * hkv * tiles_per_head;
+        let items = batch_rows.len() * hkv * tiles_per_head;
         let mut tiles = TILE_SCRATCH.take();
         tiles.resize_with(items, Default::default);
         let (tiles_ptr, out_ptr) = (SharedMut(tiles.as_mut_ptr()), SharedMut(out.as_mut_ptr()));
         parallel(ctx, OpKind::CausalAttention, items, |i| {
-            let (bi, h, t) = (i / (hkv * tiles_per_head), i / tiles_per_head % hkv, i % tiles_per_head);
+            let (bi, h, t) = (batch_rows[i / (hkv * tiles_per_head)], i / tiles_per_head % hkv, i % tiles_per_head);
             let rows = t * attention::QUERY_TILE..((t + 1) * attention::QUERY_TILE).min(s);
             // SAFETY: item i is the only user of scratch i.
             let sc = unsafe { &mut *tiles_ptr.at(i) };

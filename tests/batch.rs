@@ -1,7 +1,7 @@
 //! Several sequences decoded in one step ([`Batch`]) against each decoded alone: the same
 //! logits step by step and the same greedy tokens, for sequences of different lengths (one long
-//! enough that its attention splits the cache across threads), one leaving the batch early, and
-//! a sequence taken out of the batch going on by itself.
+//! enough that its attention splits the cache across threads), one joining the batch late and
+//! one leaving it early, and a sequence taken out of the batch going on by itself.
 //!
 //! Tolerance: 1e-4 absolute on the logits (as tests/parity.rs holds fp32 to the reference): a
 //! batch row's weights are read by a matmul of B rows instead of one, which may sum in another
@@ -57,34 +57,37 @@ fn a_batch_decodes_each_sequence_as_it_decodes_alone() {
         let mut dec = Decoder::open(&open(&imported("gqa8", precision)), &SessionOptions::with_threads(2)).unwrap();
         let members = prefilled(&mut dec);
         let want: Vec<Vec<Vec<f32>>> = members.iter().map(|(s, t)| alone(&mut dec, s, *t, STEPS)).collect();
-        let snaps: Vec<Snapshot> = members.iter().map(|(s, _)| s.clone()).collect();
-        // Room for two tokens only: the caches grow on the way.
-        let mut batch = Batch::new(&dec, snaps, 2).unwrap();
-        let mut tokens: Vec<u32> = members.iter().map(|(_, t)| *t).collect();
-        // Which sequence each batch row holds; the second leaves after three steps.
-        let mut seqs: Vec<usize> = (0..LENGTHS.len()).collect();
+        // Sequences 0 and 2 start, with room for two tokens only (the caches grow on the way);
+        // sequence 1 joins at step 2, sequence 0 leaves after step 3.
+        let mut batch = Batch::new(&dec, vec![members[0].0.clone(), members[2].0.clone()], 2).unwrap();
+        let mut tokens: Vec<u32> = vec![members[0].1, members[2].1];
+        // Which sequence each batch row holds, and the step each joined at.
+        let mut seqs: Vec<usize> = vec![0, 2];
+        let mut joined = [0, 2, 0];
         let mut worst = 0f32;
-        let expected = |seq: usize, step: usize| &want[seq][step];
         for step in 0..STEPS {
-            if step == 3 {
-                batch.remove(1).unwrap();
-                seqs.remove(1);
-                tokens.remove(1);
+            if step == 2 {
+                batch.join(&dec, members[1].0.clone(), 2).unwrap();
+                seqs.push(1);
+                tokens.push(members[1].1);
+                joined[1] = step;
+            }
+            if step == 4 {
+                batch.remove(0).unwrap();
+                seqs.remove(0);
+                tokens.remove(0);
             }
             let logits = batch.step(&mut dec, &tokens, &[]).unwrap();
             assert_eq!(logits.nrows(), seqs.len());
             for (row, &seq) in seqs.iter().enumerate() {
                 let got = logits.row(row).to_vec();
-                let err = max_abs(&got, expected(seq, step));
+                let expected = &want[seq][step - joined[seq]];
+                let err = max_abs(&got, expected);
                 worst = worst.max(err);
                 assert!(err <= TOL, "{precision:?} step {step}, sequence {seq}: max |Δlogit| {err:.3e} > {TOL:e}");
                 tokens[row] = argmax(&got) as u32;
-                assert_eq!(
-                    tokens[row],
-                    argmax(expected(seq, step)) as u32,
-                    "{precision:?} step {step}, sequence {seq}: greedy token"
-                );
-                assert_eq!(batch.tokens(row), LENGTHS[seq] + step + 1);
+                assert_eq!(tokens[row], argmax(expected) as u32, "{precision:?} step {step}, sequence {seq}: greedy token");
+                assert_eq!(batch.tokens(row), LENGTHS[seq] + step - joined[seq] + 1);
             }
         }
         println!("{precision:?}: batched against alone, max |Δlogit| = {worst:.2e}");
@@ -108,9 +111,12 @@ fn a_batch_refuses_what_does_not_fit_it() {
     dec.forward(&prompt(4, 0), Logits::Last).unwrap();
     let mut other = dec.snapshot().unwrap();
     other.model = "another model".into();
-    let e = Batch::new(&dec, vec![dec.snapshot().unwrap(), other], 4).err().unwrap();
+    let e = Batch::new(&dec, vec![dec.snapshot().unwrap(), other.clone()], 4).err().unwrap();
     assert!(e.to_string().contains("sequence 1 of the batch belongs to model another model"), "{e}");
     let mut batch = Batch::new(&dec, vec![dec.snapshot().unwrap()], 4).unwrap();
+    let e = batch.join(&dec, other, 4).unwrap_err();
+    assert!(e.to_string().contains("sequence 1 of the batch belongs to model another model"), "{e}");
+    assert_eq!(batch.len(), 1, "a sequence refused leaves the batch as it was");
     let e = batch.step(&mut dec, &[1, 2], &[]).unwrap_err();
     assert!(e.to_string().contains("2 tokens for a batch of 1 sequences"), "{e}");
     assert!(batch.remove(3).unwrap_err().to_string().contains("no sequence 3"));

@@ -258,8 +258,8 @@ fn a_head_that_computes_only_the_allowed_rows_gives_the_full_heads_logits_for_th
 }
 
 #[test]
-fn constrained_and_free_sequences_decoded_as_one_batch_give_what_each_gives_alone() {
-    use deltadoc::generate::{Batch, Member, decode, decode_batch};
+fn constrained_and_free_sequences_decoded_together_give_what_each_gives_alone() {
+    use deltadoc::generate::{Decoding, Member, decode};
     let s = contract_like();
     let opts = SessionOptions::with_threads(2);
     let dir = common::open(&common::imported("fullvocab", Precision::Int8));
@@ -293,25 +293,35 @@ fn constrained_and_free_sequences_decoded_as_one_batch_give_what_each_gives_alon
         })
         .collect();
 
-    let snaps: Vec<_> = starts.iter().map(|(s, _)| s.clone()).collect();
-    let batch = Batch::new(&dec, snaps, 64).unwrap();
-    let mut filters: Vec<Option<SchemaRows>> = members.iter().map(|m| filter(m.1)).collect();
-    let batch_members: Vec<Member> = members
-        .iter()
-        .zip(&starts)
-        .zip(filters.iter_mut())
-        .map(|((m, (_, logits)), f)| Member {
-            logits: logits.clone(),
-            opts: options(m),
-            filter: f.as_mut().map(|f| f as &mut (dyn TokenFilter + Send)),
-        })
-        .collect();
+    // Two rows: the third joins when the free sequence leaves.
+    let mut decoding = Decoding::new(64);
+    let mut waiting = members.iter().zip(&starts).enumerate();
+    let mut together: Vec<Option<(Vec<u32>, String)>> = vec![None; members.len()];
     let mut seen = vec![Vec::new(); members.len()];
-    let together = decode_batch(&mut dec, batch, batch_members, |i, t| {
-        seen[i].push(t);
-        Ok(())
-    })
-    .unwrap();
+    let mut joined_at = Vec::new();
+    for step in 0.. {
+        while decoding.len() < 2
+            && let Some((i, (m, (snap, logits)))) = waiting.next()
+        {
+            let member = Member { logits: logits.clone(), opts: options(m), filter: filter(m.1) };
+            decoding.join(&dec, i, member, snap.clone()).unwrap();
+            joined_at.push(step);
+        }
+        if decoding.is_empty() {
+            break;
+        }
+        let ended = decoding
+            .step(&mut dec, |i, t| {
+                seen[i].push(t);
+                Ok(())
+            })
+            .unwrap();
+        for e in ended {
+            together[e.id] = Some((e.tokens, e.why));
+        }
+    }
+    let together: Vec<(Vec<u32>, String)> = together.into_iter().map(Option::unwrap).collect();
+    assert_eq!(joined_at, [0, 0, 12], "the third joined right after the step that chose the free one's last token");
     assert_eq!(together, alone);
     for (i, (tokens, why)) in together.iter().enumerate() {
         assert_eq!(&seen[i], tokens, "member {i}: the tokens as they came");

@@ -383,7 +383,7 @@ fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
     };
     let (alone, together) = (run("1"), run("8"));
     let parts = together["chunks"].as_array().unwrap().len();
-    assert_eq!(parts, 4, "four parts: twelve map calls, a batch of eight and one of four");
+    assert_eq!(parts, 4, "four parts: twelve map calls, eight decoding at once and the others joining as they end");
     for stage in ["summary", "gist", "terms"] {
         let (a, t) = (&alone["stages"][stage], &together["stages"][stage]);
         for field in ["parts", "output", "generated_tokens", "prompt_tokens", "calls", "stopped_by"] {

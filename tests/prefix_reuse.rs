@@ -49,13 +49,12 @@ fn restored_prefix_generates_what_a_fresh_prefill_does() {
 }
 
 #[test]
-fn stages_decoded_as_one_batch_give_what_each_gives_in_turn() {
+fn stages_decoded_together_give_what_each_gives_in_turn() {
     use deltadoc::constrain::Schema;
     let dir = common::open(&common::imported("fullvocab", Precision::Int8));
     let opts = SessionOptions::with_threads(2);
-    let mut together = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
     let mut in_turn = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
-    let doc = together
+    let doc = in_turn
         .tokenizer()
         .encode("This Supply Agreement is made between Acme GmbH and Beta Ltd. on 1 March 2027 for 40,000 EUR.")
         .unwrap();
@@ -75,7 +74,7 @@ fn stages_decoded_as_one_batch_give_what_each_gives_in_turn() {
         ("Extract the parties and the amount as JSON.", Sampling::default(), 48, Some(&schema)),
     ];
     let prompts: Vec<(Vec<u32>, Vec<u32>)> =
-        stages.iter().map(|s| stage_prompt(together.tokenizer(), &doc, s.0, false).unwrap()).collect();
+        stages.iter().map(|s| stage_prompt(in_turn.tokenizer(), &doc, s.0, false).unwrap()).collect();
     let options: Vec<DecodeOptions> = stages
         .iter()
         .map(|s| DecodeOptions { max_new_tokens: s.2, sampling: s.1.clone(), stop_tokens: STOP_TOKENS.to_vec() })
@@ -95,18 +94,24 @@ fn stages_decoded_as_one_batch_give_what_each_gives_in_turn() {
             think_budget: None,
         })
         .collect();
-    let mut told = Vec::new();
-    let batched = together.complete_batch(&requests, &mut |i, c| told.push((i, c.text.clone()))).unwrap();
-    let replies: Vec<(usize, String)> = batched.iter().map(|c| c.text.clone()).enumerate().collect();
-    assert_eq!(told, replies, "each reply told once, with its request's index");
     let alone: Vec<_> = requests.iter().map(|r| in_turn.complete(r).unwrap()).collect();
-    for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
-        println!("stage {i}: {} tokens, {}: {:?}", b.generated_tokens, b.stopped_by, b.text);
-        assert_eq!((&b.text, b.generated_tokens, &b.stopped_by), (&a.text, a.generated_tokens, &a.stopped_by), "stage {i}");
-        assert_eq!(b.prefilled_tokens, a.prefilled_tokens, "stage {i}: the document prefilled once in both");
+    // All three at once, then two at a time (the extraction joins when the list ends).
+    for width in [3, 2] {
+        let mut together = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
+        let mut told = Vec::new();
+        let batched = together.complete_batch(&requests, width, &mut |i, c| told.push((i, c.text.clone()))).unwrap();
+        told.sort();
+        let replies: Vec<(usize, String)> = batched.iter().map(|c| c.text.clone()).enumerate().collect();
+        assert_eq!(told, replies, "width {width}: each reply told once, with its request's index");
+        for (i, (b, a)) in batched.iter().zip(&alone).enumerate() {
+            println!("width {width}, stage {i}: {} tokens, {}: {:?}", b.generated_tokens, b.stopped_by, b.text);
+            let (got, want) = ((&b.text, b.generated_tokens, &b.stopped_by), (&a.text, a.generated_tokens, &a.stopped_by));
+            assert_eq!(got, want, "width {width}, stage {i}");
+            assert_eq!(b.prefilled_tokens, a.prefilled_tokens, "width {width}, stage {i}: the document prefilled once in both");
+        }
+        assert_eq!(batched[0].prefilled_tokens, prompts[0].0.len() + prompts[0].1.len());
+        assert_eq!(batched[2].prefilled_tokens, prompts[2].1.len());
+        assert!(batched[2].mask_steps > 0, "the extraction was constrained");
+        assert!(serde_json::from_str::<serde_json::Value>(&batched[2].text).is_ok(), "{:?}", batched[2].text);
     }
-    assert_eq!(batched[0].prefilled_tokens, prompts[0].0.len() + prompts[0].1.len());
-    assert_eq!(batched[2].prefilled_tokens, prompts[2].1.len());
-    assert!(batched[2].mask_steps > 0, "the extraction was constrained");
-    assert!(serde_json::from_str::<serde_json::Value>(&batched[2].text).is_ok(), "{:?}", batched[2].text);
 }

@@ -118,9 +118,9 @@ pub struct WorkerConfig {
     /// A worker silent this long (no heartbeat: its machine died, its network was cut, it was
     /// paused) loses its jobs to the other daemons. Heartbeats go every third of it.
     pub lease: Dur,
-    /// Most sequences decoded in one step: a document's stage calls (and its parts' calls) each
-    /// prefill in turn, then decode together, reading the weights once a step for all of them;
-    /// the memory plan may allow fewer (docs/model.md, "State and memory").
+    /// Most sequences decoded in one step: a document's stage calls (and its parts' calls) decode
+    /// together, reading the weights once a step for all of them, each prefilled when a row is
+    /// free; the memory plan may allow fewer (docs/model.md, "State and memory").
     pub max_batch: usize,
 }
 

@@ -18,7 +18,7 @@ use ort::value::DynValue;
 use super::carried::{Carried, copy_state, lend, state_value};
 use super::decoder::{Call, Decoder};
 use crate::model::graph::present_name;
-use crate::model::state::StateData;
+use crate::model::state::{Elem, StateData};
 use crate::snapshot::{Snapshot, StateTensor};
 
 /// Sequences decoded together, one batch row each.
@@ -63,58 +63,36 @@ impl Batch {
             bail!("a batch needs at least one sequence");
         }
         for (i, m) in members.iter().enumerate() {
-            if m.model != dec.identity {
-                bail!("sequence {i} of the batch belongs to model {}, the decoder runs {}", m.model, dec.identity);
-            }
-            if m.tensors.len() != dec.state.len() {
-                bail!("sequence {i} of the batch has {} state tensors, the model has {}", m.tensors.len(), dec.state.len());
-            }
+            fits(dec, i, m)?;
         }
-        let rows: Vec<Row> = members.iter().map(|m| Row { tokens: m.tokens, rope_delta: m.rope_delta }).collect();
-        let capacity = rows.iter().map(|r| r.tokens).max().unwrap_or(0) + room.max(1);
-        let b = members.len();
         let mut state = Vec::with_capacity(dec.state.len());
-        for (k, (name, current)) in dec.state.iter().enumerate() {
-            let (shape, elem) = current.layout()?;
-            let tensors: Vec<StateTensor> = members
-                .iter_mut()
-                .map(|m| {
-                    let empty = StateTensor { name: String::new(), shape: Vec::new(), data: StateData::zeros(elem, 0) };
-                    std::mem::replace(&mut m.tensors[k], empty)
-                })
-                .collect();
-            for (i, t) in tensors.iter().enumerate() {
-                let fits = match current {
-                    Carried::Rows { .. } => t.shape.len() == 4 && t.shape[1] == members[i].tokens && t.shape[2..] == shape[2..],
-                    Carried::Whole(_) => t.shape == shape,
-                };
-                if &t.name != name || !fits || t.data.elem() != elem || t.data.len() != t.shape.iter().product::<usize>() {
-                    bail!("state tensor {} {:?} of sequence {i} does not fit state {name} {:?}", t.name, t.shape, shape);
-                }
-            }
+        for (name, current) in &dec.state {
+            let (mut shape, elem) = current.layout()?;
             let slot = match current {
                 Carried::Whole(_) => {
-                    let n = shape.iter().product::<usize>();
-                    let mut data = StateData::zeros(elem, b * n);
-                    for (i, t) in tensors.iter().enumerate() {
-                        data.copy_from(i * n, &t.data, 0..n).context("copying a sequence's state")?;
-                    }
-                    let mut batched = shape.clone();
-                    batched[0] = b;
-                    Slot::Whole(state_value(&batched, data)?)
+                    shape[0] = 0;
+                    Slot::Whole(state_value(&shape, StateData::zeros(elem, 0))?)
                 }
                 Carried::Rows { heads, head_dim, .. } => {
-                    let w = Slot::width(*heads, *head_dim);
-                    let mut data = StateData::zeros(elem, b * capacity * w);
-                    for (i, t) in tensors.iter().enumerate() {
-                        data.copy_from(i * capacity * w, &t.data, 0..t.data.len()).context("copying a sequence's cache")?;
-                    }
-                    Slot::Rows { data, heads: *heads, head_dim: *head_dim }
+                    Slot::Rows { data: StateData::zeros(elem, 0), heads: *heads, head_dim: *head_dim }
                 }
             };
             state.push((name.clone(), slot));
         }
-        Ok(Batch { rows, state, capacity, identity: dec.identity.clone() })
+        let mut batch = Batch { rows: Vec::new(), state, capacity: 0, identity: dec.identity.clone() };
+        let capacity = members.iter().map(|m| m.tokens).max().unwrap_or(0) + room.max(1);
+        batch.relayout(&[], capacity, &mut members)?;
+        Ok(batch)
+    }
+
+    /// Sequence `member` (a snapshot of one sequence, after its own prefill) joins the batch as
+    /// its last row, with room for `room` more tokens; the sequences already in the batch go on
+    /// from where they are. Its tensors are freed as they are copied in.
+    pub fn join(&mut self, dec: &Decoder, mut member: Snapshot, room: usize) -> Result<()> {
+        fits(dec, self.rows.len(), &member)?;
+        let capacity = self.capacity.max(member.tokens + room.max(1));
+        let all: Vec<usize> = (0..self.rows.len()).collect();
+        self.relayout(&all, capacity, std::slice::from_mut(&mut member))
     }
 
     /// Sequences in the batch.
@@ -228,30 +206,39 @@ impl Batch {
             bail!("no sequence {i} in a batch of {}", self.rows.len());
         }
         let keep: Vec<usize> = (0..self.rows.len()).filter(|&k| k != i).collect();
-        self.relayout(&keep, self.capacity)?;
-        self.rows.remove(i);
-        Ok(())
+        self.relayout(&keep, self.capacity, &mut [])
     }
 
     /// Room for `capacity` positions a row in the attention caches.
     fn grow(&mut self, capacity: usize) -> Result<()> {
         let all: Vec<usize> = (0..self.rows.len()).collect();
-        self.relayout(&all, capacity)?;
-        self.capacity = capacity;
-        Ok(())
+        self.relayout(&all, capacity, &mut [])
     }
 
-    /// Rebuilds every state with the rows `keep`, in that order, at `capacity` positions a row.
-    fn relayout(&mut self, keep: &[usize], capacity: usize) -> Result<()> {
-        let b = keep.len();
-        for (_, slot) in &mut self.state {
+    /// Rebuilds every state with the rows `keep`, in that order, then the sequences `joining`
+    /// (checked by [`fits`]; their tensors are taken), at `capacity` positions a row. One state
+    /// at a time, so the rebuild holds one extra state of the batch at most.
+    fn relayout(&mut self, keep: &[usize], capacity: usize, joining: &mut [Snapshot]) -> Result<()> {
+        let b = keep.len() + joining.len();
+        for (k, (_, slot)) in self.state.iter_mut().enumerate() {
+            let taken: Vec<StateTensor> = joining
+                .iter_mut()
+                .map(|m| {
+                    let empty = StateTensor { name: String::new(), shape: Vec::new(), data: StateData::zeros(Elem::F32, 0) };
+                    std::mem::replace(&mut m.tensors[k], empty)
+                })
+                .collect();
             match slot {
                 Slot::Whole(v) => {
                     let (mut shape, data) = copy_state(v)?;
-                    let n = data.len() / shape[0];
+                    // Values a sequence: the shape past the batch dimension.
+                    let n: usize = shape[1..].iter().product();
                     let mut kept = StateData::zeros(data.elem(), b * n);
                     for (to, &from) in keep.iter().enumerate() {
                         kept.copy_from(to * n, &data, from * n..(from + 1) * n).context("moving a sequence's state")?;
+                    }
+                    for (to, t) in (keep.len()..).zip(&taken) {
+                        kept.copy_from(to * n, &t.data, 0..n).context("copying a sequence's state")?;
                     }
                     shape[0] = b;
                     *v = state_value(&shape, kept)?;
@@ -264,10 +251,39 @@ impl Batch {
                         kept.copy_from(to * capacity * w, data, at..at + self.rows[from].tokens * w)
                             .context("moving a sequence's cache")?;
                     }
+                    for (to, t) in (keep.len()..).zip(&taken) {
+                        kept.copy_from(to * capacity * w, &t.data, 0..t.data.len()).context("copying a sequence's cache")?;
+                    }
                     *data = kept;
                 }
             }
         }
+        let mut rows: Vec<Row> = keep.iter().map(|&i| self.rows[i]).collect();
+        rows.extend(joining.iter().map(|m| Row { tokens: m.tokens, rope_delta: m.rope_delta }));
+        self.rows = rows;
+        self.capacity = capacity;
         Ok(())
     }
+}
+
+/// Whether snapshot `m` (sequence `i` of a batch) is one sequence of `dec`'s model, every state
+/// tensor of the shape the decoder carries (an attention cache of its own length).
+fn fits(dec: &Decoder, i: usize, m: &Snapshot) -> Result<()> {
+    if m.model != dec.identity {
+        bail!("sequence {i} of the batch belongs to model {}, the decoder runs {}", m.model, dec.identity);
+    }
+    if m.tensors.len() != dec.state.len() {
+        bail!("sequence {i} of the batch has {} state tensors, the model has {}", m.tensors.len(), dec.state.len());
+    }
+    for ((name, current), t) in dec.state.iter().zip(&m.tensors) {
+        let (shape, elem) = current.layout()?;
+        let fits = match current {
+            Carried::Rows { .. } => t.shape.len() == 4 && t.shape[1] == m.tokens && t.shape[2..] == shape[2..],
+            Carried::Whole(_) => t.shape == shape,
+        };
+        if &t.name != name || !fits || t.data.elem() != elem || t.data.len() != t.shape.iter().product::<usize>() {
+            bail!("state tensor {} {:?} of sequence {i} does not fit state {name} {:?}", t.name, t.shape, shape);
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,7 @@ mod sampling;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use ndarray::Array2;
 
 pub use batch::Batch;
@@ -19,6 +19,7 @@ pub use sampling::{Sampler, argmax};
 
 pub use crate::llm::{DEFAULT_PREFILL_CHUNK, DecodeOptions, Sampling};
 use crate::progress::Progress;
+use crate::snapshot::Snapshot;
 
 /// How a prompt goes through the model.
 #[derive(Clone, Debug)]
@@ -110,62 +111,109 @@ pub fn decode(
     }
 }
 
-/// One sequence of [`decode_batch`]: the logits of its last prompt token, its settings and its
+/// A sequence joining a [`Decoding`]: the logits of its last prompt token, its settings and its
 /// constraint.
-pub struct Member<'f> {
+pub struct Member<F> {
     /// Logits of the sequence's last prompt token.
     pub logits: Vec<f32>,
     /// Token limit, sampling and stop tokens of this sequence.
     pub opts: DecodeOptions,
     /// Its constraint, if any.
-    pub filter: Option<&'f mut (dyn TokenFilter + Send)>,
+    pub filter: Option<F>,
 }
 
-/// [`decode`] for the sequences of `batch` (member i in row i) at once: one model call a step
-/// for all that have not ended, each with its own sampling, stop tokens, limit and constraint.
-/// A sequence leaves the batch when it ends. The constraints compute the next step's masks on
-/// a thread of their own while the model runs the step (so the head computes every row: the
-/// rows the sequences allow differ); `on_token(i, token)` sees member i's tokens. Returns each
-/// member's tokens and why it ended, in the members' order.
-pub fn decode_batch(
-    dec: &mut Decoder,
-    mut batch: Batch,
-    mut members: Vec<Member<'_>>,
-    mut on_token: impl FnMut(usize, u32) -> Result<()>,
-) -> Result<Vec<(Vec<u32>, String)>> {
-    if members.len() != batch.len() {
-        bail!("{} members for a batch of {} sequences", members.len(), batch.len());
+/// A sequence that left a [`Decoding`]: the caller's id for it, its tokens, why it ended, and
+/// its constraint back.
+pub struct Ended<F> {
+    /// The id it joined with.
+    pub id: usize,
+    /// The tokens it generated (stop token excluded).
+    pub tokens: Vec<u32>,
+    /// `max_new_tokens` or `stop token <id>`.
+    pub why: String,
+    /// Its constraint, with what it counted.
+    pub filter: Option<F>,
+}
+
+/// A member while it decodes.
+struct Running<F> {
+    id: usize,
+    logits: Vec<f32>,
+    seq: Sequence,
+    filter: Option<F>,
+}
+
+/// [`decode`] for several sequences at once: one model call a step for all that have not ended,
+/// each with its own sampling, stop tokens, limit and constraint. Sequences join between steps
+/// (after their own prefill: a caller refills the rows that free) and leave when they end. The
+/// constraints compute the next step's masks on a thread of their own while the model runs the
+/// step (so the head computes every row: the rows the sequences allow differ).
+pub struct Decoding<F> {
+    /// The batch rows, once a sequence joined.
+    batch: Option<Batch>,
+    /// Room each joining sequence reserves in the attention caches.
+    room: usize,
+    /// The member each batch row holds.
+    held: Vec<Running<F>>,
+}
+
+impl<F: TokenFilter + Send> Decoding<F> {
+    /// No sequence yet; each joining one reserves cache room for `room` tokens.
+    pub fn new(room: usize) -> Self {
+        Self { batch: None, room, held: Vec::new() }
     }
-    let mut seqs: Vec<Sequence> = members.iter().map(|m| Sequence::new(&m.opts)).collect();
-    let mut ended: Vec<Option<String>> = vec![None; members.len()];
-    // The member each batch row holds.
-    let mut held: Vec<usize> = (0..members.len()).collect();
-    loop {
-        let mut tokens = Vec::with_capacity(held.len());
-        for &i in &held {
-            let m = &mut members[i];
-            match seqs[i].choose(&mut m.logits, m.filter.as_deref_mut(), &mut |t| on_token(i, t))? {
+
+    /// Sequences decoding.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Sequence `id` joins with `member`'s settings from `state` (`dec` right after its prefill,
+    /// as [`Decoder::snapshot`] took it); its first token is chosen at the next [`Self::step`].
+    pub fn join(&mut self, dec: &Decoder, id: usize, member: Member<F>, state: Snapshot) -> Result<()> {
+        match &mut self.batch {
+            Some(b) => b.join(dec, state, self.room)?,
+            None => self.batch = Some(Batch::new(dec, vec![state], self.room)?),
+        }
+        let Member { logits, opts, filter } = member;
+        self.held.push(Running { id, logits, seq: Sequence::new(&opts), filter });
+        Ok(())
+    }
+
+    /// Chooses every sequence's next token (`on_token(id, token)` sees each), lets those that
+    /// ended leave and returns them, and runs the model one step for the others.
+    pub fn step(&mut self, dec: &mut Decoder, mut on_token: impl FnMut(usize, u32) -> Result<()>) -> Result<Vec<Ended<F>>> {
+        let Some(batch) = self.batch.as_mut() else { return Ok(Vec::new()) };
+        let mut tokens = Vec::with_capacity(self.held.len());
+        let mut leaving = Vec::new();
+        for (row, r) in self.held.iter_mut().enumerate() {
+            let id = r.id;
+            match r.seq.choose(&mut r.logits, r.filter.as_mut(), &mut |t| on_token(id, t))? {
                 Next::Feed(tok) => tokens.push(tok),
-                Next::Ended(why) => ended[i] = Some(why),
+                Next::Ended(why) => leaving.push((row, why)),
             }
         }
-        for row in (0..held.len()).rev() {
-            if ended[held[row]].is_some() {
-                batch.remove(row)?;
-                held.remove(row);
-            }
+        let mut ended = Vec::with_capacity(leaving.len());
+        for (row, why) in leaving.into_iter().rev() {
+            batch.remove(row)?;
+            let r = self.held.remove(row);
+            ended.push(Ended { id: r.id, tokens: r.seq.out, why, filter: r.filter });
         }
-        if held.is_empty() {
-            break;
+        ended.reverse();
+        if self.held.is_empty() {
+            return Ok(ended);
         }
+        let held = &mut self.held;
         let logits = std::thread::scope(|s| -> Result<Array2<f32>> {
             let masks = s.spawn(|| -> Result<()> {
                 let mut scratch = Vec::new();
-                // Only the sequences still in the batch: an ended one's constraint is done.
-                for (m, _) in members.iter_mut().zip(&ended).filter(|(_, e)| e.is_none()) {
-                    if let Some(f) = m.filter.as_deref_mut() {
-                        f.allowed(&mut scratch)?;
-                    }
+                for f in held.iter_mut().filter_map(|r| r.filter.as_mut()) {
+                    f.allowed(&mut scratch)?;
                 }
                 Ok(())
             });
@@ -173,11 +221,11 @@ pub fn decode_batch(
             masks.join().map_err(|_| anyhow!("the constraints' mask thread panicked"))??;
             logits
         })?;
-        for (row, &i) in held.iter().enumerate() {
-            members[i].logits = logits.row(row).to_vec();
+        for (row, r) in self.held.iter_mut().enumerate() {
+            r.logits = logits.row(row).to_vec();
         }
+        Ok(ended)
     }
-    Ok(seqs.into_iter().zip(ended).map(|(s, why)| (s.out, why.unwrap_or_default())).collect())
 }
 
 /// What a sequence does after a step: feed a token to the next, or end.

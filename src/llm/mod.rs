@@ -203,10 +203,16 @@ pub trait TextModel {
     /// Generates a reply to `prefix ++ suffix`.
     fn complete(&mut self, req: &Request) -> Result<Completion>;
     /// Generates a reply to each request, as [`Self::complete`] on each in turn would, and tells
-    /// `done` each reply (with its request's index) as soon as it has it. A model may decode
-    /// them together, one step for all: what requests on one document (the same prefix,
+    /// `done` each reply (with its request's index) as soon as it has it. A model may decode up
+    /// to `width` of them together, one step for all, each request prefilled in order and
+    /// joining as soon as one before it ends: what requests on one document (the same prefix,
     /// prefilled once) gain, since a decode step costs about the same for several.
-    fn complete_batch(&mut self, reqs: &[Request], done: &mut dyn FnMut(usize, &Completion)) -> Result<Vec<Completion>> {
+    fn complete_batch(
+        &mut self,
+        reqs: &[Request],
+        _width: usize,
+        done: &mut dyn FnMut(usize, &Completion),
+    ) -> Result<Vec<Completion>> {
         complete_in_turn(self, reqs, done)
     }
     /// Transcribes one page image (`label` names it in saved images and errors); `check` is
@@ -217,7 +223,7 @@ pub trait TextModel {
     fn planned_bytes(&self, context: usize, snapshot: bool) -> u64;
     /// The longest context within `budget` bytes, `None` when not even one prefill chunk fits.
     fn max_context_within(&self, budget: u64, snapshot: bool) -> Option<usize>;
-    /// Bytes each request of a [`Self::complete_batch`] adds to the plan of one context of
-    /// `context` tokens (0: the model answers a batch one request at a time).
+    /// Bytes each request decoding at once in a [`Self::complete_batch`] adds to the plan of one
+    /// context of `context` tokens.
     fn sequence_bytes(&self, context: usize) -> u64;
 }

@@ -9,7 +9,7 @@ use image::RgbImage;
 
 use super::{Completion, ModelInfo, OcrOptions, Request, StopCheck, TextModel, Transcription};
 use crate::constrain::{Constraint, Vocabulary};
-use crate::generate::{self, Batch, Decoder, Member, TokenFilter};
+use crate::generate::{self, Decoder, Decoding, Member, TokenFilter};
 use crate::model::plan::{Footprint, StateCopy};
 use crate::model::vision::VisionConfig;
 use crate::model::{Manifest, ModelDir};
@@ -259,49 +259,51 @@ impl TextModel for OrtModel {
         self.completion(req, ids, stopped_by, filter, prefilled, times)
     }
 
-    fn complete_batch(&mut self, reqs: &[Request], done: &mut dyn FnMut(usize, &Completion)) -> Result<Vec<Completion>> {
-        if reqs.len() < 2 {
+    fn complete_batch(
+        &mut self,
+        reqs: &[Request],
+        width: usize,
+        done: &mut dyn FnMut(usize, &Completion),
+    ) -> Result<Vec<Completion>> {
+        if reqs.len() < 2 || width < 2 {
             return super::complete_in_turn(self, reqs, done);
         }
-        // Each prompt prefilled by itself (a shared prefix once, kept), then all decoded together.
+        // Each prompt prefilled by itself (a shared prefix once, kept) when a row is free, then
+        // decoded with the others until it ends.
         let t0 = Instant::now();
-        let (mut starts, mut snaps) = (Vec::with_capacity(reqs.len()), Vec::with_capacity(reqs.len()));
-        for req in reqs {
-            let t = Instant::now();
-            let (logits, prefilled) = self.prefill_request(req)?;
-            snaps.push(self.decoder.snapshot()?);
-            starts.push((logits, prefilled, t.elapsed().as_secs_f64()));
-        }
-        let mut filters: Vec<Option<SchemaFilter>> = reqs.iter().map(|r| self.filter_for(r)).collect::<Result<_>>()?;
         let room = reqs.iter().map(|r| r.options.max_new_tokens).max().unwrap_or(0);
-        let batch = Batch::new(&self.decoder, snaps, room)?;
-        let members = reqs
-            .iter()
-            .zip(&mut starts)
-            .zip(filters.iter_mut())
-            .map(|((r, start), f)| Member {
-                logits: std::mem::take(&mut start.0),
-                opts: r.options.clone(),
-                filter: f.as_mut().map(|f| f as &mut (dyn TokenFilter + Send)),
-            })
-            .collect();
+        let mut decoding = Decoding::new(room);
+        // Per request: prompt tokens computed, prefill seconds, when it joined, first token.
+        let mut starts: Vec<(usize, f64, Instant)> = Vec::with_capacity(reqs.len());
         let mut ttft = vec![None; reqs.len()];
-        let t1 = Instant::now();
-        let ended = generate::decode_batch(&mut self.decoder, batch, members, |i, _| {
-            ttft[i].get_or_insert_with(|| t0.elapsed());
-            (reqs[i].check)()
-        })?;
-        let decode_s = t1.elapsed().as_secs_f64();
-        let per_request = reqs.iter().zip(ended).zip(filters).zip(starts.iter().zip(ttft));
-        per_request
-            .enumerate()
-            .map(|(i, (((req, (ids, stopped_by)), filter), (start, ttft)))| {
-                let times = Times { prefill_s: start.2, ttft: ttft.unwrap_or(Duration::ZERO), decode_s };
-                let reply = self.completion(req, ids, stopped_by, filter, start.1, times)?;
-                done(i, &reply);
-                Ok(reply)
-            })
-            .collect()
+        let mut replies: Vec<Option<Completion>> = vec![None; reqs.len()];
+        loop {
+            while decoding.len() < width && starts.len() < reqs.len() {
+                let (id, req) = (starts.len(), &reqs[starts.len()]);
+                let t = Instant::now();
+                let (logits, prefilled) = self.prefill_request(req)?;
+                let filter = self.filter_for(req)?;
+                let member = Member { logits, opts: req.options.clone(), filter };
+                decoding.join(&self.decoder, id, member, self.decoder.snapshot()?)?;
+                starts.push((prefilled, t.elapsed().as_secs_f64(), Instant::now()));
+            }
+            if decoding.is_empty() {
+                break;
+            }
+            let ended = decoding.step(&mut self.decoder, |i, _| {
+                ttft[i].get_or_insert_with(|| t0.elapsed());
+                (reqs[i].check)()
+            })?;
+            for e in ended {
+                let (prefilled, prefill_s, joined) = starts[e.id];
+                let times =
+                    Times { prefill_s, ttft: ttft[e.id].unwrap_or(Duration::ZERO), decode_s: joined.elapsed().as_secs_f64() };
+                let reply = self.completion(&reqs[e.id], e.tokens, e.why, e.filter, prefilled, times)?;
+                done(e.id, &reply);
+                replies[e.id] = Some(reply);
+            }
+        }
+        Ok(replies.into_iter().flatten().collect())
     }
 
     fn planned_bytes(&self, context: usize, snapshot: bool) -> u64 {

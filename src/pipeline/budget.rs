@@ -1,8 +1,6 @@
 //! How many tokens of document text one model call can take: the pipeline's context, capped
 //! by the memory plan under `memory_budget`, minus what the largest stage needs around the
-//! document (its prompt and its output); and how many calls decode together within that plan.
-
-use std::ops::Range;
+//! document (its prompt and its output); and how many calls decode at once within that plan.
 
 use super::Context;
 use crate::failure::{Failure, Reason};
@@ -56,28 +54,15 @@ pub(super) fn reserves(ctx: &Context, stages: &[(&Stage, &dyn TextStage)]) -> Re
     stages.iter().map(|(_, s)| need(*s)).collect()
 }
 
-/// Splits calls of `contexts[i]` tokens each, in order, into runs decoded together: at most
-/// `max_batch` calls, and as many as the memory plan of the run's longest context holds with
-/// one more sequence's cache and state for each call (one call alone fits: [`tokens`] planned
-/// it). `snapshot`: calls keep their document's prefill for one another.
-pub(super) fn batches(ctx: &Context, contexts: &[usize], snapshot: bool) -> Vec<Range<usize>> {
+/// How many calls of `contexts[i]` tokens each decode at once: at most `max_batch`, and as many
+/// as the memory plan of the longest context holds with one more sequence's cache and state for
+/// each (one call alone fits: [`tokens`] planned it). `snapshot`: calls keep their document's
+/// prefill for one another.
+pub(super) fn width(ctx: &Context, contexts: &[usize], snapshot: bool) -> usize {
     let model = &*ctx.runner.model;
-    let fits = |run: &[usize]| {
-        let longest = run.iter().copied().max().unwrap_or(0);
-        let extra = run.len() as u64 * model.sequence_bytes(longest);
-        model.planned_bytes(longest, snapshot).saturating_add(extra) <= ctx.limits.memory_budget
-    };
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for end in 1..=contexts.len() {
-        let run = &contexts[start..end];
-        if run.len() > 1 && (run.len() > ctx.limits.max_batch || !fits(run)) {
-            runs.push(start..end - 1);
-            start = end - 1;
-        }
-    }
-    if start < contexts.len() {
-        runs.push(start..contexts.len());
-    }
-    runs
+    let longest = contexts.iter().copied().max().unwrap_or(0);
+    let room = ctx.limits.memory_budget.saturating_sub(model.planned_bytes(longest, snapshot));
+    let each = model.sequence_bytes(longest).max(1);
+    let fit = usize::try_from(room / each).unwrap_or(usize::MAX);
+    fit.min(ctx.limits.max_batch).min(contexts.len()).max(1)
 }

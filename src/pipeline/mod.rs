@@ -213,9 +213,9 @@ fn chunk(ctx: &Context, source: &Path, ex: &Extracted, warnings: &mut Vec<String
 }
 
 /// Runs the text stages on every chunk, then has each stage finish with its answers. The calls
-/// go chunk by chunk (every stage of a chunk reuses the chunk's prefill) in batches that decode
-/// together as far as `max_batch` and the memory plan allow. Returns how many inputs had to be
-/// cut.
+/// go chunk by chunk (every stage of a chunk reuses the chunk's prefill), as many decoding at
+/// once as `max_batch` and the memory plan allow, each joining as soon as one ends. Returns how
+/// many inputs had to be cut.
 fn run_text_stages(ctx: &mut Context, chunked: &Chunked, budget: usize, books: &mut Books) -> Result<usize, Stop> {
     let stages = text_stages(ctx.pipeline);
     let n = chunked.chunks.len();
@@ -228,23 +228,18 @@ fn run_text_stages(ctx: &mut Context, chunked: &Chunked, budget: usize, books: &
     }
     let reserves = budget::reserves(ctx, &stages)?;
     let contexts: Vec<usize> = asked.iter().map(|(si, c, _)| c.ids.len() + reserves[*si]).collect();
-    let mut calls: Vec<(Vec<_>, f64)> = stages.iter().map(|_| (Vec::new(), 0.0)).collect();
-    for group in budget::batches(ctx, &contexts, stages.len() > 1) {
-        let batch: Vec<Asked> = asked[group.clone()]
-            .iter()
-            .map(|(si, c, call)| Asked { stage: stages[*si].0.name(), document: &c.ids, call, keep: *si + 1 < stages.len() })
-            .collect();
-        let t = Instant::now();
-        let done = ctx.runner.call_batch(&batch)?;
-        // Calls decoded together each took the batch's time.
-        let secs = t.elapsed().as_secs_f64();
-        let mut timed = vec![false; stages.len()];
-        for ((si, _, _), d) in asked[group].iter().zip(done) {
-            calls[*si].0.push(d);
-            if !std::mem::replace(&mut timed[*si], true) {
-                calls[*si].1 += secs;
-            }
-        }
+    let width = budget::width(ctx, &contexts, stages.len() > 1);
+    let batch: Vec<Asked> = asked
+        .iter()
+        .map(|(si, c, call)| Asked { stage: stages[*si].0.name(), document: &c.ids, call, keep: *si + 1 < stages.len() })
+        .collect();
+    let t = Instant::now();
+    let done = ctx.runner.call_batch(&batch, width)?;
+    // Calls decoded together each took their batch's time: every stage counts all of it.
+    let secs = t.elapsed().as_secs_f64();
+    let mut calls: Vec<(Vec<_>, f64)> = stages.iter().map(|_| (Vec::new(), secs)).collect();
+    for ((si, _, _), d) in asked.iter().zip(done) {
+        calls[*si].0.push(d);
     }
     let mut truncated = 0;
     for ((stage, s), (calls, secs)) in stages.iter().zip(calls) {

@@ -269,16 +269,17 @@ fn a_later_attempt_takes_the_calls_an_earlier_one_completed_from_the_journal() {
 fn calls_decode_together_up_to_max_batch_and_as_far_as_the_memory_plan_allows() {
     let doc = Doc::new("stages:\n  - {name: summary, kind: summarize}\n");
     let mut model = FakeModel::new(262_144, |_| Answer::Text(String::new()));
-    let runs = |model: &mut FakeModel, max_batch: usize, memory_budget: u64, contexts: &[usize]| {
+    let width = |model: &mut FakeModel, max_batch: usize, memory_budget: u64, contexts: &[usize]| {
         let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget, max_batch };
-        doc.with_context(model, limits, None, |ctx| super::budget::batches(ctx, contexts, true))
+        doc.with_context(model, limits, None, |ctx| super::budget::width(ctx, contexts, true))
     };
-    // The fake plans a kilobyte a token, and as much again for each sequence of a batch.
-    assert_eq!(runs(&mut model, 3, 1 << 30, &[1000; 7]), [0..3, 3..6, 6..7]);
-    assert_eq!(runs(&mut model, 1, 1 << 30, &[1000; 3]), [0..1, 1..2, 2..3]);
+    // The fake plans a kilobyte a token, and as much again for each sequence decoding at once.
+    assert_eq!(width(&mut model, 3, 1 << 30, &[1000; 7]), 3);
+    assert_eq!(width(&mut model, 1, 1 << 30, &[1000; 3]), 1);
+    assert_eq!(width(&mut model, 8, 1 << 30, &[1000; 2]), 2, "no wider than the calls");
     // 3,072 KiB hold one context of 1,000 tokens and two sequences, not three.
-    assert_eq!(runs(&mut model, 8, 3 << 20, &[1000; 5]), [0..2, 2..4, 4..5]);
-    // A long call runs alone where it does not fit beside the others; one alone always runs.
-    assert_eq!(runs(&mut model, 8, 3 << 20, &[100, 100, 2000, 100]), [0..2, 2..3, 3..4]);
-    assert_eq!(runs(&mut model, 8, 3 << 20, &[]), Vec::<std::ops::Range<usize>>::new());
+    assert_eq!(width(&mut model, 8, 3 << 20, &[1000; 5]), 2);
+    // The longest call sets the width; one at a time always runs (the plan of one fits).
+    assert_eq!(width(&mut model, 8, 3 << 20, &[100, 100, 1200, 100]), 1);
+    assert_eq!(width(&mut model, 8, 3 << 20, &[]), 1);
 }

@@ -109,15 +109,16 @@ impl Runner<'_> {
     /// Runs `call` on `document` (already tokenised) for stage `stage`; `keep` keeps the
     /// document's prefill for the next call on the same document.
     pub fn call(&mut self, stage: &str, document: &[u32], call: &Call, keep: bool) -> Result<Completion, Stop> {
-        let mut done = self.call_batch(&[Asked { stage, document, call, keep }])?;
+        let mut done = self.call_batch(&[Asked { stage, document, call, keep }], 1)?;
         Ok(done.remove(0))
     }
 
     /// Runs every call of `asked` and returns their answers in order: each prompt is prefilled
-    /// in turn (a document shared with the call before it reused, as `keep` says), then all are
-    /// decoded together (`TextModel::complete_batch`), giving what each would give alone. Calls
-    /// an earlier attempt answered come from the job's journal; the others are kept there.
-    pub fn call_batch(&mut self, asked: &[Asked]) -> Result<Vec<Completion>, Stop> {
+    /// in turn (a document shared with the call before it reused, as `keep` says) and decoded
+    /// with up to `width - 1` others, joining as soon as one ends (`TextModel::complete_batch`),
+    /// giving what each would give alone. Calls an earlier attempt answered come from the job's
+    /// journal; the others are kept there as each ends.
+    pub fn call_batch(&mut self, asked: &[Asked], width: usize) -> Result<Vec<Completion>, Stop> {
         let mut stages: Vec<&str> = Vec::new();
         for a in asked {
             if !stages.contains(&a.stage) {
@@ -170,7 +171,7 @@ impl Runner<'_> {
                 // Each answer is kept as soon as it is there: should a later one fail, or the
                 // process die, the next attempt asks only for what is missing.
                 let journal = self.journal;
-                model.complete_batch(&requests, &mut |r, c| {
+                model.complete_batch(&requests, width, &mut |r, c| {
                     if let (Some(j), Some(k)) = (journal, &keys[pending[r]]) {
                         j.put(k, c);
                     }

@@ -63,7 +63,7 @@ impl Batch {
             bail!("a batch needs at least one sequence");
         }
         for (i, m) in members.iter().enumerate() {
-            fits(dec, i, m)?;
+            dec.check(m, &format!("sequence {i} of the batch"))?;
         }
         let mut state = Vec::with_capacity(dec.state.len());
         for (name, current) in &dec.state {
@@ -89,7 +89,7 @@ impl Batch {
     /// its last row, with room for `room` more tokens; the sequences already in the batch go on
     /// from where they are. Its tensors are freed as they are copied in.
     pub fn join(&mut self, dec: &Decoder, mut member: Snapshot, room: usize) -> Result<()> {
-        fits(dec, self.rows.len(), &member)?;
+        dec.check(&member, &format!("sequence {} of the batch", self.rows.len()))?;
         let capacity = self.capacity.max(member.tokens + room.max(1));
         let all: Vec<usize> = (0..self.rows.len()).collect();
         self.relayout(&all, capacity, std::slice::from_mut(&mut member))
@@ -216,8 +216,8 @@ impl Batch {
     }
 
     /// Rebuilds every state with the rows `keep`, in that order, then the sequences `joining`
-    /// (checked by [`fits`]; their tensors are taken), at `capacity` positions a row. One state
-    /// at a time, so the rebuild holds one extra state of the batch at most.
+    /// (checked by [`Decoder::check`]; their tensors are taken), at `capacity` positions a row.
+    /// One state at a time, so the rebuild holds one extra state of the batch at most.
     fn relayout(&mut self, keep: &[usize], capacity: usize, joining: &mut [Snapshot]) -> Result<()> {
         let b = keep.len() + joining.len();
         for (k, (_, slot)) in self.state.iter_mut().enumerate() {
@@ -264,26 +264,4 @@ impl Batch {
         self.capacity = capacity;
         Ok(())
     }
-}
-
-/// Whether snapshot `m` (sequence `i` of a batch) is one sequence of `dec`'s model, every state
-/// tensor of the shape the decoder carries (an attention cache of its own length).
-fn fits(dec: &Decoder, i: usize, m: &Snapshot) -> Result<()> {
-    if m.model != dec.identity {
-        bail!("sequence {i} of the batch belongs to model {}, the decoder runs {}", m.model, dec.identity);
-    }
-    if m.tensors.len() != dec.state.len() {
-        bail!("sequence {i} of the batch has {} state tensors, the model has {}", m.tensors.len(), dec.state.len());
-    }
-    for ((name, current), t) in dec.state.iter().zip(&m.tensors) {
-        let (shape, elem) = current.layout()?;
-        let fits = match current {
-            Carried::Rows { .. } => t.shape.len() == 4 && t.shape[1] == m.tokens && t.shape[2..] == shape[2..],
-            Carried::Whole(_) => t.shape == shape,
-        };
-        if &t.name != name || !fits || t.data.elem() != elem || t.data.len() != t.shape.iter().product::<usize>() {
-            bail!("state tensor {} {:?} of sequence {i} does not fit state {name} {:?}", t.name, t.shape, shape);
-        }
-    }
-    Ok(())
 }

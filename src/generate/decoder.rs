@@ -112,14 +112,14 @@ impl Decoder {
         })
     }
 
-    /// Continues from `snap` as if the tokens it covers had just been fed; the next call's
-    /// logits are exactly those of an uninterrupted run with the same call boundaries.
-    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+    /// Whether `snap` (`what` names it in errors) is one sequence of this decoder's model, every
+    /// state tensor of the shape the decoder carries (an attention cache of its own length).
+    pub(super) fn check(&self, snap: &Snapshot, what: &str) -> Result<()> {
         if snap.model != self.identity {
-            bail!("snapshot belongs to model {}, this decoder runs {}", snap.model, self.identity);
+            bail!("{what} belongs to model {}, this decoder runs {}", snap.model, self.identity);
         }
         if snap.tensors.len() != self.state.len() {
-            bail!("snapshot has {} state tensors, the model has {}", snap.tensors.len(), self.state.len());
+            bail!("{what} has {} state tensors, the model has {}", snap.tensors.len(), self.state.len());
         }
         for ((name, current), t) in self.state.iter().zip(&snap.tensors) {
             let (shape, elem) = current.layout()?;
@@ -132,9 +132,16 @@ impl Decoder {
                     .enumerate()
                     .all(|(i, (&now, &saved))| if grows && i == 1 { saved == snap.tokens } else { now == saved });
             if &t.name != name || !fits || elem != t.data.elem() || t.data.len() != t.shape.iter().product::<usize>() {
-                bail!("snapshot tensor {} {:?} does not fit state {name} {:?}", t.name, t.shape, shape);
+                bail!("tensor {} {:?} of {what} does not fit state {name} {:?}", t.name, t.shape, shape);
             }
         }
+        Ok(())
+    }
+
+    /// Continues from `snap` as if the tokens it covers had just been fed; the next call's
+    /// logits are exactly those of an uninterrupted run with the same call boundaries.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        self.check(snap, "snapshot")?;
         // The caches are overwritten in place, keeping their reservation: a restore holds the KV
         // twice (cache and snapshot), as the memory plan counts, and the stage that follows
         // appends without reallocating.

@@ -273,7 +273,7 @@ impl TextModel for OrtModel {
         let t0 = Instant::now();
         let room = reqs.iter().map(|r| r.options.max_new_tokens).max().unwrap_or(0);
         let mut decoding = Decoding::new(room);
-        // Per request: prompt tokens computed, prefill seconds, when it joined, first token.
+        // Per request: prompt tokens computed, prefill seconds, when it joined.
         let mut starts: Vec<(usize, f64, Instant)> = Vec::with_capacity(reqs.len());
         let mut ttft = vec![None; reqs.len()];
         let mut replies: Vec<Option<Completion>> = vec![None; reqs.len()];

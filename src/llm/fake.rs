@@ -38,6 +38,8 @@ pub(crate) struct FakeModel {
     fallback: Box<dyn FnMut(&Asked) -> Answer + Send>,
     /// Every call, in order.
     pub asked: Vec<Asked>,
+    /// Every batch asked: its calls and how many of them may decode at once.
+    pub batches: Vec<(usize, usize)>,
 }
 
 /// The bytes of ids below 256 (the byte tokenizer's), as text; special tokens are left out.
@@ -56,7 +58,14 @@ impl FakeModel {
             max_context,
             vision: false,
         };
-        Self { info, tokenizer: Tokenizer::bytes(), script: VecDeque::new(), fallback: Box::new(fallback), asked: Vec::new() }
+        Self {
+            info,
+            tokenizer: Tokenizer::bytes(),
+            script: VecDeque::new(),
+            fallback: Box::new(fallback),
+            asked: Vec::new(),
+            batches: Vec::new(),
+        }
     }
 
     /// Answers these first, in order.
@@ -93,6 +102,17 @@ impl TextModel for FakeModel {
             stopped_by: "stop token 248046".into(),
             ..Completion::default()
         })
+    }
+
+    /// Answers in turn, as the default does, recording the batch.
+    fn complete_batch(
+        &mut self,
+        reqs: &[Request],
+        width: usize,
+        done: &mut dyn FnMut(usize, &Completion),
+    ) -> Result<Vec<Completion>> {
+        self.batches.push((reqs.len(), width));
+        super::complete_in_turn(self, reqs, done)
     }
 
     fn transcribe(&mut self, page: &RgbImage, label: &str, _: &OcrOptions, _: StopCheck) -> Result<Transcription> {

@@ -6,8 +6,16 @@ use super::Context;
 use crate::failure::{Failure, Reason};
 use crate::stage::{self, Stage, Stop, TextStage};
 
+/// What one call of a document can hold.
+pub(super) struct Budget {
+    /// Tokens of document text.
+    pub tokens: usize,
+    /// Tokens each text stage needs besides the document, in the pipeline's order.
+    pub reserves: Vec<usize>,
+}
+
 /// The budget; warns when the memory plan caps the context, fails when nothing fits.
-pub(super) fn tokens(ctx: &Context, stages: &[(&Stage, &dyn TextStage)], warnings: &mut Vec<String>) -> Result<usize, Stop> {
+pub(super) fn plan(ctx: &Context, stages: &[(&Stage, &dyn TextStage)], warnings: &mut Vec<String>) -> Result<Budget, Stop> {
     let model = &*ctx.runner.model;
     let mut context = ctx.pipeline.spec.context.max_tokens.min(model.info().max_context);
     // Several stages keep the document's prefill for one another: the plan counts that copy.
@@ -33,7 +41,8 @@ pub(super) fn tokens(ctx: &Context, stages: &[(&Stage, &dyn TextStage)], warning
         }
         Some(_) => {}
     }
-    let reserve = reserves(ctx, stages)?.into_iter().max().unwrap_or(0);
+    let reserves = reserves(ctx, stages)?;
+    let reserve = reserves.iter().copied().max().unwrap_or(0);
     if reserve + 256 > context {
         let msg = format!(
             "pipeline {:?}: a context of {context} tokens leaves no room for document text after the instructions and \
@@ -42,11 +51,11 @@ pub(super) fn tokens(ctx: &Context, stages: &[(&Stage, &dyn TextStage)], warning
         );
         return Err(Failure::new(Reason::Truncated, "chunk", msg).into());
     }
-    Ok(context - reserve)
+    Ok(Budget { tokens: context - reserve, reserves })
 }
 
 /// Tokens each stage needs in a context besides the document.
-pub(super) fn reserves(ctx: &Context, stages: &[(&Stage, &dyn TextStage)]) -> Result<Vec<usize>, Stop> {
+fn reserves(ctx: &Context, stages: &[(&Stage, &dyn TextStage)]) -> Result<Vec<usize>, Stop> {
     let tok = ctx.runner.model.tokenizer();
     let need = |s: &dyn TextStage| {
         stage::reserve(s, tok).map_err(|e| Failure::new(Reason::Model, "chunk", format!("tokenizer: {e:#}")).into())
@@ -56,7 +65,7 @@ pub(super) fn reserves(ctx: &Context, stages: &[(&Stage, &dyn TextStage)]) -> Re
 
 /// How many calls of `contexts[i]` tokens each decode at once: at most `max_batch`, and as many
 /// as the memory plan of the longest context holds with one more sequence's cache and state for
-/// each (one call alone fits: [`tokens`] planned it). `snapshot`: calls keep their document's
+/// each (one call alone fits: [`plan`] planned it). `snapshot`: calls keep their document's
 /// prefill for one another.
 pub(super) fn width(ctx: &Context, contexts: &[usize], snapshot: bool) -> usize {
     let model = &*ctx.runner.model;

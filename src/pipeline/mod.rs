@@ -7,17 +7,19 @@ mod budget;
 #[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
+use self::budget::Budget;
 use crate::chunk::{self, Chunked};
 use crate::config::Pipeline;
 use crate::extract::isolated::Extraction;
 use crate::extract::{Extracted, Method};
 use crate::failure::{Failure, Reason};
 use crate::output::{DocResult, PageResult, PipelineRef, Source, StageResult, TokenTotals};
-use crate::stage::{Answers, Asked, Body, PageDoc, Part, Runner, Stage, Stop, TextStage};
+use crate::stage::{Answers, Asked, Body, Finish, PageDoc, Part, Runner, Stage, Stop, TextStage};
 
 /// Per-document limits.
 #[derive(Clone, Copy, Debug)]
@@ -73,7 +75,7 @@ pub fn process(ctx: &mut Context, source: &Path, rel: &Path, sha256: Option<&str
     read_pages(ctx, source, &mut ex, &mut books)?;
     ctx.runner.step("chunk");
     let (chunked, budget) = timed(&mut books, "chunk", |b| chunk(ctx, source, &ex, &mut b.warnings))?;
-    let truncated = run_text_stages(ctx, &chunked, budget, &mut books)?;
+    let truncated = run_text_stages(ctx, &chunked, &budget, &mut books)?;
     if truncated > 0 {
         books.warnings.push(format!("{truncated} part answer(s) longer than a context were cut in the reduce step"));
     }
@@ -191,18 +193,19 @@ fn text_stages(p: &Pipeline) -> Vec<(&Stage, &dyn TextStage)> {
         .collect()
 }
 
-/// The document cut into chunks that fit one model call each, and that call's token budget.
-fn chunk(ctx: &Context, source: &Path, ex: &Extracted, warnings: &mut Vec<String>) -> Result<(Chunked, usize), Stop> {
+/// The document cut into chunks that fit one model call each, and that call's budget.
+fn chunk(ctx: &Context, source: &Path, ex: &Extracted, warnings: &mut Vec<String>) -> Result<(Chunked, Budget), Stop> {
     let stages = text_stages(ctx.pipeline);
-    let budget = budget::tokens(ctx, &stages, warnings)?;
+    let budget = budget::plan(ctx, &stages, warnings)?;
     let page_texts: Vec<(u32, &str)> = ex.pages.iter().map(|p| (p.number, p.text.as_str())).collect();
     let tok = ctx.runner.tokenizer();
-    let chunked = chunk::chunk(tok, &page_texts, budget, ctx.pipeline.spec.context.overlap)
+    let chunked = chunk::chunk(tok, &page_texts, budget.tokens, ctx.pipeline.spec.context.overlap)
         .map_err(|e| Failure::new(Reason::Model, "chunk", format!("{}: tokenizer: {e:#}", source.display())))?;
     if chunked.chunks.len() > 1 {
         warnings.push(format!(
-            "{} tokens do not fit one context of {budget}: processed as {} chunks with map-reduce",
+            "{} tokens do not fit one context of {}: processed as {} chunks with map-reduce",
             chunked.total_tokens,
+            budget.tokens,
             chunked.chunks.len()
         ));
     }
@@ -214,38 +217,68 @@ fn chunk(ctx: &Context, source: &Path, ex: &Extracted, warnings: &mut Vec<String
 
 /// Runs the text stages on every chunk, then has each stage finish with its answers. The calls
 /// go chunk by chunk (every stage of a chunk reuses the chunk's prefill), as many decoding at
-/// once as `max_batch` and the memory plan allow, each joining as soon as one ends. Returns how
-/// many inputs had to be cut.
-fn run_text_stages(ctx: &mut Context, chunked: &Chunked, budget: usize, books: &mut Books) -> Result<usize, Stop> {
+/// once as `max_batch` and the memory plan allow, each joining as soon as one ends; the reduce
+/// calls the stages then ask are decoded together likewise, round by round. Returns how many
+/// inputs had to be cut.
+fn run_text_stages(ctx: &mut Context, chunked: &Chunked, budget: &Budget, books: &mut Books) -> Result<usize, Stop> {
     let stages = text_stages(ctx.pipeline);
     let n = chunked.chunks.len();
-    // (stage, chunk, call) in the order they prefill.
+    // (stage, document, call) in the order they prefill.
     let mut asked = Vec::with_capacity(n * stages.len());
     for c in &chunked.chunks {
         for (si, s) in stages.iter().enumerate() {
-            asked.push((si, c, s.1.call((n > 1).then_some(Part { index: c.index + 1, of: n }))));
+            asked.push((si, Cow::Borrowed(&c.ids[..]), s.1.call((n > 1).then_some(Part { index: c.index + 1, of: n }))));
         }
     }
-    let reserves = budget::reserves(ctx, &stages)?;
-    let contexts: Vec<usize> = asked.iter().map(|(si, c, _)| c.ids.len() + reserves[*si]).collect();
-    let width = budget::width(ctx, &contexts, stages.len() > 1);
-    let batch: Vec<Asked> = asked
-        .iter()
-        .map(|(si, c, call)| Asked { stage: stages[*si].0.name(), document: &c.ids, call, keep: *si + 1 < stages.len() })
-        .collect();
-    let t = Instant::now();
-    let done = ctx.runner.call_batch(&batch, width)?;
-    // Calls decoded together each took their batch's time: every stage counts all of it.
-    let secs = t.elapsed().as_secs_f64();
-    let mut calls: Vec<(Vec<_>, f64)> = stages.iter().map(|_| (Vec::new(), secs)).collect();
-    for ((si, _, _), d) in asked.iter().zip(done) {
-        calls[*si].0.push(d);
+    let mut answers: Vec<Answers> =
+        stages.iter().map(|_| Answers { calls: Vec::new(), from: 0, chunked, budget: budget.tokens, truncated: 0 }).collect();
+    // Seconds each stage took: calls decoded together each took their batch's time, so every
+    // stage in a batch counts all of it.
+    let mut secs = vec![0.0; stages.len()];
+    let mut results: Vec<Option<StageResult>> = stages.iter().map(|_| None).collect();
+    // The chunks' calls keep the document's prefill for the next stage; a reduce call's
+    // document is its own.
+    let mut shared = stages.len() > 1;
+    // Rounds until every stage has its result: the calls asked, then each open stage's finish.
+    while results.iter().any(Option::is_none) {
+        let open: Vec<bool> = results.iter().map(Option::is_none).collect();
+        let t = Instant::now();
+        if !asked.is_empty() {
+            let contexts: Vec<usize> = asked.iter().map(|(si, ids, _)| ids.len() + budget.reserves[*si]).collect();
+            let width = budget::width(ctx, &contexts, shared);
+            let batch: Vec<Asked> = asked
+                .iter()
+                .map(|(si, ids, call)| Asked {
+                    stage: stages[*si].0.name(),
+                    document: ids,
+                    call,
+                    keep: shared && *si + 1 < stages.len(),
+                })
+                .collect();
+            let done = ctx.runner.call_batch(&batch, width)?;
+            for a in &mut answers {
+                a.from = a.calls.len();
+            }
+            for ((si, _, _), d) in asked.drain(..).zip(done) {
+                answers[si].calls.push(d);
+            }
+        }
+        shared = false;
+        let tok = ctx.runner.tokenizer();
+        for (si, (_, s)) in stages.iter().enumerate().filter(|(si, _)| open[*si]) {
+            match s.finish(tok, &mut answers[si])? {
+                Finish::Done(r) => results[si] = Some(*r),
+                Finish::Ask(groups, call) => asked.extend(groups.into_iter().map(|g| (si, Cow::Owned(g), call.clone()))),
+            }
+        }
+        let took = t.elapsed().as_secs_f64();
+        for (s, _) in secs.iter_mut().zip(&open).filter(|(_, o)| **o) {
+            *s += took;
+        }
     }
     let mut truncated = 0;
-    for ((stage, s), (calls, secs)) in stages.iter().zip(calls) {
-        let t = Instant::now();
-        let mut answers = Answers { calls, chunked, budget, truncated: 0 };
-        let mut r = s.finish(&mut ctx.runner, &mut answers)?;
+    for (((stage, _), answers), (r, secs)) in stages.iter().zip(answers).zip(results.into_iter().zip(secs)) {
+        let mut r = r.expect("the rounds end when every stage has its result");
         truncated += answers.truncated;
         let calls = answers.calls;
         for c in &calls {
@@ -261,7 +294,7 @@ fn run_text_stages(ctx: &mut Context, chunked: &Chunked, budget: usize, books: &
         r.prefill_s = calls.iter().map(|c| c.prefill_s).sum();
         r.decode_s = calls.iter().map(|c| c.decode_s).sum();
         r.state_bytes = calls.iter().map(|c| c.state_bytes).max().unwrap_or(0);
-        books.stage(stage.name(), stage.kind(), r, secs + t.elapsed().as_secs_f64());
+        books.stage(stage.name(), stage.kind(), r, secs);
     }
     Ok(truncated)
 }

@@ -232,6 +232,39 @@ fn the_stages_of_a_chunk_share_its_prefill_and_the_budget_leaves_room_for_every_
 }
 
 #[test]
+fn the_stages_reduce_calls_decode_together_round_by_round() {
+    let doc = summary_and_prompt(["summary", "parties"], 16);
+    // The summary's part answers need two rounds of reduce calls (two parts fill a context), the
+    // parties' one.
+    let mut model = FakeModel::new(262_144, |a| match part_of(a) {
+        Some((p, _)) if a.instruction.contains("Summarise this part") => Answer::Text(format!("summary {p} ").repeat(45)),
+        Some(_) => Answer::Text("parties".into()),
+        None if a.instruction.contains("one summary of the whole document") => {
+            Answer::Text(format!("combined summary of {} bytes", a.document.len()))
+        }
+        None => Answer::Text(format!("combined parties of {} bytes", a.document.len())),
+    });
+    let r = doc.run(&paragraphs(20), &mut model).unwrap();
+    let n = r.chunks.len();
+    assert!(n >= 4, "{n} chunks");
+    let (summary, parties) = (&r.stages["summary"], &r.stages["parties"]);
+    let groups = summary.calls - n - 1;
+    assert!(groups >= 2, "the summary's first round combines in {groups} group(s)");
+    assert_eq!(parties.calls, n + 1);
+    // The chunks' calls, then the first reduce round of both stages in one batch, then the
+    // summary's last.
+    let sizes: Vec<usize> = model.batches.iter().map(|b| b.0).collect();
+    assert_eq!(sizes, [2 * n, groups + 1, 1]);
+    assert_eq!(model.batches[1].1, groups + 1, "the budget holds them all at once");
+    assert!(summary.output.as_str().unwrap().starts_with("combined summary"), "{}", summary.output);
+    assert!(parties.output.as_str().unwrap().starts_with("combined parties"), "{}", parties.output);
+    assert_eq!(summary.parts.len(), n);
+    assert!(summary.parts.iter().all(|p| p.as_str().unwrap().starts_with("summary ")));
+    // Each stage counts the rounds it took part in, and only those.
+    assert!(summary.duration_s >= parties.duration_s);
+}
+
+#[test]
 fn a_later_attempt_takes_the_calls_an_earlier_one_completed_from_the_journal() {
     let doc = summary_and_prompt(["summary", "parties"], 16);
     let text = paragraphs(20);

@@ -17,11 +17,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::text::{self, SAMPLING_KEYS, SamplingFields};
-use super::{Answers, Body, Call, Fields, Part, Runner, Stop, TextStage};
+use super::{Answers, Body, Call, Fields, Finish, Part, Stop, TextStage};
 use crate::constrain::Schema;
 use crate::failure::{Failure, Reason};
 use crate::llm::Sampling;
 use crate::output::StageResult;
+use crate::tokenizer::Tokenizer;
 
 /// Instruction of a `classify` stage that does not set one.
 const INSTRUCTION: &str = "Which of the labels below fits the document above best?";
@@ -119,7 +120,7 @@ impl TextStage for Classify {
         Some(format!("labels {}", self.labels.join(" | ")))
     }
 
-    fn finish(&self, _: &mut Runner, answers: &mut Answers) -> Result<StageResult, Stop> {
+    fn finish(&self, _: &Tokenizer, answers: &mut Answers) -> Result<Finish<'_>, Stop> {
         let chunks = &answers.chunked.chunks;
         let labels: Vec<String> =
             answers.calls.iter().zip(chunks).map(|(c, chunk)| self.label(chunk.index, &c.text)).collect::<Result<_, _>>()?;
@@ -129,10 +130,10 @@ impl TextStage for Classify {
             Some(b) if count(b) >= count(l) => Some(b),
             _ => Some(l),
         });
-        Ok(StageResult {
+        Ok(Finish::Done(Box::new(StageResult {
             output: winner.cloned().unwrap_or_default().into(),
             parts: if labels.len() > 1 { labels.iter().map(|l| Value::from(l.as_str())).collect() } else { Vec::new() },
             ..StageResult::default()
-        })
+        })))
     }
 }

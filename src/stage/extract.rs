@@ -12,11 +12,12 @@ use serde_json::Value;
 
 use super::merge;
 use super::text::{self, SAMPLING_KEYS, SamplingFields};
-use super::{Answers, Body, Call, Fields, Part, Runner, Stop, TextStage};
+use super::{Answers, Body, Call, Fields, Finish, Part, Stop, TextStage};
 use crate::constrain::Schema;
 use crate::failure::{Failure, Reason};
 use crate::llm::Sampling;
 use crate::output::StageResult;
+use crate::tokenizer::Tokenizer;
 
 /// What an `extract` stage takes in a pipeline file.
 #[derive(Deserialize)]
@@ -139,7 +140,7 @@ impl TextStage for Extract {
 
     /// Each chunk's JSON parsed and validated, merged by the schema (with provenance) and
     /// validated again.
-    fn finish(&self, _: &mut Runner, answers: &mut Answers) -> Result<StageResult, Stop> {
+    fn finish(&self, _: &Tokenizer, answers: &mut Answers) -> Result<Finish<'_>, Stop> {
         let chunks = &answers.chunked.chunks;
         let mut parts = Vec::new();
         for (c, chunk) in answers.calls.iter().zip(chunks) {
@@ -159,7 +160,7 @@ impl TextStage for Extract {
         let calls = &answers.calls;
         let mask_s: f64 = calls.iter().map(|c| c.mask_s).sum();
         let mask_steps: usize = calls.iter().map(|c| c.mask_steps).sum();
-        Ok(StageResult {
+        Ok(Finish::Done(Box::new(StageResult {
             output: merged,
             parts: if parts.len() > 1 { parts } else { Vec::new() },
             schema: Some(self.schema.value().clone()),
@@ -167,6 +168,6 @@ impl TextStage for Extract {
             reasoning: if self.keep_reasoning { calls.iter().filter_map(|c| c.reasoning.clone()).collect() } else { Vec::new() },
             mask_ms_per_token: (mask_steps > 0).then(|| 1e3 * mask_s / mask_steps as f64),
             ..StageResult::default()
-        })
+        })))
     }
 }

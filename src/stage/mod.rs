@@ -132,14 +132,25 @@ pub struct Part {
 
 /// The answers of a text stage for every chunk, for [`TextStage::finish`].
 pub struct Answers<'a> {
-    /// Every call so far, the chunks' in order first; further calls are appended.
+    /// Every call so far, the chunks' in order first; the answers to each [`Finish::Ask`] are
+    /// appended.
     pub calls: Vec<Completion>,
+    /// Where the answers of the last round begin in `calls`: 0 while only the chunks' are in.
+    pub from: usize,
     /// The chunks the calls answered.
     pub chunked: &'a Chunked,
     /// Tokens of document text one call can take.
     pub budget: usize,
     /// Inputs that had to be cut to fit a context (reported as a warning).
     pub truncated: usize,
+}
+
+/// What a text stage's [`TextStage::finish`] gives.
+pub enum Finish<'s> {
+    /// The stage's result (boxed: it is far larger than the other variant).
+    Done(Box<StageResult>),
+    /// These documents, each asked `call`, before the stage can finish.
+    Ask(Vec<Vec<u32>>, Call<'s>),
 }
 
 /// A stage that runs on the document's text.
@@ -150,8 +161,10 @@ pub trait TextStage: Send + Sync {
     fn call(&self, part: Option<Part>) -> Call<'_>;
     /// The longest instruction any of its calls carries, for the token budget.
     fn longest_instruction(&self) -> String;
-    /// The stage's result from the answers for every chunk; may call the model again.
-    fn finish(&self, runner: &mut Runner, answers: &mut Answers) -> Result<StageResult, Stop>;
+    /// The stage's result from the answers, or the calls it needs answered first (a reduce
+    /// step). The pipeline asks again once they are in `answers`, decoding the calls every
+    /// stage asks in the same round together.
+    fn finish(&self, tok: &Tokenizer, answers: &mut Answers) -> Result<Finish<'_>, Stop>;
     /// What `deltadoc config check` says about it besides its name and kind.
     fn detail(&self) -> Option<String> {
         None

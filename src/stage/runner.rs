@@ -30,6 +30,7 @@ impl From<Failure> for Stop {
 }
 
 /// One model call a text stage asks for on a piece of the document.
+#[derive(Clone)]
 pub struct Call<'a> {
     /// The instruction after the document.
     pub instruction: String,
@@ -104,13 +105,6 @@ impl Runner<'_> {
     pub fn check(&self, stage: &str) -> Result<(), Stop> {
         (self.heartbeat)();
         interruption([self.shutdown, self.abandoned], self.deadline, stage).map_or(Ok(()), Err)
-    }
-
-    /// Runs `call` on `document` (already tokenised) for stage `stage`; `keep` keeps the
-    /// document's prefill for the next call on the same document.
-    pub fn call(&mut self, stage: &str, document: &[u32], call: &Call, keep: bool) -> Result<Completion, Stop> {
-        let mut done = self.call_batch(&[Asked { stage, document, call, keep }], 1)?;
-        Ok(done.remove(0))
     }
 
     /// Runs every call of `asked` and returns their answers in order: each prompt is prefilled

@@ -4,11 +4,11 @@
 
 use serde::Deserialize;
 
-use super::{Answers, Call, Fields, Part, Runner, Stop, TextStage};
+use super::{Answers, Call, Fields, Finish, Part, Stop, TextStage};
 use crate::failure::{Failure, Reason};
 use crate::llm::{DecodeOptions, Sampling};
 use crate::output::StageResult;
-use crate::tokenizer::STOP_TOKENS;
+use crate::tokenizer::{STOP_TOKENS, Tokenizer};
 
 /// Generation limit of a stage that does not set `max_new_tokens`.
 pub(super) fn default_max_new_tokens() -> usize {
@@ -120,60 +120,48 @@ impl TextStage for FreeText {
         format!("{} {}", (self.map)(&self.instruction, Part { index: 999, of: 999 }), self.instruction)
     }
 
-    fn finish(&self, runner: &mut Runner, answers: &mut Answers) -> Result<StageResult, Stop> {
-        let reduce = self.generation.call((self.reduce)(&self.instruction));
-        text_result(runner, &self.name, &reduce, answers)
+    /// One chunk's answer as is; several are combined by reduce calls, in rounds: answers that
+    /// do not fit one context together are combined in groups first, round after round, until
+    /// one answer is left. An answer longer than a whole context is cut (and counted in
+    /// `answers.truncated`).
+    fn finish(&self, tok: &Tokenizer, answers: &mut Answers) -> Result<Finish<'_>, Stop> {
+        let chunks = &answers.chunked.chunks;
+        let first = answers.from == 0;
+        if let [only] = &answers.calls[answers.from..] {
+            let parts =
+                if first { Vec::new() } else { answers.calls[..chunks.len()].iter().map(|c| c.text.clone().into()).collect() };
+            return Ok(Finish::Done(Box::new(StageResult { output: only.text.clone().into(), parts, ..StageResult::default() })));
+        }
+        let level: Vec<String> = if first {
+            answers
+                .calls
+                .iter()
+                .zip(chunks)
+                .map(|(p, c)| format!("Part {} (pages {}–{}):\n{}", c.index + 1, c.first_page, c.last_page, p.text.trim()))
+                .collect()
+        } else {
+            answers.calls[answers.from..].iter().map(|c| c.text.clone()).collect()
+        };
+        let groups = group(tok, &self.name, &level, answers)?;
+        Ok(Finish::Ask(groups, self.generation.call((self.reduce)(&self.instruction))))
     }
 }
 
-/// A stage whose answer is text: one chunk's answer as is, several combined by `reduce`.
-fn text_result(runner: &mut Runner, stage: &str, reduce: &Call, answers: &mut Answers) -> Result<StageResult, Stop> {
-    let parts: Vec<String> = answers.calls.iter().map(|c| c.text.clone()).collect();
-    if let [only] = parts.as_slice() {
-        return Ok(StageResult { output: only.clone().into(), ..StageResult::default() });
-    }
-    let output = combine(runner, stage, reduce, &parts, answers)?;
-    Ok(StageResult { output: output.into(), parts: parts.into_iter().map(Into::into).collect(), ..StageResult::default() })
-}
-
-/// Combines the part answers with `reduce` calls; answers that do not fit one context together
-/// are combined in groups first, level after level, until one answer is left. An answer longer
-/// than a whole context is cut (and counted in `answers.truncated`).
-fn combine(runner: &mut Runner, stage: &str, reduce: &Call, parts: &[String], answers: &mut Answers) -> Result<String, Stop> {
+/// Consecutive answers gathered into contexts of at most `answers.budget` tokens each.
+fn group(tok: &Tokenizer, stage: &str, level: &[String], answers: &mut Answers) -> Result<Vec<Vec<u32>>, Stop> {
     let budget = answers.budget;
-    let mut level: Vec<String> = parts
-        .iter()
-        .zip(&answers.chunked.chunks)
-        .map(|(p, c)| format!("Part {} (pages {}–{}):\n{}", c.index + 1, c.first_page, c.last_page, p.trim()))
-        .collect();
-    loop {
-        let tok = runner.tokenizer();
-        let encoded: Vec<Vec<u32>> = level
-            .iter()
-            .map(|t| tok.encode(&format!("{t}\n\n")))
-            .collect::<Result<_, _>>()
-            .map_err(|e| Failure::new(Reason::Model, stage, format!("tokenizer: {e:#}")))?;
-        // Group consecutive answers into contexts of at most `budget` tokens.
-        let mut groups: Vec<Vec<u32>> = vec![Vec::new()];
-        for mut e in encoded {
-            if e.len() > budget {
-                answers.truncated += 1;
-                e.truncate(budget);
-            }
-            if groups.last().is_some_and(|g| !g.is_empty() && g.len() + e.len() > budget) {
-                groups.push(Vec::new());
-            }
-            groups.last_mut().expect("one group").extend(e);
+    let mut groups: Vec<Vec<u32>> = vec![Vec::new()];
+    for t in level {
+        let mut e =
+            tok.encode(&format!("{t}\n\n")).map_err(|e| Failure::new(Reason::Model, stage, format!("tokenizer: {e:#}")))?;
+        if e.len() > budget {
+            answers.truncated += 1;
+            e.truncate(budget);
         }
-        let mut next = Vec::new();
-        for g in &groups {
-            let done = runner.call(stage, g, reduce, false)?;
-            next.push(done.text.clone());
-            answers.calls.push(done);
+        if groups.last().is_some_and(|g| !g.is_empty() && g.len() + e.len() > budget) {
+            groups.push(Vec::new());
         }
-        if let [one] = next.as_slice() {
-            return Ok(one.clone());
-        }
-        level = next;
+        groups.last_mut().expect("one group").extend(e);
     }
+    Ok(groups)
 }

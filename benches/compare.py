@@ -48,6 +48,8 @@ CLASSES = {
     # int4 in blocks of 128 instead of 32: fewer scales per weight, coarser rounding.
     "int4-128": {"deltadoc": "int4-128", "llama": "Q4_K_M"},
 }
+# What benches/compare.py and benches/pipeline.py run of llama.cpp.
+LLAMA_TARGETS = ("llama-bench", "llama-quantize", "llama-server")
 ENGINES = ("deltadoc", "ort-ops", "llama", "transformers")
 
 COMMANDS: list[str] = []
@@ -142,9 +144,10 @@ def graph_source_key() -> str:
     return "graph " + " ".join(t[:12] for t in trees) + local
 
 
-def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
-    """deltadoc folders of one set of random weights, all with the KV cache type `kv_cache`; made
-    again when the sources that write them change ([`graph_source_key`])."""
+def make_models(dd: Path, work: Path, seed: int, kv_cache: str, names: list[str] | None = None) -> dict:
+    """deltadoc folders of one set of random weights, all with the KV cache type `kv_cache` (the
+    fp32 folder and the checkpoint, and the imports among `names`, all by default); made again
+    when the sources that write them change ([`graph_source_key`])."""
     sources = graph_source_key()
     hf = work / "hf-0.8b"
     fp32 = work / f"deltadoc-fp32-{kv_cache}"
@@ -167,6 +170,8 @@ def make_models(dd: Path, work: Path, seed: int, kv_cache: str) -> dict:
         ("int4", ["--precision", "int4"]),
         ("int4-128", ["--precision", "int4", "--block-size", "128"]),
     ):
+        if names is not None and name not in names:
+            continue
         out = work / f"deltadoc-{name}-{kv_cache}"
         key = " ".join([sources, *flags, *cache])
         step(out, f"deltadoc {name} folder", lambda out=out, flags=flags: run([dd, "model", "import", hf, "--out", out, *flags, *cache]), key)
@@ -204,7 +209,8 @@ def llama_arch_options() -> list[str]:
 
 
 def build_llama(work: Path) -> tuple[Path, str]:
-    """Compiles llama-bench and llama-quantize from the llama-cpp-python sdist (CPU backend)."""
+    """Compiles llama-bench, llama-quantize and llama-server (for benches/pipeline.py) from the
+    llama-cpp-python sdist (CPU backend)."""
     src = work / "llama.cpp"
     if shutil.which("cmake") is None:
         sys.exit("compare.py: cmake is needed to build llama.cpp (Debian: apt-get install cmake)")
@@ -219,13 +225,13 @@ def build_llama(work: Path) -> tuple[Path, str]:
         shutil.copytree(sdist / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp", src, symlinks=True)
         run(
             ["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", *arch, "-DBUILD_SHARED_LIBS=OFF"]
-            + [f"-DLLAMA_{o}=OFF" for o in ("BUILD_TESTS", "BUILD_SERVER", "BUILD_APP", "BUILD_UI", "USE_PREBUILT_UI", "OPENSSL")],
+            + [f"-DLLAMA_{o}=OFF" for o in ("BUILD_TESTS", "BUILD_APP", "BUILD_UI", "USE_PREBUILT_UI", "OPENSSL")],
             cwd=src,
         )
         log("compiling llama.cpp (about 12-25 minutes on 2 cores)")
-        run(["cmake", "--build", "build", f"-j{os.cpu_count() or 2}", "--target", "llama-bench", "llama-quantize"], cwd=src)
+        run(["cmake", "--build", "build", f"-j{os.cpu_count() or 2}", "--target", *LLAMA_TARGETS], cwd=src)
 
-    step(src, f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}", fetch_and_build, key=" ".join(arch))
+    step(src, f"llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}", fetch_and_build, key=" ".join([*arch, *LLAMA_TARGETS]))
     changelog = (work / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "CHANGELOG.md").read_text(errors="replace")
     m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", changelog)
     return src, (m.group(1) if m else "unknown")
@@ -510,6 +516,16 @@ def report(rows: dict, lengths: list, depths: list, ceil: dict, shape: Shape, wb
     return "\n".join(lines)
 
 
+def machine_line(threads: int) -> str:
+    """The CPU, its instruction sets of note, the memory and the threads the engines were given."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith("model name")), platform.processor())
+    flags = next((l for l in cpuinfo if l.startswith("flags")), "")
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
+    mem = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))) * 1024
+    return f"{cpu}, {os.cpu_count()} logical CPUs ({', '.join(simd)}), {mem / 2**30:.0f} GiB; {threads} threads everywhere."
+
+
 def write_results(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     head, sep, rest = text.partition("\n## ")
@@ -663,17 +679,12 @@ def main() -> None:
     if args.no_write:
         return
 
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
-    flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags]
-    mem = int(next(l.split()[1] for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))) * 1024
     ort = re.search(r'"onnxruntime==([0-9.]+)"', (REPO / "src" / "fetch.rs").read_text())
     minutes = (datetime.datetime.now() - started).total_seconds() / 60
     section = [
         f"## Side by side: deltadoc, ORT's DeltaNet ops, llama.cpp, transformers ({started:%Y-%m-%d}, `benches/compare.py`)",
         "",
-        f"Machine: {cpu}, {os.cpu_count()} logical CPUs ({', '.join(simd)}), {mem / 2**30:.0f} GiB; "
-        f"{args.threads} threads everywhere. Measured ceilings this run (the best of two libraries): fp32 GEMM "
+        f"Machine: {machine_line(args.threads)} Measured ceilings this run (the best of two libraries): fp32 GEMM "
         f"{ceil['gemm_flops'] / 1e9:.1f} GFLOP/s ({ceil['gemm_by']}, 4096³), read bandwidth {ceil['read_bytes_per_s'] / 1e9:.1f} GB/s "
         f"({ceil['read_by']} over 1 GiB of f32). The compute ceiling is fp32's: int8 products (VNNI) and bf16 attention "
         f"can pass it. The run took {minutes:.0f} minutes.",

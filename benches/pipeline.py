@@ -336,6 +336,7 @@ def main() -> None:
         sys.exit("pipeline.py: pdftotext is needed for the peer pipeline (Debian: apt-get install poppler-utils)")
     args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now()
+    compare.COMMANDS.append(" ".join(["python3 benches/pipeline.py", *sys.argv[1:]]))
 
     dd, rev = compare.build_deltadoc()
     models = compare.make_models(dd, args.work, args.seed, "f16", classes)

@@ -22,8 +22,9 @@ classes run one after the other. Reported: documents per hour, prefill and decod
 peak RSS, and their ratios; a section is prepended to benches/RESULTS.md.
 
 Needs what benches/compare.py needs (cargo, cmake, a Python with torch and transformers for
-llama.cpp's converter) and poppler-utils (`pdftotext`). A full run (27 contracts, int8 and
-int4) takes about 2-3 hours on 2 cores; `--docs 3` is a quick trial on the three shortest.
+llama.cpp's converter) and poppler-utils (`pdftotext`). 20 contracts at int8 took 94 minutes on
+2 cores, three quarters of it llama-server's; both classes take about 3 hours. `--docs 3` is a
+quick trial on the three shortest.
     python3 benches/pipeline.py [--docs N] [--classes int8,int4]
 """
 
@@ -43,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (the setup steps, the machine facts and the results file are shared)
-from compare import REPO, log, run  # noqa: E402
+from compare import REPO, log  # noqa: E402
 
 CLASSES = {"int8": "Q8_0", "int4": "Q4_K_M"}
 PIPELINE = REPO / "pipelines" / "contracts.yaml"

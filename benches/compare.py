@@ -70,13 +70,19 @@ def log(msg: str) -> None:
     print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def announce(cmd: list) -> str:
+    """Records `cmd` for the results and logs it; returns it as a shell would read it."""
+    text = " ".join(shlex.quote(str(c)) for c in cmd)
+    COMMANDS.append(text)
+    log(f"$ {text}")
+    return text
+
+
 def run(cmd: list, capture: bool = False, env: dict | None = None, cwd: Path | None = None, may_fail: bool = False) -> str | None:
     """Runs `cmd`, recording it for the results; on failure, names the command and its output and
     stops, or with `may_fail` records the failure and returns None (an hour-long grid should not be
     lost to one engine that cannot run one point)."""
-    text = " ".join(shlex.quote(str(c)) for c in cmd)
-    COMMANDS.append(text)
-    log(f"$ {text}")
+    text = announce(cmd)
     started = time.time()
     p = subprocess.run(
         [str(c) for c in cmd],

@@ -132,13 +132,11 @@ def instructions(specs: dict) -> dict:
 
 def timed(cmd: list, **kw) -> tuple[float, int, int]:
     """Runs `cmd` to its end: wall seconds, exit status and the peak RSS of that process (bytes)."""
-    compare.COMMANDS.append(" ".join(str(c) for c in cmd))
-    log("$ " + " ".join(str(c) for c in cmd))
+    compare.announce(cmd)
     t = time.perf_counter()
     p = subprocess.Popen([str(c) for c in cmd], **kw)
     _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - t, p.returncode, usage.ru_maxrss * 1024
+    return time.perf_counter() - t, os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
 
 
 def run_deltadoc(dd: Path, model: Path, docs: list[Path], work: Path, threads: int, max_batch: int) -> dict:
@@ -166,7 +164,8 @@ def run_deltadoc(dd: Path, model: Path, docs: list[Path], work: Path, threads: i
         )
     )
     compare.from_disk(model)
-    wall, rc, rss = timed([dd, "run", "--once", "--config", cfg], stderr=open(work / "deltadoc.log", "w"))
+    with open(work / "deltadoc.log", "w") as err:
+        wall, rc, rss = timed([dd, "run", "--once", "--config", cfg], stderr=err)
     if rc != 0:
         sys.exit(f"pipeline.py: deltadoc exited {rc}; see {work / 'deltadoc.log'}")
     results = {}
@@ -220,11 +219,10 @@ def run_llama(src: Path, gguf: Path, docs: list[Path], dd_run: dict, work: Path,
     port = free_port()
     cmd = [src / "build" / "bin" / "llama-server", "-m", gguf, "-t", threads, "-c", ctx, "-np", slots, "-kvu", "--no-webui", "--host", "127.0.0.1", "--port", port]
     compare.from_disk(gguf)
-    compare.COMMANDS.append(" ".join(str(c) for c in cmd))
-    log("$ " + " ".join(str(c) for c in cmd))
+    compare.announce(cmd)
     started = time.perf_counter()
-    server_log = open(work / "llama-server.log", "w")
-    server = subprocess.Popen([str(c) for c in cmd], stdout=server_log, stderr=subprocess.STDOUT)
+    with open(work / "llama-server.log", "w") as server_log:
+        server = subprocess.Popen([str(c) for c in cmd], stdout=server_log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     while True:
         if server.poll() is not None:
@@ -237,8 +235,9 @@ def run_llama(src: Path, gguf: Path, docs: list[Path], dd_run: dict, work: Path,
             pass
         time.sleep(0.5)
     log(f"  llama-server ready after {time.perf_counter() - started:.1f} s")
-    ins = instructions(stage_specs())
-    schema = json.loads((PIPELINE.parent / stage_specs()["terms"]["schema"]).read_text())
+    specs = stage_specs()
+    ins = instructions(specs)
+    schema = json.loads((PIPELINE.parent / specs["terms"]["schema"]).read_text())
     replies = {}
     try:
         with concurrent.futures.ThreadPoolExecutor(len(STAGES)) as pool:

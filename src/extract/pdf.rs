@@ -193,13 +193,15 @@ fn shows_text(doc: &Document, page: ObjectId) -> bool {
         >= MIN_TEXT_CHARS
 }
 
-/// Trims trailing spaces, collapses runs of blank lines that glyph positioning produces, and
-/// puts right-to-left lines drawn in visual order back into reading order.
+/// Trims trailing spaces, collapses runs of blank lines that glyph positioning produces, puts
+/// right-to-left lines drawn in visual order back into reading order, and makes Unicode spaces
+/// plain ones.
 fn tidy(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut blank = 0;
     for line in text.lines() {
-        let fixed = logical_order(line.trim_end());
+        let spaced: String = line.chars().map(|c| if is_layout_space(c) { ' ' } else { c }).collect();
+        let fixed = logical_order(spaced.trim_end());
         let line = fixed.as_str();
         if line.is_empty() {
             blank += 1;
@@ -213,6 +215,16 @@ fn tidy(text: &str) -> String {
         out.push('\n');
     }
     out.trim_matches('\n').to_string()
+}
+
+/// A space other than U+0020 that a PDF's fonts map glyphs to: producers that convert HTML set
+/// every word gap and indentation in no-break spaces (U+00A0), others put U+2029 between the
+/// words of figure labels. The tokenizer reads such a gap as a token of its own, where a plain
+/// space joins the next word's token: a contract in no-break spaces costs up to 1.7 times the
+/// prompt tokens (benches/RESULTS.md). The ideographic space (U+3000) stays: in Chinese and
+/// Japanese text it is a full-width character of its own.
+fn is_layout_space(c: char) -> bool {
+    !c.is_ascii() && c.is_whitespace() && c != '\u{3000}'
 }
 
 /// Hebrew and Arabic letters, including Arabic presentation forms.
@@ -300,7 +312,14 @@ fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::logical_order;
+    use super::{logical_order, tidy};
+
+    #[test]
+    fn unicode_spaces_become_plain_ones_but_the_ideographic_space_stays() {
+        let layered = "\u{a0}\u{a0}1.\u{a0}Appointment.\u{a0}NETGEAR\u{a0}appoints\u{a0}\u{a0}\nTrunk\u{2029}Trace\u{202f}Anchor";
+        assert_eq!(tidy(layered), "  1. Appointment. NETGEAR appoints\nTrunk Trace Anchor");
+        assert_eq!(tidy("第一条\u{3000}目的"), "第一条\u{3000}目的");
+    }
 
     #[test]
     fn visual_rtl_lines_are_reordered_and_logical_ones_kept() {

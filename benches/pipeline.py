@@ -139,7 +139,7 @@ def timed(cmd: list, **kw) -> tuple[float, int, int]:
     return time.perf_counter() - t, os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
 
 
-def run_deltadoc(dd: Path, model: Path, docs: list[Path], work: Path, threads: int, max_batch: int) -> dict:
+def run_deltadoc(dd: Path, model: Path, docs: list[Path], work: Path, threads: int, max_batch: int, max_docs: int) -> dict:
     """`deltadoc run --once` over an inbox holding `docs`, from an empty ledger."""
     if work.exists():
         shutil.rmtree(work)
@@ -157,7 +157,7 @@ def run_deltadoc(dd: Path, model: Path, docs: list[Path], work: Path, threads: i
                 "state_dir": str(work / "state"),
                 "pipelines": str(work / "pipelines"),
                 "data_dir": str(work / "data"),
-                "worker": {"max_batch": max_batch},
+                "worker": {"max_batch": max_batch, "max_docs": max_docs},
                 "metrics": {"enabled": False},
             },
             indent=1,
@@ -205,8 +205,8 @@ def post(url: str, body: dict, timeout: float = 3600) -> dict:
         return json.loads(r.read())
 
 
-def run_llama(src: Path, gguf: Path, docs: list[Path], dd_run: dict, work: Path, threads: int, slots: int) -> dict:
-    """llama-server with `slots` slots; documents one after another, each one's text taken with
+def run_llama(src: Path, gguf: Path, docs: list[Path], dd_run: dict, work: Path, threads: int, slots: int, at_once: int) -> dict:
+    """llama-server with `slots` slots; `at_once` documents at a time, each one's text taken with
     pdftotext and its stage requests sent at once. The clock runs from the server's start to the
     last reply, as deltadoc's includes its model load and its extraction."""
     if work.exists():
@@ -239,23 +239,33 @@ def run_llama(src: Path, gguf: Path, docs: list[Path], dd_run: dict, work: Path,
     ins = instructions(specs)
     schema = json.loads((PIPELINE.parent / specs["terms"]["schema"]).read_text())
     replies = {}
+    done = 0
+
+    def document(f: Path, stages: concurrent.futures.Executor) -> None:
+        nonlocal done
+        text = peer_text(f)
+        gen = dd_run["docs"][f.name]["generated"]
+
+        def ask(stage):
+            body = {"prompt": prompt(text, ins[stage]), "n_predict": gen[stage], "temperature": 0, "cache_prompt": True}
+            if stage == "terms":
+                body["json_schema"] = schema
+            else:
+                body["ignore_eos"] = True
+            return post(base + "/completion", body)
+
+        t = time.perf_counter()
+        replies[f.name] = dict(zip(STAGES, stages.map(ask, STAGES)))
+        done += 1
+        log(f"  [{done}/{len(docs)}] {f.name}: {time.perf_counter() - t:.1f} s")
+
     try:
-        with concurrent.futures.ThreadPoolExecutor(len(STAGES)) as pool:
-            for i, f in enumerate(docs, 1):
-                text = peer_text(f)
-                gen = dd_run["docs"][f.name]["generated"]
-
-                def ask(stage, text=text, gen=gen):
-                    body = {"prompt": prompt(text, ins[stage]), "n_predict": gen[stage], "temperature": 0, "cache_prompt": True}
-                    if stage == "terms":
-                        body["json_schema"] = schema
-                    else:
-                        body["ignore_eos"] = True
-                    return post(base + "/completion", body)
-
-                t = time.perf_counter()
-                replies[f.name] = dict(zip(STAGES, pool.map(ask, STAGES)))
-                log(f"  [{i}/{len(docs)}] {f.name}: {time.perf_counter() - t:.1f} s")
+        with (
+            concurrent.futures.ThreadPoolExecutor(len(STAGES) * at_once) as stages,
+            concurrent.futures.ThreadPoolExecutor(at_once) as documents,
+        ):
+            for r in [documents.submit(document, f, stages) for f in docs]:
+                r.result()
         wall = time.perf_counter() - started
     finally:
         server.send_signal(signal.SIGTERM)
@@ -324,6 +334,7 @@ def main() -> None:
     p.add_argument("--classes", default="int8,int4", help=f"subset of {','.join(CLASSES)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=8, help="deltadoc's worker.max_batch")
+    p.add_argument("--max-docs", type=int, default=1, help="deltadoc's worker.max_docs; the peer gets as many documents at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--results", type=Path, default=REPO / "benches" / "RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print the table only")
@@ -344,16 +355,16 @@ def main() -> None:
     ggufs = compare.make_ggufs(llama_src, models["hf"], args.work)
     docs = choose_documents(dd, args.corpus, args.docs)
     log(f"{len(docs)} contracts: " + ", ".join(f.name for f in docs))
-    # deltadoc decodes a document's stage calls together: as many slots on the peer.
-    slots = min(len(STAGES), args.max_batch)
+    # deltadoc decodes the stage calls of its documents in flight together: as many slots on the peer.
+    slots = min(len(STAGES) * args.max_docs, args.max_batch)
     os.sync()
 
     results = {}
     for c in classes:
         log(f"{c}: deltadoc")
-        d = run_deltadoc(dd, models[c], docs, args.work / "pipeline-run" / f"deltadoc-{c}", args.threads, args.max_batch)
+        d = run_deltadoc(dd, models[c], docs, args.work / "pipeline-run" / f"deltadoc-{c}", args.threads, args.max_batch, args.max_docs)
         log(f"{c}: llama-server {CLASSES[c]}")
-        l = run_llama(llama_src, ggufs[CLASSES[c]], docs, d, args.work / "pipeline-run" / f"llama-{c}", args.threads, slots)
+        l = run_llama(llama_src, ggufs[CLASSES[c]], docs, d, args.work / "pipeline-run" / f"llama-{c}", args.threads, slots, args.max_docs)
         results[c] = {f"deltadoc {c}": d, f"llama-server {CLASSES[c]}": l}
     tables = table(results, len(docs))
     print(tables)
@@ -369,8 +380,8 @@ def main() -> None:
         f"Versions: deltadoc {rev}, llama.cpp {llama_commit} (llama-cpp-python {compare.LLAMA_CPP_PYTHON} sdist).",
         "",
         f"{len(docs)} contracts of the corpus, shortest text first: " + ", ".join(f"`{f.name}`" for f in docs) + ". "
-        f"deltadoc: `deltadoc run --once`, pipelines/contracts.yaml, worker.max_batch {args.max_batch}; "
-        f"peer: pdftotext, then {slots} requests per document to llama-server with {slots} slots, the same prompts, "
+        f"deltadoc: `deltadoc run --once`, pipelines/contracts.yaml, worker.max_batch {args.max_batch}, worker.max_docs {args.max_docs}; "
+        f"peer: pdftotext, then {len(STAGES)} requests per document, {args.max_docs} document(s) at a time, to llama-server with {slots} slots, the same prompts, "
         "`json_schema` for terms, greedy; each summary request generates exactly as many tokens as deltadoc's did "
         "(`n_predict` + `ignore_eos`), the extraction at most as many, ending where its grammar ends. Both clocks include "
         "loading the model. prefill tok/s = prefilled tokens / prefill seconds (llama-server: per document the longest of "

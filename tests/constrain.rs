@@ -294,7 +294,7 @@ fn constrained_and_free_sequences_decoded_together_give_what_each_gives_alone() 
         .collect();
 
     // Two rows: the third joins when the free sequence leaves.
-    let mut decoding = Decoding::new(64);
+    let mut decoding = Decoding::new();
     let mut waiting = members.iter().zip(&starts).enumerate();
     let mut together: Vec<Option<(Vec<u32>, String)>> = vec![None; members.len()];
     let mut seen = vec![Vec::new(); members.len()];

@@ -127,16 +127,21 @@ class Install:
     def unfinished(self):
         return sum(c["jobs"] for c in self.status()["counts"] if c["state"] in ("queued", "running", "retry_wait"))
 
-    def marker(self):
-        """The step the running job is in (`job beats W|- step`, src/daemon/crash_marker.rs)."""
+    def steps(self):
+        """The step each running job is in: the crash marker holds a record of 256 bytes per
+        document in flight, `job beats W|- step` (src/daemon/crash_marker.rs)."""
         try:
-            words = (self.root / "state/running").read_text().split(" ", 3)
+            data = (self.root / "state/running").read_bytes()
         except OSError:
-            return "idle"
-        if len(words) < 4 or not words[0].strip():
-            return "idle"
-        step = words[3].strip() or "(starting)"
-        return f"{step} (a child decodes)" if words[2] == "W" else step
+            return []
+        steps = []
+        for at in range(0, len(data), 256):
+            words = data[at : at + 254].decode("utf-8", "replace").split(" ", 3)
+            if len(words) < 4 or not words[0].strip():
+                continue
+            step = words[3].strip() or "(starting)"
+            steps.append(f"{step} (a child decodes)" if words[2] == "W" else step)
+        return steps
 
     def outcomes(self, names):
         """name -> (results, quarantine entries, partial results)."""
@@ -210,9 +215,9 @@ def main():
     for i in range(a.kills):
         d = camp.serve()
         busy_by = time.time() + 10
-        while camp.marker() == "idle" and time.time() < busy_by and d.poll() is None:
+        while not camp.steps() and time.time() < busy_by and d.poll() is None:
             time.sleep(0.1)
-        if waves and (i % every == 0 or camp.marker() == "idle"):
+        if waves and (i % every == 0 or not camp.steps()):
             for _, p in waves.pop(0):
                 shutil.copy(p, camp.root / "inbox" / p.name)
         if i % 4 == 3:
@@ -220,11 +225,11 @@ def main():
             # copy, an extraction child, chunking), polled every millisecond for up to 20 s.
             target = ("write", "quarantine", "extract (a child decodes)", "chunk")[(i // 4) % 4]
             until = time.time() + 20
-            while camp.marker() != target and time.time() < until and d.poll() is None:
+            while target not in camp.steps() and time.time() < until and d.poll() is None:
                 time.sleep(0.001)
         else:
             time.sleep(rng.uniform(0.0, 3.0) if rng.random() < 0.7 else rng.uniform(3.0, 15.0))
-        phase = camp.marker()
+        phase = ", ".join(camp.steps()) or "idle"
         if i % 7 == 6:
             d.send_signal(signal.SIGTERM)
             signals["SIGTERM"] += 1

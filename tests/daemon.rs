@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::sandbox::{Sandbox, assert_valid_result, metric, wait_for};
@@ -395,4 +395,86 @@ fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
     let out = sb.run_with(&["process", doc.to_str().unwrap(), "--pipeline", "p"], &[("DELTADOC_WORKER_MAX_BATCH", "0")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("field `worker.max_batch`: must be at least 1"), "{stderr}");
+}
+
+/// Documents in flight (`worker.max_docs`, src/llm/host.rs): three at once through `run --once`
+/// give each document the result it gets alone, stage by stage (greedy, sampled and
+/// schema-constrained calls, a PDF, a long text in parts), while they ran at the same time.
+#[test]
+fn documents_in_flight_give_the_results_of_one_at_a_time() {
+    let Some(_corpus) = common::corpus() else { return };
+    let stages = "stages:
+  - {name: summary, kind: summarize, max_new_tokens: 12}
+  - {name: gist, kind: summarize, max_new_tokens: 10, temperature: 0.9, top_p: 0.95, seed: 11,
+     instruction: In one sentence what this is.}
+  - name: terms
+    kind: extract
+    instruction: Extract the parties and the governing law.
+    schema:
+      type: object
+      additionalProperties: false
+      required: [parties, governing_law]
+      properties:
+        parties: {type: array, maxItems: 2, items: {type: string, maxLength: 16}}
+        governing_law: {type: [string, 'null'], maxLength: 16}
+";
+    // int8: batched logits are bit-identical to each sequence's alone (see the test above).
+    let sb = Sandbox::with_model(&common::sandbox::tiny_model_int8(), "", 1024, stages);
+    let docs = [
+        "contracts/commonpaper__Mutual-NDA.md",
+        "contracts/MSCIINC_02_28_2008-EX-10.10-.PDF",
+        "contracts/NELNETINC_04_08_2020-EX-1-JOINT FILING AGREEMENT.PDF",
+        "text/uchardet__ru__utf-8.txt",
+        "contracts/mozilla__en__firefox_cloud_services_tos.html",
+    ];
+    let run = |max_docs: &str| -> Vec<(PathBuf, Value)> {
+        let _ = std::fs::remove_dir_all(sb.path("state"));
+        let _ = std::fs::remove_dir_all(sb.path("out"));
+        for d in docs {
+            let name = Path::new(d).file_name().unwrap();
+            std::fs::copy(common::corpus_path().join(d), sb.path("inbox").join(name)).unwrap();
+        }
+        let out = sb.run_with(&["run", "--once"], &[("DELTADOC_WORKER_MAX_DOCS", max_docs)]);
+        assert!(out.status.success(), "max_docs {max_docs}: {}", String::from_utf8_lossy(&out.stderr));
+        let results = sb.results();
+        assert_eq!(results.len(), docs.len(), "max_docs {max_docs}: one result a document");
+        results
+    };
+    // When each document ran: its result's time less its total.
+    let spans = |results: &[(PathBuf, Value)]| -> Vec<(f64, f64)> {
+        results
+            .iter()
+            .map(|(_, r)| {
+                let end = r["processed_at"].as_str().unwrap().parse::<jiff::Timestamp>().unwrap().as_millisecond() as f64;
+                (end - r["timings"]["total"].as_f64().unwrap() * 1000.0, end)
+            })
+            .collect()
+    };
+    let overlap = |spans: &[(f64, f64)]| -> f64 {
+        let mut most = 0f64;
+        for (i, a) in spans.iter().enumerate() {
+            for b in &spans[i + 1..] {
+                most = most.max(a.1.min(b.1) - a.0.max(b.0));
+            }
+        }
+        most
+    };
+    let alone = run("1");
+    let together = run("3");
+    for ((name, a), (_, t)) in alone.iter().zip(&together) {
+        assert_valid_result(name, t);
+        for stage in ["summary", "gist", "terms"] {
+            let (a, t) = (&a["stages"][stage], &t["stages"][stage]);
+            for field in ["parts", "output", "generated_tokens", "prompt_tokens", "calls", "stopped_by"] {
+                assert_eq!(a[field], t[field], "{}: {stage}.{field}", name.display());
+            }
+        }
+        assert_eq!(a["tokens"], t["tokens"], "{}: the same tokens prefilled", name.display());
+    }
+    assert!(overlap(&spans(&alone)) < 50.0, "one at a time: {:?}", spans(&alone));
+    assert!(overlap(&spans(&together)) > 500.0, "documents ran at the same time: {:?}", spans(&together));
+    let status = sb.status();
+    for job in status["recent"].as_array().unwrap() {
+        assert_eq!((job["state"].as_str(), job["attempts"].as_u64()), (Some("done"), Some(1)), "{job}");
+    }
 }

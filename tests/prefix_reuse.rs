@@ -115,3 +115,93 @@ fn stages_decoded_together_give_what_each_gives_in_turn() {
         assert!(serde_json::from_str::<serde_json::Value>(&batched[2].text).is_ok(), "{:?}", batched[2].text);
     }
 }
+
+/// Two documents in flight on threads of their own (`llm/host.rs`), each asking for three
+/// stages at once: their requests decode in the same steps, each document's prefix is prefilled
+/// once and kept beside the other's, and every reply is what the document gets with the model to
+/// itself, whether its plan holds three rows or one. A third document that gives up in the
+/// middle leaves the others' replies unchanged.
+#[test]
+fn documents_in_flight_get_what_each_gets_alone() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = common::open(&common::imported("fullvocab", Precision::Int8));
+    let opts = SessionOptions::with_threads(2);
+    let mut alone = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
+    let texts = [
+        "This Supply Agreement is made between Acme GmbH and Beta Ltd. on 1 March 2027 for 40,000 EUR.",
+        "The Licensee shall pay Gamma Inc. a royalty of five percent of net sales, quarterly, for ten years.",
+        "Either party may terminate this agreement with ninety days' written notice to the other party.",
+    ];
+    let stages = [
+        ("Summarise the agreement.", Sampling { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 }, 20),
+        ("List the parties.", Sampling::default(), 6),
+        ("Who pays whom?", Sampling::default(), 14),
+    ];
+    let options: Vec<DecodeOptions> = stages
+        .iter()
+        .map(|s| DecodeOptions { max_new_tokens: s.2, sampling: s.1.clone(), stop_tokens: STOP_TOKENS.to_vec() })
+        .collect();
+    let prompts: Vec<Vec<(Vec<u32>, Vec<u32>)>> = texts
+        .iter()
+        .map(|t| {
+            let doc = alone.tokenizer().encode(t).unwrap();
+            stages.iter().map(|s| stage_prompt(alone.tokenizer(), &doc, s.0, false).unwrap()).collect()
+        })
+        .collect();
+    let requests = |doc: usize, check: &'static (dyn Fn() -> anyhow::Result<()> + Sync)| -> Vec<Request<'_>> {
+        prompts[doc]
+            .iter()
+            .zip(&options)
+            .map(|((p, s), o)| Request {
+                prefix: p,
+                suffix: s,
+                keep_prefix: true,
+                options: o,
+                check,
+                on_prefill: &|_| {},
+                schema: None,
+                think_budget: None,
+            })
+            .collect()
+    };
+    let ok: &'static (dyn Fn() -> anyhow::Result<()> + Sync) = &|| Ok(());
+    let want: Vec<Vec<(String, usize, usize)>> = (0..2)
+        .map(|d| {
+            requests(d, ok)
+                .iter()
+                .map(|r| {
+                    let c = alone.complete(r).unwrap();
+                    (c.text, c.generated_tokens, c.prefilled_tokens)
+                })
+                .collect()
+        })
+        .collect();
+    let mut shared = OrtModel::open(&dir, &opts, RuntimeSettings::new(DEFAULT_PREFILL_CHUNK)).unwrap();
+    // The third document's check fails at its tenth: after its prefill, while it decodes.
+    static CHECKS: AtomicUsize = AtomicUsize::new(0);
+    let quitter: &'static (dyn Fn() -> anyhow::Result<()> + Sync) = &|| {
+        if CHECKS.fetch_add(1, Ordering::SeqCst) >= 10 { anyhow::bail!("deadline") } else { Ok(()) }
+    };
+    let got = deltadoc::llm::host::serve(&mut shared, 4, 3, &|| (), |model| {
+        std::thread::scope(|s| {
+            let runs: Vec<_> = (0..3)
+                .map(|d| {
+                    let (mut m, requests) = (model(), &requests);
+                    // The second document's memory plan holds one row: its requests take turns.
+                    let width = if d == 1 { 1 } else { 3 };
+                    s.spawn(move || m.complete_batch(&requests(d, if d == 2 { quitter } else { ok }), width, &mut |_, _| {}))
+                })
+                .collect();
+            runs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        })
+    })
+    .unwrap();
+    let err = got[2].as_ref().map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("deadline"), "{err:#}");
+    for (d, want) in want.iter().enumerate() {
+        let replies = got[d].as_ref().unwrap();
+        let replies: Vec<(String, usize, usize)> =
+            replies.iter().map(|c| (c.text.clone(), c.generated_tokens, c.prefilled_tokens)).collect();
+        assert_eq!(&replies, want, "document {d}: text, generated and prefilled tokens as alone");
+    }
+}

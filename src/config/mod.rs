@@ -64,6 +64,9 @@ impl Config {
         if daemon.worker.max_batch == 0 {
             bail!("{shown}: field `worker.max_batch`: must be at least 1 (1: every model call decodes alone)");
         }
+        if daemon.worker.max_docs == 0 {
+            bail!("{shown}: field `worker.max_docs`: must be at least 1 (1: one document at a time)");
+        }
         if daemon.metrics.stall_after.0 <= daemon.limits.extract_timeout.0 {
             bail!(
                 "{shown}: field `metrics.stall_after` ({:?}) must be longer than `limits.extract_timeout` ({:?}): \

@@ -17,31 +17,40 @@ use super::events::{InternalEvent, LeaseTakenOver, LedgerReached};
 use super::metrics::Metrics;
 use crate::ledger::{Lease, Ledger, WorkerId};
 
-/// The job the worker runs, shared with the heartbeat, which sets [`Watch::lost`] when another
+/// The jobs the worker runs, shared with the heartbeat, which sets a job's flag when another
 /// worker took it over.
 #[derive(Default)]
 pub(crate) struct Watch {
-    current: Mutex<Option<Lease>>,
-    /// The running job is no longer this worker's: abandon it.
-    pub lost: AtomicBool,
+    running: Mutex<Vec<(Lease, Arc<AtomicBool>)>>,
 }
 
 impl Watch {
-    /// The worker starts `lease`'s job, or (`None`) ended its job.
-    pub fn running(&self, lease: Option<Lease>) {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        *current = lease;
-        self.lost.store(false, Ordering::SeqCst);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Lease, Arc<AtomicBool>)>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Asks the ledger whether the running job is still this worker's.
+    /// The worker starts `lease`'s job; the flag returned is set when the job is no longer its
+    /// own: abandon it.
+    pub fn start(&self, lease: Lease) -> Arc<AtomicBool> {
+        let lost = Arc::new(AtomicBool::new(false));
+        self.lock().push((lease, lost.clone()));
+        lost
+    }
+
+    /// The worker ended `lease`'s job.
+    pub fn end(&self, lease: Lease) {
+        self.lock().retain(|(l, _)| *l != lease);
+    }
+
+    /// Asks the ledger whether each running job is still this worker's.
     fn check(&self, ledger: &mut dyn Ledger) -> Result<()> {
-        let Some(lease) = *self.current.lock().unwrap_or_else(|p| p.into_inner()) else { return Ok(()) };
-        let held = ledger.holds(lease)?;
-        // Only if the worker still runs that job: it may have ended it meanwhile.
-        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if !held && *current == Some(lease) {
-            self.lost.store(true, Ordering::SeqCst);
+        let running: Vec<Lease> = self.lock().iter().map(|(l, _)| *l).collect();
+        for lease in running {
+            let held = ledger.holds(lease)?;
+            // Only if the worker still runs that job: it may have ended it meanwhile.
+            if !held && let Some((_, lost)) = self.lock().iter().find(|(l, _)| *l == lease) {
+                lost.store(true, Ordering::SeqCst);
+            }
         }
         Ok(())
     }
@@ -104,5 +113,51 @@ impl Heartbeat {
     pub fn stop(self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.handle.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::ledger::{NewJob, SqliteLedger};
+
+    #[test]
+    fn only_the_job_another_worker_took_is_flagged() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = |name: &str| WorkerId { name: name.into(), host: "h".into(), pid: 1, lease_s: 30.0 };
+        let (mut a, mut b) = (SqliteLedger::open(dir.path()).unwrap(), SqliteLedger::open(dir.path()).unwrap());
+        a.join(&me("a")).unwrap();
+        b.join(&me("b")).unwrap();
+        for key in ["k1", "k2"] {
+            let rel = Path::new(key);
+            let job = NewJob {
+                key,
+                pipeline: "p",
+                priority: 0,
+                inbox: Path::new("/in"),
+                rel_path: rel,
+                sha256: key,
+                size: 1,
+                reprocess_duplicates: false,
+            };
+            a.discover(&job).unwrap();
+        }
+        let (first, second) = (a.claim(&["p"], 1.0).unwrap().unwrap(), a.claim(&["p"], 1.0).unwrap().unwrap());
+        let watch = Watch::default();
+        let (lost_first, lost_second) = (watch.start(first.lease()), watch.start(second.lease()));
+        // The first job goes back to the queue and to the other worker.
+        a.release(first.lease()).unwrap();
+        assert_eq!(b.claim(&["p"], 2.0).unwrap().unwrap().id, first.id);
+        watch.check(&mut a).unwrap();
+        assert!(lost_first.load(Ordering::SeqCst), "the job taken over is flagged");
+        assert!(!lost_second.load(Ordering::SeqCst), "the other job is still this worker's");
+        // A job the worker ended is no longer watched.
+        watch.end(second.lease());
+        a.release(second.lease()).unwrap();
+        b.claim(&["p"], 3.0).unwrap().unwrap();
+        watch.check(&mut a).unwrap();
+        assert!(!lost_second.load(Ordering::SeqCst), "an ended job is not watched");
     }
 }

@@ -1,8 +1,8 @@
 //! The daemon: an ingest thread ([`ingest`]) that finds stable files and records them in the
-//! ledger, a worker ([`worker`]) that runs one document at a time through its pipeline (the
-//! model uses every core), the schedules deciding which pipelines may run, the HTTP endpoint
-//! ([`http`]: metrics and probes), signals ([`signals`]) and reloads of the configuration
-//! between documents. What happens is reported through [`events`].
+//! ledger, a worker ([`worker`]) that runs documents through their pipelines (one at a time, or
+//! `worker.max_docs` in flight with their decode steps shared), the schedules deciding which
+//! pipelines may run, the HTTP endpoint ([`http`]: metrics and probes), signals ([`signals`])
+//! and reloads of the configuration between documents. What happens is reported through [`events`].
 //!
 //! Data flows one way: inbox → ledger → worker → result or quarantine. The ledger is the only
 //! hand-over between the threads (and, with a PostgreSQL ledger, between the daemons of a
@@ -99,8 +99,17 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     let me = worker_id(&cfg);
     let worker_id = ledger.join(&me)?;
     tracing::info!("ledger {}: joined as worker {} ({}, pid {})", ledger.describe(), me.name, me.host, me.pid);
-    let (marker, died_at) = CrashMarker::open(&state_dir)?;
+    let (marker, died_at) = CrashMarker::open(&state_dir, cfg.daemon.worker.max_docs)?;
     marker.arm();
+    // With several documents in flight, nothing tells which one brought the process down.
+    let died_at = match died_at.as_slice() {
+        [one] => Some(one.clone()),
+        [] => None,
+        several => {
+            tracing::warn!("{} documents were in flight when deltadoc last died; none is blamed, each runs again", several.len());
+            None
+        }
+    };
     let blamed = died_at.as_ref().and_then(|p| Some((p.job, p.blame()?)));
     let recovery = ledger.recover(blamed.as_ref().map(|(j, k)| (*j, k.as_str())), cfg.daemon.limits.max_attempts)?;
     if recovery.requeued > 0 {
@@ -144,27 +153,25 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
     };
     let mut thread = Some(ingest.start(cfg.clone())?);
     let places = documents::Places::new(&cfg.daemon, stores.clone());
-    let mut worker = Worker {
+    let shared = worker::Shared {
         extraction: isolation(&cfg)?,
         cfg,
-        ledger,
         metrics: &metrics,
         health: &health,
-        scheduler: Scheduler::default(),
         clock: &SystemClock,
         signals,
         marker: &marker,
         watch: &watch,
-        processed: 0,
         places,
     };
+    let mut worker = Worker { shared, ledger, scheduler: Scheduler::default(), processed: 0 };
     if let (Some((job, in_a_row)), Some(place)) = (recovery.crashed, &died_at) {
         worker.crashed(&job, place, in_a_row)?;
     }
     let r = loop {
         match worker.run(&mut model, mode, &ingest.done) {
             Ok(Exit::Reload) => {
-                let Some(new) = reload(&worker.cfg, &metrics, &stores) else { continue };
+                let Some(new) = reload(&worker.shared.cfg, &metrics, &stores) else { continue };
                 // The old ingest thread stops at its next turn; files it saw but had not yet
                 // recorded are found again by the new one's start-up scan.
                 if thread.take().is_some_and(|t| t.stop_and_join().is_err()) {
@@ -172,8 +179,8 @@ pub fn run(cfg: Config, mode: Mode) -> Result<()> {
                 }
                 let new = Arc::new(new);
                 metrics.init_pipelines(&new.pipelines, &mut *worker.ledger)?;
-                worker.extraction = isolation(&new)?;
-                worker.cfg = new.clone();
+                worker.shared.extraction = isolation(&new)?;
+                worker.shared.cfg = new.clone();
                 *current.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
                 thread = Some(ingest.start(new.clone())?);
                 let names: Vec<&str> = new.pipelines.iter().map(|p| p.name()).collect();
@@ -343,7 +350,13 @@ fn reload(old: &Config, metrics: &Metrics, stores: &crate::bucket::Stores) -> Op
         ("state_dir", o.state_dir != n.state_dir),
         ("resume_dir", o.resume_dir != n.resume_dir),
         ("ledger", o.ledger != n.ledger || o.ledger_password_file != n.ledger_password_file),
-        ("worker", o.worker.name != n.worker.name || o.worker.lease.0 != n.worker.lease.0),
+        (
+            "worker",
+            o.worker.name != n.worker.name
+                || o.worker.lease.0 != n.worker.lease.0
+                || o.worker.max_batch != n.worker.max_batch
+                || o.worker.max_docs != n.worker.max_docs,
+        ),
         ("metrics", o.metrics.listen != n.metrics.listen || o.metrics.enabled != n.metrics.enabled),
         ("object_store", o.object_store != n.object_store),
     ];
@@ -398,7 +411,8 @@ pub fn process_one(cfg: &Config, pipeline: &str, file: &Path) -> Result<std::res
         on_child: &|_| (),
         journal: None,
     };
-    let mut ctx = Context { pipeline: p, limits: worker::limits(cfg), extraction: &extraction, runner };
+    let mut ctx =
+        Context { pipeline: p, limits: worker::limits(cfg, worker::Share::whole(cfg)), extraction: &extraction, runner };
     let rel = Path::new(file.file_name().unwrap_or(file.as_os_str()));
     let r = match pipeline::process(&mut ctx, file, rel, None) {
         Ok(r) => Ok(r),

@@ -16,7 +16,7 @@ use super::heartbeat::Watch;
 use super::inbox::{self, Candidate};
 use super::ingest::Ingest;
 use super::metrics::Metrics;
-use super::worker::{Exit, Tick, Worker};
+use super::worker::{Exit, Shared, Tick, Worker};
 use super::{Mode, Signals, reload};
 use crate::bucket::Stores;
 use crate::config::Config;
@@ -64,7 +64,7 @@ impl Install {
     /// The installation with `pipeline_extra` in pipeline `p`, its clock at `now`.
     fn new(pipeline_extra: &str, now: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (marker, _) = CrashMarker::open(dir.path()).unwrap();
+        let (marker, _) = CrashMarker::open(dir.path(), 1).unwrap();
         let i = Self {
             dir,
             marker,
@@ -103,20 +103,18 @@ impl Install {
     fn worker(&self) -> Worker<'_> {
         let cfg = Arc::new(self.config());
         let places = Places::new(&cfg.daemon, Arc::new(Stores::new(&cfg.daemon.object_store)));
-        Worker {
-            ledger: ledger::open(&cfg.daemon).unwrap(),
-            cfg,
+        let shared = Shared {
+            extraction: Extraction::InProcess(ExtractLimits { max_pages: 100 }),
+            cfg: cfg.clone(),
             metrics: &self.metrics,
             health: &self.health,
-            extraction: Extraction::InProcess(ExtractLimits { max_pages: 100 }),
-            scheduler: Scheduler::default(),
             clock: &self.clock,
             signals: &self.signals,
             marker: &self.marker,
             watch: &self.watch,
-            processed: 0,
             places,
-        }
+        };
+        Worker { shared, ledger: ledger::open(&cfg.daemon).unwrap(), scheduler: Scheduler::default(), processed: 0 }
     }
 
     /// Drops `name` into the inbox and records it as the ingest thread would.
@@ -126,7 +124,7 @@ impl Install {
         let (size, mtime) = inbox::signature(&c.path()).unwrap();
         let (waiting, stop) = (Mutex::default(), AtomicBool::new(false));
         let ingest = Ingest {
-            cfg: &w.cfg,
+            cfg: &w.shared.cfg,
             model: "fake",
             metrics: &self.metrics,
             waiting: &waiting,
@@ -252,7 +250,7 @@ fn a_scheduled_pipeline_waits_for_its_window_then_reports_the_run() {
     assert_eq!(tick(&mut w, &mut model, Mode::Serve), Tick::Worked);
     assert!(matches!(tick(&mut w, &mut model, Mode::Serve), Tick::Idle(_)), "the run ends with the work");
     // What a scrape reads from the ledger (in a fleet, another daemon may have run it).
-    SchedulesSampled::read(&w.cfg.pipelines, &mut *w.ledger).unwrap().emit(&install.metrics);
+    SchedulesSampled::read(&w.shared.cfg.pipelines, &mut *w.ledger).unwrap().emit(&install.metrics);
     assert_eq!(install.series("deltadoc_last_run_documents", &["pipeline=\"p\""]), 2.0);
     assert_eq!(install.series("deltadoc_last_run_success", &["pipeline=\"p\""]), 1.0);
     let end = install.series("deltadoc_last_run_end_timestamp_seconds", &["pipeline=\"p\""]);

@@ -151,16 +151,20 @@ struct Running<F> {
 pub struct Decoding<F> {
     /// The batch rows, once a sequence joined.
     batch: Option<Batch>,
-    /// Room each joining sequence reserves in the attention caches.
-    room: usize,
     /// The member each batch row holds.
     held: Vec<Running<F>>,
 }
 
+impl<F> Default for Decoding<F> {
+    fn default() -> Self {
+        Self { batch: None, held: Vec::new() }
+    }
+}
+
 impl<F: TokenFilter + Send> Decoding<F> {
-    /// No sequence yet; each joining one reserves cache room for `room` tokens.
-    pub fn new(room: usize) -> Self {
-        Self { batch: None, room, held: Vec::new() }
+    /// No sequence yet.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Sequences decoding.
@@ -173,15 +177,32 @@ impl<F: TokenFilter + Send> Decoding<F> {
         self.held.is_empty()
     }
 
+    /// Ids of the sequences decoding, in batch order.
+    pub fn ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.held.iter().map(|r| r.id)
+    }
+
     /// Sequence `id` joins with `member`'s settings from `state` (`dec` right after its prefill,
-    /// as [`Decoder::snapshot`] took it); its first token is chosen at the next [`Self::step`].
+    /// as [`Decoder::snapshot`] took it), with cache room for its token limit; its first token is
+    /// chosen at the next [`Self::step`].
     pub fn join(&mut self, dec: &Decoder, id: usize, member: Member<F>, state: Snapshot) -> Result<()> {
+        let room = member.opts.max_new_tokens;
         match &mut self.batch {
-            Some(b) => b.join(dec, state, self.room)?,
-            None => self.batch = Some(Batch::new(dec, vec![state], self.room)?),
+            Some(b) => b.join(dec, state, room)?,
+            None => self.batch = Some(Batch::new(dec, vec![state], room)?),
         }
         let Member { logits, opts, filter } = member;
         self.held.push(Running { id, logits, seq: Sequence::new(&opts), filter });
+        Ok(())
+    }
+
+    /// Sequence `id` leaves before it ended (its caller gave it up); the others go on.
+    pub fn leave(&mut self, id: usize) -> Result<()> {
+        let Some(row) = self.held.iter().position(|r| r.id == id) else { return Ok(()) };
+        if let Some(b) = self.batch.as_mut() {
+            b.remove(row)?;
+        }
+        self.held.remove(row);
         Ok(())
     }
 

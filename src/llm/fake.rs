@@ -112,7 +112,11 @@ impl TextModel for FakeModel {
         done: &mut dyn FnMut(usize, &Completion),
     ) -> Result<Vec<Completion>> {
         self.batches.push((reqs.len(), width));
-        super::complete_in_turn(self, reqs, done)
+        super::complete_listed(self, reqs, width, done)
+    }
+
+    fn serve(&mut self, requests: &mut dyn super::Requests, _: usize) -> Result<()> {
+        super::serve_in_turn(self, requests)
     }
 
     fn transcribe(&mut self, page: &RgbImage, label: &str, _: &OcrOptions, _: StopCheck) -> Result<Transcription> {

@@ -8,14 +8,20 @@
 //! so every stage of a document shares the document's prefill: the decoder state after the
 //! prefix is snapshotted once and restored for each further stage instead of prefilling the
 //! document again.
+//!
+//! A model answers a stream of requests ([`TextModel::serve`]): one call's, or those of several
+//! documents in flight, each on a thread of its own with a [`host::Hosted`] model (`host`).
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod host;
 pub mod ort;
 
+use std::cell::Cell;
 use std::path::PathBuf;
+use std::rc::Rc;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
@@ -129,6 +135,7 @@ pub struct Transcription {
 }
 
 /// One generation request: a chat prompt split into a shareable prefix and a stage suffix.
+#[derive(Clone, Copy)]
 pub struct Request<'a> {
     /// Prompt ids up to and including the document.
     pub prefix: &'a [u32],
@@ -178,20 +185,118 @@ pub struct Completion {
     pub mask_steps: usize,
 }
 
-/// [`TextModel::complete_batch`] one request after another: the default, and what a model that
-/// batches does with fewer than two requests.
-pub fn complete_in_turn<M: TextModel + ?Sized>(
+/// Work a [`Requests`] source hands the model between decode steps.
+pub type Work = Box<dyn FnOnce(&mut dyn TextModel) + Send>;
+
+/// What a [`Requests`] source has for [`TextModel::serve`] next.
+pub enum Next {
+    /// Request `id` waits to start.
+    Start(usize),
+    /// Work that needs the model itself between decode steps (a page to transcribe, a question
+    /// about the memory plan).
+    Run(Work),
+    /// Nothing waits now: ask again after the next decode step.
+    Later,
+    /// Nothing more will come: finish the requests decoding, then return.
+    End,
+}
+
+/// Requests that come while others decode: one call's ([`TextModel::complete_batch`]), or those
+/// of several documents in flight (`llm/host.rs`).
+pub trait Requests {
+    /// What to do next. `idle`: no request decodes, so the source may wait for one to come.
+    fn next(&mut self, idle: bool) -> Next;
+    /// Request `id`, which [`Self::next`] gave and which is not done yet.
+    fn request(&self, id: usize) -> Request<'_>;
+    /// Request `id` ended: its reply, or why it failed (its prefill, its check, or the model).
+    fn done(&mut self, id: usize, reply: Result<Completion>);
+    /// Documents whose requests may come interleaved: the model keeps the state after each
+    /// one's prefix, not only after the last.
+    fn documents(&self) -> usize {
+        1
+    }
+}
+
+/// [`TextModel::serve`] one request after another: what a model that does not batch does.
+pub fn serve_in_turn(model: &mut dyn TextModel, requests: &mut dyn Requests) -> Result<()> {
+    loop {
+        match requests.next(true) {
+            Next::Start(id) => {
+                let reply = model.complete(&requests.request(id));
+                requests.done(id, reply);
+            }
+            Next::Run(work) => work(model),
+            Next::Later => {}
+            Next::End => return Ok(()),
+        }
+    }
+}
+
+/// The requests of one [`TextModel::complete_batch`] call, started in order; each reply is told
+/// to `done` as it comes. After a failure no further request starts and those decoding stop at
+/// their next check: the call has failed.
+struct Listed<'r, 'a> {
+    reqs: &'r [Request<'a>],
+    /// Each request's check, failing too once the call failed.
+    checks: Vec<Box<dyn Fn() -> Result<()> + 'r>>,
+    started: usize,
+    replies: Vec<Option<Completion>>,
+    failed: Option<anyhow::Error>,
+    call_failed: Rc<Cell<bool>>,
+    done: &'r mut dyn FnMut(usize, &Completion),
+}
+
+impl Requests for Listed<'_, '_> {
+    fn next(&mut self, _: bool) -> Next {
+        if self.failed.is_some() || self.started == self.reqs.len() {
+            return Next::End;
+        }
+        self.started += 1;
+        Next::Start(self.started - 1)
+    }
+
+    fn request(&self, id: usize) -> Request<'_> {
+        Request { check: &*self.checks[id], ..self.reqs[id] }
+    }
+
+    fn done(&mut self, id: usize, reply: Result<Completion>) {
+        match reply {
+            Ok(c) => {
+                (self.done)(id, &c);
+                self.replies[id] = Some(c);
+            }
+            Err(e) => {
+                self.call_failed.set(true);
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// [`TextModel::complete_batch`] through [`TextModel::serve`]: the requests in order, the first
+/// failure the call's.
+pub fn complete_listed<M: TextModel + ?Sized>(
     model: &mut M,
     reqs: &[Request],
+    width: usize,
     done: &mut dyn FnMut(usize, &Completion),
 ) -> Result<Vec<Completion>> {
-    let mut replies = Vec::with_capacity(reqs.len());
-    for (i, r) in reqs.iter().enumerate() {
-        let reply = model.complete(r)?;
-        done(i, &reply);
-        replies.push(reply);
+    let call_failed = Rc::new(Cell::new(false));
+    let checks = reqs
+        .iter()
+        .map(|r| {
+            let (check, failed) = (r.check, call_failed.clone());
+            Box::new(move || if failed.get() { bail!("another request of the call failed") } else { check() })
+                as Box<dyn Fn() -> Result<()>>
+        })
+        .collect();
+    let replies = vec![None; reqs.len()];
+    let mut listed = Listed { reqs, checks, started: 0, replies, failed: None, call_failed, done };
+    model.serve(&mut listed, width)?;
+    match listed.failed {
+        Some(e) => Err(e),
+        None => Ok(listed.replies.into_iter().flatten().collect()),
     }
-    Ok(replies)
 }
 
 /// A text model the pipeline can run.
@@ -210,11 +315,16 @@ pub trait TextModel {
     fn complete_batch(
         &mut self,
         reqs: &[Request],
-        _width: usize,
+        width: usize,
         done: &mut dyn FnMut(usize, &Completion),
     ) -> Result<Vec<Completion>> {
-        complete_in_turn(self, reqs, done)
+        complete_listed(self, reqs, width, done)
     }
+    /// Answers the requests `requests` gives until it says [`Next::End`], decoding up to `width`
+    /// of them together where the model batches, starting each as a row frees, and runs the work
+    /// it hands over between steps. A request that fails (its prefill, its check, or a step of
+    /// the model under it) is told so and the others go on.
+    fn serve(&mut self, requests: &mut dyn Requests, width: usize) -> Result<()>;
     /// Transcribes one page image (`label` names it in saved images and errors); `check` is
     /// polled between prefill chunks and tokens and stops the call when it fails.
     fn transcribe(&mut self, page: &RgbImage, label: &str, opts: &OcrOptions, check: StopCheck) -> Result<Transcription>;

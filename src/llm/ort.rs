@@ -1,13 +1,14 @@
 //! [`OrtModel`]: the ONNX Runtime Qwen3.5 decoder with prefix reuse, crash-safe prefill of long
 //! prefixes, JSON-Schema constrained decoding, and the vision tower for page images.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Result, anyhow, bail};
 use image::RgbImage;
 
-use super::{Completion, ModelInfo, OcrOptions, Request, StopCheck, TextModel, Transcription};
+use super::{Completion, ModelInfo, Next, OcrOptions, Request, Requests, StopCheck, TextModel, Transcription};
 use crate::constrain::{Constraint, Vocabulary};
 use crate::generate::{self, Decoder, Decoding, Member, TokenFilter};
 use crate::model::plan::{Footprint, StateCopy};
@@ -107,8 +108,10 @@ pub struct OrtModel {
     decoder: Decoder,
     /// The vocabulary indexed for constrained decoding (built on first use: about a second).
     vocabulary: Option<Vocabulary>,
-    /// State after the last kept prefix, and that prefix's digest.
-    kept: Option<(String, Snapshot)>,
+    /// States after the last kept prefixes, with their digests, the most recently used last.
+    kept: VecDeque<(String, Snapshot)>,
+    /// How many prefixes [`Self::kept`] holds: one per document in flight.
+    keep: usize,
     settings: RuntimeSettings,
     /// The vision graph and how to open it; opened on the first page image.
     vision: Option<(VisionConfig, PathBuf)>,
@@ -125,7 +128,8 @@ impl OrtModel {
             tokenizer: dir.tokenizer()?,
             decoder: Decoder::open(dir, opts)?,
             vocabulary: None,
-            kept: None,
+            kept: VecDeque::new(),
+            keep: 1,
             settings,
             vision: dir.vision().ok().map(|(c, p)| (c.clone(), p)),
             encoder: None,
@@ -200,15 +204,28 @@ impl OrtModel {
         })
     }
 
+    /// Prefills `req` and lets it join `decoding` as `id`.
+    fn start(&mut self, req: &Request, id: usize, decoding: &mut Decoding<SchemaFilter>) -> Result<Started> {
+        let asked = Instant::now();
+        let (logits, prefilled) = self.prefill_request(req)?;
+        let filter = self.filter_for(req)?;
+        let member = Member { logits, opts: req.options.clone(), filter };
+        decoding.join(&self.decoder, id, member, self.decoder.snapshot()?)?;
+        Ok(Started { prefilled, prefill_s: asked.elapsed().as_secs_f64(), asked, joined: Instant::now(), ttft: None })
+    }
+
     fn prefill_prefix(&mut self, req: &Request) -> Result<(Vec<f32>, usize)> {
         let digest = ids_digest(req.prefix);
-        if let Some((d, snap)) = &self.kept
-            && *d == digest
-        {
-            self.decoder.restore(snap)?;
+        if let Some(at) = self.kept.iter().position(|(d, _)| *d == digest) {
+            let hit = self.kept.remove(at).expect("position found it");
+            self.decoder.restore(&hit.1)?;
+            self.kept.push_back(hit);
             return Ok((Vec::new(), 0));
         }
-        self.kept = None;
+        // Freed before the prefill, so the plan's one kept copy a document holds.
+        while self.kept.len() >= self.keep {
+            self.kept.pop_front();
+        }
         // Only computed tokens count: a prefix restored from a checkpoint reports 0.
         let tick = |_: usize, n: usize| {
             (req.on_prefill)(n);
@@ -228,7 +245,7 @@ impl OrtModel {
             }
         };
         if req.keep_prefix {
-            self.kept = Some((digest, self.decoder.snapshot()?));
+            self.kept.push_back((digest, self.decoder.snapshot()?));
         }
         Ok((logits, req.prefix.len()))
     }
@@ -265,45 +282,79 @@ impl TextModel for OrtModel {
         width: usize,
         done: &mut dyn FnMut(usize, &Completion),
     ) -> Result<Vec<Completion>> {
-        if reqs.len() < 2 || width < 2 {
-            return super::complete_in_turn(self, reqs, done);
+        // One request decodes faster alone than as a batch of one.
+        let width = if reqs.len() < 2 { 1 } else { width };
+        super::complete_listed(self, reqs, width, done)
+    }
+
+    fn serve(&mut self, requests: &mut dyn Requests, width: usize) -> Result<()> {
+        self.keep = requests.documents().max(1);
+        if width < 2 {
+            return super::serve_in_turn(self, requests);
         }
         // Each prompt prefilled by itself (a shared prefix once, kept) when a row is free, then
         // decoded with the others until it ends.
-        let t0 = Instant::now();
-        let room = reqs.iter().map(|r| r.options.max_new_tokens).max().unwrap_or(0);
-        let mut decoding = Decoding::new(room);
-        // Per request: prompt tokens computed, prefill seconds, when it joined.
-        let mut starts: Vec<(usize, f64, Instant)> = Vec::with_capacity(reqs.len());
-        let mut ttft = vec![None; reqs.len()];
-        let mut replies: Vec<Option<Completion>> = vec![None; reqs.len()];
+        let mut decoding = Decoding::new();
+        let mut running: HashMap<usize, Started> = HashMap::new();
+        let mut ending = false;
         loop {
-            while decoding.len() < width && starts.len() < reqs.len() {
-                let (id, req) = (starts.len(), &reqs[starts.len()]);
-                let t = Instant::now();
-                let (logits, prefilled) = self.prefill_request(req)?;
-                let filter = self.filter_for(req)?;
-                let member = Member { logits, opts: req.options.clone(), filter };
-                decoding.join(&self.decoder, id, member, self.decoder.snapshot()?)?;
-                starts.push((prefilled, t.elapsed().as_secs_f64(), Instant::now()));
+            while !ending && decoding.len() < width {
+                match requests.next(decoding.is_empty()) {
+                    Next::Start(id) => match self.start(&requests.request(id), id, &mut decoding) {
+                        Ok(s) => {
+                            running.insert(id, s);
+                        }
+                        Err(e) => requests.done(id, Err(e)),
+                    },
+                    Next::Run(work) => work(self),
+                    Next::Later => break,
+                    Next::End => ending = true,
+                }
             }
             if decoding.is_empty() {
-                break;
+                if ending {
+                    return Ok(());
+                }
+                continue;
             }
-            let ended = decoding.step(&mut self.decoder, |i, _| {
-                ttft[i].get_or_insert_with(|| t0.elapsed());
-                (reqs[i].check)()
-            })?;
+            // Requests whose caller gave up (timeout, shutdown, lost lease) leave; the rest go on.
+            let ids: Vec<usize> = decoding.ids().collect();
+            for id in ids {
+                if let Err(e) = (requests.request(id).check)() {
+                    decoding.leave(id)?;
+                    running.remove(&id);
+                    requests.done(id, Err(e));
+                }
+            }
+            let step = decoding.step(&mut self.decoder, |id, _| {
+                if let Some(s) = running.get_mut(&id) {
+                    s.ttft.get_or_insert_with(|| s.asked.elapsed());
+                }
+                Ok(())
+            });
+            let ended = match step {
+                Ok(ended) => ended,
+                Err(e) => {
+                    // The batch's state is unknown after a failed step: every row fails with it.
+                    let why = format!("{e:#}");
+                    for id in decoding.ids().collect::<Vec<_>>() {
+                        requests.done(id, Err(anyhow!("{why}")));
+                    }
+                    (decoding, running) = (Decoding::new(), HashMap::new());
+                    continue;
+                }
+            };
             for e in ended {
-                let (prefilled, prefill_s, joined) = starts[e.id];
-                let times =
-                    Times { prefill_s, ttft: ttft[e.id].unwrap_or(Duration::ZERO), decode_s: joined.elapsed().as_secs_f64() };
-                let reply = self.completion(&reqs[e.id], e.tokens, e.why, e.filter, prefilled, times)?;
-                done(e.id, &reply);
-                replies[e.id] = Some(reply);
+                let Some(s) = running.remove(&e.id) else { continue };
+                let times = Times {
+                    prefill_s: s.prefill_s,
+                    ttft: s.ttft.unwrap_or(Duration::ZERO),
+                    decode_s: s.joined.elapsed().as_secs_f64(),
+                };
+                let reply = self.completion(&requests.request(e.id), e.tokens, e.why, e.filter, s.prefilled, times);
+                requests.done(e.id, reply);
             }
         }
-        Ok(replies.into_iter().flatten().collect())
     }
 
     fn planned_bytes(&self, context: usize, snapshot: bool) -> u64 {
@@ -338,6 +389,19 @@ struct Times {
     prefill_s: f64,
     ttft: Duration,
     decode_s: f64,
+}
+
+/// A request decoding in [`OrtModel::serve`]: what its completion will report.
+struct Started {
+    /// Prompt tokens computed.
+    prefilled: usize,
+    prefill_s: f64,
+    /// When it started (its prefill).
+    asked: Instant,
+    /// When it joined the batch.
+    joined: Instant,
+    /// Its first token came this long after it started.
+    ttft: Option<Duration>,
 }
 
 /// Drops a leftover think block and surrounding whitespace from a reply.

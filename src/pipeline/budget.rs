@@ -22,10 +22,14 @@ pub(super) fn plan(ctx: &Context, stages: &[(&Stage, &dyn TextStage)], warnings:
     let snapshot = stages.len() > 1;
     let budget = ctx.limits.memory_budget;
     let mib = |b: u64| b >> 20;
+    let name = match ctx.limits.documents {
+        1 => "memory_budget".to_string(),
+        n => format!("the share of memory_budget for one of {n} documents in flight (worker.max_docs),"),
+    };
     match model.max_context_within(budget, snapshot) {
         None => {
             let msg = format!(
-                "the model needs {} MiB even for a minimal context, over memory_budget {} MiB",
+                "the model needs {} MiB even for a minimal context, over {name} {} MiB",
                 mib(model.planned_bytes(1, snapshot)),
                 mib(budget)
             );
@@ -33,7 +37,7 @@ pub(super) fn plan(ctx: &Context, stages: &[(&Stage, &dyn TextStage)], warnings:
         }
         Some(fit) if fit < context => {
             warnings.push(format!(
-                "memory_budget {} MiB caps the context at {fit} tokens ({context} tokens would need {} MiB)",
+                "{name} {} MiB caps the context at {fit} tokens ({context} tokens would need {} MiB)",
                 mib(budget),
                 mib(model.planned_bytes(context, snapshot))
             ));

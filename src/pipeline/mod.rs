@@ -28,6 +28,8 @@ pub struct DocLimits {
     pub max_file_bytes: u64,
     /// Bytes a model call may plan to use; the context is capped to fit (`too_large` if nothing fits).
     pub memory_budget: u64,
+    /// Documents in flight that [`Self::memory_budget`] is one share of (1: the whole budget).
+    pub documents: usize,
     /// Most model calls decoded together (the memory budget may allow fewer).
     pub max_batch: usize,
 }

@@ -38,7 +38,7 @@ impl Doc {
     fn run_journaled(&self, text: &str, model: &mut FakeModel, journal: Option<&Journal>) -> Result<DocResult, Stop> {
         let source: PathBuf = self.dir.path().join("doc.md");
         std::fs::write(&source, text).unwrap();
-        let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget: 1 << 30, max_batch: 8 };
+        let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget: 1 << 30, documents: 1, max_batch: 8 };
         self.with_context(model, limits, journal, |ctx| process(ctx, &source, Path::new("doc.md"), None))
     }
 
@@ -303,7 +303,7 @@ fn calls_decode_together_up_to_max_batch_and_as_far_as_the_memory_plan_allows() 
     let doc = Doc::new("stages:\n  - {name: summary, kind: summarize}\n");
     let mut model = FakeModel::new(262_144, |_| Answer::Text(String::new()));
     let width = |model: &mut FakeModel, max_batch: usize, memory_budget: u64, contexts: &[usize]| {
-        let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget, max_batch };
+        let limits = DocLimits { max_file_bytes: 1 << 20, memory_budget, documents: 1, max_batch };
         doc.with_context(model, limits, None, |ctx| super::budget::width(ctx, contexts, true))
     };
     // The fake plans a kilobyte a token, and as much again for each sequence decoding at once.

@@ -325,6 +325,55 @@ def table(results: dict, n_docs: int) -> str:
     return "\n".join(lines + [""] + summary)
 
 
+def sweep(args, dd: Path, rev: str, models: dict, docs: list[Path], classes: list[str], started: datetime.datetime) -> None:
+    """deltadoc alone over the same documents with each `worker.max_docs` of the sweep: the
+    measurement its default comes from."""
+    counts = [int(n) for n in args.sweep_max_docs.split(",")]
+    lines = [
+        "| class | worker.max_docs | wall s | docs/hour | × the first | prompt tok | prefilled tok | generated tok | decode tok/s | prefill tok/s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    runs = {}
+    for c in classes:
+        first = None
+        for n in counts:
+            log(f"{c}: deltadoc, worker.max_docs {n}")
+            r = run_deltadoc(dd, models[c], docs, args.work / "pipeline-run" / f"sweep-{c}-{n}", args.threads, args.max_batch, n)
+            runs[f"{c} max_docs {n}"] = r
+            x, t = rates(r, len(docs)), r["tokens"]
+            first = first or x["docs_per_hour"]
+            lines.append(
+                f"| {c} | {n} | {compare.fmt(r['wall_s'], 0)} | {compare.fmt(x['docs_per_hour'])} | {x['docs_per_hour'] / first:.2f} | "
+                f"{t['prompt']} | {t['prefilled']} | {t['generated']} | {compare.fmt(x['decode_tps'])} | {compare.fmt(x['prefill_tps'])} | "
+                f"{r['peak_rss_bytes'] / 1e9:.2f} |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    (args.work / f"pipeline-sweep-{started:%Y%m%d-%H%M%S}.json").write_text(json.dumps({"results": runs, "commands": compare.COMMANDS}, indent=1))
+    if args.no_write:
+        return
+    minutes = (datetime.datetime.now() - started).total_seconds() / 60
+    section = [
+        f"## Documents in flight: `worker.max_docs` {', '.join(map(str, counts))} ({started:%Y-%m-%d}, `benches/pipeline.py --sweep-max-docs`)",
+        "",
+        f"Machine: {compare.machine_line(args.threads)} The run took {minutes:.0f} minutes. deltadoc {rev}.",
+        "",
+        f"{len(docs)} contracts of the corpus, shortest text first: " + ", ".join(f"`{f.name}`" for f in docs) + ". "
+        f"Each run `deltadoc run --once` from an empty ledger, pipelines/contracts.yaml, worker.max_batch {args.max_batch}, "
+        "one after the other. decode tok/s = generated tokens / (wall − prefill seconds), a lower bound.",
+        "",
+        table,
+        "",
+        "Commands:",
+        "",
+        "```",
+        *dict.fromkeys(compare.home_as_tilde(c) for c in compare.COMMANDS),
+        "```",
+    ]
+    compare.write_results(args.results, "\n".join(section))
+    log(f"wrote {args.results}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -334,7 +383,12 @@ def main() -> None:
     p.add_argument("--classes", default="int8,int4", help=f"subset of {','.join(CLASSES)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=8, help="deltadoc's worker.max_batch")
-    p.add_argument("--max-docs", type=int, default=1, help="deltadoc's worker.max_docs; the peer gets as many documents at once")
+    p.add_argument("--max-docs", type=int, default=2, help="deltadoc's worker.max_docs; the peer gets as many documents at once")
+    p.add_argument(
+        "--sweep-max-docs",
+        metavar="N,N,...",
+        help="instead of the comparison: deltadoc alone with each of these worker.max_docs, one after the other",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--results", type=Path, default=REPO / "benches" / "RESULTS.md")
     p.add_argument("--no-write", action="store_true", help="print the table only")
@@ -359,6 +413,9 @@ def main() -> None:
     slots = min(len(STAGES) * args.max_docs, args.max_batch)
     os.sync()
 
+    if args.sweep_max_docs:
+        sweep(args, dd, rev, models, docs, classes, started)
+        return
     results = {}
     for c in classes:
         log(f"{c}: deltadoc")
@@ -385,7 +442,8 @@ def main() -> None:
         "`json_schema` for terms, greedy; each summary request generates exactly as many tokens as deltadoc's did "
         "(`n_predict` + `ignore_eos`), the extraction at most as many, ending where its grammar ends. Both clocks include "
         "loading the model. prefill tok/s = prefilled tokens / prefill seconds (llama-server: per document the longest of "
-        "its requests' prompt times, as they prefill side by side); decode tok/s = generated tokens / (wall − prefill seconds).",
+        "its requests' prompt times, as they prefill side by side; with several documents at once their prompt times may "
+        "overlap, so the peer's prefill seconds are then an upper bound); decode tok/s = generated tokens / (wall − prefill seconds).",
         "",
         tables,
         "",

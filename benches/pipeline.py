@@ -325,6 +325,31 @@ def table(results: dict, n_docs: int) -> str:
     return "\n".join(lines + [""] + summary)
 
 
+def publish(args, started: datetime.datetime, stem: str, runs: dict, heading: str, body: list[str]) -> None:
+    """Keeps every run's figures in `<work>/<stem>-<date>.json` and, unless --no-write, prepends a
+    section to the results file: `heading`, the machine and how long the run took, `body`, and the
+    commands recorded."""
+    (args.work / f"{stem}-{started:%Y%m%d-%H%M%S}.json").write_text(json.dumps({"results": runs, "commands": compare.COMMANDS}, indent=1))
+    if args.no_write:
+        return
+    minutes = (datetime.datetime.now() - started).total_seconds() / 60
+    section = [
+        heading,
+        "",
+        f"Machine: {compare.machine_line(args.threads)} The run took {minutes:.0f} minutes.",
+        "",
+        *body,
+        "",
+        "Commands:",
+        "",
+        "```",
+        *dict.fromkeys(compare.home_as_tilde(c) for c in compare.COMMANDS),
+        "```",
+    ]
+    compare.write_results(args.results, "\n".join(section))
+    log(f"wrote {args.results}")
+
+
 def sweep(args, dd: Path, rev: str, models: dict, docs: list[Path], classes: list[str], started: datetime.datetime) -> None:
     """deltadoc alone over the same documents with each `worker.max_docs` of the sweep: the
     measurement its default comes from."""
@@ -349,29 +374,20 @@ def sweep(args, dd: Path, rev: str, models: dict, docs: list[Path], classes: lis
             )
     table = "\n".join(lines)
     print(table)
-    (args.work / f"pipeline-sweep-{started:%Y%m%d-%H%M%S}.json").write_text(json.dumps({"results": runs, "commands": compare.COMMANDS}, indent=1))
-    if args.no_write:
-        return
-    minutes = (datetime.datetime.now() - started).total_seconds() / 60
-    section = [
+    publish(
+        args,
+        started,
+        "pipeline-sweep",
+        runs,
         f"## Documents in flight: `worker.max_docs` {', '.join(map(str, counts))} ({started:%Y-%m-%d}, `benches/pipeline.py --sweep-max-docs`)",
-        "",
-        f"Machine: {compare.machine_line(args.threads)} The run took {minutes:.0f} minutes. deltadoc {rev}.",
-        "",
-        f"{len(docs)} contracts of the corpus, shortest text first: " + ", ".join(f"`{f.name}`" for f in docs) + ". "
-        f"Each run `deltadoc run --once` from an empty ledger, pipelines/contracts.yaml, worker.max_batch {args.max_batch}, "
-        "one after the other. decode tok/s = generated tokens / (wall − prefill seconds), a lower bound.",
-        "",
-        table,
-        "",
-        "Commands:",
-        "",
-        "```",
-        *dict.fromkeys(compare.home_as_tilde(c) for c in compare.COMMANDS),
-        "```",
-    ]
-    compare.write_results(args.results, "\n".join(section))
-    log(f"wrote {args.results}")
+        [
+            f"deltadoc {rev}. {len(docs)} contracts of the corpus, shortest text first: " + ", ".join(f"`{f.name}`" for f in docs) + ". "
+            f"Each run `deltadoc run --once` from an empty ledger, pipelines/contracts.yaml, worker.max_batch {args.max_batch}, "
+            "one after the other. decode tok/s = generated tokens / (wall − prefill seconds), a lower bound.",
+            "",
+            table,
+        ],
+    )
 
 
 def main() -> None:
@@ -425,36 +441,27 @@ def main() -> None:
         results[c] = {f"deltadoc {c}": d, f"llama-server {CLASSES[c]}": l}
     tables = table(results, len(docs))
     print(tables)
-    (args.work / f"pipeline-{started:%Y%m%d-%H%M%S}.json").write_text(json.dumps({"results": results, "commands": compare.COMMANDS}, indent=1))
-    if args.no_write:
-        return
-    minutes = (datetime.datetime.now() - started).total_seconds() / 60
-    section = [
+    publish(
+        args,
+        started,
+        "pipeline",
+        results,
         f"## Documents per hour: the contracts pipeline against pdftotext + llama-server ({started:%Y-%m-%d}, `benches/pipeline.py`)",
-        "",
-        f"Machine: {compare.machine_line(args.threads)} The run took {minutes:.0f} minutes.",
-        "",
-        f"Versions: deltadoc {rev}, llama.cpp {llama_commit} (llama-cpp-python {compare.LLAMA_CPP_PYTHON} sdist).",
-        "",
-        f"{len(docs)} contracts of the corpus, shortest text first: " + ", ".join(f"`{f.name}`" for f in docs) + ". "
-        f"deltadoc: `deltadoc run --once`, pipelines/contracts.yaml, worker.max_batch {args.max_batch}, worker.max_docs {args.max_docs}; "
-        f"peer: pdftotext, then {len(STAGES)} requests per document, {args.max_docs} document(s) at a time, to llama-server with {slots} slots, the same prompts, "
-        "`json_schema` for terms, greedy; each summary request generates exactly as many tokens as deltadoc's did "
-        "(`n_predict` + `ignore_eos`), the extraction at most as many, ending where its grammar ends. Both clocks include "
-        "loading the model. prefill tok/s = prefilled tokens / prefill seconds (llama-server: per document the longest of "
-        "its requests' prompt times, as they prefill side by side; with several documents at once their prompt times may "
-        "overlap, so the peer's prefill seconds are then an upper bound); decode tok/s = generated tokens / (wall − prefill seconds).",
-        "",
-        tables,
-        "",
-        "Commands:",
-        "",
-        "```",
-        *dict.fromkeys(compare.home_as_tilde(c) for c in compare.COMMANDS),
-        "```",
-    ]
-    compare.write_results(args.results, "\n".join(section))
-    log(f"wrote {args.results}")
+        [
+            f"Versions: deltadoc {rev}, llama.cpp {llama_commit} (llama-cpp-python {compare.LLAMA_CPP_PYTHON} sdist).",
+            "",
+            f"{len(docs)} contracts of the corpus, shortest text first: " + ", ".join(f"`{f.name}`" for f in docs) + ". "
+            f"deltadoc: `deltadoc run --once`, pipelines/contracts.yaml, worker.max_batch {args.max_batch}, worker.max_docs {args.max_docs}; "
+            f"peer: pdftotext, then {len(STAGES)} requests per document, {args.max_docs} document(s) at a time, to llama-server with {slots} slots, the same prompts, "
+            "`json_schema` for terms, greedy; each summary request generates exactly as many tokens as deltadoc's did "
+            "(`n_predict` + `ignore_eos`), the extraction at most as many, ending where its grammar ends. Both clocks include "
+            "loading the model. prefill tok/s = prefilled tokens / prefill seconds (llama-server: per document the longest of "
+            "its requests' prompt times, as they prefill side by side; with several documents at once their prompt times may "
+            "overlap, so the peer's prefill seconds are then an upper bound); decode tok/s = generated tokens / (wall − prefill seconds).",
+            "",
+            tables,
+        ],
+    )
 
 
 if __name__ == "__main__":

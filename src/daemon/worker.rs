@@ -66,12 +66,14 @@ pub(crate) enum Tick {
     Exit(Exit),
 }
 
-/// What comes of the worker's turn besides a job to run.
+/// What the worker's turn comes to.
 enum Turn {
     /// A job to run.
     Claimed(Box<Job>),
-    /// No job: wait, or stop.
-    Then(Tick),
+    /// Nothing to run now; look again after this long.
+    Idle(Duration),
+    /// Stop running.
+    Exit(Exit),
 }
 
 /// What every job of the worker shares, whichever thread runs it.
@@ -130,7 +132,8 @@ impl<'a> Worker<'a> {
         let mut idle_logged = false;
         loop {
             match self.tick(model, mode, ingest_done, &mut idle_logged)? {
-                Tick::Worked => idle_logged = false,
+                // The turn that claimed the job said so to `idle_logged` already.
+                Tick::Worked => {}
                 Tick::Idle(d) => std::thread::sleep(d),
                 Tick::Exit(e) => return Ok(e),
             }
@@ -151,7 +154,8 @@ impl<'a> Worker<'a> {
                 Attempt { shared: &self.shared, ledger: &mut *self.ledger, marker, memory }.run_job(model, *job)?;
                 Ok(Tick::Worked)
             }
-            Turn::Then(t) => Ok(t),
+            Turn::Idle(d) => Ok(Tick::Idle(d)),
+            Turn::Exit(e) => Ok(Tick::Exit(e)),
         }
     }
 
@@ -217,9 +221,8 @@ impl<'a> Worker<'a> {
                             Duration::ZERO
                         }
                         // Waits until then, or until a document ends.
-                        Ok(Turn::Then(Tick::Idle(d))) => d,
-                        Ok(Turn::Then(Tick::Worked)) => Duration::ZERO,
-                        Ok(Turn::Then(Tick::Exit(e))) => {
+                        Ok(Turn::Idle(d)) => d,
+                        Ok(Turn::Exit(e)) => {
                             ending = Some(Ok(e));
                             Duration::ZERO
                         }
@@ -263,12 +266,12 @@ impl Turns<'_, '_> {
         self.shared.health.beat();
         if self.shared.signals.shutdown_requested() {
             tracing::info!("shutting down: {} document(s) processed since the last start or reload", *self.processed);
-            return Ok(Turn::Then(Tick::Exit(Exit::Done)));
+            return Ok(Turn::Exit(Exit::Done));
         }
         if self.shared.signals.take_reload() {
             if mode == Mode::Serve {
                 tracing::info!("SIGHUP: reloading the configuration and pipelines");
-                return Ok(Turn::Then(Tick::Exit(Exit::Reload)));
+                return Ok(Turn::Exit(Exit::Reload));
             }
             tracing::warn!("SIGHUP ignored: `run --once` keeps the configuration it started with");
         }
@@ -284,7 +287,7 @@ impl Turns<'_, '_> {
             }
         }
         if !room {
-            return Ok(Turn::Then(Tick::Idle(Duration::from_millis(250))));
+            return Ok(Turn::Idle(Duration::from_millis(250)));
         }
         let cfg = self.shared.cfg.clone();
         let open: Vec<&str> =
@@ -295,7 +298,7 @@ impl Turns<'_, '_> {
             return Ok(Turn::Claimed(Box::new(job)));
         }
         if mode == Mode::Serve || busy || !ingest_done.load(Ordering::SeqCst) {
-            return Ok(Turn::Then(Tick::Idle(Duration::from_millis(250))));
+            return Ok(Turn::Idle(Duration::from_millis(250)));
         }
         // Once, and the inboxes are recorded: done unless failed documents wait for a retry.
         let waiting: u64 = self
@@ -307,12 +310,12 @@ impl Turns<'_, '_> {
             .sum();
         if waiting == 0 {
             tracing::info!("done: {} document(s) processed", *self.processed);
-            return Ok(Turn::Then(Tick::Exit(Exit::Done)));
+            return Ok(Turn::Exit(Exit::Done));
         }
         if !std::mem::replace(idle_logged, true) {
             tracing::info!("{waiting} document(s) wait for a retry (limits.retry_backoff)");
         }
-        Ok(Turn::Then(Tick::Idle(Duration::from_millis(500))))
+        Ok(Turn::Idle(Duration::from_millis(500)))
     }
 
     /// A held ledger write on the worker's own connection ([`held`]).

@@ -347,14 +347,9 @@ fn memory_budget_caps_the_context_or_refuses_naming_the_limit() {
     assert_valid_result(&ceres, &v);
 }
 
-/// A document's stage calls on all its parts, prefilled in turn and decoded together (here as a
-/// batch of eight and one of four), give exactly what one call at a time gives: a greedy summary,
-/// a sampled one (same seed, same text) and a schema-constrained extraction, part by part, and
-/// the reduce calls after them.
-#[test]
-fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
-    let Some(_corpus) = common::corpus() else { return };
-    let stages = "stages:
+/// The stages of the tests that compare decoding together with one call at a time: a greedy
+/// summary, a sampled one (same seed, same text) and a schema-constrained extraction.
+const THREE_STAGES: &str = "stages:
   - {name: summary, kind: summarize, max_new_tokens: 12}
   - {name: gist, kind: summarize, max_new_tokens: 10, temperature: 0.9, top_p: 0.95, seed: 11,
      instruction: In one sentence what this is.}
@@ -370,10 +365,29 @@ fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
         effective_date: {type: [string, 'null'], maxLength: 10}
         governing_law: {type: [string, 'null'], maxLength: 16}
 ";
+
+/// Every [`THREE_STAGES`] stage of result `b` says what it says in result `a`: the same text from
+/// the same parts, calls, tokens and ends.
+fn assert_same_stages(a: &Value, b: &Value, what: &str) {
+    for stage in ["summary", "gist", "terms"] {
+        let (a, b) = (&a["stages"][stage], &b["stages"][stage]);
+        for field in ["parts", "output", "generated_tokens", "prompt_tokens", "calls", "stopped_by"] {
+            assert_eq!(a[field], b[field], "{what}: {stage}.{field}");
+        }
+    }
+}
+
+/// A document's stage calls on all its parts, prefilled in turn and decoded together (here as a
+/// batch of eight and one of four), give exactly what one call at a time gives: a greedy summary,
+/// a sampled one (same seed, same text) and a schema-constrained extraction, part by part, and
+/// the reduce calls after them.
+#[test]
+fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
+    let Some(_corpus) = common::corpus() else { return };
     // int8: a batch's logits are bit-identical to each sequence's alone (tests/batch.rs), which
     // sampling needs; with f32 weights they differ by about 1e-5 and top-p may order near-ties
     // differently.
-    let sb = Sandbox::with_model(&common::sandbox::tiny_model_int8(), "", 1024, stages);
+    let sb = Sandbox::with_model(&common::sandbox::tiny_model_int8(), "", 1024, THREE_STAGES);
     let doc = common::corpus_path().join("contracts/commonpaper__Mutual-NDA.md");
     let run = |max_batch: &str| -> Value {
         let out =
@@ -384,11 +398,9 @@ fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
     let (alone, together) = (run("1"), run("8"));
     let parts = together["chunks"].as_array().unwrap().len();
     assert_eq!(parts, 4, "four parts: twelve map calls, eight decoding at once and the others joining as they end");
+    assert_same_stages(&alone, &together, "one document");
     for stage in ["summary", "gist", "terms"] {
-        let (a, t) = (&alone["stages"][stage], &together["stages"][stage]);
-        for field in ["parts", "output", "generated_tokens", "prompt_tokens", "calls", "stopped_by"] {
-            assert_eq!(a[field], t[field], "{stage}.{field}");
-        }
+        let t = &together["stages"][stage];
         assert!(t["generated_tokens"].as_u64().unwrap() > 0, "{stage}: {t}");
     }
     assert_eq!(alone["tokens"], together["tokens"], "the same prompt tokens prefilled, the prefix once a part");
@@ -403,23 +415,8 @@ fn stage_calls_decoded_together_give_the_result_of_one_at_a_time() {
 #[test]
 fn documents_in_flight_give_the_results_of_one_at_a_time() {
     let Some(_corpus) = common::corpus() else { return };
-    let stages = "stages:
-  - {name: summary, kind: summarize, max_new_tokens: 12}
-  - {name: gist, kind: summarize, max_new_tokens: 10, temperature: 0.9, top_p: 0.95, seed: 11,
-     instruction: In one sentence what this is.}
-  - name: terms
-    kind: extract
-    instruction: Extract the parties and the governing law.
-    schema:
-      type: object
-      additionalProperties: false
-      required: [parties, governing_law]
-      properties:
-        parties: {type: array, maxItems: 2, items: {type: string, maxLength: 16}}
-        governing_law: {type: [string, 'null'], maxLength: 16}
-";
     // int8: batched logits are bit-identical to each sequence's alone (see the test above).
-    let sb = Sandbox::with_model(&common::sandbox::tiny_model_int8(), "", 1024, stages);
+    let sb = Sandbox::with_model(&common::sandbox::tiny_model_int8(), "", 1024, THREE_STAGES);
     let docs = [
         "contracts/commonpaper__Mutual-NDA.md",
         "contracts/MSCIINC_02_28_2008-EX-10.10-.PDF",
@@ -463,12 +460,7 @@ fn documents_in_flight_give_the_results_of_one_at_a_time() {
     let together = run("3");
     for ((name, a), (_, t)) in alone.iter().zip(&together) {
         assert_valid_result(name, t);
-        for stage in ["summary", "gist", "terms"] {
-            let (a, t) = (&a["stages"][stage], &t["stages"][stage]);
-            for field in ["parts", "output", "generated_tokens", "prompt_tokens", "calls", "stopped_by"] {
-                assert_eq!(a[field], t[field], "{}: {stage}.{field}", name.display());
-            }
-        }
+        assert_same_stages(a, t, &name.display().to_string());
         assert_eq!(a["tokens"], t["tokens"], "{}: the same tokens prefilled", name.display());
     }
     assert!(overlap(&spans(&alone)) < 50.0, "one at a time: {:?}", spans(&alone));
